@@ -1,0 +1,1 @@
+"""Capture adapters: one module per framework, each importing its framework lazily."""

@@ -1,0 +1,364 @@
+"""YAML configuration, validated with pydantic; errors name the file, the key path and the line.
+
+``${ENV_VAR}`` (or ``${ENV_VAR:-default}``) in any string value is replaced from the environment,
+so secrets stay out of the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "flywheel.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreConfig(_Strict):
+    url: str = "sqlite:///flywheel.db"
+    queue_size: int = Field(100_000, ge=100)
+    batch_size: int = Field(2_000, ge=1)
+    flush_interval: float = Field(0.2, gt=0)
+    spill_dir: str | None = None
+    exit_timeout: float = Field(60.0, ge=0)
+
+
+class TunableRange(_Strict):
+    """A parameter mutators may explore: a numeric range with a step, or a list of choices."""
+
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> TunableRange:
+        numeric = self.min is not None or self.max is not None
+        if self.choices is not None and numeric:
+            raise ValueError("give either min/max/step or choices, not both")
+        if self.choices is None:
+            if self.min is None or self.max is None:
+                raise ValueError("a numeric tunable needs both min and max")
+            if self.min > self.max:
+                raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+            if self.step is not None and self.step <= 0:
+                raise ValueError("step must be positive")
+        elif not self.choices:
+            raise ValueError("choices must not be empty")
+        return self
+
+
+class ExperimentSettings(_Strict):
+    unit: Literal["user_id", "session_id", "request"] = "user_id"
+    candidate_traffic: float = Field(0.05, gt=0, le=0.5)
+    max_candidates: int = Field(2, ge=1, le=10)
+    min_samples: int = Field(100, ge=1)
+
+
+class Guardrails(_Strict):
+    latency_ratio_max: float = Field(1.2, gt=0)
+    error_rate_max_increase: float = Field(0.01, ge=0)
+    cost_ratio_max: float | None = Field(None, gt=0)
+
+
+class Objective(_Strict):
+    metric: Literal["positive_feedback_rate", "mean_reward", "success_rate"] = (
+        "positive_feedback_rate"
+    )
+    guardrails: Guardrails = Field(default_factory=Guardrails)
+
+
+class WorkflowConfig(_Strict):
+    config: dict[str, Any] = Field(default_factory=dict)
+    tunable: dict[str, TunableRange] = Field(default_factory=dict)
+    experiment: ExperimentSettings = Field(default_factory=ExperimentSettings)
+    objective: Objective = Field(default_factory=Objective)
+
+
+class PluginSpec(_Strict):
+    """One plugin selected by ``type``, the shape of the seeds' ASTune config."""
+
+    type: str
+    enabled: bool = True
+    name: str | None = None
+    weight: float = Field(1.0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class LowRatingTrigger(_Strict):
+    """Seed 000: fire when low ratings among the last ``window`` rollouts reach ``threshold``."""
+
+    window: int = Field(50, ge=1)
+    threshold: int = Field(10, ge=1)
+    max_rating: float = Field(2, ge=1, le=5)
+
+
+class TriggersConfig(_Strict):
+    low_rating: LowRatingTrigger = Field(default_factory=LowRatingTrigger)
+
+
+class AnalysisConfig(_Strict):
+    """Seed 001's hot-problem thresholds."""
+
+    since_minutes: float = Field(60, gt=0)
+    min_calls: int = Field(50, ge=1)
+    latency_ms_max: float = Field(3000, gt=0)
+    error_rate_max: float = Field(0.05, ge=0, le=1)
+    low_rating_rate_max: float = Field(0.2, ge=0, le=1)
+    implicit_satisfaction_min: float = Field(0.5, ge=0, le=1)
+
+
+class ControllerConfig(_Strict):
+    mode: Literal["suggest", "experiment", "auto"] = "suggest"
+    every: str = "10m"
+    report_dir: str = "flywheel-reports"
+    dataset_dir: str | None = None
+
+
+class ServiceConfig(_Strict):
+    api_keys: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(256_000, ge=1024)
+    max_batch_events: int = Field(500, ge=1)
+
+
+class AgentSpec(_Strict):
+    id: str
+    skills: list[str] = Field(default_factory=list)
+    capacity: int = Field(10, ge=1)
+
+
+class RoutingConfig(_Strict):
+    agents: list[AgentSpec] = Field(default_factory=list)
+    floor: float = Field(0.05, ge=0, lt=1)
+    load_penalty: float = Field(0.5, ge=0)
+    weight_min: float = 0.1
+    weight_max: float = 2.0
+
+
+class ImplicitConfig(_Strict):
+    min_labels: int = Field(50, ge=2)
+    positive_rating: float = Field(4, ge=1, le=5)
+
+
+class FlywheelConfig(_Strict):
+    """The whole ``flywheel.yaml``."""
+
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    workflows: dict[str, WorkflowConfig] = Field(default_factory=dict)
+    filters: list[PluginSpec] = Field(default_factory=list)
+    rewards: list[PluginSpec] = Field(default_factory=list)
+    mutators: list[PluginSpec] = Field(default_factory=list)
+    promoters: list[PluginSpec] = Field(default_factory=list)
+    redactors: list[PluginSpec] = Field(default_factory=list)
+    plugins: list[str] = Field(default_factory=list, description="dotted paths of extra plugins")
+    triggers: TriggersConfig = Field(default_factory=TriggersConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    implicit: ImplicitConfig = Field(default_factory=ImplicitConfig)
+
+    @field_validator("workflows")
+    @classmethod
+    def _names(cls, value: dict[str, WorkflowConfig]) -> dict[str, WorkflowConfig]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,200}", name):
+                raise ValueError(f"workflow name {name!r} may use letters, digits, '_', '-', '.'")
+        return value
+
+    _source: str | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> str | None:
+        """The file (or label) this configuration was read from."""
+        return self._source
+
+
+# -- loading with line numbers ------------------------------------------------------------
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A safe loader that remembers the line of every mapping key."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    loader.flatten_mapping(node)
+    mapping: dict[Any, Any] = {}
+    lines: dict[Any, int] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        lines[key] = key_node.start_mark.line + 1
+    return _LinedDict(mapping, lines)
+
+
+class _LinedDict(dict):
+    __slots__ = ("lines",)
+
+    def __init__(self, data: dict, lines: dict) -> None:
+        super().__init__(data)
+        self.lines = lines
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _interpolate(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {name} is not set")
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, _LinedDict):
+        return _LinedDict({k: _interpolate(v, where) for k, v in value.items()}, value.lines)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, where) for v in value]
+    return value
+
+
+def _line_of(data: Any, loc: tuple[Any, ...]) -> int | None:
+    line = None
+    node = data
+    for part in loc:
+        if isinstance(node, _LinedDict) and part in node.lines:
+            line = node.lines[part]
+            node = node[part]
+        elif (
+            isinstance(node, list)
+            and isinstance(part, int)
+            and part < len(node)
+            or isinstance(node, dict)
+            and part in node
+        ):
+            node = node[part]
+        else:
+            break
+    return line
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys allowed at the mapping that holds ``loc[-1]``."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            if hasattr(current, "__args__"):
+                args = [
+                    a for a in current.__args__ if isinstance(a, type) and issubclass(a, BaseModel)
+                ]
+                current = args[0] if args else None
+            if current is None:
+                return None
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            # a dict[str, Model]: the part is a free name (a workflow), stay on the value type
+            continue
+        annotation = field.annotation
+        sub = _model_in(annotation)
+        if sub is None:
+            return None
+        current = sub
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_errors(exc: ValidationError, data: Any, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(data, loc)
+        where = f"{source}, line {line}" if line else source
+        if err["type"] == "extra_forbidden":
+            valid = _valid_keys(FlywheelConfig, loc)
+            hint = f" (valid keys here: {', '.join(valid)})" if valid else ""
+            lines.append(f"{where}: unknown key {path!r}{hint}")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"{where}: {path}: {err['msg']}{shown}")
+    return "invalid flywheel configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_config(text: str, source: str = "<string>") -> FlywheelConfig:
+    """Validate YAML text; raises ConfigError with the source, key path and line."""
+    try:
+        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    data = _interpolate(data, source)
+    try:
+        config = FlywheelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, data, source)) from None
+    config._source = source
+    return config
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, required: bool = False
+) -> FlywheelConfig:
+    """Read ``path`` (default ``$FLYWHEEL_CONFIG`` or ``./flywheel.yaml``); defaults if absent."""
+    chosen = Path(path or os.environ.get("FLYWHEEL_CONFIG") or DEFAULT_CONFIG_PATH)
+    if not chosen.exists():
+        if required or path is not None:
+            raise ConfigError(f"configuration file {str(chosen)!r} does not exist")
+        return FlywheelConfig()
+    return parse_config(chosen.read_text(encoding="utf-8"), source=str(chosen))
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> FlywheelConfig:
+    try:
+        config = FlywheelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, data, source)) from None
+    config._source = source
+    return config

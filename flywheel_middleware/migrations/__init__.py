@@ -1,0 +1,1 @@
+"""Alembic migrations of the flywheel schema (``flywheel db upgrade``)."""

@@ -1,0 +1,400 @@
+"""The recorder: a bounded queue on the agent's side, one writer thread on the store's side.
+
+Rules it keeps (the design's hot path):
+- ``enqueue`` never touches the database and never raises into the caller;
+- a full queue waits briefly (backpressure), then spills to a local file: nothing is dropped;
+- one batch is one transaction; a database error is retried with tenacity and the batch kept;
+- ``flush()`` and interpreter exit write everything; what cannot be written by the exit deadline
+  stays in a spill file that the next recorder on the same store replays.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import pickle
+import queue
+import threading
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential
+
+from .records import RECORD_TYPES, Record, ns_to_datetime, ns_to_sqlite_text
+from .store import Store
+
+log = logging.getLogger("flywheel_middleware.recorder")
+
+BatchListener = Callable[[dict[str, list[Record]]], None]
+
+
+@dataclass
+class RecorderCounters:
+    """What the recorder has done since it started; read it for monitoring."""
+
+    queued: int = 0
+    written: int = 0
+    batches: int = 0
+    retried: int = 0
+    spilled: int = 0
+    replayed: int = 0
+    dead_lettered: int = 0
+    last_error: str | None = None
+    by_table: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "by_table"}
+        out["by_table"] = dict(self.by_table)
+        return out
+
+
+class _Flush:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    """Connection, lock and server errors are retried; a row the database rejects is not."""
+    name = type(exc).__name__
+    module = type(exc).__module__
+    if name in ("OperationalError", "InterfaceError", "ConnectionError", "ConnectionTimeout"):
+        return True
+    if module.startswith("psycopg") and name in ("AdminShutdown", "CannotConnectNow"):
+        return True
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError))
+
+
+class Recorder:
+    """Hands finished records to one background writer; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        queue_size: int = 100_000,
+        batch_size: int = 2_000,
+        flush_interval: float = 0.2,
+        backpressure_timeout: float = 0.05,
+        spill_dir: str | os.PathLike[str] | None = None,
+        exit_timeout: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.backpressure_timeout = backpressure_timeout
+        self.exit_timeout = exit_timeout
+        self.counters = RecorderCounters()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._listeners: list[BatchListener] = []
+        key = hashlib.sha1(store.url.encode()).hexdigest()[:12]
+        base = (
+            Path(spill_dir)
+            if spill_dir
+            else Path(os.environ.get("FLYWHEEL_SPILL_DIR", ".flywheel/spill"))
+        )
+        self.spill_dir = base / key
+        self._spill_lock = threading.Lock()
+        self._spill_file: Any = None
+        self._spill_path: Path | None = None
+        self._give_up = threading.Event()
+        self._stopped = threading.Event()
+        self._conn: Any = None
+        self._time_conv = ns_to_sqlite_text if store.dialect == "sqlite" else ns_to_datetime
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="flywheel-recorder", daemon=True)
+        self._thread.start()
+        _live_recorders.add(self)
+
+    # -- the caller's side ---------------------------------------------------------------
+
+    def enqueue(self, record: Record) -> None:
+        """Queue a finished record. Never raises, never does I/O unless the queue is full."""
+        try:
+            self.counters.queued += 1
+            try:
+                self._queue.put_nowait(record)
+            except queue.Full:
+                try:
+                    self._queue.put(record, timeout=self.backpressure_timeout)
+                except queue.Full:
+                    self._spill([record])
+        except Exception:  # the host agent must never see our failure
+            log.exception("flywheel recorder could not queue a record")
+
+    def add_listener(self, listener: BatchListener) -> None:
+        """Call ``listener(records_by_table)`` on the writer thread after each written batch."""
+        self._listeners.append(listener)
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Write everything queued so far (and any spill); True when it all landed in time."""
+        if not self._thread.is_alive():
+            return self._queue.empty()
+        marker = _Flush()
+        try:
+            self._queue.put(marker, timeout=timeout)
+        except queue.Full:
+            return False
+        return marker.done.wait(timeout)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, stop the writer, and leave in a spill file whatever the store would not take."""
+        if self._stopped.is_set():
+            return True
+        timeout = self.exit_timeout if timeout is None else timeout
+        ok = self.flush(timeout)
+        self._give_up.set()
+        self._stopped.set()
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+        # Anything still queued (the store stayed down) goes to the spill file for next time.
+        leftovers = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Record):
+                leftovers.append(item)
+            elif isinstance(item, _Flush):
+                item.done.set()
+        if leftovers:
+            self._spill(leftovers)
+        self._close_spill_file()
+        _live_recorders.discard(self)
+        return ok and not leftovers
+
+    # -- spill files ---------------------------------------------------------------------
+
+    def _spill(self, records: list[Record]) -> None:
+        rows = [(r.TABLE, r.to_row(self._time_conv)) for r in records]
+        with self._spill_lock:
+            if self._spill_file is None:
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
+                self._spill_path = self.spill_dir / f"{os.getpid()}-{time.time_ns()}.spill"
+                self._spill_file = open(self._spill_path, "ab")  # noqa: SIM115
+            pickle.dump(rows, self._spill_file, protocol=pickle.HIGHEST_PROTOCOL)
+            self._spill_file.flush()
+            self.counters.spilled += len(rows)
+        log.warning(
+            "flywheel recorder queue full: spilled %d records to %s", len(rows), self._spill_path
+        )
+
+    def _close_spill_file(self) -> None:
+        with self._spill_lock:
+            if self._spill_file is not None:
+                self._spill_file.close()
+                self._spill_file = None
+                self._spill_path = None
+
+    def _claim_spill_files(self) -> list[Path]:
+        """Take every spill file for this store (ours and dead processes'), renaming to claim."""
+        if not self.spill_dir.is_dir():
+            return []
+        self._close_spill_file()
+        claimed = []
+        for path in sorted(self.spill_dir.glob("*.spill")):
+            target = path.with_suffix(f".replay-{os.getpid()}-{time.time_ns()}")
+            try:
+                os.rename(path, target)
+            except OSError:
+                continue  # another process took it
+            claimed.append(target)
+        return claimed
+
+    def _replay_spill(self) -> None:
+        for path in self._claim_spill_files():
+            batches: list[list[tuple[str, tuple]]] = []
+            with open(path, "rb") as fh:
+                while True:
+                    try:
+                        batches.append(pickle.load(fh))
+                    except EOFError:
+                        break
+                    except Exception:
+                        log.error("flywheel: a torn record at the end of %s was skipped", path)
+                        break
+            rows = [row for batch in batches for row in batch]
+            by_table: dict[str, list[tuple]] = defaultdict(list)
+            for table, row in rows:
+                by_table[table].append(row)
+            try:
+                self._write_with_retry(by_table)
+            except Exception:
+                os.rename(path, path.with_suffix(".spill"))  # keep it for the next attempt
+                raise
+            os.remove(path)
+            self.counters.replayed += len(rows)
+
+    # -- the writer's side ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._replay_spill()
+        except Exception as exc:
+            self.counters.last_error = repr(exc)
+        q = self._queue
+        while True:
+            try:
+                first = q.get(timeout=self.flush_interval)
+            except queue.Empty:
+                if self._spill_path is not None and not self._give_up.is_set():
+                    self._safe(self._replay_spill)
+                continue
+            if first is None:
+                return
+            batch: list[Record] = []
+            markers: list[_Flush] = []
+            item = first
+            while True:
+                if isinstance(item, _Flush):
+                    markers.append(item)
+                elif item is None:
+                    self._safe(lambda b=batch: self._write_records(b))
+                    for m in markers:
+                        m.done.set()
+                    return
+                else:
+                    batch.append(item)
+                if len(batch) >= self.batch_size:
+                    break
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+            self._safe(lambda b=batch: self._write_records(b))
+            if markers:
+                if self._spill_path is not None or any(self.spill_dir.glob("*.spill")):
+                    self._safe(self._replay_spill)
+                for m in markers:
+                    m.done.set()
+
+    def _safe(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            self.counters.last_error = repr(exc)
+            log.exception("flywheel recorder writer error")
+
+    def _write_records(self, batch: list[Record]) -> None:
+        if not batch:
+            return
+        by_table: dict[str, list[tuple]] = defaultdict(list)
+        by_kind: dict[str, list[Record]] = defaultdict(list)
+        for record in batch:
+            try:
+                by_table[record.TABLE].append(record.to_row(self._time_conv))
+                by_kind[record.TABLE].append(record)
+            except Exception:
+                self.counters.dead_lettered += 1
+                log.exception("flywheel: a record could not be serialized: %r", record)
+        try:
+            self._write_with_retry(by_table)
+        except Exception:
+            # The store gave up (closing with the database down): keep the rows for next time.
+            flat = [r for rs in by_kind.values() for r in rs]
+            self._spill(flat)
+            return
+        for listener in self._listeners:
+            try:
+                listener(by_kind)
+            except Exception:
+                log.exception("flywheel batch listener failed")
+
+    def _write_with_retry(self, by_table: dict[str, list[tuple]]) -> None:
+        def before_sleep(state: RetryCallState) -> None:
+            self.counters.retried += 1
+            exc = state.outcome.exception() if state.outcome else None
+            self.counters.last_error = repr(exc)
+            self._drop_connection()
+            if state.attempt_number in (1, 10) or state.attempt_number % 50 == 0:
+                log.warning("flywheel store unavailable (%s); retrying, nothing is lost", exc)
+
+        retrying = Retrying(
+            retry=retry_if_exception(_is_retryable),
+            wait=wait_exponential(multiplier=0.02, max=1.0),
+            stop=lambda state: self._give_up.is_set(),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                self._write_once(by_table)
+
+    def _write_once(self, by_table: dict[str, list[tuple]]) -> None:
+        if self._conn is None:
+            self._conn = self.store.raw_connection()
+        conn = self._conn
+        try:
+            for table, rows in by_table.items():
+                cls = RECORD_TYPES[table]
+                self.store.write_rows(conn, table, cls.COLUMNS, rows)
+            conn.commit()
+        except BaseException as exc:
+            try:
+                conn.rollback()
+            except Exception:
+                self._drop_connection()
+            if not _is_retryable(exc):
+                self._dead_letter(by_table, exc)
+                return
+            raise
+        n = 0
+        for table, rows in by_table.items():
+            self.counters.by_table[table] += len(rows)
+            n += len(rows)
+        self.counters.written += n
+        self.counters.batches += 1
+
+    def _dead_letter(self, by_table: dict[str, list[tuple]], exc: BaseException) -> None:
+        """Rows the database rejects are written one by one; the rejected ones go to a file."""
+        conn = self._conn
+        bad: list[tuple[str, tuple]] = []
+        for table, rows in by_table.items():
+            cls = RECORD_TYPES[table]
+            for row in rows:
+                try:
+                    self.store.write_rows(conn, table, cls.COLUMNS, [row])
+                    conn.commit()
+                    self.counters.written += 1
+                    self.counters.by_table[table] += 1
+                except Exception:
+                    conn.rollback()
+                    bad.append((table, row))
+        if bad:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            path = self.spill_dir / f"dead-{os.getpid()}.pickle"
+            with open(path, "ab") as fh:
+                pickle.dump(bad, fh)
+            self.counters.dead_lettered += len(bad)
+            log.error("flywheel: the store rejected %d rows (%s); kept in %s", len(bad), exc, path)
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.invalidate() if hasattr(conn, "invalidate") else conn.close()
+            except Exception:
+                pass
+
+
+_live_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    for recorder in list(_live_recorders):
+        if recorder._pid == os.getpid():
+            recorder.close()

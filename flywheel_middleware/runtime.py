@@ -1,0 +1,307 @@
+"""Process-wide state behind the public API: the configuration, the store, the recorder.
+
+Everything is created lazily on first use, so importing flywheel_middleware costs nothing
+and an adapter used before ``configure`` still records into the embedded default store.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from .config import FlywheelConfig, config_from_dict, load_config, parse_config
+from .errors import InvalidFeedbackError, UnknownRolloutError
+from .recorder import Recorder
+from .records import FeedbackRecord, Record, utcnow
+from .resolver import Resolution, StaticResolver
+from .store import Store
+
+log = logging.getLogger("flywheel_middleware")
+
+FEEDBACK_SOURCES = ("explicit", "implicit", "rule", "judge", "business")
+_THUMBS = {"up": 1.0, "down": 0.0, True: 1.0, False: 0.0, 1: 1.0, 0: 0.0, "+1": 1.0, "-1": 0.0}
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.config: FlywheelConfig | None = None
+        self.store_url: str | None = None
+        self.store: Store | None = None
+        self.recorder: Recorder | None = None
+        self.resolver: Any = None
+        self.pid = os.getpid()
+        # Rollouts open in this process, and finished ones not yet confirmed written:
+        # feedback for them is accepted without asking the store.
+        self.active: dict[str, Any] = {}
+        self.recent: OrderedDict[str, str] = OrderedDict()
+
+
+_state = _State()
+
+
+def _reset_after_fork() -> None:
+    global _state
+    old = _state
+    _state = _State()
+    _state.config = old.config
+    _state.store_url = old.store_url
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def configure(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    store_url: str | None = None,
+    config: FlywheelConfig | dict[str, Any] | str | None = None,
+    **recorder_options: Any,
+) -> FlywheelConfig:
+    """Load configuration and (re)open the store. Call once at start-up.
+
+    ``path`` is a YAML file; ``config`` may instead be a parsed config, a dict or YAML text.
+    ``store_url`` (or ``FLYWHEEL_STORE_URL``) overrides the file's store.
+    """
+    if config is None:
+        cfg = load_config(path)
+    elif isinstance(config, FlywheelConfig):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = config_from_dict(config)
+    else:
+        cfg = parse_config(config)
+    for key, value in recorder_options.items():
+        if key not in type(cfg.store).model_fields:
+            raise TypeError(f"configure() got an unknown option {key!r}")
+        setattr(cfg.store, key, value)
+    url = store_url or os.environ.get("FLYWHEEL_STORE_URL") or cfg.store.url
+    store = Store(url)  # opens (and migrates) now, so a bad URL fails here with a clear error
+    with _state.lock:
+        shutdown()
+        _state.config = cfg
+        _state.store_url = url
+        _state.store = store
+        _state.resolver = None
+    return cfg
+
+
+def get_config() -> FlywheelConfig:
+    with _state.lock:
+        if _state.config is None:
+            _state.config = load_config()
+        return _state.config
+
+
+def store() -> Store:
+    """The process's store (opened on first use)."""
+    s = _state.store
+    if s is not None:
+        return s
+    with _state.lock:
+        if _state.store is None:
+            cfg = get_config()
+            url = _state.store_url or os.environ.get("FLYWHEEL_STORE_URL") or cfg.store.url
+            _state.store = Store(url)
+            _state.store_url = url
+        return _state.store
+
+
+def recorder() -> Recorder:
+    """The process's recorder (started on first use, restarted after a fork)."""
+    rec = _state.recorder
+    if rec is not None:
+        return rec
+    with _state.lock:
+        if _state.recorder is None:
+            cfg = get_config().store
+            rec = Recorder(
+                store(),
+                queue_size=cfg.queue_size,
+                batch_size=cfg.batch_size,
+                flush_interval=cfg.flush_interval,
+                spill_dir=cfg.spill_dir,
+                exit_timeout=cfg.exit_timeout,
+            )
+            rec.add_listener(_after_batch)
+            _state.recorder = rec
+        return _state.recorder
+
+
+def flush(timeout: float | None = 30.0) -> bool:
+    """Write everything recorded so far; True when it all reached the store in time."""
+    rec = _state.recorder
+    return True if rec is None else rec.flush(timeout)
+
+
+def shutdown() -> None:
+    """Flush and stop the recorder and close the store (also happens at interpreter exit)."""
+    with _state.lock:
+        if _state.recorder is not None:
+            _state.recorder.close()
+            _state.recorder = None
+        if _state.store is not None:
+            _state.store.dispose()
+            _state.store = None
+        _state.active.clear()
+        _state.recent.clear()
+
+
+# -- resolver -------------------------------------------------------------------------------
+
+
+def set_resolver(resolver: Any) -> None:
+    """Install the object whose ``resolve(workflow, unit_id)`` picks each request's config."""
+    _state.resolver = resolver
+
+
+def get_resolver() -> Any:
+    if _state.resolver is None:
+        _state.resolver = _default_resolver()
+    return _state.resolver
+
+
+def _default_resolver() -> Any:
+    try:
+        from .versions import StoreResolver  # the loop's resolver, when present
+    except ImportError:
+        return StaticResolver(get_config().workflows)
+    return StoreResolver(store(), get_config())
+
+
+def resolve(workflow: str, unit_id: str | None = None) -> Resolution | None:
+    return get_resolver().resolve(workflow, unit_id)
+
+
+# -- rollouts known to this process ---------------------------------------------------------
+
+
+def remember_active(handle: Any) -> None:
+    _state.active[handle.id] = handle
+
+
+def forget_active(rollout_id: str) -> None:
+    handle = _state.active.pop(rollout_id, None)
+    if handle is not None:
+        recent = _state.recent
+        recent[rollout_id] = handle.workflow
+        while len(recent) > 100_000:
+            recent.popitem(last=False)
+
+
+def _rollout_workflow(rollout_id: str) -> str | None:
+    handle = _state.active.get(rollout_id)
+    if handle is not None:
+        return handle.workflow
+    wf = _state.recent.get(rollout_id)
+    if wf is not None:
+        return wf
+    from .models import Rollout
+
+    with store().session() as session:
+        row = session.get(Rollout, rollout_id)
+        return row.workflow if row is not None else None
+
+
+# -- feedback -------------------------------------------------------------------------------
+
+
+def feedback(
+    rollout_id: str,
+    rating: Any = None,
+    *,
+    key: str | None = None,
+    value: float | bool | None = None,
+    thumbs: Any = None,
+    comment: str | None = None,
+    source: str = "explicit",
+    span_id: int | None = None,
+    user_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Record a signal about a rollout: a 1–5 rating, a thumb, a comment or any keyed value.
+
+    Raises InvalidFeedbackError for a bad value and UnknownRolloutError for an unknown rollout;
+    nothing is stored in either case.
+    """
+    rollout_id = getattr(rollout_id, "id", rollout_id)  # accept the rollout handle itself
+    if not isinstance(rollout_id, str) or not rollout_id:
+        raise InvalidFeedbackError(f"rollout_id must be a non-empty string, got {rollout_id!r}")
+    if source not in FEEDBACK_SOURCES:
+        raise InvalidFeedbackError(
+            f"feedback source {source!r} is not one of {', '.join(FEEDBACK_SOURCES)}"
+        )
+    chosen = [
+        name for name, v in (("rating", rating), ("thumbs", thumbs), ("key", key)) if v is not None
+    ]
+    if len(chosen) > 1:
+        raise InvalidFeedbackError(
+            f"give one of rating=, thumbs= or key=, not {' and '.join(chosen)}"
+        )
+    if rating is not None:
+        if isinstance(rating, bool) or not isinstance(rating, int | float) or math.isnan(rating):
+            raise InvalidFeedbackError(f"rating must be a number from 1 to 5, got {rating!r}")
+        if not 1 <= rating <= 5:
+            raise InvalidFeedbackError(f"rating must be between 1 and 5, got {rating!r}")
+        key, num = "rating", float(rating)
+    elif thumbs is not None:
+        if thumbs not in _THUMBS:
+            raise InvalidFeedbackError(
+                f"thumbs must be 'up' or 'down' (or True/False), got {thumbs!r}"
+            )
+        key, num = "thumbs", _THUMBS[thumbs]
+    elif key is not None:
+        if not isinstance(key, str) or not key.strip() or len(key) > 100:
+            raise InvalidFeedbackError(
+                f"feedback key must be a short non-empty string, got {key!r}"
+            )
+        if value is None:
+            num = None
+        elif (
+            isinstance(value, bool)
+            or isinstance(value, int | float)
+            and not math.isnan(value)
+            and not math.isinf(value)
+        ):
+            num = float(value)
+        else:
+            raise InvalidFeedbackError(
+                f"feedback value for {key!r} must be a finite number, got {value!r}"
+            )
+    elif comment is not None:
+        key, num = "comment", None
+    else:
+        raise InvalidFeedbackError("feedback needs rating=, thumbs=, key= or comment=")
+    if comment is not None and not isinstance(comment, str):
+        raise InvalidFeedbackError(f"comment must be a string, got {type(comment).__name__}")
+    if _rollout_workflow(rollout_id) is None:
+        raise UnknownRolloutError(f"no rollout with id {rollout_id!r} in {store().url}")
+    record = FeedbackRecord(
+        rollout_id=rollout_id,
+        span_id=span_id,
+        source=source,
+        key=key,
+        value=num,
+        comment=comment,
+        user_id=user_id,
+        created_at=utcnow(),
+        metadata=metadata,
+    )
+    recorder().enqueue(record)
+
+
+# -- work done on the writer thread after each batch ----------------------------------------
+
+
+def _after_batch(by_table: dict[str, list[Record]]) -> None:
+    """Check improvement triggers when new ratings land (never on the agent's thread)."""
+    ratings = [r for r in by_table.get("feedback", ()) if r.key == "rating"]
+    if not ratings:
+        return
+    from .triggers import check_low_rating_triggers
+
+    check_low_rating_triggers(store(), get_config(), {r.rollout_id for r in ratings})

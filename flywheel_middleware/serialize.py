@@ -1,0 +1,100 @@
+"""Turn whatever an agent passes around into bounded JSON, off the agent's thread.
+
+The caller only takes a cheap shallow snapshot (`snapshot`); the writer thread converts it
+(`to_json_text`), so the agent never pays for serializing its own messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as _dt
+import enum
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+MAX_STRING = 32_000
+MAX_ITEMS = 1_000
+MAX_DEPTH = 12
+
+
+def snapshot(value: Any) -> Any:
+    """Copy containers one level deep so later mutation by the agent does not leak in."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, list | tuple):
+        return tuple(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+def _truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"…[truncated {len(text) - limit} chars]"
+
+
+def to_jsonable(value: Any, *, max_string: int = MAX_STRING, _depth: int = 0) -> Any:
+    """A JSON-compatible copy of ``value``: strings capped, containers capped, unknowns as repr."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return (
+            value if value == value and value not in (float("inf"), float("-inf")) else str(value)
+        )
+    if isinstance(value, str):
+        return _truncate(value, max_string)
+    if _depth >= MAX_DEPTH:
+        return _truncate(repr(value), 200)
+    nxt = _depth + 1
+    if isinstance(value, Mapping):
+        out = {}
+        for i, (k, v) in enumerate(value.items()):
+            if i >= MAX_ITEMS:
+                out["…"] = f"{len(value) - MAX_ITEMS} more items"
+                break
+            out[str(k)] = to_jsonable(v, max_string=max_string, _depth=nxt)
+        return out
+    if isinstance(value, list | tuple | set | frozenset):
+        items = list(value)
+        out_list = [to_jsonable(v, max_string=max_string, _depth=nxt) for v in items[:MAX_ITEMS]]
+        if len(items) > MAX_ITEMS:
+            out_list.append(f"…{len(items) - MAX_ITEMS} more items")
+        return out_list
+    if isinstance(value, bytes | bytearray):
+        head = base64.b64encode(bytes(value[:256])).decode()
+        return {"type": "bytes", "size": len(value), "head_base64": head}
+    if isinstance(value, _dt.datetime | _dt.date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return to_jsonable(value.value, max_string=max_string, _depth=nxt)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value), max_string=max_string, _depth=nxt)
+    dump = getattr(value, "model_dump", None)  # pydantic v2, LangChain messages, OpenAI objects
+    if callable(dump):
+        try:
+            return to_jsonable(dump(), max_string=max_string, _depth=nxt)
+        except Exception:
+            pass
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        try:
+            return to_jsonable(to_dict(), max_string=max_string, _depth=nxt)
+        except Exception:
+            pass
+    try:
+        return _truncate(repr(value), 2_000)
+    except Exception:
+        return f"<unrepresentable {type(value).__name__}>"
+
+
+def to_json_text(value: Any) -> str | None:
+    """The JSON text stored in a JSON column (None stays SQL NULL)."""
+    if value is None:
+        return None
+    return json.dumps(to_jsonable(value), ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,1 @@
+"""The HTTP service: feedback and telemetry ingestion, config resolution, dashboard."""

@@ -1,0 +1,1 @@
+"""Test helpers shipped with the package (the adapter contract suite as a pytest plugin)."""

@@ -1,0 +1,573 @@
+"""Rollouts and spans: the cheap API the agent's code and the adapters call.
+
+Parenting is carried by one ``contextvars`` variable, so spans nest correctly across asyncio
+tasks and copied contexts; adapters that learn parents from their framework (LangChain's
+``parent_run_id``) pass ``parent=`` explicitly instead.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from . import otel
+from .ids import new_rollout_id, new_span_id
+from .records import RolloutRecord, SpanRecord
+from .serialize import snapshot
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SPAN_KINDS = frozenset(
+    {"agent", "chain", "llm", "tool", "retriever", "embedding", "reward", "event", "node"}
+)
+
+_current: contextvars.ContextVar[Any] = contextvars.ContextVar("flywheel_current", default=None)
+
+
+def _runtime() -> Any:
+    from . import runtime
+
+    return runtime
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class RolloutHandle:
+    """An open rollout. Use it as a context manager (sync or async), or ``finish()`` it."""
+
+    __slots__ = (
+        "id",
+        "workflow",
+        "user_id",
+        "session_id",
+        "input",
+        "output",
+        "tags",
+        "metadata",
+        "status",
+        "error",
+        "started_ns",
+        "ended_ns",
+        "input_tokens",
+        "output_tokens",
+        "cost",
+        "config_version_id",
+        "experiment_id",
+        "variant",
+        "propensity",
+        "unit_id",
+        "_config",
+        "_resolved",
+        "_seq",
+        "_lock",
+        "_token",
+        "_finished",
+        "_otel",
+        "_recorder",
+    )
+
+    def __init__(
+        self,
+        workflow: str,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        input: Any = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        unit_id: str | None = None,
+        rollout_id: str | None = None,
+        recorder: Any = None,
+    ) -> None:
+        self.id = rollout_id or new_rollout_id()
+        self.workflow = workflow
+        self.user_id = user_id
+        self.session_id = session_id
+        self.input = snapshot(input)
+        self.output = None
+        self.tags = list(tags) if tags else None
+        self.metadata = dict(metadata) if metadata else None
+        self.status = "running"
+        self.error: str | None = None
+        self.started_ns = time.time_ns()
+        self.ended_ns: int | None = None
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.cost: float | None = None
+        self.config_version_id: int | None = None
+        self.experiment_id: int | None = None
+        self.variant: str | None = None
+        self.propensity: float | None = None
+        self.unit_id = unit_id
+        self._config: dict[str, Any] | None = None
+        self._resolved = False
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._token: contextvars.Token | None = None
+        self._finished = False
+        self._recorder = recorder
+        self._otel = otel.start(f"workflow {workflow}", None, self.started_ns)
+
+    # The rollout is the root of its own span tree.
+    @property
+    def rollout(self) -> RolloutHandle:
+        return self
+
+    @property
+    def span_id(self) -> None:
+        return None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The workflow config the resolver chose for this request (resolved on first use)."""
+        if not self._resolved:
+            self._resolved = True
+            unit = self.unit_id or self.user_id or self.session_id or self.id
+            try:
+                resolution = _runtime().resolve(self.workflow, unit)
+            except Exception:
+                resolution = None
+            if resolution is not None:
+                self._config = resolution.config
+                self.config_version_id = resolution.version_id
+                self.experiment_id = resolution.experiment_id
+                self.variant = resolution.variant
+                self.propensity = resolution.propensity
+        return self._config if self._config is not None else {}
+
+    def set_config(self, config: dict[str, Any], **resolution: Any) -> None:
+        """Pin the config (and its version/variant/propensity) chosen elsewhere for this rollout."""
+        self._resolved = True
+        self._config = config
+        for key, value in resolution.items():
+            setattr(self, key, value)
+
+    def set_input(self, value: Any) -> None:
+        self.input = snapshot(value)
+
+    def set_output(self, value: Any) -> None:
+        self.output = snapshot(value)
+
+    def set_metadata(self, key: str, value: Any) -> None:
+        if self.metadata is None:
+            self.metadata = {}
+        self.metadata[key] = value
+
+    def add_usage(
+        self, input_tokens: int | None, output_tokens: int | None, cost: float | None = None
+    ) -> None:
+        with self._lock:
+            if input_tokens:
+                self.input_tokens = (self.input_tokens or 0) + int(input_tokens)
+            if output_tokens:
+                self.output_tokens = (self.output_tokens or 0) + int(output_tokens)
+            if cost:
+                self.cost = (self.cost or 0.0) + float(cost)
+
+    def next_sequence(self) -> int:
+        return next(self._seq)
+
+    def feedback(self, rating: Any = None, **kwargs: Any) -> None:
+        """Shortcut for ``fw.feedback(this_rollout.id, ...)``."""
+        _runtime().feedback(self.id, rating, **kwargs)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def finish(self, output: Any = None, error: BaseException | str | None = None) -> None:
+        """End the rollout and queue it for the store. Safe to call twice (second is ignored)."""
+        if self._finished:
+            return
+        self._finished = True
+        self.ended_ns = time.time_ns()
+        if output is not None:
+            self.output = snapshot(output)
+        if error is not None:
+            self.status = "failed"
+            self.error = error if isinstance(error, str) else _error_text(error)
+        elif self.status == "running":
+            self.status = "succeeded"
+        total = None
+        if self.input_tokens is not None or self.output_tokens is not None:
+            total = (self.input_tokens or 0) + (self.output_tokens or 0)
+        record = RolloutRecord(
+            id=self.id,
+            workflow=self.workflow,
+            user_id=self.user_id,
+            session_id=self.session_id,
+            config_version_id=self.config_version_id,
+            experiment_id=self.experiment_id,
+            variant=self.variant,
+            propensity=self.propensity,
+            input=self.input,
+            output=self.output,
+            status=self.status,
+            error=self.error,
+            started_at=self.started_ns,
+            ended_at=self.ended_ns,
+            latency_ms=(self.ended_ns - self.started_ns) / 1e6,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            total_tokens=total,
+            cost=self.cost,
+            tags=self.tags,
+            metadata=self.metadata,
+        )
+        if self._otel is not None:
+            otel.end(
+                self._otel,
+                kind="workflow",
+                rollout_id=self.id,
+                workflow=self.workflow,
+                model=None,
+                input_tokens=self.input_tokens,
+                output_tokens=self.output_tokens,
+                error=self.error,
+                attributes=None,
+                end_ns=self.ended_ns,
+            )
+        _runtime().forget_active(self.id)
+        (self._recorder or _runtime().recorder()).enqueue(record)
+
+    def __enter__(self) -> RolloutHandle:
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self._token is not None:
+            try:
+                _current.reset(self._token)
+            except ValueError:
+                pass
+            self._token = None
+        self.finish(error=exc)
+
+    async def __aenter__(self) -> RolloutHandle:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def __repr__(self) -> str:
+        return f"<Rollout {self.id} workflow={self.workflow!r} status={self.status}>"
+
+
+class SpanHandle:
+    """An open span. ``end()`` queues it; ``with`` makes it the current parent."""
+
+    __slots__ = (
+        "id",
+        "rollout",
+        "parent_id",
+        "sequence",
+        "kind",
+        "name",
+        "node",
+        "model",
+        "input",
+        "output",
+        "input_tokens",
+        "output_tokens",
+        "attributes",
+        "started_ns",
+        "error",
+        "status",
+        "_token",
+        "_ended",
+        "_otel",
+        "_owns_rollout",
+        "trace_id",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        rollout: RolloutHandle,
+        parent: SpanHandle | RolloutHandle | None,
+        *,
+        node: str | None = None,
+        input: Any = None,
+        model: str | None = None,
+        attributes: dict[str, Any] | None = None,
+        start_ns: int | None = None,
+        span_id: int | None = None,
+    ) -> None:
+        self.id = span_id or new_span_id()
+        self.rollout = rollout
+        self.parent_id = parent.span_id if parent is not None else None
+        self.sequence = rollout.next_sequence()
+        self.kind = kind
+        self.name = name
+        self.node = node
+        self.model = model
+        self.input = snapshot(input)
+        self.output = None
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.attributes = dict(attributes) if attributes else None
+        self.started_ns = start_ns or time.time_ns()
+        self.error: str | None = None
+        self.status = "ok"
+        self._token: contextvars.Token | None = None
+        self._ended = False
+        self._owns_rollout = False
+        self.trace_id: str | None = None
+        parent_otel = parent._otel if parent is not None else rollout._otel
+        self._otel = otel.start(name, parent_otel, self.started_ns)
+
+    @property
+    def span_id(self) -> int:
+        return self.id
+
+    def set_input(self, value: Any) -> None:
+        self.input = snapshot(value)
+
+    def set_output(self, value: Any) -> None:
+        self.output = snapshot(value)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if self.attributes is None:
+            self.attributes = {}
+        self.attributes[key] = value
+
+    def set_model(self, model: str | None) -> None:
+        self.model = model
+
+    def set_usage(self, input_tokens: int | None = None, output_tokens: int | None = None) -> None:
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+
+    def set_error(self, error: BaseException | str) -> None:
+        self.status = "error"
+        self.error = error if isinstance(error, str) else _error_text(error)
+
+    def end(
+        self,
+        output: Any = None,
+        error: BaseException | str | None = None,
+        end_ns: int | None = None,
+    ) -> None:
+        """Finish the span and queue it. A second call is ignored."""
+        if self._ended:
+            return
+        self._ended = True
+        end_ns = end_ns or time.time_ns()
+        if output is not None:
+            self.output = snapshot(output)
+        if error is not None:
+            self.set_error(error)
+        rollout = self.rollout
+        if self.input_tokens or self.output_tokens:
+            rollout.add_usage(self.input_tokens, self.output_tokens)
+        record = SpanRecord(
+            id=self.id,
+            rollout_id=rollout.id,
+            trace_id=self.trace_id,
+            parent_id=self.parent_id,
+            sequence=self.sequence,
+            kind=self.kind,
+            name=self.name,
+            node=self.node,
+            status=self.status,
+            error=self.error,
+            started_at=self.started_ns,
+            ended_at=end_ns,
+            duration_ms=(end_ns - self.started_ns) / 1e6,
+            model=self.model,
+            input=self.input,
+            output=self.output,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            attributes=self.attributes,
+        )
+        if self._otel is not None:
+            otel.end(
+                self._otel,
+                kind=self.kind,
+                rollout_id=rollout.id,
+                workflow=rollout.workflow,
+                model=self.model,
+                input_tokens=self.input_tokens,
+                output_tokens=self.output_tokens,
+                error=self.error,
+                attributes=self.attributes,
+                end_ns=end_ns,
+            )
+        (rollout._recorder or _runtime().recorder()).enqueue(record)
+        if self._owns_rollout:
+            rollout.finish(output=self.output, error=self.error)
+
+    def activate(self) -> contextvars.Token:
+        """Make this span the current parent; pass the token to ``deactivate``."""
+        return _current.set(self)
+
+    @staticmethod
+    def deactivate(token: contextvars.Token) -> None:
+        try:
+            _current.reset(token)
+        except ValueError:
+            pass
+
+    def __enter__(self) -> SpanHandle:
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self._token is not None:
+            try:
+                _current.reset(self._token)
+            except ValueError:
+                pass
+            self._token = None
+        self.end(error=exc)
+
+    async def __aenter__(self) -> SpanHandle:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def __repr__(self) -> str:
+        return f"<Span {self.id} {self.kind}:{self.name}>"
+
+
+# -- the functions users and adapters call ------------------------------------------------
+
+
+def current() -> SpanHandle | RolloutHandle | None:
+    """The innermost open span or rollout in this context."""
+    return _current.get()
+
+
+def current_rollout() -> RolloutHandle | None:
+    cur = _current.get()
+    return cur.rollout if cur is not None else None
+
+
+def current_span() -> SpanHandle | None:
+    cur = _current.get()
+    return cur if isinstance(cur, SpanHandle) else None
+
+
+def open_rollout(workflow: str, **kwargs: Any) -> RolloutHandle:
+    """Open a rollout without making it current (for adapters driven by callbacks)."""
+    handle = RolloutHandle(workflow, **kwargs)
+    _runtime().remember_active(handle)
+    return handle
+
+
+def rollout(
+    workflow: str,
+    *,
+    user_id: str | None = None,
+    session_id: str | None = None,
+    input: Any = None,
+    tags: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    unit_id: str | None = None,
+) -> RolloutHandle:
+    """Open a rollout; use it with ``with`` or ``async with`` so adapters inside attach to it."""
+    return open_rollout(
+        workflow,
+        user_id=user_id,
+        session_id=session_id,
+        input=input,
+        tags=tags,
+        metadata=metadata,
+        unit_id=unit_id,
+    )
+
+
+def start_span(
+    name: str,
+    kind: str = "chain",
+    *,
+    parent: SpanHandle | RolloutHandle | None = None,
+    rollout: RolloutHandle | None = None,
+    workflow: str | None = None,
+    **kwargs: Any,
+) -> SpanHandle:
+    """Start a span without making it current.
+
+    The parent is ``parent`` if given, else the current span. With no rollout at all, one is
+    opened implicitly for ``workflow`` (default: the span's name) and finished with the span.
+    """
+    if parent is None and rollout is None:
+        parent = _current.get()
+    if rollout is None:
+        rollout = parent.rollout if parent is not None else None
+    if rollout is None:
+        rollout = open_rollout(workflow or name, input=kwargs.get("input"))
+        span = SpanHandle(name, kind, rollout, None, **kwargs)
+        span._owns_rollout = True
+        return span
+    return SpanHandle(name, kind, rollout, parent, **kwargs)
+
+
+def span(
+    name: str,
+    kind: str = "chain",
+    *,
+    node: str | None = None,
+    input: Any = None,
+    model: str | None = None,
+    attributes: dict[str, Any] | None = None,
+    workflow: str | None = None,
+) -> SpanHandle:
+    """A span under the current span or rollout; use with ``with`` / ``async with``."""
+    return start_span(
+        name, kind, node=node, input=input, model=model, attributes=attributes, workflow=workflow
+    )
+
+
+def traced(
+    func: F | None = None, *, name: str | None = None, kind: str = "chain", capture: bool = True
+) -> Any:
+    """Decorator: each call of a sync or async function becomes a span (inputs and output kept)."""
+
+    def decorate(fn: F) -> F:
+        span_name = name or fn.__qualname__
+        signature = inspect.signature(fn)
+
+        def arguments(args: tuple, kwargs: dict) -> Any:
+            if not capture:
+                return None
+            try:
+                bound = signature.bind_partial(*args, **kwargs)
+                return dict(bound.arguments)
+            except TypeError:
+                return {"args": args, "kwargs": kwargs}
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with start_span(span_name, kind, input=arguments(args, kwargs)) as s:
+                    result = await fn(*args, **kwargs)
+                    if capture:
+                        s.set_output(result)
+                    return result
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with start_span(span_name, kind, input=arguments(args, kwargs)) as s:
+                result = fn(*args, **kwargs)
+                if capture:
+                    s.set_output(result)
+                return result
+
+        return wrapper  # type: ignore[return-value]
+
+    if func is not None:
+        return decorate(func)
+    return decorate
