@@ -21,6 +21,7 @@ from .errors import (
     StoreError,
     UnknownRolloutError,
 )
+from .hookspecs import hookimpl
 from .runtime import (
     configure,
     feedback,
@@ -61,6 +62,7 @@ __all__ = [
     "current_span",
     "feedback",
     "flush",
+    "hookimpl",
     "get_config",
     "load_config",
     "open_rollout",

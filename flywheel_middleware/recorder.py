@@ -95,6 +95,7 @@ class Recorder:
         self.counters = RecorderCounters()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._listeners: list[BatchListener] = []
+        self._transforms: list[Callable[[Record], None]] = []
         key = hashlib.sha1(store.url.encode()).hexdigest()[:12]
         base = (
             Path(spill_dir)
@@ -129,6 +130,10 @@ class Recorder:
                     self._spill([record])
         except Exception:  # the host agent must never see our failure
             log.exception("flywheel recorder could not queue a record")
+
+    def add_transform(self, transform: Callable[[Record], None]) -> None:
+        """Run ``transform(record)`` on the writer thread before a record is stored (redaction)."""
+        self._transforms.append(transform)
 
     def add_listener(self, listener: BatchListener) -> None:
         """Call ``listener(records_by_table)`` on the writer thread after each written batch."""
@@ -295,6 +300,8 @@ class Recorder:
         by_kind: dict[str, list[Record]] = defaultdict(list)
         for record in batch:
             try:
+                for transform in self._transforms:
+                    transform(record)
                 by_table[record.TABLE].append(record.to_row(self._time_conv))
                 by_kind[record.TABLE].append(record)
             except Exception:

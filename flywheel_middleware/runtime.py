@@ -23,7 +23,14 @@ from .store import Store
 log = logging.getLogger("flywheel_middleware")
 
 FEEDBACK_SOURCES = ("explicit", "implicit", "rule", "judge", "business")
-_THUMBS = {"up": 1.0, "down": 0.0, True: 1.0, False: 0.0, "+1": 1.0, "-1": 0.0}  # 1 == True, 0 == False
+_THUMBS = {
+    "up": 1.0,
+    "down": 0.0,
+    True: 1.0,
+    False: 0.0,
+    "+1": 1.0,
+    "-1": 0.0,
+}  # 1 == True, 0 == False
 
 
 class _State:

@@ -1,0 +1,143 @@
+"""The base classes plugins subclass, and the values they exchange with the core.
+
+A plugin class declares ``type_name`` (its YAML ``type``), a pydantic ``Params`` model (its
+``params``, validated with clear errors) and implements one method of its kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from .config import FlywheelConfig, TunableRange
+    from .models import Feedback, Rollout, Span, TelemetryEvent
+    from .store import Store
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class PluginContext:
+    """What a plugin may use: the whole configuration and the store."""
+
+    config: FlywheelConfig
+    store: Store | None = None
+
+
+class Plugin:
+    """Common shape: ``type_name``, ``Params``, constructed with validated params and a context."""
+
+    kind: ClassVar[str] = "plugin"
+    type_name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(
+        self, params: BaseModel | None = None, context: PluginContext | None = None
+    ) -> None:
+        self.params = params if params is not None else self.Params()
+        self.context = context
+        self.name = self.type_name
+
+    def close(self) -> None:
+        """Release clients or pools (called when a run ends)."""
+
+
+@dataclass
+class Sample:
+    """A rollout with everything curation may look at."""
+
+    rollout: Rollout
+    spans: list[Span] = field(default_factory=list)
+    feedback: list[Feedback] = field(default_factory=list)
+    telemetry: list[TelemetryEvent] = field(default_factory=list)
+    reward: float | None = None
+
+    @property
+    def prompt(self) -> Any:
+        return self.rollout.input
+
+    @property
+    def response(self) -> Any:
+        return self.rollout.output
+
+
+@dataclass
+class Verdict:
+    """A filter's judgement of one sample. ``label`` is good, bad or error."""
+
+    keep: bool
+    label: Literal["good", "bad", "error"] = "good"
+    reason: str = ""
+
+
+class Filter(Plugin):
+    kind: ClassVar[str] = "filter"
+
+    def filter(self, samples: list[Sample]) -> list[Verdict]:
+        """One verdict per sample, in order (batched so a judge can run concurrently)."""
+        raise NotImplementedError
+
+
+class RewardSource(Plugin):
+    kind: ClassVar[str] = "reward"
+
+    def score(self, samples: list[Sample]) -> list[float | None]:
+        """One reward in [0, 1] per sample, or None where this source has no opinion."""
+        raise NotImplementedError
+
+
+@dataclass
+class Candidate:
+    """A proposed config and why it was proposed."""
+
+    config: dict[str, Any]
+    note: str = ""
+
+
+class Mutator(Plugin):
+    kind: ClassVar[str] = "mutator"
+
+    def propose(
+        self,
+        base: dict[str, Any],
+        *,
+        workflow: str,
+        tunable: dict[str, TunableRange],
+        bad_cases: list[Sample],
+        tried: set[str],
+        n: int,
+    ) -> list[Candidate]:
+        """Up to ``n`` new configs; ``tried`` holds hashes of configs already tried (skip them)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Decision:
+    """A promoter's decision on a running experiment."""
+
+    action: Literal["promote", "reject", "continue"]
+    variant: str | None = None
+    reason: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+class Promoter(Plugin):
+    kind: ClassVar[str] = "promoter"
+
+    def decide(self, stats: Any) -> Decision:
+        """Judge an experiment from its per-variant statistics (``experiments.ExperimentStats``)."""
+        raise NotImplementedError
+
+
+PLUGIN_KINDS: dict[str, type[Plugin]] = {
+    "filter": Filter,
+    "reward": RewardSource,
+    "mutator": Mutator,
+    "promoter": Promoter,
+}
