@@ -1,0 +1,640 @@
+"""Versioned workflow configs, the active deployment, and the per-request resolver.
+
+A workflow's config is a chain of immutable ``ConfigVersion`` rows (version 1 is the YAML
+config); a ``Deployment`` row names the active one and every change of it — activate,
+promote, rollback — writes a ``ChangeEvent``, so ``rollback`` can walk the history back.
+
+``StoreResolver.resolve(workflow, unit_id)`` serves the active version, or an experiment
+variant. Assignment is weighted rendezvous hashing (highest random weight) over a hash of
+(experiment seed, unit id): deterministic and sticky, exactly proportional to the weights,
+and when a weight changes only the units that must move do (GrowthBook's cumulative bucket
+ranges shift every later variant when one weight changes; rendezvous moves just the share that
+changed). GrowthBook-style ``coverage`` keeps a fraction of units out of the experiment
+entirely; raising it only adds units. The deployment and running experiments are cached for
+``ttl`` seconds, so a promotion reaches every process without a restart.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from .config import FlywheelConfig
+from .errors import FlywheelError
+from .models import ChangeEvent, ConfigVersion, Deployment, Experiment
+from .records import utcnow
+from .resolver import Resolution
+from .store import Store
+
+log = logging.getLogger("flywheel_middleware.versions")
+
+YAML_AUTHOR = "yaml"
+DEPLOY_KINDS = ("activate", "promote", "rollback")
+DEFAULT_TTL = 2.0
+
+
+class VersionError(FlywheelError, LookupError):
+    """A version, workflow or rollback target that does not exist."""
+
+
+# -- config values ------------------------------------------------------------------------
+
+
+def canonical_json(config: Any) -> str:
+    """One text per config value (sorted keys, no spaces), so equal configs hash equally."""
+    return json.dumps(
+        config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    )
+
+
+def config_hash(config: Any) -> str:
+    """sha256 of the canonical JSON: how 'already tried' and 'unchanged' are recognised."""
+    return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
+
+
+_MISSING = object()
+
+
+def get_path(config: dict[str, Any], path: str, default: Any = _MISSING) -> Any:
+    """The value at a dotted path ("llm.temperature"); KeyError names the missing part."""
+    node: Any = config
+    for part in path.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            if default is not _MISSING:
+                return default
+            raise KeyError(f"config has no key {path!r} (missing {part!r})")
+    return node
+
+
+def set_path(config: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A deep copy of ``config`` with ``path`` set (intermediate mappings are created)."""
+    out = copy.deepcopy(config)
+    node = out
+    parts = path.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+    return out
+
+
+def diff_configs(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted path, old value, new value) for every leaf that differs; missing is None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append((path, None, new[key]))
+            elif key not in new:
+                out.append((path, old[key], None))
+            else:
+                out.extend(diff_configs(old[key], new[key], path))
+        return out
+    return [] if old == new else [(prefix or "(config)", old, new)]
+
+
+# -- versions -----------------------------------------------------------------------------
+
+
+def get_version(store: Store, version_id: int) -> ConfigVersion:
+    with store.session() as session:
+        row = session.get(ConfigVersion, version_id)
+    if row is None:
+        raise VersionError(f"no config version with id {version_id}")
+    return row
+
+
+def find_version(store: Store, workflow: str, ref: int | str) -> ConfigVersion:
+    """A version by number within the workflow ("3", "v3") or by id ("#17")."""
+    text = str(ref).strip()
+    with store.session() as session:
+        if text.startswith("#"):
+            row = session.get(ConfigVersion, int(text[1:]))
+            if row is not None and row.workflow != workflow:
+                row = None
+        else:
+            number = int(text[1:] if text[:1] in "vV" else text)
+            row = session.exec(
+                select(ConfigVersion).where(
+                    ConfigVersion.workflow == workflow, ConfigVersion.version == number
+                )
+            ).first()
+    if row is None:
+        raise VersionError(f"workflow {workflow!r} has no config version {text!r}")
+    return row
+
+
+def list_versions(store: Store, workflow: str) -> list[ConfigVersion]:
+    with store.session() as session:
+        return list(
+            session.exec(
+                select(ConfigVersion)
+                .where(ConfigVersion.workflow == workflow)
+                .order_by(ConfigVersion.version)
+            ).all()
+        )
+
+
+def workflows_in_store(store: Store) -> list[str]:
+    with store.session() as session:
+        return sorted(session.exec(select(ConfigVersion.workflow).distinct()).all())
+
+
+def tried_hashes(store: Store, workflow: str) -> set[str]:
+    """Hashes of every config this workflow has had: mutators skip them."""
+    with store.session() as session:
+        return set(
+            session.exec(
+                select(ConfigVersion.config_hash).where(ConfigVersion.workflow == workflow)
+            ).all()
+        )
+
+
+def create_version(
+    store: Store,
+    workflow: str,
+    config: dict[str, Any],
+    *,
+    parent_id: int | None = None,
+    created_by: str = "user",
+    note: str | None = None,
+    reuse: bool = True,
+) -> ConfigVersion:
+    """Store ``config`` as the workflow's next version (or return the identical one, if ``reuse``)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"a workflow config must be a mapping, got {type(config).__name__}")
+    digest = config_hash(config)
+    frozen = json.loads(canonical_json(config))
+    for _ in range(20):  # another process may take the same version number: retry
+        with store.session() as session:
+            if reuse:
+                same = session.exec(
+                    select(ConfigVersion)
+                    .where(ConfigVersion.workflow == workflow, ConfigVersion.config_hash == digest)
+                    .order_by(ConfigVersion.version)
+                ).first()
+                if same is not None:
+                    return same
+            last = session.exec(
+                select(ConfigVersion.version)
+                .where(ConfigVersion.workflow == workflow)
+                .order_by(ConfigVersion.version.desc())
+                .limit(1)
+            ).first()
+            row = ConfigVersion(
+                workflow=workflow,
+                version=(last or 0) + 1,
+                config=frozen,
+                config_hash=digest,
+                parent_id=parent_id,
+                created_by=created_by,
+                note=note,
+                created_at=utcnow(),
+            )
+            try:
+                session.add(row)
+                session.flush()
+            except IntegrityError:
+                session.rollback()
+                continue
+        return row
+    raise FlywheelError(f"could not allocate a version number for workflow {workflow!r}")
+
+
+# -- deployment and its history -----------------------------------------------------------
+
+
+def active_version(store: Store, workflow: str) -> ConfigVersion | None:
+    with store.session() as session:
+        dep = session.get(Deployment, workflow)
+        return None if dep is None else session.get(ConfigVersion, dep.active_version_id)
+
+
+def _set_active(
+    session: Any,
+    workflow: str,
+    version_id: int,
+    *,
+    kind: str,
+    actor: str,
+    reason: str | None,
+    evidence: dict[str, Any] | None,
+) -> ChangeEvent:
+    dep = session.get(Deployment, workflow, with_for_update=True)
+    previous = None if dep is None else dep.active_version_id
+    now = utcnow()
+    if dep is None:
+        session.add(Deployment(workflow=workflow, active_version_id=version_id, updated_at=now))
+    else:
+        dep.active_version_id = version_id
+        dep.updated_at = now
+        session.add(dep)
+    event = ChangeEvent(
+        workflow=workflow,
+        kind=kind,
+        from_version_id=previous,
+        to_version_id=version_id,
+        actor=actor,
+        reason=reason,
+        evidence=evidence,
+        created_at=now,
+    )
+    session.add(event)
+    session.flush()
+    return event
+
+
+def activate(
+    store: Store,
+    workflow: str,
+    version_id: int,
+    *,
+    actor: str = "user",
+    reason: str | None = None,
+    kind: str = "activate",
+    evidence: dict[str, Any] | None = None,
+) -> ChangeEvent:
+    """Make ``version_id`` the active version and record why (kind activate or promote)."""
+    if kind not in DEPLOY_KINDS:
+        raise ValueError(f"deployment change kind must be one of {DEPLOY_KINDS}, got {kind!r}")
+    version = get_version(store, version_id)
+    if version.workflow != workflow:
+        raise VersionError(
+            f"config version {version_id} belongs to workflow {version.workflow!r}, not {workflow!r}"
+        )
+    with store.session() as session:
+        return _set_active(
+            session,
+            workflow,
+            version_id,
+            kind=kind,
+            actor=actor,
+            reason=reason,
+            evidence=evidence,
+        )
+
+
+def deployment_history(store: Store, workflow: str) -> list[ChangeEvent]:
+    """Every activate/promote/rollback of the workflow, oldest first."""
+    with store.session() as session:
+        return list(
+            session.exec(
+                select(ChangeEvent)
+                .where(ChangeEvent.workflow == workflow, ChangeEvent.kind.in_(DEPLOY_KINDS))
+                .order_by(ChangeEvent.created_at, ChangeEvent.id)
+            ).all()
+        )
+
+
+def _active_stack(events: list[ChangeEvent]) -> list[int]:
+    """Replay the history: activations push a version, rollbacks pop one."""
+    stack: list[int] = []
+    for ev in events:
+        if ev.kind == "rollback":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != ev.to_version_id:
+                stack.append(ev.to_version_id)
+        elif not stack or stack[-1] != ev.to_version_id:
+            stack.append(ev.to_version_id)
+    return stack
+
+
+def rollback(
+    store: Store, workflow: str, *, actor: str = "user", reason: str | None = None
+) -> ChangeEvent:
+    """Restore the version that was active before the current one (repeatable, like undo)."""
+    stack = _active_stack(deployment_history(store, workflow))
+    current = active_version(store, workflow)
+    if current is None:
+        raise VersionError(f"workflow {workflow!r} has no active config version")
+    if stack and stack[-1] == current.id:
+        stack.pop()
+    if not stack:
+        raise VersionError(
+            f"workflow {workflow!r} has no earlier version to roll back to "
+            f"(active: v{current.version})"
+        )
+    target = stack[-1]
+    with store.session() as session:
+        return _set_active(
+            session,
+            workflow,
+            target,
+            kind="rollback",
+            actor=actor,
+            reason=reason or f"rollback from version id {current.id}",
+            evidence={"from_version": current.version},
+        )
+
+
+def ensure_workflow(store: Store, config: FlywheelConfig, workflow: str) -> ConfigVersion | None:
+    """Make the YAML config of ``workflow`` a version, deploying it if nothing is deployed.
+
+    Version 1 is the YAML config. When the YAML config changes to something no earlier
+    YAML revision held, it becomes a new version by ``yaml`` and is activated (a person
+    edited the file). An old process still holding an older file never flips it back.
+    Returns the active version (None for a workflow unknown to both YAML and the store).
+    """
+    wf = config.workflows.get(workflow)
+    if wf is None:
+        return active_version(store, workflow)
+    digest = config_hash(wf.config)
+    with store.session() as session:
+        yaml_hashes = set(
+            session.exec(
+                select(ConfigVersion.config_hash).where(
+                    ConfigVersion.workflow == workflow, ConfigVersion.created_by == YAML_AUTHOR
+                )
+            ).all()
+        )
+        dep = session.get(Deployment, workflow)
+    if digest in yaml_hashes and dep is not None:
+        return active_version(store, workflow)
+    current = active_version(store, workflow)
+    if digest not in yaml_hashes:
+        version = create_version(
+            store,
+            workflow,
+            wf.config,
+            parent_id=current.id if current is not None else None,
+            created_by=YAML_AUTHOR,
+            note="from the YAML configuration" + (f" ({config.source})" if config.source else ""),
+            reuse=False,
+        )
+    else:
+        version = find_by_hash(store, workflow, digest, created_by=YAML_AUTHOR)
+    assert version is not None
+    try:
+        with store.session() as session:
+            dep = session.get(Deployment, workflow, with_for_update=True)
+            if dep is None or dep.active_version_id != version.id:
+                _set_active(
+                    session,
+                    workflow,
+                    version.id,
+                    kind="activate",
+                    actor=YAML_AUTHOR,
+                    reason="the YAML config of the workflow"
+                    + (" changed" if dep is not None else ""),
+                    evidence=None,
+                )
+    except IntegrityError:  # another process deployed it at the same moment
+        pass
+    return active_version(store, workflow)
+
+
+def find_by_hash(
+    store: Store, workflow: str, digest: str, *, created_by: str | None = None
+) -> ConfigVersion | None:
+    with store.session() as session:
+        q = select(ConfigVersion).where(
+            ConfigVersion.workflow == workflow, ConfigVersion.config_hash == digest
+        )
+        if created_by is not None:
+            q = q.where(ConfigVersion.created_by == created_by)
+        return session.exec(q.order_by(ConfigVersion.version.desc())).first()
+
+
+# -- assignment ---------------------------------------------------------------------------
+
+_SCALE = float(1 << 64)
+_STRUCTS = [struct.Struct(f">{k}Q") for k in range(9)]
+
+
+def _digest(seed: str, unit_id: str, k: int) -> tuple[int, ...]:
+    data = hashlib.blake2b(f"{seed}\x1f{unit_id}".encode(), digest_size=8 * k).digest()
+    return _STRUCTS[k].unpack(data)
+
+
+def unit_uniforms(seed: str, unit_id: str, k: int) -> list[float]:
+    """``k`` (≤ 8) independent uniforms in (0, 1) from one blake2b of (seed, unit)."""
+    return [(x + 0.5) / _SCALE for x in _digest(seed, unit_id, max(1, k))]
+
+
+def assign(seed: str, unit_id: str, weights: list[float], coverage: float = 1.0) -> int | None:
+    """The variant index for a unit (None when outside ``coverage``): weighted rendezvous.
+
+    Each variant i draws u_i from the unit's hash; the unit goes to argmin -ln(u_i) / w_i.
+    -ln(u_i)/w_i is exponential with rate w_i, so variant i wins with probability w_i / Σw;
+    changing one weight only moves units into or out of that variant. Draw 0 decides coverage.
+    """
+    draws = _digest(seed, unit_id, len(weights) + 1)
+    if (draws[0] + 0.5) / _SCALE >= coverage:
+        return None
+    return _pick(draws, [1.0 / w if w > 0 else math.inf for w in weights])
+
+
+def _pick(draws: tuple[int, ...], inverse_weights: list[float]) -> int | None:
+    best, best_score = None, math.inf
+    log, scale = math.log, _SCALE
+    for i, inv in enumerate(inverse_weights):
+        score = -log((draws[i + 1] + 0.5) / scale) * inv
+        if score < best_score:
+            best, best_score = i, score
+    return best
+
+
+MAX_VARIANTS = 7
+
+
+@dataclass
+class _Plan:
+    """A workflow's cached serving plan."""
+
+    expires: float
+    active: Resolution | None
+    experiment_id: int | None = None
+    seed: str = ""
+    coverage: float = 1.0
+    weights: list[float] = field(default_factory=list)
+    inverse: list[float] = field(default_factory=list)
+    cutoff: int = 1 << 64
+    width: int = 1
+    variants: list[Resolution] = field(default_factory=list)
+    forced_units: dict[str, Resolution] = field(default_factory=dict)
+    by_name: dict[str, Resolution] = field(default_factory=dict)
+
+
+def experiment_seed(experiment: Experiment) -> str:
+    spec = experiment.metrics or {}
+    return str(spec.get("seed") or f"exp-{experiment.id}")
+
+
+class StoreResolver:
+    """Serves each request the active version or its experiment variant, from a short cache.
+
+    ``ttl`` (seconds; default 2, or ``FLYWHEEL_RESOLVER_TTL``) bounds how long a process keeps
+    serving a deployment after another process changed it. ``forced`` maps a workflow to a
+    variant name served to every request of this process (QA); units listed under a variant's
+    ``force`` key in the experiment are served that variant in every process. Forced requests
+    are not counted in the experiment (``experiment_id`` is None), as in GrowthBook.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        config: FlywheelConfig | None = None,
+        *,
+        ttl: float | None = None,
+        forced: dict[str, str] | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config or FlywheelConfig()
+        env_ttl = os.environ.get("FLYWHEEL_RESOLVER_TTL")
+        self.ttl = float(ttl if ttl is not None else env_ttl if env_ttl else DEFAULT_TTL)
+        self.forced: dict[str, str] = dict(forced or {})
+        self._plans: dict[str, _Plan] = {}
+        self._versions: dict[int, Resolution] = {}  # immutable rows: cached for good
+        self._synced: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- the hot path ----------------------------------------------------------------------
+
+    def resolve(self, workflow: str, unit_id: str | None = None) -> Resolution | None:
+        plan = self._plans.get(workflow)
+        if plan is None or plan.expires <= time.monotonic():
+            plan = self._refresh(workflow, plan)
+            if plan is None:
+                return None
+        if self.forced and workflow in self.forced:
+            forced = plan.by_name.get(self.forced[workflow])
+            if forced is not None:
+                return forced
+        if plan.experiment_id is None or unit_id is None:
+            return plan.active
+        if plan.forced_units:
+            forced = plan.forced_units.get(unit_id)
+            if forced is not None:
+                return forced
+        draws = _STRUCTS[plan.width].unpack(
+            hashlib.blake2b(
+                f"{plan.seed}\x1f{unit_id}".encode(), digest_size=8 * plan.width
+            ).digest()
+        )
+        if draws[0] >= plan.cutoff:
+            return plan.active
+        index = _pick(draws, plan.inverse)
+        return plan.active if index is None else plan.variants[index]
+
+    def force(self, workflow: str, variant: str | None) -> None:
+        """Serve ``variant`` to every request of ``workflow`` in this process (None clears)."""
+        if variant is None:
+            self.forced.pop(workflow, None)
+        else:
+            self.forced[workflow] = variant
+
+    def invalidate(self, workflow: str | None = None) -> None:
+        """Forget cached plans now (the next resolve reads the store)."""
+        if workflow is None:
+            self._plans.clear()
+        else:
+            self._plans.pop(workflow, None)
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _refresh(self, workflow: str, stale: _Plan | None) -> _Plan | None:
+        if stale is not None and not self._lock.acquire(blocking=False):
+            return stale  # another thread is refreshing: serve what we have meanwhile
+        if stale is None:
+            self._lock.acquire()
+        try:
+            current = self._plans.get(workflow)
+            if current is not None and current is not stale and current.expires > time.monotonic():
+                return current
+            try:
+                plan = self._load(workflow)
+            except Exception as exc:  # the store is down: keep serving, retry after ttl
+                log.warning("resolver could not read the store for %r: %s", workflow, exc)
+                if stale is not None:
+                    stale.expires = time.monotonic() + self.ttl
+                    return stale
+                wf = self.config.workflows.get(workflow)
+                if wf is None:
+                    return None
+                plan = _Plan(
+                    expires=time.monotonic() + self.ttl,
+                    active=Resolution(config=wf.config, propensity=1.0),
+                )
+            if plan is not None:
+                self._plans[workflow] = plan
+            return plan
+        finally:
+            self._lock.release()
+
+    def _resolution(self, session: Any, version_id: int, **extra: Any) -> Resolution:
+        base = self._versions.get(version_id)
+        if base is None:
+            row = session.get(ConfigVersion, version_id)
+            if row is None:
+                raise VersionError(f"config version {version_id} is missing")
+            base = Resolution(config=row.config, version_id=row.id, propensity=1.0)
+            self._versions[version_id] = base
+        if not extra:
+            return base
+        return Resolution(config=base.config, version_id=base.version_id, **extra)
+
+    def _load(self, workflow: str) -> _Plan | None:
+        if workflow not in self._synced:
+            ensure_workflow(self.store, self.config, workflow)
+            self._synced.add(workflow)
+        with self.store.session() as session:
+            dep = session.get(Deployment, workflow)
+            if dep is None:
+                return None
+            active = self._resolution(session, dep.active_version_id)
+            plan = _Plan(expires=time.monotonic() + self.ttl, active=active)
+            plan.by_name["baseline"] = active
+            exp = session.exec(
+                select(Experiment)
+                .where(Experiment.workflow == workflow, Experiment.status == "running")
+                .order_by(Experiment.started_at.desc(), Experiment.id.desc())
+                .limit(1)
+            ).first()
+            if exp is None:
+                return plan
+            variants = list(exp.variants or [])[:MAX_VARIANTS]
+            total = sum(max(0.0, float(v.get("weight", 0))) for v in variants)
+            if total <= 0:
+                return plan
+            coverage = float((exp.metrics or {}).get("coverage", 1.0))
+            plan.experiment_id = exp.id
+            plan.seed = experiment_seed(exp)
+            plan.coverage = coverage
+            plan.cutoff = int(min(1.0, max(0.0, coverage)) * _SCALE)
+            plan.width = len(variants) + 1
+            for v in variants:
+                w = max(0.0, float(v.get("weight", 0)))
+                res = self._resolution(
+                    session,
+                    int(v["version_id"]),
+                    experiment_id=exp.id,
+                    variant=str(v["name"]),
+                    propensity=w / total,
+                )
+                plan.weights.append(w)
+                plan.inverse.append(1.0 / w if w > 0 else math.inf)
+                plan.variants.append(res)
+                forced = self._resolution(session, int(v["version_id"]), variant=str(v["name"]))
+                plan.by_name[str(v["name"])] = forced
+                for unit in v.get("force") or ():
+                    plan.forced_units[str(unit)] = forced
+            return plan
