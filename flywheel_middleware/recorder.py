@@ -15,11 +15,10 @@ import hashlib
 import logging
 import os
 import pickle
-import queue
 import threading
 import time
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,11 @@ BatchListener = Callable[[dict[str, list[Record]]], None]
 
 @dataclass
 class RecorderCounters:
-    """What the recorder has done since it started; read it for monitoring."""
+    """What the recorder has done since it started; read it for monitoring.
+
+    ``queued`` counts records taken off the queue or spilled (``Recorder.pending`` is what
+    still waits), ``written`` what reached the store, ``retried`` failed write attempts.
+    """
 
     queued: int = 0
     written: int = 0
@@ -93,7 +96,11 @@ class Recorder:
         self.backpressure_timeout = backpressure_timeout
         self.exit_timeout = exit_timeout
         self.counters = RecorderCounters()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        # A deque: append and popleft are atomic, so producers take no lock and wake no one;
+        # the writer polls every ``flush_interval`` (or at once when woken by flush/full).
+        self._buf: deque[Any] = deque()
+        self._wake = threading.Event()
         self._listeners: list[BatchListener] = []
         self._transforms: list[Callable[[Record], None]] = []
         key = hashlib.sha1(store.url.encode()).hexdigest()[:12]
@@ -118,16 +125,20 @@ class Recorder:
     # -- the caller's side ---------------------------------------------------------------
 
     def enqueue(self, record: Record) -> None:
-        """Queue a finished record. Never raises, never does I/O unless the queue is full."""
+        """Queue a finished record. Never raises, never does I/O unless the queue stays full."""
         try:
-            self.counters.queued += 1
-            try:
-                self._queue.put_nowait(record)
-            except queue.Full:
-                try:
-                    self._queue.put(record, timeout=self.backpressure_timeout)
-                except queue.Full:
-                    self._spill([record])
+            buf = self._buf
+            if len(buf) < self.queue_size:
+                buf.append(record)
+                return
+            self._wake.set()
+            deadline = time.monotonic() + self.backpressure_timeout
+            while time.monotonic() < deadline:  # backpressure: give the writer a moment
+                time.sleep(0.001)
+                if len(buf) < self.queue_size:
+                    buf.append(record)
+                    return
+            self._spill([record])
         except Exception:  # the host agent must never see our failure
             log.exception("flywheel recorder could not queue a record")
 
@@ -142,17 +153,15 @@ class Recorder:
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Write everything queued so far (and any spill); True when it all landed in time."""
         if not self._thread.is_alive():
-            return self._queue.empty()
+            return not self._buf
         marker = _Flush()
-        try:
-            self._queue.put(marker, timeout=timeout)
-        except queue.Full:
-            return False
+        self._buf.append(marker)
+        self._wake.set()
         return marker.done.wait(timeout)
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._buf)
 
     def close(self, timeout: float | None = None) -> bool:
         """Flush, stop the writer, and leave in a spill file whatever the store would not take."""
@@ -162,15 +171,13 @@ class Recorder:
         ok = self.flush(timeout)
         self._give_up.set()
         self._stopped.set()
-        self._queue.put(None)
+        self._buf.append(None)
+        self._wake.set()
         self._thread.join(timeout=10)
         # Anything still queued (the store stayed down) goes to the spill file for next time.
         leftovers = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        while self._buf:
+            item = self._buf.popleft()
             if isinstance(item, Record):
                 leftovers.append(item)
             elif isinstance(item, _Flush):
@@ -183,7 +190,10 @@ class Recorder:
 
     # -- spill files ---------------------------------------------------------------------
 
-    def _spill(self, records: list[Record]) -> None:
+    def _spill(self, records: list[Record], *, fresh: bool = True) -> None:
+        """Append records to this process's spill file; ``fresh`` ones never reached the queue."""
+        if fresh:
+            self.counters.queued += len(records)
         rows = [(r.TABLE, r.to_row(self._time_conv)) for r in records]
         with self._spill_lock:
             if self._spill_file is None:
@@ -250,41 +260,36 @@ class Recorder:
             self._replay_spill()
         except Exception as exc:
             self.counters.last_error = repr(exc)
-        q = self._queue
+        buf = self._buf
         while True:
-            try:
-                first = q.get(timeout=self.flush_interval)
-            except queue.Empty:
-                if self._spill_path is not None and not self._give_up.is_set():
-                    self._safe(self._replay_spill)
-                continue
-            if first is None:
-                return
+            if not buf:
+                self._wake.wait(self.flush_interval)
+                self._wake.clear()
+                if not buf:
+                    if self._spill_path is not None and not self._give_up.is_set():
+                        self._safe(self._replay_spill)
+                    continue
             batch: list[Record] = []
             markers: list[_Flush] = []
-            item = first
-            while True:
+            stop = False
+            while buf and len(batch) < self.batch_size:
+                item = buf.popleft()
                 if isinstance(item, _Flush):
                     markers.append(item)
-                elif item is None:
-                    self._safe(lambda b=batch: self._write_records(b))
-                    for m in markers:
-                        m.done.set()
-                    return
-                else:
-                    batch.append(item)
-                if len(batch) >= self.batch_size:
+                    break  # write what came before the marker, then answer it
+                if item is None:
+                    stop = True
                     break
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    break
+                batch.append(item)
+            self.counters.queued += len(batch)
             self._safe(lambda b=batch: self._write_records(b))
             if markers:
                 if self._spill_path is not None or any(self.spill_dir.glob("*.spill")):
                     self._safe(self._replay_spill)
                 for m in markers:
                     m.done.set()
+            if stop:
+                return
 
     def _safe(self, fn: Callable[[], None]) -> None:
         try:
@@ -312,7 +317,7 @@ class Recorder:
         except Exception:
             # The store gave up (closing with the database down): keep the rows for next time.
             flat = [r for rs in by_kind.values() for r in rs]
-            self._spill(flat)
+            self._spill(flat, fresh=False)
             return
         for listener in self._listeners:
             try:

@@ -20,15 +20,21 @@ def ns_to_datetime(ns: int | None) -> datetime | None:
     return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
 
 
+_second_text: dict[int, str] = {}
+
+
 def ns_to_sqlite_text(ns: int | None) -> str | None:
-    """The text SQLAlchemy stores for a UTC DateTime on SQLite, made without strftime."""
+    """The text SQLAlchemy stores for a UTC DateTime on SQLite; the seconds part is cached."""
     if ns is None:
         return None
-    return (
-        datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
-        .replace(tzinfo=None)
-        .isoformat(sep=" ", timespec="microseconds")
-    )
+    sec, rest = divmod(ns, 1_000_000_000)
+    prefix = _second_text.get(sec)
+    if prefix is None:
+        if len(_second_text) > 4096:
+            _second_text.clear()
+        prefix = datetime.fromtimestamp(sec, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        _second_text[sec] = prefix
+    return f"{prefix}.{rest // 1000:06d}"
 
 
 def datetime_to_ns(value: datetime) -> int:
@@ -47,25 +53,45 @@ class Record:
     __slots__ = ()
     TABLE: ClassVar[str]
     COLUMNS: ClassVar[tuple[str, ...]]
+    _row_builder: ClassVar[Callable[..., tuple]]
     JSON_COLUMNS: ClassVar[frozenset[str]] = frozenset()
     TIME_COLUMNS: ClassVar[frozenset[str]] = frozenset()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "COLUMNS" in cls.__dict__:
+            cls._row_builder = staticmethod(_compile_row_builder(cls))
+
     def to_row(self, time_conv: Callable[[int | None], Any] = ns_to_datetime) -> tuple:
-        """Column values in order; times (ns integers or datetimes) go through ``time_conv``."""
-        out = []
-        for name in self.COLUMNS:
-            value = getattr(self, name)
-            if name in self.JSON_COLUMNS:
-                value = to_json_text(value)
-            elif name in self.TIME_COLUMNS and value is not None:
-                if not isinstance(value, int):
-                    value = datetime_to_ns(value)
-                value = time_conv(value)
-            out.append(value)
-        return tuple(out)
+        """Column values in order; JSON columns as text, times through ``time_conv``."""
+        return self._row_builder(self, time_conv, to_json_text, _time)
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.COLUMNS}
+
+
+def _time(value: Any, conv: Callable[[int | None], Any]) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, int):
+        value = datetime_to_ns(value)
+    return conv(value)
+
+
+def _compile_row_builder(cls: type[Record]) -> Callable[..., tuple]:
+    """One straight-line function per record type: no per-column loop on the writer thread."""
+    parts = []
+    for name in cls.COLUMNS:
+        if name in cls.JSON_COLUMNS:
+            parts.append(f"j(r.{name})")
+        elif name in cls.TIME_COLUMNS:
+            parts.append(f"t(r.{name}, tc)")
+        else:
+            parts.append(f"r.{name}")
+    source = f"def build(r, tc, j, t):\n    return ({', '.join(parts)},)\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<row builder {cls.__name__}>", "exec"), namespace)  # noqa: S102
+    return namespace["build"]
 
 
 class SpanRecord(Record):

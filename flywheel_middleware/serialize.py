@@ -93,8 +93,36 @@ def to_jsonable(value: Any, *, max_string: int = MAX_STRING, _depth: int = 0) ->
         return f"<unrepresentable {type(value).__name__}>"
 
 
+_MAX_FAST_TEXT = 64_000
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def _fallback(value: Any) -> Any:
+    converted = to_jsonable(value)
+    if converted is value:  # pragma: no cover - to_jsonable always converts unknown types
+        raise TypeError
+    return converted
+
+
+_dumps_objects = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_fallback
+).encode
+
+
 def to_json_text(value: Any) -> str | None:
-    """The JSON text stored in a JSON column (None stays SQL NULL)."""
+    """The JSON text stored in a JSON column (None stays SQL NULL).
+
+    The C encoder handles the common case; anything large, circular, NaN or exotic goes
+    through ``to_jsonable``, which caps sizes and never fails.
+    """
     if value is None:
         return None
-    return json.dumps(to_jsonable(value), ensure_ascii=False, separators=(",", ":"))
+    if type(value) is str and len(value) <= MAX_STRING:
+        return _dumps(value)
+    try:
+        text = _dumps_objects(value)
+    except (ValueError, TypeError, RecursionError):
+        text = None
+    if text is None or len(text) > _MAX_FAST_TEXT:
+        text = _dumps(to_jsonable(value))
+    return text

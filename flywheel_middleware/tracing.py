@@ -30,39 +30,31 @@ SPAN_KINDS = frozenset(
 _current: contextvars.ContextVar[Any] = contextvars.ContextVar("flywheel_current", default=None)
 
 
-def _runtime() -> Any:
-    from . import runtime
+_runtime_module: Any = None
 
-    return runtime
+
+def _runtime() -> Any:
+    """The runtime module, imported on first use (it imports this module)."""
+    global _runtime_module
+    if _runtime_module is None:
+        from . import runtime
+
+        _runtime_module = runtime
+    return _runtime_module
 
 
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class RolloutHandle:
-    """An open rollout. Use it as a context manager (sync or async), or ``finish()`` it."""
+class RolloutHandle(RolloutRecord):
+    """An open rollout. Use it as a context manager (sync or async), or ``finish()`` it.
+
+    It is its own record: finishing queues this very object, so nothing is copied on the
+    agent's thread (``started_at``/``ended_at`` hold ``time.time_ns()`` until written).
+    """
 
     __slots__ = (
-        "id",
-        "workflow",
-        "user_id",
-        "session_id",
-        "input",
-        "output",
-        "tags",
-        "metadata",
-        "status",
-        "error",
-        "started_ns",
-        "ended_ns",
-        "input_tokens",
-        "output_tokens",
-        "cost",
-        "config_version_id",
-        "experiment_id",
-        "variant",
-        "propensity",
         "unit_id",
         "_config",
         "_resolved",
@@ -91,21 +83,24 @@ class RolloutHandle:
         self.workflow = workflow
         self.user_id = user_id
         self.session_id = session_id
+        self.config_version_id = None
+        self.experiment_id = None
+        self.variant = None
+        self.propensity = None
         self.input = snapshot(input)
         self.output = None
+        self.status = "running"
+        self.error = None
+        self.started_at = time.time_ns()
+        self.ended_at = None
+        self.latency_ms = None
+        self.input_tokens = None
+        self.output_tokens = None
+        self.total_tokens = None
+        self.cost = None
+        self.reward = None
         self.tags = list(tags) if tags else None
         self.metadata = dict(metadata) if metadata else None
-        self.status = "running"
-        self.error: str | None = None
-        self.started_ns = time.time_ns()
-        self.ended_ns: int | None = None
-        self.input_tokens: int | None = None
-        self.output_tokens: int | None = None
-        self.cost: float | None = None
-        self.config_version_id: int | None = None
-        self.experiment_id: int | None = None
-        self.variant: str | None = None
-        self.propensity: float | None = None
         self.unit_id = unit_id
         self._config: dict[str, Any] | None = None
         self._resolved = False
@@ -114,7 +109,15 @@ class RolloutHandle:
         self._token: contextvars.Token | None = None
         self._finished = False
         self._recorder = recorder
-        self._otel = otel.start(f"workflow {workflow}", None, self.started_ns)
+        self._otel = otel.start(f"workflow {workflow}", None, self.started_at)
+
+    @property
+    def started_ns(self) -> int:
+        return self.started_at
+
+    @property
+    def ended_ns(self) -> int | None:
+        return self.ended_at
 
     # The rollout is the root of its own span tree.
     @property
@@ -186,7 +189,7 @@ class RolloutHandle:
         if self._finished:
             return
         self._finished = True
-        self.ended_ns = time.time_ns()
+        end = self.ended_at = time.time_ns()
         if output is not None:
             self.output = snapshot(output)
         if error is not None:
@@ -194,32 +197,9 @@ class RolloutHandle:
             self.error = error if isinstance(error, str) else _error_text(error)
         elif self.status == "running":
             self.status = "succeeded"
-        total = None
+        self.latency_ms = (end - self.started_at) / 1e6
         if self.input_tokens is not None or self.output_tokens is not None:
-            total = (self.input_tokens or 0) + (self.output_tokens or 0)
-        record = RolloutRecord(
-            id=self.id,
-            workflow=self.workflow,
-            user_id=self.user_id,
-            session_id=self.session_id,
-            config_version_id=self.config_version_id,
-            experiment_id=self.experiment_id,
-            variant=self.variant,
-            propensity=self.propensity,
-            input=self.input,
-            output=self.output,
-            status=self.status,
-            error=self.error,
-            started_at=self.started_ns,
-            ended_at=self.ended_ns,
-            latency_ms=(self.ended_ns - self.started_ns) / 1e6,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
-            total_tokens=total,
-            cost=self.cost,
-            tags=self.tags,
-            metadata=self.metadata,
-        )
+            self.total_tokens = (self.input_tokens or 0) + (self.output_tokens or 0)
         if self._otel is not None:
             otel.end(
                 self._otel,
@@ -231,10 +211,10 @@ class RolloutHandle:
                 output_tokens=self.output_tokens,
                 error=self.error,
                 attributes=None,
-                end_ns=self.ended_ns,
+                end_ns=end,
             )
         _runtime().forget_active(self.id)
-        (self._recorder or _runtime().recorder()).enqueue(record)
+        (self._recorder or _runtime().recorder()).enqueue(self)
 
     def __enter__(self) -> RolloutHandle:
         self._token = _current.set(self)
@@ -259,32 +239,10 @@ class RolloutHandle:
         return f"<Rollout {self.id} workflow={self.workflow!r} status={self.status}>"
 
 
-class SpanHandle:
-    """An open span. ``end()`` queues it; ``with`` makes it the current parent."""
+class SpanHandle(SpanRecord):
+    """An open span. ``end()`` queues it (it is its own record); ``with`` makes it current."""
 
-    __slots__ = (
-        "id",
-        "rollout",
-        "parent_id",
-        "sequence",
-        "kind",
-        "name",
-        "node",
-        "model",
-        "input",
-        "output",
-        "input_tokens",
-        "output_tokens",
-        "attributes",
-        "started_ns",
-        "error",
-        "status",
-        "_token",
-        "_ended",
-        "_otel",
-        "_owns_rollout",
-        "trace_id",
-    )
+    __slots__ = ("rollout", "_token", "_ended", "_otel", "_owns_rollout")
 
     def __init__(
         self,
@@ -302,30 +260,40 @@ class SpanHandle:
     ) -> None:
         self.id = span_id or new_span_id()
         self.rollout = rollout
+        self.rollout_id = rollout.id
+        self.trace_id = None
         self.parent_id = parent.span_id if parent is not None else None
-        self.sequence = rollout.next_sequence()
+        self.sequence = next(rollout._seq)
         self.kind = kind
         self.name = name
         self.node = node
+        self.status = "ok"
+        self.error = None
+        self.started_at = start_ns or time.time_ns()
+        self.ended_at = None
+        self.duration_ms = None
         self.model = model
         self.input = snapshot(input)
         self.output = None
-        self.input_tokens: int | None = None
-        self.output_tokens: int | None = None
+        self.input_tokens = None
+        self.output_tokens = None
         self.attributes = dict(attributes) if attributes else None
-        self.started_ns = start_ns or time.time_ns()
-        self.error: str | None = None
-        self.status = "ok"
         self._token: contextvars.Token | None = None
         self._ended = False
         self._owns_rollout = False
-        self.trace_id: str | None = None
+        # Spans follow their rollout: OTel is checked once, when the rollout opens.
         parent_otel = parent._otel if parent is not None else rollout._otel
-        self._otel = otel.start(name, parent_otel, self.started_ns)
+        self._otel = (
+            otel.start(name, parent_otel, self.started_at) if parent_otel is not None else None
+        )
 
     @property
     def span_id(self) -> int:
         return self.id
+
+    @property
+    def started_ns(self) -> int:
+        return self.started_at
 
     def set_input(self, value: Any) -> None:
         self.input = snapshot(value)
@@ -359,7 +327,8 @@ class SpanHandle:
         if self._ended:
             return
         self._ended = True
-        end_ns = end_ns or time.time_ns()
+        end = self.ended_at = end_ns or time.time_ns()
+        self.duration_ms = (end - self.started_at) / 1e6
         if output is not None:
             self.output = snapshot(output)
         if error is not None:
@@ -367,27 +336,6 @@ class SpanHandle:
         rollout = self.rollout
         if self.input_tokens or self.output_tokens:
             rollout.add_usage(self.input_tokens, self.output_tokens)
-        record = SpanRecord(
-            id=self.id,
-            rollout_id=rollout.id,
-            trace_id=self.trace_id,
-            parent_id=self.parent_id,
-            sequence=self.sequence,
-            kind=self.kind,
-            name=self.name,
-            node=self.node,
-            status=self.status,
-            error=self.error,
-            started_at=self.started_ns,
-            ended_at=end_ns,
-            duration_ms=(end_ns - self.started_ns) / 1e6,
-            model=self.model,
-            input=self.input,
-            output=self.output,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
-            attributes=self.attributes,
-        )
         if self._otel is not None:
             otel.end(
                 self._otel,
@@ -399,9 +347,9 @@ class SpanHandle:
                 output_tokens=self.output_tokens,
                 error=self.error,
                 attributes=self.attributes,
-                end_ns=end_ns,
+                end_ns=end,
             )
-        (rollout._recorder or _runtime().recorder()).enqueue(record)
+        (rollout._recorder or _runtime().recorder()).enqueue(self)
         if self._owns_rollout:
             rollout.finish(output=self.output, error=self.error)
 
