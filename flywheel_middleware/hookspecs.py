@@ -59,6 +59,12 @@ def register_promoters() -> list[type]:
 
 
 @hookspec
+def register_redactors() -> list[type]:
+    """Return ``Redactor`` subclasses: each removes secrets or personal data from a row before
+    it is stored. Selected under ``redactors:`` (the ``redact_span`` hook needs no YAML)."""
+
+
+@hookspec
 def redact_span(span: dict[str, Any]) -> dict[str, Any] | None:
     """Remove secrets or personal data from a span (or rollout) row before it is stored.
 

@@ -43,6 +43,7 @@ class Plugin:
         self.params = params if params is not None else self.Params()
         self.context = context
         self.name = self.type_name
+        self.weight = 1.0  # the spec's ``weight`` (used when combining reward sources)
 
     def close(self) -> None:
         """Release clients or pools (called when a run ends)."""
@@ -65,6 +66,44 @@ class Sample:
     @property
     def response(self) -> Any:
         return self.rollout.output
+
+    @property
+    def prompt_text(self) -> str:
+        return as_text(self.rollout.input)
+
+    @property
+    def response_text(self) -> str:
+        return as_text(self.rollout.output)
+
+
+_TEXT_KEYS = ("content", "text", "question", "query", "input", "answer", "output", "result")
+
+
+def as_text(value: Any) -> str:
+    """The human-readable text of a rollout input or output (what a judge or a dataset sees).
+
+    Strings stay as they are; a chat ``messages`` list gives its last user message; a dict gives
+    its first text-like key (content, text, question, query, input, answer, output, result);
+    anything else becomes compact JSON.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        messages = value.get("messages")
+        if isinstance(messages, list) and messages:
+            users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+            last = (users or messages)[-1]
+            return as_text(last.get("content") if isinstance(last, dict) else last)
+        for key in _TEXT_KEYS:
+            if isinstance(value.get(key), str):
+                return value[key]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return as_text({"messages": value})
+    import json
+
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 @dataclass
@@ -135,9 +174,20 @@ class Promoter(Plugin):
         raise NotImplementedError
 
 
+class Redactor(Plugin):
+    """Selected under ``redactors:``; runs on the recorder's writer thread before a row is stored."""
+
+    kind: ClassVar[str] = "redactor"
+
+    def redact(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """Edit ``row`` (its fields, plus ``table``) in place or return a new dict."""
+        raise NotImplementedError
+
+
 PLUGIN_KINDS: dict[str, type[Plugin]] = {
     "filter": Filter,
     "reward": RewardSource,
     "mutator": Mutator,
     "promoter": Promoter,
+    "redactor": Redactor,
 }

@@ -1,0 +1,433 @@
+"""The plugin manager: finds plugins, builds them from YAML specs, and contains their failures.
+
+Plugins come from three places, in this order: the built-ins in ``plugins/``, every installed
+distribution that declares the ``flywheel_middleware`` entry-point group, and dotted paths listed
+under ``plugins:`` in flywheel.yaml. A plugin module that fails to import, or a hook that raises,
+is recorded in ``errors`` by name and skipped; the rest keep working.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pluggy
+from pydantic import BaseModel, ValidationError
+
+from . import hookspecs
+from .config import FlywheelConfig, PluginSpec
+from .errors import ConfigError, PluginError
+from .plugin_api import PLUGIN_KINDS, Plugin, PluginContext
+
+log = logging.getLogger("flywheel_middleware.plugins")
+
+BUILTIN_MODULES = (
+    "flywheel_middleware.plugins.filters",
+    "flywheel_middleware.plugins.rewards",
+    "flywheel_middleware.plugins.mutators",
+    "flywheel_middleware.plugins.promoters",
+    "flywheel_middleware.plugins.implicit",
+)
+
+KIND_HOOKS = {
+    "filter": "register_filters",
+    "reward": "register_reward_sources",
+    "mutator": "register_mutators",
+    "promoter": "register_promoters",
+    "redactor": "register_redactors",
+}
+"""Plugin kind -> the hook that registers its classes."""
+
+CONFIG_LISTS = {
+    "filter": "filters",
+    "reward": "rewards",
+    "mutator": "mutators",
+    "promoter": "promoters",
+    "redactor": "redactors",
+}
+"""Plugin kind -> the YAML list that selects its instances."""
+
+P = TypeVar("P", bound=Plugin)
+
+
+@dataclass
+class PluginInfo:
+    """One plugin class: its kind, YAML type, class and where it came from."""
+
+    kind: str
+    type_name: str
+    cls: type[Plugin]
+    origin: str
+    module: str
+    description: str = ""
+
+
+@dataclass
+class PluginFailure:
+    """A plugin that could not be loaded or raised while running."""
+
+    name: str
+    error: str
+    where: str = ""
+
+    def __str__(self) -> str:
+        where = f" ({self.where})" if self.where else ""
+        return f"plugin {self.name}{where} failed: {self.error}"
+
+
+@dataclass
+class _Source:
+    origin: str
+    label: str
+
+
+@dataclass
+class FlywheelPluginManager:
+    """A pluggy ``PluginManager`` for project ``flywheel_middleware`` plus the type registry."""
+
+    pm: pluggy.PluginManager = field(default_factory=lambda: _new_pluggy())
+    errors: list[PluginFailure] = field(default_factory=list)
+    _sources: dict[str, _Source] = field(default_factory=dict)
+    _types: dict[str, dict[str, PluginInfo]] | None = None
+
+    # -- loading --------------------------------------------------------------------------
+
+    def register(self, plugin: Any, *, origin: str, label: str | None = None) -> bool:
+        """Register a module or object; a second registration of the same object is ignored."""
+        if self.pm.is_registered(plugin):
+            return False
+        name = label or getattr(plugin, "__name__", None) or repr(plugin)
+        if self.pm.has_plugin(name):
+            name = f"{name}#{id(plugin)}"
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # a hookimpl that does not match its spec
+            self.errors.append(PluginFailure(name, f"{type(exc).__name__}: {exc}", origin))
+            return False
+        self._sources[name] = _Source(origin, name)
+        self._types = None
+        return True
+
+    def load_builtins(self) -> None:
+        for module_name in BUILTIN_MODULES:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name == module_name:  # not written yet (or removed): nothing to load
+                    continue
+                self.errors.append(PluginFailure(module_name, _describe(exc), "built-in"))
+                continue
+            except Exception as exc:
+                self.errors.append(PluginFailure(module_name, _describe(exc), "built-in"))
+                continue
+            self.register(module, origin="built-in", label=module_name)
+
+    def load_entry_points(self, group: str = hookspecs.PROJECT) -> None:
+        """What pluggy's ``load_setuptools_entrypoints`` does, but one bad package is contained."""
+        for ep in importlib.metadata.entry_points(group=group):
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else "?"
+            if ep.value in BUILTIN_MODULES:
+                continue  # our own, already loaded as built-ins
+            origin = f"entry point {ep.name} ({dist_name} {dist.version if dist else ''})".strip()
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                self.errors.append(PluginFailure(ep.value, _describe(exc), origin))
+                continue
+            self.register(plugin, origin=origin, label=ep.value)
+
+    def load_dotted(self, paths: Iterable[str], source: str | None = None) -> None:
+        """Load ``plugins:`` entries from YAML; a bad path raises ConfigError naming it."""
+        for index, path in enumerate(paths):
+            where = f"{source or 'configuration'}: plugins[{index}]"
+            module_name, _, attr = path.partition(":")
+            try:
+                obj: Any = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise ConfigError(f"{where}: cannot import {module_name!r}: {exc}") from None
+            except Exception as exc:
+                raise ConfigError(
+                    f"{where}: importing {module_name!r} failed: {_describe(exc)}"
+                ) from None
+            for part in filter(None, attr.split(".")):
+                if not hasattr(obj, part):
+                    raise ConfigError(f"{where}: {module_name!r} has no attribute {part!r}")
+                obj = getattr(obj, part)
+            self.register(obj, origin=f"dotted path {path}", label=path)
+
+    # -- the type registry ----------------------------------------------------------------
+
+    def _collect(self) -> dict[str, dict[str, PluginInfo]]:
+        types: dict[str, dict[str, PluginInfo]] = {kind: {} for kind in KIND_HOOKS}
+        for kind, hook_name in KIND_HOOKS.items():
+            base = PLUGIN_KINDS[kind]
+            hook = getattr(self.pm.hook, hook_name)
+            # pluggy calls the newest registration first; walk oldest first so built-ins win.
+            for impl in reversed(hook.get_hookimpls()):
+                source = self._sources.get(impl.plugin_name, _Source("?", impl.plugin_name))
+                try:
+                    classes = impl.function() or []
+                except Exception as exc:
+                    self.errors.append(
+                        PluginFailure(
+                            impl.plugin_name, f"{hook_name}: {_describe(exc)}", source.origin
+                        )
+                    )
+                    continue
+                for cls in classes:
+                    problem = _check_class(cls, base)
+                    if problem:
+                        self.errors.append(
+                            PluginFailure(
+                                impl.plugin_name, f"{hook_name}: {problem}", source.origin
+                            )
+                        )
+                        continue
+                    existing = types[kind].get(cls.type_name)
+                    if existing is not None and existing.cls is not cls:
+                        self.errors.append(
+                            PluginFailure(
+                                impl.plugin_name,
+                                f"{kind} type {cls.type_name!r} is already provided by "
+                                f"{existing.origin} ({existing.module}); ignoring this one",
+                                source.origin,
+                            )
+                        )
+                        continue
+                    types[kind][cls.type_name] = PluginInfo(
+                        kind=kind,
+                        type_name=cls.type_name,
+                        cls=cls,
+                        origin=source.origin,
+                        module=f"{cls.__module__}.{cls.__qualname__}",
+                        description=cls.description or _first_line(cls.__doc__),
+                    )
+        return types
+
+    def types(self, kind: str) -> dict[str, PluginInfo]:
+        """Every registered class of ``kind`` ('filter', 'reward', ...) by its YAML type name."""
+        if kind not in KIND_HOOKS:
+            raise PluginError(f"unknown plugin kind {kind!r}; kinds: {', '.join(KIND_HOOKS)}")
+        if self._types is None:
+            self._types = self._collect()
+        return self._types[kind]
+
+    def all_plugins(self) -> list[PluginInfo]:
+        return [info for kind in KIND_HOOKS for info in self.types(kind).values()]
+
+    # -- building instances from YAML -----------------------------------------------------
+
+    def build(
+        self,
+        kind: str,
+        spec: PluginSpec | dict[str, Any],
+        *,
+        where: str | None = None,
+        context: PluginContext | None = None,
+    ) -> Plugin:
+        """One plugin instance from its spec; errors name ``where`` (e.g. 'file: filters[0]')."""
+        if isinstance(spec, dict):
+            try:
+                spec = PluginSpec.model_validate(spec)
+            except ValidationError as exc:
+                raise ConfigError(_params_errors(exc, where or CONFIG_LISTS[kind], "")) from None
+        where = where or f"{CONFIG_LISTS[kind]}[?]"
+        known = self.types(kind)
+        info = known.get(spec.type)
+        if info is None:
+            choices = ", ".join(sorted(known)) or "(none installed)"
+            raise PluginError(
+                f"{where}.type: unknown {kind} type {spec.type!r}; known {kind} types: {choices}"
+            )
+        try:
+            params = info.cls.Params.model_validate(spec.params)
+        except ValidationError as exc:
+            raise ConfigError(_params_errors(exc, where, ".params", info.cls.Params)) from None
+        try:
+            plugin = info.cls(params, context)
+        except (ConfigError, PluginError):
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"{where}: could not create {kind} {spec.type!r}: {_describe(exc)}"
+            ) from exc
+        plugin.name = spec.name or spec.type
+        plugin.weight = spec.weight
+        return plugin
+
+    def build_all(
+        self, kind: str, config: FlywheelConfig, context: PluginContext | None = None
+    ) -> list[Plugin]:
+        """The enabled plugins of ``kind`` from the configuration, in YAML order."""
+        source = config.source or "configuration"
+        list_name = CONFIG_LISTS[kind]
+        if context is None:
+            context = PluginContext(config=config)
+        out = []
+        for index, spec in enumerate(getattr(config, list_name)):
+            if spec.enabled:
+                out.append(
+                    self.build(kind, spec, where=f"{source}: {list_name}[{index}]", context=context)
+                )
+        return out
+
+    # -- redaction ------------------------------------------------------------------------
+
+    def redactor(
+        self, config: FlywheelConfig | None = None
+    ) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        """A function that runs every ``redact_span`` hook and configured redactor on a row dict."""
+        impls = list(reversed(self.pm.hook.redact_span.get_hookimpls()))
+        redactors = self.build_all("redactor", config) if config is not None else []
+        if not impls and not redactors:
+            return None
+        reported: set[str] = set()
+
+        def redact(row: dict[str, Any]) -> dict[str, Any]:
+            steps: list[tuple[str, Callable[..., Any]]] = [
+                (impl.plugin_name, lambda r, f=impl.function: f(span=r)) for impl in impls
+            ] + [(r.name, r.redact) for r in redactors]
+            for name, fn in steps:
+                try:
+                    result = fn(row)
+                except Exception as exc:
+                    if name not in reported:
+                        reported.add(name)
+                        log.error(
+                            "redactor %s failed: %s (row kept unredacted by it)",
+                            name,
+                            _describe(exc),
+                        )
+                    continue
+                if isinstance(result, dict):
+                    row = result
+            return row
+
+        return redact
+
+
+def _new_pluggy() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
+
+
+def _check_class(cls: Any, base: type) -> str | None:
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        return f"{cls!r} is not a subclass of {base.__name__}"
+    if not cls.type_name:
+        return f"{cls.__name__} has no type_name"
+    if not (isinstance(cls.Params, type) and issubclass(cls.Params, BaseModel)):
+        return f"{cls.__name__}.Params is not a pydantic model"
+    return None
+
+
+def _params_errors(
+    exc: ValidationError, where: str, prefix: str, model: type[BaseModel] | None = None
+) -> str:
+    lines = []
+    for err in exc.errors():
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        key = f"{where}{prefix}{path}"
+        if err["type"] == "extra_forbidden":
+            valid = f" (valid keys: {', '.join(sorted(model.model_fields))})" if model else ""
+            lines.append(f"{key}: unknown key{valid}")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"{key}: {err['msg']}{shown}")
+    return "invalid plugin configuration:\n  " + "\n  ".join(lines)
+
+
+# -- the process's manager ---------------------------------------------------------------------
+
+_lock = threading.Lock()
+_cache: dict[tuple[str, ...], FlywheelPluginManager] = {}
+
+
+def plugin_manager(
+    config: FlywheelConfig | None = None, *, fresh: bool = False
+) -> FlywheelPluginManager:
+    """Built-ins + entry points + the config's ``plugins:`` (cached per list of dotted paths)."""
+    paths = tuple(config.plugins) if config is not None else ()
+    with _lock:
+        if not fresh and paths in _cache:
+            return _cache[paths]
+        manager = FlywheelPluginManager()
+        manager.load_builtins()
+        manager.load_entry_points()
+        if paths:
+            manager.load_dotted(paths, source=config.source if config is not None else None)
+        for failure in manager.errors:
+            log.warning("%s", failure)
+        _cache[paths] = manager
+        return manager
+
+
+def reset_cache() -> None:
+    """Forget managers (after installing a package in the same process)."""
+    with _lock:
+        _cache.clear()
+
+
+def build_plugins(
+    kind: str, config: FlywheelConfig, context: PluginContext | None = None
+) -> list[Plugin]:
+    """The configured, enabled plugins of one kind (the controller's one-call entry)."""
+    return plugin_manager(config).build_all(kind, config, context)
+
+
+def run_contained(
+    plugin: Plugin | str, fn: Callable[[], Any], failures: list[PluginFailure], where: str = ""
+) -> tuple[bool, Any]:
+    """Call ``fn``; on an exception record a PluginFailure with the plugin's name, return (False, None)."""
+    try:
+        return True, fn()
+    except Exception as exc:
+        name = plugin if isinstance(plugin, str) else f"{plugin.kind} {plugin.name!r}"
+        failure = PluginFailure(name, _describe(exc), where)
+        failures.append(failure)
+        log.error("%s", failure)
+        return False, None
+
+
+def install_redaction(recorder: Any, config: FlywheelConfig) -> bool:
+    """Add the redact_span hooks and ``redactors:`` to a recorder as a transform (True if any).
+
+    The transform turns each record into a dict (with ``table``), redacts it, and copies the
+    fields back, so hooks see plain data and never the recorder's internals.
+    """
+    try:
+        redact = plugin_manager(config).redactor(config)
+    except (ConfigError, PluginError):
+        raise
+    except Exception as exc:
+        log.error("could not set up redaction: %s", _describe(exc))
+        return False
+    if redact is None:
+        return False
+
+    def transform(record: Any) -> None:
+        row = record.as_dict()
+        row["table"] = record.TABLE
+        result = redact(row)
+        for name in record.COLUMNS:
+            if name in result:
+                setattr(record, name, result[name])
+
+    recorder.add_transform(transform)
+    return True
