@@ -1,0 +1,445 @@
+"""LangChain / LangGraph capture: one callback handler turns every run into a flywheel span.
+
+    chain.invoke(x, config={"callbacks": [FlywheelCallbackHandler(workflow="qa")]})
+
+Parents come from LangChain's ``parent_run_id`` (not from contextvars, which LangChain does
+not propagate into callbacks reliably), through a ``run_id -> SpanHandle`` dict, so one
+handler instance is safe across ``batch``/``abatch``/``astream`` and parallel branches. A root
+run attaches to the active ``fw.rollout`` if there is one, else opens its own rollout that
+ends with it. The handler is synchronous and ``run_inline``: its work is a few dict operations
+and a queue put, far cheaper than the thread-pool hop LangChain makes for non-inline handlers.
+Every callback body is wrapped: a failure is logged, never raised into LangChain.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+
+from flywheel_middleware import tracing
+from flywheel_middleware.tracing import RolloutHandle, SpanHandle
+
+log = logging.getLogger("flywheel_middleware.adapters.langchain")
+
+__all__ = ["FlywheelCallbackHandler"]
+
+_NODE_KEY = "langgraph_node"
+# LangGraph's bookkeeping metadata: repeated on every run, useless in a span row.
+_NOISE_METADATA = frozenset(
+    {
+        "langgraph_step",
+        "langgraph_triggers",
+        "langgraph_path",
+        "langgraph_checkpoint_ns",
+        "checkpoint_ns",
+        "langgraph_node",
+        "ls_provider",
+        "ls_model_name",
+        "ls_model_type",
+        "ls_temperature",
+        "ls_max_tokens",
+        "ls_stop",
+        "ls_integration",
+    }
+)
+
+
+def _run_name(serialized: dict[str, Any] | None, kwargs: dict[str, Any], default: str) -> str:
+    name = kwargs.get("name")
+    if name:
+        return name
+    if serialized:
+        name = serialized.get("name")
+        if name:
+            return name
+        ident = serialized.get("id")
+        if ident:
+            return str(ident[-1])
+    return default
+
+
+def _clean_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not metadata:
+        return None
+    out = {k: v for k, v in metadata.items() if k not in _NOISE_METADATA}
+    return out or None
+
+
+def _usage_from_result(response: Any) -> tuple[int | None, int | None]:
+    """Token usage from ``usage_metadata`` on the generated messages, else ``llm_output``."""
+    input_tokens = output_tokens = None
+    for generations in response.generations or ():
+        for gen in generations:
+            message = getattr(gen, "message", None)
+            usage = getattr(message, "usage_metadata", None) if message is not None else None
+            if usage:
+                input_tokens = (input_tokens or 0) + (usage.get("input_tokens") or 0)
+                output_tokens = (output_tokens or 0) + (usage.get("output_tokens") or 0)
+    if input_tokens is None and output_tokens is None:
+        llm_output = response.llm_output or {}
+        usage = llm_output.get("token_usage") or llm_output.get("usage") or {}
+        if usage:
+            input_tokens = usage.get("prompt_tokens", usage.get("input_tokens"))
+            output_tokens = usage.get("completion_tokens", usage.get("output_tokens"))
+    return input_tokens, output_tokens
+
+
+def _model_from_result(response: Any) -> str | None:
+    llm_output = response.llm_output or {}
+    model = llm_output.get("model_name") or llm_output.get("model")
+    if model:
+        return model
+    for generations in response.generations or ():
+        for gen in generations:
+            meta = getattr(getattr(gen, "message", None), "response_metadata", None)
+            if meta:
+                model = meta.get("model_name") or meta.get("model")
+                if model:
+                    return model
+    return None
+
+
+def _output_from_result(response: Any) -> Any:
+    generations = response.generations or ()
+    outs = []
+    for gens in generations:
+        for gen in gens:
+            message = getattr(gen, "message", None)
+            outs.append(message if message is not None else gen.text)
+    if len(outs) == 1:
+        return outs[0]
+    return outs
+
+
+class FlywheelCallbackHandler(BaseCallbackHandler):
+    """Record LangChain runs (chains, chat models, LLMs, tools, retrievers) as flywheel spans.
+
+    ``workflow`` names the rollouts opened at root runs. ``user_id``/``session_id`` may also
+    come per call from the run's metadata (``user_id``, ``session_id`` or LangGraph's
+    ``thread_id``).
+    """
+
+    run_inline = True
+    raise_error = False
+
+    def __init__(
+        self,
+        workflow: str = "langchain",
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.workflow = workflow
+        self.user_id = user_id
+        self.session_id = session_id
+        self.tags = tags
+        self.metadata = metadata
+        self._spans: dict[UUID, SpanHandle] = {}
+
+    # -- the one place spans are opened and closed -----------------------------------------
+
+    def _start(
+        self,
+        kind: str,
+        name: str,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        tags: list[str] | None,
+        metadata: dict[str, Any] | None,
+        input: Any,
+        model: str | None = None,
+    ) -> SpanHandle:
+        node = metadata.get(_NODE_KEY) if metadata else None
+        if node is not None and kind == "chain" and node == name:
+            kind = "node"
+        attributes = None
+        if tags or metadata:
+            attributes = {}
+            if tags:
+                attributes["tags"] = tags
+            meta = _clean_metadata(metadata)
+            if meta:
+                attributes["metadata"] = meta
+        parent = self._spans.get(parent_run_id) if parent_run_id is not None else None
+        if parent is not None:
+            span = SpanHandle(
+                name,
+                kind,
+                parent.rollout,
+                parent,
+                node=node,
+                input=input,
+                model=model,
+                attributes=attributes,
+            )
+        else:
+            current = tracing.current()
+            if current is not None:  # inside fw.rollout / fw.span: attach there
+                span = SpanHandle(
+                    name,
+                    kind,
+                    current.rollout,
+                    current,
+                    node=node,
+                    input=input,
+                    model=model,
+                    attributes=attributes,
+                )
+            else:
+                rollout = self._open_rollout(input, tags, metadata)
+                span = SpanHandle(
+                    name,
+                    kind,
+                    rollout,
+                    None,
+                    node=node,
+                    input=input,
+                    model=model,
+                    attributes=attributes,
+                )
+                span._owns_rollout = True
+        self._spans[run_id] = span
+        return span
+
+    def _open_rollout(
+        self, input: Any, tags: list[str] | None, metadata: dict[str, Any] | None
+    ) -> RolloutHandle:
+        user_id = self.user_id
+        session_id = self.session_id
+        if metadata:
+            user_id = metadata.get("user_id") or user_id
+            session_id = metadata.get("session_id") or metadata.get("thread_id") or session_id
+        all_tags = (self.tags or []) + (tags or []) if (self.tags or tags) else None
+        meta = _clean_metadata(metadata)
+        if self.metadata:
+            meta = {**self.metadata, **(meta or {})}
+        return tracing.open_rollout(
+            self.workflow,
+            user_id=user_id,
+            session_id=session_id,
+            input=input,
+            tags=all_tags,
+            metadata=meta,
+        )
+
+    def _end(self, run_id: UUID, output: Any = None, error: BaseException | None = None) -> None:
+        span = self._spans.pop(run_id, None)
+        if span is not None:
+            span.end(output=output, error=error)
+
+    # -- chains ------------------------------------------------------------------------------
+
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            name = _run_name(serialized, kwargs, "chain")
+            self._start("chain", name, run_id, parent_run_id, tags, metadata, inputs)
+        except Exception:
+            log.exception("flywheel: on_chain_start failed")
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, outputs)
+        except Exception:
+            log.exception("flywheel: on_chain_end failed")
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, error=error)
+        except Exception:
+            log.exception("flywheel: on_chain_error failed")
+
+    # -- models ------------------------------------------------------------------------------
+
+    def _model_start(
+        self,
+        serialized: dict[str, Any] | None,
+        input: Any,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        tags: list[str] | None,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        params = kwargs.get("invocation_params") or {}
+        model = (metadata.get("ls_model_name") if metadata else None) or (
+            params.get("model") or params.get("model_name")
+        )
+        name = _run_name(serialized, kwargs, "llm")
+        span = self._start("llm", name, run_id, parent_run_id, tags, metadata, input, model)
+        if params:
+            span.set_attribute("invocation_params", params)
+
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any] | None,
+        messages: list[list[Any]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            value = messages[0] if len(messages) == 1 else messages
+            self._model_start(serialized, value, run_id, parent_run_id, tags, metadata, kwargs)
+        except Exception:
+            log.exception("flywheel: on_chat_model_start failed")
+
+    def on_llm_start(
+        self,
+        serialized: dict[str, Any] | None,
+        prompts: list[str],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            value = prompts[0] if len(prompts) == 1 else prompts
+            self._model_start(serialized, value, run_id, parent_run_id, tags, metadata, kwargs)
+        except Exception:
+            log.exception("flywheel: on_llm_start failed")
+
+    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            span = self._spans.get(run_id)
+            if span is not None and (
+                span.attributes is None or "time_to_first_token_ms" not in span.attributes
+            ):
+                ttft = (time.time_ns() - span.started_ns) / 1e6
+                span.set_attribute("time_to_first_token_ms", ttft)
+        except Exception:
+            log.exception("flywheel: on_llm_new_token failed")
+
+    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            span = self._spans.pop(run_id, None)
+            if span is None:
+                return
+            input_tokens, output_tokens = _usage_from_result(response)
+            if input_tokens is not None or output_tokens is not None:
+                span.set_usage(input_tokens, output_tokens)
+            model = _model_from_result(response)
+            if model and not span.model:
+                span.model = model
+            elif model and model != span.model:
+                span.set_attribute("response_model", model)
+            span.end(output=_output_from_result(response))
+        except Exception:
+            log.exception("flywheel: on_llm_end failed")
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, error=error)
+        except Exception:
+            log.exception("flywheel: on_llm_error failed")
+
+    # -- tools and retrievers ----------------------------------------------------------------
+
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any] | None,
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            name = _run_name(serialized, kwargs, "tool")
+            value = inputs if inputs is not None else input_str
+            self._start("tool", name, run_id, parent_run_id, tags, metadata, value)
+        except Exception:
+            log.exception("flywheel: on_tool_start failed")
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, output)
+        except Exception:
+            log.exception("flywheel: on_tool_end failed")
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, error=error)
+        except Exception:
+            log.exception("flywheel: on_tool_error failed")
+
+    def on_retriever_start(
+        self,
+        serialized: dict[str, Any] | None,
+        query: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            name = _run_name(serialized, kwargs, "retriever")
+            self._start("retriever", name, run_id, parent_run_id, tags, metadata, query)
+        except Exception:
+            log.exception("flywheel: on_retriever_start failed")
+
+    def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, documents)
+        except Exception:
+            log.exception("flywheel: on_retriever_end failed")
+
+    def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, error=error)
+        except Exception:
+            log.exception("flywheel: on_retriever_error failed")
+
+    # -- legacy agents -----------------------------------------------------------------------
+
+    def _agent_event(self, run_id: UUID, key: str, value: Any) -> None:
+        span = self._spans.get(run_id)
+        if span is None:
+            return
+        if span.kind == "chain":
+            span.kind = "agent"
+        attrs = span.attributes if span.attributes is not None else {}
+        attrs.setdefault(key, []).append(value)
+        span.attributes = attrs
+
+    def on_agent_action(self, action: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._agent_event(
+                run_id,
+                "agent_actions",
+                {"tool": getattr(action, "tool", None), "tool_input": action.tool_input},
+            )
+        except Exception:
+            log.exception("flywheel: on_agent_action failed")
+
+    def on_agent_finish(self, finish: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._agent_event(run_id, "agent_finish", getattr(finish, "return_values", None))
+        except Exception:
+            log.exception("flywheel: on_agent_finish failed")

@@ -1,0 +1,49 @@
+"""Read back what the adapters recorded, from the real store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+
+@dataclass
+class Captured:
+    rollout: Any
+    spans: list[Any] = field(default_factory=list)
+
+    def by_name(self, name: str) -> Any:
+        matches = [s for s in self.spans if s.name == name]
+        assert len(matches) == 1, f"{len(matches)} spans named {name!r}: {self.spans}"
+        return matches[0]
+
+    def children(self, span: Any) -> list[Any]:
+        return [s for s in self.spans if s.parent_id == span.id]
+
+    @property
+    def roots(self) -> list[Any]:
+        return [s for s in self.spans if s.parent_id is None]
+
+
+@pytest.fixture
+def captured(fw):
+    """``captured()`` flushes the recorder and returns every rollout with its spans."""
+    from sqlmodel import select
+
+    from flywheel_middleware.models import Rollout, Span
+
+    def read(workflow: str | None = None) -> list[Captured]:
+        assert fw.flush(10), "recorder did not flush"
+        with fw.store().session() as session:
+            q = select(Rollout).order_by(Rollout.started_at)
+            if workflow:
+                q = q.where(Rollout.workflow == workflow)
+            rollouts = list(session.exec(q).all())
+            spans = list(session.exec(select(Span).order_by(Span.sequence)).all())
+        out = [Captured(r, [s for s in spans if s.rollout_id == r.id]) for r in rollouts]
+        orphans = {s.rollout_id for s in spans} - {r.id for r in rollouts}
+        assert not orphans, f"spans recorded under unknown rollouts {orphans}"
+        return out
+
+    return read
