@@ -1,0 +1,622 @@
+"""Experiments: start, stop, list, show, and per-variant statistics with confidence intervals.
+
+An experiment serves config versions side by side on live traffic (the resolver assigns each
+unit a variant). Statistics come from the rollouts the resolver tagged with the experiment and
+variant, aggregated in SQL: rates get Wilson intervals, means get t intervals, p95 gets a
+distribution-free order-statistic interval. ``ExperimentStats`` is what promoters judge.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any
+
+from sqlalchemy import case, func
+from sqlmodel import select
+
+from .config import FlywheelConfig, Objective
+from .errors import FlywheelError
+from .models import ChangeEvent, Experiment, Feedback, Rollout
+from .records import utcnow
+from .store import Store
+from .versions import activate, active_version, get_version
+
+STATUSES = ("running", "stopped", "promoted", "rejected")
+BASELINE = "baseline"
+
+
+class ExperimentError(FlywheelError, ValueError):
+    """An experiment that does not exist, or an action its state does not allow."""
+
+
+# -- intervals ------------------------------------------------------------------------------
+
+
+def z_value(confidence: float) -> float:
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def t_value(confidence: float, dof: int) -> float:
+    """Student-t quantile by the Cornish–Fisher expansion (accurate to ~1e-3 for dof ≥ 3)."""
+    z = z_value(confidence)
+    if dof <= 0:
+        return math.inf
+    if dof == 1:
+        return math.tan(math.pi * confidence / 2)
+    if dof == 2:
+        a = 1 - confidence
+        return math.sqrt(2 / (a * (2 - a)) - 2)
+    v = float(dof)
+    return (
+        z
+        + (z**3 + z) / (4 * v)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+    )
+
+
+@dataclass
+class Estimate:
+    """A point estimate with a two-sided confidence interval (None when there is no data)."""
+
+    value: float | None
+    low: float | None = None
+    high: float | None = None
+    n: int = 0
+
+    def fmt(self, spec: str = ".3f", scale: float = 1.0) -> str:
+        if self.value is None:
+            return "–"
+        text = format(self.value * scale, spec)
+        if self.low is not None and self.high is not None:
+            text += f" [{format(self.low * scale, spec)}, {format(self.high * scale, spec)}]"
+        return text
+
+
+def wilson(successes: float, n: int, confidence: float = 0.95) -> Estimate:
+    """Wilson score interval: well behaved near 0 and 1 and for small n (unlike Wald)."""
+    if n <= 0:
+        return Estimate(None, n=0)
+    z = z_value(confidence)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n)
+
+
+def mean_interval(total: float, total_sq: float, n: int, confidence: float = 0.95) -> Estimate:
+    """t interval for a mean from its sum and sum of squares."""
+    if n <= 0:
+        return Estimate(None, n=0)
+    mean = total / n
+    if n == 1:
+        return Estimate(mean, None, None, 1)
+    var = max(0.0, (total_sq - n * mean * mean) / (n - 1))
+    half = t_value(confidence, n - 1) * math.sqrt(var / n)
+    return Estimate(mean, mean - half, mean + half, n)
+
+
+# -- statistics -----------------------------------------------------------------------------
+
+
+@dataclass
+class VariantStats:
+    """Everything measured for one variant. Sums are kept so tests can be built on them."""
+
+    name: str
+    version_id: int | None
+    weight: float
+    rollouts: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    rated: int = 0
+    positive: int = 0
+    reward_n: int = 0
+    reward_sum: float = 0.0
+    reward_sumsq: float = 0.0
+    latency_n: int = 0
+    latency_sum: float = 0.0
+    latency_sumsq: float = 0.0
+    tokens_n: int = 0
+    tokens_sum: float = 0.0
+    tokens_sumsq: float = 0.0
+    cost_n: int = 0
+    cost_sum: float = 0.0
+    cost_sumsq: float = 0.0
+    latency_p95: Estimate = field(default_factory=lambda: Estimate(None))
+    confidence: float = 0.95
+
+    @property
+    def positive_feedback_rate(self) -> Estimate:
+        return wilson(self.positive, self.rated, self.confidence)
+
+    @property
+    def success_rate(self) -> Estimate:
+        return wilson(self.succeeded, self.rollouts, self.confidence)
+
+    @property
+    def error_rate(self) -> Estimate:
+        return wilson(self.failed, self.rollouts, self.confidence)
+
+    @property
+    def mean_reward(self) -> Estimate:
+        return mean_interval(self.reward_sum, self.reward_sumsq, self.reward_n, self.confidence)
+
+    @property
+    def latency_mean(self) -> Estimate:
+        return mean_interval(self.latency_sum, self.latency_sumsq, self.latency_n, self.confidence)
+
+    @property
+    def tokens_mean(self) -> Estimate:
+        return mean_interval(self.tokens_sum, self.tokens_sumsq, self.tokens_n, self.confidence)
+
+    @property
+    def cost_mean(self) -> Estimate:
+        return mean_interval(self.cost_sum, self.cost_sumsq, self.cost_n, self.confidence)
+
+    def metric(self, name: str) -> tuple[int, float, float]:
+        """(n, mean, variance) of a metric per unit of observation, for sequential tests."""
+        if name == "positive_feedback_rate":
+            return _binary(self.rated, self.positive)
+        if name == "success_rate":
+            return _binary(self.rollouts, self.succeeded)
+        if name == "error_rate":
+            return _binary(self.rollouts, self.failed)
+        if name == "mean_reward":
+            return _moments(self.reward_n, self.reward_sum, self.reward_sumsq)
+        if name == "latency_ms":
+            return _moments(self.latency_n, self.latency_sum, self.latency_sumsq)
+        if name == "cost":
+            return _moments(self.cost_n, self.cost_sum, self.cost_sumsq)
+        if name == "tokens":
+            return _moments(self.tokens_n, self.tokens_sum, self.tokens_sumsq)
+        raise KeyError(f"unknown metric {name!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        def est(e: Estimate) -> dict[str, Any]:
+            return {"value": e.value, "low": e.low, "high": e.high, "n": e.n}
+
+        return {
+            "name": self.name,
+            "version_id": self.version_id,
+            "weight": self.weight,
+            "rollouts": self.rollouts,
+            "rated": self.rated,
+            "positive_feedback_rate": est(self.positive_feedback_rate),
+            "mean_reward": est(self.mean_reward),
+            "success_rate": est(self.success_rate),
+            "error_rate": est(self.error_rate),
+            "latency_mean_ms": est(self.latency_mean),
+            "latency_p95_ms": est(self.latency_p95),
+            "tokens_mean": est(self.tokens_mean),
+            "cost_mean": est(self.cost_mean),
+        }
+
+
+def _binary(n: int, k: int) -> tuple[int, float, float]:
+    if n <= 0:
+        return 0, 0.0, 0.0
+    p = k / n
+    return n, p, p * (1 - p)
+
+
+def _moments(n: int, total: float, total_sq: float) -> tuple[int, float, float]:
+    if n <= 0:
+        return 0, 0.0, 0.0
+    mean = total / n
+    var = max(0.0, (total_sq - n * mean * mean) / (n - 1)) if n > 1 else 0.0
+    return n, mean, var
+
+
+@dataclass
+class ExperimentStats:
+    """An experiment's per-variant statistics, its objective and minimum sample."""
+
+    experiment_id: int | None
+    workflow: str
+    status: str
+    variants: dict[str, VariantStats]
+    baseline: str = BASELINE
+    objective: Objective = field(default_factory=Objective)
+    min_samples: int = 100
+    confidence: float = 0.95
+
+    @property
+    def baseline_stats(self) -> VariantStats:
+        return self.variants[self.baseline]
+
+    @property
+    def candidates(self) -> list[VariantStats]:
+        return [v for name, v in self.variants.items() if name != self.baseline and v.weight > 0]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "experiment_id": self.experiment_id,
+            "workflow": self.workflow,
+            "status": self.status,
+            "baseline": self.baseline,
+            "metric": self.objective.metric,
+            "variants": {k: v.as_dict() for k, v in self.variants.items()},
+        }
+
+
+def _p95_interval(
+    store: Store, experiment_id: int, variant: str, n: int, confidence: float
+) -> Estimate:
+    """p95 and a distribution-free interval from order statistics (binomial ranks), in SQL."""
+    if n <= 0:
+        return Estimate(None)
+    z = z_value(confidence)
+    q = 0.95
+    rank = min(n - 1, max(0, math.ceil(q * n) - 1))
+    spread = z * math.sqrt(n * q * (1 - q))
+    low_rank = max(0, math.floor(q * n - spread) - 1)
+    high_rank = min(n - 1, math.ceil(q * n + spread))
+
+    def at(offset: int) -> float | None:
+        with store.session() as session:
+            return session.exec(
+                select(Rollout.latency_ms)
+                .where(
+                    Rollout.experiment_id == experiment_id,
+                    Rollout.variant == variant,
+                    Rollout.latency_ms.is_not(None),
+                )
+                .order_by(Rollout.latency_ms)
+                .offset(offset)
+                .limit(1)
+            ).first()
+
+    value = at(rank)
+    exact = high_rank < n - 1 or n >= 20
+    return Estimate(value, at(low_rank), at(high_rank) if exact else None, n)
+
+
+def experiment_stats(
+    store: Store,
+    experiment: Experiment | int,
+    config: FlywheelConfig | None = None,
+    *,
+    confidence: float = 0.95,
+) -> ExperimentStats:
+    """Per-variant statistics for ``experiment``, aggregated in SQL from tagged rollouts."""
+    exp = get_experiment(store, experiment) if isinstance(experiment, int) else experiment
+    wf = config.workflows.get(exp.workflow) if config is not None else None
+    objective = wf.objective if wf is not None else Objective()
+    min_samples = wf.experiment.min_samples if wf is not None else 100
+    spec = exp.metrics or {}
+    if "metric" in spec:
+        objective = objective.model_copy(update={"metric": spec["metric"]})
+    min_samples = int(spec.get("min_samples", min_samples))
+    variants = {
+        str(v["name"]): VariantStats(
+            name=str(v["name"]),
+            version_id=v.get("version_id"),
+            weight=float(v.get("weight", 0)),
+            confidence=confidence,
+        )
+        for v in exp.variants or []
+    }
+    lat = Rollout.latency_ms
+    tokens = func.coalesce(
+        Rollout.total_tokens,
+        func.coalesce(Rollout.input_tokens, 0) + func.coalesce(Rollout.output_tokens, 0),
+    )
+    has_tokens = (Rollout.total_tokens.is_not(None)) | (Rollout.input_tokens.is_not(None))
+    with store.session() as session:
+        rows = session.exec(
+            select(
+                Rollout.variant,
+                func.count(),
+                func.sum(case((Rollout.status == "succeeded", 1), else_=0)),
+                func.sum(case((Rollout.status == "failed", 1), else_=0)),
+                func.count(Rollout.reward),
+                func.sum(Rollout.reward),
+                func.sum(Rollout.reward * Rollout.reward),
+                func.count(lat),
+                func.sum(lat),
+                func.sum(lat * lat),
+                func.sum(case((has_tokens, 1), else_=0)),
+                func.sum(case((has_tokens, tokens), else_=None)),
+                func.sum(case((has_tokens, tokens * tokens), else_=None)),
+                func.count(Rollout.cost),
+                func.sum(Rollout.cost),
+                func.sum(Rollout.cost * Rollout.cost),
+            )
+            .where(Rollout.experiment_id == exp.id)
+            .group_by(Rollout.variant)
+        ).all()
+        per_rollout = (
+            select(
+                Feedback.rollout_id.label("rid"),
+                func.max(
+                    case(
+                        ((Feedback.key == "rating") & (Feedback.value >= 4), 1),
+                        ((Feedback.key == "thumbs") & (Feedback.value >= 0.5), 1),
+                        else_=0,
+                    )
+                ).label("positive"),
+            )
+            .join(Rollout, Rollout.id == Feedback.rollout_id)
+            .where(Rollout.experiment_id == exp.id, Feedback.key.in_(("rating", "thumbs")))
+            .group_by(Feedback.rollout_id)
+            .subquery()
+        )
+        rated = session.exec(
+            select(Rollout.variant, func.count(), func.sum(per_rollout.c.positive))
+            .join(per_rollout, per_rollout.c.rid == Rollout.id)
+            .group_by(Rollout.variant)
+        ).all()
+    for row in rows:
+        name = row[0]
+        v = variants.get(name)
+        if v is None:
+            continue
+        (
+            v.rollouts,
+            v.succeeded,
+            v.failed,
+            v.reward_n,
+            v.reward_sum,
+            v.reward_sumsq,
+            v.latency_n,
+            v.latency_sum,
+            v.latency_sumsq,
+            v.tokens_n,
+            v.tokens_sum,
+            v.tokens_sumsq,
+            v.cost_n,
+            v.cost_sum,
+            v.cost_sumsq,
+        ) = (
+            int(x or 0) if i in (0, 1, 2, 3, 6, 9, 12) else float(x or 0)
+            for i, x in enumerate(row[1:])
+        )
+    for name, n, positive in rated:
+        v = variants.get(name)
+        if v is not None:
+            v.rated, v.positive = int(n), int(positive or 0)
+    for v in variants.values():
+        v.latency_p95 = _p95_interval(store, exp.id, v.name, v.latency_n, confidence)
+    baseline = BASELINE if BASELINE in variants else next(iter(variants), BASELINE)
+    return ExperimentStats(
+        experiment_id=exp.id,
+        workflow=exp.workflow,
+        status=exp.status,
+        variants=variants,
+        baseline=baseline,
+        objective=objective,
+        min_samples=min_samples,
+        confidence=confidence,
+    )
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+
+def get_experiment(store: Store, experiment_id: int) -> Experiment:
+    with store.session() as session:
+        row = session.get(Experiment, int(experiment_id))
+    if row is None:
+        raise ExperimentError(f"no experiment with id {experiment_id}")
+    return row
+
+
+def list_experiments(
+    store: Store, *, workflow: str | None = None, status: str | None = None
+) -> list[Experiment]:
+    with store.session() as session:
+        q = select(Experiment)
+        if workflow:
+            q = q.where(Experiment.workflow == workflow)
+        if status:
+            q = q.where(Experiment.status == status)
+        return list(session.exec(q.order_by(Experiment.id.desc())).all())
+
+
+def running_experiment(store: Store, workflow: str) -> Experiment | None:
+    found = list_experiments(store, workflow=workflow, status="running")
+    return found[0] if found else None
+
+
+def _event(
+    session: Any,
+    workflow: str,
+    kind: str,
+    actor: str,
+    reason: str | None,
+    evidence: Any = None,
+    *,
+    from_version: int | None = None,
+    to_version: int | None = None,
+) -> None:
+    session.add(
+        ChangeEvent(
+            workflow=workflow,
+            kind=kind,
+            from_version_id=from_version,
+            to_version_id=to_version,
+            actor=actor,
+            reason=reason,
+            evidence=evidence,
+            created_at=utcnow(),
+        )
+    )
+
+
+def start_experiment(
+    store: Store,
+    workflow: str,
+    candidates: list[int],
+    *,
+    traffic: float = 0.05,
+    unit: str = "user_id",
+    actor: str = "user",
+    reason: str | None = None,
+    seed: str | None = None,
+    coverage: float = 1.0,
+    metric: str | None = None,
+    min_samples: int | None = None,
+    names: list[str] | None = None,
+) -> Experiment:
+    """Serve each candidate version to ``traffic`` of units, the active version to the rest."""
+    if not candidates:
+        raise ExperimentError("an experiment needs at least one candidate version")
+    if not 0 < traffic * len(candidates) < 1:
+        raise ExperimentError(
+            f"candidate traffic {traffic} × {len(candidates)} candidates must be between 0 and 1"
+        )
+    if not 0 < coverage <= 1:
+        raise ExperimentError(f"coverage must be in (0, 1], got {coverage}")
+    if running_experiment(store, workflow) is not None:
+        raise ExperimentError(
+            f"workflow {workflow!r} already has a running experiment; stop it first"
+        )
+    base = active_version(store, workflow)
+    if base is None:
+        raise ExperimentError(f"workflow {workflow!r} has no active config version")
+    variants = [{"name": BASELINE, "version_id": base.id, "weight": 1 - traffic * len(candidates)}]
+    for i, version_id in enumerate(candidates):
+        version = get_version(store, version_id)
+        if version.workflow != workflow:
+            raise ExperimentError(
+                f"version id {version_id} belongs to workflow {version.workflow!r}"
+            )
+        if version.id == base.id:
+            raise ExperimentError(f"version id {version_id} is already the active version")
+        name = names[i] if names else f"candidate-{i + 1}"
+        variants.append({"name": name, "version_id": version.id, "weight": traffic})
+    spec: dict[str, Any] = {"seed": seed or secrets.token_hex(8), "coverage": coverage}
+    if metric:
+        spec["metric"] = metric
+    if min_samples:
+        spec["min_samples"] = min_samples
+    with store.session() as session:
+        exp = Experiment(
+            workflow=workflow,
+            status="running",
+            baseline_version_id=base.id,
+            variants=variants,
+            unit=unit,
+            metrics=spec,
+            started_at=utcnow(),
+        )
+        session.add(exp)
+        session.flush()
+        _event(
+            session,
+            workflow,
+            "experiment_start",
+            actor,
+            reason or f"experiment {exp.id}: {len(candidates)} candidate(s) at {traffic:.0%} each",
+            {"experiment_id": exp.id, "variants": variants},
+            from_version=base.id,
+        )
+    return exp
+
+
+def set_weights(
+    store: Store, experiment_id: int, weights: dict[str, float], *, actor: str = "user"
+) -> Experiment:
+    """Change variant weights (a ramp-up, or 0 to drop a losing candidate)."""
+    with store.session() as session:
+        exp = session.get(Experiment, int(experiment_id))
+        if exp is None:
+            raise ExperimentError(f"no experiment with id {experiment_id}")
+        names = {v["name"] for v in exp.variants}
+        unknown = set(weights) - names
+        if unknown:
+            raise ExperimentError(
+                f"experiment {experiment_id} has no variant(s) {sorted(unknown)}; it has {sorted(names)}"
+            )
+        variants = [
+            {**v, "weight": float(weights.get(v["name"], v["weight"]))} for v in exp.variants
+        ]
+        if any(v["weight"] < 0 for v in variants) or sum(v["weight"] for v in variants) <= 0:
+            raise ExperimentError("weights must be ≥ 0 and not all 0")
+        exp.variants = variants
+        session.add(exp)
+        _event(session, exp.workflow, "experiment_weights", actor, None, {"weights": weights})
+    return exp
+
+
+def stop_experiment(
+    store: Store,
+    experiment_id: int,
+    *,
+    status: str = "stopped",
+    actor: str = "user",
+    reason: str | None = None,
+    decision: dict[str, Any] | None = None,
+) -> Experiment:
+    """End a running experiment (status stopped or rejected); traffic returns to the active version."""
+    if status not in ("stopped", "rejected", "promoted"):
+        raise ExperimentError(
+            f"an experiment ends as stopped, rejected or promoted, not {status!r}"
+        )
+    with store.session() as session:
+        exp = session.get(Experiment, int(experiment_id))
+        if exp is None:
+            raise ExperimentError(f"no experiment with id {experiment_id}")
+        if exp.status != "running":
+            raise ExperimentError(f"experiment {experiment_id} is already {exp.status}")
+        exp.status = status
+        exp.ended_at = utcnow()
+        exp.decision = decision or {"action": status, "reason": reason, "actor": actor}
+        session.add(exp)
+        kind = "reject" if status == "rejected" else "experiment_stop"
+        _event(
+            session,
+            exp.workflow,
+            kind,
+            actor,
+            reason or f"experiment {exp.id} {status}",
+            {"experiment_id": exp.id, "decision": exp.decision},
+        )
+    return exp
+
+
+def promote(
+    store: Store,
+    experiment_id: int,
+    variant: str,
+    *,
+    actor: str = "user",
+    reason: str | None = None,
+    evidence: dict[str, Any] | None = None,
+) -> ChangeEvent:
+    """Make ``variant``'s version the active one, end the experiment as promoted, log why."""
+    exp = get_experiment(store, experiment_id)
+    chosen = next((v for v in exp.variants if v["name"] == variant), None)
+    if chosen is None:
+        raise ExperimentError(
+            f"experiment {experiment_id} has no variant {variant!r}; "
+            f"it has {[v['name'] for v in exp.variants]}"
+        )
+    if variant == BASELINE:
+        raise ExperimentError("the baseline is already active; stop the experiment instead")
+    if exp.status != "running":
+        raise ExperimentError(f"experiment {experiment_id} is already {exp.status}")
+    evidence = {"experiment_id": exp.id, "variant": variant, **(evidence or {})}
+    event = activate(
+        store,
+        exp.workflow,
+        int(chosen["version_id"]),
+        actor=actor,
+        reason=reason or f"promoted {variant} of experiment {exp.id}",
+        kind="promote",
+        evidence=evidence,
+    )
+    stop_experiment(
+        store,
+        exp.id,
+        status="promoted",
+        actor=actor,
+        reason=reason,
+        decision={"action": "promote", "variant": variant, "reason": reason, **evidence},
+    )
+    return event

@@ -1,0 +1,298 @@
+"""Built-in promoters: ``sequential`` (anytime-valid) and ``threshold`` (the seeds' rule).
+
+``sequential`` — a one-sided mixture sequential probability ratio test (mSPRT; Johari,
+Koomen, Pekelis & Walsh, "Always Valid Inference", Operations Research 2022 / arXiv 2015;
+the normal-mixture boundary of Robbins 1970 and Howard, Ramdas, McAuliffe & Sekhon,
+"Time-uniform, nonparametric, nonasymptotic confidence sequences", Ann. Statist. 2021).
+
+For the objective metric, let Δ̂ = mean_candidate − mean_baseline with plug-in variance
+V = s²_c/n_c + s²_b/n_b, so Δ̂ ≈ N(θ, V). With a half-normal mixing prior of scale τ on
+θ > 0, the likelihood ratio against H0: θ ≤ 0 integrates in closed form to
+
+    Λ⁺ = 2 · sqrt(V / (V + τ²)) · exp(Δ̂² τ² / (2 V (V + τ²))) · Φ(Δ̂ τ / sqrt(V (V + τ²))).
+
+Under H0, Λ⁺ is a non-negative (super)martingale with mean ≤ 1, so by Ville's inequality
+P(∃ n: Λ⁺_n ≥ 1/α) ≤ α: checking after every cycle, forever, keeps false promotions ≤ α
+(Bonferroni-split over candidates). The same statistic with Δ̂ → −Δ̂ rejects a candidate that
+is significantly worse; guardrails (latency ratio, error-rate increase, cost ratio) must hold
+at the point estimate to promote, and a guardrail breached beyond doubt (the same test on
+cand − ratio·base) rejects. Evidence carries the two-sided (1−α) confidence sequence
+Δ̂ ± sqrt(2V(V+τ²)/τ² · (ln(1/α) + ½ ln((V+τ²)/V))), valid at every look. Nothing is decided
+before ``min_samples`` per arm; at ``max_samples`` an undecided candidate is rejected (futility).
+
+``threshold`` — seed 001's ``should_promote`` as written: promote when the candidate's
+positive-feedback rate ≥ baseline + 2 points and its mean latency ≤ 1.2 × baseline. It is a
+point-estimate rule with no error control, kept so teams can compare (see
+benchmarks/flywheel_efficacy.py for what repeated checking does to it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flywheel_middleware.hookspecs import hookimpl
+from flywheel_middleware.plugin_api import Decision, Promoter
+
+_LOG2 = math.log(2.0)
+_TINY = 1e-300
+
+
+def _log_phi(z: float) -> float:
+    return math.log(max(0.5 * math.erfc(-z / math.sqrt(2.0)), _TINY))
+
+
+def log_mixture_lr(diff: Any, var: Any, tau: float, xp: Any = math, log_phi: Any = None) -> Any:
+    """ln Λ⁺ of the one-sided normal-mixture SPRT (see the module docstring).
+
+    Works on floats (``xp=math``) or numpy arrays (``xp=numpy``, ``log_phi=scipy.special.log_ndtr``),
+    so the benchmark runs exactly this formula vectorised.
+    """
+    log_phi = log_phi or _log_phi
+    tau2 = tau * tau
+    total = var + tau2
+    return (
+        _LOG2
+        + 0.5 * xp.log(var / total)
+        + diff * diff * tau2 / (2.0 * var * total)
+        + log_phi(diff * tau / xp.sqrt(var * total))
+    )
+
+
+def cs_radius(var: Any, tau: float, alpha: float, xp: Any = math) -> Any:
+    """Half-width of the two-sided (1−α) normal-mixture confidence sequence for θ."""
+    tau2 = tau * tau
+    total = var + tau2
+    return xp.sqrt(2.0 * var * total / tau2 * (math.log(1.0 / alpha) + 0.5 * xp.log(total / var)))
+
+
+def binary_var(n: Any, k: Any) -> Any:
+    """Variance of a Bernoulli mean, smoothed so 0/n or n/n do not give zero variance."""
+    p = (k + 0.5) / (n + 1.0)
+    return p * (1.0 - p)
+
+
+class SequentialParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="false-promotion bound (all looks)")
+    tau: float | None = Field(
+        None, gt=0, description="mixture scale; default: min_effect (the effect worth finding)"
+    )
+    min_effect: float = Field(0.05, gt=0, description="the improvement the test is tuned for")
+    metric: Literal["positive_feedback_rate", "mean_reward", "success_rate"] | None = Field(
+        None, description="default: the workflow's objective.metric"
+    )
+    min_samples: int | None = Field(None, ge=1, description="default: experiment.min_samples")
+    max_samples: int = Field(20_000, ge=1, description="reject as futile when reached per arm")
+
+
+class SequentialPromoter(Promoter):
+    """Anytime-valid mixture SPRT with guardrails: promote / reject / continue."""
+
+    type_name = "sequential"
+    description = (
+        "Anytime-valid mixture SPRT (Johari et al. 2017; Howard et al. 2021) with guardrails"
+    )
+    Params = SequentialParams
+
+    def decide(self, stats: Any) -> Decision:
+        p: SequentialParams = self.params
+        metric = p.metric or stats.objective.metric
+        guard = stats.objective.guardrails
+        min_n = p.min_samples or stats.min_samples
+        tau = p.tau or p.min_effect
+        base = stats.baseline_stats
+        candidates = stats.candidates
+        if not candidates:
+            return Decision("continue", reason="no candidate with traffic")
+        alpha = p.alpha / len(candidates)  # Bonferroni over candidates
+        threshold = math.log(1.0 / alpha)
+        n_b, m_b, v_b = base.metric(metric)
+        verdicts: dict[str, dict[str, Any]] = {}
+        winners: list[tuple[float, str]] = []
+        for cand in candidates:
+            n_c, m_c, v_c = cand.metric(metric)
+            info: dict[str, Any] = {"metric": metric, "n": [n_b, n_c], "means": [m_b, m_c]}
+            verdicts[cand.name] = info
+            if min(n_b, n_c) < min_n:
+                info.update(action="continue", reason=f"{min(n_b, n_c)} of {min_n} samples")
+                continue
+            if metric in ("positive_feedback_rate", "success_rate"):
+                k_b = round(m_b * n_b)
+                k_c = round(m_c * n_c)
+                var = binary_var(n_b, k_b) / n_b + binary_var(n_c, k_c) / n_c
+            else:
+                var = max(v_b / n_b + v_c / n_c, 1e-12)
+            diff = m_c - m_b
+            llr_up = log_mixture_lr(diff, var, tau)
+            llr_down = log_mixture_lr(-diff, var, tau)
+            radius = cs_radius(var, tau, alpha)
+            info.update(
+                diff=diff,
+                confidence_sequence=[diff - radius, diff + radius],
+                log_lr_better=llr_up,
+                log_lr_worse=llr_down,
+                log_threshold=threshold,
+                alpha=alpha,
+                tau=tau,
+            )
+            breaches, hard = _guardrails(base, cand, guard, alpha, tau)
+            info["guardrails"] = breaches
+            if hard:
+                info.update(action="reject", reason=f"guardrail breached: {'; '.join(hard)}")
+            elif llr_down >= threshold:
+                info.update(
+                    action="reject",
+                    reason=f"{metric} is worse by {-diff:.3f} (ln Λ = {llr_down:.2f} ≥ {threshold:.2f})",
+                )
+            elif llr_up >= threshold:
+                soft = [b["reason"] for b in breaches]
+                if soft:
+                    info.update(action="continue", reason="better, but " + "; ".join(soft))
+                else:
+                    info.update(
+                        action="promote",
+                        reason=(
+                            f"{metric} +{diff:.3f} (CS [{diff - radius:.3f}, {diff + radius:.3f}], "
+                            f"ln Λ = {llr_up:.2f} ≥ {threshold:.2f})"
+                        ),
+                    )
+                    winners.append((diff - radius, cand.name))
+            elif min(n_b, n_c) >= p.max_samples:
+                info.update(
+                    action="reject", reason=f"no significant gain after {p.max_samples} samples"
+                )
+            else:
+                info.update(action="continue", reason="not yet conclusive")
+        evidence = {"promoter": self.type_name, "alpha": p.alpha, "candidates": verdicts}
+        if winners:
+            _, best = max(winners)
+            return Decision("promote", best, verdicts[best]["reason"], evidence)
+        if all(v.get("action") == "reject" for v in verdicts.values()):
+            reasons = "; ".join(f"{k}: {v['reason']}" for k, v in verdicts.items())
+            return Decision("reject", None, reasons, evidence)
+        pending = [k for k, v in verdicts.items() if v.get("action") == "continue"]
+        return Decision("continue", None, f"waiting on {', '.join(pending)}", evidence)
+
+
+def _guardrails(
+    base: Any, cand: Any, guard: Any, alpha: float, tau_rel: float
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """(soft breaches at the point estimate, hard breaches beyond doubt)."""
+    soft: list[dict[str, Any]] = []
+    hard: list[str] = []
+    threshold = math.log(1.0 / alpha)
+    checks: list[tuple[str, str, float, bool]] = [
+        ("latency", "latency_ms", guard.latency_ratio_max, True)
+    ]
+    if guard.cost_ratio_max is not None:
+        checks.append(("cost", "cost", guard.cost_ratio_max, True))
+    checks.append(("error rate", "error_rate", guard.error_rate_max_increase, False))
+    for label, metric, limit, ratio in checks:
+        n_b, m_b, v_b = base.metric(metric)
+        n_c, m_c, v_c = cand.metric(metric)
+        if n_b < 2 or n_c < 2:
+            continue
+        if ratio:
+            if m_b <= 0:
+                continue
+            excess = m_c - limit * m_b  # > 0 means breached
+            var = v_c / n_c + limit * limit * v_b / n_b
+            scale = max(m_b, 1e-9) * tau_rel
+            shown = f"{label} {m_c / m_b:.2f}× baseline (max {limit:g}×)"
+        else:
+            excess = m_c - m_b - limit
+            var = binary_var(n_c, round(m_c * n_c)) / n_c + binary_var(n_b, round(m_b * n_b)) / n_b
+            scale = max(limit, 0.01)
+            shown = f"{label} {m_c - m_b:+.3f} vs baseline (max +{limit:g})"
+        if excess <= 0:
+            continue
+        soft.append({"guardrail": label, "reason": shown})
+        if var > 0 and log_mixture_lr(excess, var, scale) >= threshold:
+            hard.append(shown)
+    return soft, hard
+
+
+class ThresholdParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_quality_improve: float = Field(0.02, description="seed 001: at least +2 points")
+    max_latency_increase_ratio: float = Field(1.2, gt=0, description="seed 001: at most 1.2×")
+    min_samples: int | None = Field(None, ge=1, description="default: experiment.min_samples")
+    max_samples: int = Field(20_000, ge=1, description="reject when reached without a promotion")
+
+
+def should_promote(
+    candidate_metrics: dict[str, float],
+    baseline_metrics: dict[str, float],
+    max_latency_increase_ratio: float = 1.2,
+    min_quality_improve: float = 0.02,
+) -> bool:
+    """Seed 001's rule, as written."""
+    if (
+        candidate_metrics["positive_feedback_rate"]
+        < baseline_metrics["positive_feedback_rate"] + min_quality_improve
+    ):
+        return False
+    return not (
+        candidate_metrics["avg_latency_ms"]
+        > baseline_metrics["avg_latency_ms"] * max_latency_increase_ratio
+    )
+
+
+class ThresholdPromoter(Promoter):
+    """Seed 001's should_promote: +2 points of positive feedback, latency ≤ 1.2×."""
+
+    type_name = "threshold"
+    description = "Seed 001's should_promote rule (quality +2pp, latency ≤ 1.2×); no error control"
+    Params = ThresholdParams
+
+    def decide(self, stats: Any) -> Decision:
+        p: ThresholdParams = self.params
+        min_n = p.min_samples or stats.min_samples
+        base = stats.baseline_stats
+        verdicts: dict[str, dict[str, Any]] = {}
+        winners: list[tuple[float, str]] = []
+        base_m = _seed_metrics(base)
+        for cand in stats.candidates:
+            cand_m = _seed_metrics(cand)
+            info: dict[str, Any] = {"baseline": base_m, "candidate": cand_m}
+            verdicts[cand.name] = info
+            n = min(base.rated, cand.rated)
+            if n < min_n:
+                info.update(action="continue", reason=f"{n} of {min_n} rated samples")
+            elif should_promote(
+                cand_m, base_m, p.max_latency_increase_ratio, p.min_quality_improve
+            ):
+                gain = cand_m["positive_feedback_rate"] - base_m["positive_feedback_rate"]
+                info.update(
+                    action="promote",
+                    reason=f"positive feedback {gain:+.3f}, latency within {p.max_latency_increase_ratio:g}×",
+                )
+                winners.append((gain, cand.name))
+            elif n >= p.max_samples:
+                info.update(action="reject", reason=f"no promotion after {p.max_samples} samples")
+            else:
+                info.update(action="continue", reason="rule not met yet")
+        evidence = {"promoter": self.type_name, "candidates": verdicts}
+        if winners:
+            _, best = max(winners)
+            return Decision("promote", best, verdicts[best]["reason"], evidence)
+        if verdicts and all(v["action"] == "reject" for v in verdicts.values()):
+            return Decision("reject", None, "no candidate met the rule", evidence)
+        return Decision("continue", None, "rule not met yet", evidence)
+
+
+def _seed_metrics(v: Any) -> dict[str, float]:
+    rate = v.positive / v.rated if v.rated else 0.0
+    latency = v.latency_sum / v.latency_n if v.latency_n else 0.0
+    success = v.succeeded / v.rollouts if v.rollouts else 0.0
+    return {"positive_feedback_rate": rate, "avg_latency_ms": latency, "success_rate": success}
+
+
+@hookimpl
+def register_promoters() -> list[type]:
+    return [SequentialPromoter, ThresholdPromoter]
