@@ -1,0 +1,482 @@
+"""The HTTP service: telemetry and feedback ingestion, the resolver for non-Python apps, the dashboard.
+
+Rules it keeps:
+- writes need an API key (``X-API-Key``, ``Authorization: Bearer``, or ``?key=`` because
+  ``navigator.sendBeacon`` cannot set headers); keys come from ``FLYWHEEL_API_KEYS``
+  (comma-separated) and ``service.api_keys``;
+- a browser write from another origin must be on ``service.cors_origins``;
+- bodies are bounded (``service.max_body_bytes``, ``service.max_batch_events``, field lengths);
+- the whole batch is validated before any event is queued, so bad input is a 4xx that names
+  the field and stores nothing; nothing a client sends can produce a 5xx;
+- accepted records go to the recorder's queue (its writer thread batches them into the store),
+  so a burst never waits on the database.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from .. import runtime
+from ..errors import InvalidFeedbackError, UnknownRolloutError
+from ..records import TelemetryRecord
+from .schemas import FeedbackIn, TelemetryBatchIn, TelemetryEventIn
+
+log = logging.getLogger("flywheel_middleware.service")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+API_KEYS_ENV = "FLYWHEEL_API_KEYS"
+ACCEPTED_TYPES = ("application/json", "text/plain", "")
+
+
+class ApiError(Exception):
+    """A client error with a status and a message that says what is wrong."""
+
+    def __init__(self, status: int, error: str, problems: list[str] | None = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.problems = problems or []
+
+
+def _error_body(status: int, error: str, problems: list[str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": error}
+    if problems:
+        body["problems"] = problems
+    return JSONResponse(body, status_code=status)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(body)"
+
+
+def format_validation(exc: ValidationError, prefix: str = "") -> list[str]:
+    """One line per problem: where, what, and the value that was given (shortened)."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        where = _loc(loc)
+        if prefix:
+            where = (
+                prefix + ("" if where.startswith("[") else ".") + where
+                if where != "(body)"
+                else prefix
+            )
+        got = err.get("input")
+        shown = ""
+        if err["type"] not in ("missing",) and not isinstance(got, dict | list):
+            text = repr(got)
+            shown = f" (got {text[:60]}{'…' if len(text) > 60 else ''})"
+        lines.append(f"{where}: {err['msg']}{shown}")
+    return lines[:50]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(
+            400, f"the body is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    if not text.strip():
+        raise ApiError(400, "the body is empty; send a JSON object")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "the body's JSON is nested too deeply") from None
+    except ValueError as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+
+
+_event_list = TypeAdapter(list[TelemetryEventIn])
+
+
+def parse_telemetry(data: Any, max_events: int) -> list[TelemetryEventIn]:
+    """Every event of the body, with envelope defaults applied; raises ApiError on any problem."""
+    defaults: dict[str, Any] = {}
+    try:
+        if isinstance(data, list):
+            if len(data) > max_events:
+                raise ApiError(
+                    413, f"a batch may hold at most {max_events} events; got {len(data)}"
+                )
+            events = _event_list.validate_python(data)
+        elif isinstance(data, dict) and "events" in data:
+            raw = data.get("events")
+            if isinstance(raw, list) and len(raw) > max_events:
+                raise ApiError(413, f"a batch may hold at most {max_events} events; got {len(raw)}")
+            batch = TelemetryBatchIn.model_validate(data)
+            events = batch.events
+            defaults = {"session_id": batch.session_id, "rollout_id": batch.rollout_id}
+        elif isinstance(data, dict):
+            events = [TelemetryEventIn.model_validate(data)]
+        else:
+            raise ApiError(
+                422,
+                'the body must be an event object, a list of events, or {"events": [...]}; '
+                f"got a JSON {type(data).__name__}",
+            )
+    except ValidationError as exc:
+        raise ApiError(422, "invalid telemetry", format_validation(exc)) from None
+    if not events:
+        raise ApiError(422, "the batch has no events")
+    problems = []
+    for i, ev in enumerate(events):
+        if ev.session_id is None and defaults.get("session_id") is not None:
+            ev.session_id = defaults["session_id"]
+        if ev.rollout_id is None and defaults.get("rollout_id") is not None:
+            ev.rollout_id = defaults["rollout_id"]
+        if ev.session_id is None and ev.rollout_id is None:
+            problems.append(
+                f"events[{i}]: needs a rollout_id or a session_id (on the event or the batch)"
+            )
+    if problems:
+        raise ApiError(422, "invalid telemetry", problems)
+    return events
+
+
+class Settings:
+    """The service's settings, resolved once from the config, the environment and arguments."""
+
+    def __init__(
+        self,
+        config: Any,
+        api_keys: list[str] | None = None,
+        cors_origins: list[str] | None = None,
+    ) -> None:
+        svc = config.service
+        env_keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+        self.api_keys = [k for k in [*env_keys, *svc.api_keys, *(api_keys or [])] if k]
+        self.cors_origins = list(dict.fromkeys([*svc.cors_origins, *(cors_origins or [])]))
+        self.max_body_bytes = svc.max_body_bytes
+        self.max_batch_events = svc.max_batch_events
+
+    def key_ok(self, given: str | None) -> bool:
+        if not given:
+            return False
+        g = given.encode()
+        ok = False
+        for key in self.api_keys:  # compare with every key in constant time
+            ok |= hmac.compare_digest(g, key.encode())
+        return ok
+
+    def origin_ok(self, origin: str, own: str) -> bool:
+        return origin == own or "*" in self.cors_origins or origin in self.cors_origins
+
+
+def _given_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.query_params.get("key")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, f"Content-Length {declared!r} is not a number") from None
+        if size > limit:
+            raise ApiError(413, f"the body is {size} bytes; the limit is {limit}")
+    chunks = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, f"the body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    config: Any = None,
+    *,
+    api_keys: list[str] | None = None,
+    cors_origins: list[str] | None = None,
+) -> FastAPI:
+    """The ASGI app. It uses the process runtime (``fw.configure``) for the store and recorder."""
+    from .. import __version__
+
+    cfg = config if config is not None else runtime.get_config()
+    settings = Settings(cfg, api_keys, cors_origins)
+    app = FastAPI(
+        title="flywheel-middleware",
+        version=__version__,
+        description=(
+            "Ingest implicit telemetry and explicit feedback, resolve workflow configs, "
+            "and show the flywheel's dashboard. Writes need an API key (X-API-Key header, "
+            "Authorization: Bearer, or ?key= for navigator.sendBeacon)."
+        ),
+    )
+    app.state.settings = settings
+    app.state.config = cfg
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Content-Type", "X-API-Key", "Authorization"],
+        max_age=600,
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error_body(exc.status, exc.error, exc.problems)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            problems.append(f"{_loc(tuple(err.get('loc', ())))}: {err.get('msg')}")
+        return _error_body(422, "invalid request", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_body(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # pragma: no cover
+        log.exception("flywheel service error")
+        return _error_body(500, f"internal error: {type(exc).__name__}")
+
+    def check_write(request: Request) -> None:
+        if not settings.api_keys:
+            raise ApiError(
+                401,
+                f"this service has no API keys configured; set {API_KEYS_ENV} or service.api_keys",
+            )
+        if not settings.key_ok(_given_key(request)):
+            raise ApiError(
+                401,
+                "missing or wrong API key: send X-API-Key, Authorization: Bearer KEY, or ?key=KEY",
+            )
+        origin = request.headers.get("origin")
+        if origin and origin != "null":
+            own = f"{request.url.scheme}://{request.url.netloc}"
+            if not settings.origin_ok(origin, own):
+                raise ApiError(403, f"origin {origin!r} is not in service.cors_origins")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in ACCEPTED_TYPES:
+            raise ApiError(
+                415,
+                f"content type {ctype!r} is not accepted; send application/json or text/plain JSON",
+            )
+
+    json_body = {"application/json": {}, "text/plain": {}}
+
+    @app.post(
+        "/v1/telemetry",
+        status_code=202,
+        summary="Ingest UI telemetry events (a single event, a list, or a batch envelope)",
+        openapi_extra={"requestBody": {"required": True, "content": json_body}},
+        responses={
+            202: {"description": "queued for the store"},
+            401: {},
+            403: {},
+            413: {},
+            415: {},
+            422: {},
+        },
+        tags=["ingest"],
+    )
+    async def telemetry(request: Request) -> JSONResponse:
+        check_write(request)
+        body = await _read_body(request, settings.max_body_bytes)
+        events = parse_telemetry(parse_json(body), settings.max_batch_events)
+        rec = runtime.recorder()
+        now = time.time_ns()
+        for ev in events:  # all validated: now queue every one
+            rec.enqueue(
+                TelemetryRecord(
+                    session_id=ev.session_id,
+                    rollout_id=ev.rollout_id,
+                    event_type=ev.event_type,
+                    payload=ev.payload,
+                    client_ts=float(ev.client_ts) if ev.client_ts is not None else None,
+                    received_at=now,
+                )
+            )
+        return JSONResponse({"accepted": len(events)}, status_code=202)
+
+    @app.post(
+        "/v1/feedback",
+        status_code=202,
+        summary="Record explicit feedback about a rollout",
+        openapi_extra={"requestBody": {"required": True, "content": json_body}},
+        responses={
+            202: {"description": "queued for the store"},
+            401: {},
+            404: {},
+            413: {},
+            415: {},
+            422: {},
+        },
+        tags=["ingest"],
+    )
+    async def feedback(request: Request) -> JSONResponse:
+        check_write(request)
+        body = await _read_body(request, settings.max_body_bytes)
+        data = parse_json(body)
+        if not isinstance(data, dict):
+            raise ApiError(422, f"the body must be a JSON object; got a JSON {type(data).__name__}")
+        try:
+            fb = FeedbackIn.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(422, "invalid feedback", format_validation(exc)) from None
+        kwargs = fb.model_dump(exclude={"rollout_id", "rating"}, exclude_none=True)
+        try:
+            await run_in_threadpool(runtime.feedback, fb.rollout_id, fb.rating, **kwargs)
+        except UnknownRolloutError:
+            raise ApiError(404, f"no rollout with id {fb.rollout_id!r}") from None
+        except InvalidFeedbackError as exc:
+            raise ApiError(422, str(exc)) from None
+        return JSONResponse({"accepted": 1}, status_code=202)
+
+    @app.get(
+        "/v1/config/{workflow}",
+        summary="The workflow config this unit (user, session or request id) should use",
+        responses={401: {}, 404: {}},
+        tags=["resolver"],
+    )
+    def config_for(workflow: str, request: Request, unit: str | None = None) -> JSONResponse:
+        if settings.api_keys and not settings.key_ok(_given_key(request)):
+            raise ApiError(401, "missing or wrong API key")
+        if len(workflow) > 200 or (unit is not None and len(unit) > 200):
+            raise ApiError(422, "workflow and unit are at most 200 characters")
+        resolution = runtime.resolve(workflow, unit)
+        if resolution is None:
+            raise ApiError(404, f"unknown workflow {workflow!r}")
+        return JSONResponse(
+            {
+                "workflow": workflow,
+                "unit": unit,
+                "config": resolution.config,
+                "version_id": resolution.version_id,
+                "experiment_id": resolution.experiment_id,
+                "variant": resolution.variant,
+                "propensity": resolution.propensity,
+            }
+        )
+
+    @app.get("/v1/health", summary="Liveness, the store, and the recorder's counters", tags=["ops"])
+    def health() -> JSONResponse:
+        rec = runtime.recorder()
+        body: dict[str, Any] = {"status": "ok", "version": __version__}
+        try:
+            store = runtime.store()
+            store.execute("SELECT 1")
+            body["store"] = store.dialect
+        except Exception as exc:
+            body["status"] = "degraded"
+            body["store_error"] = f"{type(exc).__name__}: {exc}"
+        counters = getattr(rec, "counters", None)
+        if counters is not None:
+            body["recorder"] = {
+                "pending": getattr(rec, "pending", None),
+                "queued": counters.queued,
+                "written": counters.written,
+                "spilled": counters.spilled,
+                "last_error": counters.last_error,
+            }
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    # -- dashboard -----------------------------------------------------------------------
+
+    from . import dashboard
+
+    @app.get("/", include_in_schema=False)
+    def index() -> Response:
+        return HTMLResponse((STATIC_DIR / "dashboard.html").read_text(encoding="utf-8"))
+
+    @app.get("/flywheel.js", include_in_schema=False)
+    def snippet() -> Response:
+        return FileResponse(STATIC_DIR / "flywheel.js", media_type="text/javascript")
+
+    @app.get("/v1/dashboard/workflows", summary="Workflows with rollouts", tags=["dashboard"])
+    def dashboard_workflows() -> JSONResponse:
+        return JSONResponse(dashboard.workflows(runtime.store()))
+
+    @app.get(
+        "/v1/dashboard/workflows/{workflow}",
+        summary="Everything the dashboard shows for one workflow",
+        tags=["dashboard"],
+    )
+    def dashboard_workflow(workflow: str, buckets: int = 24) -> JSONResponse:
+        if not 2 <= buckets <= 200:
+            raise ApiError(422, "buckets must be between 2 and 200")
+        return JSONResponse(
+            dashboard.workflow_view(runtime.store(), cfg, workflow, buckets=buckets)
+        )
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    _add_body_schemas(app)
+    return app
+
+
+def _add_body_schemas(app: FastAPI) -> None:
+    """Describe the hand-parsed bodies in the OpenAPI document (schemathesis and clients use it)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        ref = "#/components/schemas/{model}"
+        telemetry = TypeAdapter(
+            TelemetryBatchIn | list[TelemetryEventIn] | TelemetryEventIn
+        ).json_schema(ref_template=ref)
+        feedback = FeedbackIn.model_json_schema(ref_template=ref)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for doc in (telemetry, feedback):
+            components.update(doc.pop("$defs", {}))
+        components["FeedbackIn"] = feedback
+        bodies = {
+            "/v1/telemetry": telemetry,
+            "/v1/feedback": {"$ref": ref.format(model="FeedbackIn")},
+        }
+        for path, body_schema in bodies.items():
+            op = schema["paths"][path]["post"]
+            op["requestBody"] = {
+                "required": True,
+                "content": {t: {"schema": body_schema} for t in ("application/json", "text/plain")},
+            }
+            op["security"] = [{"ApiKeyHeader": []}, {"ApiKeyQuery": []}]
+        schema["components"]["securitySchemes"] = {
+            "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": "key"},
+        }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
