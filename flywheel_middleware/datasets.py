@@ -1,0 +1,633 @@
+"""Dataset exports: triplets, SFT chat JSONL, preference pairs and AgentJet ``tasks.jsonl``.
+
+Rows are streamed from the store with Core selects (never 100k ORM objects with their spans at
+once) and written as JSON Lines. Every row carries its provenance: ``rollout_id`` and
+``config_version_id`` (for ``tasks`` inside ``metadata``, where AgentJet keeps extra fields).
+
+The configured filters (YAML ``filters:``) run per batch when ``filters=True``; a filter that
+raises is reported in ``ExportResult.failures`` and keeps every sample of that batch.
+
+``tasks``: de-duplicated by ``qa_hash`` (first occurrence by time wins) and split by a seeded
+hash of the ``qa_hash`` into train (the ``out`` file) and validation (``<stem>.val.jsonl`` next
+to it); each row also says its split in ``metadata.split``. The split of a task does not depend
+on which other tasks are exported, so re-exporting a grown store keeps old tasks where they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import func, select
+
+from .config import FlywheelConfig
+from .errors import FlywheelError
+from .models import Feedback, Rollout, Span, TelemetryEvent
+from .plugin_api import Filter, PluginContext, Sample, as_text
+from .store import Store
+
+ExportKind = Literal["triplets", "sft", "preference", "tasks"]
+KINDS: tuple[str, ...] = ("triplets", "sft", "preference", "tasks")
+
+R = Rollout.__table__.c  # type: ignore[attr-defined]
+S = Span.__table__.c  # type: ignore[attr-defined]
+
+_ROW_COLUMNS = (
+    R.id,
+    R.workflow,
+    R.config_version_id,
+    R.variant,
+    R.input,
+    R.output,
+    R.reward,
+    R.status,
+    R.started_at,
+)
+
+
+class ExportError(FlywheelError, ValueError):
+    """An export could not be made (bad kind, bad --since, nothing to write to)."""
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote: ``count`` rows to ``path`` (and ``paths`` for split exports)."""
+
+    kind: str
+    path: Path
+    count: int = 0
+    scanned: int = 0
+    paths: dict[str, Path] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    skipped: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+# -- time windows ------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(value: str | datetime | None, now: datetime | None = None) -> datetime | None:
+    """'24h', '7d', '30m' (ago) or an ISO date/time; a clear error for anything else."""
+    if value is None or isinstance(value, datetime):
+        return value
+    match = _DURATION.match(value)
+    if match:
+        amount, unit = float(match.group(1)), match.group(2)
+        return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[unit]: amount})
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ExportError(
+            f"--since {value!r}: give a duration like 30m, 24h, 7d or a date like 2026-01-31"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _where(q: Any, workflow: str | None, since: datetime | None, until: datetime | None) -> Any:
+    if workflow:
+        q = q.where(R.workflow == workflow)
+    if since is not None:
+        q = q.where(R.started_at >= since)
+    if until is not None:
+        q = q.where(R.started_at < until)
+    return q
+
+
+# -- streaming rows and samples ----------------------------------------------------------------
+
+
+def iter_rollout_rows(
+    store: Store,
+    *,
+    workflow: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    rollout_ids: Sequence[str] | None = None,
+    batch_size: int = 2000,
+    succeeded_only: bool = False,
+) -> Iterator[list[dict[str, Any]]]:
+    """Batches of rollout rows (plain dicts), oldest first, streamed with a server-side cursor."""
+    if rollout_ids is not None:
+        ids = list(rollout_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            q = select(*_ROW_COLUMNS).where(R.id.in_(chunk)).order_by(R.started_at, R.id)
+            if succeeded_only:
+                q = q.where(R.status == "succeeded")
+            with store.engine.connect() as conn:
+                rows = [dict(r._mapping) for r in conn.execute(q)]
+            if rows:
+                yield rows
+        return
+    q = _where(select(*_ROW_COLUMNS), workflow, since, until).order_by(R.started_at, R.id)
+    if succeeded_only:
+        q = q.where(R.status == "succeeded")
+    with store.engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(q)
+        for partition in result.partitions(batch_size):
+            yield [dict(r._mapping) for r in partition]
+
+
+def count_rollouts(
+    store: Store,
+    *,
+    workflow: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> int:
+    q = _where(select(func.count()).select_from(Rollout.__table__), workflow, since, until)
+    with store.engine.connect() as conn:
+        return int(conn.execute(q).scalar() or 0)
+
+
+def load_samples(
+    store: Store,
+    rollout_ids: Sequence[str],
+    *,
+    spans: bool = True,
+    feedback: bool = True,
+    telemetry: bool = False,
+) -> list[Sample]:
+    """ORM samples for one batch of rollouts (spans, feedback and telemetry attached), in order."""
+    if not rollout_ids:
+        return []
+    from sqlmodel import select as sm_select
+
+    with store.session() as session:
+        rollouts = {
+            r.id: r for r in session.exec(sm_select(Rollout).where(Rollout.id.in_(rollout_ids)))
+        }
+        by_id = {rid: Sample(rollout=rollouts[rid]) for rid in rollout_ids if rid in rollouts}
+        if spans:
+            for s in session.exec(
+                sm_select(Span)
+                .where(Span.rollout_id.in_(rollout_ids))
+                .order_by(Span.rollout_id, Span.sequence, Span.started_at)
+            ):
+                by_id[s.rollout_id].spans.append(s)
+        if feedback:
+            for f in session.exec(
+                sm_select(Feedback)
+                .where(Feedback.rollout_id.in_(rollout_ids))
+                .order_by(Feedback.created_at)
+            ):
+                if f.rollout_id in by_id:
+                    by_id[f.rollout_id].feedback.append(f)
+        if telemetry:
+            for t in session.exec(
+                sm_select(TelemetryEvent).where(TelemetryEvent.rollout_id.in_(rollout_ids))
+            ):
+                if t.rollout_id in by_id:
+                    by_id[t.rollout_id].telemetry.append(t)
+    for sample in by_id.values():
+        sample.reward = sample.rollout.reward
+    return list(by_id.values())
+
+
+def iter_samples(
+    store: Store,
+    *,
+    workflow: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    rollout_ids: Sequence[str] | None = None,
+    batch_size: int = 500,
+    spans: bool = True,
+    telemetry: bool = False,
+) -> Iterator[list[Sample]]:
+    """Batches of full samples (what filters and reward sources look at)."""
+    for rows in iter_rollout_rows(
+        store,
+        workflow=workflow,
+        since=since,
+        until=until,
+        rollout_ids=rollout_ids,
+        batch_size=batch_size,
+    ):
+        yield load_samples(store, [r["id"] for r in rows], spans=spans, telemetry=telemetry)
+
+
+# -- filtering ---------------------------------------------------------------------------------
+
+
+def build_filters(config: FlywheelConfig, store: Store | None = None) -> list[Filter]:
+    from .pm import build_plugins
+
+    return build_plugins("filter", config, PluginContext(config=config, store=store))  # type: ignore[return-value]
+
+
+def apply_filters(
+    filters: Sequence[Filter],
+    samples: list[Sample],
+    result: ExportResult | None = None,
+) -> list[Sample]:
+    """The samples every filter keeps; a filter that raises keeps all (and is reported)."""
+    from .pm import PluginFailure, run_contained
+
+    kept = samples
+    failures: list[PluginFailure] = []
+    for flt in filters:
+        if not kept:
+            break
+        ok, verdicts = run_contained(flt, lambda f=flt, k=kept: f.filter(k), failures, "filter")
+        if ok and (not isinstance(verdicts, list) or len(verdicts) != len(kept)):
+            failures.append(
+                PluginFailure(
+                    f"filter {flt.name!r}",
+                    f"returned {len(verdicts) if isinstance(verdicts, list) else type(verdicts).__name__}"
+                    f" verdicts for {len(kept)} samples",
+                )
+            )
+            ok = False
+        if not ok:
+            continue
+        next_kept = [s for s, v in zip(kept, verdicts, strict=True) if v.keep]
+        if result is not None:
+            result.dropped[flt.name] = result.dropped.get(flt.name, 0) + len(kept) - len(next_kept)
+        kept = next_kept
+    if result is not None:
+        result.failures.extend(str(f) for f in failures)
+    return kept
+
+
+# -- row builders ------------------------------------------------------------------------------
+
+
+def triplet_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Agent Lightning's (prompt, response, reward), with provenance."""
+    return {
+        "rollout_id": row["id"],
+        "config_version_id": row["config_version_id"],
+        "workflow": row["workflow"],
+        "prompt": as_text(row["input"]),
+        "response": as_text(row["output"]),
+        "reward": row["reward"],
+    }
+
+
+_LC_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
+
+
+def _chat_message(message: Any) -> dict[str, Any] | None:
+    """An OpenAI chat message from an OpenAI dict, a serialized LangChain message or a tuple."""
+    if isinstance(message, list | tuple) and len(message) == 2 and isinstance(message[0], str):
+        role, content = message
+        return {"role": _LC_ROLES.get(role, role), "content": as_text(content)}
+    if not isinstance(message, dict):
+        return None
+    role = message.get("role") or _LC_ROLES.get(str(message.get("type", "")))
+    if role is None:
+        return None
+    out: dict[str, Any] = {"role": _LC_ROLES.get(role, role)}
+    content = message.get("content")
+    out["content"] = content if isinstance(content, str) else as_text(content) if content else ""
+    for key in ("tool_calls", "tool_call_id", "name"):
+        if message.get(key):
+            out[key] = message[key]
+    return out
+
+
+def _span_messages(value: Any) -> list[dict[str, Any]] | None:
+    if isinstance(value, dict):
+        value = value.get("messages", value.get("input"))
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        value = value[0]  # LangChain passes a batch of message lists
+    if not isinstance(value, list) or not value:
+        return None
+    messages = [_chat_message(m) for m in value]
+    return messages if all(m is not None for m in messages) else None  # type: ignore[return-value]
+
+
+def _assistant_message(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return {"role": "assistant", "content": value}
+    if isinstance(value, dict):
+        if isinstance(value.get("choices"), list) and value["choices"]:
+            return _assistant_message(value["choices"][0].get("message"))
+        if "generations" in value:  # a LangChain LLMResult
+            gens = value["generations"]
+            while isinstance(gens, list) and gens:
+                gens = gens[0]
+            if isinstance(gens, dict):
+                return _assistant_message(gens.get("message") or gens.get("text"))
+        message = _chat_message({**value, "role": value.get("role") or "assistant"})
+        if message is not None and (message.get("content") or message.get("tool_calls")):
+            message["role"] = "assistant"
+            return message
+    text = as_text(value)
+    return {"role": "assistant", "content": text} if text else None
+
+
+def sft_messages(row: dict[str, Any], llm_span: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The last LLM call's messages plus its answer; else the rollout's input and output."""
+    if llm_span is not None:
+        messages = _span_messages(llm_span.get("input"))
+        answer = _assistant_message(llm_span.get("output"))
+        if messages and answer:
+            return [*messages, answer]
+    return [
+        {"role": "user", "content": as_text(row["input"])},
+        {"role": "assistant", "content": as_text(row["output"])},
+    ]
+
+
+def qa_hash(query: str, answer: str) -> str:
+    """AgentJet's de-duplication key: sha256(query + "\\n" + answer)."""
+    return hashlib.sha256(f"{query}\n{answer}".encode()).hexdigest()
+
+
+def split_of(qa: str, seed: int, val_fraction: float) -> str:
+    """'train' or 'validation', from a seeded hash (stable whatever else is exported)."""
+    if val_fraction <= 0:
+        return "train"
+    digest = hashlib.sha256(f"{seed}:{qa}".encode()).digest()
+    return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def task_row(
+    row: dict[str, Any], *, env_type: str | None, seed: int, val_fraction: float
+) -> dict[str, Any] | None:
+    query = as_text(row["input"]).strip()
+    answer = as_text(row["output"]).strip()
+    if not query or not answer:
+        return None
+    qa = qa_hash(query, answer)
+    return {
+        "main_query": query,
+        "init_messages": [],
+        "task_id": row["id"],
+        "env_type": env_type or row["workflow"],
+        "metadata": {
+            "answer": answer,
+            "qa_hash": qa,
+            "rollout_id": row["id"],
+            "config_version_id": row["config_version_id"],
+            "workflow": row["workflow"],
+            "reward": row["reward"],
+            "split": split_of(qa, seed, val_fraction),
+        },
+    }
+
+
+def input_key(value: Any) -> str:
+    """A hash of a rollout's input (canonical JSON), to group rollouts of the same request."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# -- the exporter ------------------------------------------------------------------------------
+
+
+def _last_llm_spans(store: Store, rollout_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The last LLM span of each rollout (by sequence), as a dict; one query per batch."""
+    q = (
+        select(S.rollout_id, S.sequence, S.input, S.output)
+        .where(S.rollout_id.in_(rollout_ids), S.kind == "llm")
+        .order_by(S.rollout_id, S.sequence, S.id)
+    )
+    out: dict[str, dict[str, Any]] = {}
+    with store.engine.connect() as conn:
+        for r in conn.execute(q):
+            out[r.rollout_id] = {"input": r.input, "output": r.output}
+    return out
+
+
+def _dump(row: dict[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False, default=str) + "\n"
+
+
+def export(
+    store: Store,
+    kind: str,
+    workflow: str | None,
+    out: str | Path,
+    *,
+    config: FlywheelConfig | None = None,
+    since: str | datetime | None = None,
+    until: datetime | None = None,
+    filters: bool = False,
+    min_reward: float | None = None,
+    min_margin: float = 0.0,
+    env_type: str | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    succeeded_only: bool = True,
+    batch_size: int = 2000,
+    progress: bool = False,
+) -> ExportResult:
+    """Write one dataset as JSON Lines and say what was written (the controller calls this).
+
+    ``min_reward`` keeps rows whose reward is at least this (rows without a reward are then
+    skipped); ``min_margin`` is the smallest reward gap of a preference pair.
+    """
+    if kind not in KINDS:
+        raise ExportError(f"unknown export kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if not 0 <= val_fraction < 1:
+        raise ExportError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    since_dt = parse_since(since)
+    out = Path(out)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    result = ExportResult(kind=kind, path=out)
+    flts: list[Filter] = []
+    if filters:
+        if config is None:
+            raise ExportError("filters=True needs the configuration (its filters: list)")
+        flts = build_filters(config, store)
+
+    total = count_rollouts(store, workflow=workflow, since=since_dt, until=until) if progress else 0
+    bar_ctx: Any = nullcontext(None)
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        bar_ctx = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+    try:
+        with bar_ctx as bar:
+            task = bar.add_task(f"export {kind}", total=total) if bar is not None else None
+            batches = iter_rollout_rows(
+                store,
+                workflow=workflow,
+                since=since_dt,
+                until=until,
+                batch_size=batch_size,
+                succeeded_only=succeeded_only,
+            )
+            writer = _WRITERS[kind]
+            writer(
+                store,
+                batches,
+                out,
+                result,
+                flts=flts,
+                min_reward=min_reward,
+                min_margin=min_margin,
+                env_type=env_type,
+                seed=seed,
+                val_fraction=val_fraction,
+                advance=(lambda n: bar.advance(task, n)) if bar is not None else (lambda n: None),
+            )
+    finally:
+        for flt in flts:
+            try:
+                flt.close()
+            except Exception:
+                pass
+    return result
+
+
+def _batches(
+    store: Store,
+    batches: Iterator[list[dict[str, Any]]],
+    result: ExportResult,
+    flts: list[Filter],
+    min_reward: float | None,
+    advance: Any,
+) -> Iterator[list[dict[str, Any]]]:
+    """Rows after min_reward and the filters (filters see full samples of the batch)."""
+    for rows in batches:
+        result.scanned += len(rows)
+        advance(len(rows))
+        if min_reward is not None:
+            before = len(rows)
+            rows = [r for r in rows if r["reward"] is not None and r["reward"] >= min_reward]
+            result.skipped += before - len(rows)
+        if flts and rows:
+            samples = load_samples(store, [r["id"] for r in rows])
+            kept = {s.rollout.id for s in apply_filters(flts, samples, result)}
+            rows = [r for r in rows if r["id"] in kept]
+        if rows:
+            yield rows
+
+
+def _write_triplets(store, batches, out, result, *, flts, min_reward, advance, **_):
+    with out.open("w", encoding="utf-8") as fh:
+        for rows in _batches(store, batches, result, flts, min_reward, advance):
+            fh.writelines(_dump(triplet_row(r)) for r in rows)
+            result.count += len(rows)
+    result.paths["all"] = out
+    result.counts["all"] = result.count
+
+
+def _write_sft(store, batches, out, result, *, flts, min_reward, advance, **_):
+    with out.open("w", encoding="utf-8") as fh:
+        for rows in _batches(store, batches, result, flts, min_reward, advance):
+            spans = _last_llm_spans(store, [r["id"] for r in rows])
+            for r in rows:
+                line = {
+                    "messages": sft_messages(r, spans.get(r["id"])),
+                    "rollout_id": r["id"],
+                    "config_version_id": r["config_version_id"],
+                    "reward": r["reward"],
+                }
+                fh.write(_dump(line))
+            result.count += len(rows)
+    result.paths["all"] = out
+    result.counts["all"] = result.count
+
+
+def _write_preference(store, batches, out, result, *, flts, min_reward, min_margin, advance, **_):
+    # Keep only the best and the worst rollout per (workflow, input): memory grows with the
+    # number of distinct inputs, not with the number of rollouts.
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    worst: dict[tuple[str, str], dict[str, Any]] = {}
+    for rows in _batches(store, batches, result, flts, None, advance):
+        for r in rows:
+            if r["reward"] is None:
+                result.skipped += 1
+                continue
+            key = (r["workflow"], input_key(r["input"]))
+            slim = {k: r[k] for k in ("id", "config_version_id", "input", "output", "reward")}
+            if key not in best or r["reward"] > best[key]["reward"]:
+                best[key] = slim
+            if key not in worst or r["reward"] < worst[key]["reward"]:
+                worst[key] = slim
+    with out.open("w", encoding="utf-8") as fh:
+        for key, chosen in best.items():
+            rejected = worst[key]
+            gap = chosen["reward"] - rejected["reward"]
+            if gap <= 0 or gap < min_margin:
+                continue
+            if min_reward is not None and chosen["reward"] < min_reward:
+                continue
+            fh.write(
+                _dump(
+                    {
+                        "prompt": as_text(chosen["input"]),
+                        "chosen": as_text(chosen["output"]),
+                        "rejected": as_text(rejected["output"]),
+                        "chosen_reward": chosen["reward"],
+                        "rejected_reward": rejected["reward"],
+                        "workflow": key[0],
+                        "prompt_hash": key[1],
+                        "chosen_rollout_id": chosen["id"],
+                        "rejected_rollout_id": rejected["id"],
+                        "chosen_config_version_id": chosen["config_version_id"],
+                        "rejected_config_version_id": rejected["config_version_id"],
+                    }
+                )
+            )
+            result.count += 1
+    result.paths["all"] = out
+    result.counts["all"] = result.count
+
+
+def val_path(out: Path) -> Path:
+    """Where the validation split of ``tasks`` goes: ``tasks.jsonl`` -> ``tasks.val.jsonl``."""
+    return out.with_name(f"{out.stem}.val{out.suffix or '.jsonl'}")
+
+
+def _write_tasks(
+    store, batches, out, result, *, flts, min_reward, env_type, seed, val_fraction, advance, **_
+):
+    seen: set[str] = set()
+    val = val_path(out)
+    counts = {"train": 0, "validation": 0}
+    with (
+        out.open("w", encoding="utf-8") as train_fh,
+        val.open("w", encoding="utf-8") if val_fraction > 0 else nullcontext(None) as val_fh,
+    ):
+        for rows in _batches(store, batches, result, flts, min_reward, advance):
+            for r in rows:
+                task = task_row(r, env_type=env_type, seed=seed, val_fraction=val_fraction)
+                if task is None:
+                    result.skipped += 1
+                    continue
+                qa = task["metadata"]["qa_hash"]
+                if qa in seen:
+                    result.duplicates += 1
+                    continue
+                seen.add(qa)
+                split = task["metadata"]["split"]
+                (val_fh if split == "validation" else train_fh).write(_dump(task))
+                counts[split] += 1
+    result.count = counts["train"] + counts["validation"]
+    result.paths = {"train": out, **({"validation": val} if val_fraction > 0 else {})}
+    result.counts = counts
+
+
+_WRITERS = {
+    "triplets": _write_triplets,
+    "sft": _write_sft,
+    "preference": _write_preference,
+    "tasks": _write_tasks,
+}
