@@ -150,6 +150,19 @@ def _embedding(text: str, dims: int) -> list[float]:
     return [v / norm for v in vec]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that hang up (closed streams, pooled connections at exit) are not errors here."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)
+
+
 class OpenAIServer:
     """A threaded loopback server; start with ``with`` or ``start()``/``stop()``."""
 
@@ -163,7 +176,7 @@ class OpenAIServer:
         self._responder: Responder | None = None
         self._lock = threading.Lock()
         self._counter = 0
-        self._httpd = ThreadingHTTPServer((host, port), _make_handler(self))
+        self._httpd = _QuietServer((host, port), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 

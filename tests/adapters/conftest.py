@@ -37,13 +37,12 @@ def captured(fw):
         assert fw.flush(10), "recorder did not flush"
         with fw.store().session() as session:
             q = select(Rollout).order_by(Rollout.started_at)
-            if workflow:
-                q = q.where(Rollout.workflow == workflow)
             rollouts = list(session.exec(q).all())
             spans = list(session.exec(select(Span).order_by(Span.sequence)).all())
-        out = [Captured(r, [s for s in spans if s.rollout_id == r.id]) for r in rollouts]
         orphans = {s.rollout_id for s in spans} - {r.id for r in rollouts}
         assert not orphans, f"spans recorded under unknown rollouts {orphans}"
-        return out
+        if workflow:
+            rollouts = [r for r in rollouts if r.workflow == workflow]
+        return [Captured(r, [s for s in spans if s.rollout_id == r.id]) for r in rollouts]
 
     return read

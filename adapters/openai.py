@@ -1,0 +1,482 @@
+"""OpenAI SDK capture: ``wrap_openai(client)`` records every model call as an ``llm`` span.
+
+    client = wrap_openai(OpenAI(), workflow="qa")
+    client.chat.completions.create(model=..., messages=..., flywheel={"user_id": "u1"})
+
+Covers ``chat.completions.create`` (plain and ``stream=True``), ``responses.create`` (plain and
+streaming) and ``embeddings.create``, on ``OpenAI`` and ``AsyncOpenAI``. The client is
+instrumented in place (its resource objects get a wrapping ``create``) and returned.
+
+Flywheel's own keyword arguments are removed before the call: ``flywheel={...}`` (keys
+``workflow``, ``user_id``, ``session_id``, ``tags``, ``metadata``, ``name``) or the
+shorthands ``user_id=`` / ``session_id=``. Streams get ``stream_options.include_usage`` when the
+caller did not ask for it, and the extra usage-only chunk is dropped before the caller sees
+it. Errors are recorded and re-raised unchanged; ``with_raw_response`` and
+``with_streaming_response`` calls pass through untraced. Clients derived with
+``client.with_options(...)`` are new objects: wrap them too.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any
+
+from flywheel_middleware import tracing
+from flywheel_middleware.tracing import SpanHandle
+
+log = logging.getLogger("flywheel_middleware.adapters.openai")
+
+__all__ = ["wrap_openai"]
+
+_RAW_HEADER = "X-Stainless-Raw-Response"
+_OWN_KWARGS = ("flywheel", "user_id", "session_id")
+_PARAM_KEYS = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+    "stop",
+    "n",
+    "reasoning_effort",
+    "tool_choice",
+    "response_format",
+    "dimensions",
+)
+
+
+def wrap_openai(client: Any, workflow: str = "openai", *, capture_content: bool = True) -> Any:
+    """Instrument an ``OpenAI``/``AsyncOpenAI`` client in place and return it.
+
+    ``workflow`` names the rollout opened for a call made outside any ``fw.rollout``.
+    ``capture_content=False`` keeps prompts and answers out of the store (usage still kept).
+    """
+    if getattr(client, "_flywheel_wrapped", False):
+        return client
+    is_async = _is_async_client(client)
+    opts = _Options(workflow, capture_content)
+    targets = (
+        (("chat", "completions"), "chat"),
+        (("responses",), "responses"),
+        (("embeddings",), "embeddings"),
+    )
+    for path, endpoint in targets:
+        resource: Any = client
+        try:
+            for attr in path:
+                resource = getattr(resource, attr)
+        except AttributeError:  # an older SDK without this resource
+            continue
+        original = resource.create
+        wrapper = _async_wrapper if is_async else _sync_wrapper
+        resource.create = wrapper(original, endpoint, opts)
+    client._flywheel_wrapped = True
+    return client
+
+
+class _Options:
+    __slots__ = ("workflow", "capture")
+
+    def __init__(self, workflow: str, capture: bool) -> None:
+        self.workflow = workflow
+        self.capture = capture
+
+
+def _is_async_client(client: Any) -> bool:
+    try:
+        import openai
+
+        return isinstance(client, openai.AsyncOpenAI)
+    except ImportError:  # pragma: no cover - openai is what is being wrapped
+        return False
+
+
+# -- request side -----------------------------------------------------------------------------
+
+
+class _Call:
+    """What the wrapper learned from the request, and whether it changed stream_options."""
+
+    __slots__ = ("span", "added_usage", "endpoint")
+
+    def __init__(self, span: SpanHandle, added_usage: bool, endpoint: str) -> None:
+        self.span = span
+        self.added_usage = added_usage
+        self.endpoint = endpoint
+
+
+def _is_passthrough(kwargs: dict[str, Any]) -> bool:
+    headers = kwargs.get("extra_headers")
+    return bool(headers) and _RAW_HEADER in headers
+
+
+def _own_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove flywheel's keyword arguments from the call (``kwargs`` is the wrapper's own dict)."""
+    own: dict[str, Any] = {}
+    fly = kwargs.pop("flywheel", None)
+    if fly:
+        own.update(fly)
+    for key in ("user_id", "session_id"):
+        if key in kwargs:
+            own[key] = kwargs.pop(key)
+    return own
+
+
+def _begin(endpoint: str, kwargs: dict[str, Any], opts: _Options) -> _Call:
+    """Open the span (and a rollout if none is active); may add stream_options to kwargs."""
+    own = (
+        _own_kwargs(kwargs)
+        if ("flywheel" in kwargs or "user_id" in kwargs or "session_id" in kwargs)
+        else None
+    )
+    model = kwargs.get("model")
+    if endpoint == "chat":
+        name, value = "chat.completions", kwargs.get("messages")
+    elif endpoint == "responses":
+        name = "responses"
+        value = kwargs.get("input")
+        if kwargs.get("instructions") is not None:
+            value = {"instructions": kwargs["instructions"], "input": value}
+    else:
+        name, value = "embeddings", kwargs.get("input")
+    if own and own.get("name"):
+        name = own["name"]
+    if not opts.capture:
+        value = None
+    params = None
+    for key in _PARAM_KEYS:
+        if key in kwargs:
+            if params is None:
+                params = {}
+            params[key] = kwargs[key]
+    attributes = {"invocation_params": params} if params else None
+    stream = bool(kwargs.get("stream"))
+    if stream:
+        attributes = attributes or {}
+        attributes["stream"] = True
+    kind = "embedding" if endpoint == "embeddings" else "llm"
+    parent = tracing.current()
+    if parent is not None:
+        span = SpanHandle(
+            name, kind, parent.rollout, parent, input=value, model=model, attributes=attributes
+        )
+    else:
+        own = own or {}
+        rollout = tracing.open_rollout(
+            own.get("workflow") or opts.workflow,
+            user_id=own.get("user_id"),
+            session_id=own.get("session_id"),
+            input=value,
+            tags=own.get("tags"),
+            metadata=own.get("metadata"),
+        )
+        span = SpanHandle(
+            name, kind, rollout, None, input=value, model=model, attributes=attributes
+        )
+        span._owns_rollout = True
+    added = False
+    if stream and endpoint == "chat":
+        options = kwargs.get("stream_options")
+        if not (options and options.get("include_usage")):
+            kwargs["stream_options"] = {**(options or {}), "include_usage": True}
+            added = True
+    return _Call(span, added, endpoint)
+
+
+# -- response side ----------------------------------------------------------------------------
+
+
+def _finish(call: _Call, result: Any, capture: bool) -> None:
+    span = call.span
+    model = getattr(result, "model", None)
+    if model:
+        span.model = model
+    usage = getattr(result, "usage", None)
+    if usage is not None:
+        if call.endpoint == "responses":
+            span.set_usage(usage.input_tokens, usage.output_tokens)
+        elif call.endpoint == "embeddings":
+            span.set_usage(usage.prompt_tokens, None)
+        else:
+            span.set_usage(usage.prompt_tokens, usage.completion_tokens)
+    output: Any = None
+    if capture:
+        if call.endpoint == "embeddings":
+            data = getattr(result, "data", None) or []
+            dims = len(data[0].embedding) if data else 0
+            output = {"count": len(data), "dimensions": dims}
+        elif call.endpoint == "chat":
+            choices = getattr(result, "choices", None) or []
+            output = choices[0].message if len(choices) == 1 else choices
+        else:
+            output = getattr(result, "output", None)
+    span.end(output=output)
+
+
+def _sync_wrapper(original: Any, endpoint: str, opts: _Options) -> Any:
+    @functools.wraps(original)
+    def create(*args: Any, **kwargs: Any) -> Any:
+        if _is_passthrough(kwargs):
+            _own_kwargs(kwargs)
+            return original(*args, **kwargs)
+        try:
+            call = _begin(endpoint, kwargs, opts)
+        except Exception:
+            log.exception("flywheel: could not start the span for %s", endpoint)
+            _own_kwargs(kwargs)
+            return original(*args, **kwargs)
+        try:
+            result = original(*args, **kwargs)
+        except BaseException as exc:
+            _safe_end(call.span, exc)
+            raise
+        try:
+            if kwargs.get("stream"):
+                return _TracedStream(result, call, opts.capture)
+            _finish(call, result, opts.capture)
+        except Exception:
+            log.exception("flywheel: could not record the result of %s", endpoint)
+        return result
+
+    create._flywheel_original = original  # type: ignore[attr-defined]
+    return create
+
+
+def _async_wrapper(original: Any, endpoint: str, opts: _Options) -> Any:
+    @functools.wraps(original)
+    async def create(*args: Any, **kwargs: Any) -> Any:
+        if _is_passthrough(kwargs):
+            _own_kwargs(kwargs)
+            return await original(*args, **kwargs)
+        try:
+            call = _begin(endpoint, kwargs, opts)
+        except Exception:
+            log.exception("flywheel: could not start the span for %s", endpoint)
+            _own_kwargs(kwargs)
+            return await original(*args, **kwargs)
+        try:
+            result = await original(*args, **kwargs)
+        except BaseException as exc:
+            _safe_end(call.span, exc)
+            raise
+        try:
+            if kwargs.get("stream"):
+                return _TracedAsyncStream(result, call, opts.capture)
+            _finish(call, result, opts.capture)
+        except Exception:
+            log.exception("flywheel: could not record the result of %s", endpoint)
+        return result
+
+    create._flywheel_original = original  # type: ignore[attr-defined]
+    return create
+
+
+def _safe_end(span: SpanHandle, error: BaseException | None) -> None:
+    try:
+        span.end(error=error)
+    except Exception:
+        log.exception("flywheel: could not end span")
+
+
+# -- streams ------------------------------------------------------------------------------------
+
+
+class _StreamState:
+    """Accumulates what a stream delivered, chunk by chunk; decides which chunks to hide."""
+
+    __slots__ = ("call", "capture", "text", "tool_calls", "usage", "model", "first_ns", "final")
+
+    def __init__(self, call: _Call, capture: bool) -> None:
+        self.call = call
+        self.capture = capture
+        self.text: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.usage: Any = None
+        self.model: str | None = None
+        self.first_ns = 0
+        self.final: Any = None
+
+    def see(self, item: Any) -> bool:
+        """Record one chunk/event; False when the caller must not see it."""
+        if self.call.endpoint == "responses":
+            return self._see_event(item)
+        if self.model is None:
+            self.model = getattr(item, "model", None)
+        usage = getattr(item, "usage", None)
+        if usage is not None:
+            self.usage = usage
+        choices = item.choices
+        if not choices:
+            return not self.call.added_usage  # the usage-only chunk we asked for
+        delta = choices[0].delta
+        if delta is not None:
+            content = delta.content
+            if content:
+                if not self.first_ns:
+                    self.first_ns = time.time_ns()
+                if self.capture:
+                    self.text.append(content)
+            if delta.tool_calls and self.capture:
+                if not self.first_ns:
+                    self.first_ns = time.time_ns()
+                for tc in delta.tool_calls:
+                    slot = self.tool_calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                    if tc.id:
+                        slot["id"] = tc.id
+                    fn = tc.function
+                    if fn is not None:
+                        slot["name"] += fn.name or ""
+                        slot["arguments"] += fn.arguments or ""
+        return True
+
+    def _see_event(self, event: Any) -> bool:
+        kind = getattr(event, "type", "")
+        if kind == "response.output_text.delta" and not self.first_ns:
+            self.first_ns = time.time_ns()
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            self.final = event.response
+        return True
+
+    def end(self, error: BaseException | None = None) -> None:
+        span = self.call.span
+        if span._ended:
+            return
+        try:
+            if self.first_ns:
+                span.set_attribute(
+                    "time_to_first_token_ms", (self.first_ns - span.started_ns) / 1e6
+                )
+            if self.call.endpoint == "responses":
+                final = self.final
+                if final is not None:
+                    _finish(self.call, final, self.capture)
+                    return
+            else:
+                if self.model:
+                    span.model = self.model
+                if self.usage is not None:
+                    span.set_usage(self.usage.prompt_tokens, self.usage.completion_tokens)
+                if self.capture and error is None:
+                    output: dict[str, Any] = {"role": "assistant", "content": "".join(self.text)}
+                    if self.tool_calls:
+                        output["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+                    span.output = output
+            span.end(error=error)
+        except Exception:
+            log.exception("flywheel: could not end a stream span")
+
+
+class _TracedStream:
+    """Iterates the SDK's ``Stream`` for the caller, recording as it goes; same surface."""
+
+    def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
+        self._stream = stream
+        self._state = _StreamState(call, capture)
+        self._iter = iter(stream)
+
+    def __iter__(self) -> _TracedStream:
+        return self
+
+    def __next__(self) -> Any:
+        state = self._state
+        while True:
+            try:
+                item = next(self._iter)
+            except StopIteration:
+                state.end()
+                raise
+            except BaseException as exc:
+                state.end(exc)
+                raise
+            try:
+                show = state.see(item)
+            except Exception:
+                log.exception("flywheel: could not record a stream chunk")
+                show = True
+            if show:
+                return item
+
+    def __enter__(self) -> _TracedStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            self._state.end()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_state") or name in ("_stream", "_iter"):
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+    def __del__(self) -> None:
+        try:
+            self._state.end()
+        except Exception:
+            pass
+
+
+class _TracedAsyncStream:
+    """The async twin of ``_TracedStream`` for ``AsyncStream``."""
+
+    def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
+        self._stream = stream
+        self._state = _StreamState(call, capture)
+        self._iter = stream.__aiter__()
+
+    def __aiter__(self) -> _TracedAsyncStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        state = self._state
+        while True:
+            try:
+                item = await self._iter.__anext__()
+            except StopAsyncIteration:
+                state.end()
+                raise
+            except BaseException as exc:
+                state.end(exc)
+                raise
+            try:
+                show = state.see(item)
+            except Exception:
+                log.exception("flywheel: could not record a stream chunk")
+                show = True
+            if show:
+                return item
+
+    async def __aenter__(self) -> _TracedAsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        try:
+            await self._stream.close()
+        finally:
+            self._state.end()
+
+    async def aclose(self) -> None:
+        await self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_state") or name in ("_stream", "_iter"):
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+    def __del__(self) -> None:
+        try:
+            self._state.end()
+        except Exception:
+            pass

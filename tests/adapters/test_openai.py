@@ -1,0 +1,173 @@
+"""wrap_openai on the real openai SDK talking HTTP (SSE included) to a loopback server."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+
+import openai
+import pytest
+from flywheel_middleware.adapters.openai import wrap_openai
+
+from flywheel_middleware.testing.openai_server import OpenAIServer, Reply
+
+MSGS = [{"role": "user", "content": "hello world"}]
+
+
+def test_chat_plain(openai_server: OpenAIServer, captured) -> None:
+    client = wrap_openai(openai_server.client(), workflow="qa")
+    out = client.chat.completions.create(
+        model="gpt-x", messages=MSGS, temperature=0.3, flywheel={"user_id": "u1"}
+    )
+    assert out.choices[0].message.content == "echo: hello world"
+    sent = openai_server.requests[-1].body
+    assert "flywheel" not in sent and sent["temperature"] == 0.3
+    [c] = captured("qa")
+    assert c.rollout.user_id == "u1" and c.rollout.status == "succeeded"
+    [span] = c.spans
+    assert span.kind == "llm" and span.model == "gpt-x"
+    assert (span.input_tokens, span.output_tokens) == (2, 3)
+    assert span.input == MSGS and span.output["content"] == "echo: hello world"
+    assert span.attributes["invocation_params"] == {"temperature": 0.3}
+
+
+def test_chat_stream_hides_the_usage_chunk_it_asked_for(openai_server: OpenAIServer, captured):
+    plain = openai_server.client()
+    wrapped = wrap_openai(openai_server.client(), workflow="s")
+    openai_server.enqueue("a b c", "a b c")
+    expect = [
+        c.model_dump() for c in plain.chat.completions.create(model="m", messages=MSGS, stream=True)
+    ]
+    got = [
+        c.model_dump()
+        for c in wrapped.chat.completions.create(model="m", messages=MSGS, stream=True)
+    ]
+    for chunk in expect + got:
+        chunk.pop("id"), chunk.pop("created"), chunk.pop("usage", None)
+    assert got == expect
+    assert openai_server.requests[-1].body["stream_options"] == {"include_usage": True}
+    [c] = captured("s")
+    [span] = c.spans
+    assert (span.input_tokens, span.output_tokens) == (2, 3)
+    assert span.output == {"role": "assistant", "content": "a b c"}
+    assert span.attributes["time_to_first_token_ms"] >= 0
+
+
+def test_stream_usage_requested_by_caller_is_kept(openai_server: OpenAIServer, captured) -> None:
+    client = wrap_openai(openai_server.client(), workflow="s")
+    options = {"include_usage": True}
+    chunks = list(
+        client.chat.completions.create(
+            model="m", messages=MSGS, stream=True, stream_options=options
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    assert options == {"include_usage": True}
+    [c] = captured("s")
+    assert c.spans[0].output_tokens == 3
+
+
+def test_callers_dicts_are_not_mutated(openai_server: OpenAIServer) -> None:
+    client = wrap_openai(openai_server.client())
+    messages = [{"role": "user", "content": "x"}]
+    options = {"include_obfuscation": False}
+    fly = {"user_id": "u"}
+    before = copy.deepcopy((messages, options, fly))
+    list(
+        client.chat.completions.create(
+            model="m", messages=messages, stream=True, stream_options=options, flywheel=fly
+        )
+    )
+    assert (messages, options, fly) == before
+    assert openai_server.requests[-1].body["stream_options"] == {
+        "include_obfuscation": False,
+        "include_usage": True,
+    }
+
+
+def test_error_recorded_and_reraised_unchanged(openai_server: OpenAIServer, captured) -> None:
+    client = wrap_openai(openai_server.client(), workflow="e")
+    openai_server.enqueue(Reply(status=400, error="bad model"))
+    with pytest.raises(openai.BadRequestError, match="bad model") as info:
+        client.chat.completions.create(model="nope", messages=MSGS)
+    assert info.value.status_code == 400
+    [c] = captured("e")
+    assert c.rollout.status == "failed"
+    assert c.spans[0].status == "error" and c.spans[0].error.startswith("BadRequestError")
+
+
+def test_responses_plain_and_stream(openai_server: OpenAIServer, captured) -> None:
+    client = wrap_openai(openai_server.client(), workflow="r")
+    resp = client.responses.create(model="m", input="one two", instructions="be nice")
+    assert resp.output_text == "echo: one two"
+    events = list(client.responses.create(model="m", input="three", stream=True))
+    assert events[-1].type == "response.completed"
+    first, second = captured("r")
+    assert first.spans[0].input == {"instructions": "be nice", "input": "one two"}
+    assert (first.spans[0].input_tokens, first.spans[0].output_tokens) == (4, 3)
+    assert second.spans[0].output_tokens == 2 and second.spans[0].attributes["stream"] is True
+    assert second.spans[0].output[0]["content"][0]["text"] == "echo: three"
+
+
+def test_embeddings(openai_server: OpenAIServer, captured) -> None:
+    client = wrap_openai(openai_server.client(), workflow="emb")
+    out = client.embeddings.create(model="e", input=["a b", "c"])
+    assert len(out.data) == 2
+    [c] = captured("emb")
+    span = c.spans[0]
+    assert span.kind == "embedding" and span.input_tokens == 3
+    assert span.output == {"count": 2, "dimensions": 8}
+
+
+def test_with_raw_response_passes_through(openai_server: OpenAIServer, captured) -> None:
+    client = wrap_openai(openai_server.client(), workflow="raw")
+    raw = client.chat.completions.with_raw_response.create(model="m", messages=MSGS)
+    assert raw.http_response.status_code == 200
+    assert raw.parse().choices[0].message.content == "echo: hello world"
+    assert captured("raw") == []
+
+
+def test_attaches_to_active_rollout_and_threads(fw, openai_server: OpenAIServer, captured):
+    client = wrap_openai(openai_server.client(), workflow="ignored")
+    openai_server.delay = 0.05
+    with fw.rollout("outer") as r, fw.span("agent", kind="agent") as parent:
+        client.chat.completions.create(model="m", messages=MSGS)
+    results = {}
+
+    def call(i: int) -> None:
+        msgs = [{"role": "user", "content": f"q{i}"}]
+        results[i] = client.chat.completions.create(model="m", messages=msgs, user_id=f"u{i}")
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert openai_server.max_in_flight > 1
+    [c] = captured("outer")
+    assert c.rollout.id == r.id
+    assert c.by_name("chat.completions").parent_id == parent.id
+    rest = captured("ignored")
+    assert sorted(x.rollout.user_id for x in rest) == [f"u{i}" for i in range(6)]
+    for x in rest:
+        i = x.rollout.user_id[1:]
+        assert x.spans[0].output["content"] == f"echo: q{i}"
+
+
+def test_async_client_plain_and_stream(openai_server: OpenAIServer, captured) -> None:
+    client = wrap_openai(openai_server.async_client(), workflow="a")
+
+    async def main():
+        out = await client.chat.completions.create(model="m", messages=MSGS)
+        stream = await client.chat.completions.create(model="m", messages=MSGS, stream=True)
+        chunks = [c async for c in stream]
+        return out, chunks
+
+    out, chunks = asyncio.run(main())
+    assert out.choices[0].message.content == "echo: hello world"
+    assert all(c.choices for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "echo: hello world"
+    spans = [x.spans[0] for x in captured("a")]
+    assert [s.output_tokens for s in spans] == [3, 3]
+    assert spans[1].output["content"] == "echo: hello world"
