@@ -33,6 +33,7 @@ from .runtime import (
     shutdown,
     store,
 )
+from .routing import route
 from .tracing import (
     RolloutHandle,
     SpanHandle,
@@ -70,6 +71,7 @@ __all__ = [
     "recorder",
     "resolve",
     "rollout",
+    "route",
     "set_resolver",
     "shutdown",
     "span",

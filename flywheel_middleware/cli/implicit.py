@@ -1,0 +1,143 @@
+"""``flywheel implicit train|evaluate|features`` and ``flywheel routing show|update``."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from .common import Cli, command, console, echo_json
+
+
+def _metrics_row(table: Table, name: str, m: dict) -> None:
+    def f(key: str) -> str:
+        v = m.get(key)
+        return "–" if v is None else f"{v:.3f}"
+
+    table.add_row(name, str(int(m.get("n", 0))), f("auc"), f("brier"), f("log_loss"))
+
+
+def register(main: click.Group) -> None:
+    @main.group()
+    def implicit() -> None:
+        """The implicit satisfaction model over UI telemetry."""
+
+    @command(implicit, "train")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+    @click.option("--seed", default=0, show_default=True)
+    def implicit_train(cli: Cli, as_json: bool, seed: int) -> None:
+        """Fit the calibrated logistic regression on rollouts with telemetry and explicit feedback,
+        report held-out AUC next to the fallback rule's, and store it as a new version."""
+        from .. import implicit as imp
+
+        result = imp.train(cli.store, cli.config, seed=seed)
+        if as_json:
+            echo_json(
+                {
+                    "version": result.version,
+                    "n_labels": result.n_labels,
+                    "n_train": result.n_train,
+                    "n_test": result.n_test,
+                    "model": result.model_metrics,
+                    "rule": result.rule_metrics,
+                    "reason": result.reason or None,
+                }
+            )
+            return
+        if result.model is None:
+            console.print(
+                f"[yellow]not trained:[/] {result.reason}; the implicit reward uses the rule"
+            )
+            return
+        table = Table(
+            title=f"implicit model v{result.version}: held-out ({result.n_test} of {result.n_labels} labelled rollouts)"
+        )
+        for col in ("scorer", "n", "AUC", "Brier", "log loss"):
+            table.add_column(col, justify="left" if col == "scorer" else "right")
+        _metrics_row(table, f"model v{result.version}", result.model_metrics)
+        _metrics_row(table, "fallback rule", result.rule_metrics)
+        console.print(table)
+
+    @command(implicit, "evaluate")
+    @click.option(
+        "--version", "version", type=int, default=None, help="Model version (default: latest)."
+    )
+    @click.option("--json", "as_json", is_flag=True)
+    def implicit_evaluate(cli: Cli, version: int | None, as_json: bool) -> None:
+        """Score the stored model and the rule on the held-out labelled rollouts (AUC, Brier, log loss)."""
+        from .. import implicit as imp
+
+        out = imp.evaluate(cli.store, cli.config, version)
+        if as_json:
+            echo_json(out)
+            return
+        table = Table(
+            title=f"held-out evaluation ({out['n_test']} of {out['n_labels']} labelled rollouts)"
+        )
+        for col in ("scorer", "n", "AUC", "Brier", "log loss"):
+            table.add_column(col, justify="left" if col == "scorer" else "right")
+        if "model" in out:
+            _metrics_row(table, f"model v{out['model_version']}", out["model"])
+        else:
+            console.print("[yellow]no stored model yet: run flywheel implicit train[/]")
+        _metrics_row(table, "fallback rule", out["rule"])
+        console.print(table)
+
+    @command(implicit, "features")
+    @click.argument("rollout_ids", nargs=-1, required=True)
+    def implicit_features(cli: Cli, rollout_ids: tuple[str, ...]) -> None:
+        """Show the telemetry features and the implicit score of rollouts."""
+        from .. import implicit as imp
+
+        feats = imp.rollout_features(cli.store, list(rollout_ids))
+        scorer = imp.Scorer.from_store(cli.store, cli.config)
+        table = Table(title=f"implicit features (scored by {scorer.method})")
+        table.add_column("feature")
+        for rid in rollout_ids:
+            table.add_column(rid[:12], justify="right")
+        for name in (*imp.FEATURES, "events"):
+            table.add_row(
+                name,
+                *[f"{feats[r].as_dict()[name]:.3g}" if r in feats else "–" for r in rollout_ids],
+            )
+        table.add_row(
+            "score", *[f"{scorer.score(feats[r]):.3f}" if r in feats else "–" for r in rollout_ids]
+        )
+        console.print(table)
+
+    @main.group()
+    def routing() -> None:
+        """Adaptive routing weights (Thompson sampling over agent and skill)."""
+
+    @command(routing, "update")
+    @click.option("--half-life-days", type=float, default=None, help="Discount old rewards.")
+    def routing_update(cli: Cli, half_life_days: float | None) -> None:
+        """Rebuild the routing posteriors from the rewards of routed rollouts."""
+        from ..routing import update_routing
+
+        out = update_routing(cli.store, cli.config, half_life_days=half_life_days)
+        console.print(f"{out['rewarded']} of {out['routed_rollouts']} routed rollouts had a reward")
+        _show_weights(cli)
+
+    @command(routing, "show")
+    def routing_show(cli: Cli) -> None:
+        """The stored routing weights and posteriors."""
+        _show_weights(cli)
+
+
+def _show_weights(cli: Cli) -> None:
+    from ..service.dashboard import routing_weights
+
+    rows = routing_weights(cli.store)
+    table = Table(title="routing weights")
+    for col in ("agent", "skill", "weight", "mean", "90% interval", "n"):
+        table.add_column(col, justify="left" if col in ("agent", "skill") else "right")
+    for r in rows:
+        table.add_row(
+            r["agent"],
+            r["skill"],
+            f"{r['weight']:.3f}",
+            f"{r['mean']:.3f}",
+            f"[{r['low']:.3f}, {r['high']:.3f}]",
+            str(r["n"]),
+        )
+    console.print(table if rows else "no routing weights yet")

@@ -1,0 +1,80 @@
+"""The ``implicit`` reward source: how satisfied the user looked, from UI telemetry.
+
+It scores each rollout's telemetry features (``flywheel_middleware.implicit``) with the latest
+stored satisfaction model (``flywheel implicit train``) when that model was trained on at least
+``implicit.min_labels`` labels, and with the documented fallback rule otherwise (copy is
+positive; regenerate and escalate are negative; a real read is mildly positive, a bounce mildly
+negative). A rollout without telemetry gets no opinion (None).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flywheel_middleware.hookspecs import hookimpl
+from flywheel_middleware.implicit import Features, Scorer, add_event, features_by, load_model
+from flywheel_middleware.plugin_api import RewardSource, Sample
+
+
+class ImplicitParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    use_model: bool = Field(
+        True, description="use the stored model when it is trained; False: always the rule"
+    )
+    model_version: int | None = Field(
+        None, ge=1, description="pin a model version (default: the latest)"
+    )
+    min_labels: int | None = Field(None, ge=2, description="override implicit.min_labels")
+
+
+class ImplicitReward(RewardSource):
+    """Calibrated satisfaction probability from dwell, clicks, copies, scroll and mouse signals."""
+
+    type_name = "implicit"
+    description = "satisfaction model over UI telemetry (rule fallback with too few labels)"
+    Params = ImplicitParams
+
+    def __init__(self, params: BaseModel | None = None, context: object | None = None) -> None:
+        super().__init__(params, context)  # type: ignore[arg-type]
+        self._scorer: Scorer | None = None
+
+    @property
+    def scorer(self) -> Scorer:
+        if self._scorer is None:
+            p = self.params
+            ctx = self.context
+            min_labels = p.min_labels or (ctx.config.implicit.min_labels if ctx is not None else 50)
+            model = None
+            if p.use_model and ctx is not None and ctx.store is not None:
+                try:
+                    model = load_model(ctx.store, p.model_version)
+                except Exception:  # a foreign or broken artifact: the rule still works
+                    model = None
+            self._scorer = Scorer(model, min_labels)
+        return self._scorer
+
+    @property
+    def method(self) -> str:
+        return self.scorer.method
+
+    def score(self, samples: list[Sample]) -> list[float | None]:
+        out: list[float | None] = []
+        for sample in samples:
+            if not sample.telemetry:
+                out.append(None)
+                continue
+            feats = Features()
+            for event in sample.telemetry:
+                payload = event.payload if isinstance(event.payload, dict) else {}
+                add_event(feats, event.event_type, payload)
+            out.append(self.scorer.score(feats))
+        return out
+
+
+@hookimpl
+def register_reward_sources() -> list[type]:
+    return [ImplicitReward]
+
+
+__all__ = ["ImplicitReward", "ImplicitParams", "features_by"]
