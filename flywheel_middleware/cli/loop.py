@@ -1,0 +1,408 @@
+"""The improvement loop's commands: config, experiment, promote, rollback, cycle, run."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import click
+from rich.table import Table
+
+from .. import experiments as ex
+from .. import versions
+from .common import Cli, command, console, echo_json
+
+_EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def parse_every(text: str) -> float:
+    """'10m', '30s', '2h', '1d' or plain seconds → seconds."""
+    match = _EVERY.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30s, 10m, 2h or 1d")
+    value = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    if value <= 0:
+        raise click.BadParameter("the interval must be positive")
+    return value
+
+
+def _workflow(cli: Cli, workflow: str | None) -> str:
+    known = sorted(set(cli.config.workflows) | set(versions.workflows_in_store(cli.store)))
+    if workflow is None:
+        if len(known) == 1:
+            return known[0]
+        raise click.UsageError(
+            f"name the workflow (--workflow); known: {', '.join(known) or '(none)'}"
+        )
+    if workflow not in known:
+        raise click.ClickException(
+            f"unknown workflow {workflow!r}; known: {', '.join(known) or '(none)'}"
+        )
+    return workflow
+
+
+def _sync(cli: Cli, workflow: str) -> None:
+    if workflow in cli.config.workflows:
+        versions.ensure_workflow(cli.store, cli.config, workflow)
+
+
+def _flat(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def register(main: click.Group) -> None:
+    # -- config ----------------------------------------------------------------------------
+
+    @main.group("config")
+    def config_group() -> None:
+        """Versioned workflow configs: show, activate, diff."""
+
+    @command(config_group, "show")
+    @click.argument("workflow", required=False)
+    @click.option("--version", "-v", "ref", default=None, help="A version (3, v3 or #id).")
+    @click.option("--json", "as_json", is_flag=True)
+    def config_show(cli: Cli, workflow: str | None, ref: str | None, as_json: bool) -> None:
+        """The active config (or one version) and the version history."""
+        workflow = _workflow(cli, workflow)
+        _sync(cli, workflow)
+        active = versions.active_version(cli.store, workflow)
+        shown = versions.find_version(cli.store, workflow, ref) if ref else active
+        rows = versions.list_versions(cli.store, workflow)
+        if as_json:
+            echo_json(
+                {
+                    "workflow": workflow,
+                    "active_version": active.version if active else None,
+                    "shown": shown.model_dump() if shown else None,
+                    "versions": [r.model_dump(exclude={"config"}) for r in rows],
+                }
+            )
+            return
+        table = Table(title=f"{workflow}: config versions")
+        for col in ("version", "id", "created", "by", "parent", "hash", "note"):
+            table.add_column(col)
+        parents = {r.id: r.version for r in rows}
+        for r in rows:
+            mark = " ★" if active is not None and r.id == active.id else ""
+            table.add_row(
+                f"v{r.version}{mark}",
+                str(r.id),
+                f"{r.created_at:%Y-%m-%d %H:%M}",
+                r.created_by,
+                f"v{parents[r.parent_id]}" if r.parent_id in parents else "–",
+                r.config_hash[:10],
+                (r.note or "")[:80],
+            )
+        console.print(table)
+        if shown is not None:
+            label = "active" if active is not None and shown.id == active.id else "shown"
+            console.rule(f"v{shown.version} ({label})")
+            console.print_json(json.dumps(shown.config, ensure_ascii=False))
+
+    @command(config_group, "activate")
+    @click.argument("workflow")
+    @click.argument("version")
+    @click.option("--reason", "-m", default=None, help="Why (kept in the audit log).")
+    def config_activate(cli: Cli, workflow: str, version: str, reason: str | None) -> None:
+        """Make a version (3, v3 or #id) the active config of WORKFLOW."""
+        workflow = _workflow(cli, workflow)
+        _sync(cli, workflow)
+        row = versions.find_version(cli.store, workflow, version)
+        event = versions.activate(cli.store, workflow, row.id, actor="cli", reason=reason)
+        console.print(
+            f"{workflow}: v{row.version} is active (change {event.id}; "
+            f"previous version id {event.from_version_id})"
+        )
+
+    @command(config_group, "diff")
+    @click.argument("workflow")
+    @click.argument("old")
+    @click.argument("new", required=False)
+    def config_diff(cli: Cli, workflow: str, old: str, new: str | None) -> None:
+        """What changed between two versions (NEW defaults to the active one)."""
+        workflow = _workflow(cli, workflow)
+        _sync(cli, workflow)
+        a = versions.find_version(cli.store, workflow, old)
+        b = (
+            versions.find_version(cli.store, workflow, new)
+            if new
+            else versions.active_version(cli.store, workflow)
+        )
+        changes = versions.diff_configs(a.config, b.config)
+        if not changes:
+            console.print(f"v{a.version} and v{b.version} are identical")
+            return
+        table = Table(title=f"{workflow}: v{a.version} → v{b.version}")
+        for col in ("path", f"v{a.version}", f"v{b.version}"):
+            table.add_column(col, overflow="fold")
+        for path, x, y in changes:
+            table.add_row(path, "[red]" + _flat(x) + "[/]", "[green]" + _flat(y) + "[/]")
+        console.print(table)
+
+    # -- experiments -----------------------------------------------------------------------
+
+    @main.group("experiment")
+    def experiment_group() -> None:
+        """Experiments on live traffic: list, show, stop."""
+
+    @command(experiment_group, "list")
+    @click.option("--workflow", "-w", default=None)
+    @click.option("--status", type=click.Choice(ex.STATUSES), default=None)
+    def experiment_list(cli: Cli, workflow: str | None, status: str | None) -> None:
+        """Experiments, newest first, with their variants' traffic and rollouts."""
+        table = Table(title="experiments")
+        for col in ("id", "workflow", "status", "started", "variants", "rollouts", "decision"):
+            table.add_column(col)
+        for exp in ex.list_experiments(cli.store, workflow=workflow, status=status):
+            stats = ex.experiment_stats(cli.store, exp, cli.config)
+            table.add_row(
+                str(exp.id),
+                exp.workflow,
+                exp.status,
+                f"{exp.started_at:%Y-%m-%d %H:%M}",
+                ", ".join(f"{v['name']} {float(v['weight']):.0%}" for v in exp.variants),
+                ", ".join(str(v.rollouts) for v in stats.variants.values()),
+                ((exp.decision or {}).get("action") or "") if exp.status != "running" else "",
+            )
+        console.print(table)
+
+    @command(experiment_group, "show")
+    @click.argument("experiment_id", type=int)
+    @click.option("--json", "as_json", is_flag=True)
+    def experiment_show(cli: Cli, experiment_id: int, as_json: bool) -> None:
+        """Per-variant statistics with 95% intervals, and what each promoter decides now."""
+        exp = ex.get_experiment(cli.store, experiment_id)
+        stats = ex.experiment_stats(cli.store, exp, cli.config)
+        decisions = _promoter_decisions(cli, stats) if exp.status == "running" else []
+        if as_json:
+            echo_json(
+                {
+                    "experiment": exp.model_dump(),
+                    "stats": stats.as_dict(),
+                    "decisions": [
+                        {
+                            "promoter": n,
+                            "action": d.action,
+                            "variant": d.variant,
+                            "reason": d.reason,
+                        }
+                        for n, d in decisions
+                    ],
+                }
+            )
+            return
+        console.print(render_stats(exp, stats))
+        for name, d in decisions:
+            colour = {"promote": "green", "reject": "red"}.get(d.action, "yellow")
+            console.print(
+                f"[bold]{name}[/]: [{colour}]{d.action}[/]"
+                + (f" {d.variant}" if d.variant else "")
+                + f" — {d.reason}"
+            )
+        if exp.decision:
+            console.print(f"decision: {_flat(exp.decision)[:300]}")
+
+    @command(experiment_group, "stop")
+    @click.argument("experiment_id", type=int)
+    @click.option("--reject", is_flag=True, help="Mark the candidates rejected.")
+    @click.option("--reason", "-m", default=None)
+    def experiment_stop(cli: Cli, experiment_id: int, reject: bool, reason: str | None) -> None:
+        """Stop an experiment; all traffic returns to the active version."""
+        exp = ex.stop_experiment(
+            cli.store,
+            experiment_id,
+            status="rejected" if reject else "stopped",
+            actor="cli",
+            reason=reason,
+        )
+        console.print(f"experiment {exp.id} ({exp.workflow}) is {exp.status}")
+
+    # -- promote / rollback ----------------------------------------------------------------
+
+    @command(main, "promote")
+    @click.argument("experiment_id", type=int)
+    @click.argument("variant", required=False)
+    @click.option("--reason", "-m", default=None)
+    def promote(cli: Cli, experiment_id: int, variant: str | None, reason: str | None) -> None:
+        """Promote a variant of a running experiment (default: the one the promoters favour)."""
+        exp = ex.get_experiment(cli.store, experiment_id)
+        stats = ex.experiment_stats(cli.store, exp, cli.config)
+        decisions = _promoter_decisions(cli, stats)
+        if variant is None:
+            favoured = {d.variant for _, d in decisions if d.action == "promote" and d.variant}
+            candidates = [v["name"] for v in exp.variants if v["name"] != ex.BASELINE]
+            if len(favoured) == 1:
+                variant = favoured.pop()
+            elif len(candidates) == 1:
+                variant = candidates[0]
+            else:
+                raise click.UsageError(
+                    f"name the variant to promote: one of {', '.join(candidates)}"
+                )
+        evidence = {
+            "stats": stats.as_dict(),
+            "promoters": {
+                n: {"action": d.action, "variant": d.variant, "reason": d.reason}
+                for n, d in decisions
+            },
+        }
+        event = ex.promote(
+            cli.store,
+            experiment_id,
+            variant,
+            actor="cli",
+            reason=reason or f"approved by a person: {variant} of experiment {experiment_id}",
+            evidence=evidence,
+        )
+        row = versions.get_version(cli.store, event.to_version_id)
+        console.print(
+            f"[green]promoted[/] {variant} of experiment {experiment_id}: "
+            f"{exp.workflow} now serves v{row.version}"
+        )
+
+    @command(main, "rollback")
+    @click.argument("workflow")
+    @click.option("--reason", "-m", default=None)
+    def rollback(cli: Cli, workflow: str, reason: str | None) -> None:
+        """Restore the version that was active before the current one."""
+        workflow = _workflow(cli, workflow)
+        _sync(cli, workflow)
+        running = ex.running_experiment(cli.store, workflow)
+        event = versions.rollback(cli.store, workflow, actor="cli", reason=reason)
+        old = versions.get_version(cli.store, event.from_version_id)
+        new = versions.get_version(cli.store, event.to_version_id)
+        console.print(f"{workflow}: rolled back v{old.version} → v{new.version}")
+        if running is not None:
+            console.print(
+                f"[yellow]note:[/] experiment {running.id} is still running against its baseline"
+            )
+
+    # -- the loop --------------------------------------------------------------------------
+
+    @command(main, "cycle")
+    @click.option(
+        "--mode",
+        type=click.Choice(["suggest", "experiment", "auto"]),
+        default=None,
+        help="Override controller.mode.",
+    )
+    @click.option("--workflow", "-w", "workflows", multiple=True, help="Only these workflows.")
+    @click.option("--json", "as_json", is_flag=True)
+    def cycle(cli: Cli, mode: str | None, workflows: tuple[str, ...], as_json: bool) -> None:
+        """Run observe → curate → decide → generate once and write the Markdown report."""
+        report = _run_cycle(cli, mode, list(workflows) or None)
+        if as_json:
+            echo_json(report.summary())
+        else:
+            print_cycle(report)
+
+    @command(main, "run")
+    @click.option("--every", default=None, help="Interval, e.g. 10m (default controller.every).")
+    @click.option("--mode", type=click.Choice(["suggest", "experiment", "auto"]), default=None)
+    @click.option("--cycles", type=int, default=None, help="Stop after this many cycles.")
+    def run(cli: Cli, every: str | None, mode: str | None, cycles: int | None) -> None:
+        """Run the cycle on a schedule until Ctrl-C (or --cycles)."""
+        interval = parse_every(every or cli.config.controller.every)
+        done = 0
+        console.print(f"running the flywheel every {interval:g}s — Ctrl-C stops")
+        try:
+            while cycles is None or done < cycles:
+                started = time.monotonic()
+                try:
+                    print_cycle(_run_cycle(cli, mode, None))
+                except Exception as exc:  # one failed cycle must not end the schedule
+                    console.print(f"[red]cycle failed:[/] {type(exc).__name__}: {exc}")
+                done += 1
+                if cycles is not None and done >= cycles:
+                    break
+                time.sleep(max(0.0, interval - (time.monotonic() - started)))
+        except KeyboardInterrupt:
+            console.print(f"stopped after {done} cycle(s)")
+
+
+def _run_cycle(cli: Cli, mode: str | None, workflows: list[str] | None) -> Any:
+    from ..controller import run_cycle
+
+    return run_cycle(cli.store, cli.config, mode, workflows=workflows)
+
+
+def _promoter_decisions(cli: Cli, stats: Any) -> list[tuple[str, Any]]:
+    from ..controller import _plugins
+
+    out = []
+    for promoter in _plugins("promoter", cli.config, cli.store, ["sequential"]):
+        try:
+            out.append((promoter.name, promoter.decide(stats)))
+        except Exception as exc:
+            console.print(f"[red]promoter {promoter.name} failed:[/] {exc}")
+    return out
+
+
+def render_stats(exp: Any, stats: Any) -> Table:
+    """The experiment's variants with 95% intervals."""
+    table = Table(
+        title=f"experiment {exp.id} · {exp.workflow} · {exp.status} · metric {stats.objective.metric}"
+    )
+    for col in (
+        "variant",
+        "version",
+        "weight",
+        "rollouts",
+        "positive feedback",
+        "mean reward",
+        "success",
+        "errors",
+        "latency ms",
+        "p95 ms",
+        "tokens",
+        "cost",
+    ):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for v in stats.variants.values():
+        table.add_row(
+            v.name,
+            str(v.version_id),
+            f"{v.weight:.0%}",
+            str(v.rollouts),
+            v.positive_feedback_rate.fmt(".1f", 100) + (f" n={v.rated}" if v.rated else ""),
+            v.mean_reward.fmt(".3f"),
+            v.success_rate.fmt(".1f", 100),
+            v.error_rate.fmt(".1f", 100),
+            v.latency_mean.fmt(".0f"),
+            v.latency_p95.fmt(".0f"),
+            v.tokens_mean.fmt(".0f"),
+            v.cost_mean.fmt(".4f"),
+        )
+    return table
+
+
+def print_cycle(report: Any) -> None:
+    console.rule(f"flywheel cycle ({report.mode})")
+    for p in report.problems:
+        console.print(
+            f"[yellow]problem[/] {p.get('workflow')}"
+            + (f"/{p['node']}" if p.get("node") else "")
+            + f": {p.get('reason') or p}"
+        )
+    for d in report.decisions:
+        console.print(
+            f"experiment {d['experiment_id']} ({d['workflow']}): [bold]{d['action']}[/]"
+            + (f" {d['variant']}" if d.get("variant") else "")
+            + (f" — {d['applied']}" if d.get("applied") else "")
+        )
+        if d.get("approve"):
+            console.print(f"  approve with: [bold]{d['approve']}[/]")
+    for s in report.started:
+        console.print(
+            f"[green]started[/] experiment {s['experiment_id']} on {s['workflow']}: "
+            f"{', '.join(s['candidates'])} at {s['traffic']:.0%} each"
+        )
+    for p in report.proposals:
+        if report.mode == "suggest":
+            for c in p["candidates"]:
+                console.print(f"suggested for {p['workflow']}: {c['note']}")
+    for note in report.notes:
+        console.print(f"[dim]note: {note}[/]")
+    console.print(f"report: {report.report_path}")

@@ -1,0 +1,634 @@
+"""The control loop: observe → curate → decide → generate, once per ``run_cycle``.
+
+Modes follow seed 001's progressive rollout: ``suggest`` only writes the report (no versions,
+no experiments, no promotions); ``experiment`` starts experiments and stops clear losers but
+leaves every promotion to a person (``flywheel promote``); ``auto`` also promotes, and only
+when every configured promoter says promote (their guardrails included). Every cycle writes
+a Markdown report a person can read and approve, and a ``cycle`` ChangeEvent for the audit log.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlmodel import select
+
+from . import experiments as ex
+from . import queries, versions
+from .config import FlywheelConfig, PluginSpec
+from .models import ChangeEvent, Feedback
+from .plugin_api import Candidate, Decision, PluginContext, Sample
+from .records import utcnow
+from .store import Store
+from .triggers import TRIGGER_KIND, check_low_rating_triggers
+
+log = logging.getLogger("flywheel_middleware.controller")
+
+Mode = Literal["suggest", "experiment", "auto"]
+MODES = ("suggest", "experiment", "auto")
+CYCLE_KIND = "cycle"
+
+
+@dataclass
+class CycleReport:
+    """What one cycle saw, decided and did (rendered as Markdown for a person to approve)."""
+
+    mode: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    workflows: list[str] = field(default_factory=list)
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    curation: dict[str, Any] = field(default_factory=dict)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    proposals: list[dict[str, Any]] = field(default_factory=list)
+    started: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    report_path: str | None = None
+
+    @property
+    def promoted(self) -> list[dict[str, Any]]:
+        return [d for d in self.decisions if d.get("applied") == "promoted"]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "problems": len(self.problems),
+            "decisions": [
+                {k: d.get(k) for k in ("experiment_id", "workflow", "action", "variant", "applied")}
+                for d in self.decisions
+            ],
+            "started": [
+                {k: s.get(k) for k in ("experiment_id", "workflow", "candidates")}
+                for s in self.started
+            ],
+            "datasets": self.curation.get("datasets"),
+            "report": self.report_path,
+        }
+
+    def to_markdown(self) -> str:
+        return render_markdown(self)
+
+
+# -- optional parts written elsewhere (imported lazily; absent ones are reported) ---------
+
+
+def _optional(module: str, attr: str) -> Any:
+    try:
+        mod = importlib.import_module(f"flywheel_middleware.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"flywheel_middleware.{module}":
+            return None
+        raise
+    return getattr(mod, attr, None)
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` with the keyword arguments it accepts (APIs of sibling modules evolve)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **kwargs)
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return dict(obj)
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump()
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
+    return {"problem": str(obj)}
+
+
+# -- plugins --------------------------------------------------------------------------------
+
+
+def _plugins(kind: str, config: FlywheelConfig, store: Store, default: list[str]) -> list[Any]:
+    from .pm import plugin_manager
+
+    manager = plugin_manager(config)
+    context = PluginContext(config=config, store=store)
+    specs = getattr(config, "mutators" if kind == "mutator" else "promoters")
+    if not specs:
+        return [
+            manager.build(kind, PluginSpec(type=name), where=f"default {kind}", context=context)
+            for name in default
+        ]
+    return manager.build_all(kind, config, context)
+
+
+# -- the steps ------------------------------------------------------------------------------
+
+
+def _since(config: FlywheelConfig, now: datetime) -> datetime:
+    return now - timedelta(minutes=config.analysis.since_minutes)
+
+
+def _basic_hot_problems(
+    store: Store, config: FlywheelConfig, workflow: str, since: datetime
+) -> list[dict[str, Any]]:
+    """Fallback when flywheel_middleware.analysis is absent: seed 001's thresholds per workflow."""
+    a = config.analysis
+    low_max = config.triggers.low_rating.max_rating
+    out = []
+    for s in queries.stats(store, low_rating_max=low_max, workflow=workflow):
+        if s.rollouts < a.min_calls:
+            continue
+        reasons = []
+        if s.avg_latency_ms and s.avg_latency_ms > a.latency_ms_max:
+            reasons.append(f"avg latency {s.avg_latency_ms:.0f} ms > {a.latency_ms_max:g}")
+        if s.error_rate > a.error_rate_max:
+            reasons.append(f"error rate {s.error_rate:.1%} > {a.error_rate_max:.0%}")
+        if s.rated and s.low_rated / s.rated > a.low_rating_rate_max:
+            reasons.append(
+                f"low-rating rate {s.low_rated / s.rated:.1%} > {a.low_rating_rate_max:.0%}"
+            )
+        if reasons:
+            out.append(
+                {
+                    "workflow": s.workflow,
+                    "node": None,
+                    "count": s.rollouts,
+                    "reason": "; ".join(reasons),
+                    "source": "controller fallback",
+                }
+            )
+    return out
+
+
+def observe(
+    store: Store, config: FlywheelConfig, workflows: list[str], now: datetime, report: CycleReport
+) -> dict[str, list[dict[str, Any]]]:
+    """Hot problems and low-rating triggers per workflow."""
+    since = _since(config, now)
+    found: dict[str, list[dict[str, Any]]] = {w: [] for w in workflows}
+    hot = _optional("analysis", "hot_problems")
+    for workflow in workflows:
+        if hot is not None:
+            try:
+                items = [
+                    _plain(p) for p in _call(hot, store, config, workflow=workflow, since=since)
+                ]
+            except Exception as exc:  # a failing analysis must not stop the cycle
+                report.notes.append(f"analysis.hot_problems failed for {workflow}: {exc}")
+                items = []
+        else:
+            items = _basic_hot_problems(store, config, workflow, since)
+        for item in items:
+            item.setdefault("workflow", workflow)
+            item.setdefault("source", "hot_problems")
+            found[workflow].append(item)
+    if hot is None:
+        report.notes.append(
+            "flywheel_middleware.analysis is not installed: hot problems came from the "
+            "controller's fallback (seed 001 thresholds per workflow)"
+        )
+    check_low_rating_triggers(store, config)
+    with store.session() as session:
+        events = session.exec(
+            select(ChangeEvent).where(
+                ChangeEvent.kind == TRIGGER_KIND, ChangeEvent.created_at >= since
+            )
+        ).all()
+    for ev in events:
+        if ev.workflow in found:
+            found[ev.workflow].append(
+                {
+                    "workflow": ev.workflow,
+                    "node": None,
+                    "reason": ev.reason,
+                    "source": "low-rating trigger",
+                    "at": ev.created_at.isoformat(),
+                }
+            )
+    for items in found.values():
+        report.problems.extend(items)
+    return found
+
+
+def curate(store: Store, config: FlywheelConfig, workflows: list[str], report: CycleReport) -> None:
+    """Rewards for new rollouts, then the datasets (triplets, SFT, preference, tasks)."""
+    compute = _optional("rewards", "compute_rewards")
+    if compute is None:
+        report.notes.append("flywheel_middleware.rewards is not installed: rewards not computed")
+    else:
+        try:
+            result = _call(compute, store, config)
+            report.curation["rewards"] = _summarise(result)
+        except Exception as exc:
+            report.notes.append(f"rewards.compute_rewards failed: {exc}")
+    export = _optional("datasets", "export")
+    if export is None:
+        report.notes.append("flywheel_middleware.datasets is not installed: no datasets exported")
+        return
+    out_dir = Path(config.controller.dataset_dir or Path(config.controller.report_dir) / "datasets")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Any] = {}
+    for workflow in workflows:
+        for kind in ("triplets", "sft", "preference", "tasks"):
+            target = out_dir / f"{workflow}.{kind}.jsonl"
+            try:
+                result = _call(
+                    export, store, config, kind=kind, workflow=workflow, out=target, path=target
+                )
+            except Exception as exc:
+                report.notes.append(f"datasets.export {kind} for {workflow} failed: {exc}")
+                continue
+            written[str(target)] = _summarise(result)
+    report.curation["datasets"] = written
+
+
+def _summarise(result: Any) -> Any:
+    if result is None or isinstance(result, int | float | str):
+        return result
+    if isinstance(result, dict):
+        return {k: v for k, v in result.items() if isinstance(v, int | float | str | None)}
+    if hasattr(result, "__dataclass_fields__") or hasattr(result, "model_dump"):
+        return _summarise(_plain(result))
+    if isinstance(result, list | tuple):
+        return len(result)
+    return str(result)
+
+
+def _combine(decisions: list[tuple[str, Decision]]) -> Decision:
+    """Promote only if every promoter promotes the same variant; reject if any rejects."""
+    rejects = [(n, d) for n, d in decisions if d.action == "reject"]
+    if rejects:
+        name, d = rejects[0]
+        return Decision("reject", d.variant, f"{name}: {d.reason}", d.evidence)
+    promotes = {d.variant for _, d in decisions if d.action == "promote"}
+    if decisions and len(promotes) == 1 and all(d.action == "promote" for _, d in decisions):
+        variant = promotes.pop()
+        reason = "; ".join(f"{n}: {d.reason}" for n, d in decisions)
+        return Decision("promote", variant, reason, {n: d.evidence for n, d in decisions})
+    reason = "; ".join(f"{n}: {d.action} ({d.reason})" for n, d in decisions)
+    return Decision("continue", None, reason, {n: d.evidence for n, d in decisions})
+
+
+def decide(
+    store: Store, config: FlywheelConfig, mode: str, workflows: list[str], report: CycleReport
+) -> set[str]:
+    """Judge each running experiment; returns workflows whose deployment changed."""
+    changed: set[str] = set()
+    promoters = _plugins("promoter", config, store, ["sequential"])
+    for exp in ex.list_experiments(store, status="running"):
+        if exp.workflow not in workflows:
+            continue
+        stats = ex.experiment_stats(store, exp, config)
+        verdicts = []
+        for promoter in promoters:
+            try:
+                verdicts.append((promoter.name, promoter.decide(stats)))
+            except Exception as exc:
+                report.notes.append(
+                    f"promoter {promoter.name} failed on experiment {exp.id}: {exc}"
+                )
+        if not verdicts:
+            continue
+        final = _combine(verdicts)
+        entry: dict[str, Any] = {
+            "experiment_id": exp.id,
+            "workflow": exp.workflow,
+            "action": final.action,
+            "variant": final.variant,
+            "reason": final.reason,
+            "by_promoter": {n: {"action": d.action, "variant": d.variant} for n, d in verdicts},
+            "stats": stats.as_dict(),
+            "applied": None,
+        }
+        evidence = {"stats": stats.as_dict(), "promoters": final.evidence}
+        if final.action == "promote":
+            if mode == "auto":
+                ex.promote(
+                    store,
+                    exp.id,
+                    final.variant,
+                    actor="controller:auto",
+                    reason=final.reason,
+                    evidence=evidence,
+                )
+                entry["applied"] = "promoted"
+                changed.add(exp.workflow)
+            else:
+                entry["applied"] = "awaiting approval"
+                entry["approve"] = f"flywheel promote {exp.id} {final.variant}"
+        elif final.action == "reject":
+            if mode in ("auto", "experiment"):
+                ex.stop_experiment(
+                    store,
+                    exp.id,
+                    status="rejected",
+                    actor=f"controller:{mode}",
+                    reason=final.reason,
+                    decision={"action": "reject", "reason": final.reason, **evidence},
+                )
+                entry["applied"] = "rejected"
+                changed.add(exp.workflow)
+            else:
+                entry["applied"] = "suggested"
+        else:
+            losers = _losers(verdicts)
+            if losers and mode in ("auto", "experiment"):
+                ex.set_weights(
+                    store, exp.id, dict.fromkeys(losers, 0.0), actor=f"controller:{mode}"
+                )
+                entry["applied"] = f"dropped {', '.join(sorted(losers))}"
+        report.decisions.append(entry)
+    return changed
+
+
+def _losers(verdicts: list[tuple[str, Decision]]) -> set[str]:
+    """Candidates some promoter rejected individually while the experiment goes on."""
+    out: set[str] = set()
+    for _, d in verdicts:
+        for name, info in (d.evidence.get("candidates") or {}).items():
+            if isinstance(info, dict) and info.get("action") == "reject":
+                out.add(name)
+    return out
+
+
+def bad_case_samples(
+    store: Store, config: FlywheelConfig, workflow: str, since: datetime, limit: int = 50
+) -> list[Sample]:
+    """Rated ≤ the trigger's max rating or failed, with their feedback, worst first."""
+    max_rating = config.triggers.low_rating.max_rating
+    cases = queries.bad_cases(
+        store, workflow=workflow, max_rating=max_rating, limit=limit, since=since
+    )
+    ids = [c.rollout.id for c in cases]
+    feedback: dict[str, list[Feedback]] = {}
+    if ids:
+        with store.session() as session:
+            for fb in session.exec(select(Feedback).where(Feedback.rollout_id.in_(ids))):
+                feedback.setdefault(fb.rollout_id, []).append(fb)
+    return [Sample(rollout=c.rollout, feedback=feedback.get(c.rollout.id, [])) for c in cases]
+
+
+def generate(
+    store: Store,
+    config: FlywheelConfig,
+    mode: str,
+    problems: dict[str, list[dict[str, Any]]],
+    skip: set[str],
+    now: datetime,
+    report: CycleReport,
+) -> None:
+    """Where a hot problem has no running experiment, propose candidates and start one."""
+    mutators = None
+    for workflow, items in problems.items():
+        if not items or workflow in skip:
+            continue
+        if ex.running_experiment(store, workflow) is not None:
+            continue
+        wf = config.workflows.get(workflow)
+        if wf is None:
+            continue
+        if mutators is None:
+            mutators = _plugins("mutator", config, store, ["param"])
+        active = versions.active_version(store, workflow)
+        if active is None:
+            continue
+        tried = versions.tried_hashes(store, workflow)
+        samples = bad_case_samples(store, config, workflow, _since(config, now))
+        wanted = wf.experiment.max_candidates
+        candidates: list[tuple[str, Candidate]] = []
+        for mutator in mutators:
+            if len(candidates) >= wanted:
+                break
+            try:
+                proposed = mutator.propose(
+                    active.config,
+                    workflow=workflow,
+                    tunable=wf.tunable,
+                    bad_cases=samples,
+                    tried=tried,
+                    n=wanted - len(candidates),
+                )
+            except Exception as exc:
+                report.notes.append(f"mutator {mutator.name} failed for {workflow}: {exc}")
+                continue
+            for cand in proposed:
+                h = versions.config_hash(cand.config)
+                if h in tried:
+                    continue
+                tried.add(h)
+                candidates.append((mutator.name, cand))
+        proposal = {
+            "workflow": workflow,
+            "base_version": active.version,
+            "bad_cases": len(samples),
+            "candidates": [
+                {
+                    "mutator": name,
+                    "note": c.note,
+                    "diff": versions.diff_configs(active.config, c.config),
+                }
+                for name, c in candidates
+            ],
+        }
+        report.proposals.append(proposal)
+        if not candidates:
+            report.notes.append(f"{workflow}: no untried candidate left in the tunable space")
+            continue
+        if mode == "suggest":
+            continue
+        ids = []
+        for name, cand in candidates:
+            row = versions.create_version(
+                store,
+                workflow,
+                cand.config,
+                parent_id=active.id,
+                created_by=f"mutator:{name}",
+                note=cand.note,
+            )
+            ids.append(row.id)
+        reason = "hot problem: " + "; ".join(
+            str(_field(p, "reason") or _field(p, "kind") or p) for p in items[:3]
+        )
+        exp = ex.start_experiment(
+            store,
+            workflow,
+            ids,
+            traffic=wf.experiment.candidate_traffic,
+            unit=wf.experiment.unit,
+            actor=f"controller:{mode}",
+            reason=reason,
+        )
+        report.started.append(
+            {
+                "experiment_id": exp.id,
+                "workflow": workflow,
+                "candidates": [v["name"] for v in exp.variants[1:]],
+                "traffic": wf.experiment.candidate_traffic,
+                "reason": reason,
+            }
+        )
+
+
+# -- the cycle ------------------------------------------------------------------------------
+
+
+def run_cycle(
+    store: Store,
+    config: FlywheelConfig,
+    mode: str | None = None,
+    *,
+    workflows: list[str] | None = None,
+    report_dir: str | Path | None = None,
+    curate_data: bool = True,
+    now: datetime | None = None,
+) -> CycleReport:
+    """One observe → curate → decide → generate pass; writes and returns the report."""
+    mode = mode or config.controller.mode
+    if mode not in MODES:
+        raise ValueError(f"controller mode must be one of {', '.join(MODES)}, got {mode!r}")
+    now = now or utcnow()
+    report = CycleReport(mode=mode, started_at=now)
+    names = workflows or sorted(set(config.workflows) | set(versions.workflows_in_store(store)))
+    for name in names:
+        if name in config.workflows:
+            versions.ensure_workflow(store, config, name)
+    report.workflows = names
+    problems = observe(store, config, names, now, report)
+    if curate_data:
+        curate(store, config, names, report)
+    changed = decide(store, config, mode, names, report)
+    generate(store, config, mode, problems, changed, now, report)
+    report.finished_at = utcnow()
+    folder = Path(report_dir or config.controller.report_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"cycle-{now:%Y%m%d-%H%M%S-%f}.md"
+    path.write_text(report.to_markdown(), encoding="utf-8")
+    report.report_path = str(path)
+    with store.session() as session:
+        session.add(
+            ChangeEvent(
+                workflow="*",
+                kind=CYCLE_KIND,
+                actor=f"controller:{mode}",
+                reason=f"cycle report {path.name}",
+                evidence=report.summary(),
+                created_at=utcnow(),
+            )
+        )
+    return report
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def _pct(e: dict[str, Any]) -> str:
+    if e.get("value") is None:
+        return "–"
+    text = f"{e['value']:.1%}"
+    if e.get("low") is not None and e.get("high") is not None:
+        text += f" [{e['low']:.1%}, {e['high']:.1%}]"
+    return text
+
+
+def _num(e: dict[str, Any], spec: str = ".0f") -> str:
+    if e.get("value") is None:
+        return "–"
+    text = format(e["value"], spec)
+    if e.get("low") is not None and e.get("high") is not None:
+        text += f" [{format(e['low'], spec)}, {format(e['high'], spec)}]"
+    return text
+
+
+def render_markdown(r: CycleReport) -> str:
+    lines = [
+        f"# Flywheel cycle — {r.started_at:%Y-%m-%d %H:%M:%S} UTC",
+        "",
+        f"- mode: **{r.mode}**"
+        + {
+            "suggest": " (report only: nothing was changed)",
+            "experiment": " (experiments run; promotions wait for your approval)",
+            "auto": " (promotions applied within guardrails)",
+        }[r.mode],
+        f"- workflows: {', '.join(r.workflows) or '(none)'}",
+        "",
+        "## 1. Observe — hot problems",
+        "",
+    ]
+    if r.problems:
+        lines += ["| workflow | node | source | problem |", "|---|---|---|---|"]
+        for p in r.problems:
+            reason = (
+                p.get("reason")
+                or p.get("kind")
+                or ", ".join(
+                    f"{k}={v}" for k, v in p.items() if k not in ("workflow", "node", "source")
+                )
+            )
+            lines.append(
+                f"| {p.get('workflow')} | {p.get('node') or '–'} | {p.get('source')} | {reason} |"
+            )
+    else:
+        lines.append("No hot problems.")
+    lines += ["", "## 2. Curate — rewards and datasets", ""]
+    if r.curation.get("rewards") is not None:
+        lines.append(f"- rewards: {r.curation['rewards']}")
+    for path, info in (r.curation.get("datasets") or {}).items():
+        lines.append(f"- `{path}`: {info}")
+    if not r.curation:
+        lines.append("Nothing curated.")
+    lines += ["", "## 3. Decide — running experiments", ""]
+    if not r.decisions:
+        lines.append("No running experiments.")
+    for d in r.decisions:
+        lines += [
+            f"### Experiment {d['experiment_id']} ({d['workflow']}): **{d['action']}**"
+            + (f" `{d['variant']}`" if d.get("variant") else "")
+            + (f" — {d['applied']}" if d.get("applied") else ""),
+            "",
+            f"{d['reason']}",
+            "",
+            "| variant | weight | rollouts | positive feedback | mean reward | error rate | latency ms (mean) | latency p95 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for v in d["stats"]["variants"].values():
+            lines.append(
+                f"| {v['name']} | {v['weight']:.2f} | {v['rollouts']} | "
+                f"{_pct(v['positive_feedback_rate'])} | {_num(v['mean_reward'], '.3f')} | "
+                f"{_pct(v['error_rate'])} | {_num(v['latency_mean_ms'])} | {_num(v['latency_p95_ms'])} |"
+            )
+        if d.get("approve"):
+            lines += ["", f"To approve: `{d['approve']}`"]
+        lines.append("")
+    lines += ["## 4. Generate — candidates", ""]
+    if not r.proposals:
+        lines.append("No workflow needed new candidates.")
+    for p in r.proposals:
+        lines.append(f"### {p['workflow']} (from v{p['base_version']}, {p['bad_cases']} bad cases)")
+        lines.append("")
+        for c in p["candidates"]:
+            changes = ", ".join(f"`{path}`: {old!r} → {new!r}" for path, old, new in c["diff"])
+            if len(changes) > 400:
+                changes = changes[:399] + "…"
+            lines.append(f"- {c['mutator']}: {changes or c['note']}")
+        lines.append("")
+    for s in r.started:
+        lines.append(
+            f"Started experiment {s['experiment_id']} on {s['workflow']}: "
+            f"{', '.join(s['candidates'])} at {s['traffic']:.0%} traffic each ({s['reason']})."
+        )
+    if r.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in r.notes]
+    lines.append("")
+    return "\n".join(lines)
