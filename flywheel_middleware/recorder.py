@@ -173,7 +173,9 @@ class Recorder:
         self._stopped.set()
         self._buf.append(None)
         self._wake.set()
-        self._thread.join(timeout=10)
+        # The writer may be inside one database call (bounded by the busy/connect timeouts);
+        # wait for it, so its batch is either written or spilled, never dropped.
+        self._thread.join(timeout=30)
         # Anything still queued (the store stayed down) goes to the spill file for next time.
         leftovers = []
         while self._buf:

@@ -6,6 +6,7 @@ where a SQLModel instance costs tens of microseconds. The writer thread turns th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -130,6 +131,8 @@ class SpanRecord(Record):
             raise TypeError(f"unknown span fields: {sorted(values)}")
         if self.sequence is None:
             self.sequence = 0
+        if self.kind is None:
+            self.kind = "chain"
         if self.status is None:
             self.status = "ok"
 
@@ -197,6 +200,12 @@ class FeedbackRecord(Record):
             setattr(self, name, values.pop(name, None))
         if values:
             raise TypeError(f"unknown feedback fields: {sorted(values)}")
+        if self.source is None:
+            self.source = "explicit"
+        if self.key is None:
+            self.key = "rating"
+        if self.created_at is None:
+            self.created_at = time.time_ns()
 
 
 class TelemetryRecord(Record):
@@ -211,6 +220,8 @@ class TelemetryRecord(Record):
             setattr(self, name, values.pop(name, None))
         if values:
             raise TypeError(f"unknown telemetry fields: {sorted(values)}")
+        if self.received_at is None:
+            self.received_at = time.time_ns()
 
 
 RECORD_TYPES: dict[str, type[Record]] = {

@@ -32,7 +32,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA busy_timeout=5000")  # longer locks: the recorder retries
     cur.execute("PRAGMA foreign_keys=OFF")
     cur.close()
 
@@ -60,9 +60,10 @@ class Store:
                     raise StoreError(
                         f"cannot open store {url!r}: folder {str(folder)!r} does not exist"
                     )
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 5}
         else:
             kwargs["pool_pre_ping"] = True
+            kwargs["connect_args"] = {"connect_timeout": 5}
         try:
             self.engine: Engine = create_engine(url, **kwargs)
         except (NoSuchModuleError, ModuleNotFoundError) as exc:

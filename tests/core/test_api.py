@@ -1,0 +1,177 @@
+"""The public API: rollouts, spans, traced functions, parenting across threads and tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from flywheel_middleware import queries
+
+
+def _spans(fw, rollout_id):
+    fw.flush()
+    return {s.name: s for s in queries.spans_of(fw.store(), rollout_id)}
+
+
+def test_rollout_records_spans_under_the_right_parents(fw):
+    with fw.rollout("qa", user_id="u1", session_id="s1", input={"q": "where is my order"}) as r:
+        with fw.span("plan", kind="chain") as plan:
+            with fw.span("lookup", kind="tool", input={"id": 7}) as tool:
+                tool.set_output({"status": "shipped"})
+        with fw.span("answer", kind="llm", model="m-1") as llm:
+            llm.set_usage(input_tokens=12, output_tokens=30)
+        r.set_output("It shipped.")
+    spans = _spans(fw, r.id)
+    assert spans["plan"].parent_id is None
+    assert spans["lookup"].parent_id == spans["plan"].id
+    assert spans["answer"].parent_id is None
+    assert [spans[n].sequence for n in ("plan", "lookup", "answer")] == [0, 1, 2]
+    assert spans["lookup"].input == {"id": 7} and spans["lookup"].output == {"status": "shipped"}
+    assert spans["answer"].model == "m-1" and spans["answer"].output_tokens == 30
+    row = queries.find_rollout(fw.store(), r.id)
+    assert (row.workflow, row.user_id, row.session_id, row.status) == (
+        "qa",
+        "u1",
+        "s1",
+        "succeeded",
+    )
+    assert row.input == {"q": "where is my order"} and row.output == "It shipped."
+    assert (row.input_tokens, row.output_tokens, row.total_tokens) == (12, 30, 42)
+    assert row.latency_ms >= 0 and row.ended_at >= row.started_at
+
+
+def test_an_exception_marks_span_and_rollout_failed_and_propagates(fw):
+    with pytest.raises(KeyError, match="missing"), fw.rollout("qa") as r:
+        with fw.span("lookup", kind="tool"):
+            raise KeyError("missing")
+    spans = _spans(fw, r.id)
+    assert spans["lookup"].status == "error" and "KeyError" in spans["lookup"].error
+    row = queries.find_rollout(fw.store(), r.id)
+    assert row.status == "failed" and "missing" in row.error
+
+
+def test_traced_sync_and_async_functions(fw):
+    @fw.traced(kind="tool")
+    def add(a, b):
+        return a + b
+
+    @fw.traced(name="fetch", kind="retriever")
+    async def fetch(q):
+        await asyncio.sleep(0)
+        return [q.upper()]
+
+    with fw.rollout("qa") as r:
+        assert add(2, b=3) == 5
+        assert asyncio.run(fetch("x")) == ["X"]
+    spans = _spans(fw, r.id)
+    qual = "test_traced_sync_and_async_functions.<locals>.add"
+    assert spans[qual].input == {"a": 2, "b": 3} and spans[qual].output == 5
+    assert spans["fetch"].kind == "retriever" and spans["fetch"].output == ["X"]
+
+
+def test_a_span_with_no_rollout_opens_one_implicitly(fw):
+    with fw.span("standalone", kind="tool", workflow="adhoc") as s:
+        s.set_output("done")
+    fw.flush()
+    row = queries.find_rollout(fw.store(), s.rollout.id)
+    assert row.workflow == "adhoc" and row.output == "done"
+
+
+async def test_concurrent_asyncio_rollouts_do_not_mix(fw):
+    async def one(i):
+        async with fw.rollout("qa", user_id=f"u{i}") as r, fw.span(f"outer-{i}"):
+            await asyncio.sleep(0.001 * (i % 3))
+            async with fw.span(f"inner-{i}"):
+                await asyncio.sleep(0)
+        return r
+
+    rollouts = await asyncio.gather(*(one(i) for i in range(50)))
+    fw.flush()
+    for i, r in enumerate(rollouts):
+        spans = {s.name: s for s in queries.spans_of(fw.store(), r.id)}
+        assert set(spans) == {f"outer-{i}", f"inner-{i}"}
+        assert spans[f"inner-{i}"].parent_id == spans[f"outer-{i}"].id
+
+
+def test_threads_each_keep_their_own_rollout(fw):
+    results = {}
+
+    def work(i):
+        with fw.rollout("qa", user_id=f"t{i}") as r:
+            for j in range(20):
+                with fw.span(f"s{j}"):
+                    pass
+        results[i] = r.id
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fw.flush()
+    for rid in results.values():
+        spans = queries.spans_of(fw.store(), rid)
+        assert len(spans) == 20 and sorted(s.sequence for s in spans) == list(range(20))
+
+
+def test_current_rollout_and_span(fw):
+    assert fw.current_rollout() is None
+    with fw.rollout("qa") as r:
+        assert fw.current_rollout() is r
+        with fw.span("x") as s:
+            assert fw.current_span() is s and fw.current_rollout() is r
+    assert fw.current_rollout() is None
+
+
+def test_config_comes_from_the_workflow(tmp_path, sqlite_url):
+    import flywheel_middleware as fw
+
+    fw.configure(
+        config={"workflows": {"qa": {"config": {"llm": {"temperature": 0.3}}}}},
+        store_url=sqlite_url,
+    )
+    try:
+        with fw.rollout("qa", user_id="u1") as r:
+            assert r.config["llm"]["temperature"] == 0.3
+        with fw.rollout("unknown") as r2:
+            assert r2.config == {}
+    finally:
+        fw.shutdown()
+
+
+def test_spans_are_mirrored_to_an_otel_sdk(fw):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from flywheel_middleware import otel
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    original = otel.trace.get_tracer_provider
+    otel.trace.get_tracer_provider = lambda: provider  # as if the app had set the global provider
+    try:
+        with fw.rollout("qa") as r, fw.span("chat", kind="llm", model="gpt-x") as s:
+            s.set_usage(3, 4)
+    finally:
+        otel.trace.get_tracer_provider = original
+    finished = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(finished) == {"workflow qa", "chat"}
+    chat, root = finished["chat"], finished["workflow qa"]
+    assert chat.parent.span_id == root.context.span_id
+    assert chat.attributes["gen_ai.request.model"] == "gpt-x"
+    assert chat.attributes["gen_ai.usage.output_tokens"] == 4
+    assert chat.attributes["gen_ai.operation.name"] == "chat"
+    assert chat.attributes["flywheel.rollout_id"] == r.id
+
+
+def test_no_otel_sdk_means_no_otel_work(fw):
+    from flywheel_middleware import otel
+
+    assert otel.tracer() is None
+    with fw.rollout("qa") as r, fw.span("x") as s:
+        assert s._otel is None
+    assert r._otel is None

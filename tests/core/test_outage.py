@@ -1,0 +1,104 @@
+"""A database that is locked or unreachable for a few seconds mid-load loses nothing."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from flywheel_middleware.recorder import Recorder
+from flywheel_middleware.store import Store
+from flywheel_middleware.tracing import RolloutHandle, SpanHandle
+
+from .tcp_proxy import TcpProxy
+
+
+def _record(recorder: Recorder, n_rollouts: int, spans_each: int, tag: str) -> None:
+    for i in range(n_rollouts):
+        r = RolloutHandle("outage", input=f"{tag}-{i}", recorder=recorder)
+        for j in range(spans_each):
+            SpanHandle(f"s{j}", "tool", r, r).end()
+        r.finish()
+
+
+def _counts(url: str) -> tuple[int, int]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        result = (
+            conn.execute(text("SELECT COUNT(*) FROM rollout")).scalar(),
+            conn.execute(text("SELECT COUNT(*) FROM span")).scalar(),
+        )
+    engine.dispose()
+    return result
+
+
+def test_sqlite_locked_for_seconds_loses_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "locked.db"
+    url = f"sqlite:///{path}"
+    store = Store(url)
+    recorder = Recorder(store, queue_size=500, flush_interval=0.01, backpressure_timeout=0.001)
+    _record(recorder, 50, 9, "before")
+    assert recorder.flush(10)
+
+    blocker = sqlite3.connect(path, timeout=1, check_same_thread=False)
+    blocker.execute("BEGIN EXCLUSIVE")  # nobody else can write now
+    released = threading.Event()
+
+    def release_later():
+        time.sleep(3)
+        blocker.rollback()
+        blocker.close()
+        released.set()
+
+    threading.Thread(target=release_later, daemon=True).start()
+    _record(recorder, 300, 9, "during")  # 3,000 records into a queue of 500: must spill
+    assert not released.is_set(), "the load should have run while the database was locked"
+    released.wait(10)
+    assert recorder.close(timeout=60)
+    assert recorder.counters.spilled > 0
+    assert _counts(url) == (350, 3150)
+    assert list((recorder.spill_dir).glob("*.spill")) == []
+
+
+@pytest.mark.postgres
+def test_postgres_unreachable_for_seconds_loses_nothing(postgres_url):
+    parts = urlsplit(postgres_url.replace("postgresql+psycopg", "http"))
+    proxy = TcpProxy(parts.hostname, parts.port)
+    proxy.start()
+    proxied = postgres_url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}")
+    store = Store(proxied)
+    recorder = Recorder(store, queue_size=1000, flush_interval=0.01)
+    _record(recorder, 50, 9, "before")
+    assert recorder.flush(10)
+
+    proxy.cut()
+    _record(recorder, 200, 9, "during")
+    time.sleep(3)  # the writer keeps failing to reach the server meanwhile
+    assert recorder.counters.retried > 0
+    proxy.start()
+    _record(recorder, 50, 9, "after")
+    assert recorder.close(timeout=60)
+    assert _counts(postgres_url) == (300, 2700)
+    assert recorder.counters.written == 300 + 2700
+
+
+def test_store_down_at_exit_spills_and_the_next_recorder_replays(tmp_path):
+    url = f"sqlite:///{tmp_path / 'spill.db'}"
+    store = Store(url)
+    first = Recorder(store, flush_interval=0.01, exit_timeout=0.5)
+    blocker = sqlite3.connect(tmp_path / "spill.db", timeout=1)
+    blocker.execute("BEGIN EXCLUSIVE")
+    _record(first, 20, 4, "x")
+    assert first.close(timeout=0.5) is False  # could not write: kept on disk instead
+    assert list(first.spill_dir.glob("*.spill"))
+    blocker.rollback()
+    blocker.close()
+    second = Recorder(Store(url), flush_interval=0.01)  # e.g. the next process start
+    assert second.flush(30)
+    assert second.counters.replayed == 100
+    assert _counts(url) == (20, 80)
+    second.close()
