@@ -17,7 +17,7 @@ def _spans(fw, rollout_id):
 
 def test_rollout_records_spans_under_the_right_parents(fw):
     with fw.rollout("qa", user_id="u1", session_id="s1", input={"q": "where is my order"}) as r:
-        with fw.span("plan", kind="chain") as plan:
+        with fw.span("plan", kind="chain"):
             with fw.span("lookup", kind="tool", input={"id": 7}) as tool:
                 tool.set_output({"status": "shipped"})
         with fw.span("answer", kind="llm", model="m-1") as llm:
