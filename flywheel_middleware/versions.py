@@ -5,13 +5,17 @@ config); a ``Deployment`` row names the active one and every change of it — ac
 promote, rollback — writes a ``ChangeEvent``, so ``rollback`` can walk the history back.
 
 ``StoreResolver.resolve(workflow, unit_id)`` serves the active version, or an experiment
-variant. Assignment is weighted rendezvous hashing (highest random weight) over a hash of
-(experiment seed, unit id): deterministic and sticky, exactly proportional to the weights,
-and when a weight changes only the units that must move do (GrowthBook's cumulative bucket
-ranges shift every later variant when one weight changes; rendezvous moves just the share that
-changed). GrowthBook-style ``coverage`` keeps a fraction of units out of the experiment
-entirely; raising it only adds units. The deployment and running experiments are cached for
-``ttl`` seconds, so a promotion reaches every process without a restart.
+variant. Assignment uses GrowthBook-style buckets: a hash of (experiment seed, unit id) gives
+each unit a coverage draw and a bucket in [0, 1). Each candidate owns a fixed slot of the
+bucket line (slot k = [k/K, (k+1)/K) for K candidates) and covers the top ``share`` of its
+slot; the baseline takes every other bucket. So assignment is deterministic and sticky, exactly
+proportional, and ramping one candidate (or dropping it) moves only units between that
+candidate and the baseline — no more than the change in its share, the least possible.
+(GrowthBook's cumulative ranges would shift every later variant when one weight changes; a
+candidate whose share exceeds its slot falls back to those cumulative ranges.) ``coverage``
+keeps a fraction of units out of the experiment entirely; raising it only adds units. The
+deployment and running experiments are cached for ``ttl`` seconds, so a promotion reaches
+every process without a restart.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import struct
 import threading
@@ -418,6 +421,7 @@ def find_by_hash(
 
 _SCALE = float(1 << 64)
 _STRUCTS = [struct.Struct(f">{k}Q") for k in range(9)]
+_PAIR = _STRUCTS[2]
 
 
 def _digest(seed: str, unit_id: str, k: int) -> tuple[int, ...]:
@@ -426,34 +430,52 @@ def _digest(seed: str, unit_id: str, k: int) -> tuple[int, ...]:
 
 
 def unit_uniforms(seed: str, unit_id: str, k: int) -> list[float]:
-    """``k`` (≤ 8) independent uniforms in (0, 1) from one blake2b of (seed, unit)."""
-    return [(x + 0.5) / _SCALE for x in _digest(seed, unit_id, max(1, k))]
+    """``k`` (≤ 8) independent uniforms in [0, 1) from one blake2b of (seed, unit)."""
+    return [x / _SCALE for x in _digest(seed, unit_id, max(1, k))]
 
 
-def assign(seed: str, unit_id: str, weights: list[float], coverage: float = 1.0) -> int | None:
-    """The variant index for a unit (None when outside ``coverage``): weighted rendezvous.
+def bucket_ranges(weights: list[float], remainder: int = 0) -> list[tuple[float, float, int]]:
+    """(low, high, variant index) ranges of the bucket line; uncovered buckets → ``remainder``.
 
-    Each variant i draws u_i from the unit's hash; the unit goes to argmin -ln(u_i) / w_i.
-    -ln(u_i)/w_i is exponential with rate w_i, so variant i wins with probability w_i / Σw;
-    changing one weight only moves units into or out of that variant. Draw 0 decides coverage.
+    Candidates (every variant but ``remainder``) own equal fixed slots and fill the top of
+    their slot with their share; if a share exceeds its slot, cumulative ranges are used.
     """
-    draws = _digest(seed, unit_id, len(weights) + 1)
-    if (draws[0] + 0.5) / _SCALE >= coverage:
+    total = sum(max(0.0, w) for w in weights)
+    if total <= 0:
+        return []
+    shares = [max(0.0, w) / total for w in weights]
+    others = [i for i in range(len(weights)) if i != remainder]
+    if not others:
+        return []
+    slot = 1.0 / len(others)
+    if all(shares[i] <= slot + 1e-12 for i in others):
+        return [
+            ((k + 1) * slot - shares[i], (k + 1) * slot, i)
+            for k, i in enumerate(others)
+            if shares[i] > 0
+        ]
+    out, low = [], 0.0
+    for i, share in enumerate(shares):  # GrowthBook's cumulative ranges
+        if share > 0 and i != remainder:
+            out.append((low, low + share, i))
+        low += share
+    return out
+
+
+def assign(
+    seed: str, unit_id: str, weights: list[float], coverage: float = 1.0, remainder: int = 0
+) -> int | None:
+    """The variant index for a unit (None when outside ``coverage``)."""
+    cover, bucket = unit_uniforms(seed, unit_id, 2)
+    if cover >= coverage:
         return None
-    return _pick(draws, [1.0 / w if w > 0 else math.inf for w in weights])
+    for low, high, index in bucket_ranges(weights, remainder):
+        if low <= bucket < high:
+            return index
+    return remainder
 
 
-def _pick(draws: tuple[int, ...], inverse_weights: list[float]) -> int | None:
-    best, best_score = None, math.inf
-    log, scale = math.log, _SCALE
-    for i, inv in enumerate(inverse_weights):
-        score = -log((draws[i + 1] + 0.5) / scale) * inv
-        if score < best_score:
-            best, best_score = i, score
-    return best
-
-
-MAX_VARIANTS = 7
+BASELINE = "baseline"
 
 
 @dataclass
@@ -465,11 +487,9 @@ class _Plan:
     experiment_id: int | None = None
     seed: str = ""
     coverage: float = 1.0
-    weights: list[float] = field(default_factory=list)
-    inverse: list[float] = field(default_factory=list)
     cutoff: int = 1 << 64
-    width: int = 1
-    variants: list[Resolution] = field(default_factory=list)
+    ranges: list[tuple[int, int, Resolution]] = field(default_factory=list)
+    remainder: Resolution | None = None
     forced_units: dict[str, Resolution] = field(default_factory=dict)
     by_name: dict[str, Resolution] = field(default_factory=dict)
 
@@ -525,15 +545,15 @@ class StoreResolver:
             forced = plan.forced_units.get(unit_id)
             if forced is not None:
                 return forced
-        draws = _STRUCTS[plan.width].unpack(
-            hashlib.blake2b(
-                f"{plan.seed}\x1f{unit_id}".encode(), digest_size=8 * plan.width
-            ).digest()
+        cover, bucket = _PAIR.unpack(
+            hashlib.blake2b(f"{plan.seed}\x1f{unit_id}".encode(), digest_size=16).digest()
         )
-        if draws[0] >= plan.cutoff:
+        if cover >= plan.cutoff:
             return plan.active
-        index = _pick(draws, plan.inverse)
-        return plan.active if index is None else plan.variants[index]
+        for low, high, resolution in plan.ranges:
+            if low <= bucket < high:
+                return resolution
+        return plan.remainder
 
     def force(self, workflow: str, variant: str | None) -> None:
         """Serve ``variant`` to every request of ``workflow`` in this process (None clears)."""
@@ -611,30 +631,36 @@ class StoreResolver:
             ).first()
             if exp is None:
                 return plan
-            variants = list(exp.variants or [])[:MAX_VARIANTS]
-            total = sum(max(0.0, float(v.get("weight", 0))) for v in variants)
+            variants = list(exp.variants or [])
+            weights = [max(0.0, float(v.get("weight", 0))) for v in variants]
+            total = sum(weights)
             if total <= 0:
                 return plan
+            names = [str(v["name"]) for v in variants]
+            remainder = names.index(BASELINE) if BASELINE in names else 0
             coverage = float((exp.metrics or {}).get("coverage", 1.0))
             plan.experiment_id = exp.id
             plan.seed = experiment_seed(exp)
             plan.coverage = coverage
             plan.cutoff = int(min(1.0, max(0.0, coverage)) * _SCALE)
-            plan.width = len(variants) + 1
-            for v in variants:
-                w = max(0.0, float(v.get("weight", 0)))
-                res = self._resolution(
-                    session,
-                    int(v["version_id"]),
-                    experiment_id=exp.id,
-                    variant=str(v["name"]),
-                    propensity=w / total,
+            served = []
+            for v, w, name in zip(variants, weights, names, strict=True):
+                served.append(
+                    self._resolution(
+                        session,
+                        int(v["version_id"]),
+                        experiment_id=exp.id,
+                        variant=name,
+                        propensity=w / total,
+                    )
                 )
-                plan.weights.append(w)
-                plan.inverse.append(1.0 / w if w > 0 else math.inf)
-                plan.variants.append(res)
-                forced = self._resolution(session, int(v["version_id"]), variant=str(v["name"]))
-                plan.by_name[str(v["name"])] = forced
+                forced = self._resolution(session, int(v["version_id"]), variant=name)
+                plan.by_name[name] = forced
                 for unit in v.get("force") or ():
                     plan.forced_units[str(unit)] = forced
+            plan.remainder = served[remainder]
+            plan.ranges = [
+                (int(low * _SCALE), int(high * _SCALE), served[i])
+                for low, high, i in bucket_ranges(weights, remainder)
+            ]
             return plan
