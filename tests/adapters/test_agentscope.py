@@ -1,0 +1,175 @@
+"""FlywheelMiddleware on real AgentScope 2.x agents whose OpenAIChatModel talks to a loopback server."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+pytest.importorskip("agentscope")
+
+from agentscope.agent import Agent  # noqa: E402
+from agentscope.credential import OpenAICredential  # noqa: E402
+from agentscope.message import UserMsg  # noqa: E402
+from agentscope.model import OpenAIChatModel  # noqa: E402
+from agentscope.permission import PermissionBehavior, PermissionDecision  # noqa: E402
+from agentscope.tool import FunctionTool, Toolkit  # noqa: E402
+from flywheel_middleware.adapters.agentscope import FlywheelMiddleware  # noqa: E402
+
+from flywheel_middleware.testing.openai_server import OpenAIServer, Reply  # noqa: E402
+
+
+def add(a: int, b: int) -> int:
+    """Add two numbers.
+
+    Args:
+        a: the first number
+        b: the second number
+    """
+    return a + b
+
+
+def make_agent(server: OpenAIServer, *middlewares, stream: bool = True, name: str = "bob"):
+    async def build():
+        model = OpenAIChatModel(
+            credential=OpenAICredential(api_key="sk-test", base_url=server.base_url),
+            model="gpt-as",
+            stream=stream,
+            max_retries=0,
+        )
+        toolkit = Toolkit()
+        allow = PermissionDecision(behavior=PermissionBehavior.ALLOW, message="ok")
+        await toolkit.add_tool(FunctionTool(add, permission=allow))
+        return Agent(
+            name=name,
+            system_prompt="You are bob.",
+            model=model,
+            toolkit=toolkit,
+            middlewares=list(middlewares),
+        )
+
+    return asyncio.run(build())
+
+
+def tool_then_answer(server: OpenAIServer) -> None:
+    server.enqueue(
+        Reply(content=None, tool_calls=[{"name": "add", "arguments": {"a": 2, "b": 3}}]),
+        "the sum is 5",
+    )
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_reply_model_and_tool_spans(openai_server, captured, stream: bool) -> None:
+    tool_then_answer(openai_server)
+    agent = make_agent(openai_server, FlywheelMiddleware(workflow="as"), stream=stream)
+    msg = asyncio.run(agent.reply(UserMsg(name="user", content="add 2 and 3")))
+    assert msg.get_text_content() == "the sum is 5"
+    [c] = captured("as")
+    assert c.rollout.status == "succeeded"
+    assert c.rollout.session_id == agent.state.session_id
+    [root] = c.roots
+    assert root.kind == "agent" and root.name == "bob"
+    kids = c.children(root)
+    assert [s.kind for s in kids] == ["llm", "tool", "llm"]
+    first, tool_span, second = kids
+    assert first.model == "gpt-as" and first.name == "chat gpt-as"
+    assert first.input_tokens > 0 and first.output_tokens == 4  # json of the tool arguments
+    assert second.output_tokens == 4 and second.output[0]["text"] == "the sum is 5"
+    assert any("add 2 and 3" in str(m) for m in first.input)
+    assert first.attributes["tools"][0] == "add"
+    assert tool_span.name == "add" and tool_span.input == {"a": 2, "b": 3}
+    assert "5" in tool_span.output[0]["text"] and tool_span.status == "ok"
+    assert c.rollout.output_tokens == 8
+    if stream:
+        assert first.attributes["stream"] is True
+        assert second.attributes["time_to_first_token_ms"] >= 0
+
+
+def test_attaches_to_active_rollout(fw, openai_server, captured) -> None:
+    agent = make_agent(openai_server, FlywheelMiddleware(workflow="ignored"))
+
+    async def run():
+        with fw.rollout("outer", user_id="u1") as r:
+            await agent.reply(UserMsg(name="user", content="hi"))
+        return r
+
+    r = asyncio.run(run())
+    [c] = captured("outer")
+    assert c.rollout.id == r.id and c.rollout.user_id == "u1"
+    [root] = c.roots
+    assert root.kind == "agent" and [s.kind for s in c.children(root)] == ["llm"]
+    assert captured("ignored") == []
+
+
+def test_model_error_recorded_and_reraised(openai_server, captured) -> None:
+    import openai
+
+    openai_server.enqueue(Reply(status=400, error="no such model"))
+    agent = make_agent(openai_server, FlywheelMiddleware(workflow="err"), stream=False)
+    agent.model_config.max_retries = 0
+    with pytest.raises(openai.BadRequestError, match="no such model"):
+        asyncio.run(agent.reply(UserMsg(name="user", content="hi")))
+    [c] = captured("err")
+    assert c.rollout.status == "failed"
+    llm = [s for s in c.spans if s.kind == "llm"][0]
+    assert llm.status == "error" and llm.error.startswith("BadRequestError")
+    assert c.roots[0].status == "error"
+
+
+def test_concurrent_agents_share_one_middleware(openai_server, captured) -> None:
+    openai_server.delay = 0.05
+    openai_server.set_responder(
+        lambda req: "echo: " + re.search(r"question \d", str(req.body["messages"])).group(0)
+    )
+    mw = FlywheelMiddleware(workflow="conc")
+    agents = [make_agent(openai_server, mw, name=f"a{i}") for i in range(4)]
+
+    async def run():
+        return await asyncio.gather(
+            *(a.reply(UserMsg(name="user", content=f"question {i}")) for i, a in enumerate(agents))
+        )
+
+    msgs = asyncio.run(run())
+    assert [m.get_text_content() for m in msgs] == [f"echo: question {i}" for i in range(4)]
+    assert openai_server.max_in_flight > 1
+    rollouts = captured("conc")
+    assert len(rollouts) == 4
+    for c in rollouts:
+        [root] = c.roots
+        i = root.name[1:]
+        [llm] = c.children(root)
+        assert llm.output[0]["text"] == f"echo: question {i}"
+
+
+def test_applies_workflow_config(fw, sqlite_url, openai_server, captured) -> None:
+    fw.configure(
+        store_url=sqlite_url,
+        config={
+            "workflows": {
+                "cfg": {
+                    "config": {
+                        "llm": {"temperature": 0.7, "max_tokens": 55, "model": "gpt-tuned"},
+                        "prompt": {"system": "You are tuned bob.", "system_suffix": "Be brief."},
+                    }
+                }
+            }
+        },
+    )
+    agent = make_agent(openai_server, FlywheelMiddleware(workflow="cfg"))
+    asyncio.run(agent.reply(UserMsg(name="user", content="hi")))
+    body = openai_server.requests[-1].body
+    assert body["temperature"] == 0.7 and body["max_completion_tokens"] == 55
+    assert body["model"] == "gpt-tuned"
+    system = body["messages"][0]["content"][0]["text"]
+    assert system.startswith("You are tuned bob.") and system.endswith("Be brief.")
+    assert "You are bob." not in system
+    assert agent.model.parameters.temperature is None and agent.model.model == "gpt-as"
+    [c] = captured("cfg")
+    llm = [s for s in c.spans if s.kind == "llm"][0]
+    assert llm.model == "gpt-tuned" and llm.attributes["invocation_params"]["temperature"] == 0.7
+    # apply_config=False leaves the agent alone
+    agent2 = make_agent(openai_server, FlywheelMiddleware(workflow="cfg", apply_config=False))
+    asyncio.run(agent2.reply(UserMsg(name="user", content="hi")))
+    body = openai_server.requests[-1].body
+    assert "temperature" not in body and body["model"] == "gpt-as"
