@@ -180,10 +180,8 @@ class FlywheelMiddleware(MiddlewareBase):
             system = prompt.get("system")
             if isinstance(system, str):
                 own = getattr(agent, "_system_prompt", None)
-                if own and result.startswith(own):
-                    result = system + result[len(own) :]
-                else:
-                    result = system
+                keep_tail = own and result.startswith(own)
+                result = system + result[len(own) :] if keep_tail else system
             suffix = prompt.get("system_suffix")
             if isinstance(suffix, str) and suffix:
                 result = f"{result}\n{suffix}"
