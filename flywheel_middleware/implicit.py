@@ -86,6 +86,8 @@ class Features:
 
     values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(FEATURES, 0.0))
     events: int = 0
+    copy_events: int = 0
+    copy_clicks: int = 0
     mouse_moves: float = 0.0
     mouse_ms: float = 0.0
 
@@ -129,9 +131,15 @@ def add_event(features: Features, event_type: str, payload: dict[str, Any]) -> N
     elif event_type == "click":
         v["clicks_total"] += 1
         kind = str(payload.get("kind") or "").lower()
-        v[_CLICK_KINDS.get(kind, "clicks_other")] += 1
+        target = _CLICK_KINDS.get(kind, "clicks_other")
+        if target == "copies":  # a copy button usually also fires a copy event: count once
+            features.copy_clicks += 1
+            v["copies"] = max(features.copy_events, features.copy_clicks)
+        else:
+            v[target] += 1
     elif event_type == "copy":
-        v["copies"] += 1
+        features.copy_events += 1
+        v["copies"] = max(features.copy_events, features.copy_clicks)
     elif event_type == "regenerate":
         v["regenerates"] += 1
     elif event_type == "escalate":

@@ -1,0 +1,144 @@
+"""flywheel.js in real headless Chromium: the right events for the right rollout, sent by sendBeacon on close."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.responses import HTMLResponse
+from sqlmodel import select
+
+from flywheel_middleware.models import TelemetryEvent
+
+from .conftest import API_KEY
+
+pytestmark = [pytest.mark.chromium, pytest.mark.slow]
+
+ROLLOUT_A = "0000aaaa0000aaaa0000aaaa0000aaaa"
+ROLLOUT_B = "0000bbbb0000bbbb0000bbbb0000bbbb"
+
+PAGE = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>support chat</title></head>
+<body style="margin:0;font:16px sans-serif">
+  <div style="height:120px">Your question: where is my order?</div>
+  <div id="answer-a" data-flywheel-rollout="{ROLLOUT_A}" style="height:320px;background:#eef">
+    <p id="answer-text">Your parcel left the depot this morning and should arrive within two days.</p>
+    <button id="more" data-flywheel="more-info">Show tracking details</button>
+    <button id="copy" data-flywheel="copy" onclick="copyAnswer()">Copy</button>
+  </div>
+  <div style="height:1600px">other content</div>
+  <div id="answer-b" data-flywheel-rollout="{ROLLOUT_B}" style="height:200px;background:#efe">
+    <p>A second answer, further down.</p>
+    <button id="regen" data-flywheel="regenerate">Try again</button>
+  </div>
+  <div style="height:1400px">footer</div>
+  <script>
+    function copyAnswer() {{
+      var range = document.createRange();
+      range.selectNodeContents(document.getElementById("answer-text"));
+      var sel = window.getSelection(); sel.removeAllRanges(); sel.addRange(range);
+      document.execCommand("copy");
+    }}
+  </script>
+  <script src="/flywheel.js" data-key="{API_KEY}" data-flush-ms="0"></script>
+</body></html>"""
+
+
+def _events(fw) -> list[TelemetryEvent]:
+    fw.flush()
+    with fw.store().session() as s:
+        return list(s.exec(select(TelemetryEvent).order_by(TelemetryEvent.id)))
+
+
+def test_snippet_events_arrive_by_beacon_on_close(fw, app, chrome):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from .conftest import LiveServer
+
+    requests: list[dict] = []
+
+    @app.middleware("http")
+    async def record(request, call_next):
+        if request.url.path == "/v1/telemetry":
+            requests.append(
+                {
+                    "content_type": request.headers.get("content-type"),
+                    "fetch_mode": request.headers.get("sec-fetch-mode"),
+                }
+            )
+        return await call_next(request)
+
+    app.add_api_route("/test/page", lambda: HTMLResponse(PAGE), methods=["GET"])
+
+    with LiveServer(app) as live:
+        chrome.get("about:blank")
+        home = chrome.current_window_handle
+        chrome.switch_to.new_window("tab")
+        chrome.get(f"{live.url}/test/page")
+        assert chrome.execute_script("return window.Flywheel && window.Flywheel.version") == "1"
+        assert chrome.execute_script("return document.visibilityState") == "visible"
+        time.sleep(1.3)  # answer A is on screen: dwell accumulates
+        chrome.find_element(By.ID, "more").click()
+        chrome.find_element(By.ID, "copy").click()
+        actions = ActionChains(chrome)
+        for dx in (40, -30, 60, -50, 25):
+            actions.move_to_element_with_offset(
+                chrome.find_element(By.ID, "answer-a"), dx, dx // 2
+            ).pause(0.12)
+        actions.perform()
+        chrome.execute_script("document.getElementById('answer-b').scrollIntoView()")
+        time.sleep(0.3)
+        chrome.find_element(By.ID, "regen").click()
+        chrome.execute_script("window.scrollTo(0, document.documentElement.scrollHeight)")
+        time.sleep(0.3)
+        queued = chrome.execute_script("return window.Flywheel.stats()")
+        assert queued["sent"] == 0 and queued["queued"] >= 4, queued
+        assert requests == [], "nothing is sent before the page goes away (periodic flush is off)"
+        assert _events(fw) == []
+
+        chrome.close()  # pagehide → the snippet sends everything with sendBeacon
+        chrome.switch_to.window(home)
+
+        deadline = time.monotonic() + 10
+        events = _events(fw)
+        while time.monotonic() < deadline and not {"dwell", "click", "copy", "scroll", "mouse"} <= {
+            e.event_type for e in events
+        }:
+            time.sleep(0.2)
+            events = _events(fw)
+
+    assert requests, "the beacon never reached the server"
+    for req in requests:  # what navigator.sendBeacon sends: text/plain, no-cors
+        assert req["content_type"].startswith("text/plain"), req
+        assert req["fetch_mode"] == "no-cors", req
+
+    by_type: dict[str, list[TelemetryEvent]] = {}
+    for e in events:
+        by_type.setdefault(e.event_type, []).append(e)
+    assert {"dwell", "click", "copy", "scroll", "mouse"} <= set(by_type), sorted(by_type)
+    session_ids = {e.session_id for e in events}
+    assert len(session_ids) == 1 and None not in session_ids
+
+    dwell_a = [e for e in by_type["dwell"] if e.rollout_id == ROLLOUT_A]
+    assert dwell_a and sum(e.payload["ms"] for e in dwell_a) >= 1000
+    clicks = {(e.payload["kind"], e.rollout_id) for e in by_type["click"]}
+    assert ("more-info", ROLLOUT_A) in clicks
+    assert ("copy", ROLLOUT_A) in clicks
+    assert ("regenerate", ROLLOUT_B) in clicks
+    copy = by_type["copy"]
+    assert [e.rollout_id for e in copy] == [ROLLOUT_A]
+    assert copy[0].payload["chars"] == len(
+        "Your parcel left the depot this morning and should arrive within two days."
+    )
+    assert max(e.payload["depth"] for e in by_type["scroll"]) > 0.95
+    assert sum(e.payload["moves"] for e in by_type["mouse"]) >= 3
+    assert all(e.rollout_id in (ROLLOUT_A, ROLLOUT_B) for e in events)
+
+    # The features the model reads come out of these rows.
+    from flywheel_middleware.implicit import features_by
+
+    feats = features_by(events)
+    a = feats[ROLLOUT_A].values
+    assert a["dwell_total_s"] >= 1.0 and a["copies"] >= 1 and a["clicks_more_info"] == 1
+    assert feats[ROLLOUT_B].values["regenerates"] == 1
