@@ -107,8 +107,7 @@ def test_forced_variants_for_qa(setup):
     with store.session() as session:
         row = session.get(type(exp), exp.id)
         row.variants = [
-            {**v, "force": ["qa-tester"]} if v["name"] == "candidate-1" else v
-            for v in row.variants
+            {**v, "force": ["qa-tester"]} if v["name"] == "candidate-1" else v for v in row.variants
         ]
         session.add(row)
     resolver = StoreResolver(store, config)

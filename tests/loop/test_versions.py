@@ -1,0 +1,167 @@
+"""Config versions, deployments, promotion across processes, rollback (both backends)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from flywheel_middleware import experiments as ex
+from flywheel_middleware import versions
+from flywheel_middleware.models import ChangeEvent
+from flywheel_middleware.versions import StoreResolver, VersionError
+
+from .helpers import BASE, make_config
+
+
+def _events(store, workflow="qa"):
+    return [
+        (e.kind, e.from_version_id, e.to_version_id)
+        for e in versions.deployment_history(store, workflow)
+    ]
+
+
+def test_yaml_config_is_version_one_and_changes_become_versions(store):
+    config = make_config()
+    v1 = versions.ensure_workflow(store, config, "qa")
+    assert (v1.version, v1.created_by, v1.config) == (1, "yaml", BASE)
+    assert v1.config_hash == versions.config_hash(BASE)
+    assert versions.ensure_workflow(store, config, "qa").id == v1.id  # idempotent
+    assert len(versions.list_versions(store, "qa")) == 1
+    # the file changes: a new version by "yaml", activated
+    edited = make_config()
+    edited.workflows["qa"].config = {**BASE, "rag": {"top_k": 6}}
+    v2 = versions.ensure_workflow(store, edited, "qa")
+    assert (v2.version, v2.created_by, v2.parent_id) == (2, "yaml", v1.id)
+    # a process still holding the old file does not flip the deployment back
+    assert versions.ensure_workflow(store, config, "qa").id == v2.id
+    assert _events(store) == [("activate", None, v1.id), ("activate", v1.id, v2.id)]
+
+
+def test_versions_are_immutable_and_deduplicated(store):
+    config = make_config()
+    v1 = versions.ensure_workflow(store, config, "qa")
+    cfg = {**BASE, "llm": {"model": "m", "temperature": 0.5}}
+    a = versions.create_version(store, "qa", cfg, parent_id=v1.id, created_by="mutator:param")
+    cfg["llm"]["temperature"] = 0.1  # mutating the caller's dict does not touch the row
+    assert versions.get_version(store, a.id).config["llm"]["temperature"] == 0.5
+    again = versions.create_version(
+        store, "qa", {**BASE, "llm": {"temperature": 0.5, "model": "m"}}
+    )
+    assert again.id == a.id  # same canonical JSON → same version
+    assert versions.tried_hashes(store, "qa") == {v1.config_hash, a.config_hash}
+    with pytest.raises(VersionError, match="no config version"):
+        versions.find_version(store, "qa", "v9")
+
+
+def test_promote_then_rollback_restores_previous_versions(store):
+    config = make_config()
+    v1 = versions.ensure_workflow(store, config, "qa")
+    v2 = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 3}})
+    v3 = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 4}})
+    exp = ex.start_experiment(store, "qa", [v2.id], traffic=0.1)
+    ex.promote(store, exp.id, "candidate-1", actor="tester", evidence={"why": "better"})
+    assert versions.active_version(store, "qa").id == v2.id
+    assert ex.get_experiment(store, exp.id).status == "promoted"
+    versions.activate(store, "qa", v3.id, kind="promote", actor="tester")
+    promote_event = versions.deployment_history(store, "qa")[1]
+    assert promote_event.evidence["why"] == "better" and promote_event.actor == "tester"
+    back = versions.rollback(store, "qa", reason="v3 broke things")
+    assert (back.kind, back.from_version_id, back.to_version_id) == ("rollback", v3.id, v2.id)
+    assert versions.active_version(store, "qa").id == v2.id
+    versions.rollback(store, "qa")
+    assert versions.active_version(store, "qa").id == v1.id
+    with pytest.raises(VersionError, match="no earlier version"):
+        versions.rollback(store, "qa")
+    with store.session() as session:
+        kinds = [e.kind for e in session.exec(__import__("sqlmodel").select(ChangeEvent)).all()]
+    assert kinds.count("rollback") == 2 and "experiment_start" in kinds and "promote" in kinds
+
+
+def _cli(config_path, url, *args):
+    code = "from flywheel_middleware.cli import main; main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--config", str(config_path), "--store", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+class FakeClock:
+    """versions.time with a monotonic clock the test advances (the TTL without sleeping)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_promotion_in_another_process_reaches_this_one_after_the_ttl(
+    store_url, tmp_path, monkeypatch
+):
+    from flywheel_middleware.store import Store
+
+    clock = FakeClock()
+    monkeypatch.setattr(versions, "time", clock)
+
+    config = make_config()
+    config_path = tmp_path / "flywheel.yaml"
+    config_path.write_text(
+        yaml.safe_dump({"workflows": {"qa": {"config": BASE}}}), encoding="utf-8"
+    )
+    store = Store(store_url)
+    try:
+        v1 = versions.ensure_workflow(store, config, "qa")
+        cand = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 5}})
+        exp = ex.start_experiment(store, "qa", [cand.id], traffic=0.1, seed="x")
+        resolver = StoreResolver(store, config, ttl=0.5)
+        units = [f"user-{i}" for i in range(200)]
+        assert {resolver.resolve("qa", u).version_id for u in units} == {v1.id, cand.id}
+        # another process (the real CLI) promotes the candidate
+        _cli(config_path, store_url, "promote", str(exp.id), "candidate-1")
+        cached = {resolver.resolve("qa", u).version_id for u in units}
+        assert v1.id in cached  # still the cached experiment: the TTL has not passed
+        clock.now += 0.4
+        assert v1.id in {resolver.resolve("qa", u).version_id for u in units}
+        clock.now += 0.2  # the cache has expired
+        assert {resolver.resolve("qa", u).version_id for u in units} == {cand.id}
+        assert resolver.resolve("qa", "user-1").experiment_id is None
+        # and another process's rollback brings version 1 back
+        out = _cli(config_path, store_url, "rollback", "qa")
+        assert "v2 → v1" in out
+        clock.now += 0.6
+        assert {resolver.resolve("qa", u).version_id for u in units} == {v1.id}
+        # a fresh process resolves what this one does
+        code = (
+            "import flywheel_middleware as fw, sys; fw.configure(config=sys.argv[1], store_url=sys.argv[2]);"
+            "print(fw.resolve('qa', 'user-1').version_id)"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, config_path.read_text(), store_url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.stdout.strip() == str(v1.id), proc.stderr
+    finally:
+        store.dispose()
+
+
+def test_store_outage_keeps_serving_the_cached_plan(sqlite_url):
+    from flywheel_middleware.store import Store
+
+    store = Store(sqlite_url)
+    config = make_config()
+    resolver = StoreResolver(store, config, ttl=0.01)
+    first = resolver.resolve("qa", "u1")
+    store.engine.dispose()
+    store.engine = __import__("sqlalchemy").create_engine("sqlite:////nonexistent/dir/x.db")
+    time.sleep(0.02)
+    assert resolver.resolve("qa", "u1").version_id == first.version_id
