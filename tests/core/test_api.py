@@ -175,3 +175,28 @@ def test_no_otel_sdk_means_no_otel_work(fw):
     with fw.rollout("qa") as r, fw.span("x") as s:
         assert s._otel is None
     assert r._otel is None
+
+
+def test_low_ratings_fire_the_improvement_trigger_automatically(sqlite_url):
+    import flywheel_middleware as fw
+
+    fw.configure(config={"triggers": {"low_rating": {"window": 6, "threshold": 3}}}, store_url=sqlite_url)
+    try:
+        ids = []
+        for i in range(6):
+            with fw.rollout("qa", input=f"q{i}") as r:
+                pass
+            ids.append(r.id)
+        for rid in ids[:2]:
+            fw.feedback(rid, rating=1)
+        fw.feedback(ids[2], rating=5)
+        fw.flush()
+        assert queries.stats(fw.store())[0].triggers == []  # two low ratings: not yet
+        fw.feedback(ids[3], rating=2)
+        fw.flush()
+        triggers = queries.stats(fw.store())[0].triggers
+        assert len(triggers) == 1
+        assert triggers[0]["evidence"]["low"] == 3
+        assert set(triggers[0]["evidence"]["rollout_ids"]) == {ids[0], ids[1], ids[3]}
+    finally:
+        fw.shutdown()
