@@ -46,3 +46,50 @@ def captured(fw):
         return [Captured(r, [s for s in spans if s.rollout_id == r.id]) for r in rollouts]
 
     return read
+
+
+def _add(a: int, b: int) -> int:
+    """Add two numbers.
+
+    Args:
+        a: the first number
+        b: the second number
+    """
+    return a + b
+
+
+@pytest.fixture
+def make_agent():
+    """``make_agent(server, *middlewares, stream=True, name="bob")``: a real AgentScope 2.x
+    Agent whose OpenAIChatModel talks to the loopback server, with an ``add`` tool allowed."""
+    pytest.importorskip("agentscope")
+    import asyncio
+
+    from agentscope.agent import Agent
+    from agentscope.credential import OpenAICredential
+    from agentscope.model import OpenAIChatModel
+    from agentscope.permission import PermissionBehavior, PermissionDecision
+    from agentscope.tool import FunctionTool, Toolkit
+
+    def make(server: Any, *middlewares: Any, stream: bool = True, name: str = "bob") -> Any:
+        async def build() -> Any:
+            model = OpenAIChatModel(
+                credential=OpenAICredential(api_key="sk-test", base_url=server.base_url),
+                model="gpt-as",
+                stream=stream,
+                max_retries=0,
+            )
+            toolkit = Toolkit()
+            allow = PermissionDecision(behavior=PermissionBehavior.ALLOW, message="ok")
+            await toolkit.add_tool(FunctionTool(_add, name="add", permission=allow))
+            return Agent(
+                name=name,
+                system_prompt="You are bob.",
+                model=model,
+                toolkit=toolkit,
+                middlewares=list(middlewares),
+            )
+
+        return asyncio.run(build())
+
+    return make

@@ -9,59 +9,18 @@ import pytest
 
 pytest.importorskip("agentscope")
 
-from agentscope.agent import Agent  # noqa: E402
-from agentscope.credential import OpenAICredential  # noqa: E402
 from agentscope.message import UserMsg  # noqa: E402
-from agentscope.model import OpenAIChatModel  # noqa: E402
-from agentscope.permission import PermissionBehavior, PermissionDecision  # noqa: E402
-from agentscope.tool import FunctionTool, Toolkit  # noqa: E402
 from flywheel_middleware.adapters.agentscope import FlywheelMiddleware  # noqa: E402
 
-from flywheel_middleware.testing.openai_server import OpenAIServer, Reply  # noqa: E402
-
-
-def add(a: int, b: int) -> int:
-    """Add two numbers.
-
-    Args:
-        a: the first number
-        b: the second number
-    """
-    return a + b
-
-
-def make_agent(server: OpenAIServer, *middlewares, stream: bool = True, name: str = "bob"):
-    async def build():
-        model = OpenAIChatModel(
-            credential=OpenAICredential(api_key="sk-test", base_url=server.base_url),
-            model="gpt-as",
-            stream=stream,
-            max_retries=0,
-        )
-        toolkit = Toolkit()
-        allow = PermissionDecision(behavior=PermissionBehavior.ALLOW, message="ok")
-        await toolkit.add_tool(FunctionTool(add, permission=allow))
-        return Agent(
-            name=name,
-            system_prompt="You are bob.",
-            model=model,
-            toolkit=toolkit,
-            middlewares=list(middlewares),
-        )
-
-    return asyncio.run(build())
-
-
-def tool_then_answer(server: OpenAIServer) -> None:
-    server.enqueue(
-        Reply(content=None, tool_calls=[{"name": "add", "arguments": {"a": 2, "b": 3}}]),
-        "the sum is 5",
-    )
+from flywheel_middleware.testing.openai_server import Reply  # noqa: E402
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_reply_model_and_tool_spans(openai_server, captured, stream: bool) -> None:
-    tool_then_answer(openai_server)
+def test_reply_model_and_tool_spans(openai_server, captured, make_agent, stream: bool) -> None:
+    openai_server.enqueue(
+        Reply(content=None, tool_calls=[{"name": "add", "arguments": {"a": 2, "b": 3}}]),
+        "the sum is 5",
+    )
     agent = make_agent(openai_server, FlywheelMiddleware(workflow="as"), stream=stream)
     msg = asyncio.run(agent.reply(UserMsg(name="user", content="add 2 and 3")))
     assert msg.get_text_content() == "the sum is 5"
@@ -86,7 +45,7 @@ def test_reply_model_and_tool_spans(openai_server, captured, stream: bool) -> No
         assert second.attributes["time_to_first_token_ms"] >= 0
 
 
-def test_attaches_to_active_rollout(fw, openai_server, captured) -> None:
+def test_attaches_to_active_rollout(fw, openai_server, captured, make_agent) -> None:
     agent = make_agent(openai_server, FlywheelMiddleware(workflow="ignored"))
 
     async def run():
@@ -102,7 +61,7 @@ def test_attaches_to_active_rollout(fw, openai_server, captured) -> None:
     assert captured("ignored") == []
 
 
-def test_model_error_recorded_and_reraised(openai_server, captured) -> None:
+def test_model_error_recorded_and_reraised(openai_server, captured, make_agent) -> None:
     import openai
 
     openai_server.enqueue(Reply(status=400, error="no such model"))
@@ -117,7 +76,7 @@ def test_model_error_recorded_and_reraised(openai_server, captured) -> None:
     assert c.roots[0].status == "error"
 
 
-def test_concurrent_agents_share_one_middleware(openai_server, captured) -> None:
+def test_concurrent_agents_share_one_middleware(openai_server, captured, make_agent) -> None:
     openai_server.delay = 0.05
     openai_server.set_responder(
         lambda req: "echo: " + re.search(r"question \d", str(req.body["messages"])).group(0)
@@ -142,7 +101,7 @@ def test_concurrent_agents_share_one_middleware(openai_server, captured) -> None
         assert llm.output[0]["text"] == f"echo: question {i}"
 
 
-def test_applies_workflow_config(fw, sqlite_url, openai_server, captured) -> None:
+def test_applies_workflow_config(fw, sqlite_url, openai_server, captured, make_agent) -> None:
     fw.configure(
         store_url=sqlite_url,
         config={
