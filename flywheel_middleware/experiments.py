@@ -8,6 +8,7 @@ distribution-free order-statistic interval. ``ExperimentStats`` is what promoter
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -39,23 +40,44 @@ def z_value(confidence: float) -> float:
     return NormalDist().inv_cdf(0.5 + confidence / 2)
 
 
+def _t_two_sided(t: float, dof: int) -> float:
+    """P(|T| < t) for integer dof, by the finite series (Abramowitz & Stegun 26.7.3/4)."""
+    theta = math.atan(t / math.sqrt(dof))
+    c2 = math.cos(theta) ** 2
+    s = math.sin(theta)
+    if dof % 2:  # odd
+        term, total = 1.0, 1.0
+        for k in range(1, (dof - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        inner = 0.0 if dof == 1 else s * math.cos(theta) * total
+        return 2 / math.pi * (theta + inner)
+    term, total = 1.0, 1.0
+    for k in range(1, dof // 2):
+        term *= c2 * (2 * k - 1) / (2 * k)
+        total += term
+    return s * total
+
+
+@functools.lru_cache(maxsize=4096)
 def t_value(confidence: float, dof: int) -> float:
-    """Student-t quantile by the Cornish–Fisher expansion (accurate to ~1e-3 for dof ≥ 3)."""
-    z = z_value(confidence)
+    """Student-t quantile for a two-sided interval: exact series + bisection up to 200 dof."""
     if dof <= 0:
         return math.inf
-    if dof == 1:
-        return math.tan(math.pi * confidence / 2)
-    if dof == 2:
-        a = 1 - confidence
-        return math.sqrt(2 / (a * (2 - a)) - 2)
-    v = float(dof)
-    return (
-        z
-        + (z**3 + z) / (4 * v)
-        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-    )
+    z = z_value(confidence)
+    if dof > 200:
+        v = float(dof)
+        return z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+    lo, hi = z, z * 2 + 10.0
+    while _t_two_sided(hi, dof) < confidence:
+        hi *= 2
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if _t_two_sided(mid, dof) < confidence:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 @dataclass
