@@ -32,6 +32,7 @@ class ImplicitReward(RewardSource):
     """Calibrated satisfaction probability from dwell, clicks, copies, scroll and mouse signals."""
 
     type_name = "implicit"
+    feedback_source = "implicit"  # scores are also kept as Feedback(source="implicit")
     description = "satisfaction model over UI telemetry (rule fallback with too few labels)"
     Params = ImplicitParams
 

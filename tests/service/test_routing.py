@@ -1,0 +1,142 @@
+"""Thompson-sampling routing: eligibility, load, learning, the floor, and fw.route on real stores."""
+
+from __future__ import annotations
+
+import pytest
+
+from flywheel_middleware.config import FlywheelConfig, RoutingConfig
+from flywheel_middleware.routing import NoEligibleAgentError, Router, simulate, update_routing
+
+
+def routing(**kw) -> RoutingConfig:
+    agents = kw.pop(
+        "agents",
+        [
+            {"id": "alice", "skills": ["billing", "general"], "capacity": 4},
+            {"id": "bob", "skills": ["billing", "general"], "capacity": 4},
+            {"id": "carol", "skills": ["tech"], "capacity": 4},
+        ],
+    )
+    return RoutingConfig(agents=agents, **kw)
+
+
+def test_eligibility_by_skills():
+    r = Router(routing(), seed=1)
+    assert r.eligible(["billing"]) == ["alice", "bob"]
+    assert r.eligible(["billing", "general"]) == ["alice", "bob"]
+    assert r.eligible(["tech"]) == ["carol"]
+    d = r.choose(["tech"])
+    assert d.agent_id == "carol" and d.probability == 1.0
+    with pytest.raises(
+        NoEligibleAgentError, match=r"no agent has all of the skills \['tech', 'billing'\]"
+    ):
+        r.choose(["tech", "billing"])
+
+
+def test_thompson_shifts_traffic_to_the_better_agent_and_never_starves():
+    cfg = routing(floor=0.05)
+    router = Router(cfg, seed=2)
+    decisions = simulate(router, {"alice": 0.8, "bob": 0.55}, 3000, skills=["billing"], seed=2)
+    late = decisions[-1000:]
+    share = lambda ds, a: sum(d.agent_id == a for d in ds) / len(ds)  # noqa: E731
+    assert abs(decisions[0].probabilities["alice"] - 0.5) < 0.1  # no evidence: a coin flip
+    assert share(late, "alice") > 0.85  # then exploits
+    assert share(late, "bob") > 0.02  # but never starves the other: the floor
+    assert min(d.probabilities["bob"] for d in decisions) >= 0.05 - 1e-9
+    assert all(abs(sum(d.probabilities.values()) - 1) < 1e-9 for d in decisions)
+    # the recorded probability is the probability the chosen agent had
+    assert all(d.probability == d.probabilities[d.agent_id] for d in decisions)
+    assert router.weight("alice", "billing") > router.weight("bob", "billing")
+    assert cfg.weight_min <= router.weight("bob") <= cfg.weight_max
+
+
+def test_it_follows_a_change_when_the_other_agent_improves():
+    router = Router(routing(floor=0.1), seed=5)
+    simulate(router, {"alice": 0.8, "bob": 0.4}, 300, skills=["billing"], seed=5)
+    # bob gets much better; the floor keeps sampling him, so the posterior catches up
+    decisions = simulate(router, {"alice": 0.6, "bob": 0.95}, 3000, skills=["billing"], seed=6)
+    late = decisions[-500:]
+    assert sum(d.agent_id == "bob" for d in late) / len(late) > 0.6
+
+
+def test_load_penalty_and_capacity():
+    cfg = routing(load_penalty=4.0, floor=0.0)
+    r = Router(cfg, seed=3)
+    probs, used = r.probabilities(["billing"], load={"alice": 3, "bob": 0})
+    assert probs["bob"] > 0.7 and used == {"alice": 3.0, "bob": 0.0}
+    probs, _ = r.probabilities(["billing"], load={"alice": 4, "bob": 1})  # alice at capacity
+    assert probs == {"bob": 1.0, "alice": 0.0}
+    # in-flight requests count as load until released
+    held = [r.choose(["billing"]) for _ in range(8)]
+    assert {d.agent_id for d in held} == {"alice", "bob"}
+    assert sum(d.agent_id == "alice" for d in held) == 4  # both fill up to capacity 4
+    for d in held:
+        d.release()
+    assert r.probabilities(["billing"])[1] == {"alice": 0.0, "bob": 0.0}
+
+
+def test_fw_route_records_the_decision_and_update_routing_learns(fw_any):
+    fw = fw_any
+    config = FlywheelConfig.model_validate({"routing": routing(floor=0.05).model_dump()})
+    fw.configure(store_url=fw.store().url, config=config)
+    import random
+
+    rng = random.Random(4)
+    truth = {"alice": 0.85, "bob": 0.35}
+    ids = []
+    for _ in range(120):
+        with fw.rollout("support") as r:
+            with fw.route(["billing"]) as d:
+                r.set_output(f"answer from {d.agent_id}")
+        ids.append((r.id, d.agent_id))
+    fw.flush()
+    row = fw.store().execute("SELECT metadata FROM rollout WHERE id = :i", {"i": ids[0][0]})[0][0]
+    import json
+
+    meta = json.loads(row) if isinstance(row, str) else row
+    route = meta["route"]
+    assert (
+        route["agent"] == ids[0][1]
+        and route["skills"] == ["billing"]
+        and route["policy"] == "thompson"
+    )
+    assert (
+        set(route["probabilities"]) == {"alice", "bob"}
+        and route["probability"] == route["probabilities"][route["agent"]]
+    )
+
+    for rid, agent in ids:
+        fw.feedback(rid, 5 if rng.random() < truth[agent] else 1)
+    fw.flush()
+    out = update_routing(fw.store(), config)
+    assert out["routed_rollouts"] == 120 and out["rewarded"] == 120
+    again = update_routing(fw.store(), config)  # idempotent: nothing counted twice
+    assert again["weights"] == out["weights"]
+    rows = {
+        (a, s): (w, al, be, n)
+        for a, s, w, al, be, n in fw.store().execute(
+            "SELECT agent_id, skill, weight, alpha, beta, n FROM routing_weight"
+        )
+    }
+    n_alice = sum(a == "alice" for _, a in ids)
+    assert rows[("alice", "billing")][3] == n_alice and rows[("alice", "*")][3] == n_alice
+    assert rows[("alice", "billing")][0] > rows[("bob", "billing")][0]
+    assert all(
+        config.routing.weight_min <= v[0] <= config.routing.weight_max for v in rows.values()
+    )
+
+    # the serving process picks the new posteriors up and prefers alice
+    from flywheel_middleware import routing as routing_mod
+
+    routing_mod._invalidate_cache()
+    picks = []
+    for _ in range(200):
+        d = fw.route(["billing"])
+        d.release()
+        picks.append(d.agent_id)
+    assert picks.count("alice") > 140 and picks.count("bob") > 0
+
+
+def test_route_without_agents_says_what_to_configure(fw):
+    with pytest.raises(NoEligibleAgentError, match="routing.agents"):
+        fw.route(["billing"])
