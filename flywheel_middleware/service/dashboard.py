@@ -7,6 +7,7 @@ renders.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 from dataclasses import asdict, is_dataclass
@@ -126,7 +127,7 @@ def series(store: Any, workflow: str, buckets: int = 24) -> dict[str, Any]:
 
 def hot_problems(store: Any, config: Any, workflow: str) -> dict[str, Any]:
     try:
-        from .. import analysis  # written by the plugins engineer; optional here
+        analysis = importlib.import_module("flywheel_middleware.analysis")  # optional here
     except ImportError:
         return {"available": False, "reason": "flywheel_middleware.analysis is not installed"}
     fn = getattr(analysis, "hot_problems", None)
@@ -141,7 +142,16 @@ def hot_problems(store: Any, config: Any, workflow: str) -> dict[str, Any]:
             kwargs["config"] = config
         first = next(iter(params), None)
         result = fn(store, **kwargs) if first in ("store", "s") else fn(store, config, **kwargs)
-        rows = _jsonable(list(result) if not isinstance(result, dict) else result)
+        rows = []
+        for item in list(result) if not isinstance(result, dict) else [result]:
+            row = _jsonable(item)
+            if isinstance(row, dict):
+                for prop in ("error_rate", "low_rating_rate"):  # properties asdict leaves out
+                    if prop not in row and hasattr(item, prop):
+                        row[prop] = _jsonable(getattr(item, prop))
+                if isinstance(row.get("breaches"), list):
+                    row["breaches"] = "; ".join(str(b) for b in row["breaches"])
+            rows.append(row)
         if isinstance(rows, list):
             rows = [
                 r for r in rows if not isinstance(r, dict) or r.get("workflow") in (None, workflow)
@@ -154,7 +164,7 @@ def hot_problems(store: Any, config: Any, workflow: str) -> dict[str, Any]:
 
 def experiments(store: Any, config: Any, workflow: str) -> dict[str, Any]:
     try:
-        from .. import experiments as exps
+        exps = importlib.import_module("flywheel_middleware.experiments")
     except ImportError:
         return {"available": False, "reason": "flywheel_middleware.experiments is not installed"}
     try:

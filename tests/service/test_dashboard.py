@@ -1,0 +1,160 @@
+"""The dashboard: its JSON per workflow, and the page rendered in headless Chromium (screenshot saved)."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from flywheel_middleware.config import FlywheelConfig, RoutingConfig
+from flywheel_middleware.models import ChangeEvent, Experiment, Feedback, Rollout
+from flywheel_middleware.routing import Router, save_posteriors, simulate
+
+from .conftest import ARTIFACTS
+
+
+def seed_store(store) -> None:
+    """Six hours of a workflow that gets better, an experiment, routing weights and change events."""
+    rng = random.Random(1)
+    now = datetime.now(timezone.utc)
+    start = now - timedelta(hours=6)
+    with store.session() as s:
+        exp = Experiment(
+            workflow="support",
+            status="running",
+            baseline_version_id=1,
+            variants=[
+                {"name": "baseline", "version_id": 1, "weight": 0.8},
+                {"name": "candidate-1", "version_id": 2, "weight": 0.2},
+            ],
+            unit="user_id",
+            metrics={"seed": "x"},
+            started_at=start + timedelta(hours=3),
+        )
+        s.add(exp)
+        s.flush()
+        for i in range(360):
+            t = start + timedelta(seconds=60 * i)
+            late = i >= 180
+            variant = ("candidate-1" if rng.random() < 0.3 else "baseline") if late else None
+            quality = 0.45 + 0.35 * (i / 360) + (0.1 if variant == "candidate-1" else 0)
+            good = rng.random() < quality
+            rid = f"{i:032x}"
+            s.add(
+                Rollout(
+                    id=rid,
+                    workflow="support",
+                    user_id=f"u{i % 50}",
+                    experiment_id=exp.id if variant else None,
+                    variant=variant,
+                    status="failed" if rng.random() < 0.03 else "succeeded",
+                    started_at=t,
+                    ended_at=t + timedelta(milliseconds=800),
+                    latency_ms=rng.uniform(300, 1500),
+                    reward=(0.8 if good else 0.2) + rng.uniform(-0.1, 0.1),
+                )
+            )
+            s.add(
+                Feedback(
+                    rollout_id=rid,
+                    key="rating",
+                    value=float(rng.choice([4, 5]) if good else rng.choice([1, 2, 3])),
+                    source="explicit",
+                    created_at=t + timedelta(seconds=20),
+                )
+            )
+        for k, (kind, frm, to, reason) in enumerate(
+            [
+                ("activate", None, 1, "initial config from flywheel.yaml"),
+                ("experiment_start", 1, 2, "hot problem: low ratings on node answer"),
+                ("promote", 1, 2, "candidate-1 better by +9.8 points (sequential test)"),
+            ]
+        ):
+            s.add(
+                ChangeEvent(
+                    workflow="support",
+                    kind=kind,
+                    from_version_id=frm,
+                    to_version_id=to,
+                    actor="controller",
+                    reason=reason,
+                    created_at=start + timedelta(hours=2 * k),
+                )
+            )
+    cfg = RoutingConfig(
+        agents=[
+            {"id": "alice", "skills": ["billing"]},
+            {"id": "bob", "skills": ["billing"]},
+            {"id": "carol", "skills": ["billing"]},
+        ]
+    )
+    router = Router(cfg, seed=1)
+    simulate(router, {"alice": 0.8, "bob": 0.5, "carol": 0.65}, 600, skills=["billing"])
+    save_posteriors(store, router.posteriors, cfg)
+
+
+def test_dashboard_json(fw, client):
+    seed_store(fw.store())
+    wfs = client.get("/v1/dashboard/workflows").json()
+    assert wfs[0]["workflow"] == "support" and wfs[0]["rollouts"] == 360
+    d = client.get("/v1/dashboard/workflows/support", params={"buckets": 12}).json()
+    rating = [b["value"] for b in d["series"]["rating"]]
+    assert len(rating) == 12 and all(v is not None for v in rating)
+    assert sum(rating[-3:]) / 3 > sum(rating[:3]) / 3 + 0.5  # the improvement shows
+    assert sum(b["n"] for b in d["series"]["volume"]) == 360
+    assert d["experiments"]["available"] is True
+    variants = d["experiments"]["experiments"][0]["variants"]
+    for v in variants.values():
+        pf = v["positive_feedback_rate"]
+        assert pf["low"] < pf["value"] < pf["high"] and pf["n"] > 20
+    routing = {(r["agent"], r["skill"]): r for r in d["routing"]}
+    assert routing[("alice", "billing")]["mean"] > routing[("bob", "billing")]["mean"]
+    assert [c["kind"] for c in d["changes"]] == ["promote", "experiment_start", "activate"]
+    assert isinstance(d["hot_problems"]["available"], bool)
+    if not d["hot_problems"]["available"]:
+        assert d["hot_problems"]["reason"]
+    assert client.get("/v1/dashboard/workflows/support", params={"buckets": 1}).status_code == 422
+    empty = client.get("/v1/dashboard/workflows/nothing").json()
+    assert empty["series"]["rating"] == [] and empty["changes"] == []
+
+
+def test_hot_problems_section_degrades_gracefully(fw, monkeypatch):
+    import sys
+
+    from flywheel_middleware.service import dashboard
+
+    monkeypatch.setitem(sys.modules, "flywheel_middleware.analysis", None)  # as if not installed
+    out = dashboard.hot_problems(fw.store(), FlywheelConfig(), "support")
+    assert out == {"available": False, "reason": "flywheel_middleware.analysis is not installed"}
+
+
+@pytest.mark.chromium
+@pytest.mark.slow
+def test_dashboard_renders_in_chromium_with_data(fw, live, chrome):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    seed_store(fw.store())
+    chrome.set_window_size(1400, 1500)
+    chrome.get(f"{live.url}/?workflow=support")
+    WebDriverWait(chrome, 15).until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-rendered='support']"))
+    )
+    lines = chrome.find_elements(
+        By.CSS_SELECTOR, "#sec-rating path.series, #sec-reward path.series"
+    )
+    assert len(lines) == 4 and all(len(p.get_attribute("d")) > 50 for p in lines)
+    assert len(chrome.find_elements(By.CSS_SELECTOR, "#sec-exp rect.bar")) == 2
+    assert len(chrome.find_elements(By.CSS_SELECTOR, "#sec-routing rect.bar")) == 3
+    changes = chrome.find_elements(By.CSS_SELECTOR, "#sec-changes tbody tr")
+    assert len(changes) == 3 and "promote" in changes[0].text
+    hot = chrome.find_element(By.CSS_SELECTOR, "#sec-hot .body").text
+    assert hot.strip()
+    options = [o.text for o in chrome.find_elements(By.CSS_SELECTOR, "#workflow option")]
+    assert options == ["support (360)"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "dashboard.png"
+    chrome.save_screenshot(str(path))
+    assert path.stat().st_size > 20_000
