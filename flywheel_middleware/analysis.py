@@ -1,0 +1,419 @@
+"""Hot problems (seed 001's ``get_hot_problems``): where a workflow is slow, failing or disliked.
+
+Per workflow and node — ``span.node``, or the span's name for top-level and agent spans — and
+per workflow as a whole (from rollouts, ``node`` is None): calls, average and p95 latency, error
+rate, low-rating rate (ratings joined through the rollout) and implicit satisfaction (mean of
+feedback with source ``implicit``), over a time window. Groups with at least ``min_calls`` that
+breach a threshold of YAML ``analysis:`` are hot.
+
+Everything is aggregated in SQL. p95 is ``percentile_cont(0.95)`` on PostgreSQL; on SQLite the
+same interpolated value comes from ``ROW_NUMBER()`` over each group (two rows per group fetched),
+and on windows larger than ``exact_limit`` rows (where SQLite's sort would dominate) from a
+1%-wide log histogram aggregated in the same single pass, split over row-id ranges in threads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import text
+
+from .config import FlywheelConfig
+from .store import Store
+
+WORKFLOW_NODE = None
+"""``HotProblem.node`` of the workflow-level row."""
+
+
+@dataclass
+class HotProblem:
+    """One (workflow, node) group and the thresholds it breached (empty: not hot)."""
+
+    workflow: str
+    node: str | None
+    calls: int
+    avg_latency_ms: float | None = None
+    p95_latency_ms: float | None = None
+    errors: int = 0
+    rated: int = 0
+    low_rated: int = 0
+    implicit_satisfaction: float | None = None
+    breaches: list[str] = field(default_factory=list)
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.calls if self.calls else 0.0
+
+    @property
+    def low_rating_rate(self) -> float | None:
+        return self.low_rated / self.rated if self.rated else None
+
+    @property
+    def hot(self) -> bool:
+        return bool(self.breaches)
+
+    @property
+    def label(self) -> str:
+        return self.node if self.node is not None else "(workflow)"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "workflow": self.workflow,
+            "node": self.node,
+            "calls": self.calls,
+            "avg_latency_ms": self.avg_latency_ms,
+            "p95_latency_ms": self.p95_latency_ms,
+            "error_rate": self.error_rate,
+            "rated": self.rated,
+            "low_rating_rate": self.low_rating_rate,
+            "implicit_satisfaction": self.implicit_satisfaction,
+            "breaches": self.breaches,
+        }
+
+
+_ERROR = "({c} = 'error' OR {c} = 'failed' OR {c} LIKE 'error%')"
+_NODE_SPANS = "(s.node IS NOT NULL OR s.parent_id IS NULL OR s.kind = 'agent')"
+_BUCKETS_PER_E = 100
+"""Histogram resolution on large SQLite windows: buckets 1% wide, so p95 is within 0.5%."""
+
+
+@dataclass
+class _Source:
+    """One grouping: spans by (workflow, node), or rollouts by workflow."""
+
+    table: str
+    latency: str
+    status: str
+    rollout_id: str
+    node: str
+    join: str
+    time: str
+    extra_where: str = ""
+
+
+_SPANS = _Source(
+    table="span s",
+    latency="s.duration_ms",
+    status="s.status",
+    rollout_id="s.rollout_id",
+    node="COALESCE(s.node, s.name)",
+    join="JOIN rollout r ON r.id = s.rollout_id",
+    time="s.started_at",
+    extra_where=_NODE_SPANS,
+)
+_ROLLOUTS = _Source(
+    table="rollout r",
+    latency="r.latency_ms",
+    status="r.status",
+    rollout_id="r.id",
+    node="CAST(NULL AS TEXT)",
+    join="",
+    time="r.started_at",
+)
+
+
+class _Query:
+    """Builds the SQL of one grouping for a window; the time column may skip its index."""
+
+    def __init__(
+        self,
+        src: _Source,
+        dialect: str,
+        since: datetime,
+        until: datetime | None,
+        workflow: str | None,
+    ) -> None:
+        self.src, self.dialect = src, dialect
+        self.params: dict[str, Any] = {"since": _bind(since, dialect)}
+        self.time_col = src.time
+        conds = []
+        if until is not None:
+            self.params["until"] = _bind(until, dialect)
+        if workflow:
+            self.params["wf"] = workflow
+            conds.append("r.workflow = :wf")
+        if src.extra_where:
+            conds.append(src.extra_where)
+        self.conds = conds
+        self.until = until is not None
+
+    def where(self, time_index: bool = True, id_range: bool = False) -> str:
+        col = self.time_col if time_index or self.dialect != "sqlite" else f"+{self.time_col}"
+        conds = [f"{col} >= :since", *self.conds]
+        if self.until:
+            conds.append(f"{col} < :until")
+        if id_range:
+            conds.append("s.id BETWEEN :lo AND :hi")
+        return " AND ".join(conds)
+
+    def from_(self) -> str:
+        return f"{self.src.table} {self.src.join}"
+
+
+def _group(src: _Source) -> str:
+    return "r.workflow" if src is _ROLLOUTS else f"r.workflow, {src.node}"
+
+
+def _bind(value: datetime, dialect: str) -> Any:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    if dialect == "sqlite":  # the text SQLAlchemy stores for a UTC DateTime on SQLite
+        return (
+            value.astimezone(timezone.utc)
+            .replace(tzinfo=None)
+            .isoformat(sep=" ", timespec="microseconds")
+        )
+    return value
+
+
+Groups = dict[tuple[str, Any], HotProblem]
+
+
+def _aggregate_exact(conn: Any, q: _Query) -> Groups:
+    """count, avg, errors and an exact p95 (percentile_cont semantics) per group."""
+    src = q.src
+    pg = q.dialect == "postgresql"
+    p95 = f", percentile_cont(0.95) WITHIN GROUP (ORDER BY {src.latency})" if pg else ""
+    sql = (
+        f"SELECT r.workflow, {src.node} AS node, COUNT(*), AVG({src.latency}), "
+        f"SUM(CASE WHEN {_ERROR.format(c=src.status)} THEN 1 ELSE 0 END){p95} "
+        f"FROM {q.from_()} WHERE {q.where()} GROUP BY {_group(src)}"
+    )
+    out: Groups = {}
+    for row in conn.execute(text(sql), q.params):
+        p = HotProblem(row[0], row[1], int(row[2]), _f(row[3]), errors=int(row[4] or 0))
+        if pg:
+            p.p95_latency_ms = _f(row[5])
+        out[(p.workflow, p.node)] = p
+    if not pg:
+        _sqlite_exact_p95(conn, q, out)
+    return out
+
+
+def _sqlite_exact_p95(conn: Any, q: _Query, out: Groups) -> None:
+    """Rank each group's latencies with ROW_NUMBER() and read the two around 0.95*(n-1)."""
+    src = q.src
+    sql = (
+        "SELECT wf, node, latency, rn, n FROM ("
+        f"SELECT r.workflow AS wf, {src.node} AS node, {src.latency} AS latency, "
+        f"ROW_NUMBER() OVER (PARTITION BY r.workflow, {src.node} ORDER BY {src.latency}) AS rn, "
+        f"COUNT(*) OVER (PARTITION BY r.workflow, {src.node}) AS n "
+        f"FROM {q.from_()} WHERE {q.where()} AND {src.latency} IS NOT NULL"
+        ") WHERE rn - 1 > (n - 1) * 0.95 - 1 AND rn - 1 < (n - 1) * 0.95 + 1"
+    )
+    picks: dict[tuple[str, Any], dict[int, float]] = {}
+    sizes: dict[tuple[str, Any], int] = {}
+    for wf, node, latency, rn, n in conn.execute(text(sql), q.params):
+        picks.setdefault((wf, node), {})[int(rn) - 1] = float(latency)
+        sizes[(wf, node)] = int(n)
+    for key, values in picks.items():
+        position = 0.95 * (sizes[key] - 1)
+        lo = math.floor(position)
+        low, high = values.get(lo), values.get(lo + 1, values.get(lo))
+        if key in out and low is not None and high is not None:
+            out[key].p95_latency_ms = low + (position - lo) * (high - low)
+
+
+def _aggregate_histogram(store: Store, q: _Query, workers: int) -> Groups:
+    """One pass over the window in parallel row-id ranges: exact count/avg/errors per group,
+    p95 from a 1%-wide log histogram (for windows too large to sort quickly on SQLite)."""
+    src = q.src
+    bucket = f"CAST(ln(max({src.latency}, 0.001)) * {_BUCKETS_PER_E} AS INTEGER)"
+    ranged = src is _SPANS and workers > 1
+    sql = (
+        f"SELECT r.workflow, {src.node} AS node, {bucket} AS b, COUNT(*), "
+        f"SUM({src.latency}), SUM(CASE WHEN {_ERROR.format(c=src.status)} THEN 1 ELSE 0 END) "
+        f"FROM {q.from_()} WHERE {q.where(time_index=False, id_range=ranged)} "
+        f"GROUP BY {_group(src)}, b"
+    )
+    ranges: list[dict[str, Any]] = [{}]
+    if ranged:
+        with store.engine.connect() as conn:
+            lo, hi = conn.execute(text("SELECT min(id), max(id) FROM span")).one()
+        if lo is None:
+            return {}
+        step = (hi - lo) // workers + 1
+        ranges = [
+            {"lo": lo + i * step, "hi": min(hi, lo + (i + 1) * step - 1)} for i in range(workers)
+        ]
+
+    def run(extra: dict[str, Any]) -> list[Any]:
+        with store.engine.connect() as conn:
+            return list(conn.execute(text(sql), {**q.params, **extra}))
+
+    if len(ranges) > 1:
+        with ThreadPoolExecutor(len(ranges)) as pool:
+            parts = list(pool.map(run, ranges))
+    else:
+        parts = [run(ranges[0])]
+    hist: dict[tuple[str, Any], dict[int, int]] = {}
+    out: Groups = {}
+    sums: dict[tuple[str, Any], float] = {}
+    timed: dict[tuple[str, Any], int] = {}
+    for rows in parts:
+        for wf, node, b, n, total, errors in rows:
+            key = (wf, node)
+            p = out.get(key)
+            if p is None:
+                p = out[key] = HotProblem(wf, node, 0)
+            p.calls += int(n)
+            p.errors += int(errors or 0)
+            if b is not None:
+                sums[key] = sums.get(key, 0.0) + float(total or 0.0)
+                timed[key] = timed.get(key, 0) + int(n)
+                h = hist.setdefault(key, {})
+                h[int(b)] = h.get(int(b), 0) + int(n)
+    for key, p in out.items():
+        if timed.get(key):
+            p.avg_latency_ms = sums[key] / timed[key]
+            p.p95_latency_ms = _histogram_p95(hist[key], timed[key])
+    return out
+
+
+def _histogram_p95(hist: dict[int, int], n: int) -> float:
+    rank = math.floor(0.95 * (n - 1))  # 0-based rank of the lower neighbour
+    seen = 0
+    for b in sorted(hist):
+        seen += hist[b]
+        if seen > rank:
+            return math.exp((b + 0.5) / _BUCKETS_PER_E)
+    return math.exp((max(hist) + 0.5) / _BUCKETS_PER_E)  # pragma: no cover
+
+
+def _add_feedback(conn: Any, groups: Groups, q: _Query, low_rating_max: float) -> None:
+    """Ratings and implicit satisfaction per group, driven from the (small) feedback table."""
+    src = q.src
+    params = {**q.params, "low": low_rating_max}
+    for kind, cond in (
+        ("rating", "f.key = 'rating' AND f.value IS NOT NULL"),
+        ("implicit", "f.source = 'implicit' AND f.value IS NOT NULL"),
+    ):
+        per_rollout = (
+            f"SELECT f.rollout_id AS rid, AVG(f.value) AS value FROM feedback f "
+            f"WHERE {cond} GROUP BY f.rollout_id"
+        )
+        join = "CROSS JOIN" if q.dialect == "sqlite" else "JOIN"  # SQLite: drive from feedback
+        if src is _SPANS:
+            body = (
+                f"SELECT DISTINCT r.workflow AS wf, {src.node} AS node, fb.rid, fb.value "
+                f"FROM ({per_rollout}) fb {join} span s ON s.rollout_id = fb.rid "
+                f"{join} rollout r ON r.id = s.rollout_id WHERE {q.where()}"
+            )
+        else:
+            body = (
+                f"SELECT r.workflow AS wf, {src.node} AS node, fb.rid, fb.value "
+                f"FROM ({per_rollout}) fb {join} rollout r ON r.id = fb.rid WHERE {q.where()}"
+            )
+        agg = (
+            "COUNT(*), SUM(CASE WHEN value <= :low THEN 1 ELSE 0 END)"
+            if kind == "rating"
+            else "AVG(value), 0"
+        )
+        sql = f"SELECT wf, node, {agg} FROM ({body}) per GROUP BY wf, node"
+        for wf, node, a, b in conn.execute(text(sql), params):
+            p = groups.get((wf, node))
+            if p is None:
+                continue
+            if kind == "rating":
+                p.rated, p.low_rated = int(a), int(b or 0)
+            else:
+                p.implicit_satisfaction = _f(a)
+
+
+def _sqlite_has_ln(conn: Any) -> bool:
+    try:
+        conn.execute(text("SELECT ln(2.0)")).scalar()
+    except Exception:
+        return False
+    return True
+
+
+def _f(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _breaches(p: HotProblem, config: FlywheelConfig) -> list[str]:
+    a = config.analysis
+    out = []
+    if p.avg_latency_ms is not None and p.avg_latency_ms > a.latency_ms_max:
+        out.append(f"avg latency {p.avg_latency_ms:.0f} ms > {a.latency_ms_max:g} ms")
+    if p.p95_latency_ms is not None and p.p95_latency_ms > a.latency_ms_max:
+        out.append(f"p95 latency {p.p95_latency_ms:.0f} ms > {a.latency_ms_max:g} ms")
+    if p.error_rate > a.error_rate_max:
+        out.append(f"error rate {p.error_rate:.1%} > {a.error_rate_max:.1%}")
+    low = p.low_rating_rate
+    if low is not None and low > a.low_rating_rate_max:
+        out.append(f"low-rating rate {low:.1%} > {a.low_rating_rate_max:.1%}")
+    sat = p.implicit_satisfaction
+    if sat is not None and sat < a.implicit_satisfaction_min:
+        out.append(f"implicit satisfaction {sat:.2f} < {a.implicit_satisfaction_min:g}")
+    return out
+
+
+def hot_problems(
+    store: Store,
+    config: FlywheelConfig,
+    workflow: str | None = None,
+    since: datetime | None = None,
+    *,
+    until: datetime | None = None,
+    include_all: bool = False,
+    nodes: bool = True,
+    exact_limit: int = 50_000,
+    workers: int | None = None,
+) -> list[HotProblem]:
+    """The hot groups (or every group with ``include_all``), worst first.
+
+    ``since`` defaults to ``analysis.since_minutes`` ago; groups under ``analysis.min_calls``
+    are never hot (they are listed with ``include_all``, without breaches). On SQLite, a
+    window of more than ``exact_limit`` rows is aggregated in one parallel pass (``workers``
+    threads over row-id ranges) and its p95 read from a 1%-wide histogram (within 0.5%).
+    """
+    if since is None:
+        since = datetime.now(timezone.utc) - timedelta(minutes=config.analysis.since_minutes)
+    low_max = config.triggers.low_rating.max_rating
+    groups: Groups = {}
+    sources = [_ROLLOUTS, _SPANS] if nodes else [_ROLLOUTS]
+    with store.engine.connect() as conn:
+        ln_ok = store.dialect == "sqlite" and _sqlite_has_ln(conn)
+        for src in sources:
+            q = _Query(src, store.dialect, since, until, workflow)
+            large = False
+            if ln_ok:
+                table = src.table.split()[0]
+                n = conn.execute(
+                    text(
+                        f"SELECT COUNT(*) FROM (SELECT 1 FROM {table} WHERE started_at >= :since"
+                        " LIMIT :cap) AS w"
+                    ),
+                    {"since": q.params["since"], "cap": exact_limit + 1},
+                ).scalar()
+                large = int(n or 0) > exact_limit
+            if large:
+                found = _aggregate_histogram(store, q, workers or min(4, os.cpu_count() or 1))
+            else:
+                found = _aggregate_exact(conn, q)
+            _add_feedback(conn, found, q, low_max)
+            groups.update(found)
+    out = []
+    for p in groups.values():
+        if p.calls >= config.analysis.min_calls:
+            p.breaches = _breaches(p, config)
+        if include_all or p.breaches:
+            out.append(p)
+    out.sort(
+        key=lambda p: (
+            -len(p.breaches),
+            -p.error_rate,
+            -(p.p95_latency_ms or 0.0),
+            p.workflow,
+            p.node is not None,
+            p.node or "",
+        )
+    )
+    return out
