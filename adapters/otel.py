@@ -30,7 +30,14 @@ from flywheel_middleware.records import RolloutRecord, SpanRecord
 
 log = logging.getLogger("flywheel_middleware.adapters.otel")
 
-__all__ = ["FlywheelSpanProcessor", "otel_span_id", "otel_trace_id"]
+__all__ = [
+    "FlywheelSpanProcessor",
+    "first_value",
+    "json_content",
+    "otel_span_id",
+    "otel_trace_id",
+    "span_kind",
+]
 
 _MASK63 = (1 << 63) - 1
 _FLYWHEEL_SCOPE = "flywheel_middleware"
@@ -60,20 +67,20 @@ _GENAI_OPERATION_KIND = {
 }
 _TRACELOOP_KIND = {"workflow": "chain", "task": "chain", "agent": "agent", "tool": "tool"}
 
-_MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "llm.model_name", "model")
-_INPUT_TOKEN_KEYS = (
+MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "llm.model_name", "model")
+INPUT_TOKEN_KEYS = (
     "gen_ai.usage.input_tokens",
     "llm.token_count.prompt",
     "gen_ai.usage.prompt_tokens",
     "llm.usage.prompt_tokens",
 )
-_OUTPUT_TOKEN_KEYS = (
+OUTPUT_TOKEN_KEYS = (
     "gen_ai.usage.output_tokens",
     "llm.token_count.completion",
     "gen_ai.usage.completion_tokens",
     "llm.usage.completion_tokens",
 )
-_INPUT_KEYS = (
+INPUT_KEYS = (
     "input.value",
     "gen_ai.input.messages",
     "gen_ai.tool.call.arguments",
@@ -81,7 +88,7 @@ _INPUT_KEYS = (
     "gen_ai.prompt",
     "input",
 )
-_OUTPUT_KEYS = (
+OUTPUT_KEYS = (
     "output.value",
     "gen_ai.output.messages",
     "gen_ai.tool.call.result",
@@ -89,11 +96,9 @@ _OUTPUT_KEYS = (
     "gen_ai.completion",
     "output",
 )
-_SESSION_KEYS = ("session.id", "gen_ai.conversation.id", "project.run_id")
-_USER_KEYS = ("user.id", "enduser.id")
-_MAPPED = frozenset(
-    _MODEL_KEYS + _INPUT_TOKEN_KEYS + _OUTPUT_TOKEN_KEYS + _INPUT_KEYS + _OUTPUT_KEYS
-)
+SESSION_KEYS = ("session.id", "gen_ai.conversation.id", "project.run_id")
+USER_KEYS = ("user.id", "enduser.id")
+MAPPED = frozenset(MODEL_KEYS + INPUT_TOKEN_KEYS + OUTPUT_TOKEN_KEYS + INPUT_KEYS + OUTPUT_KEYS)
 
 
 def otel_span_id(span_id: int) -> int:
@@ -124,7 +129,7 @@ class JsonText:
         return self.text
 
 
-def _value(attrs: Any, keys: tuple[str, ...]) -> Any:
+def first_value(attrs: Any, keys: tuple[str, ...]) -> Any:
     for key in keys:
         value = attrs.get(key)
         if value is not None:
@@ -132,13 +137,15 @@ def _value(attrs: Any, keys: tuple[str, ...]) -> Any:
     return None
 
 
-def _content(value: Any) -> Any:
+def json_content(value: Any) -> Any:
+    """JSON text stays text here; the writer thread parses it (see ``JsonText``)."""
     if isinstance(value, str) and value[:1] in ("{", "["):
         return JsonText(value)
     return value
 
 
-def _kind(span: ReadableSpan, attrs: Any) -> str:
+def span_kind(name: str, attrs: Any) -> str:
+    """The flywheel span kind for an OTel span, from its attributes (or AgentScope 1.x name)."""
     kind = attrs.get("openinference.span.kind")
     if kind:
         return _OPENINFERENCE_KIND.get(str(kind).upper(), "chain")
@@ -153,7 +160,6 @@ def _kind(span: ReadableSpan, attrs: Any) -> str:
     kind = attrs.get("span.kind")  # AgentScope 1.x
     if kind:
         return _OPENINFERENCE_KIND.get(str(kind).upper(), "chain")
-    name = span.name
     if "." in name:  # AgentScope 1.x: {Class}.{method}
         cls = name.split(".", 1)[0]
         if cls.endswith("Agent"):
@@ -263,11 +269,11 @@ class FlywheelSpanProcessor(SpanProcessor):
             rollout_id = otel_trace_id(trace_id)
             parent_id = None if is_root else otel_span_id(parent.span_id)
 
-        kind = _kind(span, attrs)
-        input_tokens = _value(attrs, _INPUT_TOKEN_KEYS)
-        output_tokens = _value(attrs, _OUTPUT_TOKEN_KEYS)
+        kind = span_kind(span.name, attrs)
+        input_tokens = first_value(attrs, INPUT_TOKEN_KEYS)
+        output_tokens = first_value(attrs, OUTPUT_TOKEN_KEYS)
         error = _error(span)
-        extra = {k: v for k, v in attrs.items() if k not in _MAPPED}
+        extra = {k: v for k, v in attrs.items() if k not in MAPPED}
         start, end = span.start_time, span.end_time
         record = SpanRecord(
             id=otel_span_id(ctx.span_id),
@@ -283,9 +289,9 @@ class FlywheelSpanProcessor(SpanProcessor):
             started_at=start,
             ended_at=end,
             duration_ms=(end - start) / 1e6 if start and end else None,
-            model=_value(attrs, _MODEL_KEYS) if kind in ("llm", "embedding") else None,
-            input=_content(_value(attrs, _INPUT_KEYS)),
-            output=_content(_value(attrs, _OUTPUT_KEYS)),
+            model=first_value(attrs, MODEL_KEYS) if kind in ("llm", "embedding") else None,
+            input=json_content(first_value(attrs, INPUT_KEYS)),
+            output=json_content(first_value(attrs, OUTPUT_KEYS)),
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             attributes=extra or None,
@@ -310,8 +316,8 @@ class FlywheelSpanProcessor(SpanProcessor):
                 RolloutRecord(
                     id=rollout_id,
                     workflow=attrs.get("flywheel.workflow") or self.workflow,
-                    user_id=_value(attrs, _USER_KEYS),
-                    session_id=_value(attrs, _SESSION_KEYS),
+                    user_id=first_value(attrs, USER_KEYS),
+                    session_id=first_value(attrs, SESSION_KEYS),
                     input=record.input,
                     output=record.output,
                     status="failed" if error else "succeeded",
