@@ -168,8 +168,8 @@ class FlywheelPluginManager:
         for kind, hook_name in KIND_HOOKS.items():
             base = PLUGIN_KINDS[kind]
             hook = getattr(self.pm.hook, hook_name)
-            # pluggy calls the newest registration first; walk oldest first so built-ins win.
-            for impl in reversed(hook.get_hookimpls()):
+            # get_hookimpls() lists the oldest registration first: built-ins win a name clash.
+            for impl in hook.get_hookimpls():
                 source = self._sources.get(impl.plugin_name, _Source("?", impl.plugin_name))
                 try:
                     classes = impl.function() or []
@@ -283,7 +283,7 @@ class FlywheelPluginManager:
         self, config: FlywheelConfig | None = None
     ) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
         """A function that runs every ``redact_span`` hook and configured redactor on a row dict."""
-        impls = list(reversed(self.pm.hook.redact_span.get_hookimpls()))
+        impls = list(self.pm.hook.redact_span.get_hookimpls())  # registration order
         redactors = self.build_all("redactor", config) if config is not None else []
         if not impls and not redactors:
             return None
@@ -413,16 +413,14 @@ def install_redaction(recorder: Any, config: FlywheelConfig) -> bool:
     """
     try:
         redact = plugin_manager(config).redactor(config)
-    except (ConfigError, PluginError):
-        raise
-    except Exception as exc:
-        log.error("could not set up redaction: %s", _describe(exc))
+    except Exception as exc:  # never break the recorder (the host agent) over a redactor
+        log.error("could not set up redaction, rows are stored unredacted: %s", _describe(exc))
         return False
     if redact is None:
         return False
 
     def transform(record: Any) -> None:
-        row = record.as_dict()
+        row = {name: getattr(record, name, None) for name in record.COLUMNS}
         row["table"] = record.TABLE
         result = redact(row)
         for name in record.COLUMNS:

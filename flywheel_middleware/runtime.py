@@ -135,6 +135,9 @@ def recorder() -> Recorder:
                 exit_timeout=cfg.exit_timeout,
             )
             rec.add_listener(_after_batch)
+            from .pm import install_redaction  # redact_span hooks and YAML redactors
+
+            install_redaction(rec, get_config())
             _state.recorder = rec
         return _state.recorder
 

@@ -1,0 +1,142 @@
+"""``flywheel export`` (datasets) and ``flywheel rewards`` (compute and store rewards)."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from .common import Cli, command, console, echo_json, err_console
+
+
+def register(main: click.Group) -> None:
+    @command(main)
+    @click.argument("kind", type=click.Choice(["triplets", "sft", "preference", "tasks"]))
+    @click.option("--workflow", "-w", required=True, help="Workflow to export.")
+    @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="JSONL file.")
+    @click.option("--since", default=None, help="Only rollouts since: 30m, 24h, 7d or a date.")
+    @click.option(
+        "--filters/--no-filters",
+        default=False,
+        help="Run the configured filters (YAML filters:) before writing.",
+    )
+    @click.option("--min-reward", type=float, default=None, help="Keep rows with reward >= this.")
+    @click.option("--min-margin", type=float, default=0.0, help="preference: smallest reward gap.")
+    @click.option("--env-type", default=None, help="tasks: env_type (default: the workflow).")
+    @click.option("--seed", type=int, default=0, show_default=True, help="tasks: split seed.")
+    @click.option(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        show_default=True,
+        help="tasks: validation share.",
+    )
+    @click.option("--include-failed", is_flag=True, help="Also export failed rollouts.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+    def export(
+        cli: Cli,
+        kind: str,
+        workflow: str,
+        out: str,
+        since: str | None,
+        filters: bool,
+        min_reward: float | None,
+        min_margin: float,
+        env_type: str | None,
+        seed: int,
+        val_fraction: float,
+        include_failed: bool,
+        as_json: bool,
+    ) -> None:
+        """Write a dataset as JSON Lines: triplets, sft, preference or tasks (AgentJet).
+
+        Every row carries its rollout id and config version. `tasks` writes OUT (train) and
+        OUT with `.val` before the suffix (validation), split by a seeded hash of qa_hash.
+        """
+        from ..datasets import export as run_export
+
+        result = run_export(
+            cli.store,
+            kind,
+            workflow,
+            out,
+            config=cli.config,
+            since=since,
+            filters=filters,
+            min_reward=min_reward,
+            min_margin=min_margin,
+            env_type=env_type,
+            seed=seed,
+            val_fraction=val_fraction,
+            succeeded_only=not include_failed,
+            progress=not as_json,
+        )
+        if as_json:
+            echo_json(
+                {
+                    "kind": result.kind,
+                    "count": result.count,
+                    "scanned": result.scanned,
+                    "paths": {k: str(v) for k, v in result.paths.items()},
+                    "counts": result.counts,
+                    "dropped": result.dropped,
+                    "duplicates": result.duplicates,
+                    "skipped": result.skipped,
+                    "failures": result.failures,
+                }
+            )
+        else:
+            for name, path in result.paths.items():
+                console.print(f"wrote {result.counts.get(name, 0):,} rows to [bold]{path}[/]")
+            console.print(
+                f"scanned {result.scanned:,} rollouts; skipped {result.skipped:,}, "
+                f"duplicates {result.duplicates:,}, dropped by filters {result.dropped or 0}"
+            )
+            for failure in result.failures:
+                err_console.print(f"[red]✗[/] {failure}")
+
+    @command(main)
+    @click.option("--workflow", "-w", default=None, help="Only this workflow.")
+    @click.option("--since", default=None, help="Only rollouts since: 30m, 24h, 7d or a date.")
+    @click.option("--dry-run", is_flag=True, help="Compute and show, but do not store.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
+    def rewards(
+        cli: Cli, workflow: str | None, since: str | None, dry_run: bool, as_json: bool
+    ) -> None:
+        """Compute rewards from the configured sources (YAML rewards:) and store them."""
+        from ..rewards import compute_rewards
+
+        run = compute_rewards(
+            cli.store, cli.config, workflow=workflow, since=since, write=not dry_run
+        )
+        rewarded = [r for r in run.values() if r.value is not None]
+        per_source: dict[str, list[float]] = {}
+        for r in run.values():
+            for name, value in r.sources.items():
+                if value is not None:
+                    per_source.setdefault(name, []).append(value)
+        if as_json:
+            echo_json(
+                {
+                    "rollouts": len(run),
+                    "rewarded": len(rewarded),
+                    "sources": {
+                        k: {"n": len(v), "mean": sum(v) / len(v)} for k, v in per_source.items()
+                    },
+                    "failures": run.failures,
+                }
+            )
+            return
+        table = Table(title=f"rewards over {len(run):,} rollouts ({len(rewarded):,} with a reward)")
+        table.add_column("source")
+        table.add_column("opinions", justify="right")
+        table.add_column("mean", justify="right")
+        for name, values in per_source.items():
+            table.add_row(name, f"{len(values):,}", f"{sum(values) / len(values):.3f}")
+        if rewarded:
+            mean = sum(r.value for r in rewarded) / len(rewarded)  # type: ignore[misc]
+            table.add_row("[bold]combined[/]", f"{len(rewarded):,}", f"{mean:.3f}")
+        console.print(table)
+        for failure in run.failures:
+            err_console.print(f"[red]✗[/] {failure}")
+        if dry_run:
+            console.print("dry run: nothing stored")

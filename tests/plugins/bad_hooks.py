@@ -1,0 +1,21 @@
+"""A plugin (loaded by dotted path) with one hook that raises and one that works."""
+
+from flywheel_middleware import hookimpl
+from flywheel_middleware.plugin_api import RewardSource
+
+
+class Constant(RewardSource):
+    type_name = "constant_half"
+
+    def score(self, samples):
+        return [0.5 for _ in samples]
+
+
+@hookimpl
+def register_filters():
+    raise RuntimeError("cannot list my filters")
+
+
+@hookimpl
+def register_reward_sources():
+    return [Constant, object]
