@@ -183,7 +183,10 @@ class AgentScopeDriver(AdapterDriver):
 
         async def main() -> list[Any]:
             return await asyncio.gather(
-                *(a.reply(UserMsg(name="user", content=t)) for a, t in zip(agents, texts))
+                *(
+                    a.reply(UserMsg(name="user", content=t))
+                    for a, t in zip(agents, texts, strict=True)
+                )
             )
 
         try:
