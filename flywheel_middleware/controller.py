@@ -13,7 +13,7 @@ import importlib
 import inspect
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,6 +108,8 @@ def _field(obj: Any, name: str, default: Any = None) -> Any:
 def _plain(obj: Any) -> dict[str, Any]:
     if isinstance(obj, dict):
         return dict(obj)
+    if hasattr(obj, "as_dict"):
+        return obj.as_dict()
     if hasattr(obj, "model_dump"):
         return obj.model_dump()
     if hasattr(obj, "__dataclass_fields__"):
@@ -133,6 +135,23 @@ def _plugins(kind: str, config: FlywheelConfig, store: Store, default: list[str]
 
 
 # -- the steps ------------------------------------------------------------------------------
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite returns naive UTC datetimes; compare them as aware ones."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def last_cycle_at(store: Store) -> datetime | None:
+    """When the previous cycle ended (its ChangeEvent), or None before the first."""
+    with store.session() as session:
+        last = session.exec(
+            select(ChangeEvent.created_at)
+            .where(ChangeEvent.kind == CYCLE_KIND)
+            .order_by(ChangeEvent.created_at.desc())
+            .limit(1)
+        ).first()
+    return _aware(last) if last is not None else None
 
 
 def _since(config: FlywheelConfig, now: datetime) -> datetime:
@@ -179,17 +198,22 @@ def observe(
     found: dict[str, list[dict[str, Any]]] = {w: [] for w in workflows}
     hot = _optional("analysis", "hot_problems")
     for workflow in workflows:
+        # judge the config being served now: nothing from before the last deployment change
+        history = versions.deployment_history(store, workflow)
+        wf_since = max(since, _aware(history[-1].created_at)) if history else since
         if hot is not None:
             try:
                 items = [
-                    _plain(p) for p in _call(hot, store, config, workflow=workflow, since=since)
+                    _plain(p) for p in _call(hot, store, config, workflow=workflow, since=wf_since)
                 ]
             except Exception as exc:  # a failing analysis must not stop the cycle
                 report.notes.append(f"analysis.hot_problems failed for {workflow}: {exc}")
                 items = []
         else:
-            items = _basic_hot_problems(store, config, workflow, since)
+            items = _basic_hot_problems(store, config, workflow, wf_since)
         for item in items:
+            if not item.get("reason") and item.get("breaches"):
+                item["reason"] = "; ".join(str(b) for b in item["breaches"])
             item.setdefault("workflow", workflow)
             item.setdefault("source", "hot_problems")
             found[workflow].append(item)
@@ -199,21 +223,27 @@ def observe(
             "controller's fallback (seed 001 thresholds per workflow)"
         )
     check_low_rating_triggers(store, config)
+    last_cycle = last_cycle_at(store)
+    trigger_since = max(since, last_cycle) if last_cycle is not None else since
     with store.session() as session:
         events = session.exec(
-            select(ChangeEvent).where(
-                ChangeEvent.kind == TRIGGER_KIND, ChangeEvent.created_at >= since
-            )
+            select(ChangeEvent)
+            .where(ChangeEvent.kind == TRIGGER_KIND, ChangeEvent.created_at >= trigger_since)
+            .order_by(ChangeEvent.created_at)
         ).all()
+    fired: dict[str, list[ChangeEvent]] = {}
     for ev in events:
-        if ev.workflow in found:
-            found[ev.workflow].append(
+        fired.setdefault(ev.workflow, []).append(ev)
+    for workflow, evs in fired.items():
+        if workflow in found:
+            more = f" ({len(evs)} firings since the last cycle)" if len(evs) > 1 else ""
+            found[workflow].append(
                 {
-                    "workflow": ev.workflow,
+                    "workflow": workflow,
                     "node": None,
-                    "reason": ev.reason,
+                    "reason": f"{evs[-1].reason}{more}",
                     "source": "low-rating trigger",
-                    "at": ev.created_at.isoformat(),
+                    "at": evs[-1].created_at.isoformat(),
                 }
             )
     for items in found.values():
@@ -221,17 +251,31 @@ def observe(
     return found
 
 
-def curate(store: Store, config: FlywheelConfig, workflows: list[str], report: CycleReport) -> None:
-    """Rewards for new rollouts, then the datasets (triplets, SFT, preference, tasks)."""
+def curate(
+    store: Store, config: FlywheelConfig, workflows: list[str], now: datetime, report: CycleReport
+) -> None:
+    """Rewards for rollouts new since the last cycle, then the datasets (all kinds).
+
+    Rewards are computed once per rollout, when a cycle first sees it (within the analysis
+    window); ``flywheel rewards`` recomputes older ones after late feedback.
+    """
+    last = last_cycle_at(store)
+    since = max(_since(config, now), last) if last is not None else _since(config, now)
     compute = _optional("rewards", "compute_rewards")
     if compute is None:
         report.notes.append("flywheel_middleware.rewards is not installed: rewards not computed")
     else:
-        try:
-            result = _call(compute, store, config)
-            report.curation["rewards"] = _summarise(result)
-        except Exception as exc:
-            report.notes.append(f"rewards.compute_rewards failed: {exc}")
+        scored = 0
+        for workflow in workflows:
+            try:
+                run = compute(store, config, workflow=workflow, since=since)
+            except Exception as exc:
+                report.notes.append(f"rewards.compute_rewards failed for {workflow}: {exc}")
+                continue
+            scored += sum(1 for r in run.values() if getattr(r, "value", None) is not None)
+            for failure in getattr(run, "failures", [])[:5]:
+                report.notes.append(f"reward source failed: {failure}")
+        report.curation["rewards"] = f"{scored} rollouts scored"
     export = _optional("datasets", "export")
     if export is None:
         report.notes.append("flywheel_middleware.datasets is not installed: no datasets exported")
@@ -243,13 +287,15 @@ def curate(store: Store, config: FlywheelConfig, workflows: list[str], report: C
         for kind in ("triplets", "sft", "preference", "tasks"):
             target = out_dir / f"{workflow}.{kind}.jsonl"
             try:
-                result = _call(
-                    export, store, config, kind=kind, workflow=workflow, out=target, path=target
+                result = export(
+                    store, kind, workflow, target, config=config, filters=bool(config.filters)
                 )
             except Exception as exc:
                 report.notes.append(f"datasets.export {kind} for {workflow} failed: {exc}")
                 continue
-            written[str(target)] = _summarise(result)
+            written[str(target)] = {"rows": getattr(result, "count", None)}
+            for failure in getattr(result, "failures", [])[:3]:
+                report.notes.append(f"{kind} export: {failure}")
     report.curation["datasets"] = written
 
 
@@ -407,27 +453,32 @@ def generate(
         samples = bad_case_samples(store, config, workflow, _since(config, now))
         wanted = wf.experiment.max_candidates
         candidates: list[tuple[str, Candidate]] = []
-        for mutator in mutators:
+        share = max(1, wanted // max(1, len(mutators)))
+        for round_size in (share, wanted):  # a fair share each first, then fill up
+            for mutator in mutators:
+                room = min(round_size, wanted - len(candidates))
+                if room <= 0:
+                    break
+                try:
+                    proposed = mutator.propose(
+                        active.config,
+                        workflow=workflow,
+                        tunable=wf.tunable,
+                        bad_cases=samples,
+                        tried=tried,
+                        n=room,
+                    )
+                except Exception as exc:
+                    report.notes.append(f"mutator {mutator.name} failed for {workflow}: {exc}")
+                    continue
+                for cand in proposed[:room]:
+                    h = versions.config_hash(cand.config)
+                    if h in tried:
+                        continue
+                    tried.add(h)
+                    candidates.append((mutator.name, cand))
             if len(candidates) >= wanted:
                 break
-            try:
-                proposed = mutator.propose(
-                    active.config,
-                    workflow=workflow,
-                    tunable=wf.tunable,
-                    bad_cases=samples,
-                    tried=tried,
-                    n=wanted - len(candidates),
-                )
-            except Exception as exc:
-                report.notes.append(f"mutator {mutator.name} failed for {workflow}: {exc}")
-                continue
-            for cand in proposed:
-                h = versions.config_hash(cand.config)
-                if h in tried:
-                    continue
-                tried.add(h)
-                candidates.append((mutator.name, cand))
         proposal = {
             "workflow": workflow,
             "base_version": active.version,
@@ -507,7 +558,7 @@ def run_cycle(
     report.workflows = names
     problems = observe(store, config, names, now, report)
     if curate_data:
-        curate(store, config, names, report)
+        curate(store, config, names, now, report)
     changed = decide(store, config, mode, names, report)
     generate(store, config, mode, problems, changed, now, report)
     report.finished_at = utcnow()

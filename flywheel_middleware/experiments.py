@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import secrets
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -512,7 +511,9 @@ def start_experiment(
             raise ExperimentError(f"version id {version_id} is already the active version")
         name = names[i] if names else f"candidate-{i + 1}"
         variants.append({"name": name, "version_id": version.id, "weight": traffic})
-    spec: dict[str, Any] = {"seed": seed or secrets.token_hex(8), "coverage": coverage}
+    # The seed makes each experiment's buckets independent of the last one's (the same units
+    # are not always the ones in a candidate); from the id it is reproducible.
+    spec: dict[str, Any] = {"seed": seed, "coverage": coverage}
     if metric:
         spec["metric"] = metric
     if min_samples:
@@ -529,6 +530,9 @@ def start_experiment(
         )
         session.add(exp)
         session.flush()
+        if not seed:
+            exp.metrics = {**spec, "seed": f"{workflow}:{exp.id}"}
+            session.add(exp)
         _event(
             session,
             workflow,
