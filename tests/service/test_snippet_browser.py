@@ -142,3 +142,52 @@ def test_snippet_events_arrive_by_beacon_on_close(fw, app, chrome):
     a = feats[ROLLOUT_A].values
     assert a["dwell_total_s"] >= 1.0 and a["copies"] >= 1 and a["clicks_more_info"] == 1
     assert feats[ROLLOUT_B].values["regenerates"] == 1
+
+
+def test_cross_origin_page_flushes_periodically_within_the_cors_allow_list(fw, chrome):
+    """A shop page on another origin loads flywheel.js from the service; allowed origins get in, others don't."""
+    from fastapi import FastAPI
+    from selenium.webdriver.common.by import By
+
+    from flywheel_middleware.service.app import create_app
+
+    from .conftest import LiveServer, free_port
+
+    shop_port = free_port()
+    shop_origin = f"http://127.0.0.1:{shop_port}"
+    service = create_app(api_keys=[API_KEY], cors_origins=[shop_origin])
+    with LiveServer(service) as svc:
+        page = PAGE.replace('src="/flywheel.js"', f'src="{svc.url}/flywheel.js"').replace(
+            'data-flush-ms="0"', 'data-flush-ms="300"'
+        )
+        shop = FastAPI()
+        shop.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"])
+        shop_server = LiveServer(shop, port=shop_port)
+        with shop_server:
+            chrome.get(shop_origin + "/")
+            chrome.find_element(By.ID, "more").click()
+            deadline = time.monotonic() + 10
+            events = _events(fw)
+            while time.monotonic() < deadline and not any(e.event_type == "click" for e in events):
+                time.sleep(0.2)
+                events = _events(fw)
+            # the page is still open: these came from the periodic flush
+            assert chrome.execute_script("return window.Flywheel.stats().sent") >= 1
+            clicks = [e for e in events if e.event_type == "click"]
+            assert [(e.rollout_id, e.payload["kind"]) for e in clicks] == [(ROLLOUT_A, "more-info")]
+
+    # The same page from an origin that is not on the list: the service refuses it (403), stores nothing.
+    before = len(_events(fw))
+    strict = create_app(api_keys=[API_KEY], cors_origins=["https://elsewhere.example"])
+    with LiveServer(strict) as svc2:
+        page = PAGE.replace('src="/flywheel.js"', f'src="{svc2.url}/flywheel.js"').replace(
+            'data-flush-ms="0"', 'data-flush-ms="200"'
+        )
+        shop2 = FastAPI()
+        shop2.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"])
+        with LiveServer(shop2) as other:
+            chrome.get(other.url + "/")
+            chrome.find_element(By.ID, "more").click()
+            time.sleep(1.5)
+            assert chrome.execute_script("return window.Flywheel.stats().sent") >= 1
+    assert len(_events(fw)) == before
