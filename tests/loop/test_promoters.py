@@ -1,0 +1,139 @@
+"""Promoters: the sequential test's error control and guardrails, and the seed's rule."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from flywheel_middleware.config import Objective
+from flywheel_middleware.experiments import ExperimentStats, VariantStats
+from flywheel_middleware.pm import plugin_manager
+
+from .helpers import make_config
+
+
+def _promoter(type_name: str, **params):
+    config = make_config()
+    return plugin_manager(config).build("promoter", {"type": type_name, "params": params})
+
+
+def variant(name, n, positive, latency=100.0, failed=0, cost=None):
+    v = VariantStats(
+        name,
+        1,
+        0.5,
+        rollouts=n,
+        succeeded=n - failed,
+        failed=failed,
+        rated=n,
+        positive=positive,
+        latency_n=n,
+        latency_sum=latency * n,
+        latency_sumsq=(latency * latency + 25.0) * n,
+    )
+    if cost is not None:
+        v.cost_n, v.cost_sum, v.cost_sumsq = n, cost * n, (cost * cost + 1e-8) * n
+    return v
+
+
+def stats(base, *cands, **objective):
+    variants = {"baseline": base, **{c.name: c for c in cands}}
+    return ExperimentStats(
+        1, "qa", "running", variants, objective=Objective(**objective), min_samples=100
+    )
+
+
+def test_sequential_promotes_a_clear_winner_with_evidence():
+    d = _promoter("sequential").decide(
+        stats(variant("baseline", 2000, 1000), variant("candidate-1", 2000, 1200))
+    )
+    assert d.action == "promote" and d.variant == "candidate-1"
+    ev = d.evidence["candidates"]["candidate-1"]
+    low, high = ev["confidence_sequence"]
+    assert 0 < low < 0.1 < high and ev["log_lr_better"] >= ev["log_threshold"]
+
+
+def test_sequential_rejects_a_clearly_worse_candidate_and_waits_for_min_samples():
+    p = _promoter("sequential")
+    assert (
+        p.decide(stats(variant("baseline", 2000, 1000), variant("candidate-1", 2000, 800))).action
+        == "reject"
+    )
+    early = p.decide(stats(variant("baseline", 50, 10), variant("candidate-1", 50, 45)))
+    assert (
+        early.action == "continue"
+        and "of 100 samples" in early.evidence["candidates"]["candidate-1"]["reason"]
+    )
+
+
+def test_guardrails_block_promotion():
+    p = _promoter("sequential")
+    slow = p.decide(
+        stats(variant("baseline", 2000, 1000), variant("candidate-1", 2000, 1200, latency=300))
+    )
+    assert slow.action == "reject" and "latency" in slow.reason  # 3× slower beyond doubt
+    bit_slow = p.decide(
+        stats(
+            variant("baseline", 2000, 1000, latency=100.0),
+            variant("candidate-1", 2000, 1200, latency=121.0),
+        )
+    )
+    assert bit_slow.action != "promote"
+    errors = p.decide(
+        stats(variant("baseline", 2000, 1000), variant("candidate-1", 2000, 1200, failed=200))
+    )
+    assert errors.action == "reject" and "error rate" in errors.reason
+    guard = {"guardrails": {"cost_ratio_max": 1.1}}
+    costly = p.decide(
+        stats(
+            variant("baseline", 2000, 1000, cost=0.01),
+            variant("candidate-1", 2000, 1200, cost=0.02),
+            **guard,
+        )
+    )
+    assert costly.action == "reject" and "cost" in costly.reason
+
+
+def test_sequential_keeps_false_promotions_below_alpha_under_repeated_looks():
+    """A/A: 300 experiments, the promoter checked after every batch of 50, up to 3000 each."""
+    p = _promoter("sequential", alpha=0.05, max_samples=100_000)
+    rng = random.Random(1)
+    promoted = 0
+    for _ in range(300):
+        nb = kb = nc = kc = 0
+        for _look in range(60):
+            nb, nc = nb + 50, nc + 50
+            kb += sum(rng.random() < 0.5 for _ in range(50))
+            kc += sum(rng.random() < 0.5 for _ in range(50))
+            d = p.decide(stats(variant("baseline", nb, kb), variant("candidate-1", nc, kc)))
+            if d.action != "continue":
+                promoted += d.action == "promote"
+                break
+    assert promoted / 300 <= 0.05
+
+
+def test_threshold_is_the_seed_rule():
+    p = _promoter("threshold")
+    base = variant("baseline", 500, 250)
+    assert p.decide(stats(base, variant("candidate-1", 500, 260))).action == "promote"  # +2.0 pts
+    assert p.decide(stats(base, variant("candidate-1", 500, 259))).action == "continue"  # +1.8 pts
+    assert p.decide(stats(base, variant("candidate-1", 500, 300, latency=121))).action == "continue"
+    assert p.decide(stats(base, variant("candidate-1", 500, 300, latency=120))).action == "promote"
+    assert (
+        p.decide(stats(variant("baseline", 50, 10), variant("candidate-1", 50, 40))).action
+        == "continue"
+    )
+
+
+def test_bonferroni_over_candidates_and_best_wins():
+    p = _promoter("sequential")
+    d = p.decide(
+        stats(
+            variant("baseline", 3000, 1500),
+            variant("candidate-1", 3000, 1700),
+            variant("candidate-2", 3000, 1900),
+        )
+    )
+    assert d.action == "promote" and d.variant == "candidate-2"
+    assert d.evidence["candidates"]["candidate-1"]["alpha"] == pytest.approx(0.025)
