@@ -12,14 +12,14 @@ from flywheel_middleware.errors import ConfigError
 from flywheel_middleware.models import Span
 from flywheel_middleware.plugin_api import PluginContext
 from flywheel_middleware.pm import plugin_manager
+from flywheel_middleware.testing.openai_server import OpenAIServer
 
 from .helpers import sample
-from .loopback import LoopbackOpenAI
 
 
-def judge_reply(body: dict) -> str:
+def judge_reply(request) -> str:
     """GOOD for questions about cats, BAD for dogs, garbage for anything else."""
-    user = body["messages"][-1]["content"]
+    user = request.body["messages"][-1]["content"]
     if "cat" in user:
         return '{"verdict": "GOOD", "reason": "answers the question"}'
     if "dog" in user:
@@ -37,7 +37,9 @@ def build_rubric(base_url: str, **params):
 def test_rubric_verdicts_garbage_and_concurrency_bound() -> None:
     questions = ["cat?", "dog?", "turtle?"] * 6
     samples = [sample(f"r{i}", q, f"answer {i}") for i, q in enumerate(questions)]
-    with LoopbackOpenAI(judge_reply, delay=0.05) as server:
+    with OpenAIServer() as server:
+        server.set_responder(judge_reply)
+        server.delay = 0.05
         rubric = build_rubric(
             server.base_url,
             max_concurrency=4,
@@ -52,15 +54,16 @@ def test_rubric_verdicts_garbage_and_concurrency_bound() -> None:
     assert "malformed judge answer" in verdicts[2].reason
     assert len(server.requests) == 18
     # really concurrent, never above the limit (counted by the server itself)
-    assert 2 <= server.max_active <= 4
-    body = server.requests[0]
+    assert 2 <= server.max_in_flight <= 4
+    body = server.requests[0].body
     assert body["temperature"] == 0.5
     assert "Answers must mention the animal." in body["messages"][0]["content"]
     assert "language" in body["messages"][0]["content"]  # the default reviewer prompt is there
 
 
 def test_rubric_on_error_keep_and_unreachable_endpoint() -> None:
-    with LoopbackOpenAI(judge_reply) as server:
+    with OpenAIServer() as server:
+        server.set_responder(judge_reply)
         rubric = build_rubric(server.base_url, on_error="keep", max_thread=2)
         assert rubric.params.max_concurrency == 2  # the seeds' max_thread spelling
         [v] = rubric.filter([sample("r1", "turtle?", "x")])

@@ -9,29 +9,29 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
 from flywheel_middleware.errors import ConfigError
 from flywheel_middleware.llm import ChatClient, LLMError
-
-from .loopback import LoopbackOpenAI
+from flywheel_middleware.testing.openai_server import OpenAIServer, Reply
 
 
 def test_openai_endpoint_sync_async_and_retry() -> None:
-    with LoopbackOpenAI(lambda body: "echo:" + body["messages"][-1]["content"]) as server:
-        server.fail_next = 1  # first request gets a 500: tenacity retries it
+    with OpenAIServer() as server:
+        server.set_responder(lambda req: "echo:" + req.body["messages"][-1]["content"])
+        server.enqueue(Reply(status=500, error="boom"))  # the first request fails: retried
         client = ChatClient.from_params(
             {"base_url": server.base_url, "model": "judge-1", "retry_wait": 0}
         )
         assert client.complete("hi", temperature=0.3) == "echo:hi"
         assert len(server.requests) == 2
-        assert server.requests[-1]["model"] == "judge-1"
-        assert server.requests[-1]["temperature"] == 0.3
+        assert server.requests[-1].body["model"] == "judge-1"
+        assert server.requests[-1].body["temperature"] == 0.3
         out = asyncio.run(client.acomplete([("system", "be brief"), ("user", "yo")]))
         assert out == "echo:yo"
-        assert server.requests[-1]["messages"][0] == {"role": "system", "content": "be brief"}
+        assert server.requests[-1].body["messages"][0] == {"role": "system", "content": "be brief"}
         client.close()
 
 
 def test_gives_up_after_retries_with_a_clear_error() -> None:
-    with LoopbackOpenAI(lambda body: "never") as server:
-        server.fail_next = 10
+    with OpenAIServer() as server:
+        server.enqueue(*[Reply(status=503, error="down")] * 10)
         client = ChatClient.from_params(
             {"base_url": server.base_url, "retries": 1, "retry_wait": 0}
         )

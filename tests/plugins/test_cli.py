@@ -1,0 +1,82 @@
+"""The curation commands end to end: rewards, export, analyze (CliRunner, real store)."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from flywheel_middleware.cli import main
+
+from .helpers import record
+
+
+def run(*args: str):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result
+
+
+def test_rewards_export_analyze(fw, sqlite_url, tmp_path) -> None:
+    ids = [record(fw, f"q{i % 4}", f"answer {i}", rating=1 + i % 5) for i in range(12)]
+    record(fw, "broken", None, fail=True)
+    fw.flush()
+    cfg = tmp_path / "flywheel.yaml"
+    cfg.write_text(
+        f"store: {{url: '{sqlite_url}'}}\n"
+        "rewards: [{type: explicit_rating}]\n"
+        "analysis: {min_calls: 5, error_rate_max: 0.01}\n"
+    )
+    base = ["--config", str(cfg)]
+
+    result = run("rewards", *base, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["rollouts"] == 13 and summary["rewarded"] == 12
+    assert summary["sources"]["explicit_rating"]["n"] == 12
+
+    out = tmp_path / "t.jsonl"
+    result = run("export", "triplets", *base, "-w", "qa", "--out", str(out), "--min-reward", "0.5")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6  # ratings 3, 4, 5 (twice each) -> reward >= 0.5
+    assert all(r["reward"] >= 0.5 and r["rollout_id"] in ids for r in rows)
+    assert f"wrote 6 rows to {out}" in " ".join(result.output.split())
+
+    result = run(
+        "export",
+        "tasks",
+        *base,
+        "-w",
+        "qa",
+        "--out",
+        str(tmp_path / "tasks.jsonl"),
+        "--val-fraction",
+        "0.5",
+        "--seed",
+        "3",
+        "--json",
+    )
+    info = json.loads(result.output)
+    assert info["count"] == 12 and set(info["paths"]) == {"train", "validation"}
+    assert info["counts"]["train"] + info["counts"]["validation"] == 12
+
+    result = run(
+        "export",
+        "preference",
+        *base,
+        "-w",
+        "qa",
+        "--out",
+        str(tmp_path / "p.jsonl"),
+        "--since",
+        "tomorrow",
+    )
+    assert result.exit_code != 0 and "--since 'tomorrow'" in result.output
+
+    result = run("analyze", *base, "--json")
+    hot = json.loads(result.output)
+    [row] = [h for h in hot if h["node"] is None]
+    assert row["workflow"] == "qa" and row["calls"] == 13
+    assert any(b.startswith("error rate") for b in row["breaches"])
+    result = run("analyze", *base, "--all")
+    assert result.exit_code == 0 and "qa" in result.output and "(workflow)" in result.output
