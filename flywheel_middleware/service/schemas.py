@@ -7,7 +7,6 @@ coerced value would be a wrong record, which is worse than a rejected one.
 from __future__ import annotations
 
 import json
-import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
@@ -91,7 +90,3 @@ class FeedbackIn(BaseModel):
     @classmethod
     def _metadata_size(cls, value: Any) -> Any:
         return _bounded_json(value, MAX_METADATA_CHARS, "metadata")
-
-
-def finite(value: Any) -> bool:
-    return not (isinstance(value, float) and (math.isnan(value) or math.isinf(value)))
