@@ -191,3 +191,33 @@ def test_cross_origin_page_flushes_periodically_within_the_cors_allow_list(fw, c
             time.sleep(1.5)
             assert chrome.execute_script("return window.Flywheel.stats().sent") >= 1
     assert len(_events(fw)) == before
+
+
+def test_a_hidden_tab_stops_the_dwell_clock(fw, app, chrome):
+    """visibilitychange: switching to another tab ends the stretch (and flushes); coming back starts a new one."""
+    from .conftest import LiveServer
+
+    app.add_api_route("/test/page", lambda: HTMLResponse(PAGE), methods=["GET"])
+    with LiveServer(app) as live:
+        chrome.get(f"{live.url}/test/page")
+        page = chrome.current_window_handle
+        time.sleep(1.0)
+        chrome.switch_to.new_window("tab")  # the answer's tab is now hidden
+        chrome.get("about:blank")
+        time.sleep(0.3)
+        chrome.switch_to.window(page)
+        assert chrome.execute_script("return document.visibilityState") == "visible"
+        hidden_flush = [e for e in _events(fw) if e.event_type == "dwell"]
+        time.sleep(1.8)  # visible again: a second stretch
+        chrome.execute_script("window.scrollTo(0, document.documentElement.scrollHeight)")
+        time.sleep(0.2)
+        chrome.execute_script("window.Flywheel.flush()")
+        deadline = time.monotonic() + 5
+        dwell = [e for e in _events(fw) if e.event_type == "dwell"]
+        while time.monotonic() < deadline and len(dwell) < 2:
+            time.sleep(0.2)
+            dwell = [e for e in _events(fw) if e.event_type == "dwell"]
+    assert len(hidden_flush) == 1, "going hidden sends the finished stretch at once"
+    assert 0.9 <= hidden_flush[0].payload["ms"] / 1000 < 1.25
+    assert [e.rollout_id for e in dwell] == [ROLLOUT_A, ROLLOUT_A]
+    assert 1.7 <= dwell[1].payload["ms"] / 1000 < 2.4
