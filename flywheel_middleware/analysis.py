@@ -76,7 +76,7 @@ class HotProblem:
         }
 
 
-_ERROR = "({c} = 'error' OR {c} = 'failed' OR {c} LIKE 'error%')"
+_ERROR = "{c} IN ('error', 'failed')"
 _NODE_SPANS = "(s.node IS NOT NULL OR s.parent_id IS NULL OR s.kind = 'agent')"
 _BUCKETS_PER_E = 100
 """Histogram resolution on large SQLite windows: buckets 1% wide, so p95 is within 0.5%."""
@@ -174,7 +174,12 @@ def _bind(value: datetime, dialect: str) -> Any:
 Groups = dict[tuple[str, Any], HotProblem]
 
 
-def _aggregate_exact(conn: Any, q: _Query) -> Groups:
+def _aggregate_exact(store: Store, q: _Query) -> Groups:
+    with store.engine.connect() as conn:
+        return _aggregate_exact_on(conn, q)
+
+
+def _aggregate_exact_on(conn: Any, q: _Query) -> Groups:
     """count, avg, errors and an exact p95 (percentile_cont semantics) per group."""
     src = q.src
     pg = q.dialect == "postgresql"
@@ -285,10 +290,11 @@ def _histogram_p95(hist: dict[int, int], n: int) -> float:
     return math.exp((max(hist) + 0.5) / _BUCKETS_PER_E)  # pragma: no cover
 
 
-def _add_feedback(conn: Any, groups: Groups, q: _Query, low_rating_max: float) -> None:
+def _feedback_rows(store: Store, q: _Query, low_rating_max: float) -> list[tuple]:
     """Ratings and implicit satisfaction per group, driven from the (small) feedback table."""
     src = q.src
     params = {**q.params, "low": low_rating_max}
+    rows: list[tuple] = []
     for kind, cond in (
         ("rating", "f.key = 'rating' AND f.value IS NOT NULL"),
         ("implicit", "f.source = 'implicit' AND f.value IS NOT NULL"),
@@ -315,14 +321,20 @@ def _add_feedback(conn: Any, groups: Groups, q: _Query, low_rating_max: float) -
             else "AVG(value), 0"
         )
         sql = f"SELECT wf, node, {agg} FROM ({body}) per GROUP BY wf, node"
-        for wf, node, a, b in conn.execute(text(sql), params):
-            p = groups.get((wf, node))
-            if p is None:
-                continue
-            if kind == "rating":
-                p.rated, p.low_rated = int(a), int(b or 0)
-            else:
-                p.implicit_satisfaction = _f(a)
+        with store.engine.connect() as conn:
+            rows.extend((kind, *row) for row in conn.execute(text(sql), params))
+    return rows
+
+
+def _merge_feedback(groups: Groups, rows: list[tuple]) -> None:
+    for kind, wf, node, a, b in rows:
+        p = groups.get((wf, node))
+        if p is None:
+            continue
+        if kind == "rating":
+            p.rated, p.low_rated = int(a), int(b or 0)
+        else:
+            p.implicit_satisfaction = _f(a)
 
 
 def _sqlite_has_ln(conn: Any) -> bool:
@@ -377,14 +389,15 @@ def hot_problems(
     if since is None:
         since = datetime.now(timezone.utc) - timedelta(minutes=config.analysis.since_minutes)
     low_max = config.triggers.low_rating.max_rating
-    groups: Groups = {}
     sources = [_ROLLOUTS, _SPANS] if nodes else [_ROLLOUTS]
+    n_workers = workers or min(4, os.cpu_count() or 1)
     with store.engine.connect() as conn:
         ln_ok = store.dialect == "sqlite" and _sqlite_has_ln(conn)
+        plans = []
         for src in sources:
             q = _Query(src, store.dialect, since, until, workflow)
             large = False
-            if ln_ok:
+            if ln_ok:  # a bounded count on the time index: is the window too big to sort?
                 table = src.table.split()[0]
                 n = conn.execute(
                     text(
@@ -394,11 +407,22 @@ def hot_problems(
                     {"since": q.params["since"], "cap": exact_limit + 1},
                 ).scalar()
                 large = int(n or 0) > exact_limit
-            if large:
-                found = _aggregate_histogram(store, q, workers or min(4, os.cpu_count() or 1))
-            else:
-                found = _aggregate_exact(conn, q)
-            _add_feedback(conn, found, q, low_max)
+            plans.append((q, large))
+    # The aggregations and the feedback joins are independent queries: run them side by side
+    # (each on its own connection; the SQLite driver releases the GIL while it works).
+    with ThreadPoolExecutor(max(1, 2 * len(plans))) as pool:
+        jobs = []
+        for q, large in plans:
+            agg = (
+                pool.submit(_aggregate_histogram, store, q, n_workers)
+                if large
+                else pool.submit(_aggregate_exact, store, q)
+            )
+            jobs.append((agg, pool.submit(_feedback_rows, store, q, low_max)))
+        groups: Groups = {}
+        for agg, fb in jobs:
+            found = agg.result()
+            _merge_feedback(found, fb.result())
             groups.update(found)
     out = []
     for p in groups.values():
