@@ -76,7 +76,7 @@ def _bucketize(
 
 
 def series(store: Any, workflow: str, buckets: int = 24) -> dict[str, Any]:
-    """Mean rating, positive share and mean reward per time bucket over the workflow's history."""
+    """Mean rating, reward, implicit satisfaction, volume and error rate per time bucket."""
     with store.session() as session:
         rollouts = session.exec(
             select(Rollout.started_at, Rollout.reward, Rollout.status)
@@ -91,6 +91,17 @@ def series(store: Any, workflow: str, buckets: int = 24) -> dict[str, Any]:
                 Rollout.workflow == workflow, Feedback.key == "rating", Feedback.value.is_not(None)
             )
             .order_by(Feedback.created_at.desc())
+            .limit(MAX_POINTS)
+        ).all()
+        implicit = session.exec(
+            select(Rollout.started_at, Feedback.value)
+            .join(Rollout, Rollout.id == Feedback.rollout_id)
+            .where(
+                Rollout.workflow == workflow,
+                Feedback.source == "implicit",
+                Feedback.value.is_not(None),
+            )
+            .order_by(Rollout.started_at.desc())
             .limit(MAX_POINTS)
         ).all()
     times = [_ts(r[0]) for r in rollouts if r[0] is not None] + [
@@ -120,6 +131,9 @@ def series(store: Any, workflow: str, buckets: int = 24) -> dict[str, Any]:
         "end": end,
         "rating": _bucketize(rating_pts, start, end, buckets),
         "reward": _bucketize(reward_pts, start, end, buckets),
+        "implicit": _bucketize(
+            [(_ts(t), float(v)) for t, v in implicit if t is not None], start, end, buckets
+        ),
         "volume": volume,
         "error_rate": _bucketize(error_pts, start, end, buckets),
     }

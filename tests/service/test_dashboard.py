@@ -64,6 +64,15 @@ def seed_store(store) -> None:
                     created_at=t + timedelta(seconds=20),
                 )
             )
+            s.add(
+                Feedback(
+                    rollout_id=rid,
+                    key="implicit",
+                    value=min(1.0, max(0.0, quality + rng.uniform(-0.2, 0.2))),
+                    source="implicit",
+                    created_at=t + timedelta(seconds=30),
+                )
+            )
         for k, (kind, frm, to, reason) in enumerate(
             [
                 ("activate", None, 1, "initial config from flywheel.yaml"),
@@ -103,6 +112,8 @@ def test_dashboard_json(fw, client):
     assert len(rating) == 12 and all(v is not None for v in rating)
     assert sum(rating[-3:]) / 3 > sum(rating[:3]) / 3 + 0.5  # the improvement shows
     assert sum(b["n"] for b in d["series"]["volume"]) == 360
+    implicit = [b["value"] for b in d["series"]["implicit"]]
+    assert implicit[-1] > implicit[0]
     assert d["experiments"]["available"] is True
     variants = d["experiments"]["experiments"][0]["variants"]
     for v in variants.values():
@@ -145,7 +156,7 @@ def test_dashboard_renders_in_chromium_with_data(fw, live, chrome):
     lines = chrome.find_elements(
         By.CSS_SELECTOR, "#sec-rating path.series, #sec-reward path.series"
     )
-    assert len(lines) == 4 and all(len(p.get_attribute("d")) > 50 for p in lines)
+    assert len(lines) == 5 and all(len(p.get_attribute("d")) > 50 for p in lines)
     assert len(chrome.find_elements(By.CSS_SELECTOR, "#sec-exp rect.bar")) == 2
     assert len(chrome.find_elements(By.CSS_SELECTOR, "#sec-routing rect.bar")) == 3
     changes = chrome.find_elements(By.CSS_SELECTOR, "#sec-changes tbody tr")
