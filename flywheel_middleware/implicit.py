@@ -316,7 +316,7 @@ class LabelledSet:
 
 
 def labels_for(store: Any, positive_rating: float = 4) -> dict[str, int]:
-    """Satisfied (1) or not (0) per rollout, from explicit ratings and thumbs (the mean if several)."""
+    """Satisfied (1) or not (0) per rollout, from explicit ratings and thumbs (majority if several)."""
     from sqlmodel import select
 
     from .models import Feedback
@@ -324,7 +324,9 @@ def labels_for(store: Any, positive_rating: float = 4) -> dict[str, int]:
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     with store.session() as session:
         q = select(Feedback.rollout_id, Feedback.key, Feedback.value).where(
-            Feedback.key.in_(["rating", "thumbs"]), Feedback.value.is_not(None)
+            Feedback.source == "explicit",
+            Feedback.key.in_(["rating", "thumbs"]),
+            Feedback.value.is_not(None),
         )
         for rollout_id, key, value in session.exec(q):
             good = value >= positive_rating if key == "rating" else value >= 0.5
@@ -615,3 +617,29 @@ def simulate_events(
     if rng.random() < esc_p:
         add("click", kind="escalate")
     return events
+
+
+def record_events(events: Iterable[dict[str, Any]], recorder: Any = None) -> int:
+    """Queue telemetry event dicts (``simulate_events`` output, or a UI's) for the store.
+
+    For demos and server-side producers that do not go through the HTTP service.
+    """
+    from .records import TelemetryRecord
+
+    if recorder is None:
+        from . import runtime
+
+        recorder = runtime.recorder()
+    n = 0
+    for e in events:
+        recorder.enqueue(
+            TelemetryRecord(
+                session_id=e.get("session_id"),
+                rollout_id=e.get("rollout_id"),
+                event_type=str(e["event_type"]),
+                payload=e.get("payload"),
+                client_ts=e.get("client_ts"),
+            )
+        )
+        n += 1
+    return n

@@ -260,6 +260,7 @@ def _explicit_rewards(store: Any, ids: list[str]) -> dict[str, float]:
         for i in range(0, len(ids), 500):
             q = select(Feedback.rollout_id, Feedback.key, Feedback.value).where(
                 Feedback.rollout_id.in_(ids[i : i + 500]),
+                Feedback.source == "explicit",
                 Feedback.key.in_(["rating", "thumbs"]),
                 Feedback.value.is_not(None),
             )

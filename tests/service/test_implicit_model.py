@@ -9,7 +9,6 @@ import pytest
 
 from flywheel_middleware import implicit as imp
 from flywheel_middleware.config import FlywheelConfig
-from flywheel_middleware.records import TelemetryRecord
 
 
 def ev(event_type, rollout="r1", session="s1", **payload):
@@ -88,14 +87,12 @@ def test_fallback_rule_is_the_documented_one():
 def populate(fw, n: int, seed: int = 7, satisfied_rate: float = 0.55) -> list[tuple[str, bool]]:
     """Simulated traffic: satisfaction drives both the UI signals and the 1-5 rating."""
     rng = random.Random(seed)
-    rec = fw.recorder()
     out = []
     for i in range(n):
         satisfied = rng.random() < satisfied_rate
         with fw.rollout("support", session_id=f"s{i}") as r:
             r.set_output("an answer")
-        for e in imp.simulate_events(satisfied, rng, rollout_id=r.id, session_id=f"s{i}"):
-            rec.enqueue(TelemetryRecord(**e))
+        imp.record_events(imp.simulate_events(satisfied, rng, rollout_id=r.id, session_id=f"s{i}"))
         out.append((r.id, satisfied))
     fw.flush()
     for rid, satisfied in out:
@@ -140,6 +137,20 @@ def test_model_beats_the_rule_on_held_out_data_and_is_calibrated(fw):
 
     ev_out = imp.evaluate(fw.store(), config)
     assert ev_out["model_version"] == 2 and ev_out["model"]["auc"] > ev_out["rule"]["auc"]
+
+
+def test_only_explicit_ratings_are_labels(fw):
+    with fw.rollout("support") as r:
+        pass
+    imp.record_events([ev("dwell", rollout=r.id, ms=3000)])
+    fw.flush()
+    fw.feedback(r.id, key="rating", value=5, source="judge")
+    fw.flush()
+    assert imp.labels_for(fw.store()) == {}
+    fw.feedback(r.id, thumbs="down")
+    fw.flush()
+    assert imp.labels_for(fw.store()) == {r.id: 0}
+    assert imp.labelled_set(fw.store()).rollout_ids == [r.id]
 
 
 def test_too_few_labels_falls_back_to_the_rule(fw):
