@@ -145,6 +145,9 @@ def _json_valid(text: Any) -> bool:
     return True
 
 
+MAX_EXPRESSION = 2000
+
+
 class SafeExpression:
     """A tiny expression language over a sample, checked once by walking its AST.
 
@@ -156,6 +159,8 @@ class SafeExpression:
 
     def __init__(self, source: str, names: set[str]) -> None:
         self.source = source
+        if len(source) > MAX_EXPRESSION:
+            raise UnsafeExpression(f"expression is longer than {MAX_EXPRESSION} characters")
         try:
             self.tree = ast.parse(source, mode="eval")
         except SyntaxError as exc:
@@ -264,7 +269,14 @@ class SafeExpression:
                 return not operand
             return -operand if isinstance(node.op, ast.USub) else +operand
         if isinstance(node, ast.BinOp):
-            return _BINOPS[type(node.op)](self._eval(node.left, env), self._eval(node.right, env))
+            left, right = self._eval(node.left, env), self._eval(node.right, env)
+            if isinstance(node.op, ast.Mult) and (
+                isinstance(left, str | list) or isinstance(right, str | list)
+            ):
+                raise UnsafeExpression(
+                    f"expression {self.source!r}: no repetition of strings/lists"
+                )
+            return _BINOPS[type(node.op)](left, right)
         if isinstance(node, ast.Compare):
             left = self._eval(node.left, env)
             for op, comparator in zip(node.ops, node.comparators, strict=True):

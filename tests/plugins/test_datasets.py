@@ -170,3 +170,30 @@ def test_bad_arguments() -> None:
     assert parse_since("24h", now) == now - timedelta(hours=24)
     assert parse_since("2026-01-01") == datetime(2026, 1, 1, tzinfo=timezone.utc)
     assert split_of("abc", 1, 0.0) == "train"
+
+
+def test_sft_and_triplets_from_a_real_langchain_chain(fw, tmp_path) -> None:
+    """The LangChain adapter's llm span (system + user messages) becomes the SFT conversation."""
+    from flywheel_middleware.adapters.langchain import FlywheelCallbackHandler
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_core.prompts import ChatPromptTemplate
+
+    prompt = ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "{question}")])
+    chain = prompt | FakeListChatModel(responses=["Paris"])
+    handler = FlywheelCallbackHandler(workflow="lcqa")
+    chain.invoke({"question": "Capital of France?"}, config={"callbacks": [handler]})
+    fw.flush()
+    export(fw.store(), "sft", "lcqa", tmp_path / "sft.jsonl")
+    [row] = read(tmp_path / "sft.jsonl")
+    assert row["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris"},
+    ]
+    export(fw.store(), "triplets", "lcqa", tmp_path / "t.jsonl")
+    [t] = read(tmp_path / "t.jsonl")
+    assert (t["prompt"], t["response"], t["rollout_id"]) == (
+        "Capital of France?",
+        "Paris",
+        row["rollout_id"],
+    )

@@ -110,6 +110,8 @@ def test_safe_expression_rejects_code() -> None:
     )
     assert expr({"spans": [{"kind": "tool"}], "output_text": "order 42"}) is True
     assert expr({"spans": [{"kind": "llm"}], "output_text": "order 42"}) is False
+    with pytest.raises(ConfigError, match="no repetition"):
+        SafeExpression('len("a" * 1000000000) > 0', EXPRESSION_NAMES)({})
     missing = SafeExpression('output["answer"] == "x"', EXPRESSION_NAMES)
     assert missing({"output": {}}) is False  # a missing key is no value, not a crash
 
