@@ -150,7 +150,14 @@ class FlywheelPluginManager:
             try:
                 obj: Any = importlib.import_module(module_name)
             except ImportError as exc:
-                raise ConfigError(f"{where}: cannot import {module_name!r}: {exc}") from None
+                head, _, tail = module_name.rpartition(".")
+                try:  # 'pkg.mod.object' written without a colon
+                    if attr or not head or exc.name != module_name:
+                        raise
+                    obj, attr = importlib.import_module(head), tail
+                    module_name = head
+                except ImportError:
+                    raise ConfigError(f"{where}: cannot import {module_name!r}: {exc}") from None
             except Exception as exc:
                 raise ConfigError(
                     f"{where}: importing {module_name!r} failed: {_describe(exc)}"

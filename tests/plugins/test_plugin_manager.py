@@ -217,3 +217,11 @@ def test_cli_plugins_reports_bad_specs(tmp_path) -> None:
     assert result.exit_code == 1
     assert "llm_rubric" in result.output
     assert "unknown reward type 'nope'" in result.output
+
+
+def test_dotted_path_to_an_object() -> None:
+    for path in ("tests.plugins.bad_hooks.HOOKS", "tests.plugins.bad_hooks:HOOKS"):
+        manager = plugin_manager(parse_config(f"plugins: ['{path}']\n"), fresh=True)
+        assert manager.types("reward")["halves"].origin == f"dotted path {path}"
+    with pytest.raises(ConfigError, match="has no attribute 'NOPE'"):
+        plugin_manager(parse_config("plugins: ['tests.plugins.bad_hooks:NOPE']\n"), fresh=True)
