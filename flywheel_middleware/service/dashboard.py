@@ -117,8 +117,8 @@ def series(store: Any, workflow: str, buckets: int = 24) -> dict[str, Any]:
             "error_rate": [],
         }
     start, end = min(times), max(times)
-    if end - start < 60:
-        end = start + 60
+    if end - start < 1:
+        end = start + 1
     rating_pts = [(_ts(t), float(v)) for t, v in ratings if t is not None]
     reward_pts = [(_ts(t), float(r)) for t, r, _ in rollouts if t is not None and r is not None]
     volume_pts = [(_ts(t), 1.0) for t, _, _ in rollouts if t is not None]
