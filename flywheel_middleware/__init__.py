@@ -22,6 +22,7 @@ from .errors import (
     UnknownRolloutError,
 )
 from .hookspecs import hookimpl
+from .routing import route
 from .runtime import (
     configure,
     feedback,
@@ -33,7 +34,6 @@ from .runtime import (
     shutdown,
     store,
 )
-from .routing import route
 from .tracing import (
     RolloutHandle,
     SpanHandle,
