@@ -16,7 +16,7 @@ A source that raises is reported in ``RewardRun.failures`` by name and the other
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -131,8 +131,12 @@ def compute_rewards(
     write: bool = True,
     batch_size: int = 500,
     sources: Sequence[RewardSource] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> RewardRun:
-    """Rewards for the chosen rollouts (by ids, or a workflow and time window; else all)."""
+    """Rewards for the chosen rollouts (by ids, or a workflow and time window; else all).
+
+    ``progress(n)`` is called after each batch of ``n`` rollouts (for a progress bar).
+    """
     own_sources = sources is None
     srcs = list(sources) if sources is not None else build_sources(config, store)
     names = [s.name for s in srcs]
@@ -157,6 +161,8 @@ def compute_rewards(
             run.update(results)
             if write:
                 _write(store, srcs, samples, results)
+            if progress is not None:
+                progress(len(samples))
     finally:
         if own_sources:
             for src in srcs:

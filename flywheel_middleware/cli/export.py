@@ -103,11 +103,29 @@ def register(main: click.Group) -> None:
         cli: Cli, workflow: str | None, since: str | None, dry_run: bool, as_json: bool
     ) -> None:
         """Compute rewards from the configured sources (YAML rewards:) and store them."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress
+
+        from ..datasets import count_rollouts, parse_since
         from ..rewards import compute_rewards
 
-        run = compute_rewards(
-            cli.store, cli.config, workflow=workflow, since=since, write=not dry_run
-        )
+        start = parse_since(since)
+        total = count_rollouts(cli.store, workflow=workflow, since=start)
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            disable=as_json,
+            console=err_console,
+        ) as bar:
+            task = bar.add_task("rewards", total=total)
+            run = compute_rewards(
+                cli.store,
+                cli.config,
+                workflow=workflow,
+                since=start,
+                write=not dry_run,
+                progress=lambda n: bar.advance(task, n),
+            )
         rewarded = [r for r in run.values() if r.value is not None]
         per_source: dict[str, list[float]] = {}
         for r in run.values():
