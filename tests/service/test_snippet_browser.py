@@ -221,3 +221,41 @@ def test_a_hidden_tab_stops_the_dwell_clock(fw, app, chrome):
     assert 0.9 <= hidden_flush[0].payload["ms"] / 1000 < 1.25
     assert [e.rollout_id for e in dwell] == [ROLLOUT_A, ROLLOUT_A]
     assert 1.7 <= dwell[1].payload["ms"] / 1000 < 2.4
+
+
+def test_thumbs_and_ratings_reach_the_feedback_api(fw, app, chrome):
+    from selenium.webdriver.common.by import By
+
+    from .conftest import LiveServer
+
+    with fw.rollout("support", user_id="u1") as r:
+        r.set_output("Your parcel arrives tomorrow.")
+    fw.flush()
+    page = f"""<!DOCTYPE html><html><body>
+      <div data-flywheel-rollout="{r.id}"><p>Your parcel arrives tomorrow.</p>
+        <button id="up" data-flywheel="thumbs-up">👍</button>
+        <button id="four" data-flywheel="rate" data-flywheel-rating="4">★★★★</button>
+      </div>
+      <script src="/flywheel.js" data-key="{API_KEY}" data-flush-ms="0"></script></body></html>"""
+    app.add_api_route("/test/rate", lambda: HTMLResponse(page), methods=["GET"])
+    with LiveServer(app) as live:
+        chrome.get(f"{live.url}/test/rate")
+        chrome.find_element(By.ID, "up").click()
+        chrome.find_element(By.ID, "four").click()
+        chrome.execute_script(f"window.Flywheel.feedback('{r.id}', {{comment: 'quick and right'}})")
+        deadline = time.monotonic() + 10
+        rows: list = []
+        while time.monotonic() < deadline and len(rows) < 3:
+            time.sleep(0.2)
+            fw.flush()
+            rows = fw.store().execute(
+                "SELECT key, value, comment, source FROM feedback WHERE rollout_id = :r ORDER BY id",
+                {"r": r.id},
+            )
+    assert sorted(tuple(x) for x in rows) == sorted(
+        [
+            ("thumbs", 1.0, None, "explicit"),
+            ("rating", 4.0, None, "explicit"),
+            ("comment", None, "quick and right", "explicit"),
+        ]
+    )

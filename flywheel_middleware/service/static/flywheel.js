@@ -15,6 +15,9 @@
  *   copy   {chars}         text copied out of an answer
  *   scroll {depth}         the deepest fraction of the page seen (sent when it grows)
  *   mouse  {moves, ms}     mouse movements (at most one per 100 ms) over ms of visible time
+ * Explicit feedback goes straight to /v1/feedback: a click on data-flywheel="thumbs-up" or
+ * "thumbs-down" sends a thumb, one with data-flywheel="rate" data-flywheel-rating="1..5" a rating, and
+ * Flywheel.feedback(rolloutId, {rating: 4, comment: "..."}) anything the API accepts.
  * They are batched and sent with navigator.sendBeacon as text/plain JSON — every
  * data-flush-ms (default 15000), and on pagehide / when the tab is hidden, so closing the
  * page loses nothing. Options on the script tag: data-endpoint, data-key, data-session,
@@ -34,7 +37,9 @@
   var key = opt("key", "");
   var flushMs = parseInt(opt("flush-ms", "15000"), 10);
   var maxBatch = parseInt(opt("max-batch", "50"), 10);
-  var url = key ? endpoint + (endpoint.indexOf("?") < 0 ? "?" : "&") + "key=" + encodeURIComponent(key) : endpoint;
+  var withKey = function (u) { return key ? u + (u.indexOf("?") < 0 ? "?" : "&") + "key=" + encodeURIComponent(key) : u; };
+  var url = withKey(endpoint);
+  var feedbackUrl = withKey(opt("feedback-endpoint", endpoint.replace(/\/v1\/telemetry(\?.*)?$/, "/v1/feedback")));
 
   var sessionId = opt("session", null);
   if (!sessionId) {
@@ -70,13 +75,14 @@
     if (queue.length >= maxBatch * 4) flush("size");
   }
 
-  function send(body) {
+  function send(body, target) {
+    target = target || url;
     try {
-      if (navigator.sendBeacon && navigator.sendBeacon(url, body)) return "beacon";
+      if (navigator.sendBeacon && navigator.sendBeacon(target, body)) return "beacon";
     } catch (e) { /* fall through */ }
     try {
-      fetch(url, { method: "POST", body: body, keepalive: true, mode: "cors",
-                   headers: { "Content-Type": "text/plain;charset=UTF-8" } });
+      fetch(target, { method: "POST", body: body, keepalive: true, mode: "cors",
+                      headers: { "Content-Type": "text/plain;charset=UTF-8" } });
       return "fetch";
     } catch (e) {
       return null;
@@ -174,8 +180,19 @@
     if (!el) return;
     var kind = el.getAttribute("data-flywheel");
     var label = (el.innerText || el.getAttribute("aria-label") || "").trim().slice(0, 40);
-    track("click", rolloutOf(el), { kind: kind, label: label });
+    var rid = rolloutOf(el);
+    track("click", rid, { kind: kind, label: label });
+    if (rid && (kind === "thumbs-up" || kind === "thumbs-down")) feedback(rid, { thumbs: kind === "thumbs-up" ? "up" : "down" });
+    var rating = el.getAttribute("data-flywheel-rating");
+    if (rid && rating) feedback(rid, { rating: Number(rating) });
   }, true);
+
+  // Explicit feedback about an answer, sent at once (POST /v1/feedback): thumbs, a 1-5 rating, a comment.
+  function feedback(rolloutId, fields) {
+    var body = { rollout_id: rolloutId };
+    for (var k in fields) body[k] = fields[k];
+    return send(JSON.stringify(body), feedbackUrl);
+  }
 
   document.addEventListener("copy", function () {
     var sel = window.getSelection ? window.getSelection() : null;
@@ -212,6 +229,7 @@
     sessionId: sessionId,
     track: track,
     flush: function () { flush("manual"); },
+    feedback: feedback,
     stats: function () { return { queued: queue.length, sent: sent }; }
   };
 })();
