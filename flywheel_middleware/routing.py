@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .errors import FlywheelError
@@ -277,13 +277,15 @@ def update_routing(
     config: Any,
     *,
     half_life_days: float | None = None,
+    window_days: float | None = None,
     use_implicit: bool = True,
 ) -> dict[str, Any]:
     """Recompute every (agent, skill) posterior from the rewards of routed rollouts and store them.
 
     A rollout's reward is its stored ``reward`` if set, else its explicit rating or thumb, else
-    (``use_implicit``) the implicit satisfaction of its UI telemetry. Idempotent: it rebuilds
-    from scratch, so the controller may call it every cycle.
+    (``use_implicit``) the implicit satisfaction of its UI telemetry. ``half_life_days`` discounts
+    old evidence (so an agent that changes is re-learned); ``window_days`` ignores older rollouts.
+    Idempotent: it rebuilds from scratch, so the controller may call it every cycle.
     """
     from sqlmodel import select
 
@@ -294,6 +296,9 @@ def update_routing(
         q = select(Rollout.id, Rollout.started_at, Rollout.reward, Rollout.metadata_).where(
             Rollout.metadata_["route"].as_string().is_not(None)
         )
+        if window_days:
+            since = datetime.now(timezone.utc) - timedelta(days=window_days)
+            q = q.where(Rollout.started_at >= since)
         rows = list(session.exec(q))
     routed = []
     for rid, started, reward, meta in rows:

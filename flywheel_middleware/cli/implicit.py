@@ -110,11 +110,14 @@ def register(main: click.Group) -> None:
 
     @command(routing, "update")
     @click.option("--half-life-days", type=float, default=None, help="Discount old rewards.")
-    def routing_update(cli: Cli, half_life_days: float | None) -> None:
+    @click.option("--window-days", type=float, default=None, help="Ignore older rollouts.")
+    def routing_update(cli: Cli, half_life_days: float | None, window_days: float | None) -> None:
         """Rebuild the routing posteriors from the rewards of routed rollouts."""
         from ..routing import update_routing
 
-        out = update_routing(cli.store, cli.config, half_life_days=half_life_days)
+        out = update_routing(
+            cli.store, cli.config, half_life_days=half_life_days, window_days=window_days
+        )
         console.print(f"{out['rewarded']} of {out['routed_rollouts']} routed rollouts had a reward")
         _show_weights(cli)
 

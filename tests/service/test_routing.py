@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 import pytest
+from sqlalchemy import bindparam, text
 
 from flywheel_middleware.config import FlywheelConfig, RoutingConfig
 from flywheel_middleware.routing import NoEligibleAgentError, Router, simulate, update_routing
@@ -140,3 +143,49 @@ def test_fw_route_records_the_decision_and_update_routing_learns(fw_any):
 def test_route_without_agents_says_what_to_configure(fw):
     with pytest.raises(NoEligibleAgentError, match="routing.agents"):
         fw.route(["billing"])
+
+
+def test_old_evidence_is_discounted_or_windowed(fw):
+    config = FlywheelConfig.model_validate({"routing": routing().model_dump()})
+    fw.configure(store_url=fw.store().url, config=config)
+    old, new = [], []
+    for i in range(60):
+        agent = "alice" if i % 2 else "bob"
+        with fw.rollout("support") as r:
+            r.set_metadata("route", {"agent": agent, "skills": ["billing"], "probability": 0.5})
+        (old if i < 30 else new).append((r.id, agent))
+    fw.flush()
+    # the old half: bob was great and alice poor; the new half: the other way round
+    for rid, agent in old:
+        fw.feedback(rid, 5 if agent == "bob" else 1)
+    for rid, agent in new:
+        fw.feedback(rid, 5 if agent == "alice" else 1)
+    fw.flush()
+    ten_days_ago = datetime.now(timezone.utc) - timedelta(days=10)
+    with fw.store().engine.begin() as conn:
+        conn.execute(
+            text("UPDATE rollout SET started_at = :t WHERE id IN :ids").bindparams(
+                bindparam("ids", expanding=True)
+            ),
+            {"t": ten_days_ago, "ids": [rid for rid, _ in old]},
+        )
+    flat = update_routing(fw.store(), config)["weights"]
+    assert flat["alice/billing"] == pytest.approx(
+        flat["bob/billing"]
+    )  # all evidence counts the same
+    recent = update_routing(fw.store(), config, half_life_days=2)["weights"]
+    assert recent["alice/billing"] > 1.7 and recent["bob/billing"] < 0.3
+    windowed = update_routing(fw.store(), config, window_days=5)
+    assert windowed["rewarded"] == 30
+
+    from click.testing import CliRunner
+
+    from flywheel_middleware.cli import main
+
+    out = CliRunner().invoke(
+        main, ["routing", "update", "--store", fw.store().url, "--window-days", "5"]
+    )
+    assert out.exit_code == 0, out.output
+    assert "30 of 30 routed rollouts had a reward" in out.output and "alice" in out.output
+    out = CliRunner().invoke(main, ["routing", "show", "--store", fw.store().url])
+    assert out.exit_code == 0 and "bob" in out.output
