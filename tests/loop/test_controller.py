@@ -1,0 +1,105 @@
+"""The controller: modes (suggest / experiment / auto), generation, reports."""
+
+from __future__ import annotations
+
+from sqlmodel import select
+
+from flywheel_middleware import experiments as ex
+from flywheel_middleware import versions
+from flywheel_middleware.controller import run_cycle
+from flywheel_middleware.models import ChangeEvent, Experiment
+
+from .helpers import BASE, add_rollouts, make_config
+
+
+def _config(tmp_path, **extra):
+    return make_config(
+        controller={"report_dir": str(tmp_path / "reports"), "dataset_dir": str(tmp_path / "data")},
+        **extra,
+    )
+
+
+def _winner_experiment(store, config):
+    v1 = versions.ensure_workflow(store, config, "qa")
+    cand = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 4}}, created_by="t")
+    exp = ex.start_experiment(store, "qa", [cand.id], traffic=0.3)
+    add_rollouts(
+        store, experiment_id=exp.id, variant="baseline", n=600, positive=240, version_id=v1.id
+    )
+    add_rollouts(
+        store, experiment_id=exp.id, variant="candidate-1", n=600, positive=420, version_id=cand.id
+    )
+    return v1, cand, exp
+
+
+def test_experiment_mode_never_promotes_by_itself(store, tmp_path):
+    config = _config(tmp_path)
+    v1, cand, exp = _winner_experiment(store, config)
+    for _ in range(3):
+        report = run_cycle(store, config, "experiment", curate_data=False)
+        [d] = report.decisions
+        assert (d["action"], d["variant"], d["applied"]) == (
+            "promote",
+            "candidate-1",
+            "awaiting approval",
+        )
+        assert d["approve"] == f"flywheel promote {exp.id} candidate-1"
+        assert versions.active_version(store, "qa").id == v1.id
+        assert ex.get_experiment(store, exp.id).status == "running"
+    text = open(report.report_path, encoding="utf-8").read()
+    assert f"flywheel promote {exp.id} candidate-1" in text and "awaiting approval" in text
+    with store.session() as session:
+        assert not session.exec(select(ChangeEvent).where(ChangeEvent.kind == "promote")).all()
+    # the same evidence in auto mode promotes, with the evidence on the ChangeEvent
+    report = run_cycle(store, config, "auto", curate_data=False)
+    assert report.promoted and versions.active_version(store, "qa").id == cand.id
+    promote = versions.deployment_history(store, "qa")[-1]
+    assert promote.kind == "promote" and promote.actor == "controller:auto"
+    assert promote.evidence["stats"]["variants"]["candidate-1"]["rated"] == 600
+    assert ex.get_experiment(store, exp.id).status == "promoted"
+
+
+def test_suggest_mode_changes_nothing(store, tmp_path):
+    config = _config(tmp_path)
+    v1 = versions.ensure_workflow(store, config, "qa")
+    add_rollouts(store, experiment_id=None, variant=None, n=100, positive=20, version_id=v1.id)
+    report = run_cycle(store, config, "suggest", curate_data=False)
+    assert report.problems and report.proposals and report.proposals[0]["candidates"]
+    assert not report.started
+    assert [v.id for v in versions.list_versions(store, "qa")] == [v1.id]
+    with store.session() as session:
+        assert not session.exec(select(Experiment)).all()
+    assert "report only" in open(report.report_path, encoding="utf-8").read()
+
+
+def test_hot_problem_starts_an_experiment_with_small_traffic(store, tmp_path):
+    config = _config(tmp_path)
+    v1 = versions.ensure_workflow(store, config, "qa")
+    add_rollouts(store, experiment_id=None, variant=None, n=100, positive=20, version_id=v1.id)
+    report = run_cycle(store, config, "experiment")
+    [started] = report.started
+    exp = ex.get_experiment(store, started["experiment_id"])
+    assert [v["name"] for v in exp.variants] == ["baseline", "candidate-1", "candidate-2"]
+    assert [v["weight"] for v in exp.variants] == [0.6, 0.2, 0.2]
+    authors = {versions.get_version(store, v["version_id"]).created_by for v in exp.variants[1:]}
+    assert authors == {"mutator:param"}
+    # a second cycle does not start another experiment for the same workflow
+    again = run_cycle(store, config, "experiment", curate_data=False)
+    assert not again.started and again.decisions[0]["action"] == "continue"
+
+
+def test_a_clear_loser_is_stopped_in_experiment_mode(store, tmp_path):
+    config = _config(tmp_path)
+    v1 = versions.ensure_workflow(store, config, "qa")
+    cand = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 5}})
+    exp = ex.start_experiment(store, "qa", [cand.id], traffic=0.3)
+    add_rollouts(
+        store, experiment_id=exp.id, variant="baseline", n=600, positive=420, version_id=v1.id
+    )
+    add_rollouts(
+        store, experiment_id=exp.id, variant="candidate-1", n=600, positive=240, version_id=cand.id
+    )
+    report = run_cycle(store, config, "experiment", curate_data=False)
+    assert report.decisions[0]["applied"] == "rejected"
+    assert ex.get_experiment(store, exp.id).status == "rejected"
+    assert versions.active_version(store, "qa").id == v1.id
