@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlmodel import select
 
 from flywheel_middleware import experiments as ex
@@ -46,7 +48,7 @@ def test_experiment_mode_never_promotes_by_itself(store, tmp_path):
         assert d["approve"] == f"flywheel promote {exp.id} candidate-1"
         assert versions.active_version(store, "qa").id == v1.id
         assert ex.get_experiment(store, exp.id).status == "running"
-    text = open(report.report_path, encoding="utf-8").read()
+    text = Path(report.report_path).read_text(encoding="utf-8")
     assert f"flywheel promote {exp.id} candidate-1" in text and "awaiting approval" in text
     with store.session() as session:
         assert not session.exec(select(ChangeEvent).where(ChangeEvent.kind == "promote")).all()
@@ -69,7 +71,7 @@ def test_suggest_mode_changes_nothing(store, tmp_path):
     assert [v.id for v in versions.list_versions(store, "qa")] == [v1.id]
     with store.session() as session:
         assert not session.exec(select(Experiment)).all()
-    assert "report only" in open(report.report_path, encoding="utf-8").read()
+    assert "report only" in Path(report.report_path).read_text(encoding="utf-8")
 
 
 def test_hot_problem_starts_an_experiment_with_small_traffic(store, tmp_path):
