@@ -224,7 +224,7 @@ def _sqlite_exact_p95(conn: Any, q: _Query, out: Groups) -> None:
             out[key].p95_latency_ms = low + (position - lo) * (high - low)
 
 
-def _aggregate_histogram(store: Store, q: _Query, workers: int) -> Groups:
+def _aggregate_histogram(store: Store, q: _Query, workers: int, sort_threads: int = 0) -> Groups:
     """One pass over the window in parallel row-id ranges: exact count/avg/errors per group,
     p95 from a 1%-wide log histogram (for windows too large to sort quickly on SQLite)."""
     src = q.src
@@ -249,7 +249,12 @@ def _aggregate_histogram(store: Store, q: _Query, workers: int) -> Groups:
 
     def run(extra: dict[str, Any]) -> list[Any]:
         with store.engine.connect() as conn:
-            return list(conn.execute(text(sql), {**q.params, **extra}))
+            # SQLite's sorter may use helper threads for the GROUP BY: the sort is the cost here
+            conn.exec_driver_sql(f"PRAGMA threads={sort_threads}")
+            try:
+                return list(conn.execute(text(sql), {**q.params, **extra}))
+            finally:
+                conn.exec_driver_sql("PRAGMA threads=0")
 
     if len(ranges) > 1:
         with ThreadPoolExecutor(len(ranges)) as pool:
@@ -307,8 +312,8 @@ def _feedback_rows(store: Store, q: _Query, low_rating_max: float) -> list[tuple
         if src is _SPANS:
             body = (
                 f"SELECT DISTINCT r.workflow AS wf, {src.node} AS node, fb.rid, fb.value "
-                f"FROM ({per_rollout}) fb {join} span s ON s.rollout_id = fb.rid "
-                f"{join} rollout r ON r.id = s.rollout_id WHERE {q.where()}"
+                f"FROM ({per_rollout}) fb {join} rollout r ON r.id = fb.rid "
+                f"{join} span s ON s.rollout_id = r.id WHERE {q.where()}"
             )
         else:
             body = (
