@@ -315,11 +315,18 @@ class LabelledSet:
     labels: list[int]
 
 
-def labels_for(store: Any, positive_rating: float = 4) -> dict[str, int]:
+def model_name(workflow: str | None = None) -> str:
+    """The artifact name: one model for every workflow, or one per workflow."""
+    return MODEL_NAME if not workflow else f"{MODEL_NAME}:{workflow}"
+
+
+def labels_for(
+    store: Any, positive_rating: float = 4, workflow: str | None = None
+) -> dict[str, int]:
     """Satisfied (1) or not (0) per rollout, from explicit ratings and thumbs (majority if several)."""
     from sqlmodel import select
 
-    from .models import Feedback
+    from .models import Feedback, Rollout
 
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     with store.session() as session:
@@ -328,6 +335,10 @@ def labels_for(store: Any, positive_rating: float = 4) -> dict[str, int]:
             Feedback.key.in_(["rating", "thumbs"]),
             Feedback.value.is_not(None),
         )
+        if workflow:
+            q = q.join(Rollout, Rollout.id == Feedback.rollout_id).where(
+                Rollout.workflow == workflow
+            )
         for rollout_id, key, value in session.exec(q):
             good = value >= positive_rating if key == "rating" else value >= 0.5
             s = sums[rollout_id]
@@ -336,9 +347,11 @@ def labels_for(store: Any, positive_rating: float = 4) -> dict[str, int]:
     return {rid: int(s[0] / s[1] >= 0.5) for rid, s in sums.items() if s[1]}
 
 
-def labelled_set(store: Any, positive_rating: float = 4) -> LabelledSet:
-    """Rollouts that have both telemetry and explicit feedback."""
-    labels = labels_for(store, positive_rating)
+def labelled_set(
+    store: Any, positive_rating: float = 4, workflow: str | None = None
+) -> LabelledSet:
+    """Rollouts (of one workflow, or all) that have both telemetry and explicit feedback."""
+    labels = labels_for(store, positive_rating, workflow)
     feats = rollout_features(store, list(labels)) if labels else {}
     ids = sorted(set(labels) & set(feats))
     return LabelledSet(ids, [feats[i] for i in ids], [labels[i] for i in ids])
@@ -427,13 +440,16 @@ class TrainResult:
     reason: str = ""
 
 
-def train(store: Any, config: Any, *, save: bool = True, seed: int = 0) -> TrainResult:
+def train(
+    store: Any, config: Any, *, workflow: str | None = None, save: bool = True, seed: int = 0
+) -> TrainResult:
     """Train on the labelled rollouts outside the held-out split; evaluate on the held-out ones.
 
-    Saves a new ``ModelArtifact`` version when ``save``. With fewer than
+    Saves a new ``ModelArtifact`` version when ``save`` (named per ``workflow`` when given: UIs
+    differ, and a workflow's own model wins over the shared one). With fewer than
     ``config.implicit.min_labels`` labels nothing is trained and the rule stays in force.
     """
-    data = labelled_set(store, config.implicit.positive_rating)
+    data = labelled_set(store, config.implicit.positive_rating, workflow)
     n = len(data.labels)
     test_idx = [i for i, rid in enumerate(data.rollout_ids) if held_out(rid)]
     train_idx = [i for i, rid in enumerate(data.rollout_ids) if not held_out(rid)]
@@ -469,10 +485,11 @@ def train(store: Any, config: Any, *, save: bool = True, seed: int = 0) -> Train
         "n_train": len(train_idx),
         "n_test": len(test_idx),
         "positive_rate": sum(data.labels) / n,
+        "workflow": workflow,
     }
     result = TrainResult(model, n, len(train_idx), len(test_idx), model_metrics, rule_metrics)
     if save:
-        result.version = save_model(store, model)
+        result.version = save_model(store, model, model_name(workflow))
     return result
 
 
@@ -518,10 +535,12 @@ def load_model(
     return SatisfactionModel.from_payload(row.payload, version=row.version, metrics=row.metrics)
 
 
-def evaluate(store: Any, config: Any, version: int | None = None) -> dict[str, Any]:
+def evaluate(
+    store: Any, config: Any, version: int | None = None, *, workflow: str | None = None
+) -> dict[str, Any]:
     """Score the stored model and the rule on today's held-out labelled rollouts."""
-    model = load_model(store, version)
-    data = labelled_set(store, config.implicit.positive_rating)
+    model = load_model(store, version, model_name(workflow))
+    data = labelled_set(store, config.implicit.positive_rating, workflow)
     idx = [i for i, rid in enumerate(data.rollout_ids) if held_out(rid)]
     y = [data.labels[i] for i in idx]
     out: dict[str, Any] = {
@@ -541,15 +560,25 @@ class Scorer:
     def __init__(self, model: SatisfactionModel | None, min_labels: int = 50) -> None:
         usable = model is not None and model.metrics.get("n_labels", 0) >= min_labels
         self.model = model if usable else None
-        self.method = f"model v{model.version}" if self.model is not None and model else "rule"
+        self.method = "rule"
+        if self.model is not None and model is not None:
+            wf = model.metrics.get("workflow")
+            self.method = f"model v{model.version}" + (f" ({wf})" if wf else "")
 
     @classmethod
-    def from_store(cls, store: Any, config: Any) -> Scorer:
-        try:
-            model = load_model(store)
-        except Exception:  # an old or foreign artifact: fall back to the rule
-            model = None
-        return cls(model, config.implicit.min_labels)
+    def from_store(cls, store: Any, config: Any, workflow: str | None = None) -> Scorer:
+        """The workflow's own model if it has a usable one, else the shared model, else the rule."""
+        min_labels = config.implicit.min_labels
+        names = [model_name(workflow), MODEL_NAME] if workflow else [MODEL_NAME]
+        for name in names:
+            try:
+                model = load_model(store, name=name)
+            except Exception:  # an old or foreign artifact: try the next, then the rule
+                model = None
+            scorer = cls(model, min_labels)
+            if scorer.model is not None:
+                return scorer
+        return cls(None, min_labels)
 
     def score(self, features: Features) -> float:
         return self.model.score(features) if self.model is not None else rule_score(features)

@@ -1,8 +1,9 @@
 """The ``implicit`` reward source: how satisfied the user looked, from UI telemetry.
 
 It scores each rollout's telemetry features (``flywheel_middleware.implicit``) with the latest
-stored satisfaction model (``flywheel implicit train``) when that model was trained on at least
-``implicit.min_labels`` labels, and with the documented fallback rule otherwise (copy is
+stored satisfaction model (``flywheel implicit train``; the rollout's workflow's own model first,
+then the shared one) when that model was trained on at least ``implicit.min_labels`` labels, and
+with the documented fallback rule otherwise (copy is
 positive; regenerate and escalate are negative; a real read is mildly positive, a bounce mildly
 negative). A rollout without telemetry gets no opinion (None).
 """
@@ -12,7 +13,15 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel_middleware.hookspecs import hookimpl
-from flywheel_middleware.implicit import Features, Scorer, add_event, features_by, load_model
+from flywheel_middleware.implicit import (
+    MODEL_NAME,
+    Features,
+    Scorer,
+    add_event,
+    features_by,
+    load_model,
+    model_name,
+)
 from flywheel_middleware.plugin_api import RewardSource, Sample
 
 
@@ -38,26 +47,27 @@ class ImplicitReward(RewardSource):
 
     def __init__(self, params: BaseModel | None = None, context: object | None = None) -> None:
         super().__init__(params, context)  # type: ignore[arg-type]
-        self._scorer: Scorer | None = None
+        self._scorers: dict[str | None, Scorer] = {}
 
-    @property
-    def scorer(self) -> Scorer:
-        if self._scorer is None:
+    def scorer(self, workflow: str | None = None) -> Scorer:
+        """The workflow's own model, else the shared one, else the rule (cached per workflow)."""
+        if workflow not in self._scorers:
             p = self.params
             ctx = self.context
             min_labels = p.min_labels or (ctx.config.implicit.min_labels if ctx is not None else 50)
-            model = None
+            scorer = Scorer(None, min_labels)
             if p.use_model and ctx is not None and ctx.store is not None:
-                try:
-                    model = load_model(ctx.store, p.model_version)
-                except Exception:  # a foreign or broken artifact: the rule still works
-                    model = None
-            self._scorer = Scorer(model, min_labels)
-        return self._scorer
-
-    @property
-    def method(self) -> str:
-        return self.scorer.method
+                names = [model_name(workflow), MODEL_NAME] if workflow else [MODEL_NAME]
+                for name in names:
+                    try:
+                        candidate = Scorer(load_model(ctx.store, p.model_version, name), min_labels)
+                    except Exception:  # a foreign or broken artifact: the rule still works
+                        continue
+                    if candidate.model is not None:
+                        scorer = candidate
+                        break
+            self._scorers[workflow] = scorer
+        return self._scorers[workflow]
 
     def score(self, samples: list[Sample]) -> list[float | None]:
         out: list[float | None] = []
@@ -69,7 +79,7 @@ class ImplicitReward(RewardSource):
             for event in sample.telemetry:
                 payload = event.payload if isinstance(event.payload, dict) else {}
                 add_event(feats, event.event_type, payload)
-            out.append(self.scorer.score(feats))
+            out.append(self.scorer(sample.rollout.workflow).score(feats))
         return out
 
 

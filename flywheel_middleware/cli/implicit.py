@@ -22,14 +22,15 @@ def register(main: click.Group) -> None:
         """The implicit satisfaction model over UI telemetry."""
 
     @command(implicit, "train")
+    @click.option("--workflow", "-w", default=None, help="Train this workflow's own model.")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
     @click.option("--seed", default=0, show_default=True)
-    def implicit_train(cli: Cli, as_json: bool, seed: int) -> None:
+    def implicit_train(cli: Cli, workflow: str | None, as_json: bool, seed: int) -> None:
         """Fit the calibrated logistic regression on rollouts with telemetry and explicit feedback,
         report held-out AUC next to the fallback rule's, and store it as a new version."""
         from .. import implicit as imp
 
-        result = imp.train(cli.store, cli.config, seed=seed)
+        result = imp.train(cli.store, cli.config, workflow=workflow, seed=seed)
         if as_json:
             echo_json(
                 {
@@ -61,12 +62,15 @@ def register(main: click.Group) -> None:
     @click.option(
         "--version", "version", type=int, default=None, help="Model version (default: latest)."
     )
+    @click.option("--workflow", "-w", default=None, help="That workflow's own model and rollouts.")
     @click.option("--json", "as_json", is_flag=True)
-    def implicit_evaluate(cli: Cli, version: int | None, as_json: bool) -> None:
+    def implicit_evaluate(
+        cli: Cli, version: int | None, workflow: str | None, as_json: bool
+    ) -> None:
         """Score the stored model and the rule on the held-out labelled rollouts (AUC, Brier, log loss)."""
         from .. import implicit as imp
 
-        out = imp.evaluate(cli.store, cli.config, version)
+        out = imp.evaluate(cli.store, cli.config, version, workflow=workflow)
         if as_json:
             echo_json(out)
             return

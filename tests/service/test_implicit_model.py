@@ -84,13 +84,15 @@ def test_fallback_rule_is_the_documented_one():
     assert score(ev("dwell", ms=3000), *many) == pytest.approx(0.0)
 
 
-def populate(fw, n: int, seed: int = 7, satisfied_rate: float = 0.55) -> list[tuple[str, bool]]:
+def populate(
+    fw, n: int, seed: int = 7, satisfied_rate: float = 0.55, workflow: str = "support"
+) -> list[tuple[str, bool]]:
     """Simulated traffic: satisfaction drives both the UI signals and the 1-5 rating."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         satisfied = rng.random() < satisfied_rate
-        with fw.rollout("support", session_id=f"s{i}") as r:
+        with fw.rollout(workflow, session_id=f"s{i}") as r:
             r.set_output("an answer")
         imp.record_events(imp.simulate_events(satisfied, rng, rollout_id=r.id, session_id=f"s{i}"))
         out.append((r.id, satisfied))
@@ -217,3 +219,32 @@ def test_cli_train_and_evaluate_report_auc(fw, tmp_path):
     out = runner.invoke(main, ["implicit", "evaluate", "--store", url])
     assert out.exit_code == 0, out.output
     assert "AUC" in out.output and "model v1" in out.output and "fallback rule" in out.output
+
+
+@pytest.mark.slow
+def test_a_workflow_can_have_its_own_model(fw):
+    from flywheel_middleware.rewards import compute_rewards
+
+    support = populate(fw, 300, seed=21, workflow="support")
+    sales = populate(fw, 30, seed=22, workflow="sales")
+    config = FlywheelConfig.model_validate(
+        {"rewards": [{"type": "implicit"}], "implicit": {"min_labels": 100}}
+    )
+    store = fw.store()
+    result = imp.train(store, config, workflow="support")
+    assert result.n_labels == 300 and result.version == 1
+    names = [r[0] for r in store.execute("SELECT name FROM model_artifact")]
+    assert names == ["implicit_satisfaction:support"]
+    assert imp.Scorer.from_store(store, config, "support").method == "model v1 (support)"
+    assert imp.Scorer.from_store(store, config, "sales").method == "rule"  # no shared model yet
+    assert imp.train(store, config, workflow="sales").model is None  # 30 labels are too few
+
+    run = compute_rewards(store, config, [rid for rid, _ in support[:20] + sales[:20]], write=False)
+    model = imp.load_model(store, name="implicit_satisfaction:support")
+    feats = imp.rollout_features(store, [rid for rid, _ in support[:20] + sales[:20]])
+    for rid, _ in support[:20]:
+        assert run[rid].sources["implicit"] == pytest.approx(model.score(feats[rid]))
+    for rid, _ in sales[:20]:
+        assert run[rid].sources["implicit"] == pytest.approx(imp.rule_score(feats[rid]))
+    out = imp.evaluate(store, config, workflow="support")
+    assert out["model_version"] == 1 and out["n_labels"] == 300
