@@ -38,6 +38,8 @@ from flywheel_middleware import tracing
 from flywheel_middleware.serialize import snapshot
 from flywheel_middleware.tracing import RolloutHandle, SpanHandle
 
+from ._common import fast_rollout_id
+
 log = logging.getLogger("flywheel_middleware.adapters.agentscope")
 
 __all__ = ["FlywheelMiddleware", "config_for_agent"]
@@ -89,6 +91,7 @@ class FlywheelMiddleware(MiddlewareBase):
         session = getattr(getattr(agent, "state", None), "session_id", None)
         rollout = tracing.open_rollout(
             self.workflow,
+            rollout_id=fast_rollout_id(),
             user_id=self.user_id,
             session_id=session,
             input=input,

@@ -23,6 +23,8 @@ from langchain_core.callbacks import BaseCallbackHandler
 from flywheel_middleware import tracing
 from flywheel_middleware.tracing import RolloutHandle, SpanHandle
 
+from ._common import compact, fast_rollout_id, message_dict, messages_list
+
 log = logging.getLogger("flywheel_middleware.adapters.langchain")
 
 __all__ = ["FlywheelCallbackHandler"]
@@ -44,6 +46,7 @@ _NOISE_METADATA = frozenset(
         "ls_max_tokens",
         "ls_stop",
         "ls_integration",
+        "lc_versions",
     }
 )
 
@@ -105,13 +108,15 @@ def _model_from_result(response: Any) -> str | None:
 
 def _output_from_result(response: Any) -> Any:
     generations = response.generations or ()
+    if len(generations) == 1 and len(generations[0]) == 1:
+        gen = generations[0][0]
+        message = getattr(gen, "message", None)
+        return message_dict(message) if message is not None else gen.text
     outs = []
     for gens in generations:
         for gen in gens:
             message = getattr(gen, "message", None)
-            outs.append(message if message is not None else gen.text)
-    if len(outs) == 1:
-        return outs[0]
+            outs.append(message_dict(message) if message is not None else gen.text)
     return outs
 
 
@@ -160,12 +165,13 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         if node is not None and kind == "chain" and node == name:
             kind = "node"
         attributes = None
-        if tags or metadata:
-            attributes = {}
-            if tags:
-                attributes["tags"] = tags
+        if tags:
+            attributes = {"tags": tags}
+        if metadata:
             meta = _clean_metadata(metadata)
             if meta:
+                if attributes is None:
+                    attributes = {}
                 attributes["metadata"] = meta
         parent = self._spans.get(parent_run_id) if parent_run_id is not None else None
         if parent is not None:
@@ -222,6 +228,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
             meta = {**self.metadata, **(meta or {})}
         return tracing.open_rollout(
             self.workflow,
+            rollout_id=fast_rollout_id(),
             user_id=user_id,
             session_id=session_id,
             input=input,
@@ -249,13 +256,13 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
     ) -> None:
         try:
             name = _run_name(serialized, kwargs, "chain")
-            self._start("chain", name, run_id, parent_run_id, tags, metadata, inputs)
+            self._start("chain", name, run_id, parent_run_id, tags, metadata, compact(inputs))
         except Exception:
             log.exception("flywheel: on_chain_start failed")
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         try:
-            self._end(run_id, outputs)
+            self._end(run_id, compact(outputs))
         except Exception:
             log.exception("flywheel: on_chain_end failed")
 
@@ -298,7 +305,11 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         try:
-            value = messages[0] if len(messages) == 1 else messages
+            value = (
+                messages_list(messages[0])
+                if len(messages) == 1
+                else [messages_list(m) for m in messages]
+            )
             self._model_start(serialized, value, run_id, parent_run_id, tags, metadata, kwargs)
         except Exception:
             log.exception("flywheel: on_chat_model_start failed")

@@ -26,6 +26,8 @@ from typing import Any
 from flywheel_middleware import tracing
 from flywheel_middleware.tracing import SpanHandle
 
+from ._common import fast_rollout_id
+
 log = logging.getLogger("flywheel_middleware.adapters.openai")
 
 __all__ = ["wrap_openai"]
@@ -169,6 +171,7 @@ def _begin(endpoint: str, kwargs: dict[str, Any], opts: _Options) -> _Call:
         own = own or {}
         rollout = tracing.open_rollout(
             own.get("workflow") or opts.workflow,
+            rollout_id=fast_rollout_id(),
             user_id=own.get("user_id"),
             session_id=own.get("session_id"),
             input=value,
@@ -212,10 +215,27 @@ def _finish(call: _Call, result: Any, capture: bool) -> None:
             output = {"count": len(data), "dimensions": dims}
         elif call.endpoint == "chat":
             choices = getattr(result, "choices", None) or []
-            output = choices[0].message if len(choices) == 1 else choices
+            if len(choices) == 1:
+                output = _message_dict(choices[0].message)
+            else:
+                output = [_message_dict(c.message) for c in choices]
         else:
             output = getattr(result, "output", None)
     span.end(output=output)
+
+
+def _message_dict(message: Any) -> Any:
+    """The answer as a plain chat dict: the writer's C JSON encoder takes it as is."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": t.id, "name": t.function.name, "arguments": t.function.arguments}
+            for t in message.tool_calls
+            if getattr(t, "function", None) is not None
+        ]
+    if getattr(message, "refusal", None):
+        out["refusal"] = message.refusal
+    return out
 
 
 def _sync_wrapper(original: Any, endpoint: str, opts: _Options) -> Any:

@@ -497,6 +497,7 @@ def _embeddings_body(server: OpenAIServer, req: Request, reply: Reply) -> dict[s
 def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # else small responses wait ~40 ms for delayed ACKs
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence
             pass
@@ -506,8 +507,8 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self._headers_buffer.append(b"\r\n" + data)  # headers and body in one write
+            self.flush_headers()
 
         def _send_stream(self, events: Iterator[str]) -> None:
             self.send_response(200)
@@ -590,3 +591,21 @@ def openai_server_fixture() -> Iterator[OpenAIServer]:
     """Body of the ``openai_server`` pytest fixture: a started server, stopped afterwards."""
     with OpenAIServer() as server:
         yield server
+
+
+def main() -> None:
+    """``python -m flywheel_middleware.testing.openai_server [--port N]``: serve until killed
+    (a server in its own process, e.g. for benchmarks that must not share the GIL with it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Loopback OpenAI-protocol server (echoes).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    server = OpenAIServer(args.host, args.port)
+    print(server.base_url, flush=True)
+    server._httpd.serve_forever(poll_interval=0.2)
+
+
+if __name__ == "__main__":
+    main()

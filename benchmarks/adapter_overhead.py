@@ -1,0 +1,261 @@
+"""Per-call overhead of flywheel's capture adapters, against baselines measured in the same run.
+
+LangChain: a fake chat model (``EchoChatModel``) invoked with no callbacks (the baseline),
+then with a no-op ``BaseCallbackHandler`` (the floor LangChain's own callback dispatch costs),
+langchain-core's ``RunCollectorCallbackHandler``, Langfuse's ``CallbackHandler`` (exporting to
+nowhere), OpenInference's LangChain instrumentor (OTel ``BatchSpanProcessor`` to a no-op
+exporter) and ``FlywheelCallbackHandler`` (recording into a real SQLite store on its writer
+thread). Variants run interleaved in rounds; each figure is the median over rounds.
+Targets: flywheel <= 2x the no-op floor and <= 1/4 of Langfuse's overhead.
+
+OpenAI: ``chat.completions.create`` on the real SDK against the loopback server, plain client vs
+``wrap_openai`` (plain and streaming). Target: <= 5% overhead.
+
+    .venv/bin/python benchmarks/adapter_overhead.py [--calls 2000] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _timed(fn: Callable[[], Any], calls: int, settle: Callable[[], Any] | None = None) -> tuple:
+    """(wall, cpu) seconds per call over ``calls`` calls, ``settle()`` (flushing background
+    work: flywheel's writer, an exporter) included. CPU is the whole process's time, so work a
+    tracer pushes to its own threads counts, and other processes' load does not."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        fn()
+    if settle is not None:
+        settle()
+    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
+
+
+class _NoExport:
+    """An OTel SpanExporter that drops everything (so no network, no blocking)."""
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+def langchain_variants() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """name -> (make a call, settle: flush what the tracer does in the background)."""
+    from flywheel_middleware.adapters.langchain import FlywheelCallbackHandler
+    from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
+
+    import flywheel_middleware as fw
+    from flywheel_middleware.testing.fakes import EchoChatModel
+
+    model = EchoChatModel()
+    nothing = lambda: None  # noqa: E731
+
+    class NoOp(BaseCallbackHandler):
+        pass
+
+    noop = NoOp()
+    collector = RunCollectorCallbackHandler()
+    ours = FlywheelCallbackHandler(workflow="bench")
+    variants: dict[str, tuple[Callable[[], Any], Callable[[], None]]] = {
+        "untraced": (lambda: model.invoke("hello there"), nothing),
+        "no-op handler": (
+            lambda: model.invoke("hello there", config={"callbacks": [noop]}),
+            nothing,
+        ),
+        "RunCollector": (
+            lambda: model.invoke("hello there", config={"callbacks": [collector]}),
+            collector.traced_runs.clear,
+        ),
+        "flywheel": (
+            lambda: model.invoke("hello there", config={"callbacks": [ours]}),
+            lambda: fw.flush(60),
+        ),
+    }
+    try:
+        from langfuse import Langfuse
+        from langfuse.langchain import CallbackHandler
+        from opentelemetry.sdk.trace import TracerProvider
+
+        client = Langfuse(
+            public_key="pk-lf-bench",
+            secret_key="sk-lf-bench",
+            host="http://127.0.0.1:9",
+            tracer_provider=TracerProvider(),
+            span_exporter=_NoExport(),  # type: ignore[arg-type]
+        )
+        lf = CallbackHandler(public_key="pk-lf-bench")
+        variants["Langfuse"] = (
+            lambda: model.invoke("hello there", config={"callbacks": [lf]}),
+            client.flush,
+        )
+    except Exception as exc:  # not installed or incompatible: say so, keep going
+        print(f"(Langfuse skipped: {exc!r})")
+    try:
+        from openinference.instrumentation.langchain import LangChainInstrumentor
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(_NoExport()))  # type: ignore[arg-type]
+        instrumentor = LangChainInstrumentor()
+        variants["OpenInference"] = (
+            lambda: model.invoke("hello there"),
+            provider.force_flush,
+        )
+        # instrumenting is global: switched on only while its variant runs (see _run_round)
+        _INSTRUMENT["OpenInference"] = (
+            lambda: instrumentor.instrument(tracer_provider=provider),
+            instrumentor.uninstrument,
+        )
+    except Exception as exc:
+        print(f"(OpenInference skipped: {exc!r})")
+    return variants
+
+
+_INSTRUMENT: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
+
+
+def bench_langchain(calls: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """name -> (median wall, median cpu) seconds per call."""
+    variants = langchain_variants()
+    walls: dict[str, list[float]] = {name: [] for name in variants}
+    cpus: dict[str, list[float]] = {name: [] for name in variants}
+    for name, (call, settle) in variants.items():  # warm up every path once
+        on, off = _INSTRUMENT.get(name, (None, None))
+        if on:
+            on()
+        _timed(call, 200, settle)
+        if off:
+            off()
+    for _ in range(rounds):
+        for name, (call, settle) in variants.items():
+            on, off = _INSTRUMENT.get(name, (None, None))
+            if on:
+                on()
+            wall, cpu = _timed(call, calls, settle)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+            if off:
+                off()
+    return {n: (statistics.median(walls[n]), statistics.median(cpus[n])) for n in variants}
+
+
+def bench_openai(calls: int, rounds: int) -> dict[str, tuple[float, float]]:
+    import openai
+    from flywheel_middleware.adapters.openai import wrap_openai
+
+    import flywheel_middleware as fw
+
+    messages = [{"role": "user", "content": "hello there"}]
+    # The server runs in its own process: in-process it would share the GIL with the client
+    # and flywheel's writer thread, which no real deployment does.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flywheel_middleware.testing.openai_server"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base_url = proc.stdout.readline().strip() if proc.stdout else ""
+        plain = openai.OpenAI(base_url=base_url, api_key="sk-bench", max_retries=0)
+        wrapped = wrap_openai(
+            openai.OpenAI(base_url=base_url, api_key="sk-bench", max_retries=0),
+            workflow="bench-openai",
+        )
+
+        def call(client: Any) -> Callable[[], Any]:
+            return lambda: client.chat.completions.create(model="m", messages=messages)
+
+        def stream(client: Any) -> Callable[[], Any]:
+            return lambda: list(
+                client.chat.completions.create(model="m", messages=messages, stream=True)
+            )
+
+        variants = {
+            "plain": call(plain),
+            "wrapped": call(wrapped),
+            "plain stream": stream(plain),
+            "wrapped stream": stream(wrapped),
+        }
+        for fn in variants.values():
+            _timed(fn, 50)
+        walls: dict[str, list[float]] = {name: [] for name in variants}
+        cpus: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                wall, cpu = _timed(fn, calls, fw.flush if "wrapped" in name else None)
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return {n: (statistics.median(walls[n]), statistics.median(cpus[n])) for n in variants}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000, help="LangChain calls per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--openai-calls", type=int, default=100, help="per block")
+    parser.add_argument("--openai-rounds", type=int, default=15)
+    args = parser.parse_args()
+
+    import flywheel_middleware as fw
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fw.configure(store_url=f"sqlite:///{Path(tmp) / 'bench.db'}")
+        lc = bench_langchain(args.calls, args.rounds)
+        print(f"\nLangChain, fake chat model, {args.calls} calls x {args.rounds} rounds (median)")
+        print(f"{'variant':<16}{'wall µs':>10}{'overhead':>10}{'cpu µs':>10}{'overhead':>10}")
+        over_wall, over_cpu = {}, {}
+        for name, (wall, cpu) in lc.items():
+            over_wall[name] = (wall - lc["untraced"][0]) * 1e6
+            over_cpu[name] = (cpu - lc["untraced"][1]) * 1e6
+            print(
+                f"{name:<16}{wall * 1e6:>10.1f}{over_wall[name]:>+10.1f}"
+                f"{cpu * 1e6:>10.1f}{over_cpu[name]:>+10.1f}"
+            )
+        for label, over in (("wall", over_wall), ("cpu", over_cpu)):
+            ours, floor = over["flywheel"], over["no-op handler"]
+            line = f"{label:>4}: flywheel / no-op floor = {ours / floor:.2f}x (target <= 2)"
+            if "Langfuse" in over:
+                line += f"; / Langfuse = {ours / over['Langfuse']:.2f} (target <= 0.25)"
+            if "OpenInference" in over:
+                line += f"; / OpenInference = {ours / over['OpenInference']:.2f}"
+            line += f"; / RunCollector = {ours / over['RunCollector']:.2f}"
+            print(line)
+        rows = fw.store().execute("SELECT COUNT(*) FROM rollout WHERE workflow = 'bench'")[0][0]
+        print(f"(flywheel wrote {rows} rollouts to SQLite during the run; flushes are timed)")
+
+        oa = bench_openai(args.openai_calls, args.openai_rounds)
+        print(
+            f"\nOpenAI SDK, loopback server in its own process, {args.openai_calls} calls x "
+            f"{args.openai_rounds} alternating rounds (median)"
+        )
+        for kind in ("", " stream"):
+            (pw, pc), (ww, wc) = oa["plain" + kind], oa["wrapped" + kind]
+            print(
+                f"create{kind:<8} wall {pw * 1e6:7.0f} -> {ww * 1e6:7.0f} µs "
+                f"({(ww - pw) / pw * 100:+.1f}%)   cpu {pc * 1e6:7.0f} -> {wc * 1e6:7.0f} µs "
+                f"({(wc - pc) / pc * 100:+.1f}%)   target <= 5%"
+            )
+        fw.shutdown()
+
+
+if __name__ == "__main__":
+    main()
