@@ -379,6 +379,12 @@ def plugin_manager(
         manager.load_entry_points()
         if paths:
             manager.load_dotted(paths, source=config.source if config is not None else None)
+        try:  # a @hookimpl whose name matches no hook is a typo worth reporting
+            manager.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            manager.errors.append(
+                PluginFailure(str(getattr(exc, "plugin", "?")), f"unknown hook: {exc}")
+            )
         for failure in manager.errors:
             log.warning("%s", failure)
         _cache[paths] = manager

@@ -33,3 +33,8 @@ class _Hooks:
 
 
 HOOKS = _Hooks()
+
+
+@hookimpl
+def register_filter():  # a typo: the hook is register_filters
+    return []

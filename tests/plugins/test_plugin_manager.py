@@ -78,6 +78,7 @@ def test_dotted_paths_and_contained_hook_failures() -> None:
     errors = [str(e) for e in manager.errors]
     assert any("tests.plugins.bad_hooks" in e and "cannot list my filters" in e for e in errors)
     assert any("is not a subclass of RewardSource" in e for e in errors)
+    assert any("unknown hook" in e and "register_filter" in e for e in errors)
     [src] = manager.build_all("reward", cfg)
     assert src.name == "constant_half"
     with pytest.raises(ConfigError, match=r"plugins\[0\]: cannot import 'no_such_pkg.mod'"):
