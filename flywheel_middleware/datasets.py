@@ -146,8 +146,11 @@ def count_rollouts(
     workflow: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    succeeded_only: bool = False,
 ) -> int:
     q = _where(select(func.count()).select_from(Rollout.__table__), workflow, since, until)
+    if succeeded_only:
+        q = q.where(R.status == "succeeded")
     with store.engine.connect() as conn:
         return int(conn.execute(q).scalar() or 0)
 
@@ -449,7 +452,13 @@ def export(
             raise ExportError("filters=True needs the configuration (its filters: list)")
         flts = build_filters(config, store)
 
-    total = count_rollouts(store, workflow=workflow, since=since_dt, until=until) if progress else 0
+    total = (
+        count_rollouts(
+            store, workflow=workflow, since=since_dt, until=until, succeeded_only=succeeded_only
+        )
+        if progress
+        else 0
+    )
     bar_ctx: Any = nullcontext(None)
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
