@@ -26,7 +26,7 @@ from .models import ChangeEvent, Feedback
 from .plugin_api import Candidate, Decision, PluginContext, Sample
 from .records import utcnow
 from .store import Store
-from .triggers import TRIGGER_KIND, check_low_rating_triggers
+from .triggers import TRIGGER_KIND, check_low_rating_triggers, low_rating_window
 
 log = logging.getLogger("flywheel_middleware.controller")
 
@@ -223,6 +223,7 @@ def observe(
             "controller's fallback (seed 001 thresholds per workflow)"
         )
     check_low_rating_triggers(store, config)
+    rule = config.triggers.low_rating
     last_cycle = last_cycle_at(store)
     trigger_since = max(since, last_cycle) if last_cycle is not None else since
     with store.session() as session:
@@ -231,21 +232,27 @@ def observe(
             .where(ChangeEvent.kind == TRIGGER_KIND, ChangeEvent.created_at >= trigger_since)
             .order_by(ChangeEvent.created_at)
         ).all()
-    fired: dict[str, list[ChangeEvent]] = {}
+    fired: dict[str, int] = {}
     for ev in events:
-        fired.setdefault(ev.workflow, []).append(ev)
-    for workflow, evs in fired.items():
-        if workflow in found:
-            more = f" ({len(evs)} firings since the last cycle)" if len(evs) > 1 else ""
-            found[workflow].append(
-                {
-                    "workflow": workflow,
-                    "node": None,
-                    "reason": f"{evs[-1].reason}{more}",
-                    "source": "low-rating trigger",
-                    "at": evs[-1].created_at.isoformat(),
-                }
-            )
+        fired[ev.workflow] = fired.get(ev.workflow, 0) + 1
+    for workflow in workflows:
+        # the trigger's condition as it stands now (seed 000), not only its past firings
+        state = low_rating_window(store, workflow, rule.window, rule.max_rating)
+        if state["low"] < rule.threshold:
+            continue
+        count = fired.get(workflow, 0)
+        more = f"; fired {count}× since the last cycle" if count else ""
+        found[workflow].append(
+            {
+                "workflow": workflow,
+                "node": None,
+                "reason": (
+                    f"{state['low']} of the last {state['window']} rollouts rated "
+                    f"≤ {rule.max_rating:g} (threshold {rule.threshold}){more}"
+                ),
+                "source": "low-rating trigger",
+            }
+        )
     for items in found.values():
         report.problems.extend(items)
     return found

@@ -57,7 +57,7 @@ def add_rollouts(
         for i in range(n):
             rid = new_rollout_id()
             ids.append(rid)
-            t = now - timedelta(seconds=n - i)
+            t = now + timedelta(milliseconds=i)
             session.add(
                 Rollout(
                     id=rid,

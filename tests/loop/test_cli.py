@@ -1,0 +1,94 @@
+"""The loop's commands through the real click entry point."""
+
+from __future__ import annotations
+
+import yaml
+from click.testing import CliRunner
+
+from flywheel_middleware import experiments as ex
+from flywheel_middleware import versions
+from flywheel_middleware.cli import main
+from flywheel_middleware.cli.loop import parse_every
+
+from .helpers import BASE, add_rollouts, make_config
+
+
+def _setup(tmp_path, store_url):
+    path = tmp_path / "flywheel.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "workflows": {
+                    "qa": {
+                        "config": BASE,
+                        "tunable": {"rag.top_k": {"choices": [2, 3, 4]}},
+                        "experiment": {"min_samples": 50},
+                    }
+                },
+                "analysis": {"min_calls": 20},
+                "controller": {"report_dir": str(tmp_path / "reports")},
+            }
+        )
+    )
+    runner = CliRunner()
+
+    def run(*args, ok=True):
+        result = runner.invoke(main, ["--config", str(path), "--store", store_url, *args])
+        if ok:
+            assert result.exit_code == 0, result.output + repr(result.exception)
+        return result
+
+    return run
+
+
+def test_config_experiment_promote_rollback_commands(store, store_url, tmp_path):
+    run = _setup(tmp_path, store_url)
+    out = run("config", "show", "qa").output
+    assert "v1 ★" in out and '"top_k": 2' in out
+    config = make_config()
+    cand = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 4}}, created_by="person")
+    out = run("config", "diff", "qa", "1", "2").output
+    assert "rag.top_k" in out and "4" in out
+    exp = ex.start_experiment(store, "qa", [cand.id], traffic=0.3)
+    add_rollouts(store, experiment_id=exp.id, variant="baseline", n=300, positive=120)
+    add_rollouts(store, experiment_id=exp.id, variant="candidate-1", n=300, positive=210)
+    out = run("experiment", "list").output
+    assert f"{exp.id}" in out and "running" in out and "candidate-1 30%" in out
+    out = run("experiment", "show", str(exp.id)).output
+    assert (
+        "positive" in out and "70.0 [" in out and "sequential" in out and "promote" in out
+    )
+    out = run("promote", str(exp.id)).output  # the variant the promoters favour
+    assert "now serves v2" in out
+    assert versions.active_version(store, "qa").id == cand.id
+    out = run("rollback", "qa").output
+    assert "v2 → v1" in out
+    run("config", "activate", "qa", "v2", "-m", "by hand")
+    assert versions.active_version(store, "qa").version == 2
+    bad = run("config", "activate", "qa", "v9", ok=False)
+    assert bad.exit_code != 0 and "no config version 'v9'" in bad.output
+    bad = run("promote", str(exp.id), ok=False)
+    assert "already promoted" in bad.output
+    assert config.workflows["qa"].config == BASE
+
+
+def test_cycle_and_run_commands(store, store_url, tmp_path):
+    run = _setup(tmp_path, store_url)
+    v1 = versions.ensure_workflow(store, make_config(), "qa")
+    add_rollouts(store, experiment_id=None, variant=None, n=100, positive=10, version_id=v1.id)
+    out = run("cycle", "--mode", "suggest").output
+    assert "problem" in out and "suggested for qa" in out and "report:" in out
+    out = run("run", "--every", "1s", "--cycles", "2", "--mode", "experiment").output
+    assert out.count("flywheel cycle (experiment)") == 2 and "started experiment" in out
+    out = run("experiment", "stop", "1").output
+    assert "stopped" in out
+    assert len(list((tmp_path / "reports").glob("cycle-*.md"))) == 3
+
+
+def test_parse_every():
+    assert parse_every("10m") == 600 and parse_every("30s") == 30 and parse_every("2h") == 7200
+    import click
+    import pytest
+
+    with pytest.raises(click.BadParameter, match="not a duration"):
+        parse_every("ten minutes")
