@@ -55,9 +55,7 @@ def test_config_experiment_promote_rollback_commands(store, store_url, tmp_path)
     out = run("experiment", "list").output
     assert f"{exp.id}" in out and "running" in out and "candidate-1 30%" in out
     out = run("experiment", "show", str(exp.id)).output
-    assert (
-        "positive" in out and "70.0 [" in out and "sequential" in out and "promote" in out
-    )
+    assert "positive" in out and "70.0 [" in out and "sequential" in out and "promote" in out
     out = run("promote", str(exp.id)).output  # the variant the promoters favour
     assert "now serves v2" in out
     assert versions.active_version(store, "qa").id == cand.id

@@ -1,0 +1,60 @@
+"""The README's main command: the demo turns the flywheel (on a small setting)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from sqlmodel import func, select
+
+import flywheel_middleware as fw
+from flywheel_middleware import versions
+from flywheel_middleware.cli import main
+from flywheel_middleware.demo import DemoSettings, run_demo
+from flywheel_middleware.models import ChangeEvent, Rollout, Span, TelemetryEvent
+
+
+@pytest.mark.slow
+def test_demo_promotes_a_better_config_and_exports_datasets(tmp_path):
+    folder = tmp_path / "demo"
+    try:
+        result = run_demo(
+            DemoSettings(folder=str(folder), cycles=3, requests_per_cycle=300, min_samples=40)
+        )
+        store = fw.store()
+        assert result.promotions, result.cycles
+        assert result.final_version > result.first_version
+        # the promoted config is one the customers liked better
+        assert result.cycles[-1]["positive_rate"] > result.cycles[0]["positive_rate"]
+        paths = {p for p, _, _ in result.changes}
+        assert paths & {"rag.top_k", "prompts.system", "llm.temperature"}
+        with store.session() as session:
+            promote = session.exec(select(ChangeEvent).where(ChangeEvent.kind == "promote")).first()
+            assert promote.actor == "controller:auto" and promote.evidence["stats"]
+            kinds = set(session.exec(select(Span.kind).distinct()).all())
+            assert {"retriever", "llm"} <= kinds  # traced by the LangChain handler
+            tagged = session.exec(
+                select(func.count()).select_from(Rollout).where(Rollout.experiment_id.is_not(None))
+            ).one()
+            assert tagged > 100
+            assert session.exec(select(func.count()).select_from(TelemetryEvent)).one() > 300
+        assert versions.active_version(store, "support_qa").version == result.final_version
+        for kind in ("triplets", "sft", "preference", "tasks"):
+            path = folder / "datasets" / f"support_qa.{kind}.jsonl"
+            lines = path.read_text(encoding="utf-8").splitlines()
+            assert lines and json.loads(lines[0])
+        assert len(list((folder / "reports").glob("cycle-*.md"))) == 3
+    finally:
+        fw.shutdown()
+
+
+def test_demo_command_runs(tmp_path):
+    try:
+        out = CliRunner().invoke(
+            main, ["demo", "--dir", str(tmp_path / "d"), "--cycles", "1", "--requests", "60"]
+        )
+        assert out.exit_code == 0, out.output + repr(out.exception)
+        assert "what happened" in out.output and "started exp 1" in out.output
+    finally:
+        fw.shutdown()
