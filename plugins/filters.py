@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +65,11 @@ class RubricParams(LLMParams):
         "drop", description="what to do with a sample the judge could not judge"
     )
     max_chars: int = Field(6000, ge=100, description="truncate query and answer to this length")
+    remember: bool = Field(
+        True,
+        description="store GOOD/BAD verdicts as feedback (source judge) and reuse them while "
+        "the prompt, rubrics and model stay the same, so a rollout is judged once",
+    )
 
 
 class LlmRubric(Filter):
@@ -114,7 +120,18 @@ class LlmRubric(Filter):
                 finally:
                     self.in_flight -= 1
 
-        verdicts = await asyncio.gather(*(one(s) for s in samples))
+        remembered = [self._remembered(s) for s in samples]
+        todo = [s for s, v in zip(samples, remembered, strict=True) if v is None]
+        fresh = iter(await asyncio.gather(*(one(s) for s in todo)))
+        verdicts = [v if v is not None else next(fresh) for v in remembered]
+        if self.params.remember:
+            self._remember(
+                [
+                    (s, v)
+                    for s, v, old in zip(samples, verdicts, remembered, strict=True)
+                    if old is None
+                ]
+            )
         if self.params.print_reason:
             for sample, verdict in zip(samples, verdicts, strict=True):
                 print(
@@ -122,6 +139,55 @@ class LlmRubric(Filter):
                     file=sys.stderr,
                 )
         return list(verdicts)
+
+    @property
+    def fingerprint(self) -> str:
+        """What a stored verdict must match to be reused: the prompt and the model."""
+        text = f"{self.system_prompt}\x1f{self.params.model}\x1f{self.params.max_chars}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _remembered(self, sample: Sample) -> Verdict | None:
+        if not self.params.remember:
+            return None
+        for fb in reversed(sample.feedback):
+            meta = fb.metadata_ or {}
+            if (
+                fb.source == "judge"
+                and fb.key == self.name
+                and fb.value is not None
+                and meta.get("fingerprint") == self.fingerprint
+            ):
+                label = "good" if fb.value >= 0.5 else "bad"
+                return Verdict(label == "good", label, fb.comment or "")  # type: ignore[arg-type]
+        return None
+
+    def _remember(self, judged: list[tuple[Sample, Verdict]]) -> None:
+        """Write GOOD/BAD verdicts (never errors) as feedback rows, if a store is at hand."""
+        store = self.context.store if self.context is not None else None
+        rows = [
+            {
+                "rollout_id": s.rollout.id,
+                "source": "judge",
+                "key": self.name,
+                "value": 1.0 if v.label == "good" else 0.0,
+                "comment": v.reason[:2000],
+                "created_at": datetime.now(timezone.utc),
+                "metadata": {"fingerprint": self.fingerprint, "model": self.params.model},
+            }
+            for s, v in judged
+            if v.label in ("good", "bad")
+        ]
+        if store is None or not rows:
+            return
+        from sqlalchemy import insert
+
+        from flywheel_middleware.models import Feedback
+
+        try:
+            with store.engine.begin() as conn:
+                conn.execute(insert(Feedback.__table__), rows)  # type: ignore[attr-defined]
+        except Exception as exc:  # remembering is an optimization; never fail the filter
+            log.warning("llm_rubric could not store its verdicts: %s", exc)
 
     async def judge(self, sample: Sample) -> Verdict:
         try:

@@ -197,3 +197,49 @@ def test_sft_and_triplets_from_a_real_langchain_chain(fw, tmp_path) -> None:
         "Paris",
         row["rollout_id"],
     )
+
+
+def test_export_through_the_rubric_judge_remembers_verdicts(fw_any, tmp_path) -> None:
+    from sqlmodel import select
+
+    from flywheel_middleware.models import Feedback
+    from flywheel_middleware.testing.openai_server import OpenAIServer
+
+    good = record(fw_any, "Is the sky blue?", "Yes, on a clear day.")
+    record(fw_any, "Is fire cold?", "Yes.")
+    record(fw_any, "What is 1+1?", "banana")
+    fw_any.flush()
+
+    def respond(request) -> str:
+        answer = request.body["messages"][-1]["content"].rsplit("\n", 1)[-1]
+        return {"Yes, on a clear day.": "GOOD: correct", "Yes.": "BAD: wrong"}.get(answer, "hmm")
+
+    with OpenAIServer() as server:
+        server.set_responder(respond)
+
+        def config(rubric: str):
+            return parse_config(
+                f"filters:\n  - type: llm_rubric\n    params: {{base_url: '{server.base_url}', "
+                f"model: judge, retry_wait: 0, custom_rubrics: '{rubric}'}}\n"
+            )
+
+        store = fw_any.store()
+        result = export(
+            store, "triplets", "qa", tmp_path / "a.jsonl", config=config("r1"), filters=True
+        )
+        assert [r["rollout_id"] for r in read(tmp_path / "a.jsonl")] == [good]
+        assert result.dropped == {"llm_rubric": 2} and len(server.requests) == 3
+        # GOOD and BAD verdicts are stored as judge feedback and reused; the garbage one is asked again
+        export(store, "sft", "qa", tmp_path / "b.jsonl", config=config("r1"), filters=True)
+        assert len(server.requests) == 4
+        # other rubrics: other verdicts, judged afresh
+        export(store, "tasks", "qa", tmp_path / "c.jsonl", config=config("r2"), filters=True)
+        assert len(server.requests) == 7
+    with store.session() as s:
+        stored = s.exec(select(Feedback).where(Feedback.source == "judge")).all()
+    assert sorted((f.value, f.comment) for f in stored) == [
+        (0.0, "wrong"),
+        (0.0, "wrong"),
+        (1.0, "correct"),
+        (1.0, "correct"),
+    ]
