@@ -2,7 +2,8 @@
 
     python benchmarks/curation_scale.py [--spans 1000000] [--rollouts 100000] [--keep DIR]
 
-Data is generated with raw ``executemany`` (not the ORM) into a fresh SQLite store. Targets:
+Data is generated with raw ``executemany`` (not the ORM) into a fresh SQLite store (and with
+COPY into PostgreSQL with ``--postgres URL``). Targets:
 hot problems <= 1 s over 1M spans; triplet export of 100k rollouts <= 10 s. Each figure is
 printed with a baseline measured in the same run (a plain ``SELECT count(*)`` scan of the same
 table), so the ratio says how much the analysis costs beyond touching the data once.
@@ -26,6 +27,7 @@ from flywheel_middleware.config import parse_config
 from flywheel_middleware.datasets import export
 from flywheel_middleware.store import Store
 
+SINCE = datetime.now(timezone.utc) - timedelta(days=7)  # every generated span is in the window
 WORKFLOWS = ["qa", "support", "search", "billing", "triage"]
 NODES = ["retrieve", "rerank", "generate", "tool_call", "guard"]
 
@@ -34,13 +36,11 @@ def ts(dt: datetime) -> str:
     return dt.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
-def generate(path: Path, n_rollouts: int, spans_per_rollout: int, seed: int = 1) -> None:
+def generate(url: str, n_rollouts: int, spans_per_rollout: int, seed: int = 1) -> None:
     """Rollouts, spans (an agent span + nodes) and ratings for 20% of rollouts, in the last hour."""
     rng = random.Random(seed)
-    Store(f"sqlite:///{path}").dispose()  # create the schema through Alembic
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=OFF")
+    store = Store(url)  # creates the schema through Alembic
+    write = _sqlite_writer(store) if store.dialect == "sqlite" else _postgres_writer(store)
     now = datetime.now(timezone.utc)
     start = now - timedelta(minutes=50)
     step = timedelta(minutes=49) / max(n_rollouts, 1)
@@ -63,8 +63,8 @@ def generate(path: Path, n_rollouts: int, spans_per_rollout: int, seed: int = 1)
                 json.dumps({"question": f"question {i % 20000} about {wf}"}),
                 json.dumps({"answer": f"answer {i}"}),
                 "failed" if failed else "succeeded",
-                ts(t0),
-                ts(t0 + timedelta(milliseconds=latency)),
+                t0,
+                t0 + timedelta(milliseconds=latency),
                 latency,
             )
         )
@@ -78,7 +78,7 @@ def generate(path: Path, n_rollouts: int, spans_per_rollout: int, seed: int = 1)
                 f"{wf}_agent",
                 None,
                 "error" if failed else "ok",
-                ts(t0),
+                t0,
                 latency,
                 '{"q": 1}',
                 '{"a": 1}',
@@ -100,7 +100,7 @@ def generate(path: Path, n_rollouts: int, spans_per_rollout: int, seed: int = 1)
                     node,
                     node,
                     status,
-                    ts(t0 + timedelta(milliseconds=j)),
+                    t0 + timedelta(milliseconds=j),
                     d,
                     '{"q": 1}',
                     '{"a": 1}',
@@ -111,32 +111,65 @@ def generate(path: Path, n_rollouts: int, spans_per_rollout: int, seed: int = 1)
             rating = rng.choice(
                 [3, 4, 5, 5, 4, 2, 5, 4, 3, 5] if wf != "support" else [1, 1, 2, 3, 5]
             )
-            feedback.append((rid, "explicit", "rating", float(rating), ts(t0)))
+            feedback.append((rid, "explicit", "rating", float(rating), t0))
         if len(spans) >= 200_000:
-            _flush(conn, rollouts, spans, feedback)
-    _flush(conn, rollouts, spans, feedback)
-    conn.close()
+            write(rollouts, spans, feedback)
+    write(rollouts, spans, feedback)
+    write(None, None, None)
+    store.dispose()
 
 
-def _flush(conn, rollouts, spans, feedback) -> None:
-    conn.executemany(
-        "INSERT INTO rollout (id, workflow, user_id, session_id, config_version_id, input, output,"
-        " status, started_at, ended_at, latency_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-        rollouts,
-    )
-    conn.executemany(
-        "INSERT INTO span (id, rollout_id, parent_id, sequence, kind, name, node, status,"
-        " started_at, duration_ms, input, output) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-        spans,
-    )
-    conn.executemany(
-        "INSERT INTO feedback (rollout_id, source, key, value, created_at) VALUES (?,?,?,?,?)",
-        feedback,
-    )
-    conn.commit()
-    rollouts.clear()
-    spans.clear()
-    feedback.clear()
+COLUMNS = {
+    "rollout": "id, workflow, user_id, session_id, config_version_id, input, output, status,"
+    " started_at, ended_at, latency_ms",
+    "span": "id, rollout_id, parent_id, sequence, kind, name, node, status, started_at,"
+    " duration_ms, input, output",
+    "feedback": "rollout_id, source, key, value, created_at",
+}
+TIME_COLUMNS = {"rollout": (8, 9), "span": (8,), "feedback": (4,)}
+
+
+def _sqlite_writer(store: Store):
+    """Raw executemany on a plain sqlite3 connection (times as the text SQLAlchemy stores)."""
+    conn = sqlite3.connect(store.engine.url.database)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")
+
+    def write(rollouts, spans, feedback) -> None:
+        if rollouts is None:
+            conn.close()
+            return
+        for table, rows in (("rollout", rollouts), ("span", spans), ("feedback", feedback)):
+            cols = COLUMNS[table]
+            times = TIME_COLUMNS[table]
+            marks = ",".join("?" * len(cols.split(",")))
+            conn.executemany(
+                f"INSERT INTO {table} ({cols}) VALUES ({marks})",
+                [tuple(ts(v) if i in times else v for i, v in enumerate(r)) for r in rows],
+            )
+            rows.clear()
+        conn.commit()
+
+    return write
+
+
+def _postgres_writer(store: Store):
+    """COPY through psycopg (the fastest bulk path on PostgreSQL)."""
+    raw = store.raw_connection()
+
+    def write(rollouts, spans, feedback) -> None:
+        if rollouts is None:
+            raw.close()
+            return
+        cur = raw.cursor()
+        for table, rows in (("rollout", rollouts), ("span", spans), ("feedback", feedback)):
+            with cur.copy(f"COPY {table} ({COLUMNS[table]}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            rows.clear()
+        raw.commit()
+
+    return write
 
 
 CPU: list[float] = []
@@ -155,72 +188,105 @@ def best_of(fn, repeat: int = 3) -> tuple[float, object]:
     return best, result
 
 
+def run(label: str, spans_url: str, rollouts_url: str, args: argparse.Namespace, out: Path):
+    config = parse_config("analysis: {min_calls: 50, latency_ms_max: 1500}\n")
+    store = Store(spans_url)
+    base, n = best_of(lambda: store.execute("SELECT count(*), sum(duration_ms) FROM span")[0][0])
+    took, problems = best_of(lambda: hot_problems(store, config, since=SINCE, include_all=True))
+    hot = [p for p in problems if p.hot]
+    print(
+        f"[{label}] hot problems over {n:,} spans: {took:.3f} s wall, {CPU[-1]:.2f} s CPU "
+        f"(target <= 1 s) — {len(problems)} groups, {len(hot)} hot; baseline full scan "
+        f"{base:.3f} s, ratio {took / base:.1f}x"
+    )
+    if store.dialect == "sqlite":
+        exact, _ = best_of(
+            lambda: hot_problems(store, config, since=SINCE, include_all=True, exact_limit=10**12),
+            1,
+        )
+        print(
+            f"[{label}]    same with exact p95 (ROW_NUMBER over every group, one thread): "
+            f"{exact:.3f} s wall, {CPU[-1]:.2f} s CPU — the histogram pass is "
+            f"{exact / took:.1f}x faster"
+        )
+    for p in hot[:3]:
+        print(f"[{label}]    {p.workflow}/{p.label}: {'; '.join(p.breaches)}")
+    store.dispose()
+    store = Store(rollouts_url)
+    base, n = best_of(
+        lambda: len(store.execute("SELECT id, input, output, reward FROM rollout")), 1
+    )
+    took, result = best_of(
+        lambda: export(store, "triplets", None, out / "triplets.jsonl", succeeded_only=False), 1
+    )
+    print(
+        f"[{label}] export triplets of {result.count:,} rollouts: {took:.2f} s wall, "
+        f"{CPU[-1]:.2f} s CPU (target <= 10 s), "
+        f"{(out / 'triplets.jsonl').stat().st_size / 1e6:.1f} MB; baseline raw fetch "
+        f"{base:.2f} s, ratio {took / base:.1f}x"
+    )
+    took, result = best_of(
+        lambda: export(store, "tasks", None, out / "tasks.jsonl", succeeded_only=False), 1
+    )
+    print(f"[{label}] export tasks of {n:,} rollouts: {took:.2f} s ({result.count:,} unique)")
+    store.dispose()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spans", type=int, default=1_000_000)
     ap.add_argument("--rollouts", type=int, default=100_000)
     ap.add_argument("--keep", default=None, help="keep the generated databases in this folder")
+    ap.add_argument(
+        "--postgres",
+        default=os.environ.get("FLYWHEEL_BENCH_POSTGRES_URL"),
+        help="also run on PostgreSQL (a fresh schema is created and dropped)",
+    )
     args = ap.parse_args()
     if hasattr(os, "getloadavg"):
         print(f"load average before the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     folder = Path(args.keep or tempfile.mkdtemp(prefix="flywheel-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        config = parse_config("analysis: {min_calls: 50, latency_ms_max: 1500}\n")
-        # -- hot problems over N spans (10 spans per rollout) --------------------------------
-        db = folder / "spans.db"
-        if not db.exists():
-            t = time.perf_counter()
-            generate(db, args.spans // 10, 10)
-            print(f"generated {args.spans:,} spans in {time.perf_counter() - t:.1f} s")
-        store = Store(f"sqlite:///{db}")
-        base, n = best_of(
-            lambda: store.execute("SELECT count(*), sum(duration_ms) FROM span")[0][0]
-        )
-        took, problems = best_of(lambda: hot_problems(store, config, include_all=True))
-        hot = [p for p in problems if p.hot]
-        print(
-            f"hot problems over {n:,} spans: {took:.3f} s wall, {CPU[-1]:.2f} s CPU "
-            f"(target <= 1 s) — "
-            f"{len(problems)} groups, {len(hot)} hot; baseline full scan {base:.3f} s, "
-            f"ratio {took / base:.1f}x"
-        )
-        exact, _ = best_of(
-            lambda: hot_problems(store, config, include_all=True, exact_limit=10**12), 1
-        )
-        print(
-            f"   same with exact p95 (ROW_NUMBER over every group, one thread): {exact:.3f} s "
-            f"wall, {CPU[-1]:.2f} s CPU — the histogram pass is {exact / took:.1f}x faster"
-        )
-        for p in hot[:5]:
-            print(f"   {p.workflow}/{p.label}: {'; '.join(p.breaches)}")
-        store.dispose()
-        # -- export of N rollouts as triplets ------------------------------------------------
-        db2 = folder / "rollouts.db"
-        if not db2.exists():
-            generate(db2, args.rollouts, 1)
-        store = Store(f"sqlite:///{db2}")
-        out = folder / "triplets.jsonl"
-        base, n = best_of(
-            lambda: len(store.execute("SELECT id, input, output, reward FROM rollout")), 1
-        )
-        took, result = best_of(
-            lambda: export(store, "triplets", None, out, succeeded_only=False), 1
-        )
-        print(
-            f"export triplets of {result.count:,} rollouts: {took:.2f} s wall, {CPU[-1]:.2f} s CPU "
-            f"(target <= 10 s), "
-            f"{out.stat().st_size / 1e6:.1f} MB; baseline raw fetch {base:.2f} s, "
-            f"ratio {took / base:.1f}x"
-        )
-        took, result = best_of(
-            lambda: export(store, "tasks", None, folder / "tasks.jsonl", succeeded_only=False), 1
-        )
-        print(f"export tasks of {args.rollouts:,} rollouts: {took:.2f} s ({result.count:,} unique)")
-        store.dispose()
+        spans_db, rollouts_db = folder / "spans.db", folder / "rollouts.db"
+        for db, n, per in ((spans_db, args.spans // 10, 10), (rollouts_db, args.rollouts, 1)):
+            if not db.exists():
+                t = time.perf_counter()
+                generate(f"sqlite:///{db}", n, per)
+                print(f"generated {n * per:,} spans in {time.perf_counter() - t:.1f} s ({db.name})")
+        run("sqlite", f"sqlite:///{spans_db}", f"sqlite:///{rollouts_db}", args, folder)
+        if args.postgres:
+            run_postgres(args, folder)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_postgres(args: argparse.Namespace, folder: Path) -> None:
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(args.postgres)
+    schemas = [f"fwbench_{os.getpid()}_{i}" for i in (1, 2)]
+    sep = "&" if "?" in args.postgres else "?"
+    urls = [f"{args.postgres}{sep}options=-csearch_path%3D{s}" for s in schemas]
+    try:
+        with admin.begin() as conn:
+            for schema in schemas:
+                conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        t = time.perf_counter()
+        generate(urls[0], args.spans // 10, 10)
+        generate(urls[1], args.rollouts, 1)
+        print(f"generated the PostgreSQL data in {time.perf_counter() - t:.1f} s")
+        with admin.begin() as conn:
+            for schema in schemas:
+                conn.execute(sa.text(f'ANALYZE "{schema}".span'))
+                conn.execute(sa.text(f'ANALYZE "{schema}".rollout'))
+        run("postgres", urls[0], urls[1], args, folder)
+    finally:
+        with admin.begin() as conn:
+            for schema in schemas:
+                conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
 
 
 if __name__ == "__main__":
