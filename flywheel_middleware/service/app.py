@@ -112,6 +112,33 @@ def parse_json(body: bytes) -> Any:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
 
 
+def _bad_text(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone UTF-16 surrogate"
+    return None
+
+
+def check_text(value: Any, where: str = "") -> None:
+    """Reject text no store can keep (NUL, lone surrogates) anywhere, keys included, by path."""
+    if isinstance(value, str):
+        problem = _bad_text(value)
+        if problem:
+            raise ApiError(422, f"{where or '(body)'}: the text {problem}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            problem = _bad_text(k)
+            if problem:
+                raise ApiError(422, f"{where or '(body)'}: a key {problem}")
+            check_text(v, f"{where}.{k}" if where else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_text(v, f"{where}[{i}]")
+
+
 _event_list = TypeAdapter(list[TelemetryEventIn])
 
 
@@ -310,7 +337,9 @@ def create_app(
     async def telemetry(request: Request) -> JSONResponse:
         check_write(request)
         body = await _read_body(request, settings.max_body_bytes)
-        events = parse_telemetry(parse_json(body), settings.max_batch_events)
+        data = parse_json(body)
+        check_text(data)
+        events = parse_telemetry(data, settings.max_batch_events)
         rec = runtime.recorder()
         now = time.time_ns()
         for ev in events:  # all validated: now queue every one
@@ -345,6 +374,7 @@ def create_app(
         check_write(request)
         body = await _read_body(request, settings.max_body_bytes)
         data = parse_json(body)
+        check_text(data)
         if not isinstance(data, dict):
             raise ApiError(422, f"the body must be a JSON object; got a JSON {type(data).__name__}")
         try:

@@ -19,6 +19,17 @@ HYPOTHESIS = settings(
 )
 
 
+@pytest.fixture
+def client_any(fw_any):
+    """A client on each backend in turn (SQLite, and PostgreSQL when configured)."""
+    from fastapi.testclient import TestClient
+
+    from flywheel_middleware.service.app import create_app
+
+    with TestClient(create_app(api_keys=[API_KEY])) as c:
+        yield c
+
+
 def telemetry_rows(fw) -> int:
     fw.flush()
     return fw.store().execute("SELECT count(*) FROM telemetry_event")[0][0]
@@ -183,6 +194,42 @@ def test_wrong_typed_fields_are_422_naming_the_field(fw, client, body, fragment)
 
 
 @pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (
+            rb'{"event_type": "x", "session_id": "s\u0000"}',
+            "session_id: the text contains a NUL character",
+        ),
+        (
+            rb'{"event_type": "x", "session_id": "s", "payload": {"\ud800": 1}}',
+            "payload: a key contains a lone UTF-16 surrogate",
+        ),
+        (
+            rb'{"events": [{"event_type": "x", "session_id": "s", "payload": {"a": ["ok", "\udfff"]}}]}',
+            "events[0].payload.a[1]: the text contains a lone UTF-16 surrogate",
+        ),
+    ],
+)
+def test_text_no_store_can_keep_is_422(fw_any, raw, fragment):
+    """NUL and lone surrogates would be rejected by the database after the 202: refuse them up front."""
+    from fastapi.testclient import TestClient
+
+    from flywheel_middleware.service.app import create_app
+
+    fw = fw_any
+    client = TestClient(create_app(api_keys=[API_KEY]))
+    out = assert_client_error(client.post("/v1/telemetry", content=raw, headers=AUTH), 422)
+    assert fragment in out["error"]
+    # a valid emoji written as a surrogate pair is fine, and is stored
+    ok = client.post(
+        "/v1/telemetry", content=rb'{"event_type": "x", "session_id": "\ud83d\ude00"}', headers=AUTH
+    )
+    assert ok.status_code == 202
+    assert telemetry_rows(fw) == 1
+    assert fw.recorder().counters.dead_lettered == 0
+
+
+@pytest.mark.parametrize(
     ("raw", "ctype", "status", "fragment"),
     [
         (b"{not json", "application/json", 400, "not valid JSON"),
@@ -327,13 +374,30 @@ def test_config_health_and_openapi(fw, client):
 # -- property-based ---------------------------------------------------------------------
 
 ident = st.text(string.ascii_letters + string.digits + "_-", min_size=1, max_size=32)
-json_leaf = (
+
+
+def clean_text(max_size: int):
+    """Text a database can keep: no NUL and no lone surrogates."""
+    return st.text(
+        st.characters(exclude_characters="\x00", exclude_categories=["Cs"]), max_size=max_size
+    )
+
+
+clean_leaf = (
     st.none()
     | st.booleans()
     | st.integers(-(2**40), 2**40)
+    | st.integers(min_value=10**30, max_value=10**300)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=30)
+    | clean_text(30)
 )
+clean_value = st.recursive(
+    clean_leaf,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(clean_text(8), c, max_size=4),
+    max_leaves=12,
+)
+# text no database keeps (NUL, lone surrogates) and an emoji that is fine
+json_leaf = clean_leaf | st.sampled_from(["\x00", "a\ud800", "\udfff", "\U0001f600"])
 json_value = st.recursive(
     json_leaf,
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
@@ -344,7 +408,7 @@ valid_event = st.fixed_dictionaries(
     optional={
         "rollout_id": ident,
         "client_ts": st.floats(0, 2e12, allow_nan=False),
-        "payload": st.dictionaries(st.text(max_size=10), json_value, max_size=5),
+        "payload": st.dictionaries(clean_text(10), clean_value, max_size=5),
     },
 )
 # Bodies that are mostly valid with a chance of any kind of damage.
@@ -373,9 +437,10 @@ def expected_events(body) -> int | None:
     """How many events a body holds if every one is valid, else None (the server's oracle)."""
     from pydantic import ValidationError
 
-    from flywheel_middleware.service.app import ApiError, parse_telemetry
+    from flywheel_middleware.service.app import ApiError, check_text, parse_telemetry
 
     try:
+        check_text(body)
         return len(parse_telemetry(body, 500))
     except (ApiError, ValidationError):
         return None
@@ -387,7 +452,8 @@ def expected_events(body) -> int | None:
     ctype=st.sampled_from(["application/json", "text/plain;charset=UTF-8", "text/plain"]),
     authed=st.sampled_from([True, True, True, False]),
 )
-def test_any_json_body_is_all_or_nothing(fw, client, body, ctype, authed):
+def test_any_json_body_is_all_or_nothing(fw_any, client_any, body, ctype, authed):
+    fw, client = fw_any, client_any
     before = telemetry_rows(fw)
     headers = {"Content-Type": ctype, **(AUTH if authed else {})}
     resp = client.post("/v1/telemetry", content=json.dumps(body), headers=headers)
@@ -420,7 +486,8 @@ def test_arbitrary_bytes_never_5xx(fw, client, raw, ctype):
 
 @HYPOTHESIS
 @given(events=st.lists(valid_event, min_size=1, max_size=20))
-def test_valid_batches_are_stored_exactly_once_field_for_field(fw, client, events):
+def test_valid_batches_are_stored_exactly_once_field_for_field(fw_any, client_any, events):
+    fw, client = fw_any, client_any
     import uuid
 
     marker = uuid.uuid4().hex
@@ -436,7 +503,10 @@ def test_valid_batches_are_stored_exactly_once_field_for_field(fw, client, event
     for row, ev in zip(rows, events, strict=True):
         assert row[0] == ev["event_type"] and row[1] == ev.get("rollout_id")
         assert row[2] == pytest.approx(ev.get("client_ts")) if "client_ts" in ev else row[2] is None
-        assert (json.loads(row[3]) if row[3] is not None else None) == ev.get("payload")
+        stored_payload = (
+            json.loads(row[3]) if isinstance(row[3], str) else row[3]
+        )  # PG returns dicts
+        assert stored_payload == ev.get("payload")
 
 
 valid_feedback = st.one_of(
@@ -460,9 +530,9 @@ valid_feedback = st.one_of(
     lambda d: st.fixed_dictionaries(
         {k: st.just(v) for k, v in d.items()},
         optional={
-            "comment": st.text(max_size=50),
+            "comment": clean_text(50),
             "user_id": ident,
-            "metadata": st.dictionaries(st.text(max_size=5), json_leaf, max_size=3),
+            "metadata": st.dictionaries(clean_text(5), clean_leaf, max_size=3),
         },
     )
 )
@@ -499,7 +569,7 @@ def test_feedback_never_5xx_and_stores_at_most_one(fw, client, real_rollout, bod
     if isinstance(body, dict) and body.get("rollout_id") == "REAL":
         body = {**body, "rollout_id": real_rollout}
     before = feedback_rows(fw)
-    resp = client.post("/v1/feedback", json=body, headers=AUTH)
+    resp = client.post("/v1/feedback", content=json.dumps(body), headers=AUTH)
     assert resp.status_code < 500, resp.text
     event(f"status {resp.status_code}")
     stored = feedback_rows(fw) - before
