@@ -165,14 +165,13 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         if node is not None and kind == "chain" and node == name:
             kind = "node"
         attributes = None
+        meta = _clean_metadata(metadata) if metadata else None
         if tags:
             attributes = {"tags": tags}
-        if metadata:
-            meta = _clean_metadata(metadata)
-            if meta:
-                if attributes is None:
-                    attributes = {}
-                attributes["metadata"] = meta
+        if meta:
+            if attributes is None:
+                attributes = {}
+            attributes["metadata"] = meta
         parent = self._spans.get(parent_run_id) if parent_run_id is not None else None
         if parent is not None:
             span = SpanHandle(
@@ -199,7 +198,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
                     attributes=attributes,
                 )
             else:
-                rollout = self._open_rollout(input, tags, metadata)
+                rollout = self._open_rollout(input, tags, metadata, meta)
                 span = SpanHandle(
                     name,
                     kind,
@@ -215,7 +214,11 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         return span
 
     def _open_rollout(
-        self, input: Any, tags: list[str] | None, metadata: dict[str, Any] | None
+        self,
+        input: Any,
+        tags: list[str] | None,
+        metadata: dict[str, Any] | None,
+        meta: dict[str, Any] | None,
     ) -> RolloutHandle:
         user_id = self.user_id
         session_id = self.session_id
@@ -223,7 +226,6 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
             user_id = metadata.get("user_id") or user_id
             session_id = metadata.get("session_id") or metadata.get("thread_id") or session_id
         all_tags = (self.tags or []) + (tags or []) if (self.tags or tags) else None
-        meta = _clean_metadata(metadata)
         if self.metadata:
             meta = {**self.metadata, **(meta or {})}
         return tracing.open_rollout(
