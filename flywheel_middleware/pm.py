@@ -258,8 +258,10 @@ class FlywheelPluginManager:
             raise ConfigError(_params_errors(exc, where, ".params", info.cls.Params)) from None
         try:
             plugin = info.cls(params, context)
-        except (ConfigError, PluginError):
-            raise
+        except (ConfigError, PluginError) as exc:
+            if where in str(exc):
+                raise
+            raise type(exc)(f"{where}.params: {exc}") from None  # say which spec it was
         except Exception as exc:
             raise PluginError(
                 f"{where}: could not create {kind} {spec.type!r}: {_describe(exc)}"
@@ -395,6 +397,21 @@ def reset_cache() -> None:
     """Forget managers (after installing a package in the same process)."""
     with _lock:
         _cache.clear()
+
+
+def check_config(config: FlywheelConfig) -> list[str]:
+    """Every problem with the configuration's plugins, each naming the file and key path:
+    load failures, unknown types (with the known ones), invalid params. Empty when all build."""
+    manager = plugin_manager(config)
+    problems = [str(f) for f in manager.errors]
+    for kind, list_name in CONFIG_LISTS.items():
+        for index, spec in enumerate(getattr(config, list_name)):
+            where = f"{config.source or 'configuration'}: {list_name}[{index}]"
+            try:
+                manager.build(kind, spec, where=where).close()
+            except Exception as exc:  # report every bad spec, not just the first
+                problems.append(str(exc))
+    return problems
 
 
 def build_plugins(

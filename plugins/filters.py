@@ -304,12 +304,12 @@ class JsonSchema(Filter):
         if self.params.schema_file:
             schema = json.loads(Path(self.params.schema_file).read_text(encoding="utf-8"))
         if schema is None:
-            raise ConfigError("json_schema needs params.schema or params.schema_file")
+            raise ConfigError("json_schema needs schema or schema_file")
         cls = jsonschema.validators.validator_for(schema)
         try:
             cls.check_schema(schema)
         except jsonschema.SchemaError as exc:
-            raise ConfigError(f"params.schema is not a valid JSON Schema: {exc.message}") from None
+            raise ConfigError(f"schema is not a valid JSON Schema: {exc.message}") from None
         self.validator = cls(schema)
 
     def _value(self, value: Any) -> tuple[Any, str | None]:

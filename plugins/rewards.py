@@ -426,7 +426,7 @@ class Rule(RewardSource):
         else:
             fn = import_object(self.params.callable)
             if not callable(fn):
-                raise ConfigError(f"params.callable {self.params.callable!r} is not callable")
+                raise ConfigError(f"callable {self.params.callable!r} is not callable")
             self.fn = fn
 
     def score(self, samples: list[Sample]) -> list[float | None]:

@@ -20,19 +20,11 @@ def register(main: click.Group) -> None:
         Also checks the configuration's filters/rewards/... specs and reports those that
         would not build (unknown type, bad params).
         """
-        from ..pm import CONFIG_LISTS, plugin_manager
+        from ..pm import check_config, plugin_manager
 
         manager = plugin_manager(cli.config)
         infos = [i for i in manager.all_plugins() if kind is None or i.kind == kind]
-        problems = [str(f) for f in manager.errors]
-        for k, list_name in CONFIG_LISTS.items():
-            for index, spec in enumerate(getattr(cli.config, list_name)):
-                where = f"{cli.config.source or 'configuration'}: {list_name}[{index}]"
-                try:
-                    plugin = manager.build(k, spec, where=where)
-                    plugin.close()
-                except Exception as exc:  # report every bad spec, not just the first
-                    problems.append(str(exc))
+        problems = check_config(cli.config)
         if as_json:
             echo_json(
                 {

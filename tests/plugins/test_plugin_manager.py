@@ -223,3 +223,18 @@ def test_dotted_path_to_an_object() -> None:
         assert manager.types("reward")["halves"].origin == f"dotted path {path}"
     with pytest.raises(ConfigError, match="has no attribute 'NOPE'"):
         plugin_manager(parse_config("plugins: ['tests.plugins.bad_hooks:NOPE']\n"), fresh=True)
+
+
+def test_check_config_reports_every_problem() -> None:
+    from flywheel_middleware.pm import check_config
+
+    cfg = parse_config(
+        "filters: [{type: dedupe}, {type: nope}]\n"
+        "rewards: [{type: rule, params: {expression: 'import os'}}]\n",
+        source="team.yaml",
+    )
+    problems = check_config(cfg)
+    assert len(problems) == 2
+    assert problems[0].startswith("team.yaml: filters[1].type: unknown filter type 'nope'")
+    assert problems[1].startswith("team.yaml: rewards[0].params: expression 'import os' is not")
+    assert check_config(parse_config("filters: [{type: dedupe}]\n")) == []
