@@ -138,7 +138,8 @@ class Router:
             a: 1.0 + self.config.load_penalty * used[a] / self.agents[a].capacity for a in pool
         }
         params = [[self._posterior(a, s) for s in skills] for a in pool]
-        wins = self._win_rates(params, [penalty[a] for a in pool])
+        with self._lock:  # numpy generators are not thread-safe
+            wins = self._win_rates(params, [penalty[a] for a in pool])
         n = len(pool)
         floor = min(self.config.floor, 1.0 / n)
         probs = {a: floor + (1.0 - n * floor) * w for a, w in zip(pool, wins, strict=True)}

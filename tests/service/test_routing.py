@@ -189,3 +189,29 @@ def test_old_evidence_is_discounted_or_windowed(fw):
     assert "30 of 30 routed rollouts had a reward" in out.output and "alice" in out.output
     out = CliRunner().invoke(main, ["routing", "show", "--store", fw.store().url])
     assert out.exit_code == 0 and "bob" in out.output
+
+
+def test_concurrent_routing_is_safe():
+    import threading
+
+    router = Router(routing(), seed=9)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(200):
+                with router.choose(["billing"]) as d:
+                    assert abs(sum(d.probabilities.values()) - 1) < 1e-9
+                router.observe(d.agent_id, d.skills, 1.0 if d.agent_id == "alice" else 0.0)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert dict(router._inflight) == {"alice": 0, "bob": 0}
+    n = router.posteriors[("alice", "*")][2] + router.posteriors[("bob", "*")][2]
+    assert n == 1600
