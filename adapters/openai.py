@@ -257,7 +257,7 @@ def _sync_wrapper(original: Any, endpoint: str, opts: _Options) -> Any:
             raise
         try:
             if kwargs.get("stream"):
-                return _TracedStream(result, call, opts.capture)
+                return _traced_stream(result, call, opts.capture, is_async=False)
             _finish(call, result, opts.capture)
         except Exception:
             log.exception("flywheel: could not record the result of %s", endpoint)
@@ -286,7 +286,7 @@ def _async_wrapper(original: Any, endpoint: str, opts: _Options) -> Any:
             raise
         try:
             if kwargs.get("stream"):
-                return _TracedAsyncStream(result, call, opts.capture)
+                return _traced_stream(result, call, opts.capture, is_async=True)
             _finish(call, result, opts.capture)
         except Exception:
             log.exception("flywheel: could not record the result of %s", endpoint)
@@ -395,6 +395,8 @@ class _TracedStream:
     """Iterates the SDK's ``Stream`` for the caller, recording as it goes; same surface."""
 
     def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
+        if isinstance(self, _SDK_STREAMS):  # an ``openai.Stream`` subclass: share its state
+            self.__dict__.update(stream.__dict__)
         self._stream = stream
         self._state = _StreamState(call, capture)
         self._iter = iter(stream)
@@ -449,6 +451,8 @@ class _TracedAsyncStream:
     """The async twin of ``_TracedStream`` for ``AsyncStream``."""
 
     def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
+        if isinstance(self, _SDK_STREAMS):
+            self.__dict__.update(stream.__dict__)
         self._stream = stream
         self._state = _StreamState(call, capture)
         self._iter = stream.__aiter__()
@@ -500,3 +504,30 @@ class _TracedAsyncStream:
             self._state.end()
         except Exception:
             pass
+
+
+def _sdk_stream_classes() -> tuple[Any, ...]:
+    """Subclasses of the SDK's ``Stream``/``AsyncStream``, so ``isinstance`` checks still hold."""
+    try:
+        import openai
+
+        class TracedStream(_TracedStream, openai.Stream):  # type: ignore[misc]
+            pass
+
+        class TracedAsyncStream(_TracedAsyncStream, openai.AsyncStream):  # type: ignore[misc]
+            pass
+
+        return (openai.Stream, openai.AsyncStream, TracedStream, TracedAsyncStream)
+    except Exception:  # pragma: no cover - an SDK without these classes
+        return ()
+
+
+_SDK = _sdk_stream_classes()
+_SDK_STREAMS: tuple[type, ...] = tuple(_SDK[2:])
+
+
+def _traced_stream(result: Any, call: _Call, capture: bool, *, is_async: bool) -> Any:
+    """The SDK-class-preserving wrapper when ``result`` is an SDK stream, else a plain proxy."""
+    if _SDK and isinstance(result, _SDK[1] if is_async else _SDK[0]):
+        return (_SDK[3] if is_async else _SDK[2])(result, call, capture)
+    return (_TracedAsyncStream if is_async else _TracedStream)(result, call, capture)

@@ -171,3 +171,34 @@ def test_async_client_plain_and_stream(openai_server: OpenAIServer, captured) ->
     spans = [x.spans[0] for x in captured("a")]
     assert [s.output_tokens for s in spans] == [3, 3]
     assert spans[1].output["content"] == "echo: hello world"
+
+
+def test_stream_stays_an_sdk_stream_and_early_close_ends_span(
+    openai_server: OpenAIServer, captured
+) -> None:
+    client = wrap_openai(openai_server.client(), workflow="close")
+    openai_server.enqueue("one two three four")
+    with client.chat.completions.create(model="m", messages=MSGS, stream=True) as stream:
+        assert isinstance(stream, openai.Stream)
+        assert stream.response.status_code == 200
+        first = next(iter(stream))
+        assert first.choices[0].delta.role == "assistant"
+    [c] = captured("close")
+    assert c.spans[0].ended_at is not None and c.rollout.status == "succeeded"
+
+
+def test_async_responses_stream_and_embeddings(openai_server: OpenAIServer, captured) -> None:
+    client = wrap_openai(openai_server.async_client(), workflow="ar")
+
+    async def main():
+        stream = await client.responses.create(model="m", input="x y", stream=True)
+        assert isinstance(stream, openai.AsyncStream)
+        events = [e async for e in stream]
+        emb = await client.embeddings.create(model="e", input="a")
+        return events, emb
+
+    events, emb = asyncio.run(main())
+    assert events[-1].type == "response.completed" and len(emb.data) == 1
+    first, second = captured("ar")
+    assert first.spans[0].output_tokens == 3 and first.spans[0].kind == "llm"
+    assert second.spans[0].kind == "embedding" and second.spans[0].input_tokens == 1
