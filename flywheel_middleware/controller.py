@@ -283,6 +283,14 @@ def curate(
             for failure in getattr(run, "failures", [])[:5]:
                 report.notes.append(f"reward source failed: {failure}")
         report.curation["rewards"] = f"{scored} rollouts scored"
+    if config.routing.agents:  # adaptive routing learns from the same rewards
+        update = _optional("routing", "update_routing")
+        if update is not None:
+            try:
+                summary = update(store, config)
+                report.curation["routing"] = summary if isinstance(summary, dict) else _summarise(summary)
+            except Exception as exc:
+                report.notes.append(f"routing.update_routing failed: {exc}")
     export = _optional("datasets", "export")
     if export is None:
         report.notes.append("flywheel_middleware.datasets is not installed: no datasets exported")
@@ -642,6 +650,8 @@ def render_markdown(r: CycleReport) -> str:
     lines += ["", "## 2. Curate — rewards and datasets", ""]
     if r.curation.get("rewards") is not None:
         lines.append(f"- rewards: {r.curation['rewards']}")
+    if r.curation.get("routing") is not None:
+        lines.append(f"- routing weights updated: {r.curation['routing']}")
     for path, info in (r.curation.get("datasets") or {}).items():
         lines.append(f"- `{path}`: {info}")
     if not r.curation:

@@ -26,9 +26,15 @@ from rich.table import Table
 from .. import runtime, versions
 from ..controller import run_cycle
 from .agent import KNOWLEDGE_BASE, build_chain, question_for
-from .users import react, send_telemetry
+from .users import ESCALATION, react, send_telemetry
 
 WORKFLOW = "support_qa"
+# how often each human desk resolves an escalated question, by topic (the routing learns it)
+DESK_SKILL = {
+    "billing_desk": {"billing": 0.9, "returns": 0.55, "account": 0.8},
+    "logistics_desk": {"shipping": 0.9, "returns": 0.85},
+    "generalist": {"billing": 0.5, "shipping": 0.5, "account": 0.5, "returns": 0.5},
+}
 
 CONFIG_TEMPLATE = """\
 # flywheel demo: a support agent whose first config is not very good.
@@ -53,9 +59,14 @@ mutators:
     params: {{path: prompts.system, chat_model: "flywheel_middleware.demo.agent:ScriptedRewriter", temperature: 0.7}}
 promoters:
   - {{type: sequential, params: {{alpha: 0.05, min_effect: 0.1}}}}
-analysis: {{since_minutes: 60, min_calls: 50, low_rating_rate_max: 0.2}}
+analysis: {{since_minutes: 60, min_calls: 50, low_rating_rate_max: 0.1}}
 triggers: {{low_rating: {{window: 50, threshold: 10}}}}
 controller: {{mode: auto, report_dir: "{report_dir}", dataset_dir: "{dataset_dir}"}}
+routing:                           # escalations go to a human desk, chosen by fw.route
+  agents:
+    - {{id: billing_desk, skills: [billing, returns, account]}}
+    - {{id: logistics_desk, skills: [shipping, returns]}}
+    - {{id: generalist, skills: [billing, shipping, account, returns]}}
 """
 
 
@@ -134,7 +145,14 @@ def _serve(
         callbacks = {"callbacks": [handler]} if handler is not None else {}
         answer = chain.invoke({"question": question, "company": "Acme Shop"}, config=callbacks)
         r.set_output(answer)
-    reaction = react(rng, article, answer, settings.rate_probability)
+        resolved = None
+        if ESCALATION in answer:  # the agent hands over: adaptive routing picks a desk
+            with fw.route([article.topic]) as desk:
+                resolved = rng.random() < DESK_SKILL[desk.agent_id].get(article.topic, 0.3)
+                tally["_desks"][desk.agent_id] += 1
+    reaction = react(rng, article, answer, settings.rate_probability, resolved)
+    if resolved is not None:
+        fw.feedback(r.id, key="resolved", value=float(resolved), source="business")
     if reaction.rating is not None:
         fw.feedback(r.id, rating=reaction.rating, comment=reaction.comment, user_id=user)
     send_telemetry(fw.recorder(), r.id, session, reaction.events)
@@ -206,6 +224,7 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
 
 def _cycle_row(store: Any, cycle: int, tally: dict, report: Any) -> dict[str, Any]:
     served = {}
+    desks = dict(tally.pop("_desks", {}))
     for version_id, s in tally.items():
         number = versions.get_version(store, version_id).version if version_id else None
         served[number] = dict(s)
@@ -235,6 +254,8 @@ def _cycle_row(store: Any, cycle: int, tally: dict, report: Any) -> dict[str, An
         "actions": actions,
         "active_after": active.version if active else None,
         "report": report.report_path,
+        "desks": desks,
+        "routing": (report.curation.get("routing") or {}).get("weights"),
     }
 
 
@@ -270,6 +291,12 @@ def render_summary(result: DemoResult, console: Console) -> None:
             )
     else:
         console.print("[yellow]no promotion this run[/] (try more --cycles)")
+    weights = next((row["routing"] for row in reversed(result.cycles) if row.get("routing")), None)
+    if weights:
+        learned = ", ".join(
+            f"{k} {v:.2f}" for k, v in sorted(weights.items()) if not k.endswith("/*")
+        )
+        console.print(f"routing weights learned for escalations (fw.route): {learned}")
     console.print(f"config v{result.first_version} → v{result.final_version}:")
     for path, old, new in result.changes:
         console.print(f"  {path}: {old!r} → {new!r}")

@@ -20,8 +20,17 @@ class Reaction:
     correct: bool
 
 
-def react(rng: random.Random, article: Article, answer: str, rate_probability: float) -> Reaction:
-    """What a customer does with an answer: a 1–5 rating (sometimes) and UI events."""
+def react(
+    rng: random.Random,
+    article: Article,
+    answer: str,
+    rate_probability: float,
+    resolved: bool | None = None,
+) -> Reaction:
+    """What a customer does with an answer: a 1–5 rating (sometimes) and UI events.
+
+    ``resolved`` says whether the human desk an escalation went to solved the problem.
+    """
     correct = answer.strip() == article.answer
     escalated = ESCALATION in answer
     if correct:
@@ -30,9 +39,13 @@ def react(rng: random.Random, article: Article, answer: str, rate_probability: f
         events = [("dwell", {"ms": rng.randint(8_000, 20_000)}), ("scroll", {"depth": 1.0})]
         if rng.random() < 0.4:
             events.append(("copy", {"chars": len(answer)}))
+    elif escalated and resolved:
+        rating = rng.choices([4, 3, 2], weights=[40, 40, 20])[0]
+        comment = "a colleague sorted it out, eventually"
+        events = [("dwell", {"ms": rng.randint(3_000, 8_000)}), ("escalate", {})]
     elif escalated:
-        rating = rng.choice([2, 3])
-        comment = "had to wait for a human"
+        rating = rng.choice([1, 2])
+        comment = "handed over and still not solved"
         events = [("dwell", {"ms": rng.randint(3_000, 8_000)}), ("escalate", {})]
     else:
         rating = rng.choices([1, 2, 3], weights=[60, 30, 10])[0]
