@@ -207,6 +207,76 @@ def bench_openai(calls: int, rounds: int) -> dict[str, tuple[float, float]]:
     return {n: (statistics.median(walls[n]), statistics.median(cpus[n])) for n in variants}
 
 
+def isolated_costs(calls: int = 5000) -> tuple[float, float]:
+    """(agent-thread µs, writer-thread µs) per LangChain call, measured without LangChain's
+    dispatch or other threads: the handler's two callbacks called directly (records kept in a
+    list), then those records turned into rows and written in one transaction. Min of 5 runs,
+    so the figures are stable on a noisy machine."""
+    import timeit
+    import uuid
+
+    from flywheel_middleware.adapters.langchain import FlywheelCallbackHandler
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    import flywheel_middleware as fw
+    from flywheel_middleware import runtime
+    from flywheel_middleware.records import ns_to_sqlite_text
+
+    kept: list[Any] = []
+
+    class Keep:
+        def enqueue(self, record: Any) -> None:
+            kept.append(record)
+
+    handler = FlywheelCallbackHandler(workflow="bench-isolated")
+    messages = [[HumanMessage("hello there")]]
+    metadata = {"ls_provider": "echo", "ls_model_name": "echo-1", "ls_model_type": "chat"}
+    params = {"model": "echo-1", "temperature": 0.0, "_type": "echo-chat", "stop": None}
+    usage = {"input_tokens": 2, "output_tokens": 3, "total_tokens": 5}
+    message = AIMessage("echo: hello there", usage_metadata=usage)
+    result = LLMResult(generations=[[ChatGeneration(message=message)]], llm_output={})
+    ids = [uuid.uuid4() for _ in range(calls)]
+
+    def run() -> None:
+        for rid in ids:
+            handler.on_chat_model_start(
+                {"name": "EchoChatModel"},
+                messages,
+                run_id=rid,
+                metadata=metadata,
+                invocation_params=params,
+                name="EchoChatModel",
+            )
+            handler.on_llm_end(result, run_id=rid)
+
+    saved = runtime._state.recorder
+    runtime._state.recorder = Keep()
+    try:
+        agent = min(timeit.repeat(run, number=1, repeat=5)) / calls
+    finally:
+        runtime._state.recorder = saved
+    records = kept[-2 * calls :]
+    store = fw.store()
+
+    def write() -> None:
+        by_table: dict[str, list[tuple]] = {}
+        columns: dict[str, tuple] = {}
+        for record in records:
+            by_table.setdefault(record.TABLE, []).append(record.to_row(ns_to_sqlite_text))
+            columns[record.TABLE] = record.COLUMNS
+        conn = store.raw_connection()
+        try:
+            for table, rows in by_table.items():
+                store.write_rows(conn, table, columns[table], rows)
+            conn.rollback()  # measure the work, keep the benchmark store clean
+        finally:
+            conn.close()
+
+    writer = min(timeit.repeat(write, number=1, repeat=5)) / calls
+    return agent * 1e6, writer * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="LangChain calls per round")
@@ -241,6 +311,12 @@ def main() -> None:
             print(line)
         rows = fw.store().execute("SELECT COUNT(*) FROM rollout WHERE workflow = 'bench'")[0][0]
         print(f"(flywheel wrote {rows} rollouts to SQLite during the run; flushes are timed)")
+
+        agent_us, writer_us = isolated_costs()
+        print(
+            f"isolated (min of 5): flywheel callbacks {agent_us:.1f} µs/call on the agent "
+            f"thread; rows + SQLite {writer_us:.1f} µs/call on the writer thread"
+        )
 
         oa = bench_openai(args.openai_calls, args.openai_rounds)
         print(
