@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from flywheel_middleware import tracing
+from flywheel_middleware.serialize import snapshot
 from flywheel_middleware.tracing import SpanHandle
 
 from ._common import fast_rollout_id
@@ -52,16 +53,26 @@ _PARAM_KEYS = (
 )
 
 
-def wrap_openai(client: Any, workflow: str = "openai", *, capture_content: bool = True) -> Any:
+def wrap_openai(
+    client: Any,
+    workflow: str = "openai",
+    *,
+    capture_content: bool = True,
+    apply_config: bool = False,
+) -> Any:
     """Instrument an ``OpenAI``/``AsyncOpenAI`` client in place and return it.
 
     ``workflow`` names the rollout opened for a call made outside any ``fw.rollout``.
     ``capture_content=False`` keeps prompts and answers out of the store (usage still kept).
+    ``apply_config=True`` makes each chat/responses call use the rollout's resolved workflow
+    config, overriding the caller's values (so the call takes part in experiments):
+    ``llm.{model, temperature, top_p, max_tokens, seed, ...}`` and ``prompt.system`` (replaces
+    the first system message / ``instructions``) or ``prompt.system_suffix`` (appended).
     """
     if getattr(client, "_flywheel_wrapped", False):
         return client
     is_async = _is_async_client(client)
-    opts = _Options(workflow, capture_content)
+    opts = _Options(workflow, capture_content, apply_config)
     targets = (
         (("chat", "completions"), "chat"),
         (("responses",), "responses"),
@@ -82,11 +93,63 @@ def wrap_openai(client: Any, workflow: str = "openai", *, capture_content: bool 
 
 
 class _Options:
-    __slots__ = ("workflow", "capture")
+    __slots__ = ("workflow", "capture", "apply_config")
 
-    def __init__(self, workflow: str, capture: bool) -> None:
+    def __init__(self, workflow: str, capture: bool, apply_config: bool = False) -> None:
         self.workflow = workflow
         self.capture = capture
+        self.apply_config = apply_config
+
+
+_CONFIG_PARAMS = (
+    "model",
+    "temperature",
+    "top_p",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "reasoning_effort",
+)
+
+
+def _apply_config(endpoint: str, kwargs: dict[str, Any], config: dict[str, Any]) -> None:
+    """Override request parameters and the system prompt from a workflow config, in place on
+    the wrapper's own kwargs (the caller's message list and dicts are copied, never changed)."""
+    llm = config.get("llm") or {}
+    for key in _CONFIG_PARAMS:
+        if key in llm:
+            kwargs[key] = llm[key]
+    if "max_tokens" in llm:
+        if endpoint == "responses":
+            kwargs["max_output_tokens"] = llm["max_tokens"]
+        elif "max_completion_tokens" in kwargs:
+            kwargs["max_completion_tokens"] = llm["max_tokens"]
+        else:
+            kwargs["max_tokens"] = llm["max_tokens"]
+    prompt = config.get("prompt") or {}
+    system, suffix = prompt.get("system"), prompt.get("system_suffix")
+    if not isinstance(system, str) and not isinstance(suffix, str):
+        return
+    if endpoint == "responses":
+        text = system if isinstance(system, str) else (kwargs.get("instructions") or "")
+        if isinstance(suffix, str) and suffix:
+            text = f"{text}\n{suffix}" if text else suffix
+        kwargs["instructions"] = text
+        return
+    messages = list(kwargs.get("messages") or [])
+    index = next(
+        (i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "system"),
+        None,
+    )
+    current = messages[index].get("content") if index is not None else None
+    text = system if isinstance(system, str) else (current if isinstance(current, str) else "")
+    if isinstance(suffix, str) and suffix:
+        text = f"{text}\n{suffix}" if text else suffix
+    if index is None:
+        messages.insert(0, {"role": "system", "content": text})
+    else:
+        messages[index] = {**messages[index], "content": text}
+    kwargs["messages"] = messages
 
 
 def _is_async_client(client: Any) -> bool:
@@ -136,6 +199,27 @@ def _begin(endpoint: str, kwargs: dict[str, Any], opts: _Options) -> _Call:
         if ("flywheel" in kwargs or "user_id" in kwargs or "session_id" in kwargs)
         else None
     )
+    parent = tracing.current()
+    rollout = parent.rollout if parent is not None else None
+    opened = False
+    if rollout is None:
+        own = own or {}
+        rollout = tracing.open_rollout(
+            own.get("workflow") or opts.workflow,
+            rollout_id=fast_rollout_id(),
+            user_id=own.get("user_id"),
+            session_id=own.get("session_id"),
+            tags=own.get("tags"),
+            metadata=own.get("metadata"),
+        )
+        opened = True
+    if opts.apply_config and endpoint != "embeddings":
+        try:
+            config = rollout.config
+            if config:
+                _apply_config(endpoint, kwargs, config)
+        except Exception:
+            log.exception("flywheel: could not apply the workflow config to %s", endpoint)
     model = kwargs.get("model")
     if endpoint == "chat":
         name, value = "chat.completions", kwargs.get("messages")
@@ -162,25 +246,17 @@ def _begin(endpoint: str, kwargs: dict[str, Any], opts: _Options) -> _Call:
         attributes = attributes or {}
         attributes["stream"] = True
     kind = "embedding" if endpoint == "embeddings" else "llm"
-    parent = tracing.current()
-    if parent is not None:
-        span = SpanHandle(
-            name, kind, parent.rollout, parent, input=value, model=model, attributes=attributes
-        )
-    else:
-        own = own or {}
-        rollout = tracing.open_rollout(
-            own.get("workflow") or opts.workflow,
-            rollout_id=fast_rollout_id(),
-            user_id=own.get("user_id"),
-            session_id=own.get("session_id"),
-            input=value,
-            tags=own.get("tags"),
-            metadata=own.get("metadata"),
-        )
-        span = SpanHandle(
-            name, kind, rollout, None, input=value, model=model, attributes=attributes
-        )
+    span = SpanHandle(
+        name,
+        kind,
+        rollout,
+        None if opened else parent,
+        input=value,
+        model=model,
+        attributes=attributes,
+    )
+    if opened:
+        rollout.input = snapshot(value)
         span._owns_rollout = True
     added = False
     if stream and endpoint == "chat":

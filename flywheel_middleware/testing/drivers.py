@@ -50,27 +50,30 @@ class LangChainDriver(AdapterDriver):
 
 
 class OpenAIDriver(AdapterDriver):
-    """The real openai SDK against the loopback server, wrapped by wrap_openai."""
+    """The real openai SDK against the loopback server, wrapped by wrap_openai (and, for the
+    config check only, ``wrap_openai(..., apply_config=True)``)."""
 
     name = "openai"
+    supports_config = True
 
     def __init__(self) -> None:
-        self._clients: dict[bool, Any] = {}
+        self._clients: dict[tuple[bool, bool], Any] = {}
 
-    def _client(self, env: ContractEnv, wrapped: bool) -> Any:
-        client = self._clients.get(wrapped)
+    def _client(self, env: ContractEnv, wrapped: bool, configured: bool = False) -> Any:
+        client = self._clients.get((wrapped, configured))
         if client is None:
             from flywheel_middleware.adapters.openai import wrap_openai
 
             client = env.server.client()
             if wrapped:
-                client = wrap_openai(client, workflow=env.workflow)
-            self._clients[wrapped] = client
+                client = wrap_openai(client, workflow=env.workflow, apply_config=configured)
+            self._clients[(wrapped, configured)] = client
         return client
 
-    def _call(self, env: ContractEnv, text: str, wrapped: bool) -> Any:
+    def _call(self, env: ContractEnv, text: str, wrapped: bool, configured: bool = False) -> Any:
         messages = [{"role": "user", "content": text}]
-        return self._client(env, wrapped).chat.completions.create(model="m", messages=messages)
+        client = self._client(env, wrapped, configured)
+        return client.chat.completions.create(model="m", messages=messages)
 
     def run(self, env: ContractEnv, text: str) -> Any:
         return self._call(env, text, True)
@@ -83,6 +86,10 @@ class OpenAIDriver(AdapterDriver):
 
         env.server.enqueue(Reply(status=400, error="the model refused the request"))
         return self._call(env, "fail", wrapped)
+
+    def run_configured(self, env: ContractEnv, text: str) -> dict[str, Any]:
+        self._call(env, text, True, configured=True)
+        return env.server.requests[-1].body
 
     def run_concurrent(self, env: ContractEnv, texts: list[str]) -> list[Any]:
         env.server.delay = 0.02

@@ -202,3 +202,39 @@ def test_async_responses_stream_and_embeddings(openai_server: OpenAIServer, capt
     first, second = captured("ar")
     assert first.spans[0].output_tokens == 3 and first.spans[0].kind == "llm"
     assert second.spans[0].kind == "embedding" and second.spans[0].input_tokens == 1
+
+
+def test_apply_config_overrides_params_and_system_prompt(
+    fw, sqlite_url, openai_server: OpenAIServer, captured
+) -> None:
+    fw.configure(
+        store_url=sqlite_url,
+        config={
+            "workflows": {
+                "cfg": {
+                    "config": {
+                        "llm": {"model": "gpt-tuned", "temperature": 0.9, "max_tokens": 64},
+                        "prompt": {"system": "Tuned system.", "system_suffix": "Be brief."},
+                    }
+                }
+            }
+        },
+    )
+    client = wrap_openai(openai_server.client(), workflow="cfg", apply_config=True)
+    messages = [{"role": "system", "content": "Original."}, {"role": "user", "content": "hi"}]
+    before = copy.deepcopy(messages)
+    client.chat.completions.create(model="gpt-base", messages=messages, temperature=0.1)
+    body = openai_server.requests[-1].body
+    assert (body["model"], body["temperature"], body["max_tokens"]) == ("gpt-tuned", 0.9, 64)
+    assert body["messages"][0] == {"role": "system", "content": "Tuned system.\nBe brief."}
+    assert messages == before, "the caller's messages were changed"
+    client.responses.create(model="gpt-base", input="hi")
+    body = openai_server.requests[-1].body
+    assert body["instructions"] == "Tuned system.\nBe brief." and body["max_output_tokens"] == 64
+    first, _ = captured("cfg")
+    assert first.spans[0].model == "gpt-tuned"
+    assert first.spans[0].input[0]["content"] == "Tuned system.\nBe brief."
+    # without apply_config the request is untouched
+    plain = wrap_openai(openai_server.client(), workflow="cfg")
+    plain.chat.completions.create(model="gpt-base", messages=messages)
+    assert openai_server.requests[-1].body["messages"] == before
