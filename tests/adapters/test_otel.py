@@ -161,3 +161,20 @@ def test_agentscope_tracing_middleware(global_provider, openai_server, captured,
     tool = [s for s in kids if s.kind == "tool"][0]
     assert tool.name == "execute_tool add"
     assert c.rollout.output_tokens == 8
+
+
+def test_processor_never_raises_into_the_instrumented_code(fw) -> None:
+    class Broken:
+        def enqueue(self, record):
+            raise RuntimeError("store is broken")
+
+        def flush(self, timeout=None):
+            raise RuntimeError("store is broken")
+
+    tp = TracerProvider()
+    tp.add_span_processor(FlywheelSpanProcessor(recorder=Broken()))
+    tracer = tp.get_tracer("x")
+    with tracer.start_as_current_span("chat m") as span:
+        span.set_attribute("gen_ai.operation.name", "chat")
+    assert tp.force_flush() is False  # reported, not raised
+    tp.shutdown()
