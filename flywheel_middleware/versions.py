@@ -507,6 +507,10 @@ class StoreResolver:
     variant name served to every request of this process (QA); units listed under a variant's
     ``force`` key in the experiment are served that variant in every process. Forced requests
     are not counted in the experiment (``experiment_id`` is None), as in GrowthBook.
+
+    Only a process's first resolve of a workflow reads the store on the caller's thread; after
+    that an expired plan keeps serving while one background thread refreshes it
+    (``background=False`` refreshes inline instead), so a slow store never stalls requests.
     """
 
     def __init__(
@@ -516,8 +520,11 @@ class StoreResolver:
         *,
         ttl: float | None = None,
         forced: dict[str, str] | None = None,
+        background: bool = True,
     ) -> None:
         self.store = store
+        self.background = background
+        self._pending: set[str] = set()
         self.config = config or FlywheelConfig()
         env_ttl = os.environ.get("FLYWHEEL_RESOLVER_TTL")
         self.ttl = float(ttl if ttl is not None else env_ttl if env_ttl else DEFAULT_TTL)
@@ -526,15 +533,21 @@ class StoreResolver:
         self._versions: dict[int, Resolution] = {}  # immutable rows: cached for good
         self._synced: set[str] = set()
         self._lock = threading.Lock()
+        self._lock_pending = threading.Lock()
 
     # -- the hot path ----------------------------------------------------------------------
 
     def resolve(self, workflow: str, unit_id: str | None = None) -> Resolution | None:
         plan = self._plans.get(workflow)
-        if plan is None or plan.expires <= time.monotonic():
-            plan = self._refresh(workflow, plan)
-            if plan is None:
-                return None
+        if plan is None:
+            plan = self._refresh(workflow, None)
+        elif plan.expires <= time.monotonic():
+            if self.background:
+                self._refresh_later(workflow, plan)
+            else:
+                plan = self._refresh(workflow, plan)
+        if plan.active is None:  # a workflow neither the YAML nor the store knows
+            return None
         if self.forced and workflow in self.forced:
             forced = plan.by_name.get(self.forced[workflow])
             if forced is not None:
@@ -571,10 +584,26 @@ class StoreResolver:
 
     # -- loading ---------------------------------------------------------------------------
 
-    def _refresh(self, workflow: str, stale: _Plan | None) -> _Plan | None:
-        if stale is not None and not self._lock.acquire(blocking=False):
+    def _refresh_later(self, workflow: str, stale: _Plan) -> None:
+        """Start one background refresh of ``workflow`` (none if one is under way)."""
+        with self._lock_pending:
+            if workflow in self._pending:
+                return
+            self._pending.add(workflow)
+
+        def run() -> None:
+            try:
+                self._refresh(workflow, stale, wait=True)
+            finally:
+                with self._lock_pending:
+                    self._pending.discard(workflow)
+
+        threading.Thread(target=run, name=f"flywheel-resolver-{workflow}", daemon=True).start()
+
+    def _refresh(self, workflow: str, stale: _Plan | None, wait: bool = False) -> _Plan:
+        if stale is not None and not wait and not self._lock.acquire(blocking=False):
             return stale  # another thread is refreshing: serve what we have meanwhile
-        if stale is None:
+        if stale is None or wait:
             self._lock.acquire()
         try:
             current = self._plans.get(workflow)
@@ -588,14 +617,13 @@ class StoreResolver:
                     stale.expires = time.monotonic() + self.ttl
                     return stale
                 wf = self.config.workflows.get(workflow)
-                if wf is None:
-                    return None
                 plan = _Plan(
                     expires=time.monotonic() + self.ttl,
-                    active=Resolution(config=wf.config, propensity=1.0),
+                    active=None if wf is None else Resolution(config=wf.config, propensity=1.0),
                 )
-            if plan is not None:
-                self._plans[workflow] = plan
+            if plan is None:  # unknown workflow: remember that too, briefly
+                plan = _Plan(expires=time.monotonic() + self.ttl, active=None)
+            self._plans[workflow] = plan
             return plan
         finally:
             self._lock.release()

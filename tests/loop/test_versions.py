@@ -93,6 +93,16 @@ def _cli(config_path, url, *args):
     return proc.stdout
 
 
+def _eventually(read, want, timeout: float = 10.0):
+    """Poll ``read`` until it returns ``want`` (the refresh runs in a thread)."""
+    deadline = time.time() + timeout
+    value = read()
+    while value != want and time.time() < deadline:
+        time.sleep(0.01)
+        value = read()
+    return value
+
+
 class FakeClock:
     """versions.time with a monotonic clock the test advances (the TTL without sleeping)."""
 
@@ -130,14 +140,18 @@ def test_promotion_in_another_process_reaches_this_one_after_the_ttl(
         assert v1.id in cached  # still the cached experiment: the TTL has not passed
         clock.now += 0.4
         assert v1.id in {resolver.resolve("qa", u).version_id for u in units}
-        clock.now += 0.2  # the cache has expired
-        assert {resolver.resolve("qa", u).version_id for u in units} == {cand.id}
+        clock.now += 0.2  # the cache has expired: a background refresh picks the change up
+        assert _eventually(
+            lambda: {resolver.resolve("qa", u).version_id for u in units}, {cand.id}
+        ) == {cand.id}
         assert resolver.resolve("qa", "user-1").experiment_id is None
         # and another process's rollback brings version 1 back
         out = _cli(config_path, store_url, "rollback", "qa")
         assert "v2 → v1" in out
         clock.now += 0.6
-        assert {resolver.resolve("qa", u).version_id for u in units} == {v1.id}
+        assert _eventually(
+            lambda: {resolver.resolve("qa", u).version_id for u in units}, {v1.id}
+        ) == {v1.id}
         # a fresh process resolves what this one does
         code = (
             "import flywheel_middleware as fw, sys; fw.configure(config=sys.argv[1], store_url=sys.argv[2]);"
@@ -165,3 +179,29 @@ def test_store_outage_keeps_serving_the_cached_plan(sqlite_url):
     store.engine = __import__("sqlalchemy").create_engine("sqlite:////nonexistent/dir/x.db")
     time.sleep(0.02)
     assert resolver.resolve("qa", "u1").version_id == first.version_id
+
+
+def test_an_expired_plan_is_served_while_a_thread_refreshes_it(sqlite_url):
+    import threading
+
+    from flywheel_middleware.store import Store
+
+    store = Store(sqlite_url)
+    resolver = StoreResolver(store, make_config(), ttl=0.01)
+    first = resolver.resolve("qa", "u1")
+    release = threading.Event()
+    original = resolver._load
+
+    def slow_load(workflow):  # a store that takes seconds to answer
+        release.wait(10)
+        return original(workflow)
+
+    resolver._load = slow_load
+    time.sleep(0.02)
+    started = time.perf_counter()
+    for _ in range(100):
+        assert resolver.resolve("qa", "u1").version_id == first.version_id
+    assert time.perf_counter() - started < 0.5  # never waited for the store
+    assert resolver._pending == {"qa"}  # one refresh under way, not a hundred
+    release.set()
+    store.dispose()
