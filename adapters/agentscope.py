@@ -124,7 +124,11 @@ class FlywheelMiddleware(MiddlewareBase):
                 except Exception:
                     log.exception("flywheel: could not record an AgentScope event")
                 yield item
-        except _NOT_ERRORS:
+        except _NOT_ERRORS:  # the consumer stopped early: close what we drive, not an error
+            try:
+                await gen.aclose()
+            except Exception:
+                log.debug("flywheel: closing the wrapped AgentScope generator failed")
             raise
         except BaseException as exc:
             error = exc

@@ -132,3 +132,18 @@ def test_applies_workflow_config(fw, sqlite_url, openai_server, captured, make_a
     asyncio.run(agent2.reply(UserMsg(name="user", content="hi")))
     body = openai_server.requests[-1].body
     assert "temperature" not in body and body["model"] == "gpt-as"
+
+
+def test_reply_stream_closed_early_ends_spans(openai_server, captured, make_agent) -> None:
+    agent = make_agent(openai_server, FlywheelMiddleware(workflow="early"))
+
+    async def run():
+        gen = agent.reply_stream(UserMsg(name="user", content="hello there"))
+        first = await gen.__anext__()
+        await gen.aclose()
+        return first
+
+    assert asyncio.run(run()) is not None
+    [c] = captured("early")
+    assert all(s.ended_at is not None for s in c.spans)
+    assert c.rollout.status == "succeeded" and c.roots[0].kind == "agent"
