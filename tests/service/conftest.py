@@ -80,9 +80,10 @@ def live(app) -> Iterator[LiveServer]:
         yield server
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def chrome() -> Iterator[Any]:
-    """Headless Chromium driven by selenium; skips (saying why) when it is not installed."""
+    """Headless Chromium driven by selenium (one browser for the session, a fresh profile);
+    skips, saying why, when it is not installed."""
     if not CHROMIUM or not CHROMEDRIVER:
         pytest.skip(
             "headless Chromium is not installed: apt-get install chromium chromium-driver (make browser)"

@@ -105,11 +105,11 @@ def populate(
 
 @pytest.mark.slow
 def test_model_beats_the_rule_on_held_out_data_and_is_calibrated(fw):
-    populate(fw, 1500)
+    populate(fw, 1000)
     config = FlywheelConfig()
     result = imp.train(fw.store(), config, seed=0)
     assert result.model is not None and result.version == 1
-    assert result.n_labels == 1500 and 250 < result.n_test < 500
+    assert result.n_labels == 1000 and 170 < result.n_test < 330
     m, r = result.model_metrics, result.rule_metrics
     assert m["n"] == r["n"] == result.n_test
     assert m["auc"] > r["auc"] + 0.05, (m, r)
