@@ -219,6 +219,7 @@ def main() -> int:
     )
     args = ap.parse_args()
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fw-ingest-") as tmp:
         workdir = Path(tmp)
         db = workdir / "bench.db"
@@ -255,7 +256,9 @@ def main() -> int:
 
     print(
         f"ingest load on POST /v1/telemetry — {os.cpu_count()} CPUs, uvicorn 1 process, SQLite store, "
-        f"{args.clients} client processes x {args.threads} connections"
+        f"{args.clients} client processes x {args.threads} connections; "
+        f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+        "(clients and server share the CPUs)"
     )
     header = f"{'run':<32}{'events':>9}{'accepted/s':>12}{'stored/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'stored':>9}{'distinct':>9}{'lost':>6}{'4xx/5xx':>8}"
     print(header)
