@@ -16,8 +16,10 @@ P(∃ n: Λ⁺_n ≥ 1/α) ≤ α: checking after every cycle, forever, keeps fa
 (Bonferroni-split over candidates). The same statistic with Δ̂ → −Δ̂ rejects a candidate that
 is significantly worse; guardrails (latency ratio, error-rate increase, cost ratio) must hold
 at the point estimate to promote, and a guardrail breached beyond doubt (the same test on
-cand − ratio·base) rejects. Evidence carries the two-sided (1−α) confidence sequence
-Δ̂ ± sqrt(2V(V+τ²)/τ² · (ln(1/α) + ½ ln((V+τ²)/V))), valid at every look. Nothing is decided
+cand − ratio·base) rejects. Evidence carries the anytime-valid bounds that invert the two
+one-sided tests (each at level α, so promote ⇔ lower bound > 0, reject ⇔ upper bound < 0);
+``cs_radius`` gives the symmetric normal-mixture confidence sequence
+Δ̂ ± sqrt(2V(V+τ²)/τ² · (ln(1/α) + ½ ln((V+τ²)/V))) for reference. Nothing is decided
 before ``min_samples`` per arm; at ``max_samples`` an undecided candidate is rejected (futility).
 
 ``threshold`` — seed 001's ``should_promote`` as written: promote when the candidate's
@@ -72,6 +74,27 @@ def binary_var(n: Any, k: Any) -> Any:
     """Variance of a Bernoulli mean, smoothed so 0/n or n/n do not give zero variance."""
     p = (k + 0.5) / (n + 1.0)
     return p * (1.0 - p)
+
+
+def lower_bound(diff: float, var: float, tau: float, alpha: float) -> float:
+    """The anytime-valid (1−α) lower confidence bound for θ that matches the test exactly.
+
+    The smallest θ0 not rejected by the one-sided mixture SPRT of H0: θ ≤ θ0, so the
+    candidate is promoted exactly when this bound is above 0. Found by bisection (ln Λ⁺ of
+    Δ̂ − θ0 decreases in θ0).
+    """
+    threshold = math.log(1.0 / alpha)
+    sd = math.sqrt(var)
+    lo, hi = diff - 50.0 * sd - 10.0 * tau, diff
+    if log_mixture_lr(diff - lo, var, tau) < threshold:
+        return lo
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if log_mixture_lr(diff - mid, var, tau) >= threshold:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class SequentialParams(BaseModel):
@@ -129,10 +152,10 @@ class SequentialPromoter(Promoter):
             diff = m_c - m_b
             llr_up = log_mixture_lr(diff, var, tau)
             llr_down = log_mixture_lr(-diff, var, tau)
-            radius = cs_radius(var, tau, alpha)
+            low, high = lower_bound(diff, var, tau, alpha), -lower_bound(-diff, var, tau, alpha)
             info.update(
                 diff=diff,
-                confidence_sequence=[diff - radius, diff + radius],
+                confidence_sequence=[low, high],
                 log_lr_better=llr_up,
                 log_lr_worse=llr_down,
                 log_threshold=threshold,
@@ -156,11 +179,11 @@ class SequentialPromoter(Promoter):
                     info.update(
                         action="promote",
                         reason=(
-                            f"{metric} +{diff:.3f} (CS [{diff - radius:.3f}, {diff + radius:.3f}], "
+                            f"{metric} +{diff:.3f} (anytime-valid bounds [{low:.3f}, {high:.3f}], "
                             f"ln Λ = {llr_up:.2f} ≥ {threshold:.2f})"
                         ),
                     )
-                    winners.append((diff - radius, cand.name))
+                    winners.append((low, cand.name))
             elif min(n_b, n_c) >= p.max_samples:
                 info.update(
                     action="reject", reason=f"no significant gain after {p.max_samples} samples"

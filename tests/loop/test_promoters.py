@@ -137,3 +137,12 @@ def test_bonferroni_over_candidates_and_best_wins():
     )
     assert d.action == "promote" and d.variant == "candidate-2"
     assert d.evidence["candidates"]["candidate-1"]["alpha"] == pytest.approx(0.025)
+
+
+def test_reported_bounds_agree_with_the_decision():
+    p = _promoter("sequential")
+    for positive in range(1000, 1200, 7):
+        d = p.decide(stats(variant("baseline", 2000, 1000), variant("candidate-1", 2000, positive)))
+        low, high = d.evidence["candidates"]["candidate-1"]["confidence_sequence"]
+        assert low <= (positive - 1000) / 2000 <= high
+        assert (d.action == "promote") == (low > 0), (positive, low, d.action)
