@@ -288,7 +288,9 @@ def curate(
         if update is not None:
             try:
                 summary = update(store, config)
-                report.curation["routing"] = summary if isinstance(summary, dict) else _summarise(summary)
+                report.curation["routing"] = (
+                    summary if isinstance(summary, dict) else _summarise(summary)
+                )
             except Exception as exc:
                 report.notes.append(f"routing.update_routing failed: {exc}")
     export = _optional("datasets", "export")
