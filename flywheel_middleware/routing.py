@@ -294,18 +294,20 @@ def update_routing(
 
     routing = getattr(config, "routing", config)
     with store.session() as session:
-        q = select(Rollout.id, Rollout.started_at, Rollout.reward, Rollout.metadata_).where(
-            Rollout.metadata_["route"].as_string().is_not(None)
-        )
+        q = select(
+            Rollout.id, Rollout.started_at, Rollout.reward, Rollout.metadata_, Rollout.workflow
+        ).where(Rollout.metadata_["route"].as_string().is_not(None))
         if window_days:
             since = datetime.now(timezone.utc) - timedelta(days=window_days)
             q = q.where(Rollout.started_at >= since)
         rows = list(session.exec(q))
     routed = []
-    for rid, started, reward, meta in rows:
+    workflow_of: dict[str, str] = {}
+    for rid, started, reward, meta, workflow in rows:
         route = (meta or {}).get("route") if isinstance(meta, dict) else None
         if isinstance(route, dict) and isinstance(route.get("agent"), str):
             routed.append((rid, started, reward, route))
+            workflow_of[rid] = workflow
     missing = [rid for rid, _, reward, _ in routed if reward is None]
     explicit = _explicit_rewards(store, missing) if missing else {}
     implicit: dict[str, float] = {}
@@ -313,8 +315,14 @@ def update_routing(
     if use_implicit and still and hasattr(config, "implicit"):
         from .implicit import Scorer, rollout_features
 
-        scorer = Scorer.from_store(store, config)
-        implicit = {rid: scorer.score(f) for rid, f in rollout_features(store, still).items()}
+        scorers: dict[
+            str, Scorer
+        ] = {}  # each workflow's own model, else the shared one or the rule
+        for rid, f in rollout_features(store, still).items():
+            wf = workflow_of[rid]
+            if wf not in scorers:
+                scorers[wf] = Scorer.from_store(store, config, wf)
+            implicit[rid] = scorers[wf].score(f)
     now = time.time()
     posteriors: Posteriors = {}
     used = 0

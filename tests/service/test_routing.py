@@ -215,3 +215,27 @@ def test_concurrent_routing_is_safe():
     assert dict(router._inflight) == {"alice": 0, "bob": 0}
     n = router.posteriors[("alice", "*")][2] + router.posteriors[("bob", "*")][2]
     assert n == 1600
+
+
+def test_implicit_signals_train_routing_when_nobody_rates(fw):
+    from flywheel_middleware.implicit import record_events
+
+    config = FlywheelConfig.model_validate({"routing": routing().model_dump()})
+    fw.configure(store_url=fw.store().url, config=config)
+    for i in range(20):
+        agent = "alice" if i % 2 else "bob"
+        with fw.rollout("support") as r:
+            r.set_metadata("route", {"agent": agent, "skills": ["billing"], "probability": 0.5})
+        kind = "copy" if agent == "alice" else "escalate"
+        record_events(
+            [
+                {"event_type": "dwell", "rollout_id": r.id, "payload": {"ms": 6000}},
+                {"event_type": "click", "rollout_id": r.id, "payload": {"kind": kind}},
+            ]
+        )
+    fw.flush()
+    assert update_routing(fw.store(), config, use_implicit=False)["rewarded"] == 0
+    out = update_routing(fw.store(), config)
+    assert out["rewarded"] == 20
+    # the rule: copy + a real read = 0.85, escalate + a real read = 0.3
+    assert out["weights"]["alice/billing"] > 1.4 and out["weights"]["bob/billing"] < 0.8
