@@ -277,6 +277,82 @@ def isolated_costs(calls: int = 5000) -> tuple[float, float]:
     return agent * 1e6, writer * 1e6
 
 
+def isolated_openai_costs(calls: int = 5000) -> tuple[float, float]:
+    """(agent-thread µs, writer-thread µs) per wrapped ``chat.completions.create``, without
+    the network: the wrapper around a stub returning a parsed ``ChatCompletion`` (minus the
+    stub itself), then the records' rows written in one transaction. Min of 5 runs."""
+    import timeit
+
+    from flywheel_middleware.adapters.openai import _Options, _sync_wrapper
+    from openai.types.chat import ChatCompletion
+
+    import flywheel_middleware as fw
+    from flywheel_middleware import runtime
+    from flywheel_middleware.records import ns_to_sqlite_text
+
+    response = ChatCompletion.model_validate(
+        {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "echo: hello there"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
+        }
+    )
+
+    def stub(**kwargs: Any) -> Any:
+        return response
+
+    wrapped = _sync_wrapper(stub, "chat", _Options("bench-isolated", True))
+    messages = [{"role": "user", "content": "hello there"}]
+    kept: list[Any] = []
+
+    class Keep:
+        def enqueue(self, record: Any) -> None:
+            kept.append(record)
+
+    def run(fn: Callable[..., Any]) -> Callable[[], None]:
+        def loop() -> None:
+            for _ in range(calls):
+                fn(model="m", messages=messages)
+
+        return loop
+
+    saved = runtime._state.recorder
+    runtime._state.recorder = Keep()
+    try:
+        bare = min(timeit.repeat(run(stub), number=1, repeat=5))
+        agent = min(timeit.repeat(run(wrapped), number=1, repeat=5)) - bare
+    finally:
+        runtime._state.recorder = saved
+    records = kept[-2 * calls :]
+    store = fw.store()
+
+    def write() -> None:
+        by_table: dict[str, list[tuple]] = {}
+        columns: dict[str, tuple] = {}
+        for record in records:
+            by_table.setdefault(record.TABLE, []).append(record.to_row(ns_to_sqlite_text))
+            columns[record.TABLE] = record.COLUMNS
+        conn = store.raw_connection()
+        try:
+            for table, rows in by_table.items():
+                store.write_rows(conn, table, columns[table], rows)
+            conn.rollback()
+        finally:
+            conn.close()
+
+    writer = min(timeit.repeat(write, number=1, repeat=5))
+    return agent / calls * 1e6, writer / calls * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="LangChain calls per round")
@@ -330,6 +406,14 @@ def main() -> None:
                 f"({(ww - pw) / pw * 100:+.1f}%)   cpu {pc * 1e6:7.0f} -> {wc * 1e6:7.0f} µs "
                 f"({(wc - pc) / pc * 100:+.1f}%)   target <= 5%"
             )
+        agent_us, writer_us = isolated_openai_costs()
+        plain_wall = oa["plain"][0] * 1e6
+        print(
+            f"isolated (min of 5): wrapper {agent_us:.1f} µs/call on the agent thread + rows "
+            f"and SQLite {writer_us:.1f} µs/call on the writer thread = "
+            f"{(agent_us + writer_us) / plain_wall * 100:.1f}% of the plain loopback call "
+            f"({plain_wall:.0f} µs)"
+        )
         fw.shutdown()
 
 
