@@ -95,6 +95,7 @@ def test_guardrails_block_promotion():
     assert costly.action == "reject" and "cost" in costly.reason
 
 
+@pytest.mark.slow
 def test_sequential_keeps_false_promotions_below_alpha_under_repeated_looks():
     """A/A: 300 experiments, the promoter checked after every batch of 50, up to 3000 each."""
     p = _promoter("sequential", alpha=0.05, max_samples=100_000)

@@ -113,6 +113,7 @@ class FakeClock:
         return self.now
 
 
+@pytest.mark.slow
 def test_promotion_in_another_process_reaches_this_one_after_the_ttl(
     store_url, tmp_path, monkeypatch
 ):
