@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import text
 from sqlmodel import select
 
 from .config import FlywheelConfig
@@ -171,6 +171,51 @@ def tried_hashes(store: Store, workflow: str) -> set[str]:
         )
 
 
+def lock_workflow(session: Any, store: Store, workflow: str) -> None:
+    """Serialise writers of one workflow's versions/deployment across processes.
+
+    PostgreSQL: a transaction-scoped advisory lock on the workflow name. SQLite: BEGIN
+    IMMEDIATE takes the database's write lock before anything is read (it must be the
+    session's first statement), so check-then-insert cannot race.
+    """
+    if store.dialect == "postgresql":
+        key = int.from_bytes(hashlib.sha256(workflow.encode()).digest()[:8], "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+    else:
+        session.execute(text("BEGIN IMMEDIATE"))
+
+
+def _insert_version(
+    session: Any,
+    workflow: str,
+    config: dict[str, Any],
+    digest: str,
+    *,
+    parent_id: int | None,
+    created_by: str,
+    note: str | None,
+) -> ConfigVersion:
+    last = session.exec(
+        select(ConfigVersion.version)
+        .where(ConfigVersion.workflow == workflow)
+        .order_by(ConfigVersion.version.desc())
+        .limit(1)
+    ).first()
+    row = ConfigVersion(
+        workflow=workflow,
+        version=(last or 0) + 1,
+        config=json.loads(canonical_json(config)),
+        config_hash=digest,
+        parent_id=parent_id,
+        created_by=created_by,
+        note=note,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
 def create_version(
     store: Store,
     workflow: str,
@@ -181,45 +226,27 @@ def create_version(
     note: str | None = None,
     reuse: bool = True,
 ) -> ConfigVersion:
-    """Store ``config`` as the workflow's next version (or return the identical one, if ``reuse``)."""
+    """Store ``config`` as the workflow's next version.
+
+    With ``reuse`` an identical config (same canonical JSON) returns the existing row;
+    without it only an identical config by the same author does.
+    """
     if not isinstance(config, dict):
         raise TypeError(f"a workflow config must be a mapping, got {type(config).__name__}")
     digest = config_hash(config)
-    frozen = json.loads(canonical_json(config))
-    for _ in range(20):  # another process may take the same version number: retry
-        with store.session() as session:
-            if reuse:
-                same = session.exec(
-                    select(ConfigVersion)
-                    .where(ConfigVersion.workflow == workflow, ConfigVersion.config_hash == digest)
-                    .order_by(ConfigVersion.version)
-                ).first()
-                if same is not None:
-                    return same
-            last = session.exec(
-                select(ConfigVersion.version)
-                .where(ConfigVersion.workflow == workflow)
-                .order_by(ConfigVersion.version.desc())
-                .limit(1)
-            ).first()
-            row = ConfigVersion(
-                workflow=workflow,
-                version=(last or 0) + 1,
-                config=frozen,
-                config_hash=digest,
-                parent_id=parent_id,
-                created_by=created_by,
-                note=note,
-                created_at=utcnow(),
-            )
-            try:
-                session.add(row)
-                session.flush()
-            except IntegrityError:
-                session.rollback()
-                continue
-        return row
-    raise FlywheelError(f"could not allocate a version number for workflow {workflow!r}")
+    with store.session() as session:
+        lock_workflow(session, store, workflow)
+        q = select(ConfigVersion).where(
+            ConfigVersion.workflow == workflow, ConfigVersion.config_hash == digest
+        )
+        if not reuse:
+            q = q.where(ConfigVersion.created_by == created_by)
+        same = session.exec(q.order_by(ConfigVersion.version)).first()
+        if same is not None:
+            return same
+        return _insert_version(
+            session, workflow, config, digest, parent_id=parent_id, created_by=created_by, note=note
+        )
 
 
 # -- deployment and its history -----------------------------------------------------------
@@ -361,47 +388,55 @@ def ensure_workflow(store: Store, config: FlywheelConfig, workflow: str) -> Conf
     if wf is None:
         return active_version(store, workflow)
     digest = config_hash(wf.config)
-    with store.session() as session:
-        yaml_hashes = set(
+
+    def yaml_state(session: Any) -> tuple[set[str], Deployment | None]:
+        hashes = set(
             session.exec(
                 select(ConfigVersion.config_hash).where(
                     ConfigVersion.workflow == workflow, ConfigVersion.created_by == YAML_AUTHOR
                 )
             ).all()
         )
-        dep = session.get(Deployment, workflow)
-    if digest in yaml_hashes and dep is not None:
+        return hashes, session.get(Deployment, workflow)
+
+    with store.session() as session:  # the usual case: nothing to do, no write lock
+        hashes, dep = yaml_state(session)
+    if digest in hashes and dep is not None:
         return active_version(store, workflow)
-    current = active_version(store, workflow)
-    if digest not in yaml_hashes:
-        version = create_version(
-            store,
-            workflow,
-            wf.config,
-            parent_id=current.id if current is not None else None,
-            created_by=YAML_AUTHOR,
-            note="from the YAML configuration" + (f" ({config.source})" if config.source else ""),
-            reuse=False,
-        )
-    else:
-        version = find_by_hash(store, workflow, digest, created_by=YAML_AUTHOR)
-    assert version is not None
-    try:
-        with store.session() as session:
-            dep = session.get(Deployment, workflow, with_for_update=True)
-            if dep is None or dep.active_version_id != version.id:
-                _set_active(
-                    session,
-                    workflow,
-                    version.id,
-                    kind="activate",
-                    actor=YAML_AUTHOR,
-                    reason="the YAML config of the workflow"
-                    + (" changed" if dep is not None else ""),
-                    evidence=None,
+    with store.session() as session:
+        lock_workflow(session, store, workflow)
+        hashes, dep = yaml_state(session)  # again, under the lock
+        if digest in hashes:
+            version = session.exec(
+                select(ConfigVersion)
+                .where(
+                    ConfigVersion.workflow == workflow,
+                    ConfigVersion.config_hash == digest,
+                    ConfigVersion.created_by == YAML_AUTHOR,
                 )
-    except IntegrityError:  # another process deployed it at the same moment
-        pass
+                .order_by(ConfigVersion.version.desc())
+            ).first()
+        else:
+            version = _insert_version(
+                session,
+                workflow,
+                wf.config,
+                digest,
+                parent_id=dep.active_version_id if dep is not None else None,
+                created_by=YAML_AUTHOR,
+                note="from the YAML configuration"
+                + (f" ({config.source})" if config.source else ""),
+            )
+        if dep is None or (digest not in hashes and dep.active_version_id != version.id):
+            _set_active(
+                session,
+                workflow,
+                version.id,
+                kind="activate",
+                actor=YAML_AUTHOR,
+                reason="the YAML config of the workflow" + (" changed" if dep is not None else ""),
+                evidence=None,
+            )
     return active_version(store, workflow)
 
 

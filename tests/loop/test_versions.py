@@ -206,3 +206,22 @@ def test_an_expired_plan_is_served_while_a_thread_refreshes_it(sqlite_url):
     assert resolver._pending == {"qa"}  # one refresh under way, not a hundred
     release.set()
     store.dispose()
+
+
+def test_processes_starting_together_create_version_one_once(store_url):
+    """Several processes (separate engines) resolving a workflow for the first time at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flywheel_middleware.store import Store
+
+    stores = [Store(store_url) for _ in range(6)]
+    try:
+        config = make_config()
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda s: versions.ensure_workflow(s, config, "qa"), stores))
+        assert {r.id for r in results} == {results[0].id}
+        assert len(versions.list_versions(stores[0], "qa")) == 1
+        assert versions.active_version(stores[0], "qa").id == results[0].id
+    finally:
+        for s in stores:
+            s.dispose()
