@@ -311,6 +311,7 @@ def activate(
             f"config version {version_id} belongs to workflow {version.workflow!r}, not {workflow!r}"
         )
     with store.session() as session:
+        lock_workflow(session, store, workflow)
         return _set_active(
             session,
             workflow,
@@ -352,23 +353,31 @@ def rollback(
     store: Store, workflow: str, *, actor: str = "user", reason: str | None = None
 ) -> ChangeEvent:
     """Restore the version that was active before the current one (repeatable, like undo)."""
-    stack = _active_stack(deployment_history(store, workflow))
-    current = active_version(store, workflow)
-    if current is None:
-        raise VersionError(f"workflow {workflow!r} has no active config version")
-    if stack and stack[-1] == current.id:
-        stack.pop()
-    if not stack:
-        raise VersionError(
-            f"workflow {workflow!r} has no earlier version to roll back to "
-            f"(active: v{current.version})"
-        )
-    target = stack[-1]
     with store.session() as session:
+        lock_workflow(session, store, workflow)  # two rollbacks at once must not both pop
+        events = list(
+            session.exec(
+                select(ChangeEvent)
+                .where(ChangeEvent.workflow == workflow, ChangeEvent.kind.in_(DEPLOY_KINDS))
+                .order_by(ChangeEvent.created_at, ChangeEvent.id)
+            ).all()
+        )
+        dep = session.get(Deployment, workflow)
+        current = None if dep is None else session.get(ConfigVersion, dep.active_version_id)
+        if current is None:
+            raise VersionError(f"workflow {workflow!r} has no active config version")
+        stack = _active_stack(events)
+        if stack and stack[-1] == current.id:
+            stack.pop()
+        if not stack:
+            raise VersionError(
+                f"workflow {workflow!r} has no earlier version to roll back to "
+                f"(active: v{current.version})"
+            )
         return _set_active(
             session,
             workflow,
-            target,
+            stack[-1],
             kind="rollback",
             actor=actor,
             reason=reason or f"rollback from version id {current.id}",
