@@ -96,6 +96,22 @@ def register(main: click.Group) -> None:
                 (r.note or "")[:80],
             )
         console.print(table)
+        history = versions.deployment_history(cli.store, workflow)[-10:]
+        if history:
+            numbers = {r.id: r.version for r in rows}
+            hist = Table(title="deployment history (latest 10)")
+            for col in ("when (UTC)", "change", "from", "to", "by", "reason"):
+                hist.add_column(col)
+            for ev in history:
+                hist.add_row(
+                    f"{ev.created_at:%Y-%m-%d %H:%M:%S}",
+                    ev.kind,
+                    f"v{numbers[ev.from_version_id]}" if ev.from_version_id in numbers else "–",
+                    f"v{numbers[ev.to_version_id]}" if ev.to_version_id in numbers else "–",
+                    ev.actor,
+                    (ev.reason or "")[:90],
+                )
+            console.print(hist)
         if shown is not None:
             label = "active" if active is not None and shown.id == active.id else "shown"
             console.rule(f"v{shown.version} ({label})")

@@ -61,6 +61,8 @@ def test_config_experiment_promote_rollback_commands(store, store_url, tmp_path)
     assert versions.active_version(store, "qa").id == cand.id
     out = run("rollback", "qa").output
     assert "v2 → v1" in out
+    out = run("config", "show", "qa").output
+    assert "deployment history" in out and "rollback" in out and "promote" in out
     run("config", "activate", "qa", "v2", "-m", "by hand")
     assert versions.active_version(store, "qa").version == 2
     bad = run("config", "activate", "qa", "v9", ok=False)
