@@ -16,7 +16,7 @@ def register(main: click.Group) -> None:
         show_default=True,
         help="Folder for the demo's config, SQLite store, reports and datasets.",
     )
-    @click.option("--cycles", default=6, show_default=True, type=click.IntRange(1, 100))
+    @click.option("--cycles", default=8, show_default=True, type=click.IntRange(1, 100))
     @click.option(
         "--requests",
         "requests_per_cycle",

@@ -73,7 +73,7 @@ routing:                           # escalations go to a human desk, chosen by f
 @dataclass
 class DemoSettings:
     folder: str = "flywheel-demo"
-    cycles: int = 6
+    cycles: int = 8
     requests_per_cycle: int = 400
     users: int = 400
     seed: int = 7
