@@ -488,6 +488,8 @@ def import_studio(
     if not workflow or not str(workflow).strip():
         raise StudioImportError("a workflow name is required (--workflow W)")
     rollouts, spans, result = read_studio(path, workflow)
+    for span in spans:  # spans carry their workflow (the hot-problem index reads it)
+        span.workflow = workflow
     conv = ns_to_sqlite_text if store.dialect == "sqlite" else ns_to_datetime
     before = (_count(store, "rollout"), _count(store, "span"))
     records: list[Any] = [*rollouts, *spans]

@@ -278,6 +278,9 @@ class FlywheelSpanProcessor(SpanProcessor):
         record = SpanRecord(
             id=otel_span_id(ctx.span_id),
             rollout_id=rollout_id,
+            workflow=rollout.workflow
+            if rollout is not None
+            else (attrs.get("flywheel.workflow") or self.workflow),
             trace_id=otel_trace_id(trace_id),
             parent_id=parent_id,
             sequence=0,

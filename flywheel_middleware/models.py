@@ -10,8 +10,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text, text
 from sqlmodel import Field, SQLModel
+
+# The spans hot-problem analysis looks at: named workflow nodes, top-level spans and agents.
+HOT_SPANS = "node IS NOT NULL OR parent_id IS NULL OR kind = 'agent'"
 
 # SQLite makes only "INTEGER PRIMARY KEY" an alias of the rowid; PostgreSQL needs 64 bits.
 BigInt = BigInteger().with_variant(Integer(), "sqlite")
@@ -64,10 +67,24 @@ class Span(SQLModel, table=True):
         Index("ix_span_rollout", "rollout_id"),
         Index("ix_span_started", "started_at"),
         Index("ix_span_kind", "kind"),
+        # Hot problems group node-level spans by (workflow, node or name): this partial index
+        # holds exactly those rows in that order, with what the aggregation reads, so SQLite
+        # answers from the index alone without a sort, and p95 is an OFFSET into it.
+        Index(
+            "ix_span_hot",
+            "workflow",
+            text("coalesce(node, name)"),
+            "duration_ms",
+            "started_at",
+            "status",
+            sqlite_where=text(HOT_SPANS),
+            postgresql_where=text(HOT_SPANS),
+        ),
     )
 
     id: int = Field(primary_key=True, sa_type=BigInt)
     rollout_id: str = Field(max_length=32)
+    workflow: str | None = Field(default=None, max_length=200)
     trace_id: str | None = Field(default=None, max_length=32)
     parent_id: int | None = Field(default=None, sa_type=BigInt)
     sequence: int = 0

@@ -101,6 +101,7 @@ class SpanRecord(Record):
     __slots__ = (
         "id",
         "rollout_id",
+        "workflow",
         "trace_id",
         "parent_id",
         "sequence",

@@ -261,6 +261,7 @@ class SpanHandle(SpanRecord):
         self.id = span_id or new_span_id()
         self.rollout = rollout
         self.rollout_id = rollout.id
+        self.workflow = rollout.workflow
         self.trace_id = None
         self.parent_id = parent.span_id if parent is not None else None
         self.sequence = next(rollout._seq)

@@ -294,6 +294,7 @@ def test_new_schema(tmp_path: Path, target: Store) -> None:
     [untraced] = [r for r in rows if r[0] != TRACE]
     [agent_span] = spans_of(target, untraced[0])
     assert agent_span.name == "Friday" and agent_span.input == "thanks"
+    assert {s.workflow for s in [*spans, agent_span]} == {"support"}
 
 
 def test_old_schema_and_idempotence(tmp_path: Path, target: Store) -> None:

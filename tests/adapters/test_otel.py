@@ -74,6 +74,7 @@ def test_genai_spans_become_rollout_and_spans(provider, captured) -> None:
     assert llm_row.attributes["gen_ai.request.temperature"] == 0.2
     assert tool_row.kind == "tool" and tool_row.input == {"a": 1}
     assert tool_row.status == "error" and tool_row.error == "ValueError: bad a"
+    assert {s.workflow for s in (root, llm_row, tool_row)} == {"otel-wf"}
 
 
 def test_agentscope_1x_shaped_spans(provider, captured) -> None:

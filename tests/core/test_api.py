@@ -180,7 +180,9 @@ def test_no_otel_sdk_means_no_otel_work(fw):
 def test_low_ratings_fire_the_improvement_trigger_automatically(sqlite_url):
     import flywheel_middleware as fw
 
-    fw.configure(config={"triggers": {"low_rating": {"window": 6, "threshold": 3}}}, store_url=sqlite_url)
+    fw.configure(
+        config={"triggers": {"low_rating": {"window": 6, "threshold": 3}}}, store_url=sqlite_url
+    )
     try:
         ids = []
         for i in range(6):

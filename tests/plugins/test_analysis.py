@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from flywheel_middleware.analysis import hot_problems
 from flywheel_middleware.config import parse_config
@@ -122,8 +122,19 @@ CONFIG = parse_config(
 )
 
 
-def test_hot_problems_match_python(store) -> None:
+@pytest.mark.parametrize("span_workflow", ["recorded", "missing"])
+def test_hot_problems_match_python(store, span_workflow) -> None:
+    """Spans that carry their workflow are read from ix_span_hot alone; spans written
+    without it are attributed through their rollout. Both give the exact figures."""
     truth = populate(store)
+    if span_workflow == "recorded":  # what the recorder writes
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE span SET workflow = "
+                    "(SELECT r.workflow FROM rollout r WHERE r.id = span.rollout_id)"
+                )
+            )
     problems = hot_problems(store, CONFIG, include_all=True)
     got = {(p.workflow, p.node): p for p in problems}
     assert set(got) == set(truth)  # 'inner' has no node: no group; the old rollout is out
