@@ -2,21 +2,7 @@
 
 from __future__ import annotations
 
-import random
-import time
 from typing import Any
-
-_rand = random.Random()
-
-
-def fast_rollout_id() -> str:
-    """A rollout id in the core's format (48 bits of ms, 80 random bits) without a syscall.
-
-    ``secrets`` reads ``os.urandom`` (a syscall, several µs under load); ids only need to be
-    unique, not unguessable, so a process-local PRNG is enough.
-    """
-    return f"{time.time_ns() // 1_000_000:012x}{_rand.getrandbits(80):020x}"
-
 
 _ROLES = {"human": "user", "ai": "assistant", "AIMessageChunk": "assistant"}
 

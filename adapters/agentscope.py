@@ -38,7 +38,7 @@ from flywheel_middleware import tracing
 from flywheel_middleware.serialize import snapshot
 from flywheel_middleware.tracing import RolloutHandle, SpanHandle
 
-from ._common import fast_rollout_id
+from ..ids import new_rollout_id
 
 log = logging.getLogger("flywheel_middleware.adapters.agentscope")
 
@@ -91,7 +91,7 @@ class FlywheelMiddleware(MiddlewareBase):
         session = getattr(getattr(agent, "state", None), "session_id", None)
         rollout = tracing.open_rollout(
             self.workflow,
-            rollout_id=fast_rollout_id(),
+            rollout_id=new_rollout_id(),
             user_id=self.user_id,
             session_id=session,
             input=input,

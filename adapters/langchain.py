@@ -23,7 +23,8 @@ from langchain_core.callbacks import BaseCallbackHandler
 from flywheel_middleware import tracing
 from flywheel_middleware.tracing import RolloutHandle, SpanHandle
 
-from ._common import compact, fast_rollout_id, message_dict, messages_list
+from ..ids import new_rollout_id
+from ._common import compact, message_dict, messages_list
 
 log = logging.getLogger("flywheel_middleware.adapters.langchain")
 
@@ -230,7 +231,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
             meta = {**self.metadata, **(meta or {})}
         return tracing.open_rollout(
             self.workflow,
-            rollout_id=fast_rollout_id(),
+            rollout_id=new_rollout_id(),
             user_id=user_id,
             session_id=session_id,
             input=input,

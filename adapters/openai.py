@@ -27,7 +27,7 @@ from flywheel_middleware import tracing
 from flywheel_middleware.serialize import snapshot
 from flywheel_middleware.tracing import SpanHandle
 
-from ._common import fast_rollout_id
+from ..ids import new_rollout_id
 
 log = logging.getLogger("flywheel_middleware.adapters.openai")
 
@@ -206,7 +206,7 @@ def _begin(endpoint: str, kwargs: dict[str, Any], opts: _Options) -> _Call:
         own = own or {}
         rollout = tracing.open_rollout(
             own.get("workflow") or opts.workflow,
-            rollout_id=fast_rollout_id(),
+            rollout_id=new_rollout_id(),
             user_id=own.get("user_id"),
             session_id=own.get("session_id"),
             tags=own.get("tags"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import secrets
 import threading
 import time
@@ -42,6 +43,12 @@ def new_span_id() -> int:
     return value
 
 
+# Rollout ids must be unique, not unguessable: a process-local PRNG (seeded from the OS,
+# reseeded in every forked child) avoids an os.urandom syscall per rollout.
+_rand = random.Random(secrets.randbits(128))
+os.register_at_fork(after_in_child=lambda: _rand.seed(secrets.randbits(128)))
+
+
 def new_rollout_id() -> str:
     """32 lowercase hex digits: 48 bits of milliseconds, then 80 random bits."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+    return f"{time.time_ns() // 1_000_000:012x}{_rand.getrandbits(80):020x}"

@@ -202,3 +202,19 @@ def test_low_ratings_fire_the_improvement_trigger_automatically(sqlite_url):
         assert set(triggers[0]["evidence"]["rollout_ids"]) == {ids[0], ids[1], ids[3]}
     finally:
         fw.shutdown()
+
+
+def test_ids_differ_between_a_process_and_its_forked_child():
+    import os
+
+    from flywheel_middleware.ids import new_rollout_id, new_span_id
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports its next ids and leaves at once
+        os.write(write, f"{new_rollout_id()[12:]} {new_span_id()}".encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_rollout, child_span = os.read(read, 200).decode().split()
+    assert new_rollout_id()[12:] != child_rollout
+    assert new_span_id() != int(child_span)
