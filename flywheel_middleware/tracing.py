@@ -133,9 +133,10 @@ class RolloutHandle(RolloutRecord):
         """The workflow config the resolver chose for this request (resolved on first use)."""
         if not self._resolved:
             self._resolved = True
-            unit = self.unit_id or self.user_id or self.session_id or self.id
             try:
-                resolution = _runtime().resolve(self.workflow, unit)
+                resolver = _runtime().get_resolver()
+                unit = self.unit_id or self._unit_for(getattr(resolver, "unit_kind", None))
+                resolution = resolver.resolve(self.workflow, unit)
             except Exception:
                 resolution = None
             if resolution is not None:
@@ -145,6 +146,15 @@ class RolloutHandle(RolloutRecord):
                 self.variant = resolution.variant
                 self.propensity = resolution.propensity
         return self._config if self._config is not None else {}
+
+    def _unit_for(self, unit_kind: Callable[[str], str | None] | None) -> str:
+        """The id the experiment randomises over: its ``unit`` (user, session or request)."""
+        kind = unit_kind(self.workflow) if unit_kind is not None else None
+        if kind == "request":
+            return self.id
+        if kind == "session_id" and self.session_id:
+            return self.session_id
+        return self.user_id or self.session_id or self.id
 
     def set_config(self, config: dict[str, Any], **resolution: Any) -> None:
         """Pin the config (and its version/variant/propensity) chosen elsewhere for this rollout."""

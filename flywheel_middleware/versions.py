@@ -536,6 +536,7 @@ class _Plan:
     remainder: Resolution | None = None
     forced_units: dict[str, Resolution] = field(default_factory=dict)
     by_name: dict[str, Resolution] = field(default_factory=dict)
+    unit: str = "user_id"
 
 
 def experiment_seed(experiment: Experiment) -> str:
@@ -611,6 +612,14 @@ class StoreResolver:
             if low <= bucket < high:
                 return resolution
         return plan.remainder
+
+    def unit_kind(self, workflow: str) -> str | None:
+        """What the running experiment randomises over (user_id, session_id or request)."""
+        plan = self._plans.get(workflow)
+        if plan is None:
+            self.resolve(workflow)
+            plan = self._plans.get(workflow)
+        return plan.unit if plan is not None and plan.experiment_id is not None else None
 
     def force(self, workflow: str, variant: str | None) -> None:
         """Serve ``variant`` to every request of ``workflow`` in this process (None clears)."""
@@ -712,6 +721,7 @@ class StoreResolver:
             remainder = names.index(BASELINE) if BASELINE in names else 0
             coverage = float((exp.metrics or {}).get("coverage", 1.0))
             plan.experiment_id = exp.id
+            plan.unit = exp.unit or "user_id"
             plan.seed = experiment_seed(exp)
             plan.coverage = coverage
             plan.cutoff = int(min(1.0, max(0.0, coverage)) * _SCALE)

@@ -225,3 +225,38 @@ def test_processes_starting_together_create_version_one_once(store_url):
     finally:
         for s in stores:
             s.dispose()
+
+
+@pytest.mark.parametrize("unit", ["user_id", "session_id", "request"])
+def test_rollouts_are_assigned_by_the_experiments_unit(sqlite_url, unit):
+    import flywheel_middleware as fw
+
+    fw.configure(config=make_config().model_dump(), store_url=sqlite_url)
+    try:
+        store = fw.store()
+        versions.ensure_workflow(store, fw.get_config(), "qa")
+        cand = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 3}}, created_by="t")
+        ex.start_experiment(store, "qa", [cand.id], traffic=0.5, unit=unit, seed="unit-test")
+        fw.set_resolver(StoreResolver(store, fw.get_config(), ttl=60))
+        seen: dict[tuple[str, str], set[str]] = {}
+        for user in range(40):
+            for session in range(3):
+                for _ in range(2):
+                    with fw.rollout(
+                        "qa", user_id=f"u{user}", session_id=f"u{user}-s{session}"
+                    ) as r:
+                        variant = r.config and r.variant
+                    seen.setdefault((f"u{user}", f"u{user}-s{session}"), set()).add(variant)
+        per_user: dict[str, set[str]] = {}
+        for (user, _), variants in seen.items():
+            per_user.setdefault(user, set()).update(variants)
+        sticky_sessions = all(len(v) == 1 for v in seen.values())
+        sticky_users = all(len(v) == 1 for v in per_user.values())
+        if unit == "user_id":
+            assert sticky_users
+        elif unit == "session_id":
+            assert sticky_sessions and not sticky_users  # a user's sessions differ
+        else:
+            assert not sticky_sessions  # each request draws its own variant
+    finally:
+        fw.shutdown()
