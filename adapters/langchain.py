@@ -13,8 +13,10 @@ Every callback body is wrapped: a failure is logged, never raised into LangChain
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -119,6 +121,20 @@ def _output_from_result(response: Any) -> Any:
             message = getattr(gen, "message", None)
             outs.append(message_dict(message) if message is not None else gen.text)
     return outs
+
+
+def _never_raises(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A callback that fails logs it and returns: LangChain (the host agent) never sees it."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except Exception:
+            log.exception("flywheel: %s failed", method.__name__)
+            return None
+
+    return wrapper
 
 
 class FlywheelCallbackHandler(BaseCallbackHandler):
@@ -246,6 +262,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
 
     # -- chains ------------------------------------------------------------------------------
 
+    @_never_raises
     def on_chain_start(
         self,
         serialized: dict[str, Any] | None,
@@ -257,23 +274,16 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            name = _run_name(serialized, kwargs, "chain")
-            self._start("chain", name, run_id, parent_run_id, tags, metadata, compact(inputs))
-        except Exception:
-            log.exception("flywheel: on_chain_start failed")
+        name = _run_name(serialized, kwargs, "chain")
+        self._start("chain", name, run_id, parent_run_id, tags, metadata, compact(inputs))
 
+    @_never_raises
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._end(run_id, compact(outputs))
-        except Exception:
-            log.exception("flywheel: on_chain_end failed")
+        self._end(run_id, compact(outputs))
 
+    @_never_raises
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._end(run_id, error=error)
-        except Exception:
-            log.exception("flywheel: on_chain_error failed")
+        self._end(run_id, error=error)
 
     # -- models ------------------------------------------------------------------------------
 
@@ -296,6 +306,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         if params:
             span.set_attribute("invocation_params", params)
 
+    @_never_raises
     def on_chat_model_start(
         self,
         serialized: dict[str, Any] | None,
@@ -307,16 +318,14 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            value = (
-                messages_list(messages[0])
-                if len(messages) == 1
-                else [messages_list(m) for m in messages]
-            )
-            self._model_start(serialized, value, run_id, parent_run_id, tags, metadata, kwargs)
-        except Exception:
-            log.exception("flywheel: on_chat_model_start failed")
+        value = (
+            messages_list(messages[0])
+            if len(messages) == 1
+            else [messages_list(m) for m in messages]
+        )
+        self._model_start(serialized, value, run_id, parent_run_id, tags, metadata, kwargs)
 
+    @_never_raises
     def on_llm_start(
         self,
         serialized: dict[str, Any] | None,
@@ -328,48 +337,40 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            value = prompts[0] if len(prompts) == 1 else prompts
-            self._model_start(serialized, value, run_id, parent_run_id, tags, metadata, kwargs)
-        except Exception:
-            log.exception("flywheel: on_llm_start failed")
+        value = prompts[0] if len(prompts) == 1 else prompts
+        self._model_start(serialized, value, run_id, parent_run_id, tags, metadata, kwargs)
 
+    @_never_raises
     def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            span = self._spans.get(run_id)
-            if span is not None and (
-                span.attributes is None or "time_to_first_token_ms" not in span.attributes
-            ):
-                ttft = (time.time_ns() - span.started_ns) / 1e6
-                span.set_attribute("time_to_first_token_ms", ttft)
-        except Exception:
-            log.exception("flywheel: on_llm_new_token failed")
+        span = self._spans.get(run_id)
+        if span is not None and (
+            span.attributes is None or "time_to_first_token_ms" not in span.attributes
+        ):
+            ttft = (time.time_ns() - span.started_ns) / 1e6
+            span.set_attribute("time_to_first_token_ms", ttft)
 
+    @_never_raises
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            span = self._spans.pop(run_id, None)
-            if span is None:
-                return
-            input_tokens, output_tokens = _usage_from_result(response)
-            if input_tokens is not None or output_tokens is not None:
-                span.set_usage(input_tokens, output_tokens)
-            model = _model_from_result(response)
-            if model and not span.model:
-                span.model = model
-            elif model and model != span.model:
-                span.set_attribute("response_model", model)
-            span.end(output=_output_from_result(response))
-        except Exception:
-            log.exception("flywheel: on_llm_end failed")
+        span = self._spans.pop(run_id, None)
+        if span is None:
+            return
+        input_tokens, output_tokens = _usage_from_result(response)
+        if input_tokens is not None or output_tokens is not None:
+            span.set_usage(input_tokens, output_tokens)
+        model = _model_from_result(response)
+        if model and not span.model:
+            span.model = model
+        elif model and model != span.model:
+            span.set_attribute("response_model", model)
+        span.end(output=_output_from_result(response))
 
+    @_never_raises
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._end(run_id, error=error)
-        except Exception:
-            log.exception("flywheel: on_llm_error failed")
+        self._end(run_id, error=error)
 
     # -- tools and retrievers ----------------------------------------------------------------
 
+    @_never_raises
     def on_tool_start(
         self,
         serialized: dict[str, Any] | None,
@@ -382,25 +383,19 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         inputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            name = _run_name(serialized, kwargs, "tool")
-            value = inputs if inputs is not None else input_str
-            self._start("tool", name, run_id, parent_run_id, tags, metadata, value)
-        except Exception:
-            log.exception("flywheel: on_tool_start failed")
+        name = _run_name(serialized, kwargs, "tool")
+        value = inputs if inputs is not None else input_str
+        self._start("tool", name, run_id, parent_run_id, tags, metadata, value)
 
+    @_never_raises
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._end(run_id, output)
-        except Exception:
-            log.exception("flywheel: on_tool_end failed")
+        self._end(run_id, output)
 
+    @_never_raises
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._end(run_id, error=error)
-        except Exception:
-            log.exception("flywheel: on_tool_error failed")
+        self._end(run_id, error=error)
 
+    @_never_raises
     def on_retriever_start(
         self,
         serialized: dict[str, Any] | None,
@@ -412,23 +407,16 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            name = _run_name(serialized, kwargs, "retriever")
-            self._start("retriever", name, run_id, parent_run_id, tags, metadata, query)
-        except Exception:
-            log.exception("flywheel: on_retriever_start failed")
+        name = _run_name(serialized, kwargs, "retriever")
+        self._start("retriever", name, run_id, parent_run_id, tags, metadata, query)
 
+    @_never_raises
     def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._end(run_id, documents)
-        except Exception:
-            log.exception("flywheel: on_retriever_end failed")
+        self._end(run_id, documents)
 
+    @_never_raises
     def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._end(run_id, error=error)
-        except Exception:
-            log.exception("flywheel: on_retriever_error failed")
+        self._end(run_id, error=error)
 
     # -- legacy agents -----------------------------------------------------------------------
 
@@ -442,18 +430,14 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         attrs.setdefault(key, []).append(value)
         span.attributes = attrs
 
+    @_never_raises
     def on_agent_action(self, action: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._agent_event(
-                run_id,
-                "agent_actions",
-                {"tool": getattr(action, "tool", None), "tool_input": action.tool_input},
-            )
-        except Exception:
-            log.exception("flywheel: on_agent_action failed")
+        self._agent_event(
+            run_id,
+            "agent_actions",
+            {"tool": getattr(action, "tool", None), "tool_input": action.tool_input},
+        )
 
+    @_never_raises
     def on_agent_finish(self, finish: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._agent_event(run_id, "agent_finish", getattr(finish, "return_values", None))
-        except Exception:
-            log.exception("flywheel: on_agent_finish failed")
+        self._agent_event(run_id, "agent_finish", getattr(finish, "return_values", None))
