@@ -57,6 +57,18 @@ class Record:
     _row_builder: ClassVar[Callable[..., tuple]]
     JSON_COLUMNS: ClassVar[frozenset[str]] = frozenset()
     TIME_COLUMNS: ClassVar[frozenset[str]] = frozenset()
+    DEFAULTS: ClassVar[dict[str, Any]] = {}  # the table's NOT NULL defaults (callables are called)
+
+    def __init__(self, **values: Any) -> None:
+        """Set every column from ``values``: the class's ``DEFAULTS`` where absent, else None."""
+        for name in self.COLUMNS:
+            value = values.pop(name, None)
+            if value is None and name in self.DEFAULTS:
+                default = self.DEFAULTS[name]
+                value = default() if callable(default) else default
+            setattr(self, name, value)
+        if values:
+            raise TypeError(f"unknown {self.TABLE} fields: {sorted(values)}")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -124,18 +136,7 @@ class SpanRecord(Record):
     COLUMNS = __slots__
     JSON_COLUMNS = frozenset({"input", "output", "attributes"})
     TIME_COLUMNS = frozenset({"started_at", "ended_at"})
-
-    def __init__(self, **values: Any) -> None:
-        for name in self.__slots__:
-            setattr(self, name, values.pop(name, None))
-        if values:
-            raise TypeError(f"unknown span fields: {sorted(values)}")
-        if self.sequence is None:
-            self.sequence = 0
-        if self.kind is None:
-            self.kind = "chain"
-        if self.status is None:
-            self.status = "ok"
+    DEFAULTS = {"sequence": 0, "kind": "chain", "status": "ok"}
 
 
 class RolloutRecord(Record):
@@ -169,14 +170,7 @@ class RolloutRecord(Record):
     COLUMNS = __slots__
     JSON_COLUMNS = frozenset({"input", "output", "tags", "metadata"})
     TIME_COLUMNS = frozenset({"started_at", "ended_at"})
-
-    def __init__(self, **values: Any) -> None:
-        for name in self.__slots__:
-            setattr(self, name, values.pop(name, None))
-        if values:
-            raise TypeError(f"unknown rollout fields: {sorted(values)}")
-        if self.status is None:
-            self.status = "succeeded"
+    DEFAULTS = {"status": "succeeded"}
 
 
 class FeedbackRecord(Record):
@@ -195,18 +189,7 @@ class FeedbackRecord(Record):
     COLUMNS = __slots__
     JSON_COLUMNS = frozenset({"metadata"})
     TIME_COLUMNS = frozenset({"created_at"})
-
-    def __init__(self, **values: Any) -> None:
-        for name in self.__slots__:
-            setattr(self, name, values.pop(name, None))
-        if values:
-            raise TypeError(f"unknown feedback fields: {sorted(values)}")
-        if self.source is None:
-            self.source = "explicit"
-        if self.key is None:
-            self.key = "rating"
-        if self.created_at is None:
-            self.created_at = time.time_ns()
+    DEFAULTS = {"source": "explicit", "key": "rating", "created_at": time.time_ns}
 
 
 class TelemetryRecord(Record):
@@ -215,14 +198,7 @@ class TelemetryRecord(Record):
     COLUMNS = __slots__
     JSON_COLUMNS = frozenset({"payload"})
     TIME_COLUMNS = frozenset({"received_at"})
-
-    def __init__(self, **values: Any) -> None:
-        for name in self.__slots__:
-            setattr(self, name, values.pop(name, None))
-        if values:
-            raise TypeError(f"unknown telemetry fields: {sorted(values)}")
-        if self.received_at is None:
-            self.received_at = time.time_ns()
+    DEFAULTS = {"received_at": time.time_ns}
 
 
 RECORD_TYPES: dict[str, type[Record]] = {

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,7 +78,6 @@ class Store:
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._insert_sql: dict[str, str] = {}
-        self._lock = threading.Lock()
         if migrate:
             self.upgrade()
 
