@@ -6,17 +6,17 @@ rate, low-rating rate (ratings joined through the rollout) and implicit satisfac
 feedback with source ``implicit``), over a time window. Groups with at least ``min_calls`` that
 breach a threshold of YAML ``analysis:`` are hot.
 
-Everything is aggregated in SQL. p95 is ``percentile_cont(0.95)`` on PostgreSQL; on SQLite the
-same interpolated value comes from ``ROW_NUMBER()`` over each group (two rows per group fetched),
-and on windows larger than ``exact_limit`` rows (where SQLite's sort would dominate) from a
-1%-wide log histogram aggregated in the same single pass, split over row-id ranges in threads.
+Everything is aggregated in SQL. Node-level spans are read from the partial covering index
+``ix_span_hot`` alone (no join, no sort), their exact p95 two rows at an OFFSET per group.
+For rollouts, p95 is ``percentile_cont(0.95)`` on PostgreSQL; on SQLite the same interpolated
+value comes from ``ROW_NUMBER()`` over each group, and on windows larger than ``exact_limit``
+rows (where SQLite's sort would dominate) from a 1%-wide log histogram in the same pass.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -144,13 +144,11 @@ class _Query:
         self.conds = conds
         self.until = until is not None
 
-    def where(self, time_index: bool = True, id_range: bool = False) -> str:
+    def where(self, time_index: bool = True) -> str:
         col = self.time_col if time_index or self.dialect != "sqlite" else f"+{self.time_col}"
         conds = [f"{col} >= :since", *self.conds]
         if self.until:
             conds.append(f"{col} < :until")
-        if id_range:
-            conds.append("s.id BETWEEN :lo AND :hi")
         return " AND ".join(conds)
 
     def from_(self) -> str:
@@ -226,43 +224,19 @@ def _sqlite_exact_p95(conn: Any, q: _Query, out: Groups) -> None:
             out[key].p95_latency_ms = low + (position - lo) * (high - low)
 
 
-def _aggregate_histogram(store: Store, q: _Query, workers: int, sort_threads: int = 0) -> Groups:
-    """One pass over the window in parallel row-id ranges: exact count/avg/errors per group,
-    p95 from a 1%-wide log histogram (for windows too large to sort quickly on SQLite)."""
+def _aggregate_histogram(store: Store, q: _Query) -> Groups:
+    """One pass over a large rollout window: exact count/avg/errors per group, p95 from a
+    1%-wide log histogram (a window too large to sort quickly on SQLite)."""
     src = q.src
     bucket = f"CAST(ln(max({src.latency}, 0.001)) * {_BUCKETS_PER_E} AS INTEGER)"
-    ranged = src is _SPANS and workers > 1
     sql = (
         f"SELECT r.workflow, {src.node} AS node, {bucket} AS b, COUNT(*), "
         f"SUM({src.latency}), SUM(CASE WHEN {_ERROR.format(c=src.status)} THEN 1 ELSE 0 END) "
-        f"FROM {q.from_()} WHERE {q.where(time_index=False, id_range=ranged)} "
+        f"FROM {q.from_()} WHERE {q.where(time_index=False)} "
         f"GROUP BY {_group(src)}, b"
     )
-    ranges: list[dict[str, Any]] = [{}]
-    if ranged:
-        with store.engine.connect() as conn:
-            lo, hi = conn.execute(text("SELECT min(id), max(id) FROM span")).one()
-        if lo is None:
-            return {}
-        step = (hi - lo) // workers + 1
-        ranges = [
-            {"lo": lo + i * step, "hi": min(hi, lo + (i + 1) * step - 1)} for i in range(workers)
-        ]
-
-    def run(extra: dict[str, Any]) -> list[Any]:
-        with store.engine.connect() as conn:
-            # SQLite's sorter may use helper threads for the GROUP BY: the sort is the cost here
-            conn.exec_driver_sql(f"PRAGMA threads={sort_threads}")
-            try:
-                return list(conn.execute(text(sql), {**q.params, **extra}))
-            finally:
-                conn.exec_driver_sql("PRAGMA threads=0")
-
-    if len(ranges) > 1:
-        with ThreadPoolExecutor(len(ranges)) as pool:
-            parts = list(pool.map(run, ranges))
-    else:
-        parts = [run(ranges[0])]
+    with store.engine.connect() as conn:
+        parts = [list(conn.execute(text(sql), q.params))]
     hist: dict[tuple[str, Any], dict[int, int]] = {}
     out: Groups = {}
     sums: dict[tuple[str, Any], float] = {}
@@ -452,27 +426,26 @@ def hot_problems(
     include_all: bool = False,
     nodes: bool = True,
     exact_limit: int = 50_000,
-    workers: int | None = None,
 ) -> list[HotProblem]:
     """The hot groups (or every group with ``include_all``), worst first.
 
     ``since`` defaults to ``analysis.since_minutes`` ago; groups under ``analysis.min_calls``
-    are never hot (they are listed with ``include_all``, without breaches). On SQLite, a
-    window of more than ``exact_limit`` rows is aggregated in one parallel pass (``workers``
-    threads over row-id ranges) and its p95 read from a 1%-wide histogram (within 0.5%).
+    are never hot (they are listed with ``include_all``, without breaches). Node-level spans are
+    read from ``ix_span_hot`` with an exact p95; on SQLite a rollout window of more than
+    ``exact_limit`` rows is aggregated in one pass with p95 from a 1%-wide histogram (within 0.5%).
     """
     if since is None:
         since = datetime.now(timezone.utc) - timedelta(minutes=config.analysis.since_minutes)
     low_max = config.triggers.low_rating.max_rating
     sources = [_ROLLOUTS, _SPANS] if nodes else [_ROLLOUTS]
-    n_workers = workers or min(4, os.cpu_count() or 1)
     with store.engine.connect() as conn:
         ln_ok = store.dialect == "sqlite" and _sqlite_has_ln(conn)
         plans = []
         for src in sources:
             q = _Query(src, store.dialect, since, until, workflow)
             large = False
-            if ln_ok:  # a bounded count on the time index: is the window too big to sort?
+            # Spans always read ix_span_hot; only rollouts may need the histogram pass.
+            if ln_ok and src is not _SPANS:  # a bounded count: is the window too big to sort?
                 table = src.table.split()[0]
                 n = conn.execute(
                     text(
@@ -491,7 +464,7 @@ def hot_problems(
             if q.src is _SPANS:
                 agg = pool.submit(_aggregate_spans, store, q)
             elif large:
-                agg = pool.submit(_aggregate_histogram, store, q, n_workers)
+                agg = pool.submit(_aggregate_histogram, store, q)
             else:
                 agg = pool.submit(_aggregate_exact, store, q)
             jobs.append((agg, pool.submit(_feedback_rows, store, q, low_max)))

@@ -180,7 +180,7 @@ def test_large_window_histogram_path_sqlite(sqlite_url) -> None:
     exact = {(p.workflow, p.node): p for p in hot_problems(store, CONFIG, include_all=True)}
     approx = {
         (p.workflow, p.node): p
-        for p in hot_problems(store, CONFIG, include_all=True, exact_limit=10, workers=3)
+        for p in hot_problems(store, CONFIG, include_all=True, exact_limit=10)
     }
     assert set(approx) == set(exact) == set(truth)
     for key, p in approx.items():
