@@ -79,7 +79,7 @@ class HotProblem:
 
 
 _ERROR = "{c} IN ('error', 'failed')"
-_NODE_SPANS = "(s.node IS NOT NULL OR s.parent_id IS NULL OR s.kind = 'agent')"
+_NODE_SPANS = f"({HOT_SPANS})"  # node, parent_id and kind exist only on span
 _BUCKETS_PER_E = 100
 """Histogram resolution on large SQLite windows: buckets 1% wide, so p95 is within 0.5%."""
 
