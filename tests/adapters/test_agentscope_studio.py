@@ -331,10 +331,11 @@ def test_cli_import_twice(tmp_path: Path) -> None:
     args = ["import", "agentscope-studio", str(db), "--workflow", "support", "--store", url]
     out = runner.invoke(main, args)
     assert out.exit_code == 0, out.output
-    assert "2 new rollouts" in out.output and "4 new" in out.output
+    said = " ".join(out.output.split())  # rich wraps long paths at the console width
+    assert "2 new rollouts, 4 new spans" in said
     out = runner.invoke(main, args)
     assert out.exit_code == 0, out.output
-    assert "0 new rollouts" in out.output and "0 new" in out.output
+    assert "0 new rollouts, 0 new spans" in " ".join(out.output.split())
 
 
 def test_clear_errors(tmp_path: Path, target: Store) -> None:
