@@ -30,5 +30,12 @@ test: $(STAMP) browser
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-bench: $(STAMP)
+# The benchmarks compare with Langfuse and OpenInference: the `bench` extra on top of `dev`.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(VENV)/bin/uv pip install --python $(PY) -q -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
