@@ -5,15 +5,19 @@ answers per arm (baseline positive-feedback rate ``--p0``), and the promoter is 
 every cycle, as the controller does, until it decides or ``--max-samples`` per arm is reached.
 
 Side by side:
-  sequential        the built-in anytime-valid mixture SPRT (plugins/promoters.py, exactly its
-                    formula, vectorised; a sample of experiments is re-run through the real
-                    ``SequentialPromoter.decide`` to check the two agree)
+  seq/horizon       the built-in ``sequential`` promoter with its default boundary: time-uniform
+                    up to the planned horizon, then stop (plugins/promoters.py)
+  seq/mixture       the same promoter with ``boundary: mixture``, the open-ended mixture SPRT
+                    (both are exactly the plugin's formulas, vectorised; a sample of experiments
+                    is re-run through the real ``SequentialPromoter.decide`` to check they agree)
   threshold/cycle   seed 001's should_promote (+2 points), checked after every cycle
   threshold/once    the same rule looked at once, at the fixed horizon (what the seed intended)
   z-test/once       a fixed-horizon two-sided z-test at α=0.05 sized for 80% power (reference)
 
 Scenarios: A/A (candidate = baseline), slightly worse (−2 points), better (+5 points).
-The fixed horizon N is the per-arm sample a two-sided α=0.05, 80%-power z-test needs for +5.
+The fixed horizon N is the per-arm sample a two-sided α=0.05, 80%-power z-test needs for +5;
+looks come every ``--batch`` answers, so "within N" means by the first look at or past N —
+the look at which the fixed-horizon z-test in the last column is evaluated too.
 
     python benchmarks/flywheel_efficacy.py [--experiments 10000] [--batch 100]
 """
@@ -35,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flywheel_middleware.plugins.promoters import (  # noqa: E402
     SequentialPromoter,
     binary_var,
+    horizon_radius,
     log_mixture_lr,
+    planned_information,
 )
 
 from flywheel_middleware.config import Objective  # noqa: E402
@@ -68,15 +74,21 @@ def first_true(mask: np.ndarray) -> np.ndarray:
     return np.where(any_, mask.argmax(axis=1), -1)
 
 
-def sequential_decisions(n, kb, kc, *, alpha, tau, min_samples, max_samples):
+def sequential_decisions(n, kb, kc, *, boundary, alpha, tau, min_samples, max_samples, power=0.8):
     """(action per experiment: +1 promote, −1 reject, 0 none; samples per arm at the decision)."""
     var = binary_var(n, kb) / n + binary_var(n, kc) / n
     diff = kc / n - kb / n
-    thr = math.log(1 / alpha)
-    up = log_mixture_lr(diff, var, tau, xp=np, log_phi=log_ndtr) >= thr
-    down = log_mixture_lr(-diff, var, tau, xp=np, log_phi=log_ndtr) >= thr
-    ok = n >= min_samples
     futile = n >= max_samples
+    if boundary == "horizon":
+        info_max = planned_information(alpha, power, tau)
+        radius = horizon_radius(var, alpha, info_max, xp=np)
+        up, down = diff > radius, diff < -radius
+        futile = futile | (var * info_max <= 1.0)
+    else:
+        thr = math.log(1 / alpha)
+        up = log_mixture_lr(diff, var, tau, xp=np, log_phi=log_ndtr) >= thr
+        down = log_mixture_lr(-diff, var, tau, xp=np, log_phi=log_ndtr) >= thr
+    ok = n >= min_samples
     promote, reject = up & ok, (down & ok) | (futile & ~up)
     return _resolve(promote, reject, n)
 
@@ -110,13 +122,14 @@ def once_at(n, kb, kc, horizon, rule):
     return (pc - pb) / np.maximum(se, 1e-12) > norm.ppf(0.975), nb
 
 
-def check_against_plugin(n, kb, kc, params, count, p0):
+def check_against_plugin(n, kb, kc, params, count):
     """Re-run ``count`` experiments through the real promoter; return mismatching decisions."""
     promoter = SequentialPromoter(SequentialPromoter.Params(**params))
     vec_action, _, _ = sequential_decisions(
         n,
         kb[:count],
         kc[:count],
+        boundary=params["boundary"],
         alpha=params["alpha"],
         tau=params["min_effect"],
         min_samples=params["min_samples"],
@@ -126,32 +139,20 @@ def check_against_plugin(n, kb, kc, params, count, p0):
     for e in range(count):
         action = 0
         for t, nt in enumerate(n):
+            arms = {
+                name: VariantStats(
+                    name,
+                    i + 1,
+                    0.5,
+                    rollouts=int(nt),
+                    succeeded=int(nt),
+                    rated=int(nt),
+                    positive=int(k[e, t]),
+                )
+                for i, (name, k) in enumerate((("baseline", kb), ("candidate-1", kc)))
+            }
             stats = ExperimentStats(
-                e,
-                "sim",
-                "running",
-                {
-                    "baseline": VariantStats(
-                        "baseline",
-                        1,
-                        0.5,
-                        rollouts=int(nt),
-                        succeeded=int(nt),
-                        rated=int(nt),
-                        positive=int(kb[e, t]),
-                    ),
-                    "candidate-1": VariantStats(
-                        "candidate-1",
-                        2,
-                        0.5,
-                        rollouts=int(nt),
-                        succeeded=int(nt),
-                        rated=int(nt),
-                        positive=int(kc[e, t]),
-                    ),
-                },
-                objective=Objective(),
-                min_samples=params["min_samples"],
+                e, "sim", "running", arms, objective=Objective(), min_samples=params["min_samples"]
             )
             d = promoter.decide(stats)
             if d.action != "continue":
@@ -159,6 +160,9 @@ def check_against_plugin(n, kb, kc, params, count, p0):
                 break
         mismatches += action != vec_action[e]
     return mismatches
+
+
+BOUNDARY_NAMES = {"horizon": "seq/horizon", "mixture": "seq/mixture"}
 
 
 def main() -> None:
@@ -178,99 +182,94 @@ def main() -> None:
     N = fixed_horizon_n(args.p0, 0.05)
     max_samples = int(math.ceil(args.horizon_factor * N / args.batch) * args.batch)
     cycles = max_samples // args.batch
-    params = {
-        "alpha": args.alpha,
-        "min_effect": 0.05,
-        "min_samples": args.min_samples,
-        "max_samples": max_samples,
-    }
+    look_n = int(math.ceil(N / args.batch) * args.batch)  # the first look at or past N
     print(
         f"{args.experiments} experiments per scenario · p0 = {args.p0:.0%} · {args.batch} rated answers "
         f"per arm per cycle · checked every cycle up to {max_samples} per arm ({cycles} looks)\n"
-        f"fixed-horizon N for +5 pts (two-sided α=0.05, power 80%): {N} per arm\n"
+        f"fixed-horizon N for +5 pts (two-sided α=0.05, power 80%): {N} per arm "
+        f"(first look at or past it: {look_n})\n"
     )
     rows = []
-    checked = {}
+    checked: dict[str, int] = {}
     for label, delta in SCENARIOS:
         n, kb, kc = simulate(rng, args.experiments, cycles, args.batch, args.p0, delta)
-        seq_a, seq_n, seq_first = sequential_decisions(
-            n,
-            kb,
-            kc,
-            alpha=args.alpha,
-            tau=0.05,
-            min_samples=args.min_samples,
-            max_samples=max_samples,
-        )
+        row = {"scenario": label}
+        for boundary, name in BOUNDARY_NAMES.items():
+            params = {
+                "boundary": boundary,
+                "alpha": args.alpha,
+                "min_effect": 0.05,
+                "min_samples": args.min_samples,
+                "max_samples": max_samples,
+            }
+            action, at, _ = sequential_decisions(
+                n,
+                kb,
+                kc,
+                boundary=boundary,
+                alpha=args.alpha,
+                tau=0.05,
+                min_samples=args.min_samples,
+                max_samples=max_samples,
+            )
+            promoted = action == 1
+            row[name] = {
+                "promote": float(np.mean(promoted)),
+                "by_look": float(np.mean(promoted & (at <= look_n))),
+                "before_n": float(np.mean(promoted & (at < N))),
+                "by_factor": {k: float(np.mean(promoted & (at <= k * N))) for k in (1.5, 2.0)},
+                "median_n": float(np.median(at)),
+            }
+            if args.check:
+                checked[f"{label}, {name}"] = check_against_plugin(n, kb, kc, params, args.check)
         thr_a, thr_n, _ = threshold_every_cycle(
             n, kb, kc, min_samples=args.min_samples, max_samples=max_samples
         )
-        thr_once, _ = once_at(n, kb, kc, N, "threshold")
-        z_once, _ = once_at(n, kb, kc, N, "z")
-        within_n = (seq_a == 1) & (seq_n <= N)
-        by_factor = {k: float(np.mean((seq_a == 1) & (seq_n <= k * N))) for k in (1.25, 1.5, 2.0)}
-        rows.append(
-            {
-                "scenario": label,
-                "delta": delta,
-                "seq_promote": float(np.mean(seq_a == 1)),
-                "seq_promote_by_N": float(np.mean(within_n)),
-                "seq_by_factor": by_factor,
-                "seq_median_n": float(np.median(seq_n)),
-                "seq_median_n_promoted": float(np.median(seq_n[seq_a == 1]))
-                if (seq_a == 1).any()
-                else float("nan"),
-                "thr_promote": float(np.mean(thr_a == 1)),
-                "thr_median_n": float(np.median(thr_n)),
-                "thr_once": float(np.mean(thr_once)),
-                "z_once": float(np.mean(z_once)),
-            }
-        )
-        if args.check:
-            checked[label] = check_against_plugin(n, kb, kc, params, args.check, args.p0)
+        row["threshold/cycle"] = {
+            "promote": float(np.mean(thr_a == 1)),
+            "median_n": float(np.median(thr_n)),
+        }
+        row["threshold/once"] = {"promote": float(np.mean(once_at(n, kb, kc, N, "threshold")[0]))}
+        row["z-test/once"] = {"promote": float(np.mean(once_at(n, kb, kc, N, "z")[0]))}
+        rows.append(row)
 
-    print(
-        f"{'scenario':<26}{'':>3}{'sequential':>14}{'threshold/cycle':>18}{'threshold/once':>17}{'z-test/once':>14}"
-    )
+    columns = [*BOUNDARY_NAMES.values(), "threshold/cycle", "threshold/once", "z-test/once"]
+    print(f"{'P(promote)':<26}" + "".join(f"{c:>17}" for c in columns))
     for r in rows:
+        print(f"{r['scenario']:<26}" + "".join(f"{r[c]['promote']:>17.1%}" for c in columns))
+    aa, worse, better = rows
+    print("\n+5 pts improvement: power and samples per arm to a decision")
+    for name in BOUNDARY_NAMES.values():
+        b = better[name]
+        factors = ", ".join(f"{k:g}×N {v:.1%}" for k, v in b["by_factor"].items())
         print(
-            f"{r['scenario']:<26}{'P(promote)':>3} {r['seq_promote']:>12.1%} {r['thr_promote']:>17.1%} "
-            f"{r['thr_once']:>16.1%} {r['z_once']:>13.1%}"
+            f"  {name:<12} within N ({look_n}): {b['by_look']:6.1%}   ({factors}, "
+            f"by {max_samples}: {b['promote']:.1%}; before N: {b['before_n']:.1%})   median samples {b['median_n']:.0f} "
+            f"({b['median_n'] / N:.2f}×N)"
         )
-    print()
-    better = rows[2]
-    print("+5 pts improvement:")
-    print(f"  sequential power within N={N}:            {better['seq_promote_by_N']:.1%}")
-    for k, v in better["seq_by_factor"].items():
+    print(
+        f"  {'z-test/once':<12} at N ({look_n}):     {better['z-test/once']['promote']:6.1%}   (the 80% it is sized for)"
+    )
+    print(
+        f"  threshold/cycle median samples to a decision: {better['threshold/cycle']['median_n']:.0f}"
+    )
+    print("\nFalse promotions, checked after every cycle (target ≤ 5%):")
+    for name in [*BOUNDARY_NAMES.values(), "threshold/cycle"]:
         print(
-            f"  sequential power within {k:g} × N = {k * N:.0f}:{'':<{max(1, 12 - len(f'{k:g}{k * N:.0f}'))}}{v:.1%}"
+            f"  {name:<16} A/A {aa[name]['promote']:6.1%}   −2 pts {worse[name]['promote']:6.1%}   "
+            f"median samples to a decision, A/A: {aa[name]['median_n']:.0f}"
         )
-    print(f"  sequential power within {max_samples} (max):        {better['seq_promote']:.1%}")
+    target_met = better["seq/horizon"]["by_look"] >= 0.8 and aa["seq/horizon"]["promote"] <= 0.05
     print(
-        f"  sequential median samples to a decision:  {better['seq_median_n']:.0f} per arm "
-        f"({better['seq_median_n'] / N:.2f} × N; among promotions {better['seq_median_n_promoted']:.0f})"
-    )
-    print(f"  threshold/cycle median samples to promote: {better['thr_median_n']:.0f} per arm")
-    print(
-        f"  fixed-horizon z-test power at N:          {better['z_once']:.1%} (the 80% it is sized for)"
-    )
-    print()
-    aa, worse = rows[0], rows[1]
-    print("False promotions (checked after every cycle):")
-    print(
-        f"  A/A:            sequential {aa['seq_promote']:.1%} vs threshold {aa['thr_promote']:.1%}   (target ≤ 5%)"
-    )
-    print(
-        f"  −2 pts worse:   sequential {worse['seq_promote']:.1%} vs threshold {worse['thr_promote']:.1%}"
-    )
-    print(
-        f"  median samples to a decision, A/A: sequential {aa['seq_median_n']:.0f}, threshold {aa['thr_median_n']:.0f}"
+        f"\nseq/horizon (the default): power within N {better['seq/horizon']['by_look']:.1%} "
+        f"(target ≥ 80%), A/A false promotions {aa['seq/horizon']['promote']:.1%} (target ≤ 5%) "
+        f"→ {'met' if target_met else 'NOT met'}"
     )
     if checked:
         total = sum(checked.values())
         print(
-            f"\nplugin cross-check: {args.check} experiments per scenario re-run through "
-            f"SequentialPromoter.decide — {total} disagreement(s)"
+            f"plugin cross-check: {args.check} experiments per scenario and boundary re-run "
+            f"through SequentialPromoter.decide — {total} disagreement(s)"
         )
     print(f"\n{time.perf_counter() - started:.1f}s")
 

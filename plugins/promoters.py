@@ -1,6 +1,25 @@
 """Built-in promoters: ``sequential`` (anytime-valid) and ``threshold`` (the seeds' rule).
 
-``sequential`` — a one-sided mixture sequential probability ratio test (mSPRT; Johari,
+``sequential`` has two boundaries, both valid however often the promoter is checked.
+
+``boundary: horizon`` (the default) — a time-uniform test over a planned information horizon.
+With Δ̂ and V as below and information I = 1/V, the score S = Δ̂·I behaves as a Brownian motion
+θ·I + W(I) (the usual normal approximation of group-sequential designs; Lan & DeMets,
+Biometrika 1983; Jennison & Turnbull, "Group Sequential Methods", 2000, ch. 7). By the
+reflection principle, P(max_{I ≤ I_max} W(I) ≥ c·√I_max) = 2(1 − Φ(c)), so with
+c = Φ⁻¹(1 − α/2), promoting at the first look where S ≥ c·√I_max keeps false promotions ≤ α
+for any number and timing of looks up to I_max — continuous monitoring included (the limit of
+O'Brien–Fleming spending). The horizon is planned from the effect worth finding:
+I_max = ((c + z_power) / min_effect)², which is the information a fixed-horizon two-sided
+level-α test needs for that power, so at the horizon the test is that fixed test (promote iff
+z ≥ c) and early crossings only add power. A look at or past the horizon is the last: a
+candidate not promoted there is rejected as futile (the boundary there is z ≥ c, so a late
+look is judged as the fixed test at its own information). The matching anytime bounds are
+Δ̂ ± c·√max(I, I_max) / I. This spends the whole α on the promotion side and stops at a known
+sample, which is why it reaches the power of a fixed-horizon test within its N where the
+open-ended mixture below cannot (benchmarks/flywheel_efficacy.py prints both).
+
+``boundary: mixture`` — open-ended: a one-sided mixture sequential probability ratio test (mSPRT; Johari,
 Koomen, Pekelis & Walsh, "Always Valid Inference", Operations Research 2022 / arXiv 2015;
 the normal-mixture boundary of Robbins 1970 and Howard, Ramdas, McAuliffe & Sekhon,
 "Time-uniform, nonparametric, nonasymptotic confidence sequences", Ann. Statist. 2021).
@@ -21,6 +40,8 @@ one-sided tests (each at level α, so promote ⇔ lower bound > 0, reject ⇔ up
 ``cs_radius`` gives the symmetric normal-mixture confidence sequence
 Δ̂ ± sqrt(2V(V+τ²)/τ² · (ln(1/α) + ½ ln((V+τ²)/V))) for reference. Nothing is decided
 before ``min_samples`` per arm; at ``max_samples`` an undecided candidate is rejected (futility).
+Both boundaries share the guardrails above (their hard breaches use the mixture test, which
+holds without a horizon) and the Bonferroni split of α over candidates.
 
 ``threshold`` — seed 001's ``should_promote`` as written: promote when the candidate's
 positive-feedback rate ≥ baseline + 2 points and its mean latency ≤ 1.2 × baseline. It is a
@@ -31,6 +52,7 @@ benchmarks/flywheel_efficacy.py for what repeated checking does to it).
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -97,14 +119,51 @@ def lower_bound(diff: float, var: float, tau: float, alpha: float) -> float:
     return lo
 
 
+def horizon_critical_value(alpha: float) -> float:
+    """c with P(max of a standard Brownian motion on [0, 1] ≥ c) = 2(1 − Φ(c)) = α."""
+    return _normal_quantile(1.0 - alpha / 2.0)
+
+
+def planned_information(alpha: float, power: float, min_effect: float) -> float:
+    """I_max: the information at which the horizon test has ``power`` against ``min_effect``."""
+    z = horizon_critical_value(alpha) + _normal_quantile(power)
+    return (z / min_effect) ** 2
+
+
+def horizon_radius(var: Any, alpha: float, info_max: float, xp: Any = math) -> Any:
+    """Half-width c·√max(I, I_max)/I of the horizon test's bounds at information I = 1/var.
+
+    Promote ⇔ Δ̂ > radius; reject as worse ⇔ Δ̂ < −radius. ``xp=numpy`` vectorises it.
+    """
+    info = 1.0 / var
+    ceiling = max(info, info_max) if xp is math else xp.maximum(info, info_max)
+    return horizon_critical_value(alpha) * xp.sqrt(ceiling) / info
+
+
+def _normal_quantile(p: float) -> float:
+    return statistics.NormalDist().inv_cdf(p)
+
+
 class SequentialParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    boundary: Literal["horizon", "mixture"] = Field(
+        "horizon",
+        description="horizon: time-uniform up to a planned horizon, then stop (power of a "
+        "fixed-horizon test); mixture: open-ended mSPRT, valid forever",
+    )
     alpha: float = Field(0.05, gt=0, lt=0.5, description="false-promotion bound (all looks)")
+    power: float = Field(
+        0.8, gt=0.5, lt=1, description="horizon: the power planned against min_effect"
+    )
     tau: float | None = Field(
         None, gt=0, description="mixture scale; default: min_effect (the effect worth finding)"
     )
-    min_effect: float = Field(0.05, gt=0, description="the improvement the test is tuned for")
+    min_effect: float = Field(
+        0.05,
+        gt=0,
+        description="the improvement the test is planned (horizon) or tuned (mixture) for",
+    )
     metric: Literal["positive_feedback_rate", "mean_reward", "success_rate"] | None = Field(
         None, description="default: the workflow's objective.metric"
     )
@@ -113,11 +172,12 @@ class SequentialParams(BaseModel):
 
 
 class SequentialPromoter(Promoter):
-    """Anytime-valid mixture SPRT with guardrails: promote / reject / continue."""
+    """Sequential test valid under repeated looks, with guardrails: promote / reject / continue."""
 
     type_name = "sequential"
     description = (
-        "Anytime-valid mixture SPRT (Johari et al. 2017; Howard et al. 2021) with guardrails"
+        "Sequential test valid however often it is checked: a time-uniform boundary up to a "
+        "planned horizon (default) or an open-ended mixture SPRT; with guardrails"
     )
     Params = SequentialParams
 
@@ -132,7 +192,6 @@ class SequentialPromoter(Promoter):
         if not candidates:
             return Decision("continue", reason="no candidate with traffic")
         alpha = p.alpha / len(candidates)  # Bonferroni over candidates
-        threshold = math.log(1.0 / alpha)
         n_b, m_b, v_b = base.metric(metric)
         verdicts: dict[str, dict[str, Any]] = {}
         winners: list[tuple[float, str]] = []
@@ -150,28 +209,21 @@ class SequentialPromoter(Promoter):
             else:
                 var = max(v_b / n_b + v_c / n_c, 1e-12)
             diff = m_c - m_b
-            llr_up = log_mixture_lr(diff, var, tau)
-            llr_down = log_mixture_lr(-diff, var, tau)
-            low, high = lower_bound(diff, var, tau, alpha), -lower_bound(-diff, var, tau, alpha)
-            info.update(
-                diff=diff,
-                confidence_sequence=[low, high],
-                log_lr_better=llr_up,
-                log_lr_worse=llr_down,
-                log_threshold=threshold,
-                alpha=alpha,
-                tau=tau,
-            )
+            if p.boundary == "horizon":
+                better, worse, low, high, shown, at_horizon = _horizon_test(
+                    diff, var, alpha, planned_information(alpha, p.power, p.min_effect), info
+                )
+            else:
+                better, worse, low, high, shown = _mixture_test(diff, var, tau, alpha, info)
+                at_horizon = False
+            info.update(diff=diff, confidence_sequence=[low, high], alpha=alpha)
             breaches, hard = _guardrails(base, cand, guard, alpha, tau)
             info["guardrails"] = breaches
             if hard:
                 info.update(action="reject", reason=f"guardrail breached: {'; '.join(hard)}")
-            elif llr_down >= threshold:
-                info.update(
-                    action="reject",
-                    reason=f"{metric} is worse by {-diff:.3f} (ln Λ = {llr_down:.2f} ≥ {threshold:.2f})",
-                )
-            elif llr_up >= threshold:
+            elif worse:
+                info.update(action="reject", reason=f"{metric} is worse by {-diff:.3f} ({shown})")
+            elif better:
                 soft = [b["reason"] for b in breaches]
                 if soft:
                     info.update(action="continue", reason="better, but " + "; ".join(soft))
@@ -180,10 +232,15 @@ class SequentialPromoter(Promoter):
                         action="promote",
                         reason=(
                             f"{metric} +{diff:.3f} (anytime-valid bounds [{low:.3f}, {high:.3f}], "
-                            f"ln Λ = {llr_up:.2f} ≥ {threshold:.2f})"
+                            f"{shown})"
                         ),
                     )
                     winners.append((low, cand.name))
+            elif at_horizon:
+                info.update(
+                    action="reject",
+                    reason=f"no significant gain at the planned horizon ({shown})",
+                )
             elif min(n_b, n_c) >= p.max_samples:
                 info.update(
                     action="reject", reason=f"no significant gain after {p.max_samples} samples"
@@ -199,6 +256,39 @@ class SequentialPromoter(Promoter):
             return Decision("reject", None, reasons, evidence)
         pending = [k for k, v in verdicts.items() if v.get("action") == "continue"]
         return Decision("continue", None, f"waiting on {', '.join(pending)}", evidence)
+
+
+def _horizon_test(
+    diff: float, var: float, alpha: float, info_max: float, evidence: dict[str, Any]
+) -> tuple[bool, bool, float, float, str, bool]:
+    """(better, worse, low, high, shown, at or past the horizon) of the horizon boundary."""
+    radius = horizon_radius(var, alpha, info_max)
+    fraction = 1.0 / (var * info_max)
+    z = diff / math.sqrt(var)
+    z_boundary = radius / math.sqrt(var)
+    evidence.update(boundary="horizon", z=z, z_boundary=z_boundary, information_fraction=fraction)
+    shown = f"z = {z:.2f} vs ±{z_boundary:.2f} at {min(fraction, 9.99):.0%} of the horizon"
+    return diff > radius, diff < -radius, diff - radius, diff + radius, shown, fraction >= 1.0
+
+
+def _mixture_test(
+    diff: float, var: float, tau: float, alpha: float, evidence: dict[str, Any]
+) -> tuple[bool, bool, float, float, str]:
+    """(better, worse, low, high, shown) of the open-ended mixture SPRT."""
+    threshold = math.log(1.0 / alpha)
+    llr_up = log_mixture_lr(diff, var, tau)
+    llr_down = log_mixture_lr(-diff, var, tau)
+    low, high = lower_bound(diff, var, tau, alpha), -lower_bound(-diff, var, tau, alpha)
+    evidence.update(
+        boundary="mixture",
+        log_lr_better=llr_up,
+        log_lr_worse=llr_down,
+        log_threshold=threshold,
+        tau=tau,
+    )
+    llr = max(llr_up, llr_down)
+    shown = f"ln Λ = {llr:.2f} {'≥' if llr >= threshold else '<'} {threshold:.2f}"
+    return llr_up >= threshold, llr_down >= threshold, low, high, shown
 
 
 def _guardrails(

@@ -44,18 +44,51 @@ def stats(base, *cands, **objective):
     )
 
 
-def test_sequential_promotes_a_clear_winner_with_evidence():
-    d = _promoter("sequential").decide(
+BOUNDARIES = pytest.mark.parametrize("boundary", ["horizon", "mixture"])
+
+
+@BOUNDARIES
+def test_sequential_promotes_a_clear_winner_with_evidence(boundary):
+    d = _promoter("sequential", boundary=boundary).decide(
         stats(variant("baseline", 2000, 1000), variant("candidate-1", 2000, 1200))
     )
     assert d.action == "promote" and d.variant == "candidate-1"
     ev = d.evidence["candidates"]["candidate-1"]
     low, high = ev["confidence_sequence"]
-    assert 0 < low < 0.1 < high and ev["log_lr_better"] >= ev["log_threshold"]
+    assert 0 < low < 0.1 < high and ev["boundary"] == boundary
+    if boundary == "mixture":
+        assert ev["log_lr_better"] >= ev["log_threshold"]
+    else:
+        assert ev["z"] >= ev["z_boundary"] and ev["information_fraction"] > 0
 
 
-def test_sequential_rejects_a_clearly_worse_candidate_and_waits_for_min_samples():
-    p = _promoter("sequential")
+def test_horizon_is_the_fixed_horizon_test_at_its_end_and_stricter_before():
+    """At I ≥ I_max it promotes iff z ≥ Φ⁻¹(1 − α/2); earlier it needs z ≥ c·√(I_max / I)."""
+    from flywheel_middleware.plugins.promoters import planned_information
+
+    p = _promoter("sequential", alpha=0.05, min_effect=0.05, power=0.8)
+    info_max = planned_information(0.05, 0.8, 0.05)
+    assert info_max == pytest.approx(((1.959964 + 0.841621) / 0.05) ** 2, rel=1e-5)
+    n = 1600  # I = n / (2 p(1−p)) ≈ 3200 ≥ I_max ≈ 3140 at p ≈ 0.5: past the horizon
+    for positive, action in [(836, "reject"), (860, "promote")]:
+        late = p.decide(stats(variant("baseline", n, 800), variant("candidate-1", n, positive)))
+        ev = late.evidence["candidates"]["candidate-1"]
+        assert ev["information_fraction"] >= 1
+        assert ev["z_boundary"] == pytest.approx(1.96, abs=1e-3)
+        assert late.action == action and (ev["z"] >= 1.96) == (action == "promote")
+    assert "planned horizon" in p.decide(
+        stats(variant("baseline", n, 800), variant("candidate-1", n, 836))
+    ).reason  # the horizon is the last look: not better there means futile
+    n = 400  # a quarter of the way: the boundary is twice as far
+    early = p.decide(stats(variant("baseline", n, 200), variant("candidate-1", n, 230)))
+    ev = early.evidence["candidates"]["candidate-1"]
+    assert 1.96 < ev["z"] < ev["z_boundary"] and early.action == "continue"
+    assert ev["z_boundary"] == pytest.approx(1.959964 / ev["information_fraction"] ** 0.5)
+
+
+@BOUNDARIES
+def test_sequential_rejects_a_clearly_worse_candidate_and_waits_for_min_samples(boundary):
+    p = _promoter("sequential", boundary=boundary)
     assert (
         p.decide(stats(variant("baseline", 2000, 1000), variant("candidate-1", 2000, 800))).action
         == "reject"
@@ -96,9 +129,10 @@ def test_guardrails_block_promotion():
 
 
 @pytest.mark.slow
-def test_sequential_keeps_false_promotions_below_alpha_under_repeated_looks():
+@BOUNDARIES
+def test_sequential_keeps_false_promotions_below_alpha_under_repeated_looks(boundary):
     """A/A: 300 experiments, the promoter checked after every batch of 50, up to 3000 each."""
-    p = _promoter("sequential", alpha=0.05, max_samples=100_000)
+    p = _promoter("sequential", boundary=boundary, alpha=0.05, max_samples=100_000)
     rng = random.Random(1)
     promoted = 0
     for _ in range(300):
@@ -127,8 +161,9 @@ def test_threshold_is_the_seed_rule():
     )
 
 
-def test_bonferroni_over_candidates_and_best_wins():
-    p = _promoter("sequential")
+@BOUNDARIES
+def test_bonferroni_over_candidates_and_best_wins(boundary):
+    p = _promoter("sequential", boundary=boundary)
     d = p.decide(
         stats(
             variant("baseline", 3000, 1500),
@@ -140,8 +175,9 @@ def test_bonferroni_over_candidates_and_best_wins():
     assert d.evidence["candidates"]["candidate-1"]["alpha"] == pytest.approx(0.025)
 
 
-def test_reported_bounds_agree_with_the_decision():
-    p = _promoter("sequential")
+@BOUNDARIES
+def test_reported_bounds_agree_with_the_decision(boundary):
+    p = _promoter("sequential", boundary=boundary)
     for positive in range(1000, 1200, 7):
         d = p.decide(stats(variant("baseline", 2000, 1000), variant("candidate-1", 2000, positive)))
         low, high = d.evidence["candidates"]["candidate-1"]["confidence_sequence"]
