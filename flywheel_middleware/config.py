@@ -153,6 +153,15 @@ class RoutingConfig(_Strict):
     weight_max: float = 2.0
 
 
+class ResolverConfig(_Strict):
+    """How each process serves configs: ``FLYWHEEL_RESOLVER_TTL`` overrides ``ttl``."""
+
+    ttl: float = Field(2.0, gt=0, description="seconds a process keeps a deployment cached")
+    forced: dict[str, str] = Field(
+        default_factory=dict, description="workflow -> variant served to every request (QA)"
+    )
+
+
 class ImplicitConfig(_Strict):
     min_labels: int = Field(50, ge=2)
     positive_rating: float = Field(4, ge=1, le=5)
@@ -174,6 +183,7 @@ class FlywheelConfig(_Strict):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    resolver: ResolverConfig = Field(default_factory=ResolverConfig)
     implicit: ImplicitConfig = Field(default_factory=ImplicitConfig)
 
     @field_validator("workflows")

@@ -45,7 +45,6 @@ log = logging.getLogger("flywheel_middleware.versions")
 
 YAML_AUTHOR = "yaml"
 DEPLOY_KINDS = ("activate", "promote", "rollback")
-DEFAULT_TTL = 2.0
 
 
 class VersionError(FlywheelError, LookupError):
@@ -544,12 +543,28 @@ def experiment_seed(experiment: Experiment) -> str:
     return str(spec.get("seed") or f"exp-{experiment.id}")
 
 
+def _resolver_ttl(given: float | None, configured: float) -> float:
+    if given is not None:
+        return float(given)
+    env = os.environ.get("FLYWHEEL_RESOLVER_TTL")
+    if not env:
+        return configured
+    try:
+        ttl = float(env)
+    except ValueError:
+        raise ValueError(f"FLYWHEEL_RESOLVER_TTL={env!r} is not a number of seconds") from None
+    if ttl <= 0:
+        raise ValueError(f"FLYWHEEL_RESOLVER_TTL={env!r} must be above 0")
+    return ttl
+
+
 class StoreResolver:
     """Serves each request the active version or its experiment variant, from a short cache.
 
-    ``ttl`` (seconds; default 2, or ``FLYWHEEL_RESOLVER_TTL``) bounds how long a process keeps
-    serving a deployment after another process changed it. ``forced`` maps a workflow to a
-    variant name served to every request of this process (QA); units listed under a variant's
+    ``ttl`` (seconds; else ``FLYWHEEL_RESOLVER_TTL``, else the YAML's ``resolver.ttl``, 2 by
+    default) bounds how long a process keeps serving a deployment after another process
+    changed it. ``forced`` (else ``resolver.forced``) maps a workflow to a variant name served
+    to every request of this process (QA); units listed under a variant's
     ``force`` key in the experiment are served that variant in every process. Forced requests
     are not counted in the experiment (``experiment_id`` is None), as in GrowthBook.
 
@@ -571,9 +586,10 @@ class StoreResolver:
         self.background = background
         self._pending: set[str] = set()
         self.config = config or FlywheelConfig()
-        env_ttl = os.environ.get("FLYWHEEL_RESOLVER_TTL")
-        self.ttl = float(ttl if ttl is not None else env_ttl if env_ttl else DEFAULT_TTL)
-        self.forced: dict[str, str] = dict(forced or {})
+        self.ttl = _resolver_ttl(ttl, self.config.resolver.ttl)
+        self.forced: dict[str, str] = dict(
+            forced if forced is not None else self.config.resolver.forced
+        )
         self._plans: dict[str, _Plan] = {}
         self._versions: dict[int, Resolution] = {}  # immutable rows: cached for good
         self._synced: set[str] = set()

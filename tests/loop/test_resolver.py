@@ -154,3 +154,28 @@ def test_rollouts_record_version_variant_and_propensity(sqlite_url):
 def test_unknown_workflow_resolves_to_none(setup):
     store, config, *_ = setup
     assert StoreResolver(store, config).resolve("nope", "u1") is None
+
+
+def test_resolver_settings_come_from_yaml_and_the_environment_overrides_the_ttl(setup, monkeypatch):
+    store, _, c1, _ = setup
+    ex.start_experiment(store, "qa", [c1.id], traffic=0.1, seed="s3")
+    config = make_config(resolver={"ttl": 7.5, "forced": {"qa": "candidate-1"}})
+    monkeypatch.delenv("FLYWHEEL_RESOLVER_TTL", raising=False)
+    resolver = StoreResolver(store, config)
+    assert resolver.ttl == 7.5
+    assert {resolver.resolve("qa", f"u{i}").version_id for i in range(100)} == {c1.id}
+    monkeypatch.setenv("FLYWHEEL_RESOLVER_TTL", "0.25")
+    assert StoreResolver(store, config).ttl == 0.25
+    assert StoreResolver(store, config, ttl=9).ttl == 9  # an explicit argument wins
+    monkeypatch.setenv("FLYWHEEL_RESOLVER_TTL", "soon")
+    with pytest.raises(ValueError, match="FLYWHEEL_RESOLVER_TTL='soon'"):
+        StoreResolver(store, config)
+
+
+def test_bad_resolver_settings_are_named():
+    from flywheel_middleware.config import ConfigError
+
+    with pytest.raises(ConfigError, match="resolver.ttl"):
+        make_config(resolver={"ttl": 0})
+    with pytest.raises(ConfigError, match="resolver.tll"):
+        make_config(resolver={"tll": 3})
