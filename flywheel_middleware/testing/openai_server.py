@@ -5,8 +5,15 @@ Real ``openai`` SDK clients (and anything else that talks OpenAI over HTTP: Agen
 tests exercise the real client code, SSE streaming included, without a paid API.
 
 Endpoints: ``POST /v1/chat/completions`` (plain and ``stream=True``, with
-``stream_options.include_usage``), ``POST /v1/responses`` (plain and streaming),
-``POST /v1/embeddings`` (float and base64) and ``GET /v1/models``.
+``stream_options.include_usage``), ``POST /v1/responses`` (plain and streaming, text and
+function-call output items with their SSE events), ``POST /v1/embeddings`` (float and base64)
+and ``GET /v1/models``.
+
+Structured outputs: a request with ``response_format`` (chat) or ``text.format`` (responses) of
+type ``json_schema`` is answered, by default, with JSON that fits the schema (every string is
+the echo text, integers count its words, arrays hold one item), so the SDK's ``parse()`` and
+``stream()`` helpers get a value their pydantic model accepts; ``json_object`` gets
+``{"answer": "<echo text>"}``. A scripted ``str`` answer is sent as given.
 
 Scripting answers::
 
@@ -21,6 +28,7 @@ Scripting answers::
 A responder (or a queued item) may return a ``str`` (the assistant text), a ``Reply``, or a
 ``dict`` (sent verbatim as the JSON body). Without either, the server echoes the last user
 message as ``"echo: <text>"``. Token usage counts whitespace-separated words.
+``Reply(refusal="...")`` answers a chat completion with a refusal instead of content.
 """
 
 from __future__ import annotations
@@ -74,6 +82,19 @@ class Request:
             return ""
         return _text_of(value)
 
+    def output_format(self) -> dict[str, Any] | None:
+        """The structured-output format asked for, normalised to ``{"type", "schema"}``:
+        chat's ``response_format`` or responses' ``text.format``; None for plain text."""
+        if self.endpoint == "chat":
+            fmt = self.body.get("response_format")
+            if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+                return {"type": "json_schema", **(fmt.get("json_schema") or {})}
+        else:
+            fmt = (self.body.get("text") or {}).get("format")
+        if isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object"):
+            return fmt
+        return None
+
 
 @dataclass
 class Reply:
@@ -88,6 +109,7 @@ class Reply:
     finish_reason: str | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+    refusal: str | None = None
 
 
 Responder = Callable[[Request], "str | Reply | dict[str, Any]"]
@@ -148,6 +170,49 @@ def _embedding(text: str, dims: int) -> list[float]:
     vec = [math.sin(seed * (k + 1) * 0.618) for k in range(dims)]
     norm = math.sqrt(sum(v * v for v in vec)) or 1.0
     return [v / norm for v in vec]
+
+
+def _from_schema(schema: Any, text: str, defs: dict[str, Any], depth: int = 0) -> Any:
+    """A value that fits ``schema`` (the subset structured outputs use), built from ``text``."""
+    if not isinstance(schema, dict) or depth > 20:
+        return text
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        return _from_schema(defs.get(ref.rsplit("/", 1)[-1]), text, defs, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    options = schema.get("anyOf") or schema.get("oneOf") or schema.get("allOf")
+    if options:
+        chosen = next((o for o in options if o.get("type") != "null"), options[0])
+        return _from_schema(chosen, text, defs, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        props = schema.get("properties") or {}
+        return {k: _from_schema(v, text, defs, depth + 1) for k, v in props.items()}
+    if kind == "array":
+        return [_from_schema(schema.get("items") or {}, text, defs, depth + 1)]
+    if kind == "integer":
+        return _count_tokens(text)
+    if kind == "number":
+        return float(_count_tokens(text))
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return text
+
+
+def _structured(fmt: dict[str, Any], text: str) -> str:
+    """The JSON text answering a structured-output request."""
+    if fmt.get("type") == "json_object":
+        return json.dumps({"answer": text})
+    schema = fmt.get("schema") or {}
+    defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    return json.dumps(_from_schema(schema, text, defs))
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -261,6 +326,9 @@ class OpenAIServer:
                 item = self._responder(req)
             else:
                 item = "echo: " + req.last_user_text()
+                fmt = req.output_format()
+                if fmt is not None:
+                    item = _structured(fmt, item)
         if isinstance(item, str):
             return Reply(content=item)
         return item
@@ -297,7 +365,7 @@ def _usage(server: OpenAIServer, req: Request, reply: Reply) -> tuple[int, int]:
     completion = (
         reply.output_tokens
         if reply.output_tokens is not None
-        else _count_tokens(reply.content or "")
+        else _count_tokens(reply.refusal if reply.refusal is not None else reply.content or "")
         + sum(_count_tokens(json.dumps(t.get("arguments", {}))) for t in reply.tool_calls)
     )
     return prompt, completion
@@ -318,7 +386,8 @@ def _tool_call_json(call: dict[str, Any], index: int) -> dict[str, Any]:
 
 def _chat_body(server: OpenAIServer, req: Request, reply: Reply) -> dict[str, Any]:
     prompt, completion = _usage(server, req, reply)
-    message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
+    content = None if reply.refusal is not None else reply.content
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": reply.refusal}
     if reply.tool_calls:
         message["tool_calls"] = [
             {k: v for k, v in _tool_call_json(c, i).items() if k != "index"}
@@ -365,8 +434,12 @@ def _chat_stream(server: OpenAIServer, req: Request, reply: Reply) -> Iterator[s
         return f"data: {json.dumps(body)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    for piece in _pieces(reply.content or ""):
-        yield chunk({"content": piece})
+    if reply.refusal is not None:
+        for piece in _pieces(reply.refusal):
+            yield chunk({"refusal": piece})
+    else:
+        for piece in _pieces(reply.content or ""):
+            yield chunk({"content": piece})
     for i, call in enumerate(reply.tool_calls):
         yield chunk({"tool_calls": [_tool_call_json(call, i)]})
     yield chunk({}, reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop"))
@@ -472,6 +545,18 @@ def _responses_stream(server: OpenAIServer, req: Request, reply: Reply) -> Itera
         yield event("response.output_text.done", {**ids, "text": text, "logprobs": []})
         yield event("response.content_part.done", {**ids, "part": dict(part, text=text)})
         yield event("response.output_item.done", {"output_index": 0, "item": final["output"][0]})
+    for index, item in enumerate(final["output"]):
+        if item["type"] != "function_call":
+            continue
+        ids = {"item_id": item["id"], "output_index": index}
+        added = dict(item, arguments="", status="in_progress")
+        yield event("response.output_item.added", {"output_index": index, "item": added})
+        yield event("response.function_call_arguments.delta", {**ids, "delta": item["arguments"]})
+        yield event(
+            "response.function_call_arguments.done",
+            {**ids, "name": item["name"], "arguments": item["arguments"]},
+        )
+        yield event("response.output_item.done", {"output_index": index, "item": item})
     yield event("response.completed", {"response": final})
 
 

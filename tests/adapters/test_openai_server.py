@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+from typing import Literal
 
 import openai
 import pytest
@@ -102,3 +104,64 @@ def test_async_client_stream(openai_server: OpenAIServer) -> None:
         return "".join([c.choices[0].delta.content or "" async for c in stream])
 
     assert asyncio.run(main()) == "echo: async hi"
+
+
+def test_structured_outputs_fit_the_schema(openai_server: OpenAIServer) -> None:
+    from pydantic import BaseModel
+
+    class Item(BaseModel):
+        name: str
+        count: int
+        score: float
+        ok: bool
+        kind: Literal["a", "b"]
+        note: str | None
+
+    class Order(BaseModel):
+        items: list[Item]
+        total: int
+
+    client = openai_server.client()
+    messages = [{"role": "user", "content": "two words"}]
+    chat = client.chat.completions.parse(model="m", messages=messages, response_format=Order)
+    item = Item(
+        name="echo: two words", count=3, score=3.0, ok=True, kind="a", note="echo: two words"
+    )
+    assert chat.choices[0].message.parsed == Order(items=[item], total=3)
+    resp = client.responses.parse(model="m", input="two words", text_format=Order)
+    assert resp.output_parsed == Order(items=[item], total=3)
+    raw = client.chat.completions.create(
+        model="m", messages=messages, response_format={"type": "json_object"}
+    )
+    assert json.loads(raw.choices[0].message.content) == {"answer": "echo: two words"}
+    openai_server.enqueue('{"items": [], "total": 0}')  # a scripted answer is sent as given
+    chat = client.chat.completions.parse(model="m", messages=messages, response_format=Order)
+    assert chat.choices[0].message.parsed == Order(items=[], total=0)
+
+
+def test_refusal(openai_server: OpenAIServer) -> None:
+    client = openai_server.client()
+    openai_server.enqueue(Reply(refusal="no can do"), Reply(refusal="no can do"))
+    messages = [{"role": "user", "content": "x"}]
+    out = client.chat.completions.create(model="m", messages=messages)
+    assert out.choices[0].message.refusal == "no can do"
+    assert out.choices[0].message.content is None
+    with client.chat.completions.stream(model="m", messages=messages) as stream:
+        types = [e.type for e in stream]
+    assert "refusal.done" in types
+    assert stream.get_final_completion().choices[0].message.refusal == "no can do"
+
+
+def test_responses_stream_function_call_events(openai_server: OpenAIServer) -> None:
+    client = openai_server.client()
+    openai_server.enqueue(
+        Reply(content="calling", tool_calls=[{"name": "add", "arguments": {"a": 1}}])
+    )
+    with client.responses.stream(model="m", input="x") as stream:
+        events = list(stream)
+    types = [e.type for e in events]
+    assert types.count("response.output_item.added") == 2
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert done.arguments == '{"a": 1}' and done.output_index == 1
+    final = stream.get_final_response()
+    assert final.output_text == "calling" and final.output[1].name == "add"
