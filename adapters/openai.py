@@ -3,17 +3,23 @@
     client = wrap_openai(OpenAI(), workflow="qa")
     client.chat.completions.create(model=..., messages=..., flywheel={"user_id": "u1"})
 
-Covers ``chat.completions.create`` (plain and ``stream=True``), ``responses.create`` (plain and
-streaming) and ``embeddings.create``, on ``OpenAI`` and ``AsyncOpenAI``. The client is
-instrumented in place (its resource objects get a wrapping ``create``) and returned.
+Covers, on ``OpenAI`` and ``AsyncOpenAI``: ``chat.completions.create`` (plain and
+``stream=True``), ``chat.completions.parse`` and ``.stream`` (also under ``beta.chat``),
+``responses.create`` (plain and streaming), ``responses.parse`` and ``.stream``, and
+``embeddings.create``. The client is instrumented in place (its resource objects get wrapping
+methods) and returned; clients derived from it with ``with_options(...)`` / ``copy(...)`` are
+instrumented the same way.
 
 Flywheel's own keyword arguments are removed before the call: ``flywheel={...}`` (keys
 ``workflow``, ``user_id``, ``session_id``, ``tags``, ``metadata``, ``name``) or the
-shorthands ``user_id=`` / ``session_id=``. Streams get ``stream_options.include_usage`` when the
-caller did not ask for it, and the extra usage-only chunk is dropped before the caller sees
-it. Errors are recorded and re-raised unchanged; ``with_raw_response`` and
-``with_streaming_response`` calls pass through untraced. Clients derived with
-``client.with_options(...)`` are new objects: wrap them too.
+shorthands ``user_id=`` / ``session_id=``. Chat streams get ``stream_options.include_usage``
+when the caller did not ask for it, and the extra usage-only chunk is dropped before the
+caller sees it. Errors are recorded and re-raised unchanged; ``with_raw_response`` and
+``with_streaming_response`` calls pass through untraced.
+
+One request is one span. The SDK's ``.stream()`` helpers make their request through the
+resource's ``create`` (the wrapped one), so that call records the span; the helper's context
+manager only hands it flywheel's arguments and ends it when the ``with`` block is left.
 """
 
 from __future__ import annotations
@@ -24,33 +30,57 @@ import time
 from typing import Any
 
 from flywheel_middleware import tracing
-from flywheel_middleware.serialize import snapshot
 from flywheel_middleware.tracing import SpanHandle
-
-from ..ids import new_rollout_id
 
 log = logging.getLogger("flywheel_middleware.adapters.openai")
 
 __all__ = ["wrap_openai"]
 
 _RAW_HEADER = "X-Stainless-Raw-Response"
-_OWN_KWARGS = ("flywheel", "user_id", "session_id")
-_PARAM_KEYS = (
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "max_completion_tokens",
-    "max_output_tokens",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-    "stop",
-    "n",
-    "reasoning_effort",
-    "tool_choice",
-    "response_format",
-    "dimensions",
+_HELPER_HEADER = "X-Stainless-Helper-Method"
+_PARAMS = frozenset(
+    (
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "frequency_penalty",
+        "presence_penalty",
+        "seed",
+        "stop",
+        "n",
+        "reasoning_effort",
+        "reasoning",
+        "tool_choice",
+        "response_format",
+        "text",
+        "text_format",
+        "dimensions",
+    )
 )
+# (attribute path from the client, endpoint, methods to wrap)
+_RESOURCES = (
+    (("chat", "completions"), "chat", ("create", "parse", "stream")),
+    (("beta", "chat", "completions"), "chat", ("create", "parse", "stream")),
+    (("responses",), "responses", ("create", "parse", "stream")),
+    (("embeddings",), "embeddings", ("create",)),
+)
+
+
+def _absent_types() -> frozenset[type]:
+    """The SDK's "argument not given" sentinels (helpers pass every parameter, most unset)."""
+    try:
+        import openai
+
+        return frozenset(
+            t for t in (getattr(openai, "Omit", None), getattr(openai, "NotGiven", None)) if t
+        )
+    except ImportError:  # pragma: no cover - openai is what is being wrapped
+        return frozenset()
+
+
+_ABSENT = _absent_types()
 
 
 def wrap_openai(
@@ -71,24 +101,7 @@ def wrap_openai(
     """
     if getattr(client, "_flywheel_wrapped", False):
         return client
-    is_async = _is_async_client(client)
-    opts = _Options(workflow, capture_content, apply_config)
-    targets = (
-        (("chat", "completions"), "chat"),
-        (("responses",), "responses"),
-        (("embeddings",), "embeddings"),
-    )
-    for path, endpoint in targets:
-        resource: Any = client
-        try:
-            for attr in path:
-                resource = getattr(resource, attr)
-        except AttributeError:  # an older SDK without this resource
-            continue
-        original = resource.create
-        wrapper = _async_wrapper if is_async else _sync_wrapper
-        resource.create = wrapper(original, endpoint, opts)
-    client._flywheel_wrapped = True
+    _instrument(client, _Options(workflow, capture_content, apply_config))
     return client
 
 
@@ -99,6 +112,49 @@ class _Options:
         self.workflow = workflow
         self.capture = capture
         self.apply_config = apply_config
+
+
+def _instrument(client: Any, opts: _Options) -> None:
+    is_async = _is_async_client(client)
+    wrapper = _async_wrapper if is_async else _sync_wrapper
+    for path, endpoint, methods in _RESOURCES:
+        resource: Any = client
+        try:
+            for attr in path:
+                resource = getattr(resource, attr)
+        except AttributeError:  # an SDK without this resource
+            continue
+        for method in methods:
+            original = getattr(resource, method, None)
+            if original is None or hasattr(original, "_flywheel_original"):
+                continue
+            if method == "stream":
+                traced = _stream_helper(original)
+            else:
+                traced = wrapper(original, endpoint, opts, "parse" if method == "parse" else None)
+            setattr(resource, method, traced)
+    for method in ("copy", "with_options"):
+        original = getattr(client, method, None)
+        if original is not None and not hasattr(original, "_flywheel_original"):
+            setattr(client, method, _copy_wrapper(original, opts))
+    client._flywheel_wrapped = True
+
+
+def _copy_wrapper(original: Any, opts: _Options) -> Any:
+    """``with_options()`` / ``copy()`` build a new client: instrument it with the same options."""
+
+    @functools.wraps(original)
+    def copy(*args: Any, **kwargs: Any) -> Any:
+        new = original(*args, **kwargs)
+        try:
+            if not getattr(new, "_flywheel_wrapped", False):
+                _instrument(new, opts)
+        except Exception:
+            log.exception("flywheel: could not instrument a derived OpenAI client")
+        return new
+
+    copy._flywheel_original = original  # type: ignore[attr-defined]
+    return copy
 
 
 _CONFIG_PARAMS = (
@@ -112,6 +168,12 @@ _CONFIG_PARAMS = (
 )
 
 
+def _given(kwargs: dict[str, Any], key: str) -> Any:
+    """``kwargs[key]``, or None when missing or the SDK's not-given sentinel."""
+    value = kwargs.get(key)
+    return None if value.__class__ in _ABSENT else value
+
+
 def _apply_config(endpoint: str, kwargs: dict[str, Any], config: dict[str, Any]) -> None:
     """Override request parameters and the system prompt from a workflow config, in place on
     the wrapper's own kwargs (the caller's message list and dicts are copied, never changed)."""
@@ -122,7 +184,7 @@ def _apply_config(endpoint: str, kwargs: dict[str, Any], config: dict[str, Any])
     if "max_tokens" in llm:
         if endpoint == "responses":
             kwargs["max_output_tokens"] = llm["max_tokens"]
-        elif "max_completion_tokens" in kwargs:
+        elif _given(kwargs, "max_completion_tokens") is not None:
             kwargs["max_completion_tokens"] = llm["max_tokens"]
         else:
             kwargs["max_tokens"] = llm["max_tokens"]
@@ -131,7 +193,7 @@ def _apply_config(endpoint: str, kwargs: dict[str, Any], config: dict[str, Any])
     if not isinstance(system, str) and not isinstance(suffix, str):
         return
     if endpoint == "responses":
-        text = system if isinstance(system, str) else (kwargs.get("instructions") or "")
+        text = system if isinstance(system, str) else (_given(kwargs, "instructions") or "")
         if isinstance(suffix, str) and suffix:
             text = f"{text}\n{suffix}" if text else suffix
         kwargs["instructions"] = text
@@ -164,24 +226,63 @@ def _is_async_client(client: Any) -> bool:
 # -- request side -----------------------------------------------------------------------------
 
 
+class _Helper:
+    """One ``.stream()`` helper call: flywheel's arguments for the request it makes, and the
+    stream that request returned (so leaving the helper's ``with`` ends the span)."""
+
+    __slots__ = ("own", "stream")
+
+    def __init__(self, own: dict[str, Any] | None) -> None:
+        self.own = own
+        self.stream: _TracedBase | None = None
+
+
+def _mark_class() -> Any:
+    """A header value that carries a ``_Helper`` from ``.stream()`` to the ``create`` the SDK
+    calls with the same ``extra_headers``. It is an ``openai.Omit``, so the SDK never sends
+    it (the wrapped ``create`` removes it anyway)."""
+    try:
+        import openai
+
+        class _Mark(openai.Omit):  # type: ignore[misc, name-defined]
+            __slots__ = ("helper",)
+
+            def __init__(self, helper: _Helper) -> None:
+                self.helper = helper
+
+        return _Mark
+    except Exception:  # pragma: no cover - an SDK without Omit: helpers still traced by create
+        return None
+
+
+_Mark = _mark_class()
+_MARK_HEADER = "X-Flywheel-Helper"
+
+
 class _Call:
     """What the wrapper learned from the request, and whether it changed stream_options."""
 
-    __slots__ = ("span", "added_usage", "endpoint")
+    __slots__ = ("span", "added_usage", "endpoint", "stream", "helper")
 
-    def __init__(self, span: SpanHandle, added_usage: bool, endpoint: str) -> None:
+    def __init__(
+        self,
+        span: SpanHandle,
+        added_usage: bool,
+        endpoint: str,
+        stream: bool,
+        helper: _Helper | None,
+    ) -> None:
         self.span = span
         self.added_usage = added_usage
         self.endpoint = endpoint
+        self.stream = stream
+        self.helper = helper
 
 
-def _is_passthrough(kwargs: dict[str, Any]) -> bool:
-    headers = kwargs.get("extra_headers")
-    return bool(headers) and _RAW_HEADER in headers
-
-
-def _own_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+def _own_kwargs(kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """Remove flywheel's keyword arguments from the call (``kwargs`` is the wrapper's own dict)."""
+    if not ("flywheel" in kwargs or "user_id" in kwargs or "session_id" in kwargs):
+        return None
     own: dict[str, Any] = {}
     fly = kwargs.pop("flywheel", None)
     if fly:
@@ -192,26 +293,57 @@ def _own_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return own
 
 
-def _begin(endpoint: str, kwargs: dict[str, Any], opts: _Options) -> _Call:
-    """Open the span (and a rollout if none is active); may add stream_options to kwargs."""
-    own = (
+def _prepare(
+    endpoint: str, kwargs: dict[str, Any], opts: _Options, helper: str | None
+) -> _Call | None:
+    """Everything before the request; None means: make it untraced (``kwargs`` is cleaned)."""
+    headers = kwargs.get("extra_headers")
+    pending = None
+    if headers:  # only SDK helpers and callers that set headers pay for these checks
+        if _RAW_HEADER in headers:
+            _own_kwargs(kwargs)
+            return None
+        if helper is None:
+            mark = headers.get(_MARK_HEADER)
+            if mark is not None:  # the request of a wrapped .stream() helper
+                pending, helper = getattr(mark, "helper", None), "stream"
+                kwargs["extra_headers"] = {k: v for k, v in headers.items() if v is not mark}
+            else:
+                method = headers.get(_HELPER_HEADER)
+                helper = method.rsplit(".", 1)[-1] if isinstance(method, str) else None
+    try:
+        return _begin(endpoint, kwargs, opts, helper, pending)
+    except Exception:
+        log.exception("flywheel: could not start the span for %s", endpoint)
         _own_kwargs(kwargs)
-        if ("flywheel" in kwargs or "user_id" in kwargs or "session_id" in kwargs)
-        else None
-    )
+        return None
+
+
+def _begin(
+    endpoint: str,
+    kwargs: dict[str, Any],
+    opts: _Options,
+    helper: str | None = None,
+    pending: _Helper | None = None,
+) -> _Call:
+    """Open the span (and a rollout if none is active); may add stream_options to kwargs."""
+    own = _own_kwargs(kwargs)
+    if pending is not None and pending.own:
+        own = {**pending.own, **(own or {})}
     parent = tracing.current()
     rollout = parent.rollout if parent is not None else None
     opened = False
     if rollout is None:
-        own = own or {}
-        rollout = tracing.open_rollout(
-            own.get("workflow") or opts.workflow,
-            rollout_id=new_rollout_id(),
-            user_id=own.get("user_id"),
-            session_id=own.get("session_id"),
-            tags=own.get("tags"),
-            metadata=own.get("metadata"),
-        )
+        if own:
+            rollout = tracing.open_rollout(
+                own.get("workflow") or opts.workflow,
+                user_id=own.get("user_id"),
+                session_id=own.get("session_id"),
+                tags=own.get("tags"),
+                metadata=own.get("metadata"),
+            )
+        else:  # the common call: no keyword arguments to pack and unpack twice
+            rollout = tracing.open_rollout(opts.workflow)
         opened = True
     if opts.apply_config and endpoint != "embeddings":
         try:
@@ -220,14 +352,14 @@ def _begin(endpoint: str, kwargs: dict[str, Any], opts: _Options) -> _Call:
                 _apply_config(endpoint, kwargs, config)
         except Exception:
             log.exception("flywheel: could not apply the workflow config to %s", endpoint)
-    model = kwargs.get("model")
     if endpoint == "chat":
         name, value = "chat.completions", kwargs.get("messages")
     elif endpoint == "responses":
         name = "responses"
-        value = kwargs.get("input")
-        if kwargs.get("instructions") is not None:
-            value = {"instructions": kwargs["instructions"], "input": value}
+        value = _given(kwargs, "input")
+        instructions = _given(kwargs, "instructions")
+        if instructions is not None:
+            value = {"instructions": instructions, "input": value}
     else:
         name, value = "embeddings", kwargs.get("input")
     if own and own.get("name"):
@@ -235,20 +367,28 @@ def _begin(endpoint: str, kwargs: dict[str, Any], opts: _Options) -> _Call:
     if not opts.capture:
         value = None
     params = None
-    for key in _PARAM_KEYS:
-        if key in kwargs:
+    for key in kwargs:  # the caller's few arguments, not every known parameter
+        if key in _PARAMS:
+            param = kwargs[key]
+            if param.__class__ in _ABSENT:
+                continue
             if params is None:
                 params = {}
-            params[key] = kwargs[key]
-    attributes = {"invocation_params": params} if params else None
-    stream = bool(kwargs.get("stream"))
-    if stream:
+            params[key] = param.__name__ if isinstance(param, type) else param
+    attributes: dict[str, Any] | None = {"invocation_params": params} if params else None
+    stream = helper != "parse" and bool(kwargs.get("stream"))
+    if stream or helper:
         attributes = attributes or {}
-        attributes["stream"] = True
-    kind = "embedding" if endpoint == "embeddings" else "llm"
+        if stream:
+            attributes["stream"] = True
+        if helper:
+            attributes["helper"] = helper
+    model = kwargs.get("model")
+    if model.__class__ in _ABSENT:
+        model = None
     span = SpanHandle(
         name,
-        kind,
+        "embedding" if endpoint == "embeddings" else "llm",
         rollout,
         None if opened else parent,
         input=value,
@@ -256,18 +396,26 @@ def _begin(endpoint: str, kwargs: dict[str, Any], opts: _Options) -> _Call:
         attributes=attributes,
     )
     if opened:
-        rollout.input = snapshot(value)
+        rollout.input = span.input  # already a snapshot
         span._owns_rollout = True
     added = False
     if stream and endpoint == "chat":
-        options = kwargs.get("stream_options")
+        options = _given(kwargs, "stream_options")
         if not (options and options.get("include_usage")):
             kwargs["stream_options"] = {**(options or {}), "include_usage": True}
             added = True
-    return _Call(span, added, endpoint)
+    return _Call(span, added, endpoint, stream, pending)
 
 
 # -- response side ----------------------------------------------------------------------------
+
+
+def _usage_pair(endpoint: str, usage: Any) -> tuple[int | None, int | None]:
+    if endpoint == "responses":
+        return usage.input_tokens, usage.output_tokens
+    if endpoint == "embeddings":
+        return usage.prompt_tokens, None
+    return usage.prompt_tokens, usage.completion_tokens
 
 
 def _finish(call: _Call, result: Any, capture: bool) -> None:
@@ -277,27 +425,21 @@ def _finish(call: _Call, result: Any, capture: bool) -> None:
         span.model = model
     usage = getattr(result, "usage", None)
     if usage is not None:
-        if call.endpoint == "responses":
-            span.set_usage(usage.input_tokens, usage.output_tokens)
-        elif call.endpoint == "embeddings":
-            span.set_usage(usage.prompt_tokens, None)
-        else:
-            span.set_usage(usage.prompt_tokens, usage.completion_tokens)
-    output: Any = None
-    if capture:
-        if call.endpoint == "embeddings":
-            data = getattr(result, "data", None) or []
-            dims = len(data[0].embedding) if data else 0
-            output = {"count": len(data), "dimensions": dims}
-        elif call.endpoint == "chat":
+        span.input_tokens, span.output_tokens = _usage_pair(call.endpoint, usage)
+    if capture:  # chat and embedding outputs are built here: no one else holds them, no copy
+        if call.endpoint == "chat":
             choices = getattr(result, "choices", None) or []
             if len(choices) == 1:
-                output = _message_dict(choices[0].message)
+                span.output = _message_dict(choices[0].message)
             else:
-                output = [_message_dict(c.message) for c in choices]
+                span.output = [_message_dict(c.message) for c in choices]
+        elif call.endpoint == "responses":
+            span.set_output(getattr(result, "output", None))
         else:
-            output = getattr(result, "output", None)
-    span.end(output=output)
+            data = getattr(result, "data", None) or []
+            dims = len(data[0].embedding) if data else 0
+            span.output = {"count": len(data), "dimensions": dims}
+    span.end()
 
 
 def _message_dict(message: Any) -> Any:
@@ -314,62 +456,19 @@ def _message_dict(message: Any) -> Any:
     return out
 
 
-def _sync_wrapper(original: Any, endpoint: str, opts: _Options) -> Any:
-    @functools.wraps(original)
-    def create(*args: Any, **kwargs: Any) -> Any:
-        if _is_passthrough(kwargs):
-            _own_kwargs(kwargs)
-            return original(*args, **kwargs)
-        try:
-            call = _begin(endpoint, kwargs, opts)
-        except Exception:
-            log.exception("flywheel: could not start the span for %s", endpoint)
-            _own_kwargs(kwargs)
-            return original(*args, **kwargs)
-        try:
-            result = original(*args, **kwargs)
-        except BaseException as exc:
-            _safe_end(call.span, exc)
-            raise
-        try:
-            if kwargs.get("stream"):
-                return _traced_stream(result, call, opts.capture, is_async=False)
-            _finish(call, result, opts.capture)
-        except Exception:
-            log.exception("flywheel: could not record the result of %s", endpoint)
-        return result
-
-    create._flywheel_original = original  # type: ignore[attr-defined]
-    return create
-
-
-def _async_wrapper(original: Any, endpoint: str, opts: _Options) -> Any:
-    @functools.wraps(original)
-    async def create(*args: Any, **kwargs: Any) -> Any:
-        if _is_passthrough(kwargs):
-            _own_kwargs(kwargs)
-            return await original(*args, **kwargs)
-        try:
-            call = _begin(endpoint, kwargs, opts)
-        except Exception:
-            log.exception("flywheel: could not start the span for %s", endpoint)
-            _own_kwargs(kwargs)
-            return await original(*args, **kwargs)
-        try:
-            result = await original(*args, **kwargs)
-        except BaseException as exc:
-            _safe_end(call.span, exc)
-            raise
-        try:
-            if kwargs.get("stream"):
-                return _traced_stream(result, call, opts.capture, is_async=True)
-            _finish(call, result, opts.capture)
-        except Exception:
-            log.exception("flywheel: could not record the result of %s", endpoint)
-        return result
-
-    create._flywheel_original = original  # type: ignore[attr-defined]
-    return create
+def _settle(call: _Call, result: Any, capture: bool, is_async: bool) -> Any:
+    """Everything after a successful request: record it, return what the caller gets."""
+    try:
+        if call.stream:
+            traced = _traced_stream(result, call, capture, is_async=is_async)
+            if call.helper is not None:
+                call.helper.stream = traced
+            return traced
+        _finish(call, result, capture)
+    except Exception:
+        log.exception("flywheel: could not record the result of %s", call.endpoint)
+        _safe_end(call.span, None)
+    return result
 
 
 def _safe_end(span: SpanHandle, error: BaseException | None) -> None:
@@ -377,6 +476,43 @@ def _safe_end(span: SpanHandle, error: BaseException | None) -> None:
         span.end(error=error)
     except Exception:
         log.exception("flywheel: could not end span")
+
+
+# The two wrappers differ only in ``await``; all the work is in _prepare and _settle.
+
+
+def _sync_wrapper(original: Any, endpoint: str, opts: _Options, helper: str | None = None) -> Any:
+    @functools.wraps(original)
+    def create(*args: Any, **kwargs: Any) -> Any:
+        call = _prepare(endpoint, kwargs, opts, helper)
+        if call is None:
+            return original(*args, **kwargs)
+        try:
+            result = original(*args, **kwargs)
+        except BaseException as exc:
+            _safe_end(call.span, exc)
+            raise
+        return _settle(call, result, opts.capture, False)
+
+    create._flywheel_original = original  # type: ignore[attr-defined]
+    return create
+
+
+def _async_wrapper(original: Any, endpoint: str, opts: _Options, helper: str | None = None) -> Any:
+    @functools.wraps(original)
+    async def create(*args: Any, **kwargs: Any) -> Any:
+        call = _prepare(endpoint, kwargs, opts, helper)
+        if call is None:
+            return await original(*args, **kwargs)
+        try:
+            result = await original(*args, **kwargs)
+        except BaseException as exc:
+            _safe_end(call.span, exc)
+            raise
+        return _settle(call, result, opts.capture, True)
+
+    create._flywheel_original = original  # type: ignore[attr-defined]
+    return create
 
 
 # -- streams ------------------------------------------------------------------------------------
@@ -397,16 +533,23 @@ class _StreamState:
         self.first_ns = 0
         self.final: Any = None
 
-    def see(self, item: Any) -> bool:
-        """Record one chunk/event; False when the caller must not see it."""
-        if self.call.endpoint == "responses":
-            return self._see_event(item)
+    def show(self, item: Any) -> bool:
+        """Record one chunk/event; False when the caller must not see it. Never raises."""
+        try:
+            if self.call.endpoint == "responses":
+                return self._see_event(item)
+            return self._see_chunk(item)
+        except Exception:
+            log.exception("flywheel: could not record a stream chunk")
+            return True
+
+    def _see_chunk(self, chunk: Any) -> bool:
         if self.model is None:
-            self.model = getattr(item, "model", None)
-        usage = getattr(item, "usage", None)
+            self.model = getattr(chunk, "model", None)
+        usage = getattr(chunk, "usage", None)
         if usage is not None:
             self.usage = usage
-        choices = item.choices
+        choices = chunk.choices
         if not choices:
             return not self.call.added_usage  # the usage-only chunk we asked for
         delta = choices[0].delta
@@ -417,28 +560,39 @@ class _StreamState:
                     self.first_ns = time.time_ns()
                 if self.capture:
                     self.text.append(content)
-            if delta.tool_calls and self.capture:
+            if delta.tool_calls:
                 if not self.first_ns:
                     self.first_ns = time.time_ns()
-                for tc in delta.tool_calls:
-                    slot = self.tool_calls.setdefault(tc.index, {"name": "", "arguments": ""})
-                    if tc.id:
-                        slot["id"] = tc.id
-                    fn = tc.function
-                    if fn is not None:
-                        slot["name"] += fn.name or ""
-                        slot["arguments"] += fn.arguments or ""
+                if self.capture:
+                    self._add_tool_calls(delta.tool_calls)
         return True
+
+    def _add_tool_calls(self, deltas: Any) -> None:
+        for tc in deltas:
+            slot = self.tool_calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            if tc.id:
+                slot["id"] = tc.id
+            fn = tc.function
+            if fn is not None:
+                slot["name"] += fn.name or ""
+                slot["arguments"] += fn.arguments or ""
 
     def _see_event(self, event: Any) -> bool:
         kind = getattr(event, "type", "")
-        if kind == "response.output_text.delta" and not self.first_ns:
-            self.first_ns = time.time_ns()
+        if kind == "response.output_text.delta":
+            if not self.first_ns:
+                self.first_ns = time.time_ns()
+            if self.capture:
+                self.text.append(event.delta)
+        elif kind == "response.function_call_arguments.delta":
+            if not self.first_ns:
+                self.first_ns = time.time_ns()
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
             self.final = event.response
         return True
 
     def end(self, error: BaseException | None = None) -> None:
+        """Finish the span with what arrived (called at the end, on error or on close)."""
         span = self.call.span
         if span._ended:
             return
@@ -447,35 +601,56 @@ class _StreamState:
                 span.set_attribute(
                     "time_to_first_token_ms", (self.first_ns - span.started_ns) / 1e6
                 )
-            if self.call.endpoint == "responses":
-                final = self.final
-                if final is not None:
-                    _finish(self.call, final, self.capture)
-                    return
-            else:
-                if self.model:
-                    span.model = self.model
-                if self.usage is not None:
-                    span.set_usage(self.usage.prompt_tokens, self.usage.completion_tokens)
-                if self.capture and error is None:
-                    output: dict[str, Any] = {"role": "assistant", "content": "".join(self.text)}
-                    if self.tool_calls:
-                        output["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
-                    span.output = output
+            if self.final is not None:  # responses: the final event has it all
+                _finish(self.call, self.final, self.capture)
+                return
+            if self.model:
+                span.model = self.model
+            if self.usage is not None:
+                span.input_tokens, span.output_tokens = _usage_pair(self.call.endpoint, self.usage)
+            if self.capture and error is None:
+                output: dict[str, Any] = {"role": "assistant", "content": "".join(self.text)}
+                if self.tool_calls:
+                    output["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+                span.output = output
             span.end(error=error)
         except Exception:
             log.exception("flywheel: could not end a stream span")
 
 
-class _TracedStream:
-    """Iterates the SDK's ``Stream`` for the caller, recording as it goes; same surface."""
+class _TracedBase:
+    """What the sync and async stream proxies share: state, attribute pass-through, cleanup."""
+
+    _stream: Any
+    _state: _StreamState
 
     def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
         if isinstance(self, _SDK_STREAMS):  # an ``openai.Stream`` subclass: share its state
             self.__dict__.update(stream.__dict__)
         self._stream = stream
         self._state = _StreamState(call, capture)
-        self._iter = iter(stream)
+        self._start()
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_state") or name in ("_stream", "_iter"):
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+    def __del__(self) -> None:
+        try:
+            self._state.end()
+        except Exception:
+            pass
+
+
+class _TracedStream(_TracedBase):
+    """Iterates the SDK's ``Stream`` for the caller, recording as it goes; same surface."""
+
+    def _start(self) -> None:
+        self._iter = iter(self._stream)
 
     def __iter__(self) -> _TracedStream:
         return self
@@ -491,12 +666,7 @@ class _TracedStream:
             except BaseException as exc:
                 state.end(exc)
                 raise
-            try:
-                show = state.see(item)
-            except Exception:
-                log.exception("flywheel: could not record a stream chunk")
-                show = True
-            if show:
+            if state.show(item):
                 return item
 
     def __enter__(self) -> _TracedStream:
@@ -511,27 +681,12 @@ class _TracedStream:
         finally:
             self._state.end()
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_state") or name in ("_stream", "_iter"):
-            raise AttributeError(name)
-        return getattr(self._stream, name)
 
-    def __del__(self) -> None:
-        try:
-            self._state.end()
-        except Exception:
-            pass
-
-
-class _TracedAsyncStream:
+class _TracedAsyncStream(_TracedBase):
     """The async twin of ``_TracedStream`` for ``AsyncStream``."""
 
-    def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
-        if isinstance(self, _SDK_STREAMS):
-            self.__dict__.update(stream.__dict__)
-        self._stream = stream
-        self._state = _StreamState(call, capture)
-        self._iter = stream.__aiter__()
+    def _start(self) -> None:
+        self._iter = self._stream.__aiter__()
 
     def __aiter__(self) -> _TracedAsyncStream:
         return self
@@ -547,12 +702,7 @@ class _TracedAsyncStream:
             except BaseException as exc:
                 state.end(exc)
                 raise
-            try:
-                show = state.see(item)
-            except Exception:
-                log.exception("flywheel: could not record a stream chunk")
-                show = True
-            if show:
+            if state.show(item):
                 return item
 
     async def __aenter__(self) -> _TracedAsyncStream:
@@ -569,17 +719,6 @@ class _TracedAsyncStream:
 
     async def aclose(self) -> None:
         await self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_state") or name in ("_stream", "_iter"):
-            raise AttributeError(name)
-        return getattr(self._stream, name)
-
-    def __del__(self) -> None:
-        try:
-            self._state.end()
-        except Exception:
-            pass
 
 
 def _sdk_stream_classes() -> tuple[Any, ...]:
@@ -607,3 +746,73 @@ def _traced_stream(result: Any, call: _Call, capture: bool, *, is_async: bool) -
     if _SDK and isinstance(result, _SDK[1] if is_async else _SDK[0]):
         return (_SDK[3] if is_async else _SDK[2])(result, call, capture)
     return (_TracedAsyncStream if is_async else _TracedStream)(result, call, capture)
+
+
+# -- the .stream() helpers ------------------------------------------------------------------------
+
+
+def _stream_helper(original: Any) -> Any:
+    """Wrap ``chat.completions.stream`` / ``responses.stream``: take flywheel's arguments off
+    the call, hand them (in a header the SDK never sends) to the wrapped ``create`` the SDK
+    calls on entry, and return the SDK's own manager, made to end that span on exit."""
+
+    @functools.wraps(original)
+    def stream(*args: Any, **kwargs: Any) -> Any:
+        helper = _Helper(_own_kwargs(kwargs))
+        if _Mark is not None:
+            kwargs["extra_headers"] = {
+                **(kwargs.get("extra_headers") or {}),
+                _MARK_HEADER: _Mark(helper),
+            }
+        manager = original(*args, **kwargs)
+        try:
+            return _traced_manager(manager, helper)
+        except Exception:
+            log.exception("flywheel: could not trace a stream helper")
+            return manager
+
+    stream._flywheel_original = original  # type: ignore[attr-defined]
+    return stream
+
+
+class _SyncManager:
+    _flywheel_helper: _Helper
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return super().__exit__(*exc)  # type: ignore[misc]
+        finally:
+            _end_helper(self._flywheel_helper)
+
+
+class _AsyncManager:
+    _flywheel_helper: _Helper
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        try:
+            return await super().__aexit__(*exc)  # type: ignore[misc]
+        finally:
+            _end_helper(self._flywheel_helper)
+
+
+def _end_helper(helper: _Helper) -> None:
+    """Leaving the helper's ``with`` ends the span (idempotent: a stream read to its end has
+    ended it already; one left early ends with what arrived)."""
+    if helper.stream is not None:
+        helper.stream._state.end()
+
+
+_MANAGERS: dict[type, type] = {}
+
+
+def _traced_manager(manager: Any, helper: _Helper) -> Any:
+    """The same manager as an instance of a subclass of its own class (``isinstance`` holds)."""
+    cls = type(manager)
+    sub = _MANAGERS.get(cls)
+    if sub is None:
+        mixin = _AsyncManager if hasattr(cls, "__aexit__") else _SyncManager
+        sub = _MANAGERS[cls] = type(cls.__name__, (mixin, cls), {"__module__": __name__})
+    traced = object.__new__(sub)
+    traced.__dict__.update(manager.__dict__)
+    traced._flywheel_helper = helper
+    return traced
