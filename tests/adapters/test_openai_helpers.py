@@ -175,6 +175,16 @@ def test_chat_stream_helper(openai_server: OpenAIServer, captured) -> None:
     assert span.attributes.get("invocation_params") is None, "the SDK's unset arguments leaked"
 
 
+def test_beta_chat_stream_helper(openai_server: OpenAIServer, captured) -> None:
+    client = wrap_openai(openai_server.client(), workflow="beta")
+    with client.beta.chat.completions.stream(model="m", messages=MSGS, user_id="u5") as stream:
+        assert [e.type for e in stream][-1] == "content.done"
+    [c] = captured("beta")
+    [span] = c.spans
+    assert c.rollout.user_id == "u5" and span.attributes["helper"] == "stream"
+    assert span.output == {"role": "assistant", "content": "echo: solve this"}
+
+
 def test_chat_stream_helper_structured_and_usage_kept(
     openai_server: OpenAIServer, captured
 ) -> None:
