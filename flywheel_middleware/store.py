@@ -27,6 +27,9 @@ log = logging.getLogger("flywheel_middleware.store")
 DEFAULT_URL = "sqlite:///flywheel.db"
 # Bound parameters per statement: 32766 since SQLite 3.32, 999 before.
 _SQLITE_MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+# Rows per multi-row INSERT (a power of two): a batch is written as chunks of this size, then
+# halving sizes for the rest, so at most log2 of it + 1 distinct statements exist per table.
+_SQLITE_CHUNK = 256
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -177,22 +180,30 @@ class Store:
     def _insert_multirow(
         self, cur: Any, table: str, columns: Sequence[str], rows: list[tuple]
     ) -> None:
-        """Many rows per INSERT statement.
+        """Many rows per INSERT statement, in a few fixed sizes.
 
         ``sqlite3.executemany`` releases and retakes the GIL for every row; while the agent's
         thread is busy that convoy cuts the writer to a few hundred rows a second. One statement
-        per few hundred rows steps (and switches) once each, and keeps ~40k rows/s.
+        per chunk of rows steps (and switches) once each. The chunks come in powers of two up to
+        ``_SQLITE_CHUNK`` rows, so the same few statements are prepared once and then reused
+        from the connection's statement cache: a statement sized to each batch is compiled anew
+        every time, which costs more than inserting the rows.
         """
-        per = max(1, _SQLITE_MAX_VARIABLES // len(columns))
-        base = self._sql_for(table, columns)
-        head, marks = base.split(" VALUES ")
-        for start in range(0, len(rows), per):
-            part = rows[start : start + per]
-            key = f"{table}:{len(columns)}:{len(part)}"
+        size = _SQLITE_CHUNK
+        while size * len(columns) > _SQLITE_MAX_VARIABLES:
+            size //= 2
+        start, n = 0, len(rows)
+        while start < n:
+            while size > n - start:
+                size //= 2
+            key = f"{table}:{len(columns)}:{size}"
             sql = self._insert_sql.get(key)
             if sql is None:
-                sql = self._insert_sql[key] = f"{head} VALUES {','.join([marks] * len(part))}"
-            cur.execute(sql, [value for row in part for value in row])
+                head, marks = self._sql_for(table, columns).split(" VALUES ")
+                sql = self._insert_sql[key] = f"{head} VALUES {','.join([marks] * size)}"
+            end = start + size
+            cur.execute(sql, [value for row in rows[start:end] for value in row])
+            start = end
 
     def _copy_rows(
         self, raw_conn: Any, cur: Any, table: str, columns: Sequence[str], rows: list[tuple]

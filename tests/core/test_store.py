@@ -291,3 +291,36 @@ def test_low_rating_trigger_fires_once_per_window(store):
     assert check_low_rating_triggers(store, config) == []  # same window: not again
     stats = queries.stats(store)
     assert len(stats[0].triggers) == 1 and "3 of the last 5" in stats[0].triggers[0]["reason"]
+
+
+def test_batches_of_every_size_are_written_whole(store):
+    """Rows go out in a few fixed statement sizes (256, 128, ... 1): every count lands once."""
+    raw = store.raw_connection()
+    try:
+        written = 0
+        for n in (1, 2, 3, 255, 256, 257, 700):
+            rows = [
+                SpanRecord(
+                    id=10_000 * n + i,
+                    rollout_id=f"{n:032x}",
+                    name="s",
+                    started_at=_ns(T0),
+                    input={"i": i},
+                ).to_row(store_time_conv(store))
+                for i in range(n)
+            ]
+            store.write_rows(raw, "span", SpanRecord.COLUMNS, rows)
+            raw.commit()
+            written += n
+            got = store.execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM span")[0]
+            assert tuple(got) == (written, written)
+    finally:
+        raw.close()
+    rows = store.execute("SELECT input FROM span WHERE id = :id", {"id": 10_000 * 700 + 699})
+    assert rows[0][0] in ('{"i":699}', {"i": 699})
+
+
+def store_time_conv(store):
+    from flywheel_middleware.records import ns_to_datetime, ns_to_sqlite_text
+
+    return ns_to_sqlite_text if store.dialect == "sqlite" else ns_to_datetime
