@@ -23,9 +23,9 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 
 from flywheel_middleware import tracing
+from flywheel_middleware.serialize import snapshot
 from flywheel_middleware.tracing import RolloutHandle, SpanHandle
 
-from ..ids import new_rollout_id
 from ._common import compact, message_dict, messages_list
 
 log = logging.getLogger("flywheel_middleware.adapters.langchain")
@@ -69,58 +69,51 @@ def _run_name(serialized: dict[str, Any] | None, kwargs: dict[str, Any], default
 
 
 def _clean_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not metadata:
+    if not metadata or metadata.keys() <= _NOISE_METADATA:  # the common case: nothing to keep
         return None
-    out = {k: v for k, v in metadata.items() if k not in _NOISE_METADATA}
-    return out or None
+    return {k: v for k, v in metadata.items() if k not in _NOISE_METADATA}
 
 
-def _usage_from_result(response: Any) -> tuple[int | None, int | None]:
-    """Token usage from ``usage_metadata`` on the generated messages, else ``llm_output``."""
+def _usage_from_llm_output(llm_output: dict[str, Any] | None) -> tuple[Any, Any]:
+    usage = (llm_output or {}).get("token_usage") or (llm_output or {}).get("usage") or {}
+    if not usage:
+        return None, None
+    return (
+        usage.get("prompt_tokens", usage.get("input_tokens")),
+        usage.get("completion_tokens", usage.get("output_tokens")),
+    )
+
+
+def _digest_result(response: Any) -> tuple[Any, Any, Any, str | None]:
+    """(output, input tokens, output tokens, model) of an ``LLMResult`` in one pass.
+
+    Usage comes from ``usage_metadata`` on the generated messages, else ``llm_output``; the
+    model from ``llm_output``, else the messages' ``response_metadata``. Fields are read from
+    the pydantic objects' ``__dict__`` (a missing attribute through pydantic costs µs).
+    """
+    llm_output = response.llm_output
+    model = (llm_output.get("model_name") or llm_output.get("model")) if llm_output else None
     input_tokens = output_tokens = None
+    outs = []
     for generations in response.generations or ():
         for gen in generations:
-            message = getattr(gen, "message", None)
-            usage = getattr(message, "usage_metadata", None) if message is not None else None
+            message = gen.__dict__.get("message")
+            if message is None:
+                outs.append(gen.text)
+                continue
+            outs.append(message_dict(message))
+            fields = message.__dict__
+            usage = fields.get("usage_metadata")
             if usage:
                 input_tokens = (input_tokens or 0) + (usage.get("input_tokens") or 0)
                 output_tokens = (output_tokens or 0) + (usage.get("output_tokens") or 0)
+            if model is None:
+                meta = fields.get("response_metadata")
+                if meta:
+                    model = meta.get("model_name") or meta.get("model")
     if input_tokens is None and output_tokens is None:
-        llm_output = response.llm_output or {}
-        usage = llm_output.get("token_usage") or llm_output.get("usage") or {}
-        if usage:
-            input_tokens = usage.get("prompt_tokens", usage.get("input_tokens"))
-            output_tokens = usage.get("completion_tokens", usage.get("output_tokens"))
-    return input_tokens, output_tokens
-
-
-def _model_from_result(response: Any) -> str | None:
-    llm_output = response.llm_output or {}
-    model = llm_output.get("model_name") or llm_output.get("model")
-    if model:
-        return model
-    for generations in response.generations or ():
-        for gen in generations:
-            meta = getattr(getattr(gen, "message", None), "response_metadata", None)
-            if meta:
-                model = meta.get("model_name") or meta.get("model")
-                if model:
-                    return model
-    return None
-
-
-def _output_from_result(response: Any) -> Any:
-    generations = response.generations or ()
-    if len(generations) == 1 and len(generations[0]) == 1:
-        gen = generations[0][0]
-        message = getattr(gen, "message", None)
-        return message_dict(message) if message is not None else gen.text
-    outs = []
-    for gens in generations:
-        for gen in gens:
-            message = getattr(gen, "message", None)
-            outs.append(message_dict(message) if message is not None else gen.text)
-    return outs
+        input_tokens, output_tokens = _usage_from_llm_output(llm_output)
+    return (outs[0] if len(outs) == 1 else outs), input_tokens, output_tokens, model
 
 
 def _never_raises(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -177,56 +170,38 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None,
         input: Any,
         model: str | None = None,
+        attributes: dict[str, Any] | None = None,
     ) -> SpanHandle:
-        node = metadata.get(_NODE_KEY) if metadata else None
-        if node is not None and kind == "chain" and node == name:
-            kind = "node"
-        attributes = None
-        meta = _clean_metadata(metadata) if metadata else None
-        if tags:
-            attributes = {"tags": tags}
-        if meta:
+        """Open the span of a run under its parent run, the current ``fw`` span, or a new rollout.
+
+        ``input`` and ``attributes`` must be values built for this span (they are stored as
+        they are, not copied).
+        """
+        node = None
+        meta = None
+        if metadata:
+            node = metadata.get(_NODE_KEY)
+            if node is not None and kind == "chain" and node == name:
+                kind = "node"
+            meta = _clean_metadata(metadata)
+        if tags or meta:
             if attributes is None:
                 attributes = {}
-            attributes["metadata"] = meta
+            if tags:
+                attributes["tags"] = tags
+            if meta:
+                attributes["metadata"] = meta
         parent = self._spans.get(parent_run_id) if parent_run_id is not None else None
+        if parent is None:
+            parent = tracing.current()  # inside fw.rollout / fw.span: attach there
         if parent is not None:
-            span = SpanHandle(
-                name,
-                kind,
-                parent.rollout,
-                parent,
-                node=node,
-                input=input,
-                model=model,
-                attributes=attributes,
-            )
+            span = SpanHandle(name, kind, parent.rollout, parent, node=node, model=model)
         else:
-            current = tracing.current()
-            if current is not None:  # inside fw.rollout / fw.span: attach there
-                span = SpanHandle(
-                    name,
-                    kind,
-                    current.rollout,
-                    current,
-                    node=node,
-                    input=input,
-                    model=model,
-                    attributes=attributes,
-                )
-            else:
-                rollout = self._open_rollout(input, tags, metadata, meta)
-                span = SpanHandle(
-                    name,
-                    kind,
-                    rollout,
-                    None,
-                    node=node,
-                    input=input,
-                    model=model,
-                    attributes=attributes,
-                )
-                span._owns_rollout = True
+            rollout = self._open_rollout(input, tags, metadata, meta)
+            span = SpanHandle(name, kind, rollout, None, node=node, model=model)
+            span._owns_rollout = True
+        span.input = input
+        span.attributes = attributes
         self._spans[run_id] = span
         return span
 
@@ -247,7 +222,6 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
             meta = {**self.metadata, **(meta or {})}
         return tracing.open_rollout(
             self.workflow,
-            rollout_id=new_rollout_id(),
             user_id=user_id,
             session_id=session_id,
             input=input,
@@ -275,7 +249,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         name = _run_name(serialized, kwargs, "chain")
-        self._start("chain", name, run_id, parent_run_id, tags, metadata, compact(inputs))
+        self._start("chain", name, run_id, parent_run_id, tags, metadata, snapshot(compact(inputs)))
 
     @_never_raises
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
@@ -297,14 +271,14 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None,
         kwargs: dict[str, Any],
     ) -> None:
-        params = kwargs.get("invocation_params") or {}
-        model = (metadata.get("ls_model_name") if metadata else None) or (
-            params.get("model") or params.get("model_name")
-        )
-        name = _run_name(serialized, kwargs, "llm")
-        span = self._start("llm", name, run_id, parent_run_id, tags, metadata, input, model)
+        params = kwargs.get("invocation_params")
+        model = metadata.get("ls_model_name") if metadata else None
+        attributes = None
         if params:
-            span.set_attribute("invocation_params", params)
+            model = model or params.get("model") or params.get("model_name")
+            attributes = {"invocation_params": params}
+        name = _run_name(serialized, kwargs, "llm")
+        self._start("llm", name, run_id, parent_run_id, tags, metadata, input, model, attributes)
 
     @_never_raises
     def on_chat_model_start(
@@ -337,7 +311,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        value = prompts[0] if len(prompts) == 1 else prompts
+        value = prompts[0] if len(prompts) == 1 else list(prompts)
         self._model_start(serialized, value, run_id, parent_run_id, tags, metadata, kwargs)
 
     @_never_raises
@@ -354,15 +328,15 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         span = self._spans.pop(run_id, None)
         if span is None:
             return
-        input_tokens, output_tokens = _usage_from_result(response)
+        output, input_tokens, output_tokens, model = _digest_result(response)
         if input_tokens is not None or output_tokens is not None:
             span.set_usage(input_tokens, output_tokens)
-        model = _model_from_result(response)
         if model and not span.model:
             span.model = model
         elif model and model != span.model:
             span.set_attribute("response_model", model)
-        span.end(output=_output_from_result(response))
+        span.output = output  # built here: no snapshot copy needed
+        span.end()
 
     @_never_raises
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
@@ -384,7 +358,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         name = _run_name(serialized, kwargs, "tool")
-        value = inputs if inputs is not None else input_str
+        value = snapshot(inputs) if inputs is not None else input_str
         self._start("tool", name, run_id, parent_run_id, tags, metadata, value)
 
     @_never_raises

@@ -49,6 +49,11 @@ _rand = random.Random(secrets.randbits(128))
 os.register_at_fork(after_in_child=lambda: _rand.seed(secrets.randbits(128)))
 
 
+_random_bits = _rand.getrandbits  # the same object is reseeded after fork
+_time_ns = time.time_ns
+
+
 def new_rollout_id() -> str:
     """32 lowercase hex digits: 48 bits of milliseconds, then 80 random bits."""
-    return f"{time.time_ns() // 1_000_000:012x}{_rand.getrandbits(80):020x}"
+    # bytes.hex() of one 128-bit integer is about twice as fast as two formatted fields.
+    return ((_time_ns() // 1_000_000) << 80 | _random_bits(80)).to_bytes(16, "big").hex()

@@ -7,6 +7,7 @@ rollout and span becomes an OTel span with GenAI semantic-convention attribute n
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from opentelemetry import trace
@@ -27,11 +28,20 @@ _OPERATION = {
 }
 
 _cached: tuple[Any, Any] = (None, None)
+# The API loads a provider named by this variable on first use; read once, at import.
+_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
 
 def tracer() -> Any | None:
-    """The OTel tracer when a real SDK provider is installed, else None."""
+    """The OTel tracer when a real SDK provider is installed, else None.
+
+    Called for every rollout: while no provider is set (the API's module global is still None
+    and no environment variable names one) that is one attribute read, where
+    ``get_tracer_provider()`` would also search ``os.environ`` (about a microsecond).
+    """
     global _cached
+    if not _PROVIDER_FROM_ENV and getattr(trace, "_TRACER_PROVIDER", _cached) is None:
+        return None
     provider = trace.get_tracer_provider()
     if provider is _cached[0]:
         return _cached[1]

@@ -118,6 +118,7 @@ _dumps_objects = json.JSONEncoder(
 # passed through to raise too, so those keep their stdlib/``to_jsonable`` encoding.
 _ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 _orjson_dumps = orjson.dumps
+_orjson_loads = orjson.loads
 
 
 def to_json_text(value: Any) -> str | None:
@@ -133,9 +134,11 @@ def to_json_text(value: Any) -> str | None:
         raw = _orjson_dumps(value, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError: exotic type, huge int, deep nesting, surrogate
         raw = None
-    # orjson writes NaN and infinities as null: any null is checked by the stdlib encoder,
-    # which rejects them (they are kept as text by ``to_jsonable``).
-    if raw is not None and b"null" not in raw:
+    # orjson writes NaN and infinities as null. Text with a null is kept only if it reads back
+    # as the value itself (NaN equals nothing, so a NaN or an infinity fails the test and goes
+    # to the stdlib encoder, which rejects them: ``to_jsonable`` keeps them as text). That
+    # costs well under a microsecond, where the stdlib encoder costs several.
+    if raw is not None and (b"null" not in raw or _orjson_loads(raw) == value):
         text = raw.decode()
         if len(text) <= _MAX_FAST_TEXT:
             return text

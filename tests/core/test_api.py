@@ -151,13 +151,13 @@ def test_spans_are_mirrored_to_an_otel_sdk(fw):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    original = otel.trace.get_tracer_provider
-    otel.trace.get_tracer_provider = lambda: provider  # as if the app had set the global provider
+    original = otel.trace._TRACER_PROVIDER
+    otel.trace._TRACER_PROVIDER = provider  # what trace.set_tracer_provider() sets, once only
     try:
         with fw.rollout("qa") as r, fw.span("chat", kind="llm", model="gpt-x") as s:
             s.set_usage(3, 4)
     finally:
-        otel.trace.get_tracer_provider = original
+        otel.trace._TRACER_PROVIDER = original
     finished = {s.name: s for s in exporter.get_finished_spans()}
     assert set(finished) == {"workflow qa", "chat"}
     chat, root = finished["chat"], finished["workflow qa"]
