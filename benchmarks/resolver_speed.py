@@ -1,7 +1,8 @@
 """Median cost of one ``resolve(workflow, unit_id)`` with a warm cache (target ≤ 5 µs).
 
 Cases: the active version only; a running experiment with 3 variants (the hash + bucket
-lookup); a QA-forced variant. Baselines in the
+lookup); a QA-forced variant; the experiment case plus reading ``.config`` (a private copy per
+request, what ``r.config`` in ``fw.rollout`` costs). Baselines in the
 same run: the core's StaticResolver (a dict lookup) and seed 001's WeightedABRunner
 (md5 of the request id % total weight). Also the cold first resolve and a cache refresh.
 
@@ -109,6 +110,8 @@ def main() -> None:
         ("StoreResolver, active version only", lambda u: resolver.resolve("plain", u)),
         ("StoreResolver, experiment with 3 variants", lambda u: resolver.resolve("qa", u)),
         ("StoreResolver, QA-forced variant", lambda u: forced.resolve("qa", u)),
+        # what fw.rollout's r.config costs on top: each request gets its own copy
+        ("StoreResolver, experiment + read .config", lambda u: resolver.resolve("qa", u).config),
     ]
     results = {}
     for name, fn in cases:

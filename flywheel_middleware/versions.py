@@ -707,7 +707,7 @@ class StoreResolver:
             self._versions[version_id] = base
         if not extra:
             return base
-        return Resolution(config=base.config, version_id=base.version_id, **extra)
+        return base.replace(**extra)
 
     def _load(self, workflow: str) -> _Plan | None:
         if workflow not in self._synced:

@@ -179,3 +179,60 @@ def test_bad_resolver_settings_are_named():
         make_config(resolver={"ttl": 0})
     with pytest.raises(ConfigError, match="resolver.tll"):
         make_config(resolver={"tll": 3})
+
+
+def test_a_request_that_edits_its_config_does_not_change_the_next_one(sqlite_url):
+    """r.config is the request's own copy: the cached version stays what the store holds."""
+    config = make_config()
+    fw.configure(config=config, store_url=sqlite_url)
+    try:
+        with fw.rollout("qa", user_id="a") as r:
+            cfg = r.config
+            cfg["llm"]["temperature"] = 1.5  # a tweak for this one request
+            cfg["rag"] = None
+            assert r.config is cfg  # the same copy for the whole rollout
+        with fw.rollout("qa", user_id="b") as r2:
+            assert r2.config == BASE
+        assert fw.resolve("qa", "c").config == BASE
+        res = fw.resolve("qa", "c")
+        res.config["llm"]["temperature"] = 0.0
+        assert res.config == BASE
+        with pytest.raises(AttributeError, match="immutable"):
+            res.variant = "x"
+    finally:
+        fw.shutdown()
+
+
+def test_resolution_keeps_configs_that_json_cannot_hold_exactly():
+    import datetime
+    import pickle
+
+    from flywheel_middleware.resolver import Resolution
+
+    cfg = {"when": datetime.date(2024, 1, 2), "pair": (1, 2), 3: "int key"}
+    res = Resolution(config=cfg, version_id=4, propensity=0.5)
+    assert res.config == cfg and res.config is not res.config
+    assert res.replace(variant="v").config == cfg and res.replace(variant="v").variant == "v"
+    assert pickle.loads(pickle.dumps(res)) == res
+    assert "version_id=4" in repr(res)
+
+
+def test_ramping_a_candidate_in_the_store_keeps_the_other_units_in_place(setup):
+    """Through the real resolver: set_weights, then the next plan moves only the needed units."""
+    store, config, c1, c2 = setup
+    exp = ex.start_experiment(store, "qa", [c1.id, c2.id], traffic=0.05, seed="ramp")
+    resolver = StoreResolver(store, config, ttl=60)
+    units = [f"user-{i}" for i in range(20_000)]
+    before = {u: resolver.resolve("qa", u).variant for u in units}
+    ex.set_weights(store, exp.id, {"baseline": 0.8, "candidate-1": 0.15})
+    resolver.invalidate()
+    after = {u: resolver.resolve("qa", u).variant for u in units}
+    moved = {(before[u], after[u]) for u in units if before[u] != after[u]}
+    share = sum(before[u] != after[u] for u in units) / len(units)
+    assert moved == {("baseline", "candidate-1")}
+    assert share == pytest.approx(0.10, abs=0.01)
+    assert resolver.resolve("qa", "user-1").propensity in (
+        pytest.approx(0.8),
+        pytest.approx(0.15),
+        pytest.approx(0.05),
+    )
