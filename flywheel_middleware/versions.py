@@ -127,13 +127,18 @@ def get_version(store: Store, version_id: int) -> ConfigVersion:
 def find_version(store: Store, workflow: str, ref: int | str) -> ConfigVersion:
     """A version by number within the workflow ("3", "v3") or by id ("#17")."""
     text = str(ref).strip()
+    digits = text[1:] if text[:1] in ("#", "v", "V") else text
+    if not digits.isdigit():
+        raise VersionError(
+            f"{text!r} is not a config version: give a version number (3 or v3) or an id (#17)"
+        )
     with store.session() as session:
         if text.startswith("#"):
-            row = session.get(ConfigVersion, int(text[1:]))
+            row = session.get(ConfigVersion, int(digits))
             if row is not None and row.workflow != workflow:
                 row = None
         else:
-            number = int(text[1:] if text[:1] in "vV" else text)
+            number = int(digits)
             row = session.exec(
                 select(ConfigVersion).where(
                     ConfigVersion.workflow == workflow, ConfigVersion.version == number

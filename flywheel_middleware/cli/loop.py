@@ -17,14 +17,16 @@ from .common import Cli, command, console, echo_json
 _EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
 
-def parse_every(text: str) -> float:
+def parse_every(text: str, where: str = "'--every'") -> float:
     """'10m', '30s', '2h', '1d' or plain seconds → seconds."""
     match = _EVERY.match(text)
     if not match:
-        raise click.BadParameter(f"{text!r} is not a duration like 30s, 10m, 2h or 1d")
+        raise click.BadParameter(
+            f"{text!r} is not a duration like 30s, 10m, 2h or 1d", param_hint=where
+        )
     value = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
     if value <= 0:
-        raise click.BadParameter("the interval must be positive")
+        raise click.BadParameter(f"the interval must be positive, got {text!r}", param_hint=where)
     return value
 
 
@@ -33,9 +35,12 @@ def _workflow(cli: Cli, workflow: str | None) -> str:
     if workflow is None:
         if len(known) == 1:
             return known[0]
-        raise click.UsageError(
-            f"name the workflow (--workflow); known: {', '.join(known) or '(none)'}"
-        )
+        if not known:
+            raise click.UsageError(
+                "no workflows yet: declare one under workflows: in the config file "
+                f"({cli.config.source or 'none loaded'}) or record rollouts first"
+            )
+        raise click.UsageError(f"name the workflow: one of {', '.join(known)}")
     if workflow not in known:
         raise click.ClickException(
             f"unknown workflow {workflow!r}; known: {', '.join(known) or '(none)'}"
@@ -320,7 +325,10 @@ def register(main: click.Group) -> None:
     @click.option("--cycles", type=int, default=None, help="Stop after this many cycles.")
     def run(cli: Cli, every: str | None, mode: str | None, cycles: int | None) -> None:
         """Run the cycle on a schedule until Ctrl-C (or --cycles)."""
-        interval = parse_every(every or cli.config.controller.every)
+        if every is not None:
+            interval = parse_every(every)
+        else:
+            interval = parse_every(cli.config.controller.every, "controller.every in the config")
         done = 0
         console.print(f"running the flywheel every {interval:g}s — Ctrl-C stops")
         try:

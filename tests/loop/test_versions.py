@@ -260,3 +260,10 @@ def test_rollouts_are_assigned_by_the_experiments_unit(sqlite_url, unit):
             assert not sticky_sessions  # each request draws its own variant
     finally:
         fw.shutdown()
+
+
+@pytest.mark.parametrize("ref", ["abc", "v", "#x", "3.5", ""])
+def test_a_malformed_version_reference_is_named(store, ref):
+    versions.ensure_workflow(store, make_config(), "qa")
+    with pytest.raises(VersionError, match="is not a config version: give a version number"):
+        versions.find_version(store, "qa", ref)
