@@ -19,12 +19,13 @@ from sqlmodel import select
 
 from .config import FlywheelConfig, Objective
 from .errors import FlywheelError
-from .models import ChangeEvent, Experiment, Feedback, Rollout
+from .models import ChangeEvent, Deployment, Experiment, Feedback, Rollout
 from .records import utcnow
 from .store import Store
-from .versions import activate, active_version, get_version
+from .versions import _set_active, get_version, lock_workflow
 
 STATUSES = ("running", "stopped", "promoted", "rejected")
+UNITS = ("user_id", "session_id", "request")
 BASELINE = "baseline"
 
 
@@ -487,30 +488,29 @@ def start_experiment(
     """Serve each candidate version to ``traffic`` of units, the active version to the rest."""
     if not candidates:
         raise ExperimentError("an experiment needs at least one candidate version")
+    if len(set(candidates)) != len(candidates):
+        raise ExperimentError(f"candidate version ids repeat: {candidates}")
     if not 0 < traffic * len(candidates) < 1:
         raise ExperimentError(
             f"candidate traffic {traffic} × {len(candidates)} candidates must be between 0 and 1"
         )
     if not 0 < coverage <= 1:
         raise ExperimentError(f"coverage must be in (0, 1], got {coverage}")
-    if running_experiment(store, workflow) is not None:
+    if unit not in UNITS:
+        raise ExperimentError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    if names is not None and (
+        len(names) != len(candidates) or len(set(names)) != len(names) or BASELINE in names
+    ):
         raise ExperimentError(
-            f"workflow {workflow!r} already has a running experiment; stop it first"
+            f"names must be {len(candidates)} distinct names other than {BASELINE!r}, got {names}"
         )
-    base = active_version(store, workflow)
-    if base is None:
-        raise ExperimentError(f"workflow {workflow!r} has no active config version")
-    variants = [{"name": BASELINE, "version_id": base.id, "weight": 1 - traffic * len(candidates)}]
-    for i, version_id in enumerate(candidates):
-        version = get_version(store, version_id)
+    rows = [get_version(store, version_id) for version_id in candidates]
+    for version in rows:
         if version.workflow != workflow:
             raise ExperimentError(
-                f"version id {version_id} belongs to workflow {version.workflow!r}"
+                f"version id {version.id} belongs to workflow {version.workflow!r}, "
+                f"not {workflow!r}"
             )
-        if version.id == base.id:
-            raise ExperimentError(f"version id {version_id} is already the active version")
-        name = names[i] if names else f"candidate-{i + 1}"
-        variants.append({"name": name, "version_id": version.id, "weight": traffic})
     # The seed makes each experiment's buckets independent of the last one's (the same units
     # are not always the ones in a candidate); from the id it is reproducible.
     spec: dict[str, Any] = {"seed": seed, "coverage": coverage}
@@ -519,10 +519,31 @@ def start_experiment(
     if min_samples:
         spec["min_samples"] = min_samples
     with store.session() as session:
+        # under the workflow's lock: two processes cannot both start one
+        lock_workflow(session, store, workflow)
+        running = session.exec(
+            select(Experiment.id).where(
+                Experiment.workflow == workflow, Experiment.status == "running"
+            )
+        ).first()
+        if running is not None:
+            raise ExperimentError(
+                f"workflow {workflow!r} already has a running experiment ({running}); stop it first"
+            )
+        dep = session.get(Deployment, workflow)
+        if dep is None:
+            raise ExperimentError(f"workflow {workflow!r} has no active config version")
+        base_id = dep.active_version_id
+        variants = [{"name": BASELINE, "version_id": base_id, "weight": 1 - traffic * len(rows)}]
+        for i, version in enumerate(rows):
+            if version.id == base_id:
+                raise ExperimentError(f"version id {version.id} is already the active version")
+            name = names[i] if names else f"candidate-{i + 1}"
+            variants.append({"name": name, "version_id": version.id, "weight": traffic})
         exp = Experiment(
             workflow=workflow,
             status="running",
-            baseline_version_id=base.id,
+            baseline_version_id=base_id,
             variants=variants,
             unit=unit,
             metrics=spec,
@@ -540,7 +561,7 @@ def start_experiment(
             actor,
             reason or f"experiment {exp.id}: {len(candidates)} candidate(s) at {traffic:.0%} each",
             {"experiment_id": exp.id, "variants": variants},
-            from_version=base.id,
+            from_version=base_id,
         )
     return exp
 
@@ -615,7 +636,12 @@ def promote(
     reason: str | None = None,
     evidence: dict[str, Any] | None = None,
 ) -> ChangeEvent:
-    """Make ``variant``'s version the active one, end the experiment as promoted, log why."""
+    """Make ``variant``'s version the active one, end the experiment as promoted, log why.
+
+    One transaction under the workflow's lock: a person's ``flywheel promote`` and the
+    controller cannot both promote, and no process sees the new version active while the
+    experiment still runs.
+    """
     exp = get_experiment(store, experiment_id)
     chosen = next((v for v in exp.variants if v["name"] == variant), None)
     if chosen is None:
@@ -625,24 +651,71 @@ def promote(
         )
     if variant == BASELINE:
         raise ExperimentError("the baseline is already active; stop the experiment instead")
-    if exp.status != "running":
-        raise ExperimentError(f"experiment {experiment_id} is already {exp.status}")
     evidence = {"experiment_id": exp.id, "variant": variant, **(evidence or {})}
-    event = activate(
-        store,
-        exp.workflow,
-        int(chosen["version_id"]),
-        actor=actor,
-        reason=reason or f"promoted {variant} of experiment {exp.id}",
-        kind="promote",
-        evidence=evidence,
-    )
-    stop_experiment(
-        store,
-        exp.id,
-        status="promoted",
-        actor=actor,
-        reason=reason,
-        decision={"action": "promote", "variant": variant, "reason": reason, **evidence},
-    )
+    reason = reason or f"promoted {variant} of experiment {exp.id}"
+    with store.session() as session:
+        lock_workflow(session, store, exp.workflow)
+        row = session.get(Experiment, exp.id)
+        if row.status != "running":
+            raise ExperimentError(f"experiment {experiment_id} is already {row.status}")
+        row.status = "promoted"
+        row.ended_at = utcnow()
+        row.decision = {"action": "promote", "variant": variant, "reason": reason, **evidence}
+        session.add(row)
+        session.flush()  # no longer running: the deployment change below does not stop it
+        event = _set_active(
+            session,
+            row.workflow,
+            int(chosen["version_id"]),
+            kind="promote",
+            actor=actor,
+            reason=reason,
+            evidence=evidence,
+        )
+        _event(
+            session,
+            row.workflow,
+            "experiment_stop",
+            actor,
+            reason,
+            {"experiment_id": row.id, "decision": row.decision},
+        )
     return event
+
+
+def force_units(
+    store: Store, experiment_id: int, variant: str, units: list[str], *, actor: str = "user"
+) -> Experiment:
+    """Serve ``variant`` to these unit ids in every process, for QA (empty list clears).
+
+    Forced requests are not counted in the experiment's statistics; a unit is forced to one
+    variant at most (forcing it again moves it).
+    """
+    with store.session() as session:
+        exp = session.get(Experiment, int(experiment_id))
+        if exp is None:
+            raise ExperimentError(f"no experiment with id {experiment_id}")
+        names = [v["name"] for v in exp.variants]
+        if variant not in names:
+            raise ExperimentError(
+                f"experiment {experiment_id} has no variant {variant!r}; it has {names}"
+            )
+        if exp.status != "running":
+            raise ExperimentError(f"experiment {experiment_id} is {exp.status}, not running")
+        wanted = [str(u) for u in dict.fromkeys(units)]
+        variants = []
+        for v in exp.variants:
+            others = [u for u in (v.get("force") or []) if u not in wanted]
+            force = wanted if v["name"] == variant else others
+            variants.append({**{k: x for k, x in v.items() if k != "force"}, "force": force})
+        exp.variants = variants
+        session.add(exp)
+        _event(
+            session,
+            exp.workflow,
+            "experiment_force",
+            actor,
+            f"{len(wanted)} unit(s) forced to {variant}",
+            {"experiment_id": exp.id, "variant": variant, "units": wanted},
+        )
+    return exp

@@ -292,8 +292,47 @@ def _set_active(
         created_at=now,
     )
     session.add(event)
+    _stop_stale_experiments(session, workflow, version_id, kind=kind, actor=actor, now=now)
     session.flush()
     return event
+
+
+def _stop_stale_experiments(
+    session: Any, workflow: str, version_id: int, *, kind: str, actor: str, now: Any
+) -> list[int]:
+    """Stop running experiments whose baseline is no longer the active version.
+
+    An experiment serves its own baseline version to the baseline arm, so without this a
+    rollback (or a manual activation) would not reach the traffic in a running experiment,
+    and a later promotion would overwrite the person's choice.
+    """
+    stale = session.exec(
+        select(Experiment).where(
+            Experiment.workflow == workflow,
+            Experiment.status == "running",
+            Experiment.baseline_version_id != version_id,
+        )
+    ).all()
+    for exp in stale:
+        reason = (
+            f"experiment {exp.id} stopped: its baseline (version id {exp.baseline_version_id}) "
+            f"is no longer active after a {kind} to version id {version_id}"
+        )
+        exp.status = "stopped"
+        exp.ended_at = now
+        exp.decision = {"action": "stopped", "reason": reason, "actor": actor}
+        session.add(exp)
+        session.add(
+            ChangeEvent(
+                workflow=workflow,
+                kind="experiment_stop",
+                actor=actor,
+                reason=reason,
+                evidence={"experiment_id": exp.id, "decision": exp.decision},
+                created_at=now,
+            )
+        )
+    return [exp.id for exp in stale]
 
 
 def activate(

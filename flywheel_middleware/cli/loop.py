@@ -131,11 +131,13 @@ def register(main: click.Group) -> None:
         workflow = _workflow(cli, workflow)
         _sync(cli, workflow)
         row = versions.find_version(cli.store, workflow, version)
+        running = ex.running_experiment(cli.store, workflow)
         event = versions.activate(cli.store, workflow, row.id, actor="cli", reason=reason)
         console.print(
             f"{workflow}: v{row.version} is active (change {event.id}; "
             f"previous version id {event.from_version_id})"
         )
+        _report_stopped(cli, running)
 
     @command(config_group, "diff")
     @click.argument("workflow")
@@ -225,6 +227,74 @@ def register(main: click.Group) -> None:
         if exp.decision:
             console.print(f"decision: {_flat(exp.decision)[:300]}")
 
+    @command(experiment_group, "start")
+    @click.argument("workflow")
+    @click.argument("candidates", nargs=-1, required=True)
+    @click.option(
+        "--traffic",
+        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        default=None,
+        help="Share of units per candidate (default experiment.candidate_traffic).",
+    )
+    @click.option(
+        "--unit",
+        type=click.Choice(ex.UNITS),
+        default=None,
+        help="What is randomised (default experiment.unit).",
+    )
+    @click.option("--reason", "-m", default=None)
+    def experiment_start(
+        cli: Cli,
+        workflow: str,
+        candidates: tuple[str, ...],
+        traffic: float | None,
+        unit: str | None,
+        reason: str | None,
+    ) -> None:
+        """Serve config versions CANDIDATES (3, v3 or #id) of WORKFLOW to a slice of traffic."""
+        workflow = _workflow(cli, workflow)
+        _sync(cli, workflow)
+        wf = cli.config.workflows.get(workflow)
+        settings = wf.experiment if wf is not None else None
+        rows = [versions.find_version(cli.store, workflow, ref) for ref in candidates]
+        exp = ex.start_experiment(
+            cli.store,
+            workflow,
+            [r.id for r in rows],
+            traffic=traffic
+            if traffic is not None
+            else (settings.candidate_traffic if settings else 0.05),
+            unit=unit or (settings.unit if settings else "user_id"),
+            actor="cli",
+            reason=reason,
+        )
+        base = versions.get_version(cli.store, exp.baseline_version_id)
+        arms = ", ".join(
+            f"{v['name']} (v{versions.get_version(cli.store, v['version_id']).version}) "
+            f"{float(v['weight']):.0%}"
+            for v in exp.variants[1:]
+        )
+        console.print(
+            f"started experiment {exp.id} on {workflow}: baseline v{base.version} "
+            f"{float(exp.variants[0]['weight']):.0%}, {arms}; unit {exp.unit}"
+        )
+
+    @command(experiment_group, "force")
+    @click.argument("experiment_id", type=int)
+    @click.argument("variant")
+    @click.argument("units", nargs=-1)
+    def experiment_force(
+        cli: Cli, experiment_id: int, variant: str, units: tuple[str, ...]
+    ) -> None:
+        """Serve VARIANT to these unit ids in every process, for QA (none: clear VARIANT's list)."""
+        exp = ex.force_units(cli.store, experiment_id, variant, list(units), actor="cli")
+        forced = {v["name"]: v.get("force") or [] for v in exp.variants}
+        console.print(
+            f"experiment {exp.id}: {variant} is forced for "
+            + (", ".join(forced[variant]) or "no unit")
+            + " (not counted in the statistics; reaches other processes within resolver.ttl)"
+        )
+
     @command(experiment_group, "stop")
     @click.argument("experiment_id", type=int)
     @click.option("--reject", is_flag=True, help="Mark the candidates rejected.")
@@ -295,10 +365,7 @@ def register(main: click.Group) -> None:
         old = versions.get_version(cli.store, event.from_version_id)
         new = versions.get_version(cli.store, event.to_version_id)
         console.print(f"{workflow}: rolled back v{old.version} → v{new.version}")
-        if running is not None:
-            console.print(
-                f"[yellow]note:[/] experiment {running.id} is still running against its baseline"
-            )
+        _report_stopped(cli, running)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -344,6 +411,18 @@ def register(main: click.Group) -> None:
                 time.sleep(max(0.0, interval - (time.monotonic() - started)))
         except KeyboardInterrupt:
             console.print(f"stopped after {done} cycle(s)")
+
+
+def _report_stopped(cli: Cli, running: Any) -> None:
+    """Say so when a deployment change stopped the experiment that was running."""
+    if running is None:
+        return
+    now = ex.get_experiment(cli.store, running.id)
+    if now.status != "running":
+        console.print(
+            f"[yellow]note:[/] experiment {now.id} was stopped: its baseline is no longer the "
+            "active version"
+        )
 
 
 def _run_cycle(cli: Cli, mode: str | None, workflows: list[str] | None) -> Any:

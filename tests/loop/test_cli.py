@@ -92,3 +92,64 @@ def test_parse_every():
 
     with pytest.raises(click.BadParameter, match="not a duration"):
         parse_every("ten minutes")
+
+
+def test_experiment_start_force_and_a_rollback_that_stops_it(store, store_url, tmp_path):
+    run = _setup(tmp_path, store_url)
+    run("config", "show", "qa")
+    versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 3}}, created_by="person")
+    versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 4}}, created_by="person")
+    out = run("experiment", "start", "qa", "v2", "#3", "--traffic", "0.1", "-m", "try k").output
+    assert "started experiment 1 on qa: baseline v1 80%" in out
+    assert "candidate-1 (v2) 10%, candidate-2 (v3) 10%; unit user_id" in out
+    bad = run("experiment", "start", "qa", "v2", ok=False)
+    assert bad.exit_code == 1 and "already has a running experiment (1)" in bad.output
+    out = run("experiment", "force", "1", "candidate-2", "qa-anna", "qa-ben").output
+    assert "candidate-2 is forced for qa-anna, qa-ben" in out
+    from flywheel_middleware.versions import StoreResolver
+
+    assert StoreResolver(store, make_config()).resolve("qa", "qa-ben").variant == "candidate-2"
+    bad = run("experiment", "force", "1", "candidate-9", "x", ok=False)
+    assert "no variant 'candidate-9'" in bad.output
+    # activating another version by hand stops the experiment (its baseline is gone)
+    out = run("config", "activate", "qa", "3").output
+    assert "v3 is active" in out and "experiment 1 was stopped" in out
+    assert ex.get_experiment(store, 1).status == "stopped"
+    run("experiment", "start", "qa", "v2", "--traffic", "0.2")
+    out = run("rollback", "qa").output
+    assert "rolled back v3 → v1" in out and "experiment 2 was stopped" in out
+
+
+def test_bad_input_is_named_not_a_traceback(store, store_url, tmp_path):
+    run = _setup(tmp_path, store_url)
+    for args, message in [
+        (("config", "activate", "qa", "abc"), "'abc' is not a config version"),
+        (("config", "diff", "qa", "1", "two"), "'two' is not a config version"),
+        (("config", "show", "qa", "--version", "#x"), "'#x' is not a config version"),
+        (("config", "activate", "qa", "v9"), "has no config version 'v9'"),
+        (("config", "show", "nope"), "unknown workflow 'nope'; known: qa"),
+        (("experiment", "start", "qa", "v1"), "already the active version"),
+        (("experiment", "start", "qa", "v1", "--traffic", "1.5"), "--traffic"),
+        (("experiment", "show", "42"), "no experiment with id 42"),
+        (("experiment", "stop", "42"), "no experiment with id 42"),
+        (("promote", "42"), "no experiment with id 42"),
+        (("run", "--every", "10x"), "Invalid value for '--every': '10x' is not a duration"),
+        (("run", "--every", "0s"), "'--every': the interval must be positive"),
+    ]:
+        result = run(*args, ok=False)
+        assert result.exit_code in (1, 2), (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert not isinstance(result.exception, Exception) or isinstance(
+            result.exception, SystemExit
+        ), (args, repr(result.exception))
+
+
+def test_without_workflows_the_error_says_where_to_declare_one(tmp_path):
+    path = tmp_path / "flywheel.yaml"
+    path.write_text("controller: {mode: suggest}\n")
+    result = CliRunner().invoke(
+        main, ["--config", str(path), "--store", f"sqlite:///{tmp_path / 'x.db'}", "config", "show"]
+    )
+    assert result.exit_code == 2
+    assert "no workflows yet: declare one under workflows:" in result.output
+    assert str(path) in " ".join(result.output.split())

@@ -236,3 +236,19 @@ def test_ramping_a_candidate_in_the_store_keeps_the_other_units_in_place(setup):
         pytest.approx(0.15),
         pytest.approx(0.05),
     )
+
+
+def test_qa_forcing_through_the_api_reaches_every_resolver(setup):
+    store, config, c1, c2 = setup
+    exp = ex.start_experiment(store, "qa", [c1.id, c2.id], traffic=0.05, seed="qa")
+    ex.force_units(store, exp.id, "candidate-2", ["tester-1", "tester-2"])
+    ex.force_units(store, exp.id, "candidate-1", ["tester-2"])  # moves tester-2
+    resolver = StoreResolver(store, config)
+    assert resolver.resolve("qa", "tester-1").version_id == c2.id
+    assert resolver.resolve("qa", "tester-2").version_id == c1.id
+    assert resolver.resolve("qa", "tester-1").experiment_id is None  # not counted
+    ex.force_units(store, exp.id, "candidate-2", [])
+    resolver.invalidate()
+    assert resolver.resolve("qa", "tester-1").experiment_id == exp.id
+    with pytest.raises(ex.ExperimentError, match="no variant 'nope'"):
+        ex.force_units(store, exp.id, "nope", ["x"])

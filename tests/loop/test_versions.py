@@ -267,3 +267,89 @@ def test_a_malformed_version_reference_is_named(store, ref):
     versions.ensure_workflow(store, make_config(), "qa")
     with pytest.raises(VersionError, match="is not a config version: give a version number"):
         versions.find_version(store, "qa", ref)
+
+
+def test_a_deployment_change_stops_the_experiment_it_invalidates(store):
+    """Rollback is the emergency stop: it must reach the traffic inside a running experiment."""
+    config = make_config()
+    v1 = versions.ensure_workflow(store, config, "qa")
+    v2 = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 3}})
+    c = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 4}})
+    versions.activate(store, "qa", v2.id)
+    exp = ex.start_experiment(store, "qa", [c.id], traffic=0.3, seed="stale")
+    resolver = StoreResolver(store, config, ttl=60)
+    units = [f"u{i}" for i in range(300)]
+    assert {resolver.resolve("qa", u).version_id for u in units} == {v2.id, c.id}
+    versions.rollback(store, "qa", reason="v2 is broken")
+    assert ex.get_experiment(store, exp.id).status == "stopped"
+    assert "no longer active" in ex.get_experiment(store, exp.id).decision["reason"]
+    resolver.invalidate()
+    assert {resolver.resolve("qa", u).version_id for u in units} == {v1.id}
+    with store.session() as session:
+        kinds = [e.kind for e in session.exec(__import__("sqlmodel").select(ChangeEvent)).all()]
+    assert kinds[-2:] == ["rollback", "experiment_stop"]
+    # an experiment whose baseline is the version activated again is left running
+    exp2 = ex.start_experiment(store, "qa", [c.id], traffic=0.3)
+    versions.activate(store, "qa", v1.id, reason="again")
+    assert ex.get_experiment(store, exp2.id).status == "running"
+
+
+def test_promotion_is_one_transaction_and_happens_once(store_url):
+    """A person and the controller promoting at once: one promotion, the other is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flywheel_middleware.store import Store
+
+    stores = [Store(store_url) for _ in range(4)]
+    try:
+        store = stores[0]
+        versions.ensure_workflow(store, make_config(), "qa")
+        c = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 4}})
+        exp = ex.start_experiment(store, "qa", [c.id], traffic=0.3)
+
+        def attempt(s):
+            try:
+                return ex.promote(s, exp.id, "candidate-1", actor="race").kind
+            except ex.ExperimentError as err:
+                return str(err)
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(attempt, stores))
+        assert results.count("promote") == 1, results
+        assert all("already promoted" in r for r in results if r != "promote")
+        assert [e.kind for e in versions.deployment_history(store, "qa")] == [
+            "activate",
+            "promote",
+        ]
+        done = ex.get_experiment(store, exp.id)
+        assert done.status == "promoted" and done.decision["variant"] == "candidate-1"
+        assert versions.active_version(store, "qa").id == c.id
+    finally:
+        for s in stores:
+            s.dispose()
+
+
+def test_processes_starting_experiments_together_start_one(store_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flywheel_middleware.store import Store
+
+    stores = [Store(store_url) for _ in range(4)]
+    try:
+        versions.ensure_workflow(stores[0], make_config(), "qa")
+        c = versions.create_version(stores[0], "qa", {**BASE, "rag": {"top_k": 4}})
+
+        def attempt(s):
+            try:
+                return ex.start_experiment(s, "qa", [c.id], traffic=0.1).id
+            except ex.ExperimentError as err:
+                return str(err)
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(attempt, stores))
+        started = [r for r in results if isinstance(r, int)]
+        assert len(started) == 1, results
+        assert all("already has a running experiment" in r for r in results if r not in started)
+    finally:
+        for s in stores:
+            s.dispose()
