@@ -66,6 +66,27 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
 
 
+def _plain_numbers(value: Any) -> Any:
+    """Integral floats as ints (1.0 → 1), recursively: YAML's ``1`` and a grid's ``1.0``."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_numbers(v) for v in value]
+    return value
+
+
+def semantic_hash(config: Any) -> str:
+    """Like ``config_hash``, but configs that differ only as 1 vs 1.0 hash equally."""
+    return config_hash(_plain_numbers(config))
+
+
+def config_hashes(config: Any) -> set[str]:
+    """Both identities of a config: how mutators check 'already tried'."""
+    return {config_hash(config), semantic_hash(config)}
+
+
 _MISSING = object()
 
 
@@ -166,13 +187,22 @@ def workflows_in_store(store: Store) -> list[str]:
 
 
 def tried_hashes(store: Store, workflow: str) -> set[str]:
-    """Hashes of every config this workflow has had: mutators skip them."""
+    """Hashes of every config this workflow has had: mutators skip them.
+
+    Each version contributes its ``config_hash`` and its ``semantic_hash``, so a candidate
+    equal to a tried config up to 1 vs 1.0 counts as tried too.
+    """
     with store.session() as session:
-        return set(
-            session.exec(
-                select(ConfigVersion.config_hash).where(ConfigVersion.workflow == workflow)
-            ).all()
-        )
+        rows = session.exec(
+            select(ConfigVersion.config_hash, ConfigVersion.config).where(
+                ConfigVersion.workflow == workflow
+            )
+        ).all()
+    out: set[str] = set()
+    for digest, config in rows:
+        out.add(digest)
+        out.add(semantic_hash(config))
+    return out
 
 
 def lock_workflow(session: Any, store: Store, workflow: str) -> None:

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import random
 import re
 import string
@@ -29,7 +30,7 @@ from flywheel_middleware.config import TunableRange
 from flywheel_middleware.hookspecs import hookimpl
 from flywheel_middleware.llm import ChatClient, LLMParams
 from flywheel_middleware.plugin_api import Candidate, Mutator, Sample
-from flywheel_middleware.versions import config_hash, get_path, set_path
+from flywheel_middleware.versions import config_hash, config_hashes, get_path, set_path
 
 log = logging.getLogger("flywheel_middleware.plugins.mutators")
 
@@ -84,6 +85,18 @@ def _neighbours(current: Any, values: list[Any], spec: Any) -> list[Any]:
     return list(values)
 
 
+_MAX_COMBOS = 5000
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of the same kind (True is not 1; 1 is 1.0)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
 def _fmt(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
@@ -126,7 +139,7 @@ class ParamMutator(Mutator):
         digest = hashlib.sha256(f"{p.seed}:{workflow}:{config_hash(base)}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "big"))
         values = {k: space_values(tunable[k]) for k in paths}
-        seen = set(tried) | {config_hash(base)}
+        seen = set(tried) | config_hashes(base)
         out: list[Candidate] = []
 
         def offer(changes: list[tuple[str, Any]]) -> bool:
@@ -134,14 +147,14 @@ class ParamMutator(Mutator):
             notes = []
             for path, value in changes:
                 old = get_path(base, path, None)
-                if old == value and type(old) is type(value):
+                if _same(old, value):  # 1 and 1.0 are one value: keep the base's
                     continue
                 config = set_path(config, path, value)
                 notes.append(f"{path} {_fmt(old)} → {_fmt(value)}")
-            h = config_hash(config)
-            if h in seen:
+            hashes = config_hashes(config)
+            if hashes & seen:
                 return False
-            seen.add(h)
+            seen.update(hashes)
             out.append(Candidate(config=config, note="param: " + ", ".join(notes)))
             return len(out) >= n
 
@@ -157,13 +170,20 @@ class ParamMutator(Mutator):
                 return out
         # 2. two (or more) tunables moved together
         for size in range(2, min(p.max_changes, len(paths)) + 1):
-            combos = [
-                combo
-                for combo in itertools.combinations(singles, size)
-                if len({path for path, _ in combo}) == size
-            ]
-            rng.shuffle(combos)
-            for combo in combos[:5000]:
+            if math.comb(len(singles), size) <= _MAX_COMBOS:
+                combos = [
+                    combo
+                    for combo in itertools.combinations(singles, size)
+                    if len({path for path, _ in combo}) == size
+                ]
+                rng.shuffle(combos)
+            else:  # too many to list: a random sample of them
+                combos = []
+                for _ in range(_MAX_COMBOS):
+                    combo = tuple(rng.sample(singles, size))
+                    if len({path for path, _ in combo}) == size:
+                        combos.append(combo)
+            for combo in combos[:_MAX_COMBOS]:
                 if offer(list(combo)):
                     return out
         # 3. random points anywhere in the space
@@ -280,7 +300,7 @@ class PromptRewriteMutator(Mutator):
         cases = "\n\n".join(
             _case_text(s, i + 1) for i, s in enumerate(bad_cases[: p.max_bad_cases])
         )
-        seen = set(tried) | {config_hash(base)}
+        seen = set(tried) | config_hashes(base)
         out: list[Candidate] = []
         for attempt in range(n * p.attempts):
             if len(out) >= n:
@@ -317,10 +337,10 @@ class PromptRewriteMutator(Mutator):
             if not rewritten or rewritten == template:
                 continue
             config = set_path(base, p.path, rewritten)
-            h = config_hash(config)
-            if h in seen:
+            hashes = config_hashes(config)
+            if hashes & seen:
                 continue
-            seen.add(h)
+            seen.update(hashes)
             out.append(
                 Candidate(
                     config=config,

@@ -162,3 +162,48 @@ def test_prompt_rewrite_names_a_bad_path():
     )
     with pytest.raises(ValueError, match="'nope.x'.*not a string"):
         mutator.propose({"a": 1}, workflow="qa", tunable={}, bad_cases=[], tried=set(), n=1)
+
+
+def test_param_does_not_repeat_a_config_that_differs_only_as_1_vs_1_0(store):
+    """YAML's ``temperature: 1`` and the grid's ``1.0`` are one config, tried once."""
+    from flywheel_middleware import versions
+
+    tunable = {"t": TunableRange(min=0, max=1, step=0.5), "k": TunableRange(choices=[2, 3])}
+    base = {"t": 1, "k": 2}  # on the grid, written as an int
+    mutator = _param()
+    tried = {config_hash(base)}
+    seen = []
+    while batch := mutator.propose(
+        base, workflow="w", tunable=tunable, bad_cases=[], tried=tried, n=3
+    ):
+        for cand in batch:
+            tried.add(config_hash(cand.config))
+            seen.append(cand.config)
+    # 3 × 2 points, the base is one: five candidates, none equal to another or to the base
+    assert len(seen) == 5
+    as_numbers = [(float(c["t"]), c["k"]) for c in seen]
+    assert len(set(as_numbers)) == 5 and (1.0, 2) not in as_numbers
+    # and "tried" from the store counts a version written with 1.0 as tried for 1
+    versions.create_version(store, "w", {"t": 1.0, "k": 3})
+    stored = versions.tried_hashes(store, "w")
+    out = mutator.propose(base, workflow="w", tunable=tunable, bad_cases=[], tried=stored, n=10)
+    assert {"t": 1, "k": 3} not in [c.config for c in out] and len(out) == 4
+
+
+def test_param_with_many_tunables_samples_combinations_instead_of_listing_them():
+    tunable = {f"p{i}": TunableRange(choices=list(range(8))) for i in range(12)}
+    base = {f"p{i}": 0 for i in range(12)}
+    mutator = plugin_manager(make_config()).build(
+        "mutator", {"type": "param", "params": {"max_changes": 5}}
+    )
+    # 12 × 7 single moves, 3,234 valid pairs; C(84, 4) ≈ 1.9·10⁶ and C(84, 5) ≈ 3·10⁷
+    # combinations would not fit in memory and time if listed
+    tried = {config_hash(base)}
+    singles = mutator.propose(base, workflow="w", tunable=tunable, bad_cases=[], tried=tried, n=84)
+    tried |= {config_hash(c.config) for c in singles}
+    out = mutator.propose(base, workflow="w", tunable=tunable, bad_cases=[], tried=tried, n=3300)
+    assert len(out) == 3300
+    sizes = [sum(cand.config[k] != base[k] for k in base) for cand in out]
+    assert sizes.count(2) == 3234 and all(3 <= n <= 5 for n in sizes[3234:])
+    assert len({config_hash(c.config) for c in out}) == 3300
+    assert not {config_hash(c.config) for c in out} & tried
