@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -33,6 +34,7 @@ log = logging.getLogger("flywheel_middleware.controller")
 Mode = Literal["suggest", "experiment", "auto"]
 MODES = ("suggest", "experiment", "auto")
 CYCLE_KIND = "cycle"
+_ABSENT = object()
 
 
 @dataclass
@@ -467,6 +469,14 @@ def generate(
         if active is None:
             continue
         tried = versions.tried_hashes(store, workflow)
+        missing = [p for p in wf.tunable if versions.get_path(active.config, p, _ABSENT) is _ABSENT]
+        if missing:
+            report.notes.append(
+                f"{workflow}: tunable {', '.join(map(repr, missing))} "
+                f"{'is' if len(missing) == 1 else 'are'} not in the active config "
+                f"(v{active.version}); a candidate that sets {'it' if len(missing) == 1 else 'them'}"
+                f" adds a new key — check the spelling under workflows.{workflow}.tunable"
+            )
         samples = bad_case_samples(store, config, workflow, _since(config, now))
         wanted = wf.experiment.max_candidates
         candidates: list[tuple[str, Candidate]] = []
@@ -489,10 +499,10 @@ def generate(
                     report.notes.append(f"mutator {mutator.name} failed for {workflow}: {exc}")
                     continue
                 for cand in proposed[:room]:
-                    h = versions.config_hash(cand.config)
-                    if h in tried:
+                    hashes = versions.config_hashes(cand.config)
+                    if hashes & tried:  # a third-party mutator may not check
                         continue
-                    tried.add(h)
+                    tried.update(hashes)
                     candidates.append((mutator.name, cand))
             if len(candidates) >= wanted:
                 break
@@ -515,6 +525,14 @@ def generate(
             continue
         if mode == "suggest":
             continue
+        traffic = wf.experiment.candidate_traffic
+        fit = math.ceil(1 / traffic) - 1  # candidates whose traffic leaves some for the baseline
+        if len(candidates) > fit:
+            report.notes.append(
+                f"{workflow}: {len(candidates)} candidates × {traffic:.0%} traffic leave nothing "
+                f"for the baseline; the experiment runs the first {fit}"
+            )
+            del candidates[fit:]
         ids = []
         for name, cand in candidates:
             row = versions.create_version(
@@ -529,15 +547,19 @@ def generate(
         reason = "hot problem: " + "; ".join(
             str(_field(p, "reason") or _field(p, "kind") or p) for p in items[:3]
         )
-        exp = ex.start_experiment(
-            store,
-            workflow,
-            ids,
-            traffic=wf.experiment.candidate_traffic,
-            unit=wf.experiment.unit,
-            actor=f"controller:{mode}",
-            reason=reason,
-        )
+        try:
+            exp = ex.start_experiment(
+                store,
+                workflow,
+                ids,
+                traffic=wf.experiment.candidate_traffic,
+                unit=wf.experiment.unit,
+                actor=f"controller:{mode}",
+                reason=reason,
+            )
+        except ex.ExperimentError as exc:  # e.g. traffic × candidates ≥ 1, or one started meanwhile
+            report.notes.append(f"{workflow}: could not start an experiment: {exc}")
+            continue
         report.started.append(
             {
                 "experiment_id": exp.id,
@@ -660,7 +682,7 @@ def render_markdown(r: CycleReport) -> str:
         lines.append("Nothing curated.")
     lines += ["", "## 3. Decide — running experiments", ""]
     if not r.decisions:
-        lines.append("No running experiments.")
+        lines += ["No running experiments.", ""]
     for d in r.decisions:
         lines += [
             f"### Experiment {d['experiment_id']} ({d['workflow']}): **{d['action']}**"

@@ -105,3 +105,59 @@ def test_a_clear_loser_is_stopped_in_experiment_mode(store, tmp_path):
     assert report.decisions[0]["applied"] == "rejected"
     assert ex.get_experiment(store, exp.id).status == "rejected"
     assert versions.active_version(store, "qa").id == v1.id
+
+
+def test_too_many_candidates_for_the_traffic_run_as_many_as_fit(store, tmp_path):
+    config = _config(tmp_path)
+    config.workflows["qa"].experiment.candidate_traffic = 0.5  # 2 candidates × 50% = all traffic
+    config.workflows["qa"].tunable["llm.temprature"] = config.workflows["qa"].tunable.pop(
+        "llm.temperature"
+    )  # a typo: not a key of the config
+    v1 = versions.ensure_workflow(store, config, "qa")
+    add_rollouts(store, experiment_id=None, variant=None, n=100, positive=20, version_id=v1.id)
+    report = run_cycle(store, config, "experiment", curate_data=False)
+    [started] = report.started
+    exp = ex.get_experiment(store, started["experiment_id"])
+    assert [v["weight"] for v in exp.variants] == [0.5, 0.5]
+    assert len(versions.list_versions(store, "qa")) == 2  # no version made for the other one
+    notes = "\n".join(report.notes)
+    assert "2 candidates × 50% traffic leave nothing for the baseline" in notes
+    assert "'llm.temprature' is not in the active config (v1)" in notes
+    text = Path(report.report_path).read_text(encoding="utf-8")
+    assert "leave nothing for the baseline" in text and "llm.temprature" in text
+
+
+def test_a_failed_experiment_start_is_a_note_and_the_report_is_still_written(
+    store, tmp_path, monkeypatch
+):
+    config = _config(tmp_path)
+    v1 = versions.ensure_workflow(store, config, "qa")
+    add_rollouts(store, experiment_id=None, variant=None, n=100, positive=20, version_id=v1.id)
+
+    def refuse(*args, **kwargs):  # e.g. another process started one a moment ago
+        raise ex.ExperimentError("workflow 'qa' already has a running experiment (7)")
+
+    monkeypatch.setattr(ex, "start_experiment", refuse)
+    report = run_cycle(store, config, "experiment", curate_data=False)
+    assert not report.started
+    assert "qa: could not start an experiment: workflow 'qa' already has" in "\n".join(report.notes)
+    assert "could not start an experiment" in Path(report.report_path).read_text("utf-8")
+
+
+def _headings_stand_alone(text):
+    lines = text.splitlines()
+    for i, line in enumerate(lines):  # every heading is its own paragraph
+        if line.startswith("#") and i:
+            assert lines[i - 1] == "", (i, line)
+
+
+def test_the_report_is_markdown_a_person_can_read(store, tmp_path):
+    config = _config(tmp_path)
+    quiet = run_cycle(store, config, "experiment", curate_data=False)  # nothing running yet
+    _headings_stand_alone(Path(quiet.report_path).read_text(encoding="utf-8"))
+    v1, cand, exp = _winner_experiment(store, config)
+    report = run_cycle(store, config, "experiment", curate_data=False)
+    text = Path(report.report_path).read_text(encoding="utf-8")
+    _headings_stand_alone(text)
+    assert "| candidate-1 | 0.30 | 600 | 70.0%" in text  # the evidence table
+    assert "To approve: `flywheel promote" in text
