@@ -39,7 +39,9 @@ cand − ratio·base) rejects. Evidence carries the anytime-valid bounds that in
 one-sided tests (each at level α, so promote ⇔ lower bound > 0, reject ⇔ upper bound < 0);
 ``cs_radius`` gives the symmetric normal-mixture confidence sequence
 Δ̂ ± sqrt(2V(V+τ²)/τ² · (ln(1/α) + ½ ln((V+τ²)/V))) for reference. Nothing is decided
-before ``min_samples`` per arm; at ``max_samples`` an undecided candidate is rejected (futility).
+before ``min_samples`` per arm; at ``max_samples`` an undecided candidate is rejected (futility),
+and so is one that is better but still breaks a guardrail at its point estimate (also at the
+horizon), so every experiment ends.
 Both boundaries share the guardrails above (their hard breaches use the mixture test, which
 holds without a horizon) and the Bonferroni split of α over candidates.
 
@@ -225,7 +227,14 @@ class SequentialPromoter(Promoter):
                 info.update(action="reject", reason=f"{metric} is worse by {-diff:.3f} ({shown})")
             elif better:
                 soft = [b["reason"] for b in breaches]
-                if soft:
+                if soft and (at_horizon or min(n_b, n_c) >= p.max_samples):
+                    # the last look: a gain that still breaks a guardrail is not shipped
+                    where = "the planned horizon" if at_horizon else f"{p.max_samples} samples"
+                    info.update(
+                        action="reject",
+                        reason=f"better, but at {where}: " + "; ".join(soft),
+                    )
+                elif soft:
                     info.update(action="continue", reason="better, but " + "; ".join(soft))
                 else:
                     info.update(
@@ -254,8 +263,10 @@ class SequentialPromoter(Promoter):
         if all(v.get("action") == "reject" for v in verdicts.values()):
             reasons = "; ".join(f"{k}: {v['reason']}" for k, v in verdicts.items())
             return Decision("reject", None, reasons, evidence)
-        pending = [k for k, v in verdicts.items() if v.get("action") == "continue"]
-        return Decision("continue", None, f"waiting on {', '.join(pending)}", evidence)
+        pending = [
+            f"{k} ({v['reason']})" for k, v in verdicts.items() if v.get("action") == "continue"
+        ]
+        return Decision("continue", None, f"waiting on {'; '.join(pending)}", evidence)
 
 
 def _horizon_test(

@@ -76,9 +76,10 @@ def test_horizon_is_the_fixed_horizon_test_at_its_end_and_stricter_before():
         assert ev["information_fraction"] >= 1
         assert ev["z_boundary"] == pytest.approx(1.96, abs=1e-3)
         assert late.action == action and (ev["z"] >= 1.96) == (action == "promote")
-    assert "planned horizon" in p.decide(
-        stats(variant("baseline", n, 800), variant("candidate-1", n, 836))
-    ).reason  # the horizon is the last look: not better there means futile
+    assert (
+        "planned horizon"
+        in p.decide(stats(variant("baseline", n, 800), variant("candidate-1", n, 836))).reason
+    )  # the horizon is the last look: not better there means futile
     n = 400  # a quarter of the way: the boundary is twice as far
     early = p.decide(stats(variant("baseline", n, 200), variant("candidate-1", n, 230)))
     ev = early.evidence["candidates"]["candidate-1"]
@@ -183,3 +184,29 @@ def test_reported_bounds_agree_with_the_decision(boundary):
         low, high = d.evidence["candidates"]["candidate-1"]["confidence_sequence"]
         assert low <= (positive - 1000) / 2000 <= high
         assert (d.action == "promote") == (low > 0), (positive, low, d.action)
+
+
+def noisy(v, sd):
+    """The same variant with latencies spread by ``sd`` ms."""
+    v.latency_sumsq = (v.latency_sum / v.latency_n) ** 2 * v.latency_n + sd * sd * v.latency_n
+    return v
+
+
+@BOUNDARIES
+def test_better_but_over_a_guardrail_ends_at_the_last_look(boundary):
+    """A gain that still breaks a guardrail at the horizon (or max_samples) is rejected, so
+    the experiment ends instead of running forever."""
+    p = _promoter("sequential", boundary=boundary, max_samples=3000)
+
+    def decide(n):
+        base = noisy(variant("baseline", n, n // 2, latency=100.0), 100)
+        # 1.25× is over latency_ratio_max 1.2 at the point estimate, not beyond doubt
+        cand = noisy(variant("candidate-1", n, n // 2 + n // 10, latency=125.0), 100)
+        return p.decide(stats(base, cand))
+
+    early = decide(1000)
+    assert early.action == "continue" and "better, but latency 1.25×" in early.reason
+    last = decide(3000)  # past the horizon (I ≈ 6000 > 3140) and at max_samples
+    info = last.evidence["candidates"]["candidate-1"]
+    assert last.action == "reject" and "better, but at" in info["reason"], info
+    assert "latency 1.25× baseline" in info["reason"]
