@@ -6,6 +6,10 @@ answers and leave UI signals, then the controller runs in ``auto`` mode: it find
 problem, proposes candidates (parameter changes and an APO-style prompt rewrite), runs the
 experiment, promotes a winner that the sequential test says is really better, and exports
 datasets. Everything lives in one folder, on the embedded SQLite store.
+
+The traffic (customers, questions, answers) repeats from ``--seed``; escalations go to a desk
+chosen by ``fw.route``'s Thompson sampling, which is not seeded, so the ratings of escalated
+answers — and the figures derived from them — vary a little between runs.
 """
 
 from __future__ import annotations
@@ -139,18 +143,22 @@ def _serve(
     article = rng.choice(KNOWLEDGE_BASE)
     question = question_for(article, rng.randrange(5))
     session = f"{user}-s{cycle}"
+    seed = f"{settings.seed}-{cycle}-{rng.random()}"
+    # The customer's reaction draws from its own stream: the desk that fw.route picks is not
+    # seeded, and it must not shift which customers and questions come next.
+    local = random.Random(seed)
     with fw.rollout(WORKFLOW, user_id=user, session_id=session, input=question) as r:
         cfg = r.config
-        chain = build_chain(cfg, seed=f"{settings.seed}-{cycle}-{rng.random()}")
+        chain = build_chain(cfg, seed=seed)
         callbacks = {"callbacks": [handler]} if handler is not None else {}
         answer = chain.invoke({"question": question, "company": "Acme Shop"}, config=callbacks)
         r.set_output(answer)
         resolved = None
         if ESCALATION in answer:  # the agent hands over: adaptive routing picks a desk
             with fw.route([article.topic]) as desk:
-                resolved = rng.random() < DESK_SKILL[desk.agent_id].get(article.topic, 0.3)
+                resolved = local.random() < DESK_SKILL[desk.agent_id].get(article.topic, 0.3)
                 tally["_desks"][desk.agent_id] += 1
-    reaction = react(rng, article, answer, settings.rate_probability, resolved)
+    reaction = react(local, article, answer, settings.rate_probability, resolved)
     if resolved is not None:
         fw.feedback(r.id, key="resolved", value=float(resolved), source="business")
     if reaction.rating is not None:
