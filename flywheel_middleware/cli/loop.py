@@ -506,6 +506,8 @@ def print_cycle(report: Any) -> None:
         if report.mode == "suggest":
             for c in p["candidates"]:
                 console.print(f"suggested for {p['workflow']}: {c['note']}")
+    if not (report.problems or report.decisions or report.started):
+        console.print("no hot problems and no running experiments: nothing to do")
     for note in report.notes:
         console.print(f"[dim]note: {note}[/]")
     console.print(f"report: {report.report_path}")

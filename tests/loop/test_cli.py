@@ -74,6 +74,7 @@ def test_config_experiment_promote_rollback_commands(store, store_url, tmp_path)
 
 def test_cycle_and_run_commands(store, store_url, tmp_path):
     run = _setup(tmp_path, store_url)
+    assert "nothing to do" in run("cycle").output  # no traffic yet
     v1 = versions.ensure_workflow(store, make_config(), "qa")
     add_rollouts(store, experiment_id=None, variant=None, n=100, positive=10, version_id=v1.id)
     out = run("cycle", "--mode", "suggest").output
@@ -82,7 +83,7 @@ def test_cycle_and_run_commands(store, store_url, tmp_path):
     assert out.count("flywheel cycle (experiment)") == 2 and "started experiment" in out
     out = run("experiment", "stop", "1").output
     assert "stopped" in out
-    assert len(list((tmp_path / "reports").glob("cycle-*.md"))) == 3
+    assert len(list((tmp_path / "reports").glob("cycle-*.md"))) == 4
 
 
 def test_parse_every():
