@@ -408,9 +408,14 @@ def register(main: click.Group) -> None:
                 done += 1
                 if cycles is not None and done >= cycles:
                     break
-                time.sleep(max(0.0, interval - (time.monotonic() - started)))
+                _wait(max(0.0, interval - (time.monotonic() - started)))
         except KeyboardInterrupt:
             console.print(f"stopped after {done} cycle(s)")
+
+
+def _wait(seconds: float) -> None:
+    """Sleep until the next cycle (Ctrl-C interrupts it)."""
+    time.sleep(seconds)
 
 
 def _report_stopped(cli: Cli, running: Any) -> None:

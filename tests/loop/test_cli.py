@@ -154,3 +154,19 @@ def test_without_workflows_the_error_says_where_to_declare_one(tmp_path):
     assert result.exit_code == 2
     assert "no workflows yet: declare one under workflows:" in result.output
     assert str(path) in " ".join(result.output.split())
+
+
+def test_run_stops_cleanly_on_ctrl_c(store, store_url, tmp_path, monkeypatch):
+    import flywheel_middleware.cli.loop as loop
+
+    run = _setup(tmp_path, store_url)
+    waits = []
+
+    def interrupted(seconds):  # Ctrl-C while waiting for the next cycle
+        waits.append(seconds)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_wait", interrupted)
+    out = run("run", "--every", "10m").output
+    assert out.count("flywheel cycle (suggest)") == 1 and "stopped after 1 cycle(s)" in out
+    assert 590 < waits[0] <= 600  # the interval minus the cycle's own time
