@@ -9,9 +9,10 @@ thread). Variants run interleaved in rounds; each figure is the median over roun
 Targets: flywheel <= 2x the no-op floor and <= 1/4 of Langfuse's overhead.
 
 OpenAI: ``chat.completions.create`` on the real SDK against the loopback server, plain client vs
-``wrap_openai`` (plain and streaming). Target: <= 5% overhead.
+``wrap_openai`` (plain and streaming), measured two ways (see ``OPENAI_METHODS``), with the
+agent thread's and the writer thread's CPU apart. Target: <= 5% overhead.
 
-    .venv/bin/python benchmarks/adapter_overhead.py [--calls 2000] [--rounds 7]
+    .venv/bin/python benchmarks/adapter_overhead.py [--calls 2000] [--rounds 7] [--only openai]
 """
 
 from __future__ import annotations
@@ -160,7 +161,35 @@ def bench_langchain(calls: int, rounds: int) -> dict[str, tuple[float, float]]:
 _MINS: dict[str, tuple[float, float]] = {}
 
 
-def bench_openai(calls: int, rounds: int) -> dict[str, tuple[float, float]]:
+def _writer_cpu_clock() -> Callable[[], float] | None:
+    """The CPU-time clock of flywheel's writer thread (Linux), or None where there is none."""
+    import threading
+
+    thread = next((t for t in threading.enumerate() if t.name == "flywheel-recorder"), None)
+    try:
+        clock = time.pthread_getcpuclockid(thread.ident)  # type: ignore[union-attr]
+        time.clock_gettime(clock)
+    except (AttributeError, OSError, TypeError):
+        return None
+    return lambda: time.clock_gettime(clock)
+
+
+# The two ways the OpenAI figures are taken; each round runs every variant with both.
+OPENAI_METHODS = {
+    "continuous": "blocks of {continuous} calls with flywheel's writer on its own 0.2 s schedule, "
+    "as in a running agent (each block's final flush is timed too)",
+    "blocks": "the earlier figure: blocks of {calls} calls, then fw.flush() inside the timing, "
+    "so most SQLite writing is serialized into the block instead of overlapping network waits",
+}
+OPENAI_VARIANTS = ("plain", "wrapped", "plain stream", "plain stream+usage", "wrapped stream")
+
+
+def bench_openai(
+    calls: int, rounds: int, continuous: int = 800
+) -> dict[str, dict[str, tuple[float, float, float, float]]]:
+    """method -> variant -> (wall, process cpu, agent-thread cpu, writer-thread cpu) seconds per
+    call, each the median over ``rounds`` rounds that alternate the variants. The writer's
+    thread CPU is NaN where the platform has no per-thread clock."""
     import openai
     from flywheel_middleware.adapters.openai import wrap_openai
 
@@ -185,30 +214,52 @@ def bench_openai(calls: int, rounds: int) -> dict[str, tuple[float, float]]:
         def call(client: Any) -> Callable[[], Any]:
             return lambda: client.chat.completions.create(model="m", messages=messages)
 
-        def stream(client: Any) -> Callable[[], Any]:
+        def stream(client: Any, **extra: Any) -> Callable[[], Any]:
             return lambda: list(
-                client.chat.completions.create(model="m", messages=messages, stream=True)
+                client.chat.completions.create(model="m", messages=messages, stream=True, **extra)
             )
 
         variants = {
             "plain": call(plain),
             "wrapped": call(wrapped),
             "plain stream": stream(plain),
+            # what the usage chunk the wrapper asks for costs the client without flywheel
+            "plain stream+usage": stream(plain, stream_options={"include_usage": True}),
             "wrapped stream": stream(wrapped),
         }
         for fn in variants.values():
-            _timed(fn, 50)
-        walls: dict[str, list[float]] = {name: [] for name in variants}
-        cpus: dict[str, list[float]] = {name: [] for name in variants}
+            _timed(fn, 50, fw.flush)
+        writer_clock = _writer_cpu_clock()
+        nan = float("nan")
+
+        def run(fn: Callable[[], Any], n: int, settle: Any) -> tuple[float, float, float, float]:
+            writer = writer_clock() if writer_clock else nan
+            agent = time.thread_time()
+            wall, cpu = _timed(fn, n, settle)
+            agent = (time.thread_time() - agent) / n
+            writer = (writer_clock() - writer) / n if writer_clock else nan
+            return wall, cpu, agent, writer
+
+        samples: dict[str, dict[str, list[tuple[float, float, float, float]]]] = {
+            method: {name: [] for name in variants} for method in OPENAI_METHODS
+        }
         for _ in range(rounds):
             for name, fn in variants.items():
-                wall, cpu = _timed(fn, calls, fw.flush if "wrapped" in name else None)
-                walls[name].append(wall)
-                cpus[name].append(cpu)
+                samples["blocks"][name].append(
+                    run(fn, calls, fw.flush if "wrapped" in name else None)
+                )
+            for name, fn in variants.items():
+                samples["continuous"][name].append(run(fn, continuous, fw.flush))
     finally:
         proc.terminate()
         proc.wait(10)
-    return {n: (statistics.median(walls[n]), statistics.median(cpus[n])) for n in variants}
+    return {
+        method: {
+            name: tuple(statistics.median(column) for column in zip(*rows, strict=True))  # type: ignore[misc]
+            for name, rows in by_name.items()
+        }
+        for method, by_name in samples.items()
+    }
 
 
 def isolated_costs(calls: int = 5000) -> tuple[float, float]:
@@ -357,18 +408,65 @@ def isolated_openai_costs(calls: int = 5000) -> tuple[float, float]:
     return agent / calls * 1e6, writer / calls * 1e6
 
 
+def report_openai(args: argparse.Namespace) -> None:
+    """Run and print the OpenAI section (the store is configured by ``main``)."""
+    oa = bench_openai(args.openai_calls, args.openai_rounds, args.openai_continuous)
+    print(
+        f"\nOpenAI SDK, loopback server in its own process, median of {args.openai_rounds} "
+        "rounds alternating the variants; two methods:"
+    )
+    fmt = {"calls": args.openai_calls, "continuous": args.openai_continuous}
+    for method, text in OPENAI_METHODS.items():
+        print(f"  {method}: {text.format(**fmt)}")
+
+    def pct(new: float, old: float) -> str:
+        return f"{(new - old) / old * 100:+.1f}%"
+
+    for kind in ("", " stream"):
+        for method, by_name in oa.items():
+            (pw, pc, pa, _), (ww, wc, wa, wt) = by_name["plain" + kind], by_name["wrapped" + kind]
+            threads = (
+                "" if wt != wt else f"   agent thread {(wa - pa) * 1e6:+.0f}, writer {wt * 1e6:.0f}"
+            )
+            print(
+                f"create{kind:<8}{method:<11} wall {pw * 1e6:6.0f} -> {ww * 1e6:6.0f} µs "
+                f"({pct(ww, pw)})   cpu {pc * 1e6:6.0f} -> {wc * 1e6:6.0f} µs ({pct(wc, pc)})"
+                f"{threads}   target <= 5%"
+            )
+    for method, by_name in oa.items():
+        (pw, pc, *_), (uw, uc, *_) = by_name["plain stream"], by_name["plain stream+usage"]
+        print(
+            f"without flywheel, asking for stream usage ({method}): wall {pct(uw, pw)}, "
+            f"cpu {pct(uc, pc)} (the chunk the wrapper asks for to record token counts)"
+        )
+    agent_us, writer_us = isolated_openai_costs()
+    plain_wall = oa["continuous"]["plain"][0] * 1e6
+    print(
+        f"isolated (min of 5): wrapper {agent_us:.1f} µs/call on the agent thread + rows "
+        f"and SQLite {writer_us:.1f} µs/call on the writer thread = "
+        f"{(agent_us + writer_us) / plain_wall * 100:.1f}% of the plain loopback call "
+        f"({plain_wall:.0f} µs)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="LangChain calls per round")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--openai-calls", type=int, default=100, help="per block")
-    parser.add_argument("--openai-rounds", type=int, default=15)
+    parser.add_argument("--openai-calls", type=int, default=100, help="per block (blocks)")
+    parser.add_argument("--openai-continuous", type=int, default=800, help="per block (continuous)")
+    parser.add_argument("--openai-rounds", type=int, default=11)
+    parser.add_argument("--only", choices=("langchain", "openai"), help="run one section")
     args = parser.parse_args()
 
     import flywheel_middleware as fw
 
     with tempfile.TemporaryDirectory() as tmp:
         fw.configure(store_url=f"sqlite:///{Path(tmp) / 'bench.db'}")
+        if args.only == "openai":
+            report_openai(args)
+            fw.shutdown()
+            return
         lc = bench_langchain(args.calls, args.rounds)
         print(f"\nLangChain, fake chat model, {args.calls} calls x {args.rounds} rounds (median)")
         print(f"{'variant':<16}{'wall µs':>10}{'overhead':>10}{'cpu µs':>10}{'overhead':>10}")
@@ -408,26 +506,8 @@ def main() -> None:
             f"thread; rows + SQLite {writer_us:.1f} µs/call on the writer thread"
         )
 
-        oa = bench_openai(args.openai_calls, args.openai_rounds)
-        print(
-            f"\nOpenAI SDK, loopback server in its own process, {args.openai_calls} calls x "
-            f"{args.openai_rounds} alternating rounds (median)"
-        )
-        for kind in ("", " stream"):
-            (pw, pc), (ww, wc) = oa["plain" + kind], oa["wrapped" + kind]
-            print(
-                f"create{kind:<8} wall {pw * 1e6:7.0f} -> {ww * 1e6:7.0f} µs "
-                f"({(ww - pw) / pw * 100:+.1f}%)   cpu {pc * 1e6:7.0f} -> {wc * 1e6:7.0f} µs "
-                f"({(wc - pc) / pc * 100:+.1f}%)   target <= 5%"
-            )
-        agent_us, writer_us = isolated_openai_costs()
-        plain_wall = oa["plain"][0] * 1e6
-        print(
-            f"isolated (min of 5): wrapper {agent_us:.1f} µs/call on the agent thread + rows "
-            f"and SQLite {writer_us:.1f} µs/call on the writer thread = "
-            f"{(agent_us + writer_us) / plain_wall * 100:.1f}% of the plain loopback call "
-            f"({plain_wall:.0f} µs)"
-        )
+        if args.only != "langchain":
+            report_openai(args)
         fw.shutdown()
 
 
