@@ -28,7 +28,9 @@ Scripting answers::
 A responder (or a queued item) may return a ``str`` (the assistant text), a ``Reply``, or a
 ``dict`` (sent verbatim as the JSON body). Without either, the server echoes the last user
 message as ``"echo: <text>"``. Token usage counts whitespace-separated words.
-``Reply(refusal="...")`` answers a chat completion with a refusal instead of content.
+``Reply(refusal="...")`` answers a chat completion with a refusal instead of content;
+``Reply(prelude=[{...}])`` sends those chunk bodies first in a chat stream, as they are (an
+Azure-style ``prompt_filter_results`` chunk with no choices, say).
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class Reply:
     input_tokens: int | None = None
     output_tokens: int | None = None
     refusal: str | None = None
+    prelude: list[dict[str, Any]] = field(default_factory=list)  # chat stream: sent first, as is
 
 
 Responder = Callable[[Request], "str | Reply | dict[str, Any]"]
@@ -433,6 +436,8 @@ def _chat_stream(server: OpenAIServer, req: Request, reply: Reply) -> Iterator[s
             body["usage"] = None
         return f"data: {json.dumps(body)}\n\n"
 
+    for body in reply.prelude:  # e.g. Azure's prompt_filter_results chunk (no choices)
+        yield f"data: {json.dumps(body)}\n\n"
     yield chunk({"role": "assistant", "content": ""})
     if reply.refusal is not None:
         for piece in _pieces(reply.refusal):
