@@ -13,8 +13,9 @@ instrumented the same way.
 Flywheel's own keyword arguments are removed before the call: ``flywheel={...}`` (keys
 ``workflow``, ``user_id``, ``session_id``, ``tags``, ``metadata``, ``name``) or the
 shorthands ``user_id=`` / ``session_id=``. Chat streams get ``stream_options.include_usage``
-when the caller did not ask for it, and the extra usage-only chunk is dropped before the
-caller sees it. Errors are recorded and re-raised unchanged; ``with_raw_response`` and
+when the caller did not ask for it, and the extra usage-only chunk is taken off the event
+stream before the SDK parses it, so the caller gets exactly the unwrapped client's chunks.
+Errors are recorded and re-raised unchanged; ``with_raw_response`` and
 ``with_streaming_response`` calls pass through untraced.
 
 One request is one span. The SDK's ``.stream()`` helpers make their request through the
@@ -33,6 +34,7 @@ from flywheel_middleware import tracing
 from flywheel_middleware.tracing import SpanHandle
 
 log = logging.getLogger("flywheel_middleware.adapters.openai")
+_time_ns = time.time_ns
 
 __all__ = ["wrap_openai"]
 
@@ -279,10 +281,8 @@ class _Call:
         self.helper = helper
 
 
-def _own_kwargs(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+def _own_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Remove flywheel's keyword arguments from the call (``kwargs`` is the wrapper's own dict)."""
-    if not ("flywheel" in kwargs or "user_id" in kwargs or "session_id" in kwargs):
-        return None
     own: dict[str, Any] = {}
     fly = kwargs.pop("flywheel", None)
     if fly:
@@ -327,7 +327,11 @@ def _begin(
     pending: _Helper | None = None,
 ) -> _Call:
     """Open the span (and a rollout if none is active); may add stream_options to kwargs."""
-    own = _own_kwargs(kwargs)
+    own = (
+        _own_kwargs(kwargs)
+        if "flywheel" in kwargs or "user_id" in kwargs or "session_id" in kwargs
+        else None
+    )
     if pending is not None and pending.own:
         own = {**pending.own, **(own or {})}
     parent = tracing.current()
@@ -398,19 +402,46 @@ def _begin(
     if opened:
         rollout.input = span.input  # already a snapshot
         span._owns_rollout = True
-    added = False
-    if stream and endpoint == "chat":
-        options = _given(kwargs, "stream_options")
-        if not (options and options.get("include_usage")):
-            kwargs["stream_options"] = {**(options or {}), "include_usage": True}
-            added = True
+    added = stream and endpoint == "chat" and _ask_usage(kwargs)
     return _Call(span, added, endpoint, stream, pending)
+
+
+def _ask_usage(kwargs: dict[str, Any]) -> bool:
+    """Make a chat stream report its usage unless the caller asked already; True if added.
+
+    Without the caller's ``stream_options`` the request gets it through ``extra_body``, which
+    the SDK merges into the JSON as it is, where a ``stream_options`` argument goes through its
+    type-driven transform (tens of microseconds). The body sent is the same. The caller's own
+    ``extra_body`` wins over the arguments in that merge, so its ``stream_options`` is looked
+    at first; the caller's dicts are copied, never changed.
+    """
+    body = kwargs.get("extra_body")
+    if body.__class__ in _ABSENT:
+        body = None
+    if body:
+        extra = body.get("stream_options")
+        if extra is not None:
+            if extra.get("include_usage"):
+                return False
+            kwargs["extra_body"] = {**body, "stream_options": {**extra, "include_usage": True}}
+            return True
+    options = _given(kwargs, "stream_options")
+    if options is not None:
+        if options.get("include_usage"):
+            return False
+        kwargs["stream_options"] = {**options, "include_usage": True}
+        return True
+    usage = {"include_usage": True}
+    kwargs["extra_body"] = {**body, "stream_options": usage} if body else {"stream_options": usage}
+    return True
 
 
 # -- response side ----------------------------------------------------------------------------
 
 
 def _usage_pair(endpoint: str, usage: Any) -> tuple[int | None, int | None]:
+    if usage.__class__ is dict:  # a chat stream's usage-only event, read as JSON
+        return usage.get("prompt_tokens"), usage.get("completion_tokens")
     if endpoint == "responses":
         return usage.input_tokens, usage.output_tokens
     if endpoint == "embeddings":
@@ -516,10 +547,18 @@ def _async_wrapper(original: Any, endpoint: str, opts: _Options, helper: str | N
 
 
 # -- streams ------------------------------------------------------------------------------------
+#
+# An SDK stream (``openai.Stream`` / ``AsyncStream``, by far the common case) is replaced by an
+# instance of a subclass of its own class that shares its state and runs the SDK's own parsing
+# loop (``__stream__``), so the caller gets exactly the objects the SDK would have made. Two
+# things are changed underneath: the chunks pass through one recording generator, and when the
+# wrapper itself asked for ``include_usage`` the usage-only event is taken off the SSE event
+# stream before the SDK parses it (its JSON is read once, and no chunk object is ever built for
+# it). Anything else that comes back from ``create(stream=True)`` gets a plain proxy.
 
 
 class _StreamState:
-    """Accumulates what a stream delivered, chunk by chunk; decides which chunks to hide."""
+    """What a stream delivered so far (chunk by chunk); ends the span with it."""
 
     __slots__ = ("call", "capture", "text", "tool_calls", "usage", "model", "first_ns", "final")
 
@@ -533,39 +572,66 @@ class _StreamState:
         self.first_ns = 0
         self.final: Any = None
 
-    def show(self, item: Any) -> bool:
-        """Record one chunk/event; False when the caller must not see it. Never raises."""
+    def see_chunk(self, chunk: Any) -> bool:
+        """Record one chat chunk; False when the caller must not see it. Never raises."""
         try:
-            if self.call.endpoint == "responses":
-                return self._see_event(item)
-            return self._see_chunk(item)
+            choices = chunk.choices
+            if choices:
+                delta = choices[0].delta
+                if delta is not None:
+                    content = delta.content
+                    if content:
+                        if not self.first_ns:
+                            self.first_ns = _time_ns()
+                        if self.capture:
+                            self.text.append(content)
+                    if delta.tool_calls:
+                        if not self.first_ns:
+                            self.first_ns = _time_ns()
+                        if self.capture:
+                            self._add_tool_calls(delta.tool_calls)
+            else:
+                usage = chunk.usage
+                if usage is not None:
+                    self.usage = usage
+                    if self.call.added_usage:  # the usage-only chunk we asked for
+                        return False
+            if self.call.added_usage and chunk.usage is None:
+                # Asked for usage, the server sends ``"usage": null`` in every chunk; unasked,
+                # the key is absent: keep ``model_fields_set`` / ``to_dict()`` the same.
+                try:
+                    chunk.__pydantic_fields_set__.discard("usage")
+                except AttributeError:  # pydantic 1
+                    pass
+            if not self.model:  # (an Azure content-filter chunk comes first, model "")
+                self.model = chunk.model
         except Exception:
             log.exception("flywheel: could not record a stream chunk")
-            return True
-
-    def _see_chunk(self, chunk: Any) -> bool:
-        if self.model is None:
-            self.model = getattr(chunk, "model", None)
-        usage = getattr(chunk, "usage", None)
-        if usage is not None:
-            self.usage = usage
-        choices = chunk.choices
-        if not choices:
-            return not self.call.added_usage  # the usage-only chunk we asked for
-        delta = choices[0].delta
-        if delta is not None:
-            content = delta.content
-            if content:
-                if not self.first_ns:
-                    self.first_ns = time.time_ns()
-                if self.capture:
-                    self.text.append(content)
-            if delta.tool_calls:
-                if not self.first_ns:
-                    self.first_ns = time.time_ns()
-                if self.capture:
-                    self._add_tool_calls(delta.tool_calls)
         return True
+
+    def see_usage(self, sse: Any) -> bool:
+        """True (and the usage recorded) when an SSE event is the usage-only chunk the wrapper
+        asked for: ``choices`` empty, ``usage`` an object. Never raises."""
+        try:
+            if sse.event:
+                return False
+            data = sse.json()
+        except Exception:  # not JSON: the SDK raises that for the caller, as unwrapped
+            return False
+        try:
+            if (
+                data.__class__ is dict
+                and data.get("choices") == []
+                and data.get("usage").__class__ is dict
+                and not data.get("error")
+            ):
+                self.usage = data["usage"]
+                if self.model is None:
+                    self.model = data.get("model")
+                return True
+        except Exception:
+            log.exception("flywheel: could not read a stream event")
+        return False
 
     def _add_tool_calls(self, deltas: Any) -> None:
         for tc in deltas:
@@ -577,19 +643,27 @@ class _StreamState:
                 slot["name"] += fn.name or ""
                 slot["arguments"] += fn.arguments or ""
 
-    def _see_event(self, event: Any) -> bool:
-        kind = getattr(event, "type", "")
-        if kind == "response.output_text.delta":
-            if not self.first_ns:
-                self.first_ns = time.time_ns()
-            if self.capture:
-                self.text.append(event.delta)
-        elif kind == "response.function_call_arguments.delta":
-            if not self.first_ns:
-                self.first_ns = time.time_ns()
-        elif kind in ("response.completed", "response.incomplete", "response.failed"):
-            self.final = event.response
+    def see_event(self, event: Any) -> bool:
+        """Record one responses event (all are shown). Never raises."""
+        try:
+            kind = getattr(event, "type", "")
+            if kind == "response.output_text.delta":
+                if not self.first_ns:
+                    self.first_ns = _time_ns()
+                if self.capture:
+                    self.text.append(event.delta)
+            elif kind == "response.function_call_arguments.delta":
+                if not self.first_ns:
+                    self.first_ns = _time_ns()
+            elif kind in ("response.completed", "response.incomplete", "response.failed"):
+                self.final = event.response
+        except Exception:
+            log.exception("flywheel: could not record a stream event")
         return True
+
+    def see(self) -> Any:
+        """The per-item recorder for this stream's endpoint."""
+        return self.see_event if self.call.endpoint == "responses" else self.see_chunk
 
     def end(self, error: BaseException | None = None) -> None:
         """Finish the span with what arrived (called at the end, on error or on close)."""
@@ -618,15 +692,123 @@ class _StreamState:
             log.exception("flywheel: could not end a stream span")
 
 
-class _TracedBase:
-    """What the sync and async stream proxies share: state, attribute pass-through, cleanup."""
+def _recorded(state: _StreamState, items: Any) -> Any:
+    """Yield what ``items`` yields (minus what ``state`` hides); end the span with the stream."""
+    see = state.see()
+    try:
+        for item in items:
+            if see(item):
+                yield item
+    except GeneratorExit:  # closed or dropped before the end
+        state.end()
+        raise
+    except BaseException as exc:
+        state.end(exc)
+        raise
+    state.end()
 
-    _stream: Any
+
+async def _arecorded(state: _StreamState, items: Any) -> Any:
+    see = state.see()
+    try:
+        async for item in items:
+            if see(item):
+                yield item
+    except GeneratorExit:
+        state.end()
+        raise
+    except BaseException as exc:
+        state.end(exc)
+        raise
+    state.end()
+
+
+def _without_usage(state: _StreamState, events: Any) -> Any:
+    """SSE events minus the usage-only chunk (only a chunk with an empty list can be it)."""
+    for sse in events:
+        if "[]" in sse.data and state.see_usage(sse):
+            continue
+        yield sse
+
+
+async def _awithout_usage(state: _StreamState, events: Any) -> Any:
+    async for sse in events:
+        if "[]" in sse.data and state.see_usage(sse):
+            continue
+        yield sse
+
+
+class _TracedBase:
+    """What every traced stream has: the recording state, ended at the latest when dropped."""
+
     _state: _StreamState
 
+    def __del__(self) -> None:
+        try:
+            self._state.end()
+        except Exception:
+            pass
+
+
+def _twins(self: Any, stream: Any, call: _Call, capture: bool) -> tuple[_StreamState, Any]:
+    """Set up the caller's traced stream ``self`` from the SDK's ``stream``; return the state
+    and a twin of ``self`` for the SDK's parsing loop to run on. That loop's generator holds
+    the object it runs on, and ``self`` holds the loop (through the recording generator): were
+    it ``self``, that cycle would keep a stream the caller drops, and its span open, until the
+    cyclic GC runs. So the caller's object ends its span as soon as it is dropped."""
+    state = _StreamState(call, capture)
+    twin = object.__new__(self.__class__)
+    twin.__dict__.update(stream.__dict__)
+    twin._state = state
+    self.__dict__.update(stream.__dict__)
+    self._state = state
+    return state, twin
+
+
+class _SyncSDKStream(_TracedBase):
+    """Mixed into a subclass of the SDK's ``Stream`` class (see the comment above)."""
+
     def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
-        if isinstance(self, _SDK_STREAMS):  # an ``openai.Stream`` subclass: share its state
-            self.__dict__.update(stream.__dict__)
+        state, twin = _twins(self, stream, call, capture)
+        self._iterator = _recorded(state, twin.__stream__())
+
+    def _iter_events(self) -> Any:
+        events = super()._iter_events()  # type: ignore[misc]
+        state = self._state
+        return _without_usage(state, events) if state.call.added_usage else events
+
+    def close(self) -> None:
+        try:
+            super().close()  # type: ignore[misc]
+        finally:
+            self._state.end()
+
+
+class _AsyncSDKStream(_TracedBase):
+    """The async twin of ``_SyncSDKStream``, for ``AsyncStream``."""
+
+    def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
+        state, twin = _twins(self, stream, call, capture)
+        self._iterator = _arecorded(state, twin.__stream__())
+
+    def _iter_events(self) -> Any:
+        events = super()._iter_events()  # type: ignore[misc]
+        state = self._state
+        return _awithout_usage(state, events) if state.call.added_usage else events
+
+    async def close(self) -> None:
+        try:
+            await super().close()  # type: ignore[misc]
+        finally:
+            self._state.end()
+
+
+class _ProxyBase(_TracedBase):
+    """A stand-in for a stream that is not the SDK's: same iteration, attributes passed on."""
+
+    _stream: Any
+
+    def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
         self._stream = stream
         self._state = _StreamState(call, capture)
         self._start()
@@ -639,37 +821,18 @@ class _TracedBase:
             raise AttributeError(name)
         return getattr(self._stream, name)
 
-    def __del__(self) -> None:
-        try:
-            self._state.end()
-        except Exception:
-            pass
 
-
-class _TracedStream(_TracedBase):
-    """Iterates the SDK's ``Stream`` for the caller, recording as it goes; same surface."""
-
+class _ProxyStream(_ProxyBase):
     def _start(self) -> None:
-        self._iter = iter(self._stream)
+        self._iter = _recorded(self._state, self._stream)
 
-    def __iter__(self) -> _TracedStream:
-        return self
+    def __iter__(self) -> Any:
+        return self._iter
 
     def __next__(self) -> Any:
-        state = self._state
-        while True:
-            try:
-                item = next(self._iter)
-            except StopIteration:
-                state.end()
-                raise
-            except BaseException as exc:
-                state.end(exc)
-                raise
-            if state.show(item):
-                return item
+        return next(self._iter)
 
-    def __enter__(self) -> _TracedStream:
+    def __enter__(self) -> _ProxyStream:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -682,30 +845,17 @@ class _TracedStream(_TracedBase):
             self._state.end()
 
 
-class _TracedAsyncStream(_TracedBase):
-    """The async twin of ``_TracedStream`` for ``AsyncStream``."""
-
+class _ProxyAsyncStream(_ProxyBase):
     def _start(self) -> None:
-        self._iter = self._stream.__aiter__()
+        self._iter = _arecorded(self._state, self._stream)
 
-    def __aiter__(self) -> _TracedAsyncStream:
-        return self
+    def __aiter__(self) -> Any:
+        return self._iter
 
     async def __anext__(self) -> Any:
-        state = self._state
-        while True:
-            try:
-                item = await self._iter.__anext__()
-            except StopAsyncIteration:
-                state.end()
-                raise
-            except BaseException as exc:
-                state.end(exc)
-                raise
-            if state.show(item):
-                return item
+        return await self._iter.__anext__()
 
-    async def __aenter__(self) -> _TracedAsyncStream:
+    async def __aenter__(self) -> _ProxyAsyncStream:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -721,31 +871,32 @@ class _TracedAsyncStream(_TracedBase):
         await self.close()
 
 
-def _sdk_stream_classes() -> tuple[Any, ...]:
-    """Subclasses of the SDK's ``Stream``/``AsyncStream``, so ``isinstance`` checks still hold."""
+def _sdk_stream_classes() -> tuple[type, type] | None:
     try:
         import openai
 
-        class TracedStream(_TracedStream, openai.Stream):  # type: ignore[misc]
-            pass
-
-        class TracedAsyncStream(_TracedAsyncStream, openai.AsyncStream):  # type: ignore[misc]
-            pass
-
-        return (openai.Stream, openai.AsyncStream, TracedStream, TracedAsyncStream)
+        return openai.Stream, openai.AsyncStream
     except Exception:  # pragma: no cover - an SDK without these classes
-        return ()
+        return None
 
 
 _SDK = _sdk_stream_classes()
-_SDK_STREAMS: tuple[type, ...] = tuple(_SDK[2:])
+_STREAM_CLASSES: dict[tuple[type, bool], type] = {}
 
 
 def _traced_stream(result: Any, call: _Call, capture: bool, *, is_async: bool) -> Any:
-    """The SDK-class-preserving wrapper when ``result`` is an SDK stream, else a plain proxy."""
-    if _SDK and isinstance(result, _SDK[1] if is_async else _SDK[0]):
-        return (_SDK[3] if is_async else _SDK[2])(result, call, capture)
-    return (_TracedAsyncStream if is_async else _TracedStream)(result, call, capture)
+    """The traced stream: for an SDK stream an instance of a subclass of its own class (so
+    ``isinstance`` holds and the SDK's parsing runs), else a plain proxy."""
+    cls = result.__class__
+    sub = _STREAM_CLASSES.get((cls, is_async))
+    if sub is None:
+        if _SDK is not None and issubclass(cls, _SDK[1] if is_async else _SDK[0]):
+            mixin = _AsyncSDKStream if is_async else _SyncSDKStream
+            sub = type(cls.__name__, (mixin, cls), {"__module__": __name__})
+        else:
+            sub = _ProxyAsyncStream if is_async else _ProxyStream
+        _STREAM_CLASSES[cls, is_async] = sub
+    return sub(result, call, capture)
 
 
 # -- the .stream() helpers ------------------------------------------------------------------------

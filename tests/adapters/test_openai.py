@@ -238,3 +238,181 @@ def test_apply_config_overrides_params_and_system_prompt(
     plain = wrap_openai(openai_server.client(), workflow="cfg")
     plain.chat.completions.create(model="gpt-base", messages=messages)
     assert openai_server.requests[-1].body["messages"] == before
+
+
+# -- what a chat stream's caller sees, when the wrapper asks for usage --------------------------
+
+
+def _stream_dicts(client: openai.OpenAI, **kwargs) -> list[dict]:
+    """Each chunk as the SDK's ``to_dict()`` (unset fields left out), ids and times removed."""
+    out = []
+    for chunk in client.chat.completions.create(model="m", messages=MSGS, stream=True, **kwargs):
+        d = chunk.to_dict()
+        d.pop("id"), d.pop("created")
+        out.append((d, sorted(chunk.model_fields_set)))
+    return out
+
+
+def test_chat_stream_chunks_are_the_unwrapped_ones_field_for_field(
+    openai_server: OpenAIServer, captured
+) -> None:
+    """Asked for usage, the server adds ``"usage": null`` to every chunk; the caller's chunks
+    still have no ``usage`` among their set fields, as without the wrapper."""
+    plain, wrapped = openai_server.client(), wrap_openai(openai_server.client(), workflow="f")
+    openai_server.enqueue("a b", "a b")
+    expect, got = _stream_dicts(plain), _stream_dicts(wrapped)
+    assert got == expect and all("usage" not in d for d, _ in got)
+    assert openai_server.requests[-1].body["stream_options"] == {"include_usage": True}
+    [c] = captured("f")
+    assert (c.spans[0].input_tokens, c.spans[0].output_tokens) == (2, 2)
+
+
+def test_usage_chunk_is_dropped_before_the_sdk_builds_it(
+    openai_server: OpenAIServer, monkeypatch, captured
+) -> None:
+    """The usage-only event the wrapper asked for is read as JSON off the SSE stream: the SDK
+    builds a chunk object only for what the caller gets."""
+    client = wrap_openai(openai_server.client(), workflow="d")
+    built = []
+    process = client._process_response_data
+
+    def counting(**kwargs):
+        built.append(kwargs["data"])
+        return process(**kwargs)
+
+    monkeypatch.setattr(client, "_process_response_data", counting)
+    chunks = list(client.chat.completions.create(model="m", messages=MSGS, stream=True))
+    assert len(built) == len(chunks) and all(d["choices"] for d in built)
+    [c] = captured("d")
+    assert c.spans[0].output_tokens == 3
+
+
+def test_chunk_without_choices_or_usage_is_shown(openai_server: OpenAIServer, captured) -> None:
+    """Only the usage-only chunk is hidden: an Azure-style content-filter chunk (no choices,
+    no usage) reaches the caller as it would without the wrapper."""
+    prelude = [
+        {
+            "id": "",
+            "object": "",
+            "created": 0,
+            "model": "",
+            "choices": [],
+            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}],
+        }
+    ]
+    plain, wrapped = openai_server.client(), wrap_openai(openai_server.client(), workflow="az")
+    openai_server.enqueue(Reply("a b", prelude=prelude), Reply("a b", prelude=prelude))
+    expect, got = _stream_dicts(plain), _stream_dicts(wrapped)
+    assert got == expect and got[0][0]["choices"] == []
+    assert got[0][0]["prompt_filter_results"] == prelude[0]["prompt_filter_results"]
+    [c] = captured("az")
+    assert c.spans[0].output == {"role": "assistant", "content": "a b"}
+    assert c.spans[0].output_tokens == 2
+
+
+def test_usage_asked_through_extra_body_keeps_the_callers(
+    openai_server: OpenAIServer, captured
+) -> None:
+    """Without the caller's ``stream_options`` the wrapper asks in ``extra_body`` (the SDK
+    merges it as is); the caller's ``extra_body`` is kept, copied, and its own
+    ``stream_options`` wins, with ``include_usage`` added unless it says so already."""
+    client = wrap_openai(openai_server.client(), workflow="eb")
+    extra = {"seed_hint": 7}
+    list(client.chat.completions.create(model="m", messages=MSGS, stream=True, extra_body=extra))
+    body = openai_server.requests[-1].body
+    assert body["stream_options"] == {"include_usage": True} and body["seed_hint"] == 7
+    assert extra == {"seed_hint": 7}
+    extra = {"stream_options": {"include_obfuscation": False}}
+    list(client.chat.completions.create(model="m", messages=MSGS, stream=True, extra_body=extra))
+    assert openai_server.requests[-1].body["stream_options"] == {
+        "include_obfuscation": False,
+        "include_usage": True,
+    }
+    assert extra == {"stream_options": {"include_obfuscation": False}}
+    extra = {"stream_options": {"include_usage": True}}
+    chunks = list(
+        client.chat.completions.create(model="m", messages=MSGS, stream=True, extra_body=extra)
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3, "caller's own"
+    assert [c.spans[0].output_tokens for c in captured("eb")] == [3, 3, 3]
+
+
+def test_stream_left_early_or_never_read_ends_its_span(
+    openai_server: OpenAIServer, captured
+) -> None:
+    client = wrap_openai(openai_server.client(), workflow="left")
+    openai_server.enqueue("one two three four")
+    for chunk in client.chat.completions.create(model="m", messages=MSGS, stream=True):
+        if chunk.choices[0].delta.content:
+            break  # the stream is dropped mid-way
+    stream = client.chat.completions.create(model="m", messages=MSGS, stream=True)
+    del stream  # never read
+    first, second = captured("left")
+    assert first.spans[0].ended_at is not None and first.rollout.status == "succeeded"
+    assert first.spans[0].output == {"role": "assistant", "content": "one"}
+    assert second.spans[0].ended_at is not None and second.spans[0].output["content"] == ""
+
+
+def test_stream_error_mid_way_is_recorded_and_reraised(openai_server: OpenAIServer, captured):
+    client = wrap_openai(openai_server.client(), workflow="mid")
+    error = {"error": {"message": "overloaded", "type": "server_error"}}
+    openai_server.enqueue(Reply("a b", prelude=[error]))
+    with pytest.raises(openai.APIError, match="overloaded"):
+        list(client.chat.completions.create(model="m", messages=MSGS, stream=True))
+    [c] = captured("mid")
+    assert c.spans[0].status == "error" and c.rollout.status == "failed"
+
+
+def test_stream_that_is_not_the_sdks_is_proxied_and_usage_hidden(fw, captured) -> None:
+    """Anything but an ``openai.Stream`` (a test double, another client's iterator) is
+    iterated through a proxy that hides the usage-only chunk by looking at the chunks."""
+    from flywheel_middleware.adapters.openai import _Options, _sync_wrapper
+    from openai.types.chat import ChatCompletionChunk
+
+    def chunk(choices, usage=None):
+        return ChatCompletionChunk.model_validate(
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "m",
+                "choices": choices,
+                "usage": usage,
+            }
+        )
+
+    parts = [
+        chunk([{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+        chunk([], {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}),
+    ]
+    create = _sync_wrapper(lambda **kw: iter(parts), "chat", _Options("proxy", True))
+    got = list(create(model="m", messages=MSGS, stream=True))
+    assert got == parts[:2]
+    [c] = captured("proxy")
+    assert (c.spans[0].input_tokens, c.spans[0].output_tokens) == (4, 1)
+    assert c.spans[0].output == {"role": "assistant", "content": "hi"}
+
+
+def test_async_stream_chunks_match_and_usage_recorded(
+    openai_server: OpenAIServer, captured
+) -> None:
+    plain = openai_server.async_client()
+    wrapped = wrap_openai(openai_server.async_client(), workflow="as")
+
+    async def dicts(client) -> list[dict]:
+        stream = await client.chat.completions.create(model="m", messages=MSGS, stream=True)
+        out = []
+        async for c in stream:
+            d = c.to_dict()
+            d.pop("id"), d.pop("created")
+            out.append(d)
+        return out
+
+    async def main():
+        return await dicts(plain), await dicts(wrapped)
+
+    expect, got = asyncio.run(main())
+    assert got == expect
+    [c] = captured("as")
+    assert (c.spans[0].input_tokens, c.spans[0].output_tokens) == (2, 3)
