@@ -18,6 +18,7 @@ agent thread's and the writer thread's CPU apart. Target: <= 5% overhead.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import sys
@@ -184,12 +185,26 @@ OPENAI_METHODS = {
 OPENAI_VARIANTS = ("plain", "wrapped", "plain stream", "plain stream+usage", "wrapped stream")
 
 
+def _load_wrapper(path: str) -> Callable[..., Any]:
+    """``wrap_openai`` from another version of ``adapters/openai.py`` (e.g. ``git show
+    REV:adapters/openai.py > /tmp/old.py``), to measure it in the same run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flywheel_openai_baseline", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.wrap_openai
+
+
 def bench_openai(
-    calls: int, rounds: int, continuous: int = 800
+    calls: int, rounds: int, continuous: int = 800, baseline: str | None = None
 ) -> dict[str, dict[str, tuple[float, float, float, float]]]:
     """method -> variant -> (wall, process cpu, agent-thread cpu, writer-thread cpu) seconds per
     call, each the median over ``rounds`` rounds that alternate the variants. The writer's
-    thread CPU is NaN where the platform has no per-thread clock."""
+    thread CPU is NaN where the platform has no per-thread clock. ``baseline``: the path of
+    another ``adapters/openai.py``, measured too (variants ``baseline``, ``baseline stream``)."""
     import openai
     from flywheel_middleware.adapters.openai import wrap_openai
 
@@ -227,6 +242,12 @@ def bench_openai(
             "plain stream+usage": stream(plain, stream_options={"include_usage": True}),
             "wrapped stream": stream(wrapped),
         }
+        if baseline:
+            other = _load_wrapper(baseline)(
+                openai.OpenAI(base_url=base_url, api_key="sk-bench", max_retries=0),
+                workflow="bench-openai-baseline",
+            )
+            variants["baseline"], variants["baseline stream"] = call(other), stream(other)
         for fn in variants.values():
             _timed(fn, 50, fw.flush)
         writer_clock = _writer_cpu_clock()
@@ -246,7 +267,7 @@ def bench_openai(
         for _ in range(rounds):
             for name, fn in variants.items():
                 samples["blocks"][name].append(
-                    run(fn, calls, fw.flush if "wrapped" in name else None)
+                    run(fn, calls, None if name.startswith("plain") else fw.flush)
                 )
             for name, fn in variants.items():
                 samples["continuous"][name].append(run(fn, continuous, fw.flush))
@@ -410,7 +431,9 @@ def isolated_openai_costs(calls: int = 5000) -> tuple[float, float]:
 
 def report_openai(args: argparse.Namespace) -> None:
     """Run and print the OpenAI section (the store is configured by ``main``)."""
-    oa = bench_openai(args.openai_calls, args.openai_rounds, args.openai_continuous)
+    oa = bench_openai(
+        args.openai_calls, args.openai_rounds, args.openai_continuous, args.openai_baseline
+    )
     print(
         f"\nOpenAI SDK, loopback server in its own process, median of {args.openai_rounds} "
         "rounds alternating the variants; two methods:"
@@ -422,17 +445,19 @@ def report_openai(args: argparse.Namespace) -> None:
     def pct(new: float, old: float) -> str:
         return f"{(new - old) / old * 100:+.1f}%"
 
-    for kind in ("", " stream"):
-        for method, by_name in oa.items():
-            (pw, pc, pa, _), (ww, wc, wa, wt) = by_name["plain" + kind], by_name["wrapped" + kind]
-            threads = (
-                "" if wt != wt else f"   agent thread {(wa - pa) * 1e6:+.0f}, writer {wt * 1e6:.0f}"
-            )
-            print(
-                f"create{kind:<8}{method:<11} wall {pw * 1e6:6.0f} -> {ww * 1e6:6.0f} µs "
-                f"({pct(ww, pw)})   cpu {pc * 1e6:6.0f} -> {wc * 1e6:6.0f} µs ({pct(wc, pc)})"
-                f"{threads}   target <= 5%"
-            )
+    wrappers = ("wrapped", "baseline") if args.openai_baseline else ("wrapped",)
+    for kind, method, wrapper in itertools.product(("", " stream"), oa, wrappers):
+        plain, ours = oa[method]["plain" + kind], oa[method][wrapper + kind]
+        (pw, pc, pa, _), (ww, wc, wa, wt) = plain, ours
+        threads = (
+            "" if wt != wt else f"   agent thread {(wa - pa) * 1e6:+.0f}, writer {wt * 1e6:.0f}"
+        )
+        label = f"create{kind}" + (" (baseline)" if wrapper == "baseline" else "")
+        print(
+            f"{label:<25}{method:<11} wall {pw * 1e6:6.0f} -> {ww * 1e6:6.0f} µs "
+            f"({pct(ww, pw)})   cpu {pc * 1e6:6.0f} -> {wc * 1e6:6.0f} µs ({pct(wc, pc)})"
+            f"{threads}   target <= 5%"
+        )
     for method, by_name in oa.items():
         (pw, pc, *_), (uw, uc, *_) = by_name["plain stream"], by_name["plain stream+usage"]
         print(
@@ -445,7 +470,8 @@ def report_openai(args: argparse.Namespace) -> None:
         f"isolated (min of 5): wrapper {agent_us:.1f} µs/call on the agent thread + rows "
         f"and SQLite {writer_us:.1f} µs/call on the writer thread = "
         f"{(agent_us + writer_us) / plain_wall * 100:.1f}% of the plain loopback call "
-        f"({plain_wall:.0f} µs)"
+        f"({plain_wall:.0f} µs); hot caches: inside the SDK's call the same work costs "
+        "several times that (the thread figures above)"
     )
 
 
@@ -457,6 +483,9 @@ def main() -> None:
     parser.add_argument("--openai-continuous", type=int, default=800, help="per block (continuous)")
     parser.add_argument("--openai-rounds", type=int, default=11)
     parser.add_argument("--only", choices=("langchain", "openai"), help="run one section")
+    parser.add_argument(
+        "--openai-baseline", metavar="PATH", help="another adapters/openai.py to measure too"
+    )
     args = parser.parse_args()
 
     import flywheel_middleware as fw
