@@ -95,10 +95,12 @@ def _compile_row_builder(cls: type[Record]) -> Callable[..., tuple]:
     """One straight-line function per record type: no per-column loop on the writer thread."""
     parts = []
     for name in cls.COLUMNS:
+        # None (most optional columns) and int times (every hot-path record) are tested inline:
+        # a function call per column is a good part of the writer's time per row.
         if name in cls.JSON_COLUMNS:
-            parts.append(f"j(r.{name})")
+            parts.append(f"(None if (v := r.{name}) is None else j(v))")
         elif name in cls.TIME_COLUMNS:
-            parts.append(f"t(r.{name}, tc)")
+            parts.append(f"(tc(v) if (v := r.{name}).__class__ is int else t(v, tc))")
         else:
             parts.append(f"r.{name}")
     source = f"def build(r, tc, j, t):\n    return ({', '.join(parts)},)\n"
