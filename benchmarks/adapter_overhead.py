@@ -198,6 +198,28 @@ def _load_wrapper(path: str) -> Callable[..., Any]:
     return module.wrap_openai
 
 
+def _tracing_floor(client: Any, messages: list[dict[str, str]]) -> Callable[[], Any]:
+    """A plain call inside the least any adapter records for it through flywheel's tracing API:
+    an implicit rollout with one span, its usage and answer. What that costs is the core's
+    floor, under whatever the wrapper itself adds."""
+    from flywheel_middleware import tracing
+
+    create = client.chat.completions.create
+
+    def call() -> Any:
+        span = tracing.start_span(
+            "chat.completions", "llm", workflow="bench-floor", input=messages, model="m"
+        )
+        result = create(model="m", messages=messages)
+        span.set_usage(result.usage.prompt_tokens, result.usage.completion_tokens)
+        message = result.choices[0].message
+        span.output = {"role": message.role, "content": message.content}
+        span.end()
+        return result
+
+    return call
+
+
 def bench_openai(
     calls: int, rounds: int, continuous: int = 800, baseline: str | None = None
 ) -> dict[str, dict[str, tuple[float, float, float, float]]]:
@@ -242,6 +264,9 @@ def bench_openai(
             "plain stream+usage": stream(plain, stream_options={"include_usage": True}),
             "wrapped stream": stream(wrapped),
         }
+        variants["floor"] = _tracing_floor(
+            openai.OpenAI(base_url=base_url, api_key="sk-bench", max_retries=0), messages
+        )
         if baseline:
             other = _load_wrapper(baseline)(
                 openai.OpenAI(base_url=base_url, api_key="sk-bench", max_retries=0),
@@ -457,6 +482,13 @@ def report_openai(args: argparse.Namespace) -> None:
             f"{label:<25}{method:<11} wall {pw * 1e6:6.0f} -> {ww * 1e6:6.0f} µs "
             f"({pct(ww, pw)})   cpu {pc * 1e6:6.0f} -> {wc * 1e6:6.0f} µs ({pct(wc, pc)})"
             f"{threads}   target <= 5%"
+        )
+    for method, by_name in oa.items():
+        (pw, pc, pa, _), (lw, lc, la, lt) = by_name["plain"], by_name["floor"]
+        print(
+            f"tracing floor ({method}): wall {pct(lw, pw)}, cpu {pct(lc, pc)}, agent thread "
+            f"{(la - pa) * 1e6:+.0f}, writer {lt * 1e6:.0f} µs: one rollout and one span through "
+            "tracing.start_span around the plain client, no wrapper logic (the core's floor)"
         )
     for method, by_name in oa.items():
         (pw, pc, *_), (uw, uc, *_) = by_name["plain stream"], by_name["plain stream+usage"]
