@@ -890,7 +890,11 @@ def _traced_stream(result: Any, call: _Call, capture: bool, *, is_async: bool) -
     cls = result.__class__
     sub = _STREAM_CLASSES.get((cls, is_async))
     if sub is None:
-        if _SDK is not None and issubclass(cls, _SDK[1] if is_async else _SDK[0]):
+        if (
+            _SDK is not None
+            and issubclass(cls, _SDK[1] if is_async else _SDK[0])
+            and hasattr(cls, "__stream__")  # the parsing loop it runs (else: the proxy)
+        ):
             mixin = _AsyncSDKStream if is_async else _SyncSDKStream
             sub = type(cls.__name__, (mixin, cls), {"__module__": __name__})
         else:
