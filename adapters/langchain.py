@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 
 from flywheel_middleware import tracing
 from flywheel_middleware.serialize import snapshot
-from flywheel_middleware.tracing import RolloutHandle, SpanHandle
+from flywheel_middleware.tracing import SpanHandle
 
 from ._common import compact, message_dict, messages_list
 
@@ -130,6 +131,53 @@ def _never_raises(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class _PendingRoot:
+    """A root run not yet opened as a rollout.
+
+    Most root runs of a model called directly have no children: such a run is recorded whole
+    at its end (``tracing.record_call``), which costs a fraction of opening a rollout and a
+    span. The first child run, or an agent event, opens it as a real rollout and span.
+    """
+
+    __slots__ = (
+        "kind",
+        "name",
+        "start_ns",
+        "node",
+        "input",
+        "model",
+        "attributes",
+        "tags",
+        "metadata",
+        "meta",
+        "first_token_ns",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        node: str | None,
+        input: Any,
+        model: str | None,
+        attributes: dict[str, Any] | None,
+        tags: list[str] | None,
+        metadata: dict[str, Any] | None,
+        meta: dict[str, Any] | None,
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.start_ns = time.time_ns()
+        self.node = node
+        self.input = input
+        self.model = model
+        self.attributes = attributes
+        self.tags = tags
+        self.metadata = metadata
+        self.meta = meta
+        self.first_token_ns: int | None = None
+
+
 class FlywheelCallbackHandler(BaseCallbackHandler):
     """Record LangChain runs (chains, chat models, LLMs, tools, retrievers) as flywheel spans.
 
@@ -156,7 +204,8 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         self.session_id = session_id
         self.tags = tags
         self.metadata = metadata
-        self._spans: dict[UUID, SpanHandle] = {}
+        self._spans: dict[UUID, SpanHandle | _PendingRoot] = {}
+        self._open_lock = threading.Lock()  # two child runs of one pending root open it once
 
     # -- the one place spans are opened and closed -----------------------------------------
 
@@ -171,12 +220,10 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         input: Any,
         model: str | None = None,
         attributes: dict[str, Any] | None = None,
-    ) -> SpanHandle:
-        """Open the span of a run under its parent run, the current ``fw`` span, or a new rollout.
-
-        ``input`` and ``attributes`` must be values built for this span (they are stored as
-        they are, not copied).
-        """
+    ) -> None:
+        """Open the span of a run under its parent run, the current ``fw`` span, or a new
+        rollout (pending until it has a child). ``input`` and ``attributes`` must be values
+        built for this span (they are stored as they are, not copied)."""
         node = None
         meta = None
         if metadata:
@@ -192,26 +239,24 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
             if meta:
                 attributes["metadata"] = meta
         parent = self._spans.get(parent_run_id) if parent_run_id is not None else None
+        if parent.__class__ is _PendingRoot:
+            parent = self._open_pending(parent_run_id)  # type: ignore[arg-type]
         if parent is None:
             parent = tracing.current()  # inside fw.rollout / fw.span: attach there
-        if parent is not None:
-            span = SpanHandle(name, kind, parent.rollout, parent, node=node, model=model)
-        else:
-            rollout = self._open_rollout(input, tags, metadata, meta)
-            span = SpanHandle(name, kind, rollout, None, node=node, model=model)
-            span._owns_rollout = True
+        if parent is None:
+            self._spans[run_id] = _PendingRoot(
+                kind, name, node, input, model, attributes, tags, metadata, meta
+            )
+            return
+        span = SpanHandle(name, kind, parent.rollout, parent, node=node, model=model)
         span.input = input
         span.attributes = attributes
         self._spans[run_id] = span
-        return span
 
-    def _open_rollout(
-        self,
-        input: Any,
-        tags: list[str] | None,
-        metadata: dict[str, Any] | None,
-        meta: dict[str, Any] | None,
-    ) -> RolloutHandle:
+    def _rollout_fields(
+        self, tags: list[str] | None, metadata: dict[str, Any] | None, meta: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """user_id, session_id, tags and metadata of a rollout opened at a root run."""
         user_id = self.user_id
         session_id = self.session_id
         if metadata:
@@ -220,18 +265,71 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         all_tags = (self.tags or []) + (tags or []) if (self.tags or tags) else None
         if self.metadata:
             meta = {**self.metadata, **(meta or {})}
-        return tracing.open_rollout(
+        return {"user_id": user_id, "session_id": session_id, "tags": all_tags, "metadata": meta}
+
+    def _open_pending(self, run_id: UUID) -> SpanHandle | None:
+        """Turn a pending root run into an open rollout and span (its first child started)."""
+        with self._open_lock:
+            pending = self._spans.get(run_id)
+            if pending.__class__ is not _PendingRoot:
+                return pending  # type: ignore[return-value]  # opened by another child
+            p: _PendingRoot = pending  # type: ignore[assignment]
+            rollout = tracing.open_rollout(
+                self.workflow,
+                input=p.input,
+                start_ns=p.start_ns,
+                **self._rollout_fields(p.tags, p.metadata, p.meta),
+            )
+            span = SpanHandle(
+                p.name, p.kind, rollout, None, node=p.node, model=p.model, start_ns=p.start_ns
+            )
+            span._owns_rollout = True
+            span.input = p.input
+            span.attributes = p.attributes
+            if p.first_token_ns is not None:
+                ttft = (p.first_token_ns - p.start_ns) / 1e6
+                span.set_attribute("time_to_first_token_ms", ttft)
+            self._spans[run_id] = span
+            return span
+
+    def _record_pending(
+        self,
+        p: _PendingRoot,
+        output: Any,
+        error: BaseException | None,
+        model: str | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
+        """A root run that had no children ends: record it as a one-span rollout."""
+        attributes = p.attributes
+        if p.first_token_ns is not None:
+            attributes = dict(attributes) if attributes else {}
+            attributes["time_to_first_token_ms"] = (p.first_token_ns - p.start_ns) / 1e6
+        if model and p.model and model != p.model:
+            attributes = dict(attributes) if attributes else {}
+            attributes["response_model"] = model
+        tracing.record_call(
             self.workflow,
-            user_id=user_id,
-            session_id=session_id,
-            input=input,
-            tags=all_tags,
-            metadata=meta,
+            p.name,
+            p.kind,
+            p.start_ns,
+            input=p.input,
+            output=output,
+            error=error,
+            model=p.model or model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            attributes=attributes,
+            node=p.node,
+            **self._rollout_fields(p.tags, p.metadata, p.meta),
         )
 
     def _end(self, run_id: UUID, output: Any = None, error: BaseException | None = None) -> None:
         span = self._spans.pop(run_id, None)
-        if span is not None:
+        if span.__class__ is _PendingRoot:
+            self._record_pending(span, snapshot(output), error)  # type: ignore[arg-type]
+        elif span is not None:
             span.end(output=output, error=error)
 
     # -- chains ------------------------------------------------------------------------------
@@ -317,7 +415,10 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
     @_never_raises
     def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
         span = self._spans.get(run_id)
-        if span is not None and (
+        if span.__class__ is _PendingRoot:
+            if span.first_token_ns is None:  # type: ignore[union-attr]
+                span.first_token_ns = time.time_ns()  # type: ignore[union-attr]
+        elif span is not None and (
             span.attributes is None or "time_to_first_token_ms" not in span.attributes
         ):
             ttft = (time.time_ns() - span.started_ns) / 1e6
@@ -329,6 +430,9 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         if span is None:
             return
         output, input_tokens, output_tokens, model = _digest_result(response)
+        if span.__class__ is _PendingRoot:
+            self._record_pending(span, output, None, model, input_tokens, output_tokens)  # type: ignore[arg-type]
+            return
         if input_tokens is not None or output_tokens is not None:
             span.set_usage(input_tokens, output_tokens)
         if model and not span.model:
@@ -396,6 +500,8 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
 
     def _agent_event(self, run_id: UUID, key: str, value: Any) -> None:
         span = self._spans.get(run_id)
+        if span.__class__ is _PendingRoot:
+            span = self._open_pending(run_id)
         if span is None:
             return
         if span.kind == "chain":

@@ -197,10 +197,15 @@ def remember_active(handle: Any) -> None:
 def forget_active(rollout_id: str) -> None:
     handle = _state.active.pop(rollout_id, None)
     if handle is not None:
-        recent = _state.recent
-        recent[rollout_id] = handle.workflow
-        while len(recent) > 100_000:
-            recent.popitem(last=False)
+        note_finished(rollout_id, handle.workflow)
+
+
+def note_finished(rollout_id: str, workflow: str) -> None:
+    """A rollout finished here and may not be written yet: feedback for it is accepted."""
+    recent = _state.recent
+    recent[rollout_id] = workflow
+    if len(recent) > 100_000:
+        recent.popitem(last=False)
 
 
 def _rollout_workflow(rollout_id: str) -> str | None:

@@ -78,6 +78,7 @@ class RolloutHandle(RolloutRecord):
         unit_id: str | None = None,
         rollout_id: str | None = None,
         recorder: Any = None,
+        start_ns: int | None = None,
     ) -> None:
         self.id = rollout_id or new_rollout_id()
         self.workflow = workflow
@@ -91,7 +92,7 @@ class RolloutHandle(RolloutRecord):
         self.output = None
         self.status = "running"
         self.error = None
-        self.started_at = time.time_ns()
+        self.started_at = start_ns or time.time_ns()
         self.ended_at = None
         self.latency_ms = None
         self.input_tokens = None
@@ -194,12 +195,17 @@ class RolloutHandle(RolloutRecord):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def finish(self, output: Any = None, error: BaseException | str | None = None) -> None:
+    def finish(
+        self,
+        output: Any = None,
+        error: BaseException | str | None = None,
+        end_ns: int | None = None,
+    ) -> None:
         """End the rollout and queue it for the store. Safe to call twice (second is ignored)."""
         if self._finished:
             return
         self._finished = True
-        end = self.ended_at = time.time_ns()
+        end = self.ended_at = end_ns or time.time_ns()
         if output is not None:
             self.output = snapshot(output)
         if error is not None:
@@ -362,7 +368,7 @@ class SpanHandle(SpanRecord):
             )
         (rollout._recorder or _runtime().recorder()).enqueue(self)
         if self._owns_rollout:
-            rollout.finish(output=self.output, error=self.error)
+            rollout.finish(output=self.output, error=self.error, end_ns=end)
 
     def activate(self) -> contextvars.Token:
         """Make this span the current parent; pass the token to ``deactivate``."""
@@ -414,6 +420,107 @@ def current_rollout() -> RolloutHandle | None:
 def current_span() -> SpanHandle | None:
     cur = _current.get()
     return cur if isinstance(cur, SpanHandle) else None
+
+
+def record_call(
+    workflow: str,
+    name: str,
+    kind: str,
+    start_ns: int,
+    *,
+    input: Any = None,
+    output: Any = None,
+    error: BaseException | str | None = None,
+    model: str | None = None,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+    attributes: dict[str, Any] | None = None,
+    node: str | None = None,
+    user_id: str | None = None,
+    session_id: str | None = None,
+    tags: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> str:
+    """Record a finished call that was its own rollout with one span; return the rollout id.
+
+    What an adapter records for a root call that had no children (a model invoked directly):
+    both records are built once, at the end, with none of an open rollout's machinery (lock,
+    span counter, OTel span, the map of open rollouts), which is most of their cost on the
+    agent's thread. ``input`` and ``output`` are stored as given (pass values built for
+    them). With an OTel SDK installed the open-handle path runs instead, so OTel sees it.
+    """
+    end_ns = time.time_ns()
+    if otel.tracer() is not None:
+        rollout = open_rollout(
+            workflow, user_id=user_id, session_id=session_id, input=input, tags=tags,
+            metadata=metadata, start_ns=start_ns,
+        )  # fmt: skip
+        span = SpanHandle(
+            name, kind, rollout, None, node=node, model=model, attributes=attributes,
+            start_ns=start_ns, input=input,
+        )  # fmt: skip
+        span._owns_rollout = True
+        span.set_usage(input_tokens, output_tokens)
+        span.end(output=output, error=error, end_ns=end_ns)
+        return rollout.id
+    error_text = None if error is None else error if isinstance(error, str) else _error_text(error)
+    duration_ms = (end_ns - start_ns) / 1e6
+    rollout_id = new_rollout_id()
+    span = _new_span_record()
+    span.id = new_span_id()
+    span.rollout_id = rollout_id
+    span.workflow = workflow
+    span.trace_id = span.parent_id = None
+    span.sequence = 0
+    span.kind = kind
+    span.name = name
+    span.node = node
+    span.status = "ok" if error_text is None else "error"
+    span.error = error_text
+    span.started_at = start_ns
+    span.ended_at = end_ns
+    span.duration_ms = duration_ms
+    span.model = model
+    span.input = input
+    span.output = output
+    span.input_tokens = input_tokens
+    span.output_tokens = output_tokens
+    span.attributes = attributes
+    rollout = _new_rollout_record()
+    rollout.id = rollout_id
+    rollout.workflow = workflow
+    rollout.user_id = user_id
+    rollout.session_id = session_id
+    rollout.config_version_id = rollout.experiment_id = rollout.variant = None
+    rollout.propensity = rollout.cost = rollout.reward = None
+    rollout.input = input
+    rollout.output = output
+    rollout.status = "succeeded" if error_text is None else "failed"
+    rollout.error = error_text
+    rollout.started_at = start_ns
+    rollout.ended_at = end_ns
+    rollout.latency_ms = duration_ms
+    rollout.input_tokens = input_tokens or None
+    rollout.output_tokens = output_tokens or None
+    rollout.total_tokens = (
+        (input_tokens or 0) + (output_tokens or 0) if input_tokens or output_tokens else None
+    )
+    rollout.tags = tags
+    rollout.metadata = metadata
+    runtime = _runtime()
+    recorder = runtime.recorder()
+    recorder.enqueue(span)
+    recorder.enqueue(rollout)
+    runtime.note_finished(rollout_id, workflow)
+    return rollout_id
+
+
+def _new_span_record() -> SpanRecord:
+    return SpanRecord.__new__(SpanRecord)
+
+
+def _new_rollout_record() -> RolloutRecord:
+    return RolloutRecord.__new__(RolloutRecord)
 
 
 def open_rollout(workflow: str, **kwargs: Any) -> RolloutHandle:

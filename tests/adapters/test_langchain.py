@@ -206,3 +206,57 @@ def test_langgraph_nodes(captured) -> None:
     assert llm.node == "answer" and llm.parent_id == node_spans["answer"].id
     assert node_spans["retrieve"].node == "retrieve"
     assert c.rollout.output["answer"] == "echo: hi (ctx)"
+
+
+def test_model_called_directly_is_one_rollout_with_one_span(captured) -> None:
+    """A root run with no children is recorded whole at its end (the pending-root path)."""
+    handler = FlywheelCallbackHandler(workflow="direct", tags=["t0"], metadata={"team": "a"})
+    config = {"callbacks": [handler], "metadata": {"user_id": "u9"}, "tags": ["t1"]}
+    reply = EchoChatModel().invoke("hello there", config=config)
+    assert reply.content == "echo: hello there"
+    with pytest.raises(FakeModelError):
+        EchoChatModel().invoke("boom now", config={"callbacks": [handler]})
+    chunks = list(EchoChatModel(delay=0.01).stream("a b c", config={"callbacks": [handler]}))
+    assert "".join(c.content for c in chunks) == "echo: a b c"
+    ok, failed, streamed = captured("direct")
+    assert not handler._spans, "finished runs must not stay in the handler"
+    [span] = ok.spans
+    assert (span.kind, span.name, span.model, span.parent_id) == (
+        "llm",
+        "EchoChatModel",
+        "echo-1",
+        None,
+    )
+    assert (span.input_tokens, span.output_tokens) == (2, 3)
+    assert span.input == [{"role": "user", "content": "hello there"}]
+    assert span.output["content"] == "echo: hello there"
+    assert span.attributes["invocation_params"]["model"] == "echo-1"
+    assert span.attributes["tags"] == ["t1"]
+    r = ok.rollout
+    assert (r.status, r.user_id, r.tags) == ("succeeded", "u9", ["t0", "t1"])
+    assert r.metadata_ == {"team": "a", "user_id": "u9"}
+    assert (r.input_tokens, r.output_tokens, r.total_tokens) == (2, 3, 5)
+    assert r.input == span.input and r.output == span.output
+    assert r.latency_ms == pytest.approx(span.duration_ms) and r.latency_ms > 0
+    [bad] = failed.spans
+    assert bad.status == "error" and bad.error.startswith("FakeModelError: fake model failed")
+    assert failed.rollout.status == "failed" and failed.rollout.error == bad.error
+    [st] = streamed.spans
+    assert 0 < st.attributes["time_to_first_token_ms"] <= st.duration_ms
+
+
+def test_pending_root_opens_once_for_concurrent_children(captured) -> None:
+    """Children of one root starting on several threads at once share one rollout."""
+    handler = FlywheelCallbackHandler(workflow="fanout")
+    branches = {f"b{i}": RunnableLambda(lambda x, i=i: f"{x}-{i}") for i in range(8)}
+    out = RunnableParallel(branches).invoke(
+        "x", config={"callbacks": [handler], "max_concurrency": 8}
+    )
+    assert out == {f"b{i}": f"x-{i}" for i in range(8)}
+    [c] = captured("fanout")
+    [root] = c.roots
+    assert root.name.startswith("RunnableParallel")
+    children = c.children(root)
+    assert [s.name for s in children] == ["RunnableLambda"] * 8
+    assert all(s.parent_id == root.id and s.rollout_id == c.rollout.id for s in children)
+    assert c.rollout.started_at == root.started_at

@@ -218,3 +218,48 @@ def test_ids_differ_between_a_process_and_its_forked_child():
     child_rollout, child_span = os.read(read, 200).decode().split()
     assert new_rollout_id()[12:] != child_rollout
     assert new_span_id() != int(child_span)
+
+
+def test_record_call_writes_a_one_span_rollout_that_takes_feedback_at_once(fw):
+    """The adapters' fast path for a root call with no children: both records at the end."""
+    import time
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from flywheel_middleware import otel, tracing
+
+    start = time.time_ns()
+    rid = tracing.record_call(
+        "qa", "chat", "llm", start, input=[{"role": "user", "content": "hi"}],
+        output={"content": "yo"}, model="m", input_tokens=3, output_tokens=4, user_id="u1",
+    )  # fmt: skip
+    fw.feedback(rid, rating=5)  # accepted before the rollout is written
+    failed = tracing.record_call("qa", "chat", "llm", start, error=ValueError("bad"))
+    fw.flush()
+    spans = queries.spans_of(fw.store(), rid)
+    [span] = spans
+    assert (span.kind, span.model, span.input_tokens, span.output_tokens) == ("llm", "m", 3, 4)
+    assert span.parent_id is None and span.duration_ms >= 0
+    rollouts = {
+        r[0]: r
+        for r in fw.store().execute("SELECT id, status, user_id, total_tokens, error FROM rollout")
+    }
+    assert rollouts[rid][1:4] == ("succeeded", "u1", 7)
+    assert rollouts[failed][1] == "failed" and rollouts[failed][4] == "ValueError: bad"
+    [fb] = fw.store().execute("SELECT rollout_id, value FROM feedback")
+    assert fb == (rid, 5.0)
+    # With an OTel SDK installed the same call goes through the open-handle path, so OTel sees it.
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    original = otel.trace._TRACER_PROVIDER
+    otel.trace._TRACER_PROVIDER = provider
+    try:
+        mirrored = tracing.record_call("qa", "chat", "llm", time.time_ns(), model="m")
+    finally:
+        otel.trace._TRACER_PROVIDER = original
+    names = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(names) == {"workflow qa", "chat"}
+    assert names["chat"].attributes["flywheel.rollout_id"] == mirrored
