@@ -76,7 +76,9 @@ def _clean_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _usage_from_llm_output(llm_output: dict[str, Any] | None) -> tuple[Any, Any]:
-    usage = (llm_output or {}).get("token_usage") or (llm_output or {}).get("usage") or {}
+    if not llm_output:
+        return None, None
+    usage = llm_output.get("token_usage") or llm_output.get("usage")
     if not usage:
         return None, None
     return (
@@ -274,18 +276,11 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
             if pending.__class__ is not _PendingRoot:
                 return pending  # type: ignore[return-value]  # opened by another child
             p: _PendingRoot = pending  # type: ignore[assignment]
-            rollout = tracing.open_rollout(
-                self.workflow,
-                input=p.input,
-                start_ns=p.start_ns,
+            span = tracing.open_root_span(
+                self.workflow, p.name, p.kind, p.start_ns, input=p.input, model=p.model,
+                attributes=p.attributes, node=p.node,
                 **self._rollout_fields(p.tags, p.metadata, p.meta),
-            )
-            span = SpanHandle(
-                p.name, p.kind, rollout, None, node=p.node, model=p.model, start_ns=p.start_ns
-            )
-            span._owns_rollout = True
-            span.input = p.input
-            span.attributes = p.attributes
+            )  # fmt: skip
             if p.first_token_ns is not None:
                 ttft = (p.first_token_ns - p.start_ns) / 1e6
                 span.set_attribute("time_to_first_token_ms", ttft)

@@ -451,22 +451,17 @@ def record_call(
     """
     end_ns = time.time_ns()
     if otel.tracer() is not None:
-        rollout = open_rollout(
-            workflow, user_id=user_id, session_id=session_id, input=input, tags=tags,
-            metadata=metadata, start_ns=start_ns,
+        span = open_root_span(
+            workflow, name, kind, start_ns, input=input, model=model, attributes=attributes,
+            node=node, user_id=user_id, session_id=session_id, tags=tags, metadata=metadata,
         )  # fmt: skip
-        span = SpanHandle(
-            name, kind, rollout, None, node=node, model=model, attributes=attributes,
-            start_ns=start_ns, input=input,
-        )  # fmt: skip
-        span._owns_rollout = True
         span.set_usage(input_tokens, output_tokens)
         span.end(output=output, error=error, end_ns=end_ns)
-        return rollout.id
+        return span.rollout_id
     error_text = None if error is None else error if isinstance(error, str) else _error_text(error)
     duration_ms = (end_ns - start_ns) / 1e6
     rollout_id = new_rollout_id()
-    span = _new_span_record()
+    span = SpanRecord.__new__(SpanRecord)
     span.id = new_span_id()
     span.rollout_id = rollout_id
     span.workflow = workflow
@@ -486,7 +481,7 @@ def record_call(
     span.input_tokens = input_tokens
     span.output_tokens = output_tokens
     span.attributes = attributes
-    rollout = _new_rollout_record()
+    rollout = RolloutRecord.__new__(RolloutRecord)
     rollout.id = rollout_id
     rollout.workflow = workflow
     rollout.user_id = user_id
@@ -515,12 +510,27 @@ def record_call(
     return rollout_id
 
 
-def _new_span_record() -> SpanRecord:
-    return SpanRecord.__new__(SpanRecord)
-
-
-def _new_rollout_record() -> RolloutRecord:
-    return RolloutRecord.__new__(RolloutRecord)
+def open_root_span(
+    workflow: str,
+    name: str,
+    kind: str,
+    start_ns: int,
+    *,
+    input: Any = None,
+    model: str | None = None,
+    attributes: dict[str, Any] | None = None,
+    node: str | None = None,
+    **rollout_fields: Any,
+) -> SpanHandle:
+    """Open a rollout and the span that owns it (ending the span finishes the rollout), both
+    started at ``start_ns``; ``input`` and ``attributes`` are stored as given.
+    ``rollout_fields``: user_id, session_id, tags, metadata."""
+    rollout = open_rollout(workflow, input=input, start_ns=start_ns, **rollout_fields)
+    span = SpanHandle(name, kind, rollout, None, node=node, model=model, start_ns=start_ns)
+    span._owns_rollout = True
+    span.input = input
+    span.attributes = attributes
+    return span
 
 
 def open_rollout(workflow: str, **kwargs: Any) -> RolloutHandle:
