@@ -38,6 +38,8 @@ class StoreConfig(_Strict):
     flush_interval: float = Field(0.2, gt=0)
     spill_dir: str | None = None
     exit_timeout: float = Field(60.0, ge=0)
+    # who writes span and rollout rows: a child process on a SQLite file ("auto"), or a thread
+    writer: Literal["auto", "process", "thread"] = "auto"
 
 
 class TunableRange(_Strict):

@@ -4,6 +4,8 @@ Rules it keeps (the design's hot path):
 - ``enqueue`` never touches the database and never raises into the caller;
 - a full queue waits briefly (backpressure), then spills to a local file: nothing is dropped;
 - one batch is one transaction; a database error is retried with tenacity and the batch kept;
+- on a SQLite file the span and rollout rows are written by a child process
+  (``writer_process``), which leaves this process only the pickling of each batch;
 - ``flush()`` and interpreter exit write everything; what cannot be written by the exit deadline
   stays in a spill file that the next recorder on the same store replays.
 """
@@ -28,10 +30,21 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponent
 
 from .records import RECORD_TYPES, Record, ns_to_datetime, ns_to_sqlite_text
 from .store import Store
+from .writer_process import (
+    SHIPPED_TABLES,
+    WriterBusy,
+    WriterGone,
+    WriterProcess,
+    can_spawn,
+    rows_payload,
+    values_payload,
+)
 
 log = logging.getLogger("flywheel_middleware.recorder")
 
 BatchListener = Callable[[dict[str, list[Record]]], None]
+WRITER_MODES = ("auto", "process", "thread")
+_PACE = 0.02  # seconds a batch for the writer process may gather (see _run)
 
 
 @dataclass
@@ -39,7 +52,8 @@ class RecorderCounters:
     """What the recorder has done since it started; read it for monitoring.
 
     ``queued`` counts records taken off the queue or spilled (``Recorder.pending`` is what
-    still waits), ``written`` what reached the store, ``retried`` failed write attempts.
+    still waits), ``written`` what reached the store, ``retried`` failed write attempts;
+    ``writer`` says who writes span and rollout rows (``process`` or ``thread``).
     """
 
     queued: int = 0
@@ -50,6 +64,7 @@ class RecorderCounters:
     replayed: int = 0
     dead_lettered: int = 0
     last_error: str | None = None
+    writer: str = "thread"
     by_table: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def as_dict(self) -> dict[str, Any]:
@@ -67,6 +82,8 @@ class _Flush:
 
 def _is_retryable(exc: BaseException) -> bool:
     """Connection, lock and server errors are retried; a row the database rejects is not."""
+    if isinstance(exc, WriterBusy):
+        return True
     name = type(exc).__name__
     module = type(exc).__module__
     if name in ("OperationalError", "InterfaceError", "ConnectionError", "ConnectionTimeout"):
@@ -89,7 +106,12 @@ class Recorder:
         backpressure_timeout: float = 0.05,
         spill_dir: str | os.PathLike[str] | None = None,
         exit_timeout: float = 60.0,
+        writer: str = "auto",
     ) -> None:
+        """``writer``: ``auto`` (a writer process on a SQLite file, else this process's
+        thread), ``process`` (the same, warning where it cannot) or ``thread``."""
+        if writer not in WRITER_MODES:
+            raise ValueError(f"writer must be one of {WRITER_MODES}, not {writer!r}")
         self.store = store
         self.batch_size = batch_size
         self.flush_interval = flush_interval
@@ -118,6 +140,12 @@ class Recorder:
         self._conn: Any = None
         self._time_conv = ns_to_sqlite_text if store.dialect == "sqlite" else ns_to_datetime
         self._pid = os.getpid()
+        self._process: WriterProcess | None = None
+        if writer != "thread" and store.sqlite_path is not None and can_spawn():
+            self._process = WriterProcess(store.sqlite_path, self.spill_dir)
+            self.counters.writer = "process"
+        elif writer == "process":
+            log.warning("flywheel: a writer process needs a SQLite file store; using a thread")
         self._thread = threading.Thread(target=self._run, name="flywheel-recorder", daemon=True)
         self._thread.start()
         _live_recorders.add(self)
@@ -176,6 +204,8 @@ class Recorder:
         # The writer may be inside one database call (bounded by the busy/connect timeouts);
         # wait for it, so its batch is either written or spilled, never dropped.
         self._thread.join(timeout=30)
+        if self._process is not None:
+            self._process.stop()
         # Anything still queued (the store stayed down) goes to the spill file for next time.
         leftovers = []
         while self._buf:
@@ -248,7 +278,7 @@ class Recorder:
             for table, row in rows:
                 by_table[table].append(row)
             try:
-                self._write_with_retry(by_table)
+                self._retrying(lambda rows=by_table: self._write_once(rows))
             except Exception:
                 os.rename(path, path.with_suffix(".spill"))  # keep it for the next attempt
                 raise
@@ -263,6 +293,7 @@ class Recorder:
         except Exception as exc:
             self.counters.last_error = repr(exc)
         buf = self._buf
+        last_batch = 0.0
         while True:
             if not buf:
                 self._wake.wait(self.flush_interval)
@@ -271,6 +302,13 @@ class Recorder:
                     if self._spill_path is not None and not self._give_up.is_set():
                         self._safe(self._replay_spill)
                     continue
+            elif self._process is not None and len(buf) < self.batch_size:
+                # A round trip to the writer process has a fixed cost: let a batch gather for
+                # up to _PACE seconds (a flush or a full queue wakes the writer at once).
+                remaining = last_batch + _PACE - time.monotonic()
+                if remaining > 0 and self._wake.wait(remaining):
+                    self._wake.clear()
+            last_batch = time.monotonic()
             batch: list[Record] = []
             markers: list[_Flush] = []
             stop = False
@@ -303,31 +341,97 @@ class Recorder:
     def _write_records(self, batch: list[Record]) -> None:
         if not batch:
             return
+        if self._transforms:
+            batch = self._transformed(batch)
+        if self._process is not None:
+            shipped = [r for r in batch if r.TABLE in SHIPPED_TABLES]
+            if shipped and self._ship(shipped):
+                batch = [r for r in batch if r.TABLE not in SHIPPED_TABLES]
+        if not batch:
+            return
         by_table: dict[str, list[tuple]] = defaultdict(list)
         by_kind: dict[str, list[Record]] = defaultdict(list)
         for record in batch:
             try:
-                for transform in self._transforms:
-                    transform(record)
                 by_table[record.TABLE].append(record.to_row(self._time_conv))
                 by_kind[record.TABLE].append(record)
             except Exception:
                 self.counters.dead_lettered += 1
                 log.exception("flywheel: a record could not be serialized: %r", record)
         try:
-            self._write_with_retry(by_table)
+            self._retrying(lambda: self._write_once(by_table))
         except Exception:
             # The store gave up (closing with the database down): keep the rows for next time.
             flat = [r for rs in by_kind.values() for r in rs]
             self._spill(flat, fresh=False)
             return
+        self._tell_listeners(by_kind)
+
+    def _transformed(self, batch: list[Record]) -> list[Record]:
+        """Records after the redaction transforms; one that fails them is not stored."""
+        kept = []
+        for record in batch:
+            try:
+                for transform in self._transforms:
+                    transform(record)
+                kept.append(record)
+            except Exception:
+                self.counters.dead_lettered += 1
+                log.exception("flywheel: a record could not be redacted: %r", record)
+        return kept
+
+    def _tell_listeners(self, by_kind: dict[str, list[Record]]) -> None:
         for listener in self._listeners:
             try:
                 listener(by_kind)
             except Exception:
                 log.exception("flywheel batch listener failed")
 
-    def _write_with_retry(self, by_table: dict[str, list[tuple]]) -> None:
+    def _ship(self, records: list[Record]) -> bool:
+        """Have the writer process store span and rollout records; False when it is gone
+        (the caller then writes them in this thread, from now on)."""
+        process = self._process
+        assert process is not None
+        try:
+            payload = values_payload(records)
+        except Exception:  # a value pickle refuses (a lock, a local class): send finished rows
+            payload = rows_payload(records)
+
+        def attempt() -> tuple:
+            nonlocal payload
+            reply = process.request(payload)
+            if reply[0] == "unpicklable":  # e.g. a class from the host's __main__
+                payload = rows_payload(records)
+                reply = process.request(payload)
+            if reply[0] == "retry":
+                raise WriterBusy(reply[1])
+            return reply
+
+        try:
+            _, written, rejected = self._retrying(attempt)
+        except WriterGone as exc:
+            log.warning("flywheel: %s; writing in this process from now on", exc)
+            self._process = None
+            self.counters.writer = "thread"
+            process.stop(timeout=1)
+            return False
+        except Exception:
+            self._spill(records, fresh=False)  # closing with the store down: kept for next time
+            return True
+        for table, n in written.items():
+            self.counters.by_table[table] += n
+            self.counters.written += n
+        self.counters.dead_lettered += rejected
+        self.counters.batches += 1
+        by_kind: dict[str, list[Record]] = defaultdict(list)
+        for record in records:
+            by_kind[record.TABLE].append(record)
+        self._tell_listeners(by_kind)
+        return True
+
+    def _retrying(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` retried while the store is unavailable, until it works or we give up."""
+
         def before_sleep(state: RetryCallState) -> None:
             self.counters.retried += 1
             exc = state.outcome.exception() if state.outcome else None
@@ -343,9 +447,7 @@ class Recorder:
             before_sleep=before_sleep,
             reraise=True,
         )
-        for attempt in retrying:
-            with attempt:
-                self._write_once(by_table)
+        return retrying(fn)
 
     def _write_once(self, by_table: dict[str, list[tuple]]) -> None:
         if self._conn is None:

@@ -6,6 +6,7 @@ where a SQLModel instance costs tens of microseconds. The writer thread turns th
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -55,6 +56,8 @@ class Record:
     TABLE: ClassVar[str]
     COLUMNS: ClassVar[tuple[str, ...]]
     _row_builder: ClassVar[Callable[..., tuple]]
+    _values_row_builder: ClassVar[Callable[..., tuple]]
+    values: ClassVar[Callable[[Record], tuple]]  # the column values in order, as they are
     JSON_COLUMNS: ClassVar[frozenset[str]] = frozenset()
     TIME_COLUMNS: ClassVar[frozenset[str]] = frozenset()
     DEFAULTS: ClassVar[dict[str, Any]] = {}  # the table's NOT NULL defaults (callables are called)
@@ -73,11 +76,20 @@ class Record:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "COLUMNS" in cls.__dict__:
-            cls._row_builder = staticmethod(_compile_row_builder(cls))
+            cls._row_builder = staticmethod(_compile_row_builder(cls, "r.{name}"))
+            cls._values_row_builder = staticmethod(_compile_row_builder(cls, "r[{index}]"))
+            cls.values = staticmethod(operator.attrgetter(*cls.COLUMNS))
 
     def to_row(self, time_conv: Callable[[int | None], Any] = ns_to_datetime) -> tuple:
         """Column values in order; JSON columns as text, times through ``time_conv``."""
         return self._row_builder(self, time_conv, to_json_text, _time)
+
+    @classmethod
+    def row_from_values(
+        cls, values: tuple, time_conv: Callable[[int | None], Any] = ns_to_datetime
+    ) -> tuple:
+        """``to_row`` of the record whose ``values()`` these are (the writer process gets those)."""
+        return cls._values_row_builder(values, time_conv, to_json_text, _time)
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.COLUMNS}
@@ -91,18 +103,23 @@ def _time(value: Any, conv: Callable[[int | None], Any]) -> Any:
     return conv(value)
 
 
-def _compile_row_builder(cls: type[Record]) -> Callable[..., tuple]:
-    """One straight-line function per record type: no per-column loop on the writer thread."""
+def _compile_row_builder(cls: type[Record], access: str) -> Callable[..., tuple]:
+    """One straight-line function per record type: no per-column loop on the writer thread.
+
+    ``access`` spells how column ``{name}`` (number ``{index}``) is read from the argument: an
+    attribute of a record, or an item of its ``values()`` tuple.
+    """
     parts = []
-    for name in cls.COLUMNS:
+    for index, name in enumerate(cls.COLUMNS):
         # None (most optional columns) and int times (every hot-path record) are tested inline:
         # a function call per column is a good part of the writer's time per row.
+        get = access.format(name=name, index=index)
         if name in cls.JSON_COLUMNS:
-            parts.append(f"(None if (v := r.{name}) is None else j(v))")
+            parts.append(f"(None if (v := {get}) is None else j(v))")
         elif name in cls.TIME_COLUMNS:
-            parts.append(f"(tc(v) if (v := r.{name}).__class__ is int else t(v, tc))")
+            parts.append(f"(tc(v) if (v := {get}).__class__ is int else t(v, tc))")
         else:
-            parts.append(f"r.{name}")
+            parts.append(get)
     source = f"def build(r, tc, j, t):\n    return ({', '.join(parts)},)\n"
     namespace: dict[str, Any] = {}
     exec(compile(source, f"<row builder {cls.__name__}>", "exec"), namespace)  # noqa: S102

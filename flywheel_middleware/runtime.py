@@ -133,6 +133,7 @@ def recorder() -> Recorder:
                 flush_interval=cfg.flush_interval,
                 spill_dir=cfg.spill_dir,
                 exit_timeout=cfg.exit_timeout,
+                writer=os.environ.get("FLYWHEEL_WRITER") or cfg.writer,
             )
             rec.add_listener(_after_batch)
             from .pm import install_redaction  # redact_span hooks and YAML redactors

@@ -8,7 +8,6 @@ else uses ordinary SQLModel sessions.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,27 +18,20 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlmodel import Session
 
-from . import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from . import (
+    models,  # noqa: F401  (registers the tables on SQLModel.metadata)
+    sqlite_rows,
+)
 from .errors import StoreError
 
 log = logging.getLogger("flywheel_middleware.store")
 
 DEFAULT_URL = "sqlite:///flywheel.db"
-# Bound parameters per statement: 32766 since SQLite 3.32, 999 before.
-_SQLITE_MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
-# Rows per multi-row INSERT (a power of two): a batch is written as chunks of this size, then
-# halving sizes for the rest, so at most log2 of it + 1 distinct statements exist per table.
-_SQLITE_CHUNK = 256
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=5000")  # longer locks: the recorder retries
-    cur.execute("PRAGMA foreign_keys=OFF")
-    cur.close()
+    sqlite_rows.apply_pragmas(dbapi_conn)
 
 
 class Store:
@@ -57,8 +49,11 @@ class Store:
                 f"unsupported store URL {url!r}: use sqlite:///PATH or postgresql+psycopg://..."
             )
         kwargs: dict[str, Any] = {}
+        self.sqlite_path: Path | None = None  # the database file (None: in memory, or not SQLite)
         if self.dialect == "sqlite":
             database = parsed.database or ""
+            if database and database != ":memory:" and not database.startswith("file:"):
+                self.sqlite_path = Path(database).expanduser().resolve()
             if database and database != ":memory:":
                 folder = Path(database).expanduser().resolve().parent
                 if not folder.is_dir():
@@ -150,11 +145,10 @@ class Store:
         key = f"{table}:{','.join(columns)}"
         sql = self._insert_sql.get(key)
         if sql is None:
-            cols = ", ".join(f'"{c}"' for c in columns)
             if self.dialect == "sqlite":
-                marks = ", ".join("?" for _ in columns)
-                sql = f"INSERT OR IGNORE INTO {table} ({cols}) VALUES ({marks})"
+                sql = sqlite_rows.insert_sql(table, columns)
             else:
+                cols = ", ".join(f'"{c}"' for c in columns)
                 marks = ", ".join("%s" for _ in columns)
                 sql = f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING"
             self._insert_sql[key] = sql
@@ -171,39 +165,11 @@ class Store:
             if self.dialect == "postgresql" and table in ("span", "rollout"):
                 self._copy_rows(raw_conn, cur, table, columns, rows)
             elif self.dialect == "sqlite":
-                self._insert_multirow(cur, table, columns, rows)
+                sqlite_rows.insert_rows(cur, table, columns, rows, self._insert_sql)
             else:
                 cur.executemany(self._sql_for(table, columns), rows)
         finally:
             cur.close()
-
-    def _insert_multirow(
-        self, cur: Any, table: str, columns: Sequence[str], rows: list[tuple]
-    ) -> None:
-        """Many rows per INSERT statement, in a few fixed sizes.
-
-        ``sqlite3.executemany`` releases and retakes the GIL for every row; while the agent's
-        thread is busy that convoy cuts the writer to a few hundred rows a second. One statement
-        per chunk of rows steps (and switches) once each. The chunks come in powers of two up to
-        ``_SQLITE_CHUNK`` rows, so the same few statements are prepared once and then reused
-        from the connection's statement cache: a statement sized to each batch is compiled anew
-        every time, which costs more than inserting the rows.
-        """
-        size = _SQLITE_CHUNK
-        while size * len(columns) > _SQLITE_MAX_VARIABLES:
-            size //= 2
-        start, n = 0, len(rows)
-        while start < n:
-            while size > n - start:
-                size //= 2
-            key = f"{table}:{len(columns)}:{size}"
-            sql = self._insert_sql.get(key)
-            if sql is None:
-                head, marks = self._sql_for(table, columns).split(" VALUES ")
-                sql = self._insert_sql[key] = f"{head} VALUES {','.join([marks] * size)}"
-            end = start + size
-            cur.execute(sql, [value for row in rows[start:end] for value in row])
-            start = end
 
     def _copy_rows(
         self, raw_conn: Any, cur: Any, table: str, columns: Sequence[str], rows: list[tuple]

@@ -1,0 +1,225 @@
+"""The writer process: span and rollout rows of a SQLite file store are written by a child.
+
+What must hold: the rows are the ones the writer thread would write; a child that dies, a value
+that will not pickle, or a class the child cannot import loses nothing; the thread remains
+where a child cannot work (in-memory SQLite, ``writer="thread"``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import types
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from flywheel_middleware.recorder import Recorder
+from flywheel_middleware.records import FeedbackRecord
+from flywheel_middleware.store import Store
+from flywheel_middleware.tracing import RolloutHandle, SpanHandle
+
+
+def _record(recorder: Recorder, n: int, tag: str, output: object = None) -> list[str]:
+    ids = []
+    for i in range(n):
+        r = RolloutHandle("wp", input={"q": f"{tag}-{i}", "n": i}, recorder=recorder)
+        span = SpanHandle("tool", "tool", r, r)
+        span.set_attribute("k", [1, 2.5, None, "x"])
+        span.end(output=output if output is not None else {"answer": i})
+        r.finish(output=f"out-{i}")
+        ids.append(r.id)
+    return ids
+
+
+def _rows(url: str, sql: str) -> list[tuple]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = [tuple(r) for r in conn.execute(text(sql))]
+    engine.dispose()
+    return rows
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_sqlite_file_store_is_written_by_a_child_process(tmp_path):
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    rec = Recorder(Store(url), flush_interval=0.01)
+    assert rec.counters.writer == "process"
+    _record(rec, 30, "a")
+    assert rec.flush(30)
+    pid = rec._process.pid
+    assert pid is not None and pid != os.getpid() and _alive(pid)
+    assert rec.counters.by_table == {"span": 30, "rollout": 30}
+    assert rec.close(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:  # it stops with the recorder
+        time.sleep(0.05)
+    assert not _alive(pid)
+    assert _rows(url, "SELECT COUNT(*) FROM span")[0][0] == 30
+
+
+def test_the_child_writes_exactly_the_rows_the_writer_thread_writes(tmp_path):
+    """The same records through both writers give identical rows, column for column."""
+    columns = "name, kind, status, input, output, attributes, started_at, ended_at, workflow"
+    got = {}
+    for mode in ("process", "thread"):
+        url = f"sqlite:///{tmp_path / f'{mode}.db'}"
+        rec = Recorder(Store(url), flush_interval=0.01, writer=mode)
+        assert rec.counters.writer == mode
+        r = RolloutHandle("wp", input={"q": "same"}, recorder=rec)
+        span = SpanHandle("chat", "llm", r, r, model="m", start_ns=1_700_000_000_123_456_789)
+        span.set_attribute("params", {"t": 0.5, "stop": None, "nan": float("nan")})
+        span.end(output={"text": "héllo", "n": [1, 2]}, end_ns=1_700_000_001_000_000_000)
+        r.finish(output="done")
+        assert rec.close(timeout=30)
+        got[mode] = _rows(url, f"SELECT {columns} FROM span")
+    assert got["process"] == got["thread"]
+    assert '"nan":"nan"' in got["process"][0][5]  # a NaN kept as text, as the thread does
+
+
+def test_a_killed_child_loses_nothing_and_the_thread_takes_over(tmp_path):
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    rec = Recorder(Store(url), flush_interval=0.01)
+    _record(rec, 20, "before")
+    assert rec.flush(30)
+    os.kill(rec._process.pid, signal.SIGKILL)
+    _record(rec, 25, "after")
+    assert rec.flush(30)
+    assert rec.counters.writer == "thread"
+    _record(rec, 5, "later")
+    assert rec.close(timeout=30)
+    assert _rows(url, "SELECT COUNT(*) FROM rollout")[0][0] == 50
+    assert _rows(url, "SELECT COUNT(*) FROM span")[0][0] == 50
+
+
+def test_ctrl_c_for_the_host_does_not_stop_the_child(tmp_path):
+    url = f"sqlite:///{tmp_path / 'i.db'}"
+    rec = Recorder(Store(url), flush_interval=0.01)
+    _record(rec, 3, "a")
+    assert rec.flush(30)
+    os.kill(rec._process.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole group
+    time.sleep(0.2)
+    _record(rec, 3, "b")
+    assert rec.flush(30)
+    assert rec.counters.writer == "process"
+    assert rec.close(timeout=30)
+    assert _rows(url, "SELECT COUNT(*) FROM rollout")[0][0] == 6
+
+
+def test_values_that_do_not_pickle_or_unpickle_are_stored_as_their_text(tmp_path):
+    """A lock will not pickle here; a class from a module the child lacks will not unpickle."""
+    module = types.ModuleType("fw_only_in_the_parent")
+
+    class Answer:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def __repr__(self) -> str:
+            return f"Answer({self.text!r})"
+
+    Answer.__module__ = module.__name__
+    Answer.__qualname__ = "Answer"
+    module.Answer = Answer
+    sys.modules[module.__name__] = module
+    try:
+        url = f"sqlite:///{tmp_path / 'p.db'}"
+        rec = Recorder(Store(url), flush_interval=0.01)
+        _record(rec, 2, "lock", output={"lock": threading.Lock()})
+        _record(rec, 2, "cls", output=Answer("forty-two"))
+        _record(rec, 2, "plain")
+        assert rec.close(timeout=30)
+    finally:
+        del sys.modules[module.__name__]
+    outputs = [r[0] for r in _rows(url, "SELECT output FROM span ORDER BY started_at")]
+    assert len(outputs) == 6
+    assert "_thread.lock" in outputs[0] and "_thread.lock" in outputs[1]
+    assert outputs[2:4] == ["\"Answer('forty-two')\""] * 2
+    assert outputs[4:] == ['{"answer":0}', '{"answer":1}']
+    assert rec.counters.writer == "process"  # the child stayed up throughout
+
+
+def test_a_row_the_database_rejects_is_kept_and_the_rest_written(tmp_path):
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    rec = Recorder(Store(url), flush_interval=0.01, spill_dir=tmp_path / "spill")
+    ids = _record(rec, 3, "ok")
+    bad = RolloutHandle("wp", recorder=rec)
+    bad.add_usage(2**70, 1)  # wider than any SQLite integer: this one row cannot be stored
+    bad.finish()
+    assert rec.close(timeout=30)
+    assert rec.counters.dead_lettered == 1
+    assert sorted(r[0] for r in _rows(url, "SELECT id FROM rollout")) == sorted(ids)
+    assert list((tmp_path / "spill").rglob("dead-*.pickle"))
+
+
+def test_feedback_is_written_in_the_host_after_its_rollout(tmp_path):
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    rec = Recorder(Store(url), flush_interval=0.01)
+    seen = []
+    rec.add_listener(lambda by_table: seen.extend(sorted(by_table)))
+    [rid] = _record(rec, 1, "f")
+    rec.enqueue(FeedbackRecord(rollout_id=rid, value=5))
+    assert rec.close(timeout=30)
+    assert _rows(url, "SELECT rollout_id, value FROM feedback") == [(rid, 5.0)]
+    assert {"rollout", "span", "feedback"} <= set(seen)  # listeners see every table
+
+
+def test_the_thread_writes_where_a_child_cannot_or_is_not_wanted(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    assert Recorder(Store("sqlite://"), writer="process").counters.writer == "thread"  # memory
+    thread = Recorder(Store(url), flush_interval=0.01, writer="thread")
+    monkeypatch.setattr(sys, "executable", "/usr/bin/uwsgi")  # embedded: no Python to run
+    embedded = Recorder(Store(url), flush_interval=0.01)
+    for rec in (thread, embedded):
+        assert rec.counters.writer == "thread" and rec._process is None
+        _record(rec, 2, "t")
+        assert rec.close(timeout=30)
+    assert _rows(url, "SELECT COUNT(*) FROM rollout")[0][0] == 4
+
+
+def test_an_unknown_writer_mode_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="writer must be one of"):
+        Recorder(Store(f"sqlite:///{tmp_path / 'x.db'}"), writer="fork")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_host_child_writes_through_its_own_writer(tmp_path):
+    import flywheel_middleware as fw
+
+    url = f"sqlite:///{tmp_path / 'fork.db'}"
+    fw.configure(store_url=url)
+    try:
+        with fw.rollout("parent"):
+            pass
+        assert fw.flush(30)
+        parent_writer = fw.recorder()._process.pid
+        pid = os.fork()
+        if pid == 0:  # the forked child: records, flushes, reports its writer's pid, leaves
+            code = 1
+            try:
+                with fw.rollout("child"):
+                    pass
+                ok = fw.flush(30)
+                child_writer = fw.recorder()._process.pid
+                code = 0 if ok and child_writer not in (None, parent_writer) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        with fw.rollout("parent-again"):
+            pass
+        assert fw.flush(30)
+        assert fw.recorder()._process.pid == parent_writer
+        workflows = sorted(r[0] for r in _rows(url, "SELECT workflow FROM rollout"))
+        assert workflows == ["child", "parent", "parent-again"]
+    finally:
+        fw.shutdown()
