@@ -44,7 +44,10 @@ log = logging.getLogger("flywheel_middleware.recorder")
 
 BatchListener = Callable[[dict[str, list[Record]]], None]
 WRITER_MODES = ("auto", "process", "thread")
-_PACE = 0.02  # seconds a batch for the writer process may gather (see _run)
+# A round trip to the writer process has a fixed cost (a few hundred µs of this process's
+# time), so its batches gather: up to _GATHER_RECORDS records, for at most _GATHER_MAX seconds.
+_GATHER_RECORDS = 256
+_GATHER_MAX = 0.1
 
 
 @dataclass
@@ -141,6 +144,7 @@ class Recorder:
         self._time_conv = ns_to_sqlite_text if store.dialect == "sqlite" else ns_to_datetime
         self._pid = os.getpid()
         self._process: WriterProcess | None = None
+        self.gather_records, self.gather_max = _GATHER_RECORDS, _GATHER_MAX
         if writer != "thread" and store.sqlite_path is not None and can_spawn():
             self._process = WriterProcess(store.sqlite_path, self.spill_dir)
             self.counters.writer = "process"
@@ -293,7 +297,7 @@ class Recorder:
         except Exception as exc:
             self.counters.last_error = repr(exc)
         buf = self._buf
-        last_batch = 0.0
+        last_batch, rate = 0.0, 0.0  # when the last batch left; records a second lately
         while True:
             if not buf:
                 self._wake.wait(self.flush_interval)
@@ -302,13 +306,17 @@ class Recorder:
                     if self._spill_path is not None and not self._give_up.is_set():
                         self._safe(self._replay_spill)
                     continue
-            elif self._process is not None and len(buf) < self.batch_size:
-                # A round trip to the writer process has a fixed cost: let a batch gather for
-                # up to _PACE seconds (a flush or a full queue wakes the writer at once).
-                remaining = last_batch + _PACE - time.monotonic()
-                if remaining > 0 and self._wake.wait(remaining):
+            elif self._process is not None and len(buf) < self.gather_records:
+                # Wait as long as the recent rate says the batch needs to fill, within the cap
+                # (a flush or a full queue wakes the writer at once).
+                since = time.monotonic() - last_batch
+                need = (self.gather_records - len(buf)) / rate if rate else self.gather_max
+                pause = min(self.gather_max - since, need)
+                if pause > 0 and self._wake.wait(pause):
                     self._wake.clear()
-            last_batch = time.monotonic()
+            now = time.monotonic()
+            rate = len(buf) / max(now - last_batch, 1e-3)
+            last_batch = now
             batch: list[Record] = []
             markers: list[_Flush] = []
             stop = False
@@ -430,15 +438,20 @@ class Recorder:
         return True
 
     def _retrying(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` retried while the store is unavailable, until it works or we give up."""
+        """``fn()`` retried while the store is unavailable, until it works or we give up.
+
+        The first attempt runs bare: setting up a tenacity loop costs more than a small batch.
+        """
+        try:
+            return fn()
+        except Exception as exc:
+            if not _is_retryable(exc) or self._give_up.is_set():
+                raise
+            self._note_failure(exc, 1)
 
         def before_sleep(state: RetryCallState) -> None:
-            self.counters.retried += 1
             exc = state.outcome.exception() if state.outcome else None
-            self.counters.last_error = repr(exc)
-            self._drop_connection()
-            if state.attempt_number in (1, 10) or state.attempt_number % 50 == 0:
-                log.warning("flywheel store unavailable (%s); retrying, nothing is lost", exc)
+            self._note_failure(exc, state.attempt_number + 1)
 
         retrying = Retrying(
             retry=retry_if_exception(_is_retryable),
@@ -448,6 +461,13 @@ class Recorder:
             reraise=True,
         )
         return retrying(fn)
+
+    def _note_failure(self, exc: BaseException | None, attempt: int) -> None:
+        self.counters.retried += 1
+        self.counters.last_error = repr(exc)
+        self._drop_connection()
+        if attempt in (1, 10) or attempt % 50 == 0:
+            log.warning("flywheel store unavailable (%s); retrying, nothing is lost", exc)
 
     def _write_once(self, by_table: dict[str, list[tuple]]) -> None:
         if self._conn is None:

@@ -7,7 +7,8 @@ builds the rows and writes them on another core. The child imports ``records`` a
 ``sqlite_rows`` and nothing else of ours (no SQLAlchemy), so it starts in tens of milliseconds.
 
 The protocol is request/reply over the child's stdin/stdout, in frames of a 4-byte length
-and a pickle::
+and a message; a request is marshalled (plain data, the common case, and the cheapest to
+encode) or else pickled, and says which by its first byte. Messages::
 
     parent: ("values", [(table, values), ...]) | ("rows", [(table, row), ...]) | ("stop",)
     child:  ("ready", pid) | ("ok", {table: written}, rejected) | ("retry", error)
@@ -21,6 +22,7 @@ make a batch sent again after a crash add nothing.
 from __future__ import annotations
 
 import logging
+import marshal
 import os
 import pickle
 import signal
@@ -64,7 +66,7 @@ class WriterBusy(Exception):
 
 
 def _send(stream: BinaryIO, message: Any) -> None:
-    data = message if isinstance(message, bytes) else pickle.dumps(message, protocol=5)
+    data = message if isinstance(message, bytes) else _encode(message)
     stream.write(_HEADER.pack(len(data)) + data)
     stream.flush()
 
@@ -89,16 +91,26 @@ def can_spawn() -> bool:
     return bool(exe) and os.path.isfile(exe) and name.startswith(("python", "pypy"))
 
 
+def _encode(message: tuple) -> bytes:
+    try:
+        return b"M" + marshal.dumps(message)
+    except ValueError:  # not plain data (an object, a str subclass): pickle it
+        return b"P" + pickle.dumps(message, protocol=5)
+
+
+def _decode(data: bytes) -> Any:
+    return marshal.loads(data[1:]) if data[:1] == b"M" else pickle.loads(data[1:])
+
+
 def values_payload(records: list[Record]) -> bytes:
     """The batch as raw column values: what the child is normally sent."""
-    return pickle.dumps(("values", [(r.TABLE, r.values(r)) for r in records]), protocol=5)
+    return _encode(("values", [(r.TABLE, r.values(r)) for r in records]))
 
 
 def rows_payload(records: list[Record]) -> bytes:
     """The batch as finished rows (plain text and numbers), for values that will not pickle
     here or unpickle there (a lock, a class defined in ``__main__``)."""
-    rows = [(r.TABLE, r.to_row(ns_to_sqlite_text)) for r in records]
-    return pickle.dumps(("rows", rows), protocol=5)
+    return _encode(("rows", [(r.TABLE, r.to_row(ns_to_sqlite_text)) for r in records]))
 
 
 class WriterProcess:
@@ -148,7 +160,7 @@ class WriterProcess:
             data = None
         if data is None:
             raise WriterGone(f"the writer process exited (exit code {proc.poll()})")
-        return pickle.loads(data)
+        return _decode(data)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the child to finish and wait for it (everything it acknowledged is committed)."""
@@ -270,7 +282,7 @@ def main(argv: list[str]) -> None:
         if data is None:
             break
         try:
-            request = pickle.loads(data)
+            request = _decode(data)
         except Exception as exc:  # a class the child cannot import: the parent sends rows
             _send(replies, ("unpicklable", repr(exc)))
             continue
