@@ -257,10 +257,11 @@ def _tracing_floor(client: Any, messages: list[dict[str, str]]) -> Callable[[], 
 
 def bench_openai(
     calls: int, rounds: int, continuous: int = 800, baseline: str | None = None
-) -> dict[str, dict[str, tuple[float, float, float, float]]]:
-    """method -> variant -> (wall, process cpu, agent-thread cpu, writer-thread cpu) seconds per
-    call, each the median over ``rounds`` rounds that alternate the variants. The writer's
-    thread CPU is NaN where the platform has no per-thread clock. ``baseline``: the path of
+) -> dict[str, dict[str, tuple[float, ...]]]:
+    """method -> variant -> (wall, cpu, agent-thread cpu, writer-thread cpu, writer-process cpu)
+    seconds per call, each the median over ``rounds`` rounds that alternate the variants; cpu is
+    this process's and the writer process's. The writer's thread CPU is NaN where the platform
+    has no per-thread clock. ``baseline``: the path of
     another ``adapters/openai.py``, measured too (variants ``baseline``, ``baseline stream``)."""
     import openai
     from flywheel_middleware.adapters.openai import wrap_openai
@@ -313,15 +314,18 @@ def bench_openai(
         writer_clock = _writer_cpu_clock()
         nan = float("nan")
 
-        def run(fn: Callable[[], Any], n: int, settle: Any) -> tuple[float, float, float, float]:
+        def run(fn: Callable[[], Any], n: int, settle: Any) -> tuple[float, ...]:
+            pid = _writer_pid()
+            child = _process_cpu(pid)
             writer = writer_clock() if writer_clock else nan
             agent = time.thread_time()
             wall, cpu = _timed(fn, n, settle)
             agent = (time.thread_time() - agent) / n
             writer = (writer_clock() - writer) / n if writer_clock else nan
-            return wall, cpu, agent, writer
+            child = (_process_cpu(pid) - child) / n
+            return wall, cpu + child, agent, writer, child
 
-        samples: dict[str, dict[str, list[tuple[float, float, float, float]]]] = {
+        samples: dict[str, dict[str, list[tuple[float, ...]]]] = {
             method: {name: [] for name in variants} for method in OPENAI_METHODS
         }
         # Each round runs the variants in a new order (seeded): in a fixed order, work that
@@ -512,9 +516,12 @@ def report_openai(args: argparse.Namespace) -> None:
     wrappers = ("wrapped", "baseline") if args.openai_baseline else ("wrapped",)
     for kind, method, wrapper in itertools.product(("", " stream"), oa, wrappers):
         plain, ours = oa[method]["plain" + kind], oa[method][wrapper + kind]
-        (pw, pc, pa, _), (ww, wc, wa, wt) = plain, ours
+        (pw, pc, pa, *_), (ww, wc, wa, wt, wp) = plain, ours
         threads = (
-            "" if wt != wt else f"   agent thread {(wa - pa) * 1e6:+.0f}, writer {wt * 1e6:.0f}"
+            ""
+            if wt != wt
+            else f"   agent thread {(wa - pa) * 1e6:+.0f}, writer thread {wt * 1e6:.0f}"
+            f", process {wp * 1e6:.0f}"
         )
         label = f"create{kind}" + (" (baseline)" if wrapper == "baseline" else "")
         print(
@@ -523,7 +530,7 @@ def report_openai(args: argparse.Namespace) -> None:
             f"{threads}   target <= 5%"
         )
     for method, by_name in oa.items():
-        (pw, pc, pa, _), (lw, lc, la, lt) = by_name["plain"], by_name["floor"]
+        (pw, pc, pa, *_), (lw, lc, la, lt, _) = by_name["plain"], by_name["floor"]
         print(
             f"tracing floor ({method}): wall {pct(lw, pw)}, cpu {pct(lc, pc)}, agent thread "
             f"{(la - pa) * 1e6:+.0f}, writer {lt * 1e6:.0f} µs: one rollout and one span through "
