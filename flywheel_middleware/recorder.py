@@ -28,7 +28,7 @@ from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential
 
-from .records import RECORD_TYPES, Record, ns_to_datetime, ns_to_sqlite_text
+from .records import RECORD_TYPES, Record, expand_calls, ns_to_datetime, ns_to_sqlite_text
 from .store import Store
 from .writer_process import (
     SHIPPED_TABLES,
@@ -230,7 +230,7 @@ class Recorder:
         """Append records to this process's spill file; ``fresh`` ones never reached the queue."""
         if fresh:
             self.counters.queued += len(records)
-        rows = [(r.TABLE, r.to_row(self._time_conv)) for r in records]
+        rows = [(r.TABLE, r.to_row(self._time_conv)) for r in expand_calls(records)]
         with self._spill_lock:
             if self._spill_file is None:
                 self.spill_dir.mkdir(parents=True, exist_ok=True)
@@ -349,14 +349,15 @@ class Recorder:
     def _write_records(self, batch: list[Record]) -> None:
         if not batch:
             return
-        if self._transforms:
-            batch = self._transformed(batch)
+        if self._transforms:  # redaction sees span and rollout records, never a call record
+            batch = self._transformed(expand_calls(batch))
         if self._process is not None:
             shipped = [r for r in batch if r.TABLE in SHIPPED_TABLES]
             if shipped and self._ship(shipped):
                 batch = [r for r in batch if r.TABLE not in SHIPPED_TABLES]
         if not batch:
             return
+        batch = expand_calls(batch)
         by_table: dict[str, list[tuple]] = defaultdict(list)
         by_kind: dict[str, list[Record]] = defaultdict(list)
         for record in batch:

@@ -220,6 +220,104 @@ class TelemetryRecord(Record):
     DEFAULTS = {"received_at": time.time_ns}
 
 
+class CallRecord(Record):
+    """A finished call that was a rollout with one span, recorded whole (``record_call``).
+
+    One object on the agent's thread instead of two; the writer (thread or process) turns it
+    into its span and rollout rows (``split``).
+    """
+
+    __slots__ = (
+        "span_id",
+        "rollout_id",
+        "workflow",
+        "kind",
+        "name",
+        "node",
+        "error",
+        "started_at",
+        "ended_at",
+        "duration_ms",
+        "model",
+        "input",
+        "output",
+        "input_tokens",
+        "output_tokens",
+        "attributes",
+        "user_id",
+        "session_id",
+        "tags",
+        "metadata",
+    )
+    TABLE = "call"
+    COLUMNS = __slots__
+
+    def split(self) -> tuple[SpanRecord, RolloutRecord]:
+        error = self.error
+        span = SpanRecord.__new__(SpanRecord)
+        span.id = self.span_id
+        span.rollout_id = self.rollout_id
+        span.workflow = self.workflow
+        span.trace_id = span.parent_id = None
+        span.sequence = 0
+        span.kind = self.kind
+        span.name = self.name
+        span.node = self.node
+        span.status = "ok" if error is None else "error"
+        span.error = error
+        span.started_at = self.started_at
+        span.ended_at = self.ended_at
+        span.duration_ms = self.duration_ms
+        span.model = self.model
+        span.input = self.input
+        span.output = self.output
+        span.input_tokens = self.input_tokens
+        span.output_tokens = self.output_tokens
+        span.attributes = self.attributes
+        rollout = RolloutRecord.__new__(RolloutRecord)
+        rollout.id = self.rollout_id
+        rollout.workflow = self.workflow
+        rollout.user_id = self.user_id
+        rollout.session_id = self.session_id
+        rollout.config_version_id = rollout.experiment_id = rollout.variant = None
+        rollout.propensity = rollout.cost = rollout.reward = None
+        rollout.input = self.input
+        rollout.output = self.output
+        rollout.status = "succeeded" if error is None else "failed"
+        rollout.error = error
+        rollout.started_at = self.started_at
+        rollout.ended_at = self.ended_at
+        rollout.latency_ms = self.duration_ms
+        tokens_in, tokens_out = self.input_tokens or None, self.output_tokens or None
+        rollout.input_tokens, rollout.output_tokens = tokens_in, tokens_out
+        rollout.total_tokens = (
+            (tokens_in or 0) + (tokens_out or 0) if tokens_in or tokens_out else None
+        )
+        rollout.tags = self.tags
+        rollout.metadata = self.metadata
+        return span, rollout
+
+    @classmethod
+    def from_values(cls, values: tuple) -> CallRecord:
+        record = cls.__new__(cls)
+        for name, value in zip(cls.COLUMNS, values, strict=True):
+            setattr(record, name, value)
+        return record
+
+
+def expand_calls(records: list[Record]) -> list[Record]:
+    """The records with each ``CallRecord`` replaced by its span and rollout records."""
+    if not any(r.TABLE == "call" for r in records):
+        return records
+    out: list[Record] = []
+    for record in records:
+        if record.TABLE == "call":
+            out.extend(record.split())  # type: ignore[attr-defined]
+        else:
+            out.append(record)
+    return out
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.TABLE: cls for cls in (SpanRecord, RolloutRecord, FeedbackRecord, TelemetryRecord)
 }

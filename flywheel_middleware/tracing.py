@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from . import otel
 from .ids import new_rollout_id, new_span_id
-from .records import RolloutRecord, SpanRecord
+from .records import CallRecord, RolloutRecord, SpanRecord
 from .serialize import snapshot
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -458,54 +458,29 @@ def record_call(
         span.set_usage(input_tokens, output_tokens)
         span.end(output=output, error=error, end_ns=end_ns)
         return span.rollout_id
-    error_text = None if error is None else error if isinstance(error, str) else _error_text(error)
-    duration_ms = (end_ns - start_ns) / 1e6
-    rollout_id = new_rollout_id()
-    span = SpanRecord.__new__(SpanRecord)
-    span.id = new_span_id()
-    span.rollout_id = rollout_id
-    span.workflow = workflow
-    span.trace_id = span.parent_id = None
-    span.sequence = 0
-    span.kind = kind
-    span.name = name
-    span.node = node
-    span.status = "ok" if error_text is None else "error"
-    span.error = error_text
-    span.started_at = start_ns
-    span.ended_at = end_ns
-    span.duration_ms = duration_ms
-    span.model = model
-    span.input = input
-    span.output = output
-    span.input_tokens = input_tokens
-    span.output_tokens = output_tokens
-    span.attributes = attributes
-    rollout = RolloutRecord.__new__(RolloutRecord)
-    rollout.id = rollout_id
-    rollout.workflow = workflow
-    rollout.user_id = user_id
-    rollout.session_id = session_id
-    rollout.config_version_id = rollout.experiment_id = rollout.variant = None
-    rollout.propensity = rollout.cost = rollout.reward = None
-    rollout.input = input
-    rollout.output = output
-    rollout.status = "succeeded" if error_text is None else "failed"
-    rollout.error = error_text
-    rollout.started_at = start_ns
-    rollout.ended_at = end_ns
-    rollout.latency_ms = duration_ms
-    rollout.input_tokens = input_tokens or None
-    rollout.output_tokens = output_tokens or None
-    rollout.total_tokens = (
-        (input_tokens or 0) + (output_tokens or 0) if input_tokens or output_tokens else None
-    )
-    rollout.tags = tags
-    rollout.metadata = metadata
+    call = CallRecord.__new__(CallRecord)
+    call.span_id = new_span_id()
+    call.rollout_id = rollout_id = new_rollout_id()
+    call.workflow = workflow
+    call.kind = kind
+    call.name = name
+    call.node = node
+    call.error = None if error is None else error if isinstance(error, str) else _error_text(error)
+    call.started_at = start_ns
+    call.ended_at = end_ns
+    call.duration_ms = (end_ns - start_ns) / 1e6
+    call.model = model
+    call.input = input
+    call.output = output
+    call.input_tokens = input_tokens
+    call.output_tokens = output_tokens
+    call.attributes = attributes
+    call.user_id = user_id
+    call.session_id = session_id
+    call.tags = tags
+    call.metadata = metadata
     runtime = _runtime()
-    recorder = runtime.recorder()
-    recorder.enqueue(span)
-    recorder.enqueue(rollout)
+    runtime.recorder().enqueue(call)
     runtime.note_finished(rollout_id, workflow)
     return rollout_id
 

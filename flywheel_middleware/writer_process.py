@@ -35,12 +35,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .records import RECORD_TYPES, Record, ns_to_sqlite_text
+from .records import RECORD_TYPES, CallRecord, Record, expand_calls, ns_to_sqlite_text
 from .sqlite_rows import apply_pragmas, insert_rows
 
 log = logging.getLogger("flywheel_middleware.writer_process")
 
-SHIPPED_TABLES = frozenset({"span", "rollout"})
+SHIPPED_TABLES = frozenset({"span", "rollout", "call"})  # a call record is one of each
 _HEADER = struct.Struct("<I")
 
 # Run by ``python -c``: a bare package object stands in for ``flywheel_middleware`` so its
@@ -110,7 +110,8 @@ def values_payload(records: list[Record]) -> bytes:
 def rows_payload(records: list[Record]) -> bytes:
     """The batch as finished rows (plain text and numbers), for values that will not pickle
     here or unpickle there (a lock, a class defined in ``__main__``)."""
-    return _encode(("rows", [(r.TABLE, r.to_row(ns_to_sqlite_text)) for r in records]))
+    rows = [(r.TABLE, r.to_row(ns_to_sqlite_text)) for r in expand_calls(records)]
+    return _encode(("rows", rows))
 
 
 class WriterProcess:
@@ -207,9 +208,13 @@ def _write(conn: sqlite3.Connection, request: tuple, cache: dict[str, str], dead
     if kind == "values":
         for table, values in items:
             try:
-                by_table[table].append(
-                    RECORD_TYPES[table].row_from_values(values, ns_to_sqlite_text)
-                )
+                if table == "call":
+                    span, rollout = CallRecord.from_values(values).split()
+                    by_table["span"].append(span.to_row(ns_to_sqlite_text))
+                    by_table["rollout"].append(rollout.to_row(ns_to_sqlite_text))
+                else:
+                    row = RECORD_TYPES[table].row_from_values(values, ns_to_sqlite_text)
+                    by_table[table].append(row)
             except Exception as exc:  # a value no row can hold: count it, keep the rest
                 rejected += 1
                 print(

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from flywheel_middleware.recorder import Recorder
-from flywheel_middleware.records import FeedbackRecord
+from flywheel_middleware.records import CallRecord, FeedbackRecord
 from flywheel_middleware.store import Store
 from flywheel_middleware.tracing import RolloutHandle, SpanHandle
 
@@ -223,3 +223,56 @@ def test_a_forked_host_child_writes_through_its_own_writer(tmp_path):
         assert workflows == ["child", "parent", "parent-again"]
     finally:
         fw.shutdown()
+
+
+def _call(i: int, error: str | None = None) -> CallRecord:
+    return CallRecord(
+        span_id=10_000 + i, rollout_id=f"{i:032x}", workflow="wp", kind="llm", name="chat",
+        error=error, started_at=1_700_000_000_000_000_000 + i, ended_at=1_700_000_000_500_000_000,
+        duration_ms=500.0, model="m", input=[{"role": "user", "content": f"q{i}"}],
+        output={"role": "assistant", "content": "a"}, input_tokens=3, output_tokens=None,
+        attributes={"invocation_params": {"t": 0.1}}, user_id="u1", tags=["x"],
+    )  # fmt: skip
+
+
+def test_a_call_record_becomes_the_same_span_and_rollout_rows_in_both_writers(tmp_path):
+    """``tracing.record_call`` queues one record for a one-span rollout; both writers split it."""
+    got = {}
+    for mode in ("process", "thread"):
+        url = f"sqlite:///{tmp_path / f'{mode}.db'}"
+        rec = Recorder(Store(url), flush_interval=0.01, writer=mode)
+        rec.enqueue(_call(1))
+        rec.enqueue(_call(2, error="ValueError: bad"))
+        assert rec.close(timeout=30)
+        assert rec.counters.by_table == {"span": 2, "rollout": 2}
+        got[mode] = (
+            _rows(url, "SELECT * FROM span ORDER BY id"),
+            _rows(url, "SELECT * FROM rollout ORDER BY id"),
+        )
+    assert got["process"] == got["thread"]
+    spans, rollouts = got["process"]
+    assert [(s[0], s[1], s[8]) for s in spans] == [
+        (10_001, f"{1:032x}", "ok"),
+        (10_002, f"{2:032x}", "error"),
+    ]
+    statuses = [(r[10], r[15], r[16], r[17]) for r in rollouts]  # status, tokens in/out/total
+    assert statuses == [("succeeded", 3, None, 3), ("failed", 3, None, 3)]
+
+
+def test_call_records_kept_on_disk_at_exit_come_back_as_their_rows(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "spill.db"
+    first = Recorder(Store(f"sqlite:///{path}"), flush_interval=0.01, exit_timeout=0.5)
+    blocker = sqlite3.connect(path, timeout=1)
+    blocker.execute("BEGIN EXCLUSIVE")
+    for i in range(5):
+        first.enqueue(_call(i))
+    assert first.close(timeout=0.5) is False
+    blocker.rollback()
+    blocker.close()
+    second = Recorder(Store(f"sqlite:///{path}"), flush_interval=0.01)
+    assert second.flush(30)
+    assert second.counters.replayed == 10  # five spans and five rollouts
+    assert _rows(f"sqlite:///{path}", "SELECT COUNT(*) FROM rollout")[0][0] == 5
+    second.close()
