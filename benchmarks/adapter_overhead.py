@@ -365,7 +365,7 @@ def isolated_costs(calls: int = 5000) -> tuple[float, float]:
 
     import flywheel_middleware as fw
     from flywheel_middleware import runtime
-    from flywheel_middleware.records import ns_to_sqlite_text
+    from flywheel_middleware.records import expand_calls, ns_to_sqlite_text
 
     kept: list[Any] = []
 
@@ -400,7 +400,7 @@ def isolated_costs(calls: int = 5000) -> tuple[float, float]:
         agent = min(timeit.repeat(run, number=1, repeat=5)) / calls
     finally:
         runtime._state.recorder = saved
-    records = kept[-2 * calls :]
+    records = expand_calls(kept[-calls:])  # a one-span rollout is one call record
     store = fw.store()
 
     def write() -> None:
@@ -556,7 +556,7 @@ def report_openai(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="LangChain calls per round")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--openai-calls", type=int, default=100, help="per block (blocks)")
     parser.add_argument("--openai-continuous", type=int, default=800, help="per block (continuous)")
     parser.add_argument("--openai-rounds", type=int, default=11)
