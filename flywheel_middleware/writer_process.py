@@ -85,10 +85,12 @@ def _receive(stream: BinaryIO) -> bytes | None:
 
 
 def can_spawn() -> bool:
-    """Whether ``sys.executable`` is a Python that can run the child (not, say, uwsgi)."""
+    """Whether the child can run: ``sys.executable`` is a Python (not, say, uwsgi) and this
+    package is plain files it can import (not inside a zip)."""
     exe = sys.executable
     name = os.path.basename(exe or "").lower()
-    return bool(exe) and os.path.isfile(exe) and name.startswith(("python", "pypy"))
+    python = bool(exe) and os.path.isfile(exe) and name.startswith(("python", "pypy"))
+    return python and (Path(__file__).parent / "records.py").is_file()
 
 
 def _encode(message: tuple) -> bytes:
@@ -195,7 +197,8 @@ class WriterProcess:
 
 
 _live: weakref.WeakSet[WriterProcess] = weakref.WeakSet()
-os.register_at_fork(after_in_child=lambda: [w._detach() for w in list(_live)])
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=lambda: [w._detach() for w in list(_live)])
 
 
 # -- the child's side ----------------------------------------------------------------------

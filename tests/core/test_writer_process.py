@@ -276,3 +276,26 @@ def test_call_records_kept_on_disk_at_exit_come_back_as_their_rows(tmp_path):
     assert second.counters.replayed == 10  # five spans and five rollouts
     assert _rows(f"sqlite:///{path}", "SELECT COUNT(*) FROM rollout")[0][0] == 5
     second.close()
+
+
+def test_the_yaml_writer_setting_is_checked_and_reaches_the_recorder(tmp_path, monkeypatch):
+    import flywheel_middleware as fw
+    from flywheel_middleware.config import parse_config
+    from flywheel_middleware.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="writer"):
+        parse_config("store: {writer: fork}\n", source="f.yaml")
+    config = tmp_path / "flywheel.yaml"
+    config.write_text(f"store: {{url: 'sqlite:///{tmp_path / 'y.db'}', writer: thread}}\n")
+    fw.configure(str(config))
+    try:
+        assert fw.recorder().counters.writer == "thread"
+    finally:
+        fw.shutdown()
+    monkeypatch.setenv("FLYWHEEL_WRITER", "thread")  # the environment overrides the file
+    config.write_text(f"store: {{url: 'sqlite:///{tmp_path / 'y.db'}', writer: process}}\n")
+    fw.configure(str(config))
+    try:
+        assert fw.recorder().counters.writer == "thread"
+    finally:
+        fw.shutdown()
