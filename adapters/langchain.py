@@ -23,7 +23,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from flywheel_middleware import tracing
+from flywheel_middleware import otel, tracing
 from flywheel_middleware.serialize import snapshot
 from flywheel_middleware.tracing import SpanHandle
 
@@ -255,19 +255,18 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         span.attributes = attributes
         self._spans[run_id] = span
 
-    def _rollout_fields(
-        self, tags: list[str] | None, metadata: dict[str, Any] | None, meta: dict[str, Any] | None
-    ) -> dict[str, Any]:
-        """user_id, session_id, tags and metadata of a rollout opened at a root run."""
+    def _rollout_fields(self, p: _PendingRoot) -> tuple[Any, Any, Any, Any]:
+        """(user_id, session_id, tags, metadata) of the rollout a root run opens."""
         user_id = self.user_id
         session_id = self.session_id
+        metadata = p.metadata
         if metadata:
             user_id = metadata.get("user_id") or user_id
             session_id = metadata.get("session_id") or metadata.get("thread_id") or session_id
+        tags = p.tags
         all_tags = (self.tags or []) + (tags or []) if (self.tags or tags) else None
-        if self.metadata:
-            meta = {**self.metadata, **(meta or {})}
-        return {"user_id": user_id, "session_id": session_id, "tags": all_tags, "metadata": meta}
+        meta = {**self.metadata, **(p.meta or {})} if self.metadata else p.meta
+        return user_id, session_id, all_tags, meta
 
     def _open_pending(self, run_id: UUID) -> SpanHandle | None:
         """Turn a pending root run into an open rollout and span (its first child started)."""
@@ -276,10 +275,11 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
             if pending.__class__ is not _PendingRoot:
                 return pending  # type: ignore[return-value]  # opened by another child
             p: _PendingRoot = pending  # type: ignore[assignment]
+            user_id, session_id, tags, metadata = self._rollout_fields(p)
             span = tracing.open_root_span(
                 self.workflow, p.name, p.kind, p.start_ns, input=p.input, model=p.model,
-                attributes=p.attributes, node=p.node,
-                **self._rollout_fields(p.tags, p.metadata, p.meta),
+                attributes=p.attributes, node=p.node, user_id=user_id, session_id=session_id,
+                tags=tags, metadata=metadata,
             )  # fmt: skip
             if p.first_token_ns is not None:
                 ttft = (p.first_token_ns - p.start_ns) / 1e6
@@ -296,7 +296,10 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         input_tokens: int | None = None,
         output_tokens: int | None = None,
     ) -> None:
-        """A root run that had no children ends: record it as a one-span rollout."""
+        """A root run that had no children ends: record it as a one-span rollout.
+
+        The common case (no OTel SDK, no error) goes straight to ``tracing.queue_call``: in a
+        real ``invoke`` each call level and keyword argument skipped saves real time."""
         attributes = p.attributes
         if p.first_token_ns is not None:
             attributes = dict(attributes) if attributes else {}
@@ -304,21 +307,20 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         if model and p.model and model != p.model:
             attributes = dict(attributes) if attributes else {}
             attributes["response_model"] = model
+        user_id, session_id, tags, metadata = self._rollout_fields(p)
+        if error is None and otel.tracer() is None:
+            tracing.queue_call(
+                self.workflow, p.name, p.kind, p.node, p.start_ns, time.time_ns(),
+                p.model or model, p.input, output, None, input_tokens, output_tokens, attributes,
+                user_id, session_id, tags, metadata,
+            )  # fmt: skip
+            return
         tracing.record_call(
-            self.workflow,
-            p.name,
-            p.kind,
-            p.start_ns,
-            input=p.input,
-            output=output,
-            error=error,
-            model=p.model or model,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            attributes=attributes,
-            node=p.node,
-            **self._rollout_fields(p.tags, p.metadata, p.meta),
-        )
+            self.workflow, p.name, p.kind, p.start_ns, input=p.input, output=output,
+            error=error, model=p.model or model, input_tokens=input_tokens,
+            output_tokens=output_tokens, attributes=attributes, node=p.node, user_id=user_id,
+            session_id=session_id, tags=tags, metadata=metadata,
+        )  # fmt: skip
 
     def _end(self, run_id: UUID, output: Any = None, error: BaseException | None = None) -> None:
         span = self._spans.pop(run_id, None)
@@ -373,7 +375,6 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         name = _run_name(serialized, kwargs, "llm")
         self._start("llm", name, run_id, parent_run_id, tags, metadata, input, model, attributes)
 
-    @_never_raises
     def on_chat_model_start(
         self,
         serialized: dict[str, Any] | None,
@@ -385,12 +386,15 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        value = (
-            messages_list(messages[0])
-            if len(messages) == 1
-            else [messages_list(m) for m in messages]
-        )
-        self._model_start(serialized, value, run_id, parent_run_id, tags, metadata, kwargs)
+        try:  # a hot path: no decorator level (see _never_raises)
+            value = (
+                messages_list(messages[0])
+                if len(messages) == 1
+                else [messages_list(m) for m in messages]
+            )
+            self._model_start(serialized, value, run_id, parent_run_id, tags, metadata, kwargs)
+        except Exception:
+            log.exception("flywheel: on_chat_model_start failed")
 
     @_never_raises
     def on_llm_start(
@@ -419,15 +423,22 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
             ttft = (time.time_ns() - span.started_ns) / 1e6
             span.set_attribute("time_to_first_token_ms", ttft)
 
-    @_never_raises
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        span = self._spans.pop(run_id, None)
-        if span is None:
-            return
-        output, input_tokens, output_tokens, model = _digest_result(response)
-        if span.__class__ is _PendingRoot:
-            self._record_pending(span, output, None, model, input_tokens, output_tokens)  # type: ignore[arg-type]
-            return
+        try:  # the hot path of a model called directly: no decorator level (see _never_raises)
+            span = self._spans.pop(run_id, None)
+            if span is None:
+                return
+            output, input_tokens, output_tokens, model = _digest_result(response)
+            if span.__class__ is _PendingRoot:
+                self._record_pending(span, output, None, model, input_tokens, output_tokens)  # type: ignore[arg-type]
+                return
+            self._llm_end(span, output, input_tokens, output_tokens, model)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("flywheel: on_llm_end failed")
+
+    def _llm_end(
+        self, span: SpanHandle, output: Any, input_tokens: Any, output_tokens: Any, model: Any
+    ) -> None:
         if input_tokens is not None or output_tokens is not None:
             span.set_usage(input_tokens, output_tokens)
         if model and not span.model:
