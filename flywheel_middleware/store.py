@@ -52,10 +52,11 @@ class Store:
         self.sqlite_path: Path | None = None  # the database file (None: in memory, or not SQLite)
         if self.dialect == "sqlite":
             database = parsed.database or ""
-            if database and database != ":memory:" and not database.startswith("file:"):
-                self.sqlite_path = Path(database).expanduser().resolve()
             if database and database != ":memory:":
-                folder = Path(database).expanduser().resolve().parent
+                path = Path(database).expanduser().resolve()
+                if not database.startswith("file:"):  # a URI filename is not a plain path
+                    self.sqlite_path = path
+                folder = path.parent
                 if not folder.is_dir():
                     raise StoreError(
                         f"cannot open store {url!r}: folder {str(folder)!r} does not exist"

@@ -286,16 +286,13 @@ def test_the_yaml_writer_setting_is_checked_and_reaches_the_recorder(tmp_path, m
     with pytest.raises(ConfigError, match="writer"):
         parse_config("store: {writer: fork}\n", source="f.yaml")
     config = tmp_path / "flywheel.yaml"
-    config.write_text(f"store: {{url: 'sqlite:///{tmp_path / 'y.db'}', writer: thread}}\n")
-    fw.configure(str(config))
-    try:
-        assert fw.recorder().counters.writer == "thread"
-    finally:
-        fw.shutdown()
-    monkeypatch.setenv("FLYWHEEL_WRITER", "thread")  # the environment overrides the file
-    config.write_text(f"store: {{url: 'sqlite:///{tmp_path / 'y.db'}', writer: process}}\n")
-    fw.configure(str(config))
-    try:
-        assert fw.recorder().counters.writer == "thread"
-    finally:
-        fw.shutdown()
+    # the file's setting, then the environment's, which overrides the file
+    for in_file, in_env in (("thread", None), ("process", "thread")):
+        if in_env:
+            monkeypatch.setenv("FLYWHEEL_WRITER", in_env)
+        config.write_text(f"store: {{url: 'sqlite:///{tmp_path / 'y.db'}', writer: {in_file}}}\n")
+        fw.configure(str(config))
+        try:
+            assert fw.recorder().counters.writer == "thread"
+        finally:
+            fw.shutdown()
