@@ -5,7 +5,10 @@ Rules it keeps (the design's hot path):
 - a full queue waits briefly (backpressure), then spills to a local file: nothing is dropped;
 - one batch is one transaction; a database error is retried with tenacity and the batch kept;
 - on a SQLite file the span and rollout rows are written by a child process
-  (``writer_process``), which leaves this process only the pickling of each batch;
+  (``writer_process``), which leaves this process only the pickling of each batch; that
+  writer is woken by the first record after a lull, then gathers a batch (by rate, capped);
+- a one-span call waits in the queue packed to bytes (``records.pack_call``), so queued
+  records keep no containers alive for the cyclic GC to scan on the agent's thread;
 - ``flush()`` and interpreter exit write everything; what cannot be written by the exit deadline
   stays in a spill file that the next recorder on the same store replays.
 """
@@ -21,14 +24,21 @@ import threading
 import time
 import weakref
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential
 
-from .records import RECORD_TYPES, Record, expand_calls, ns_to_datetime, ns_to_sqlite_text
+from .records import (
+    RECORD_TYPES,
+    Record,
+    expand_calls,
+    ns_to_datetime,
+    ns_to_sqlite_text,
+    unpack_record,
+)
 from .store import Store
 from .writer_process import (
     SHIPPED_TABLES,
@@ -126,7 +136,7 @@ class Recorder:
         # the writer polls every ``flush_interval`` (or at once when woken by flush/full).
         self._buf: deque[Any] = deque()
         self._wake = threading.Event()
-        self._listeners: list[BatchListener] = []
+        self._listeners: list[tuple[BatchListener, frozenset[str] | None]] = []
         self._transforms: list[Callable[[Record], None]] = []
         key = hashlib.sha1(store.url.encode()).hexdigest()[:12]
         base = (
@@ -144,10 +154,13 @@ class Recorder:
         self._time_conv = ns_to_sqlite_text if store.dialect == "sqlite" else ns_to_datetime
         self._pid = os.getpid()
         self._process: WriterProcess | None = None
+        self._eager = False  # wake the writer on the first record after a lull
+        self._urgent = False  # a flush, close or full queue is waiting: no gathering
         self.gather_records, self.gather_max = _GATHER_RECORDS, _GATHER_MAX
         if writer != "thread" and store.sqlite_path is not None and can_spawn():
             self._process = WriterProcess(store.sqlite_path, self.spill_dir)
             self.counters.writer = "process"
+            self._eager = True
         elif writer == "process":
             log.warning("flywheel: a writer process needs a SQLite file store; using a thread")
         self._thread = threading.Thread(target=self._run, name="flywheel-recorder", daemon=True)
@@ -156,13 +169,18 @@ class Recorder:
 
     # -- the caller's side ---------------------------------------------------------------
 
-    def enqueue(self, record: Record) -> None:
-        """Queue a finished record. Never raises, never does I/O unless the queue stays full."""
+    def enqueue(self, record: Record | bytes) -> None:
+        """Queue a finished record (or a call record packed by ``records.pack_call``).
+        Never raises, never does I/O unless the queue stays full."""
         try:
             buf = self._buf
-            if len(buf) < self.queue_size:
+            n = len(buf)
+            if n < self.queue_size:
                 buf.append(record)
+                if not n and self._eager:  # the first record after a lull: start gathering
+                    self._wake.set()
                 return
+            self._urgent = True
             self._wake.set()
             deadline = time.monotonic() + self.backpressure_timeout
             while time.monotonic() < deadline:  # backpressure: give the writer a moment
@@ -178,15 +196,19 @@ class Recorder:
         """Run ``transform(record)`` on the writer thread before a record is stored (redaction)."""
         self._transforms.append(transform)
 
-    def add_listener(self, listener: BatchListener) -> None:
-        """Call ``listener(records_by_table)`` on the writer thread after each written batch."""
-        self._listeners.append(listener)
+    def add_listener(self, listener: BatchListener, tables: Collection[str] | None = None) -> None:
+        """Call ``listener(records_by_table)`` on the writer thread after each written batch.
+
+        ``tables``: only these tables' records, and only when there are some; a listener of
+        feedback alone spares the writer unpacking the call records sent to its process."""
+        self._listeners.append((listener, frozenset(tables) if tables is not None else None))
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Write everything queued so far (and any spill); True when it all landed in time."""
         if not self._thread.is_alive():
             return not self._buf
         marker = _Flush()
+        self._urgent = True
         self._buf.append(marker)
         self._wake.set()
         return marker.done.wait(timeout)
@@ -203,6 +225,7 @@ class Recorder:
         ok = self.flush(timeout)
         self._give_up.set()
         self._stopped.set()
+        self._urgent = True
         self._buf.append(None)
         self._wake.set()
         # The writer may be inside one database call (bounded by the busy/connect timeouts);
@@ -214,7 +237,7 @@ class Recorder:
         leftovers = []
         while self._buf:
             item = self._buf.popleft()
-            if isinstance(item, Record):
+            if isinstance(item, (Record, bytes)):
                 leftovers.append(item)
             elif isinstance(item, _Flush):
                 item.done.set()
@@ -306,14 +329,20 @@ class Recorder:
                     if self._spill_path is not None and not self._give_up.is_set():
                         self._safe(self._replay_spill)
                     continue
+                if self._eager and not self._urgent:  # woken by a first record: gather
+                    last_batch = time.monotonic()
+                    continue
             elif self._process is not None and len(buf) < self.gather_records:
-                # Wait as long as the recent rate says the batch needs to fill, within the cap
-                # (a flush or a full queue wakes the writer at once).
+                # Wait as long as the recent rate says the batch needs to fill, within the cap;
+                # only a flush, a close or a full queue cuts it short (records do not wake us
+                # while the queue is not empty).
                 since = time.monotonic() - last_batch
                 need = (self.gather_records - len(buf)) / rate if rate else self.gather_max
                 pause = min(self.gather_max - since, need)
-                if pause > 0 and self._wake.wait(pause):
+                self._wake.clear()
+                if pause > 0 and not self._urgent and self._wake.wait(pause):
                     self._wake.clear()
+            self._urgent = False
             now = time.monotonic()
             rate = len(buf) / max(now - last_batch, 1e-3)
             last_batch = now
@@ -352,9 +381,11 @@ class Recorder:
         if self._transforms:  # redaction sees span and rollout records, never a call record
             batch = self._transformed(expand_calls(batch))
         if self._process is not None:
-            shipped = [r for r in batch if r.TABLE in SHIPPED_TABLES]
+            shipped = [r for r in batch if r.__class__ is bytes or r.TABLE in SHIPPED_TABLES]
             if shipped and self._ship(shipped):
-                batch = [r for r in batch if r.TABLE not in SHIPPED_TABLES]
+                batch = [
+                    r for r in batch if r.__class__ is not bytes and r.TABLE not in SHIPPED_TABLES
+                ]
         if not batch:
             return
         batch = expand_calls(batch)
@@ -390,9 +421,13 @@ class Recorder:
         return kept
 
     def _tell_listeners(self, by_kind: dict[str, list[Record]]) -> None:
-        for listener in self._listeners:
+        for listener, tables in self._listeners:
+            if tables is not None:
+                wanted = {t: rs for t, rs in by_kind.items() if t in tables}
+                if not wanted:
+                    continue
             try:
-                listener(by_kind)
+                listener(by_kind if tables is None else wanted)
             except Exception:
                 log.exception("flywheel batch listener failed")
 
@@ -432,10 +467,12 @@ class Recorder:
             self.counters.written += n
         self.counters.dead_lettered += rejected
         self.counters.batches += 1
-        by_kind: dict[str, list[Record]] = defaultdict(list)
-        for record in records:
-            by_kind[record.TABLE].append(record)
-        self._tell_listeners(by_kind)
+        if any(tables is None or tables & SHIPPED_TABLES for _, tables in self._listeners):
+            by_kind: dict[str, list[Record]] = defaultdict(list)
+            for item in records:
+                record = unpack_record(item)
+                by_kind[record.TABLE].append(record)
+            self._tell_listeners(by_kind)
         return True
 
     def _retrying(self, fn: Callable[[], Any]) -> Any:

@@ -6,6 +6,7 @@ where a SQLModel instance costs tens of microseconds. The writer thread turns th
 
 from __future__ import annotations
 
+import marshal
 import operator
 import time
 from collections.abc import Callable
@@ -305,12 +306,34 @@ class CallRecord(Record):
         return record
 
 
-def expand_calls(records: list[Record]) -> list[Record]:
-    """The records with each ``CallRecord`` replaced by its span and rollout records."""
-    if not any(r.TABLE == "call" for r in records):
-        return records
+def pack_call(values: tuple) -> bytes | CallRecord:
+    """A call record as it waits in the recorder's queue: its ``values()`` marshalled.
+
+    Why: a queued record keeps its input and attribute containers alive until the writer
+    takes it, and on a busy agent those survivors drive the cyclic GC (young collections,
+    and in time full ones over the whole heap) on the agent's thread. A ``bytes`` object is
+    not tracked by the GC at all. Values marshal will not take (an object, a ``str``
+    subclass) keep the record as an object instead.
+    """
+    try:
+        return marshal.dumps(values)
+    except ValueError:
+        return CallRecord.from_values(values)
+
+
+def unpack_record(item: Record | bytes) -> Record:
+    """The record a queued item stands for (``pack_call``'s bytes become a ``CallRecord``)."""
+    return CallRecord.from_values(marshal.loads(item)) if item.__class__ is bytes else item  # type: ignore[arg-type]
+
+
+def expand_calls(records: list[Record | bytes]) -> list[Record]:
+    """The records with each call record (object or packed) replaced by its span and rollout
+    records."""
+    if not any(r.__class__ is bytes or r.TABLE == "call" for r in records):  # type: ignore[union-attr]
+        return records  # type: ignore[return-value]
     out: list[Record] = []
-    for record in records:
+    for item in records:
+        record = unpack_record(item)
         if record.TABLE == "call":
             out.extend(record.split())  # type: ignore[attr-defined]
         else:

@@ -135,7 +135,7 @@ def recorder() -> Recorder:
                 exit_timeout=cfg.exit_timeout,
                 writer=os.environ.get("FLYWHEEL_WRITER") or cfg.writer,
             )
-            rec.add_listener(_after_batch)
+            rec.add_listener(_after_batch, tables=("feedback",))
             from .pm import install_redaction  # redact_span hooks and YAML redactors
 
             install_redaction(rec, get_config())

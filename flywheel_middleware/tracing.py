@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from . import otel
 from .ids import new_rollout_id, new_span_id
-from .records import CallRecord, RolloutRecord, SpanRecord
+from .records import RolloutRecord, SpanRecord, pack_call
 from .serialize import snapshot
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -487,27 +487,14 @@ def queue_call(
     """``record_call`` without its checks, arguments by position: an adapter's hot path calls
     it directly (keyword arguments and one more call level cost µs in a real agent call).
     The caller has made sure no OTel SDK is installed (``otel.tracer()`` is None)."""
-    call = CallRecord.__new__(CallRecord)
-    call.span_id = new_span_id()
-    call.rollout_id = rollout_id = new_rollout_id()
-    call.workflow = workflow
-    call.kind = kind
-    call.name = name
-    call.node = node
-    call.error = error
-    call.started_at = start_ns
-    call.ended_at = end_ns
-    call.duration_ms = (end_ns - start_ns) / 1e6
-    call.model = model
-    call.input = input
-    call.output = output
-    call.input_tokens = input_tokens
-    call.output_tokens = output_tokens
-    call.attributes = attributes
-    call.user_id = user_id
-    call.session_id = session_id
-    call.tags = tags
-    call.metadata = metadata
+    rollout_id = new_rollout_id()
+    call = pack_call(
+        (
+            new_span_id(), rollout_id, workflow, kind, name, node, error, start_ns, end_ns,
+            (end_ns - start_ns) / 1e6, model, input, output, input_tokens, output_tokens,
+            attributes, user_id, session_id, tags, metadata,
+        )
+    )  # fmt: skip  # the order of CallRecord.COLUMNS
     runtime = _runtime()
     runtime.recorder().enqueue(call)
     runtime.note_finished(rollout_id, workflow)

@@ -104,12 +104,14 @@ def _decode(data: bytes) -> Any:
     return marshal.loads(data[1:]) if data[:1] == b"M" else pickle.loads(data[1:])
 
 
-def values_payload(records: list[Record]) -> bytes:
-    """The batch as raw column values: what the child is normally sent."""
-    return _encode(("values", [(r.TABLE, r.values(r)) for r in records]))
+def values_payload(records: list[Record | bytes]) -> bytes:
+    """The batch as raw column values: what the child is normally sent (a packed call
+    record goes as its marshalled bytes, which the child loads)."""
+    items = [("call", r) if r.__class__ is bytes else (r.TABLE, r.values(r)) for r in records]
+    return _encode(("values", items))
 
 
-def rows_payload(records: list[Record]) -> bytes:
+def rows_payload(records: list[Record | bytes]) -> bytes:
     """The batch as finished rows (plain text and numbers), for values that will not pickle
     here or unpickle there (a lock, a class defined in ``__main__``)."""
     rows = [(r.TABLE, r.to_row(ns_to_sqlite_text)) for r in expand_calls(records)]
@@ -212,6 +214,8 @@ def _write(conn: sqlite3.Connection, request: tuple, cache: dict[str, str], dead
         for table, values in items:
             try:
                 if table == "call":
+                    if values.__class__ is bytes:  # packed on the agent's thread
+                        values = marshal.loads(values)
                     span, rollout = CallRecord.from_values(values).split()
                     by_table["span"].append(span.to_row(ns_to_sqlite_text))
                     by_table["rollout"].append(rollout.to_row(ns_to_sqlite_text))

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from flywheel_middleware.recorder import Recorder
-from flywheel_middleware.records import CallRecord, FeedbackRecord
+from flywheel_middleware.records import CallRecord, FeedbackRecord, pack_call
 from flywheel_middleware.store import Store
 from flywheel_middleware.tracing import RolloutHandle, SpanHandle
 
@@ -235,14 +235,23 @@ def _call(i: int, error: str | None = None) -> CallRecord:
     )  # fmt: skip
 
 
-def test_a_call_record_becomes_the_same_span_and_rollout_rows_in_both_writers(tmp_path):
-    """``tracing.record_call`` queues one record for a one-span rollout; both writers split it."""
+def _packed(i: int, error: str | None = None) -> bytes:
+    call = _call(i, error)
+    packed = pack_call(call.values(call))
+    assert packed.__class__ is bytes
+    return packed
+
+
+@pytest.mark.parametrize("make", [_call, _packed], ids=["object", "packed"])
+def test_a_call_record_becomes_the_same_span_and_rollout_rows_in_both_writers(tmp_path, make):
+    """``tracing.record_call`` queues one record for a one-span rollout (packed to bytes where
+    its values allow); both writers split it into the same rows."""
     got = {}
     for mode in ("process", "thread"):
         url = f"sqlite:///{tmp_path / f'{mode}.db'}"
         rec = Recorder(Store(url), flush_interval=0.01, writer=mode)
-        rec.enqueue(_call(1))
-        rec.enqueue(_call(2, error="ValueError: bad"))
+        rec.enqueue(make(1))
+        rec.enqueue(make(2, error="ValueError: bad"))
         assert rec.close(timeout=30)
         assert rec.counters.by_table == {"span": 2, "rollout": 2}
         got[mode] = (
@@ -259,7 +268,8 @@ def test_a_call_record_becomes_the_same_span_and_rollout_rows_in_both_writers(tm
     assert statuses == [("succeeded", 3, None, 3), ("failed", 3, None, 3)]
 
 
-def test_call_records_kept_on_disk_at_exit_come_back_as_their_rows(tmp_path):
+@pytest.mark.parametrize("make", [_call, _packed], ids=["object", "packed"])
+def test_call_records_kept_on_disk_at_exit_come_back_as_their_rows(tmp_path, make):
     import sqlite3
 
     path = tmp_path / "spill.db"
@@ -267,7 +277,7 @@ def test_call_records_kept_on_disk_at_exit_come_back_as_their_rows(tmp_path):
     blocker = sqlite3.connect(path, timeout=1)
     blocker.execute("BEGIN EXCLUSIVE")
     for i in range(5):
-        first.enqueue(_call(i))
+        first.enqueue(make(i))
     assert first.close(timeout=0.5) is False
     blocker.rollback()
     blocker.close()
@@ -296,3 +306,72 @@ def test_the_yaml_writer_setting_is_checked_and_reaches_the_recorder(tmp_path, m
             assert fw.recorder().counters.writer == "thread"
         finally:
             fw.shutdown()
+
+
+def test_a_queued_call_holds_no_object_the_cyclic_gc_tracks():
+    """Queued records that keep containers alive make the GC run on the agent's thread; a
+    packed call is one bytes object. A value marshal refuses keeps the record as an object."""
+    import gc
+
+    call = _call(1)
+    assert gc.is_tracked(call) and gc.is_tracked(call.input)
+    packed = pack_call(call.values(call))
+    assert packed.__class__ is bytes and not gc.is_tracked(packed)
+
+    class Custom:
+        pass
+
+    odd = _call(2)
+    odd.output = Custom()
+    kept = pack_call(odd.values(odd))
+    assert isinstance(kept, CallRecord) and kept.output is odd.output
+
+
+def test_through_tracing_a_call_is_queued_packed_and_stored(tmp_path, monkeypatch):
+    import flywheel_middleware as fw
+    from flywheel_middleware import tracing
+
+    monkeypatch.setenv("FLYWHEEL_STORE_URL", f"sqlite:///{tmp_path / 'q.db'}")
+    fw.configure()
+    try:
+        rec = fw.recorder()
+        queued = []
+        monkeypatch.setattr(
+            rec, "enqueue", lambda item: queued.append(item) or Recorder.enqueue(rec, item)
+        )
+        rid = tracing.record_call("wp", "chat", "llm", time.time_ns(), input={"q": 1}, output="a")
+        assert [item.__class__ for item in queued] == [bytes]
+        assert fw.flush(30)
+        got = _rows(f"sqlite:///{tmp_path / 'q.db'}", "SELECT id, input, output FROM rollout")
+        assert got == [(rid, '{"q":1}', '"a"')]
+    finally:
+        fw.shutdown()
+
+
+def test_a_first_record_after_a_lull_is_written_without_waiting_for_the_poll(tmp_path):
+    """The writer process's recorder is woken by the first record into an empty queue, so a
+    quiet agent's record lands within the gathering window, not the (long) poll interval."""
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    rec = Recorder(Store(url), flush_interval=30.0)
+    assert rec.counters.writer == "process"
+    time.sleep(0.2)  # the writer is asleep on its 30 s poll
+    rec.enqueue(_packed(1))
+    deadline = time.monotonic() + 10
+    while rec.counters.written < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert rec.counters.written == 2  # its span and rollout, long before the 30 s poll
+    assert rec.close(timeout=30)
+
+
+def test_a_listener_of_some_tables_sees_only_those(tmp_path):
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    rec = Recorder(Store(url), flush_interval=0.01)
+    everything, feedback_only = [], []
+    rec.add_listener(lambda by_table: everything.append(sorted(by_table)))
+    rec.add_listener(lambda by_table: feedback_only.append(sorted(by_table)), tables=["feedback"])
+    rec.enqueue(_packed(1))
+    assert rec.flush(30)
+    rec.enqueue(FeedbackRecord(rollout_id=f"{1:032x}", value=4))
+    assert rec.close(timeout=30)
+    assert ["call"] in everything and ["feedback"] in everything  # packed calls, unpacked
+    assert feedback_only == [["feedback"]]
