@@ -456,6 +456,7 @@ class Recorder:
         except WriterGone as exc:
             log.warning("flywheel: %s; writing in this process from now on", exc)
             self._process = None
+            self._eager = False  # the thread keeps its own poll
             self.counters.writer = "thread"
             process.stop(timeout=1)
             return False
