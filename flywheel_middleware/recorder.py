@@ -154,13 +154,11 @@ class Recorder:
         self._time_conv = ns_to_sqlite_text if store.dialect == "sqlite" else ns_to_datetime
         self._pid = os.getpid()
         self._process: WriterProcess | None = None
-        self._eager = False  # wake the writer on the first record after a lull
         self._urgent = False  # a flush, close or full queue is waiting: no gathering
         self.gather_records, self.gather_max = _GATHER_RECORDS, _GATHER_MAX
         if writer != "thread" and store.sqlite_path is not None and can_spawn():
             self._process = WriterProcess(store.sqlite_path, self.spill_dir)
             self.counters.writer = "process"
-            self._eager = True
         elif writer == "process":
             log.warning("flywheel: a writer process needs a SQLite file store; using a thread")
         self._thread = threading.Thread(target=self._run, name="flywheel-recorder", daemon=True)
@@ -177,7 +175,7 @@ class Recorder:
             n = len(buf)
             if n < self.queue_size:
                 buf.append(record)
-                if not n and self._eager:  # the first record after a lull: start gathering
+                if not n and self._process is not None:  # first after a lull: start gathering
                     self._wake.set()
                 return
             self._urgent = True
@@ -329,7 +327,7 @@ class Recorder:
                     if self._spill_path is not None and not self._give_up.is_set():
                         self._safe(self._replay_spill)
                     continue
-                if self._eager and not self._urgent:  # woken by a first record: gather
+                if self._process is not None and not self._urgent:  # a first record: gather
                     last_batch = time.monotonic()
                     continue
             elif self._process is not None and len(buf) < self.gather_records:
@@ -381,11 +379,12 @@ class Recorder:
         if self._transforms:  # redaction sees span and rollout records, never a call record
             batch = self._transformed(expand_calls(batch))
         if self._process is not None:
-            shipped = [r for r in batch if r.__class__ is bytes or r.TABLE in SHIPPED_TABLES]
+            shipped: list[Record | bytes] = []
+            rest: list[Record | bytes] = []
+            for r in batch:
+                (shipped if r.__class__ is bytes or r.TABLE in SHIPPED_TABLES else rest).append(r)
             if shipped and self._ship(shipped):
-                batch = [
-                    r for r in batch if r.__class__ is not bytes and r.TABLE not in SHIPPED_TABLES
-                ]
+                batch = rest
         if not batch:
             return
         batch = expand_calls(batch)
@@ -456,7 +455,6 @@ class Recorder:
         except WriterGone as exc:
             log.warning("flywheel: %s; writing in this process from now on", exc)
             self._process = None
-            self._eager = False  # the thread keeps its own poll
             self.counters.writer = "thread"
             process.stop(timeout=1)
             return False

@@ -224,7 +224,8 @@ class TelemetryRecord(Record):
 class CallRecord(Record):
     """A finished call that was a rollout with one span, recorded whole (``record_call``).
 
-    One object on the agent's thread instead of two; the writer (thread or process) turns it
+    One record on the agent's thread instead of two, and usually not even an object: it waits
+    in the queue as its packed values (``pack_call``). The writer (thread or process) turns it
     into its span and rollout rows (``split``).
     """
 

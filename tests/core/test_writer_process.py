@@ -96,7 +96,7 @@ def test_a_killed_child_loses_nothing_and_the_thread_takes_over(tmp_path):
     _record(rec, 25, "after")
     assert rec.flush(30)
     assert rec.counters.writer == "thread"
-    assert not rec._eager  # the thread goes back to its poll, not a wake per lull
+    assert rec._process is None  # so the thread goes back to its poll, not a wake per lull
     _record(rec, 5, "later")
     assert rec.close(timeout=30)
     assert _rows(url, "SELECT COUNT(*) FROM rollout")[0][0] == 50
