@@ -30,7 +30,7 @@ import logging
 import time
 from typing import Any
 
-from flywheel_middleware import tracing
+from flywheel_middleware import otel, tracing
 from flywheel_middleware.tracing import SpanHandle
 
 log = logging.getLogger("flywheel_middleware.adapters.openai")
@@ -268,7 +268,7 @@ class _Call:
 
     def __init__(
         self,
-        span: SpanHandle,
+        span: SpanHandle | tracing.CallHandle,
         added_usage: bool,
         endpoint: str,
         stream: bool,
@@ -335,27 +335,28 @@ def _begin(
     if pending is not None and pending.own:
         own = {**pending.own, **(own or {})}
     parent = tracing.current()
-    rollout = parent.rollout if parent is not None else None
-    opened = False
-    if rollout is None:
-        if own:
+    # A call outside any rollout that resolves no config, without an OTel SDK (the common
+    # case): one CallHandle, recorded whole at its end. Else a span (and rollout) of its own.
+    whole = parent is None and not opts.apply_config and otel.tracer() is None
+    rollout = None
+    if not whole:
+        rollout = parent.rollout if parent is not None else None
+        if rollout is None:
             rollout = tracing.open_rollout(
-                own.get("workflow") or opts.workflow,
-                user_id=own.get("user_id"),
-                session_id=own.get("session_id"),
-                tags=own.get("tags"),
-                metadata=own.get("metadata"),
+                (own.get("workflow") if own else None) or opts.workflow,
+                user_id=own.get("user_id") if own else None,
+                session_id=own.get("session_id") if own else None,
+                tags=own.get("tags") if own else None,
+                metadata=own.get("metadata") if own else None,
             )
-        else:  # the common call: no keyword arguments to pack and unpack twice
-            rollout = tracing.open_rollout(opts.workflow)
-        opened = True
-    if opts.apply_config and endpoint != "embeddings":
-        try:
-            config = rollout.config
-            if config:
-                _apply_config(endpoint, kwargs, config)
-        except Exception:
-            log.exception("flywheel: could not apply the workflow config to %s", endpoint)
+            parent = None
+        if opts.apply_config and endpoint != "embeddings":
+            try:
+                config = rollout.config
+                if config:
+                    _apply_config(endpoint, kwargs, config)
+            except Exception:
+                log.exception("flywheel: could not apply the workflow config to %s", endpoint)
     if endpoint == "chat":
         name, value = "chat.completions", kwargs.get("messages")
     elif endpoint == "responses":
@@ -390,18 +391,27 @@ def _begin(
     model = kwargs.get("model")
     if model.__class__ in _ABSENT:
         model = None
-    span = SpanHandle(
-        name,
-        "embedding" if endpoint == "embeddings" else "llm",
-        rollout,
-        None if opened else parent,
-        input=value,
-        model=model,
-        attributes=attributes,
-    )
-    if opened:
-        rollout.input = span.input  # already a snapshot
-        span._owns_rollout = True
+    kind = "embedding" if endpoint == "embeddings" else "llm"
+    span: SpanHandle | tracing.CallHandle
+    if rollout is None:
+        if own:
+            span = tracing.CallHandle(
+                own.get("workflow") or opts.workflow, name, kind, input=value, model=model,
+                attributes=attributes, user_id=own.get("user_id"),
+                session_id=own.get("session_id"), tags=own.get("tags"),
+                metadata=own.get("metadata"),
+            )  # fmt: skip
+        else:  # no keyword arguments to pack and unpack twice
+            span = tracing.CallHandle(
+                opts.workflow, name, kind, input=value, model=model, attributes=attributes
+            )
+    else:
+        span = SpanHandle(
+            name, kind, rollout, parent, input=value, model=model, attributes=attributes
+        )
+        if parent is None:  # the rollout opened here ends with its span
+            rollout.input = span.input  # already a snapshot
+            span._owns_rollout = True
     added = stream and endpoint == "chat" and _ask_usage(kwargs)
     return _Call(span, added, endpoint, stream, pending)
 
@@ -502,7 +512,7 @@ def _settle(call: _Call, result: Any, capture: bool, is_async: bool) -> Any:
     return result
 
 
-def _safe_end(span: SpanHandle, error: BaseException | None) -> None:
+def _safe_end(span: SpanHandle | tracing.CallHandle, error: BaseException | None) -> None:
     try:
         span.end(error=error)
     except Exception:
@@ -554,7 +564,8 @@ def _async_wrapper(original: Any, endpoint: str, opts: _Options, helper: str | N
 # things are changed underneath: the chunks pass through one recording generator, and when the
 # wrapper itself asked for ``include_usage`` the usage-only event is taken off the SSE event
 # stream before the SDK parses it (its JSON is read once, and no chunk object is ever built for
-# it). Anything else that comes back from ``create(stream=True)`` gets a plain proxy.
+# it), as is the ``"usage": null`` the server then adds to every other chunk. Anything else that
+# comes back from ``create(stream=True)`` gets a plain proxy.
 
 
 class _StreamState:
@@ -723,19 +734,47 @@ async def _arecorded(state: _StreamState, items: Any) -> Any:
     state.end()
 
 
+def _sse_class() -> type | None:
+    """The SDK's ``ServerSentEvent`` class if an event's data can be replaced in place (its
+    ``data`` reads ``_data``), else None (events are then passed on as they are)."""
+    try:
+        from openai._streaming import ServerSentEvent
+
+        probe = ServerSentEvent(data="a")
+        probe._data = "b"
+        return ServerSentEvent if probe.data == "b" else None
+    except Exception:  # pragma: no cover - another SDK layout
+        return None
+
+
+_SSE = _sse_class()
+# Asked for usage, the server ends every other chunk's JSON with this member (OpenAI's compact
+# JSON, or Python's default separators); a stream that did not ask has no such key.
+_NULL_USAGE = (',"usage":null}', ', "usage": null}')
+
+
+def _as_unasked(state: _StreamState, sse: Any) -> bool:
+    """Make an SSE event what a stream that did not ask for usage gets; False: drop it (the
+    usage-only chunk, recorded). A trailing ``"usage": null`` is cut off the JSON, so the SDK
+    neither builds nor marks the field (elsewhere in the object, ``see_chunk`` unmarks it)."""
+    data = sse.data
+    if data.endswith(_NULL_USAGE):
+        if sse.__class__ is _SSE:
+            sse._data = data[: data.rindex(",")] + "}"  # the member holds no comma
+        return True
+    return "[]" not in data or not state.see_usage(sse)  # only an empty list can be it
+
+
 def _without_usage(state: _StreamState, events: Any) -> Any:
-    """SSE events minus the usage-only chunk (only a chunk with an empty list can be it)."""
     for sse in events:
-        if "[]" in sse.data and state.see_usage(sse):
-            continue
-        yield sse
+        if _as_unasked(state, sse):
+            yield sse
 
 
 async def _awithout_usage(state: _StreamState, events: Any) -> Any:
     async for sse in events:
-        if "[]" in sse.data and state.see_usage(sse):
-            continue
-        yield sse
+        if _as_unasked(state, sse):
+            yield sse
 
 
 class _TracedBase:

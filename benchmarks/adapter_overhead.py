@@ -235,18 +235,21 @@ def _load_wrapper(path: str) -> Callable[..., Any]:
 
 def _tracing_floor(client: Any, messages: list[dict[str, str]]) -> Callable[[], Any]:
     """A plain call inside the least any adapter records for it through flywheel's tracing API:
-    an implicit rollout with one span, its usage and answer. What that costs is the core's
-    floor, under whatever the wrapper itself adds."""
+    a ``CallHandle`` (one rollout with one span, queued whole at its end) with its usage and
+    answer. What that costs is the core's floor, under whatever the wrapper itself adds."""
     from flywheel_middleware import tracing
 
     create = client.chat.completions.create
 
     def call() -> Any:
-        span = tracing.start_span(
-            "chat.completions", "llm", workflow="bench-floor", input=messages, model="m"
+        span = tracing.CallHandle(
+            "bench-floor", "chat.completions", "llm", input=messages, model="m"
         )
         result = create(model="m", messages=messages)
-        span.set_usage(result.usage.prompt_tokens, result.usage.completion_tokens)
+        span.input_tokens, span.output_tokens = (
+            result.usage.prompt_tokens,
+            result.usage.completion_tokens,
+        )
         message = result.choices[0].message
         span.output = {"role": message.role, "content": message.content}
         span.end()
@@ -257,9 +260,9 @@ def _tracing_floor(client: Any, messages: list[dict[str, str]]) -> Callable[[], 
 
 def bench_openai(
     calls: int, rounds: int, continuous: int = 800, baseline: str | None = None
-) -> dict[str, dict[str, tuple[float, ...]]]:
-    """method -> variant -> (wall, cpu, agent-thread cpu, writer-thread cpu, writer-process cpu)
-    seconds per call, each the median over ``rounds`` rounds that alternate the variants; cpu is
+) -> dict[str, dict[str, list[tuple[float, ...]]]]:
+    """method -> variant -> per round (wall, cpu, agent-thread cpu, writer-thread cpu,
+    writer-process cpu) seconds per call, over ``rounds`` rounds that alternate the variants; cpu is
     this process's and the writer process's. The writer's thread CPU is NaN where the platform
     has no per-thread clock. ``baseline``: the path of
     another ``adapters/openai.py``, measured too (variants ``baseline``, ``baseline stream``)."""
@@ -342,13 +345,29 @@ def bench_openai(
     finally:
         proc.terminate()
         proc.wait(10)
+    return samples  # type: ignore[return-value]
+
+
+def _medians(
+    samples: dict[str, dict[str, list[tuple[float, ...]]]],
+) -> dict[str, dict[str, tuple[float, ...]]]:
+    """Each figure's median over the rounds, per method and variant."""
     return {
         method: {
-            name: tuple(statistics.median(column) for column in zip(*rows, strict=True))  # type: ignore[misc]
+            name: tuple(statistics.median(column) for column in zip(*rows, strict=True))
             for name, rows in by_name.items()
         }
         for method, by_name in samples.items()
     }
+
+
+def _paired_pct(rows: list[tuple[float, ...]], base: list[tuple[float, ...]]) -> str:
+    """The wall overhead over ``base`` taken round by round (both ran in the same round):
+    its median and the rounds' middle half, which shows how far the machine's noise goes."""
+    pcts = sorted((r[0] / b[0] - 1) * 100 for r, b in zip(rows, base, strict=True))
+    n = len(pcts)
+    q1, q3 = pcts[n // 4], pcts[(3 * n) // 4]
+    return f"paired {statistics.median(pcts):+.1f}%, middle half {q1:+.1f}..{q3:+.1f}%"
 
 
 def isolated_costs(calls: int = 5000) -> tuple[float, float]:
@@ -432,7 +451,7 @@ def isolated_openai_costs(calls: int = 5000) -> tuple[float, float]:
 
     import flywheel_middleware as fw
     from flywheel_middleware import runtime
-    from flywheel_middleware.records import ns_to_sqlite_text
+    from flywheel_middleware.records import expand_calls, ns_to_sqlite_text
 
     response = ChatCompletion.model_validate(
         {
@@ -476,7 +495,7 @@ def isolated_openai_costs(calls: int = 5000) -> tuple[float, float]:
         agent = min(timeit.repeat(run(wrapped), number=1, repeat=5)) - bare
     finally:
         runtime._state.recorder = saved
-    records = kept[-2 * calls :]
+    records = expand_calls(kept[-calls:])  # a call outside a rollout is one call record
     store = fw.store()
 
     def write() -> None:
@@ -499,9 +518,10 @@ def isolated_openai_costs(calls: int = 5000) -> tuple[float, float]:
 
 def report_openai(args: argparse.Namespace) -> None:
     """Run and print the OpenAI section (the store is configured by ``main``)."""
-    oa = bench_openai(
+    rounds = bench_openai(
         args.openai_calls, args.openai_rounds, args.openai_continuous, args.openai_baseline
     )
+    oa = _medians(rounds)
     print(
         f"\nOpenAI SDK, loopback server in its own process, median of {args.openai_rounds} "
         "rounds, each running the variants in a new order; two methods:"
@@ -524,22 +544,25 @@ def report_openai(args: argparse.Namespace) -> None:
             f", process {wp * 1e6:.0f}"
         )
         label = f"create{kind}" + (" (baseline)" if wrapper == "baseline" else "")
+        paired = _paired_pct(rounds[method][wrapper + kind], rounds[method]["plain" + kind])
         print(
             f"{label:<25}{method:<11} wall {pw * 1e6:6.0f} -> {ww * 1e6:6.0f} µs "
-            f"({pct(ww, pw)})   cpu {pc * 1e6:6.0f} -> {wc * 1e6:6.0f} µs ({pct(wc, pc)})"
-            f"{threads}   target <= 5%"
+            f"({pct(ww, pw)}; {paired})   cpu {pc * 1e6:6.0f} -> {wc * 1e6:6.0f} µs "
+            f"({pct(wc, pc)}){threads}   target <= 5%"
         )
     for method, by_name in oa.items():
         (pw, pc, pa, *_), (lw, lc, la, lt, _) = by_name["plain"], by_name["floor"]
+        paired = _paired_pct(rounds[method]["floor"], rounds[method]["plain"])
         print(
-            f"tracing floor ({method}): wall {pct(lw, pw)}, cpu {pct(lc, pc)}, agent thread "
-            f"{(la - pa) * 1e6:+.0f}, writer {lt * 1e6:.0f} µs: one rollout and one span through "
-            "tracing.start_span around the plain client, no wrapper logic (the core's floor)"
+            f"tracing floor ({method}): wall {pct(lw, pw)} ({paired}), cpu {pct(lc, pc)}, agent "
+            f"thread {(la - pa) * 1e6:+.0f}, writer {lt * 1e6:.0f} µs: one tracing.CallHandle "
+            "(a rollout with one span, queued whole) around the plain client, no wrapper logic"
         )
     for method, by_name in oa.items():
         (pw, pc, *_), (uw, uc, *_) = by_name["plain stream"], by_name["plain stream+usage"]
+        paired = _paired_pct(rounds[method]["plain stream+usage"], rounds[method]["plain stream"])
         print(
-            f"without flywheel, asking for stream usage ({method}): wall {pct(uw, pw)}, "
+            f"without flywheel, asking for stream usage ({method}): wall {pct(uw, pw)} ({paired}), "
             f"cpu {pct(uc, pc)} (the chunk the wrapper asks for to record token counts)"
         )
     agent_us, writer_us = isolated_openai_costs()

@@ -255,7 +255,37 @@ class RolloutHandle(RolloutRecord):
         return f"<Rollout {self.id} workflow={self.workflow!r} status={self.status}>"
 
 
-class SpanHandle(SpanRecord):
+class _SpanSetters:
+    """What an adapter sets on an open span, the same on a ``SpanHandle`` and a ``CallHandle``."""
+
+    __slots__ = ()
+    input: Any
+    output: Any
+    attributes: dict[str, Any] | None
+    model: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+
+    def set_input(self, value: Any) -> None:
+        self.input = snapshot(value)
+
+    def set_output(self, value: Any) -> None:
+        self.output = snapshot(value)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if self.attributes is None:
+            self.attributes = {}
+        self.attributes[key] = value
+
+    def set_model(self, model: str | None) -> None:
+        self.model = model
+
+    def set_usage(self, input_tokens: int | None = None, output_tokens: int | None = None) -> None:
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+
+
+class SpanHandle(SpanRecord, _SpanSetters):
     """An open span. ``end()`` queues it (it is its own record); ``with`` makes it current."""
 
     __slots__ = ("rollout", "_token", "_ended", "_otel", "_owns_rollout")
@@ -311,24 +341,6 @@ class SpanHandle(SpanRecord):
     @property
     def started_ns(self) -> int:
         return self.started_at
-
-    def set_input(self, value: Any) -> None:
-        self.input = snapshot(value)
-
-    def set_output(self, value: Any) -> None:
-        self.output = snapshot(value)
-
-    def set_attribute(self, key: str, value: Any) -> None:
-        if self.attributes is None:
-            self.attributes = {}
-        self.attributes[key] = value
-
-    def set_model(self, model: str | None) -> None:
-        self.model = model
-
-    def set_usage(self, input_tokens: int | None = None, output_tokens: int | None = None) -> None:
-        self.input_tokens = input_tokens
-        self.output_tokens = output_tokens
 
     def set_error(self, error: BaseException | str) -> None:
         self.status = "error"
@@ -499,6 +511,95 @@ def queue_call(
     runtime.recorder().enqueue(call)
     runtime.note_finished(rollout_id, workflow)
     return rollout_id
+
+
+class CallHandle(_SpanSetters):
+    """An open call that is its own rollout with one span and will never have a child (a
+    model call made outside any rollout, its span never made current).
+
+    It has the span's surface an adapter writes to (``model``, ``input_tokens``, ``output``,
+    ``set_attribute``, ``end``...) and ends as one ``queue_call``: none of an open rollout's
+    machinery (handle, lock, span counter, map of open rollouts, a second record) on the
+    agent's thread. Only without an OTel SDK (``otel.tracer()`` is None): with one, adapters
+    open real handles so OTel sees the span. ``input`` is snapshotted here, like a span's.
+    """
+
+    __slots__ = (
+        "workflow",
+        "name",
+        "kind",
+        "started_at",
+        "model",
+        "input",
+        "output",
+        "input_tokens",
+        "output_tokens",
+        "attributes",
+        "user_id",
+        "session_id",
+        "tags",
+        "metadata",
+        "_ended",
+    )
+
+    def __init__(
+        self,
+        workflow: str,
+        name: str,
+        kind: str,
+        *,
+        input: Any = None,
+        model: str | None = None,
+        attributes: dict[str, Any] | None = None,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.workflow = workflow
+        self.name = name
+        self.kind = kind
+        self.started_at = time.time_ns()
+        self.model = model
+        self.input = snapshot(input)
+        self.output: Any = None
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.attributes = attributes
+        self.user_id = user_id
+        self.session_id = session_id
+        self.tags = list(tags) if tags else None
+        self.metadata = dict(metadata) if metadata else None
+        self._ended = False
+
+    @property
+    def started_ns(self) -> int:
+        return self.started_at
+
+    def end(
+        self,
+        output: Any = None,
+        error: BaseException | str | None = None,
+        end_ns: int | None = None,
+    ) -> None:
+        """Queue the call's rollout and span. A second call is ignored."""
+        if self._ended:
+            return
+        self._ended = True
+        if output is not None:
+            self.output = snapshot(output)
+        error_text = (
+            None if error is None else error if isinstance(error, str) else _error_text(error)
+        )
+        queue_call(
+            self.workflow, self.name, self.kind, None, self.started_at, end_ns or time.time_ns(),
+            self.model, self.input, self.output, error_text, self.input_tokens,
+            self.output_tokens, self.attributes, self.user_id, self.session_id, self.tags,
+            self.metadata,
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"<Call {self.kind}:{self.name} workflow={self.workflow!r}>"
 
 
 def open_root_span(

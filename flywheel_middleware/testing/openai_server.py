@@ -234,8 +234,18 @@ class _QuietServer(ThreadingHTTPServer):
 class OpenAIServer:
     """A threaded loopback server; start with ``with`` or ``start()``/``stop()``."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, model: str = "gpt-test") -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        model: str = "gpt-test",
+        compact_json: bool = False,
+    ) -> None:
+        """``compact_json``: write JSON as OpenAI's API does (no spaces after ``,`` and ``:``)
+        rather than with Python's default separators."""
         self.model = model
+        self.separators = (",", ":") if compact_json else (", ", ": ")
         self.delay = 0.0
         self.requests: list[Request] = []
         self.in_flight = 0
@@ -434,10 +444,10 @@ def _chat_stream(server: OpenAIServer, req: Request, reply: Reply) -> Iterator[s
         }
         if include_usage:
             body["usage"] = None
-        return f"data: {json.dumps(body)}\n\n"
+        return f"data: {json.dumps(body, separators=server.separators)}\n\n"
 
     for body in reply.prelude:  # e.g. Azure's prompt_filter_results chunk (no choices)
-        yield f"data: {json.dumps(body)}\n\n"
+        yield f"data: {json.dumps(body, separators=server.separators)}\n\n"
     yield chunk({"role": "assistant", "content": ""})
     if reply.refusal is not None:
         for piece in _pieces(reply.refusal):
@@ -462,7 +472,7 @@ def _chat_stream(server: OpenAIServer, req: Request, reply: Reply) -> Iterator[s
                 "total_tokens": prompt + completion,
             },
         }
-        yield f"data: {json.dumps(usage_chunk)}\n\n"
+        yield f"data: {json.dumps(usage_chunk, separators=server.separators)}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -527,7 +537,7 @@ def _responses_stream(server: OpenAIServer, req: Request, reply: Reply) -> Itera
 
     def event(name: str, data: dict[str, Any]) -> str:
         data = {"type": name, "sequence_number": next(seq), **data}
-        return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+        return f"event: {name}\ndata: {json.dumps(data, separators=server.separators)}\n\n"
 
     yield event("response.created", {"response": in_progress})
     yield event("response.in_progress", {"response": in_progress})
@@ -593,7 +603,7 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             pass
 
         def _send_json(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
+            data = json.dumps(body, separators=server.separators).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))

@@ -155,6 +155,43 @@ def test_attaches_to_active_rollout_and_threads(fw, openai_server: OpenAIServer,
         assert x.spans[0].output["content"] == f"echo: q{i}"
 
 
+def test_call_outside_a_rollout_is_queued_whole(
+    fw, openai_server: OpenAIServer, monkeypatch, captured
+) -> None:
+    """A call outside any rollout is one packed call record on the queue (no rollout handle,
+    no second record); its input is the list of messages as it was when the call was made,
+    even if the caller adds to it while the answer streams in. Inside a rollout, or resolving
+    a config, it is a span of its own as before."""
+    from flywheel_middleware import runtime
+    from flywheel_middleware.tracing import RolloutHandle, SpanHandle
+
+    recorder = runtime.recorder()
+    queued: list = []
+    enqueue = recorder.enqueue
+    monkeypatch.setattr(recorder, "enqueue", lambda item: (queued.append(item), enqueue(item)))
+    client = wrap_openai(openai_server.client(), workflow="whole")
+    messages = [{"role": "user", "content": "first"}]
+    client.chat.completions.create(model="m", messages=messages, flywheel={"tags": ["t"]})
+    stream = client.chat.completions.create(model="m", messages=messages, stream=True)
+    messages.append({"role": "assistant", "content": ""})  # the caller goes on as it streams
+    for chunk in stream:
+        messages[-1]["content"] += chunk.choices[0].delta.content or ""
+    assert [item.__class__ for item in queued] == [bytes, bytes]
+    calls = captured("whole")
+    assert [c.spans[0].input for c in calls] == [[{"role": "user", "content": "first"}]] * 2
+    assert [c.rollout.tags for c in calls] == [["t"], None]
+    assert calls[1].spans[0].attributes["stream"] is True
+    assert (calls[1].rollout.input_tokens, calls[1].rollout.output_tokens) == (1, 2)
+
+    queued.clear()
+    with fw.rollout("outer"):
+        client.chat.completions.create(model="m", messages=messages)
+    configured = wrap_openai(openai_server.client(), workflow="whole", apply_config=True)
+    configured.chat.completions.create(model="m", messages=messages)
+    kinds = [item.__class__ for item in queued]
+    assert kinds == [SpanHandle, RolloutHandle, SpanHandle, RolloutHandle]
+
+
 def test_async_client_plain_and_stream(openai_server: OpenAIServer, captured) -> None:
     client = wrap_openai(openai_server.async_client(), workflow="a")
 
@@ -285,6 +322,45 @@ def test_usage_chunk_is_dropped_before_the_sdk_builds_it(
     assert len(built) == len(chunks) and all(d["choices"] for d in built)
     [c] = captured("d")
     assert c.spans[0].output_tokens == 3
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["python-json", "openai-json"])
+def test_usage_null_is_cut_before_the_sdk_builds_a_chunk(compact: bool, captured) -> None:
+    """Asked for usage, the server ends every chunk with ``"usage": null``; the wrapper cuts it
+    off the event's JSON, so the SDK builds each chunk from what an unasked stream sends."""
+    with OpenAIServer(compact_json=compact) as server:
+        plain, wrapped = server.client(), wrap_openai(server.client(), workflow="cut")
+        built: list[dict] = []
+        process = wrapped._process_response_data
+
+        def counting(**kwargs):
+            built.append(kwargs["data"])
+            return process(**kwargs)
+
+        wrapped._process_response_data = counting
+        server.enqueue("a b", "a b")
+        expect, got = _stream_dicts(plain), _stream_dicts(wrapped)
+        assert server.requests[-1].body["stream_options"] == {"include_usage": True}
+    assert got == expect and len(built) == len(got)
+    assert all("usage" not in data for data in built), "the SDK was given the null usage"
+    [c] = captured("cut")
+    assert c.spans[0].output_tokens == 2
+
+
+def test_usage_null_left_in_the_event_is_unmarked_on_the_chunk(
+    openai_server: OpenAIServer, monkeypatch, captured
+) -> None:
+    """Where an event cannot be rewritten (an SDK whose events differ), the chunk is built
+    with the null usage and the field is unmarked: the caller still sees the unasked chunks."""
+    import flywheel_middleware.adapters.openai as adapter
+
+    monkeypatch.setattr(adapter, "_SSE", None)
+    plain, wrapped = openai_server.client(), wrap_openai(openai_server.client(), workflow="keep")
+    openai_server.enqueue("a b", "a b")
+    expect, got = _stream_dicts(plain), _stream_dicts(wrapped)
+    assert got == expect and all("usage" not in fields for _, fields in got)
+    [c] = captured("keep")
+    assert c.spans[0].output_tokens == 2
 
 
 def test_chunk_without_choices_or_usage_is_shown(openai_server: OpenAIServer, captured) -> None:
