@@ -192,6 +192,33 @@ def test_call_outside_a_rollout_is_queued_whole(
     assert kinds == [SpanHandle, RolloutHandle, SpanHandle, RolloutHandle]
 
 
+def test_call_under_an_otel_sdk_is_mirrored_to_it(openai_server: OpenAIServer, captured):
+    """With an OTel SDK installed a call outside any rollout opens real handles, so OTel sees
+    its workflow and model spans (a call queued whole would bypass OTel)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from flywheel_middleware import otel
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    client = wrap_openai(openai_server.client(), workflow="mirrored")
+    original = otel.trace._TRACER_PROVIDER
+    otel.trace._TRACER_PROVIDER = provider  # what trace.set_tracer_provider() sets, once only
+    try:
+        client.chat.completions.create(model="gpt-x", messages=MSGS)
+        list(client.chat.completions.create(model="gpt-x", messages=MSGS, stream=True))
+    finally:
+        otel.trace._TRACER_PROVIDER = original
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert sorted(names) == ["chat.completions"] * 2 + ["workflow mirrored"] * 2
+    model = next(s for s in exporter.get_finished_spans() if s.name == "chat.completions")
+    assert model.attributes["gen_ai.usage.output_tokens"] == 3
+    assert [c.spans[0].output_tokens for c in captured("mirrored")] == [3, 3]
+
+
 def test_async_client_plain_and_stream(openai_server: OpenAIServer, captured) -> None:
     client = wrap_openai(openai_server.async_client(), workflow="a")
 
