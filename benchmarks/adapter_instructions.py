@@ -1,4 +1,4 @@
-"""Instructions a LangChain call costs the agent's process, counted by valgrind's callgrind.
+"""Instructions a LangChain or OpenAI SDK call costs the agent's process, counted by callgrind.
 
 Wall-clock figures on a shared machine drift by tens of percent within a minute
 (``adapter_overhead.py`` pairs its rounds to cope). Instruction counts do not drift: the same
@@ -8,7 +8,12 @@ call over the untraced run's is its overhead. Every thread of the process is cou
 (flywheel's writer thread too); the writer *process* is not, and ``flywheel (thread writer)``
 shows what writing in-process costs instead.
 
-    .venv/bin/python benchmarks/adapter_instructions.py [--calls 2000]   # about 3 min a variant
+The OpenAI section runs the real SDK over an in-memory HTTP transport (the SDK's own httpx
+``MockTransport`` answering with canned OpenAI-format bodies), so only the client's side is
+counted, and only the timed calls: callgrind starts counting after the set-up and warm-up.
+
+    .venv/bin/python benchmarks/adapter_instructions.py [--calls 2000] [--openai-calls 300]
+    [--only langchain|openai]     # LangChain about 3 min a variant, OpenAI under a minute
 """
 
 from __future__ import annotations
@@ -55,14 +60,118 @@ fw.flush()
 """
 
 
-def count(variant: str, calls: int, tmp: Path) -> int:
+# The OpenAI variants; each process builds every client and warms every variant (the same
+# set-up in all), then counts only its own variant's calls.
+OPENAI_VARIANTS = (
+    "plain",
+    "floor",
+    "wrapped",
+    "plain stream",
+    "plain stream+usage",
+    "wrapped stream",
+)
+
+_OPENAI_DRIVER = """
+import json, os, subprocess, sys
+import openai
+try:
+    import httpx2 as httpx  # what openai 3.x is built on
+except ImportError:
+    import httpx
+import flywheel_middleware as fw
+from flywheel_middleware import tracing
+from flywheel_middleware.adapters.openai import wrap_openai
+
+def dumps(body):
+    return json.dumps(body, separators=(",", ":"))  # the API's compact JSON
+
+def chunk(delta, finish=None, usage=False):
+    body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    if usage:
+        body["usage"] = None
+    return "data: " + dumps(body) + "\\n\\n"
+
+def stream(usage):
+    events = [chunk({"role": "assistant", "content": ""}, usage=usage)]
+    events += [chunk({"content": p}, usage=usage) for p in ("echo:", " hello", " there")]
+    events.append(chunk({}, "stop", usage=usage))
+    if usage:
+        tokens = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                "model": "m", "choices": [], "usage": tokens}
+        events.append("data: " + dumps(body) + "\\n\\n")
+    return ("".join(events) + "data: [DONE]\\n\\n").encode()
+
+STREAMS = {False: stream(False), True: stream(True)}
+COMPLETION = dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+    "choices": [{"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": "echo: hello there"}}],
+    "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}}).encode()
+
+def answer(request):
+    body = json.loads(request.content)
+    if body.get("stream"):
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              content=STREAMS[usage])
+    return httpx.Response(200, headers={"content-type": "application/json"}, content=COMPLETION)
+
+def client():
+    return openai.OpenAI(base_url="http://openai.invalid/v1", api_key="sk-bench", max_retries=0,
+                         http_client=httpx.Client(transport=httpx.MockTransport(answer)))
+
+variant, calls = sys.argv[1], int(sys.argv[2])
+fw.configure(store_url=os.environ["BENCH_STORE_URL"])
+plain, floor_client = client(), client()
+wrapped = wrap_openai(client(), workflow="bench")
+messages = [{"role": "user", "content": "hello there"}]
+
+def floor():
+    span = tracing.CallHandle("bench-floor", "chat.completions", "llm", input=messages, model="m")
+    result = floor_client.chat.completions.create(model="m", messages=messages)
+    span.input_tokens = result.usage.prompt_tokens
+    span.output_tokens = result.usage.completion_tokens
+    span.output = {"role": "assistant", "content": result.choices[0].message.content}
+    span.end()
+
+usage = {"include_usage": True}
+variants = {
+    "plain": lambda: plain.chat.completions.create(model="m", messages=messages),
+    "floor": floor,
+    "wrapped": lambda: wrapped.chat.completions.create(model="m", messages=messages),
+    "plain stream": lambda: list(
+        plain.chat.completions.create(model="m", messages=messages, stream=True)),
+    "plain stream+usage": lambda: list(plain.chat.completions.create(
+        model="m", messages=messages, stream=True, stream_options=usage)),
+    "wrapped stream": lambda: list(
+        wrapped.chat.completions.create(model="m", messages=messages, stream=True)),
+}
+for fn in variants.values():  # the same warm-up in every process
+    for _ in range(20):
+        fn()
+fw.flush()
+fn = variants[variant]
+toggle = ["callgrind_control", "--instr=on", str(os.getpid())]
+subprocess.run(toggle, capture_output=True, check=True)
+for _ in range(calls):
+    fn()
+subprocess.run(toggle[:1] + ["--instr=off", toggle[2]], capture_output=True, check=True)
+fw.flush()
+"""
+
+
+def count(
+    variant: str, calls: int, tmp: Path, driver: str = _DRIVER, env_extra: dict | None = None
+) -> int:
     """Instructions callgrind counted for one run of the driver."""
     out = tmp / f"callgrind.{abs(hash(variant))}"
-    env = {**os.environ, **VARIANTS[variant]}
+    env = {**os.environ, **(VARIANTS.get(variant, {}) if env_extra is None else env_extra)}
     env["BENCH_STORE_URL"] = f"sqlite:///{tmp / (str(abs(hash(variant))) + '.db')}"
+    counting = [] if driver is _DRIVER else ["--instr-atstart=no"]
     result = subprocess.run(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable]
-        + ["-c", _DRIVER, variant, str(calls)],
+        ["valgrind", "--tool=callgrind", *counting, f"--callgrind-out-file={out}", sys.executable]
+        + ["-c", driver, variant, str(calls)],
         capture_output=True,
         text=True,
         env=env,
@@ -74,22 +183,55 @@ def count(variant: str, calls: int, tmp: Path) -> int:
     return int(found.group(1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=2000)
-    args = parser.parse_args()
-    if shutil.which("valgrind") is None:
-        print("adapter_instructions: valgrind is not installed; skipped")
-        return
+def langchain_section(calls: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        totals = {name: count(name, args.calls, Path(tmp)) for name in VARIANTS}
+        totals = {name: count(name, calls, Path(tmp)) for name in VARIANTS}
     base = totals["untraced"]  # the same set-up and imports as every other run
-    over = {name: (total - base) / args.calls for name, total in totals.items()}
-    print(f"\nLangChain, fake chat model, {args.calls} calls: instructions per call (callgrind)")
+    over = {name: (total - base) / calls for name, total in totals.items()}
+    print(f"\nLangChain, fake chat model, {calls} calls: instructions per call (callgrind)")
     print(f"{'variant':<26}{'overhead':>12}{'x no-op floor':>15}")
     for name, extra in over.items():
         ratio = extra / over["no-op handler"] if over["no-op handler"] else float("nan")
         print(f"{name:<26}{extra:>+12,.0f}{ratio:>15.2f}")
+
+
+def openai_section(calls: int) -> None:
+    """Two variants at a time (this machine has two cores; counts do not depend on it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
+        futures = {
+            name: pool.submit(count, name, calls, Path(tmp), _OPENAI_DRIVER, {})
+            for name in OPENAI_VARIANTS
+        }
+        per_call = {name: f.result() / calls for name, f in futures.items()}
+    print(
+        f"\nOpenAI SDK over an in-memory transport, {calls} calls: instructions per call of the "
+        "agent's process (callgrind, the timed calls only)"
+    )
+    print(f"{'variant':<22}{'instructions':>14}{'over plain':>14}{'%':>8}")
+    for name, total in per_call.items():
+        base = per_call["plain stream" if "stream" in name else "plain"]
+        print(f"{name:<22}{total:>14,.0f}{total - base:>+14,.0f}{(total / base - 1) * 100:>+7.1f}%")
+    print(
+        "floor: a tracing.CallHandle around the plain client (the least an adapter records); "
+        "plain stream+usage: an unwrapped stream asking for the usage chunk the wrapper asks for"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000, help="LangChain calls per variant")
+    parser.add_argument("--openai-calls", type=int, default=300, help="OpenAI calls per variant")
+    parser.add_argument("--only", choices=("langchain", "openai"), help="run one section")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        print("adapter_instructions: valgrind is not installed; skipped")
+        return
+    if args.only != "openai":
+        langchain_section(args.calls)
+    if args.only != "langchain":
+        openai_section(args.openai_calls)
 
 
 if __name__ == "__main__":
