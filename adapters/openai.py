@@ -748,21 +748,34 @@ def _sse_class() -> type | None:
 
 
 _SSE = _sse_class()
-# Asked for usage, the server ends every other chunk's JSON with this member (OpenAI's compact
-# JSON, or Python's default separators); a stream that did not ask has no such key.
+# Asked for usage, the server adds ``"usage": null`` to every other chunk; a stream that did not
+# ask has no such key. It ends the JSON (Python's or the API's compact separators), or comes
+# just before the padding OpenAI's own API puts last. Unescaped quotes only occur outside JSON
+# strings, so these texts are always the member itself.
 _NULL_USAGE = (',"usage":null}', ', "usage": null}')
+_PADDED_NULL_USAGE = (
+    (',"usage":null,"obfuscation":', ',"obfuscation":'),
+    (', "usage": null, "obfuscation": ', ', "obfuscation": '),
+)
 
 
 def _as_unasked(state: _StreamState, sse: Any) -> bool:
     """Make an SSE event what a stream that did not ask for usage gets; False: drop it (the
-    usage-only chunk, recorded). A trailing ``"usage": null`` is cut off the JSON, so the SDK
-    neither builds nor marks the field (elsewhere in the object, ``see_chunk`` unmarks it)."""
+    usage-only chunk, recorded). The ``"usage": null`` member is cut out of the JSON, so the
+    SDK neither builds nor marks the field (placed elsewhere, ``see_chunk`` unmarks it)."""
     data = sse.data
     if data.endswith(_NULL_USAGE):
-        if sse.__class__ is _SSE:
-            sse._data = data[: data.rindex(",")] + "}"  # the member holds no comma
-        return True
-    return "[]" not in data or not state.see_usage(sse)  # only an empty list can be it
+        cut = data[: data.rindex(",")] + "}"  # the member holds no comma
+    else:
+        for null, kept in _PADDED_NULL_USAGE:
+            if null in data:
+                cut = data.replace(null, kept, 1)
+                break
+        else:
+            return "[]" not in data or not state.see_usage(sse)  # only an empty list can be it
+    if sse.__class__ is _SSE:
+        sse._data = cut
+    return True
 
 
 def _without_usage(state: _StreamState, events: Any) -> Any:

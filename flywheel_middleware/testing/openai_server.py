@@ -241,11 +241,15 @@ class OpenAIServer:
         *,
         model: str = "gpt-test",
         compact_json: bool = False,
+        obfuscation: bool = False,
     ) -> None:
         """``compact_json``: write JSON as OpenAI's API does (no spaces after ``,`` and ``:``)
-        rather than with Python's default separators."""
+        rather than with Python's default separators. ``obfuscation``: end every chat stream
+        chunk with an ``obfuscation`` padding field, as the API does unless the request's
+        ``stream_options.include_obfuscation`` is false."""
         self.model = model
         self.separators = (",", ":") if compact_json else (", ", ": ")
+        self.obfuscation = obfuscation
         self.delay = 0.0
         self.requests: list[Request] = []
         self.in_flight = 0
@@ -432,7 +436,14 @@ def _chat_stream(server: OpenAIServer, req: Request, reply: Reply) -> Iterator[s
     cid = server._next_id("chatcmpl")
     created = int(time.time())
     model = reply.model or req.body.get("model") or server.model
-    include_usage = bool((req.body.get("stream_options") or {}).get("include_usage"))
+    options = req.body.get("stream_options") or {}
+    include_usage = bool(options.get("include_usage"))
+    padding = server.obfuscation and options.get("include_obfuscation", True)
+
+    def dumps(body: dict[str, Any]) -> str:
+        if padding:  # the API's padding, last in every chunk (its length varies)
+            body["obfuscation"] = "x" * (1 + len(json.dumps(body["choices"])) % 7)
+        return f"data: {json.dumps(body, separators=server.separators)}\n\n"
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
         body = {
@@ -444,7 +455,7 @@ def _chat_stream(server: OpenAIServer, req: Request, reply: Reply) -> Iterator[s
         }
         if include_usage:
             body["usage"] = None
-        return f"data: {json.dumps(body, separators=server.separators)}\n\n"
+        return dumps(body)
 
     for body in reply.prelude:  # e.g. Azure's prompt_filter_results chunk (no choices)
         yield f"data: {json.dumps(body, separators=server.separators)}\n\n"
@@ -472,7 +483,7 @@ def _chat_stream(server: OpenAIServer, req: Request, reply: Reply) -> Iterator[s
                 "total_tokens": prompt + completion,
             },
         }
-        yield f"data: {json.dumps(usage_chunk, separators=server.separators)}\n\n"
+        yield dumps(usage_chunk)
     yield "data: [DONE]\n\n"
 
 

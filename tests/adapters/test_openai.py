@@ -351,11 +351,18 @@ def test_usage_chunk_is_dropped_before_the_sdk_builds_it(
     assert c.spans[0].output_tokens == 3
 
 
-@pytest.mark.parametrize("compact", [False, True], ids=["python-json", "openai-json"])
-def test_usage_null_is_cut_before_the_sdk_builds_a_chunk(compact: bool, captured) -> None:
-    """Asked for usage, the server ends every chunk with ``"usage": null``; the wrapper cuts it
-    off the event's JSON, so the SDK builds each chunk from what an unasked stream sends."""
-    with OpenAIServer(compact_json=compact) as server:
+@pytest.mark.parametrize(
+    ("compact", "padded"),
+    [(False, False), (True, False), (True, True), (False, True)],
+    ids=["python-json", "openai-json", "openai-api", "python-json-padded"],
+)
+def test_usage_null_is_cut_before_the_sdk_builds_a_chunk(
+    compact: bool, padded: bool, captured
+) -> None:
+    """Asked for usage, the server adds ``"usage": null`` to every chunk, at its end or (as
+    OpenAI's API does) just before the ``obfuscation`` padding; the wrapper cuts it out of the
+    event's JSON, so the SDK builds each chunk from what an unasked stream sends."""
+    with OpenAIServer(compact_json=compact, obfuscation=padded) as server:
         plain, wrapped = server.client(), wrap_openai(server.client(), workflow="cut")
         built: list[dict] = []
         process = wrapped._process_response_data
@@ -370,6 +377,7 @@ def test_usage_null_is_cut_before_the_sdk_builds_a_chunk(compact: bool, captured
         assert server.requests[-1].body["stream_options"] == {"include_usage": True}
     assert got == expect and len(built) == len(got)
     assert all("usage" not in data for data in built), "the SDK was given the null usage"
+    assert all(("obfuscation" in data) is padded for data in built)
     [c] = captured("cut")
     assert c.spans[0].output_tokens == 2
 
