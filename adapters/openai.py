@@ -571,11 +571,14 @@ def _async_wrapper(original: Any, endpoint: str, opts: _Options, helper: str | N
 class _StreamState:
     """What a stream delivered so far (chunk by chunk); ends the span with it."""
 
-    __slots__ = ("call", "capture", "text", "tool_calls", "usage", "model", "first_ns", "final")
+    __slots__ = (
+        "call", "capture", "text", "tool_calls", "usage", "model", "first_ns", "final", "cut"
+    )  # fmt: skip
 
     def __init__(self, call: _Call, capture: bool) -> None:
         self.call = call
         self.capture = capture
+        self.cut = False  # the null usage was cut out of the event of the chunk coming next
         self.text: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.usage: Any = None
@@ -607,9 +610,10 @@ class _StreamState:
                     self.usage = usage
                     if self.call.added_usage:  # the usage-only chunk we asked for
                         return False
-            if self.call.added_usage and chunk.usage is None:
+            if self.call.added_usage and not self.cut and chunk.usage is None:
                 # Asked for usage, the server sends ``"usage": null`` in every chunk; unasked,
-                # the key is absent: keep ``model_fields_set`` / ``to_dict()`` the same.
+                # the key is absent: keep ``model_fields_set`` / ``to_dict()`` the same (where
+                # ``_as_unasked`` could not cut it out of the event).
                 try:
                     chunk.__pydantic_fields_set__.discard("usage")
                 except AttributeError:  # pydantic 1
@@ -763,7 +767,8 @@ def _as_unasked(state: _StreamState, sse: Any) -> bool:
     """Make an SSE event what a stream that did not ask for usage gets; False: drop it (the
     usage-only chunk, recorded). The ``"usage": null`` member is cut out of the JSON, so the
     SDK neither builds nor marks the field (placed elsewhere, ``see_chunk`` unmarks it)."""
-    data = sse.data
+    ours = sse.__class__ is _SSE
+    data = sse._data if ours else sse.data
     if data.endswith(_NULL_USAGE):
         cut = data[: data.rindex(",")] + "}"  # the member holds no comma
     else:
@@ -772,9 +777,11 @@ def _as_unasked(state: _StreamState, sse: Any) -> bool:
                 cut = data.replace(null, kept, 1)
                 break
         else:
+            state.cut = False
             return "[]" not in data or not state.see_usage(sse)  # only an empty list can be it
-    if sse.__class__ is _SSE:
+    if ours:
         sse._data = cut
+    state.cut = ours
     return True
 
 

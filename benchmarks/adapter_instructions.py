@@ -69,6 +69,8 @@ OPENAI_VARIANTS = (
     "plain stream",
     "plain stream+usage",
     "wrapped stream",
+    "plain long stream",
+    "wrapped long stream",
 )
 
 _OPENAI_DRIVER = """
@@ -92,9 +94,9 @@ def chunk(delta, finish=None, usage=False):
         body["usage"] = None
     return "data: " + dumps(body) + "\\n\\n"
 
-def stream(usage):
+def stream(usage, pieces=("echo:", " hello", " there")):
     events = [chunk({"role": "assistant", "content": ""}, usage=usage)]
-    events += [chunk({"content": p}, usage=usage) for p in ("echo:", " hello", " there")]
+    events += [chunk({"content": p}, usage=usage) for p in pieces]
     events.append(chunk({}, "stop", usage=usage))
     if usage:
         tokens = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
@@ -103,7 +105,9 @@ def stream(usage):
         events.append("data: " + dumps(body) + "\\n\\n")
     return ("".join(events) + "data: [DONE]\\n\\n").encode()
 
-STREAMS = {False: stream(False), True: stream(True)}
+LONG = ["echo:"] + [" word"] * 199  # an answer of 200 tokens, one chunk each
+STREAMS = {(False, False): stream(False), (True, False): stream(True),
+           (False, True): stream(False, LONG), (True, True): stream(True, LONG)}
 COMPLETION = dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
     "choices": [{"index": 0, "finish_reason": "stop",
                  "message": {"role": "assistant", "content": "echo: hello there"}}],
@@ -113,8 +117,9 @@ def answer(request):
     body = json.loads(request.content)
     if body.get("stream"):
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        long = body["messages"][0]["content"] == "long"
         return httpx.Response(200, headers={"content-type": "text/event-stream"},
-                              content=STREAMS[usage])
+                              content=STREAMS[usage, long])
     return httpx.Response(200, headers={"content-type": "application/json"}, content=COMPLETION)
 
 def client():
@@ -122,10 +127,13 @@ def client():
                          http_client=httpx.Client(transport=httpx.MockTransport(answer)))
 
 variant, calls = sys.argv[1], int(sys.argv[2])
+if "long" in variant:
+    calls = max(calls // 10, 1)  # each is some 40 short ones
 fw.configure(store_url=os.environ["BENCH_STORE_URL"])
 plain, floor_client = client(), client()
 wrapped = wrap_openai(client(), workflow="bench")
 messages = [{"role": "user", "content": "hello there"}]
+long = [{"role": "user", "content": "long"}]
 
 def floor():
     span = tracing.CallHandle("bench-floor", "chat.completions", "llm", input=messages, model="m")
@@ -146,6 +154,10 @@ variants = {
         model="m", messages=messages, stream=True, stream_options=usage)),
     "wrapped stream": lambda: list(
         wrapped.chat.completions.create(model="m", messages=messages, stream=True)),
+    "plain long stream": lambda: list(
+        plain.chat.completions.create(model="m", messages=long, stream=True)),
+    "wrapped long stream": lambda: list(
+        wrapped.chat.completions.create(model="m", messages=long, stream=True)),
 }
 for fn in variants.values():  # the same warm-up in every process
     for _ in range(20):
@@ -204,18 +216,24 @@ def openai_section(calls: int) -> None:
             name: pool.submit(count, name, calls, Path(tmp), _OPENAI_DRIVER, {})
             for name in OPENAI_VARIANTS
         }
-        per_call = {name: f.result() / calls for name, f in futures.items()}
+        per_call = {
+            name: f.result() / (max(calls // 10, 1) if "long" in name else calls)
+            for name, f in futures.items()
+        }
     print(
-        f"\nOpenAI SDK over an in-memory transport, {calls} calls: instructions per call of the "
-        "agent's process (callgrind, the timed calls only)"
+        f"\nOpenAI SDK over an in-memory transport, {calls} calls ({max(calls // 10, 1)} long "
+        "streams): instructions per call of the agent's process (callgrind, timed calls only)"
     )
     print(f"{'variant':<22}{'instructions':>14}{'over plain':>14}{'%':>8}")
     for name, total in per_call.items():
-        base = per_call["plain stream" if "stream" in name else "plain"]
+        base = per_call[name.replace("wrapped", "plain").replace("+usage", "")]
+        if "stream" not in name:
+            base = per_call["plain"]
         print(f"{name:<22}{total:>14,.0f}{total - base:>+14,.0f}{(total / base - 1) * 100:>+7.1f}%")
     print(
         "floor: a tracing.CallHandle around the plain client (the least an adapter records); "
-        "plain stream+usage: an unwrapped stream asking for the usage chunk the wrapper asks for"
+        "plain stream+usage: an unwrapped stream asking for the usage chunk the wrapper asks "
+        "for; long stream: a 200-chunk answer (the others have 3 content chunks)"
     )
 
 
