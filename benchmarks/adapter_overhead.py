@@ -217,6 +217,8 @@ OPENAI_METHODS = {
     "blocks": "the earlier figure: blocks of {calls} calls, then fw.flush() inside the timing, "
     "so most SQLite writing is serialized into the block instead of overlapping network waits",
 }
+# A 200-chunk stream takes about as long as this many short calls: its blocks are this much shorter.
+LONG_SHARE = 10
 OPENAI_VARIANTS = ("plain", "wrapped", "plain stream", "plain stream+usage", "wrapped stream")
 
 
@@ -290,10 +292,13 @@ def bench_openai(
         def call(client: Any) -> Callable[[], Any]:
             return lambda: client.chat.completions.create(model="m", messages=messages)
 
-        def stream(client: Any, **extra: Any) -> Callable[[], Any]:
+        def stream(client: Any, prompt: Any = messages, **extra: Any) -> Callable[[], Any]:
             return lambda: list(
-                client.chat.completions.create(model="m", messages=messages, stream=True, **extra)
+                client.chat.completions.create(model="m", messages=prompt, stream=True, **extra)
             )
+
+        # The server echoes the prompt a word a chunk: this answer streams in 200 chunks.
+        long_prompt = [{"role": "user", "content": " ".join(["word"] * 198)}]
 
         variants = {
             "plain": call(plain),
@@ -302,6 +307,8 @@ def bench_openai(
             # what the usage chunk the wrapper asks for costs the client without flywheel
             "plain stream+usage": stream(plain, stream_options={"include_usage": True}),
             "wrapped stream": stream(wrapped),
+            "plain long stream": stream(plain, long_prompt),
+            "wrapped long stream": stream(wrapped, long_prompt),
         }
         variants["floor"] = _tracing_floor(
             openai.OpenAI(base_url=base_url, api_key="sk-bench", max_retries=0), messages
@@ -338,10 +345,12 @@ def bench_openai(
             shuffle(order)
             for name in order:
                 settle = None if name.startswith("plain") else fw.flush
-                samples["blocks"][name].append(run(variants[name], calls, settle))
+                n = max(calls // LONG_SHARE, 2) if "long" in name else calls
+                samples["blocks"][name].append(run(variants[name], n, settle))
             shuffle(order)
             for name in order:
-                samples["continuous"][name].append(run(variants[name], continuous, fw.flush))
+                n = max(continuous // LONG_SHARE, 2) if "long" in name else continuous
+                samples["continuous"][name].append(run(variants[name], n, fw.flush))
     finally:
         proc.terminate()
         proc.wait(10)
@@ -534,7 +543,8 @@ def report_openai(args: argparse.Namespace) -> None:
         return f"{(new - old) / old * 100:+.1f}%"
 
     wrappers = ("wrapped", "baseline") if args.openai_baseline else ("wrapped",)
-    for kind, method, wrapper in itertools.product(("", " stream"), oa, wrappers):
+    kinds = [("", w) for w in wrappers] + [(" stream", w) for w in wrappers]
+    for (kind, wrapper), method in itertools.product(kinds + [(" long stream", "wrapped")], oa):
         plain, ours = oa[method]["plain" + kind], oa[method][wrapper + kind]
         (pw, pc, pa, *_), (ww, wc, wa, wt, wp) = plain, ours
         threads = (
