@@ -342,13 +342,16 @@ def _begin(
     if not whole:
         rollout = parent.rollout if parent is not None else None
         if rollout is None:
-            rollout = tracing.open_rollout(
-                (own.get("workflow") if own else None) or opts.workflow,
-                user_id=own.get("user_id") if own else None,
-                session_id=own.get("session_id") if own else None,
-                tags=own.get("tags") if own else None,
-                metadata=own.get("metadata") if own else None,
-            )
+            if own:
+                rollout = tracing.open_rollout(
+                    own.get("workflow") or opts.workflow,
+                    user_id=own.get("user_id"),
+                    session_id=own.get("session_id"),
+                    tags=own.get("tags"),
+                    metadata=own.get("metadata"),
+                )
+            else:
+                rollout = tracing.open_rollout(opts.workflow)
             parent = None
         if opts.apply_config and endpoint != "embeddings":
             try:
@@ -767,21 +770,21 @@ def _as_unasked(state: _StreamState, sse: Any) -> bool:
     """Make an SSE event what a stream that did not ask for usage gets; False: drop it (the
     usage-only chunk, recorded). The ``"usage": null`` member is cut out of the JSON, so the
     SDK neither builds nor marks the field (placed elsewhere, ``see_chunk`` unmarks it)."""
-    ours = sse.__class__ is _SSE
-    data = sse._data if ours else sse.data
+    if sse.__class__ is not _SSE:  # not rewritable: only the usage-only chunk is dropped
+        state.cut = False
+        return "[]" not in sse.data or not state.see_usage(sse)
+    data = sse._data
     if data.endswith(_NULL_USAGE):
-        cut = data[: data.rindex(",")] + "}"  # the member holds no comma
+        sse._data = data[: data.rindex(",")] + "}"  # the member holds no comma
     else:
         for null, kept in _PADDED_NULL_USAGE:
             if null in data:
-                cut = data.replace(null, kept, 1)
+                sse._data = data.replace(null, kept, 1)
                 break
         else:
             state.cut = False
             return "[]" not in data or not state.see_usage(sse)  # only an empty list can be it
-    if ours:
-        sse._data = cut
-    state.cut = ours
+    state.cut = True
     return True
 
 

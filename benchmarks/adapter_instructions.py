@@ -127,8 +127,6 @@ def client():
                          http_client=httpx.Client(transport=httpx.MockTransport(answer)))
 
 variant, calls = sys.argv[1], int(sys.argv[2])
-if "long" in variant:
-    calls = max(calls // 10, 1)  # each is some 40 short ones
 fw.configure(store_url=os.environ["BENCH_STORE_URL"])
 plain, floor_client = client(), client()
 wrapped = wrap_openai(client(), workflow="bench")
@@ -174,13 +172,14 @@ fw.flush()
 
 
 def count(
-    variant: str, calls: int, tmp: Path, driver: str = _DRIVER, env_extra: dict | None = None
+    variant: str, calls: int, tmp: Path, driver: str = _DRIVER, from_start: bool = True
 ) -> int:
-    """Instructions callgrind counted for one run of the driver."""
+    """Instructions callgrind counted for one run of the driver (``from_start=False``: only
+    after the driver turns counting on itself)."""
     out = tmp / f"callgrind.{abs(hash(variant))}"
-    env = {**os.environ, **(VARIANTS.get(variant, {}) if env_extra is None else env_extra)}
+    env = {**os.environ, **VARIANTS.get(variant, {})}
     env["BENCH_STORE_URL"] = f"sqlite:///{tmp / (str(abs(hash(variant))) + '.db')}"
-    counting = [] if driver is _DRIVER else ["--instr-atstart=no"]
+    counting = [] if from_start else ["--instr-atstart=no"]
     result = subprocess.run(
         ["valgrind", "--tool=callgrind", *counting, f"--callgrind-out-file={out}", sys.executable]
         + ["-c", driver, variant, str(calls)],
@@ -211,24 +210,22 @@ def openai_section(calls: int) -> None:
     """Two variants at a time (this machine has two cores; counts do not depend on it)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    long_calls = max(calls // 10, 1)  # a long stream costs some 40 short calls
+    runs = {name: long_calls if "long" in name else calls for name in OPENAI_VARIANTS}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
         futures = {
-            name: pool.submit(count, name, calls, Path(tmp), _OPENAI_DRIVER, {})
-            for name in OPENAI_VARIANTS
+            name: pool.submit(count, name, n, Path(tmp), _OPENAI_DRIVER, False)
+            for name, n in runs.items()
         }
-        per_call = {
-            name: f.result() / (max(calls // 10, 1) if "long" in name else calls)
-            for name, f in futures.items()
-        }
+        per_call = {name: f.result() / runs[name] for name, f in futures.items()}
     print(
-        f"\nOpenAI SDK over an in-memory transport, {calls} calls ({max(calls // 10, 1)} long "
+        f"\nOpenAI SDK over an in-memory transport, {calls} calls ({long_calls} long "
         "streams): instructions per call of the agent's process (callgrind, timed calls only)"
     )
     print(f"{'variant':<22}{'instructions':>14}{'over plain':>14}{'%':>8}")
     for name, total in per_call.items():
-        base = per_call[name.replace("wrapped", "plain").replace("+usage", "")]
-        if "stream" not in name:
-            base = per_call["plain"]
+        plain = name.replace("wrapped", "plain").replace("+usage", "")
+        base = per_call[plain if "stream" in name else "plain"]
         print(f"{name:<22}{total:>14,.0f}{total - base:>+14,.0f}{(total / base - 1) * 100:>+7.1f}%")
     print(
         "floor: a tracing.CallHandle around the plain client (the least an adapter records); "

@@ -47,6 +47,11 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _error_field(error: BaseException | str | None) -> str | None:
+    """What a record stores for an error given as an exception, a text or nothing."""
+    return None if error is None else error if isinstance(error, str) else _error_text(error)
+
+
 class RolloutHandle(RolloutRecord):
     """An open rollout. Use it as a context manager (sync or async), or ``finish()`` it.
 
@@ -210,7 +215,7 @@ class RolloutHandle(RolloutRecord):
             self.output = snapshot(output)
         if error is not None:
             self.status = "failed"
-            self.error = error if isinstance(error, str) else _error_text(error)
+            self.error = _error_field(error)
         elif self.status == "running":
             self.status = "succeeded"
         self.latency_ms = (end - self.started_at) / 1e6
@@ -344,7 +349,7 @@ class SpanHandle(SpanRecord, _SpanSetters):
 
     def set_error(self, error: BaseException | str) -> None:
         self.status = "error"
-        self.error = error if isinstance(error, str) else _error_text(error)
+        self.error = _error_field(error)
 
     def end(
         self,
@@ -470,9 +475,8 @@ def record_call(
         span.set_usage(input_tokens, output_tokens)
         span.end(output=output, error=error, end_ns=end_ns)
         return span.rollout_id
-    error_text = None if error is None else error if isinstance(error, str) else _error_text(error)
     return queue_call(
-        workflow, name, kind, node, start_ns, end_ns, model, input, output, error_text,
+        workflow, name, kind, node, start_ns, end_ns, model, input, output, _error_field(error),
         input_tokens, output_tokens, attributes, user_id, session_id, tags, metadata,
     )  # fmt: skip
 
@@ -588,12 +592,9 @@ class CallHandle(_SpanSetters):
         self._ended = True
         if output is not None:
             self.output = snapshot(output)
-        error_text = (
-            None if error is None else error if isinstance(error, str) else _error_text(error)
-        )
         queue_call(
             self.workflow, self.name, self.kind, None, self.started_at, end_ns or time.time_ns(),
-            self.model, self.input, self.output, error_text, self.input_tokens,
+            self.model, self.input, self.output, _error_field(error), self.input_tokens,
             self.output_tokens, self.attributes, self.user_id, self.session_id, self.tags,
             self.metadata,
         )  # fmt: skip
