@@ -261,7 +261,11 @@ def _tracing_floor(client: Any, messages: list[dict[str, str]]) -> Callable[[], 
 
 
 def bench_openai(
-    calls: int, rounds: int, continuous: int = 800, baseline: str | None = None
+    calls: int,
+    rounds: int,
+    continuous: int = 800,
+    baseline: str | None = None,
+    interleaved: int = 1500,
 ) -> dict[str, dict[str, list[tuple[float, ...]]]]:
     """method -> variant -> per round (wall, cpu, agent-thread cpu, writer-thread cpu,
     writer-process cpu) seconds per call, over ``rounds`` rounds that alternate the variants; cpu is
@@ -351,10 +355,64 @@ def bench_openai(
             for name in order:
                 n = max(continuous // LONG_SHARE, 2) if "long" in name else continuous
                 samples["continuous"][name].append(run(variants[name], n, fw.flush))
+
+        # Each variant gets a client of its own here: a short call on a client that also
+        # streams often opens a new connection, which alone moved the figures by 10%.
+        def client(wrap: bool = False) -> Any:
+            made = openai.OpenAI(base_url=base_url, api_key="sk-bench", max_retries=0)
+            return wrap_openai(made, workflow="bench-openai") if wrap else made
+
+        alone = {
+            "plain": call(client()),
+            "plain again": call(client()),
+            "floor": _tracing_floor(client(), messages),
+            "wrapped": call(client(True)),
+            "plain stream": stream(client()),
+            "plain stream+usage": stream(client(), stream_options={"include_usage": True}),
+            "wrapped stream": stream(client(True)),
+            "plain long stream": stream(client(), long_prompt),
+            "wrapped long stream": stream(client(True), long_prompt),
+        }
+        for fn in alone.values():
+            _timed(fn, 20, fw.flush)
+        samples["interleaved"] = _interleaved(alone, interleaved, writer_clock)
     finally:
         proc.terminate()
         proc.wait(10)
     return samples  # type: ignore[return-value]
+
+
+def _interleaved(
+    variants: dict[str, Callable[[], Any]], iterations: int, writer_clock: Any
+) -> dict[str, list[tuple[float, ...]]]:
+    """Every variant once per iteration, in a new order each time, each call timed alone:
+    the machine's drift (tens of percent within a minute here) then hits all variants alike.
+    A second plain client (``plain again``) shows what this method cannot resolve. The
+    writer's background work lands on whichever calls are in flight, so its CPU per recorded
+    call is returned too (``writer``: thread and process seconds), to be added by the reader."""
+    import flywheel_middleware as fw
+
+    names = list(variants)
+    times: dict[str, list[tuple[float, ...]]] = {n: [] for n in names}
+    recorded = sum(1 for n in names if not n.startswith("plain"))
+    order, shuffle, clock = list(names), random.Random(21).shuffle, time.perf_counter
+    fw.flush()
+    pid = _writer_pid()
+    child, thread = _process_cpu(pid), writer_clock() if writer_clock else float("nan")
+    calls = 0
+    for i in range(iterations):
+        shuffle(order)
+        for name in order:
+            if "long" in name and i % LONG_SHARE:
+                continue  # a 200-chunk stream takes about as long as ten short calls
+            start = clock()
+            variants[name]()
+            times[name].append((clock() - start,))
+            calls += not name.startswith("plain")
+    fw.flush()
+    thread = (writer_clock() - thread) if writer_clock else float("nan")
+    times["writer"] = [(thread / calls, (_process_cpu(pid) - child) / calls, recorded)]
+    return times
 
 
 def _medians(
@@ -528,8 +586,13 @@ def isolated_openai_costs(calls: int = 5000) -> tuple[float, float]:
 def report_openai(args: argparse.Namespace) -> None:
     """Run and print the OpenAI section (the store is configured by ``main``)."""
     rounds = bench_openai(
-        args.openai_calls, args.openai_rounds, args.openai_continuous, args.openai_baseline
+        args.openai_calls,
+        args.openai_rounds,
+        args.openai_continuous,
+        args.openai_baseline,
+        args.openai_interleaved,
     )
+    per_call = rounds.pop("interleaved")
     oa = _medians(rounds)
     print(
         f"\nOpenAI SDK, loopback server in its own process, median of {args.openai_rounds} "
@@ -575,6 +638,7 @@ def report_openai(args: argparse.Namespace) -> None:
             f"without flywheel, asking for stream usage ({method}): wall {pct(uw, pw)} ({paired}), "
             f"cpu {pct(uc, pc)} (the chunk the wrapper asks for to record token counts)"
         )
+    report_interleaved(per_call, args.openai_interleaved)
     agent_us, writer_us = isolated_openai_costs()
     plain_wall = oa["continuous"]["plain"][0] * 1e6
     print(
@@ -586,6 +650,36 @@ def report_openai(args: argparse.Namespace) -> None:
     )
 
 
+def _trimmed_mean(values: list[float], cut: float = 0.1) -> float:
+    values = sorted(values)
+    n = int(len(values) * cut)
+    return statistics.mean(values[n : len(values) - n])
+
+
+def report_interleaved(per_call: dict[str, list[tuple[float, ...]]], iterations: int) -> None:
+    """The per-call interleaved figures: median and 10%-trimmed mean of each call's time."""
+    ((thread, child, recorded),) = per_call.pop("writer")
+    print(
+        f"interleaved: {iterations} iterations, every variant once in each (the long streams "
+        f"every {LONG_SHARE}th), in a new order each time, each call timed alone; the writer's "
+        f"background work lands on all {len(per_call)} variants alike: it used "
+        f"{thread * 1e6:.1f} µs of its thread's CPU and {child * 1e6:.1f} µs of its process's "
+        "a recorded call, on top of the figures below if every microsecond were the agent's"
+    )
+    pairs = [("plain again", "plain"), ("floor", "plain"), ("wrapped", "plain")]
+    pairs += [("plain stream+usage", "plain stream"), ("wrapped stream", "plain stream")]
+    pairs += [("wrapped long stream", "plain long stream")]
+    for name, base in pairs:
+        ours, plain = [t for (t,) in per_call[name]], [t for (t,) in per_call[base]]
+        med, pmed = statistics.median(ours), statistics.median(plain)
+        trim, ptrim = _trimmed_mean(ours), _trimmed_mean(plain)
+        print(
+            f"  {name:<20} over {base:<18} median {pmed * 1e6:6.0f} -> {med * 1e6:6.0f} µs "
+            f"({(med / pmed - 1) * 100:+.1f}%), trimmed mean {(trim / ptrim - 1) * 100:+.1f}%"
+            + ("   target <= 5%" if name.startswith("wrapped") else "")
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="LangChain calls per round")
@@ -593,6 +687,9 @@ def main() -> None:
     parser.add_argument("--openai-calls", type=int, default=100, help="per block (blocks)")
     parser.add_argument("--openai-continuous", type=int, default=800, help="per block (continuous)")
     parser.add_argument("--openai-rounds", type=int, default=11)
+    parser.add_argument(
+        "--openai-interleaved", type=int, default=1500, help="iterations (interleaved)"
+    )
     parser.add_argument("--only", choices=("langchain", "openai"), help="run one section")
     parser.add_argument(
         "--openai-baseline", metavar="PATH", help="another adapters/openai.py to measure too"
