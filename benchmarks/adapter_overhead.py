@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def _timed(fn: Callable[[], Any], calls: int, settle: Callable[[], Any] | None = None) -> tuple:
@@ -266,11 +266,12 @@ def bench_openai(
     continuous: int = 800,
     baseline: str | None = None,
     interleaved: int = 1500,
-) -> dict[str, dict[str, list[tuple[float, ...]]]]:
-    """method -> variant -> per round (wall, cpu, agent-thread cpu, writer-thread cpu,
-    writer-process cpu) seconds per call, over ``rounds`` rounds that alternate the variants; cpu is
-    this process's and the writer process's. The writer's thread CPU is NaN where the platform
-    has no per-thread clock. ``baseline``: the path of
+) -> tuple[dict[str, dict[str, list[tuple[float, ...]]]], Interleaved]:
+    """The two block methods' figures and the ``interleaved`` method's. Blocks: method ->
+    variant -> per round (wall, cpu, agent-thread cpu, writer-thread cpu, writer-process cpu)
+    seconds per call, over ``rounds`` rounds that alternate the variants; cpu is this process's
+    and the writer process's. The writer's thread CPU is NaN where the platform has no
+    per-thread clock. ``baseline``: the path of
     another ``adapters/openai.py``, measured too (variants ``baseline``, ``baseline stream``)."""
     import openai
     from flywheel_middleware.adapters.openai import wrap_openai
@@ -375,27 +376,34 @@ def bench_openai(
         }
         for fn in alone.values():
             _timed(fn, 20, fw.flush)
-        samples["interleaved"] = _interleaved(alone, interleaved, writer_clock)
+        per_call = _interleaved(alone, interleaved, writer_clock)
     finally:
         proc.terminate()
         proc.wait(10)
-    return samples  # type: ignore[return-value]
+    return samples, per_call
+
+
+class Interleaved(NamedTuple):
+    """The ``interleaved`` method's figures: each call's seconds, per variant, and the CPU
+    seconds the writer's thread and process spent per recorded call."""
+
+    times: dict[str, list[float]]
+    writer_thread: float
+    writer_process: float
 
 
 def _interleaved(
     variants: dict[str, Callable[[], Any]], iterations: int, writer_clock: Any
-) -> dict[str, list[tuple[float, ...]]]:
+) -> Interleaved:
     """Every variant once per iteration, in a new order each time, each call timed alone:
     the machine's drift (tens of percent within a minute here) then hits all variants alike.
     A second plain client (``plain again``) shows what this method cannot resolve. The
     writer's background work lands on whichever calls are in flight, so its CPU per recorded
-    call is returned too (``writer``: thread and process seconds), to be added by the reader."""
+    call is returned too, to be added by the reader."""
     import flywheel_middleware as fw
 
-    names = list(variants)
-    times: dict[str, list[tuple[float, ...]]] = {n: [] for n in names}
-    recorded = sum(1 for n in names if not n.startswith("plain"))
-    order, shuffle, clock = list(names), random.Random(21).shuffle, time.perf_counter
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    order, shuffle, clock = list(variants), random.Random(21).shuffle, time.perf_counter
     fw.flush()
     pid = _writer_pid()
     child, thread = _process_cpu(pid), writer_clock() if writer_clock else float("nan")
@@ -407,12 +415,11 @@ def _interleaved(
                 continue  # a 200-chunk stream takes about as long as ten short calls
             start = clock()
             variants[name]()
-            times[name].append((clock() - start,))
+            times[name].append(clock() - start)
             calls += not name.startswith("plain")
     fw.flush()
     thread = (writer_clock() - thread) if writer_clock else float("nan")
-    times["writer"] = [(thread / calls, (_process_cpu(pid) - child) / calls, recorded)]
-    return times
+    return Interleaved(times, thread / calls, (_process_cpu(pid) - child) / calls)
 
 
 def _medians(
@@ -585,14 +592,13 @@ def isolated_openai_costs(calls: int = 5000) -> tuple[float, float]:
 
 def report_openai(args: argparse.Namespace) -> None:
     """Run and print the OpenAI section (the store is configured by ``main``)."""
-    rounds = bench_openai(
+    rounds, per_call = bench_openai(
         args.openai_calls,
         args.openai_rounds,
         args.openai_continuous,
         args.openai_baseline,
         args.openai_interleaved,
     )
-    per_call = rounds.pop("interleaved")
     oa = _medians(rounds)
     print(
         f"\nOpenAI SDK, loopback server in its own process, median of {args.openai_rounds} "
@@ -656,21 +662,22 @@ def _trimmed_mean(values: list[float], cut: float = 0.1) -> float:
     return statistics.mean(values[n : len(values) - n])
 
 
-def report_interleaved(per_call: dict[str, list[tuple[float, ...]]], iterations: int) -> None:
+def report_interleaved(per_call: Interleaved, iterations: int) -> None:
     """The per-call interleaved figures: median and 10%-trimmed mean of each call's time."""
-    ((thread, child, recorded),) = per_call.pop("writer")
+    times = per_call.times
     print(
         f"interleaved: {iterations} iterations, every variant once in each (the long streams "
         f"every {LONG_SHARE}th), in a new order each time, each call timed alone; the writer's "
-        f"background work lands on all {len(per_call)} variants alike: it used "
-        f"{thread * 1e6:.1f} µs of its thread's CPU and {child * 1e6:.1f} µs of its process's "
+        f"background work lands on all {len(times)} variants alike: it used "
+        f"{per_call.writer_thread * 1e6:.1f} µs of its thread's CPU and "
+        f"{per_call.writer_process * 1e6:.1f} µs of its process's "
         "a recorded call, on top of the figures below if every microsecond were the agent's"
     )
     pairs = [("plain again", "plain"), ("floor", "plain"), ("wrapped", "plain")]
     pairs += [("plain stream+usage", "plain stream"), ("wrapped stream", "plain stream")]
     pairs += [("wrapped long stream", "plain long stream")]
     for name, base in pairs:
-        ours, plain = [t for (t,) in per_call[name]], [t for (t,) in per_call[base]]
+        ours, plain = times[name], times[base]
         med, pmed = statistics.median(ours), statistics.median(plain)
         trim, ptrim = _trimmed_mean(ours), _trimmed_mean(plain)
         print(
