@@ -307,6 +307,36 @@ class CallRecord(Record):
         return record
 
 
+def call_rows(values: tuple, time_conv: Callable[[int | None], Any]) -> tuple[tuple, tuple]:
+    """The span row and the rollout row of a call record's ``values()``: what ``split`` and
+    two ``to_row`` calls give, in one pass. Why: the writer process gets every call this way,
+    and the shared input and output are then serialized once, not once for each row."""
+    (span_id, rollout_id, workflow, kind, name, node, error, started, ended, duration,
+     model, input_, output, tokens_in, tokens_out, attributes, user_id, session_id, tags,
+     metadata) = values  # fmt: skip
+    input_text = None if input_ is None else to_json_text(input_)
+    output_text = None if output is None else to_json_text(output)
+    started = time_conv(started) if started.__class__ is int else _time(started, time_conv)
+    ended = time_conv(ended) if ended.__class__ is int else _time(ended, time_conv)
+    ok = error is None
+    span = (
+        span_id, rollout_id, workflow, None, None, 0, kind, name, node,
+        "ok" if ok else "error", error, started, ended, duration, model, input_text,
+        output_text, tokens_in, tokens_out,
+        None if attributes is None else to_json_text(attributes),
+    )  # fmt: skip
+    tokens_in, tokens_out = tokens_in or None, tokens_out or None
+    total = (tokens_in or 0) + (tokens_out or 0) if tokens_in or tokens_out else None
+    rollout = (
+        rollout_id, workflow, user_id, session_id, None, None, None, None, input_text,
+        output_text, "succeeded" if ok else "failed", error, started, ended, duration,
+        tokens_in, tokens_out, total, None, None,
+        None if tags is None else to_json_text(tags),
+        None if metadata is None else to_json_text(metadata),
+    )  # fmt: skip
+    return span, rollout
+
+
 def pack_call(values: tuple) -> bytes | CallRecord:
     """A call record as it waits in the recorder's queue: its ``values()`` marshalled.
 

@@ -35,7 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .records import RECORD_TYPES, CallRecord, Record, expand_calls, ns_to_sqlite_text
+from .records import RECORD_TYPES, Record, call_rows, expand_calls, ns_to_sqlite_text
 from .sqlite_rows import apply_pragmas, insert_rows
 
 log = logging.getLogger("flywheel_middleware.writer_process")
@@ -216,9 +216,9 @@ def _write(conn: sqlite3.Connection, request: tuple, cache: dict[str, str], dead
                 if table == "call":
                     if values.__class__ is bytes:  # packed on the agent's thread
                         values = marshal.loads(values)
-                    span, rollout = CallRecord.from_values(values).split()
-                    by_table["span"].append(span.to_row(ns_to_sqlite_text))
-                    by_table["rollout"].append(rollout.to_row(ns_to_sqlite_text))
+                    span, rollout = call_rows(values, ns_to_sqlite_text)
+                    by_table["span"].append(span)
+                    by_table["rollout"].append(rollout)
                 else:
                     row = RECORD_TYPES[table].row_from_values(values, ns_to_sqlite_text)
                     by_table[table].append(row)

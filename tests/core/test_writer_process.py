@@ -269,6 +269,25 @@ def test_a_call_record_becomes_the_same_span_and_rollout_rows_in_both_writers(tm
     assert statuses == [("succeeded", 3, None, 3), ("failed", 3, None, 3)]
 
 
+def test_the_writer_process_builds_a_calls_rows_as_its_split_records_would():
+    """``call_rows`` (one pass, for the writer process) against ``split`` and ``to_row``."""
+    from datetime import datetime, timezone
+
+    from flywheel_middleware.records import call_rows, ns_to_sqlite_text
+
+    bare = CallRecord(
+        span_id=7, rollout_id="f" * 32, workflow="wp", kind="tool", name="t",
+        started_at=datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=timezone.utc), ended_at=None,
+        input_tokens=0, output_tokens=0,
+    )  # fmt: skip
+    full = _call(3, error="KeyError: 'x'")
+    full.session_id, full.node, full.metadata = "s1", "plan", {"k": [1, None]}
+    for record in (_call(1), full, bare):
+        span, rollout = record.split()
+        expected = (span.to_row(ns_to_sqlite_text), rollout.to_row(ns_to_sqlite_text))
+        assert call_rows(record.values(record), ns_to_sqlite_text) == expected
+
+
 @pytest.mark.parametrize("make", [_call, _packed], ids=["object", "packed"])
 def test_call_records_kept_on_disk_at_exit_come_back_as_their_rows(tmp_path, make):
     import sqlite3
