@@ -91,11 +91,16 @@ def wrap_openai(
     *,
     capture_content: bool = True,
     apply_config: bool = False,
+    stream_usage: bool = True,
 ) -> Any:
     """Instrument an ``OpenAI``/``AsyncOpenAI`` client in place and return it.
 
     ``workflow`` names the rollout opened for a call made outside any ``fw.rollout``.
     ``capture_content=False`` keeps prompts and answers out of the store (usage still kept).
+    ``stream_usage=False`` sends a chat stream's request exactly as the caller wrote it: no
+    ``stream_options.include_usage`` is added, which saves the server's extra usage event
+    (on a fast loopback server about as much as the rest of the wrapper costs), and a stream
+    then records token counts only where the caller asked for them.
     ``apply_config=True`` makes each chat/responses call use the rollout's resolved workflow
     config, overriding the caller's values (so the call takes part in experiments):
     ``llm.{model, temperature, top_p, max_tokens, seed, ...}`` and ``prompt.system`` (replaces
@@ -103,17 +108,20 @@ def wrap_openai(
     """
     if getattr(client, "_flywheel_wrapped", False):
         return client
-    _instrument(client, _Options(workflow, capture_content, apply_config))
+    _instrument(client, _Options(workflow, capture_content, apply_config, stream_usage))
     return client
 
 
 class _Options:
-    __slots__ = ("workflow", "capture", "apply_config")
+    __slots__ = ("workflow", "capture", "apply_config", "stream_usage")
 
-    def __init__(self, workflow: str, capture: bool, apply_config: bool = False) -> None:
+    def __init__(
+        self, workflow: str, capture: bool, apply_config: bool = False, stream_usage: bool = True
+    ) -> None:
         self.workflow = workflow
         self.capture = capture
         self.apply_config = apply_config
+        self.stream_usage = stream_usage
 
 
 def _instrument(client: Any, opts: _Options) -> None:
@@ -415,7 +423,7 @@ def _begin(
         if parent is None:  # the rollout opened here ends with its span
             rollout.input = span.input  # already a snapshot
             span._owns_rollout = True
-    added = stream and endpoint == "chat" and _ask_usage(kwargs)
+    added = stream and endpoint == "chat" and opts.stream_usage and _ask_usage(kwargs)
     return _Call(span, added, endpoint, stream, pending)
 
 

@@ -68,6 +68,40 @@ def test_stream_usage_requested_by_caller_is_kept(openai_server: OpenAIServer, c
     assert c.spans[0].output_tokens == 3
 
 
+@pytest.mark.parametrize("asked", [False, True], ids=["caller-silent", "caller-asks"])
+def test_stream_usage_off_sends_the_request_as_written(openai_server, captured, asked) -> None:
+    """``stream_usage=False``: no ``stream_options`` is added; the caller sees what an
+    unwrapped client sees; tokens are recorded only from a usage chunk the caller asked for."""
+    extra = {"stream_options": {"include_usage": True}} if asked else {}
+    plain = openai_server.client()
+    wrapped = wrap_openai(openai_server.client(), workflow="su", stream_usage=False)
+    openai_server.enqueue("a b c", "a b c")
+    expect = [c.model_dump() for c in plain.chat.completions.create(
+        model="m", messages=MSGS, stream=True, **extra)]  # fmt: skip
+    got = [c.model_dump() for c in wrapped.chat.completions.create(
+        model="m", messages=MSGS, stream=True, **extra)]  # fmt: skip
+    assert openai_server.requests[-1].body.get("stream_options") == extra.get("stream_options")
+    for chunk in expect + got:
+        chunk.pop("id"), chunk.pop("created")
+    assert got == expect
+    [c] = captured("su")
+    [span] = c.spans
+    tokens = (2, 3) if asked else (None, None)
+    assert (span.input_tokens, span.output_tokens) == tokens
+    assert span.output == {"role": "assistant", "content": "a b c"}
+
+
+def test_stream_usage_off_is_kept_by_derived_clients(openai_server, captured) -> None:
+    client = wrap_openai(openai_server.client(), workflow="su2", stream_usage=False)
+    list(client.with_options(timeout=5).chat.completions.create(
+        model="m", messages=MSGS, stream=True))  # fmt: skip
+    assert "stream_options" not in openai_server.requests[-1].body
+    assert captured("su2")[0].spans[0].output == {
+        "role": "assistant",
+        "content": "echo: hello world",
+    }
+
+
 def test_callers_dicts_are_not_mutated(openai_server: OpenAIServer) -> None:
     client = wrap_openai(openai_server.client())
     messages = [{"role": "user", "content": "x"}]
