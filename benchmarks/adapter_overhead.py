@@ -219,6 +219,9 @@ OPENAI_METHODS = {
 }
 # A 200-chunk stream takes about as long as this many short calls: its blocks are this much shorter.
 LONG_SHARE = 10
+# The interleaved method runs the long streams every this many iterations (enough samples for
+# a median whose interval is a few points wide, at about the time the short calls take).
+LONG_EVERY = 4
 OPENAI_VARIANTS = ("plain", "wrapped", "plain stream", "plain stream+usage", "wrapped stream")
 
 
@@ -413,7 +416,7 @@ def _interleaved(
     for i in range(iterations):
         shuffle(order)
         for name in order:
-            if "long" in name and i % LONG_SHARE:
+            if "long" in name and i % LONG_EVERY:
                 continue  # a 200-chunk stream takes about as long as ten short calls
             start = clock()
             variants[name]()
@@ -664,12 +667,27 @@ def _trimmed_mean(values: list[float], cut: float = 0.1) -> float:
     return statistics.mean(values[n : len(values) - n])
 
 
+def _median_ratio_interval(
+    ours: list[float], base: list[float], resamples: int = 2000
+) -> tuple[float, float]:
+    """A 95% bootstrap interval of ``median(ours) / median(base) - 1``. Both lists hold one
+    call per iteration, in order, so iterations are resampled as pairs (a slow moment of
+    the machine stays in both)."""
+    import numpy as np
+
+    a, b = np.asarray(ours), np.asarray(base)
+    picks = np.random.default_rng(5).integers(0, len(a), size=(resamples, len(a)))
+    ratios = np.median(a[picks], axis=1) / np.median(b[picks], axis=1) - 1
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def report_interleaved(per_call: Interleaved, iterations: int) -> None:
     """The per-call interleaved figures: median and 10%-trimmed mean of each call's time."""
     times = per_call.times
     print(
         f"interleaved: {iterations} iterations, every variant once in each (the long streams "
-        f"every {LONG_SHARE}th), in a new order each time, each call timed alone; the writer's "
+        f"every {LONG_EVERY}th), in a new order each time, each call timed alone; the writer's "
         f"background work lands on all {len(times)} variants alike: it used "
         f"{per_call.writer_thread * 1e6:.1f} µs of its thread's CPU and "
         f"{per_call.writer_process * 1e6:.1f} µs of its process's "
@@ -686,9 +704,11 @@ def report_interleaved(per_call: Interleaved, iterations: int) -> None:
         ours, plain = times[name], times[base]
         med, pmed = statistics.median(ours), statistics.median(plain)
         trim, ptrim = _trimmed_mean(ours), _trimmed_mean(plain)
+        low, high = _median_ratio_interval(ours, plain)
         print(
             f"  {name:<24} over {base:<18} median {pmed * 1e6:6.0f} -> {med * 1e6:6.0f} µs "
-            f"({(med / pmed - 1) * 100:+.1f}%), trimmed mean {(trim / ptrim - 1) * 100:+.1f}%"
+            f"({(med / pmed - 1) * 100:+.1f}%, 95% interval {low * 100:+.1f}..{high * 100:+.1f}%),"
+            f" trimmed mean {(trim / ptrim - 1) * 100:+.1f}%"
             + ("   target <= 5%" if name.startswith("wrapped") else "")
         )
 
