@@ -256,6 +256,9 @@ class CallRecord(Record):
 
     def split(self) -> tuple[SpanRecord, RolloutRecord]:
         error = self.error
+        span_status, rollout_status, tokens_in, tokens_out, total = _call_outcome(
+            error, self.input_tokens, self.output_tokens
+        )
         span = SpanRecord.__new__(SpanRecord)
         span.id = self.span_id
         span.rollout_id = self.rollout_id
@@ -265,7 +268,7 @@ class CallRecord(Record):
         span.kind = self.kind
         span.name = self.name
         span.node = self.node
-        span.status = "ok" if error is None else "error"
+        span.status = span_status
         span.error = error
         span.started_at = self.started_at
         span.ended_at = self.ended_at
@@ -285,16 +288,13 @@ class CallRecord(Record):
         rollout.propensity = rollout.cost = rollout.reward = None
         rollout.input = self.input
         rollout.output = self.output
-        rollout.status = "succeeded" if error is None else "failed"
+        rollout.status = rollout_status
         rollout.error = error
         rollout.started_at = self.started_at
         rollout.ended_at = self.ended_at
         rollout.latency_ms = self.duration_ms
-        tokens_in, tokens_out = self.input_tokens or None, self.output_tokens or None
         rollout.input_tokens, rollout.output_tokens = tokens_in, tokens_out
-        rollout.total_tokens = (
-            (tokens_in or 0) + (tokens_out or 0) if tokens_in or tokens_out else None
-        )
+        rollout.total_tokens = total
         rollout.tags = self.tags
         rollout.metadata = self.metadata
         return span, rollout
@@ -307,6 +307,18 @@ class CallRecord(Record):
         return record
 
 
+def _call_outcome(
+    error: str | None, tokens_in: int | None, tokens_out: int | None
+) -> tuple[str, str, int | None, int | None, int | None]:
+    """What a call's span and rollout derive from it: the span's status, the rollout's, and
+    the rollout's token counts (0 taken as unknown) with their total."""
+    tokens_in, tokens_out = tokens_in or None, tokens_out or None
+    total = (tokens_in or 0) + (tokens_out or 0) if tokens_in or tokens_out else None
+    if error is None:
+        return "ok", "succeeded", tokens_in, tokens_out, total
+    return "error", "failed", tokens_in, tokens_out, total
+
+
 def call_rows(values: tuple, time_conv: Callable[[int | None], Any]) -> tuple[tuple, tuple]:
     """The span row and the rollout row of a call record's ``values()``: what ``split`` and
     two ``to_row`` calls give, in one pass. Why: the writer process gets every call this way,
@@ -314,25 +326,20 @@ def call_rows(values: tuple, time_conv: Callable[[int | None], Any]) -> tuple[tu
     (span_id, rollout_id, workflow, kind, name, node, error, started, ended, duration,
      model, input_, output, tokens_in, tokens_out, attributes, user_id, session_id, tags,
      metadata) = values  # fmt: skip
-    input_text = None if input_ is None else to_json_text(input_)
-    output_text = None if output is None else to_json_text(output)
-    started = time_conv(started) if started.__class__ is int else _time(started, time_conv)
-    ended = time_conv(ended) if ended.__class__ is int else _time(ended, time_conv)
-    ok = error is None
+    span_status, rollout_status, rollout_in, rollout_out, total = _call_outcome(
+        error, tokens_in, tokens_out
+    )
+    input_text, output_text = to_json_text(input_), to_json_text(output)
+    started, ended = _time(started, time_conv), _time(ended, time_conv)
     span = (
-        span_id, rollout_id, workflow, None, None, 0, kind, name, node,
-        "ok" if ok else "error", error, started, ended, duration, model, input_text,
-        output_text, tokens_in, tokens_out,
-        None if attributes is None else to_json_text(attributes),
+        span_id, rollout_id, workflow, None, None, 0, kind, name, node, span_status, error,
+        started, ended, duration, model, input_text, output_text, tokens_in, tokens_out,
+        to_json_text(attributes),
     )  # fmt: skip
-    tokens_in, tokens_out = tokens_in or None, tokens_out or None
-    total = (tokens_in or 0) + (tokens_out or 0) if tokens_in or tokens_out else None
     rollout = (
         rollout_id, workflow, user_id, session_id, None, None, None, None, input_text,
-        output_text, "succeeded" if ok else "failed", error, started, ended, duration,
-        tokens_in, tokens_out, total, None, None,
-        None if tags is None else to_json_text(tags),
-        None if metadata is None else to_json_text(metadata),
+        output_text, rollout_status, error, started, ended, duration, rollout_in, rollout_out,
+        total, None, None, to_json_text(tags), to_json_text(metadata),
     )  # fmt: skip
     return span, rollout
 
