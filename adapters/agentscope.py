@@ -34,11 +34,10 @@ from typing import Any
 
 from agentscope.middleware import MiddlewareBase
 
-from flywheel_middleware import tracing
-from flywheel_middleware.serialize import snapshot
-from flywheel_middleware.tracing import RolloutHandle, SpanHandle
-
-from ..ids import new_rollout_id
+from flywheel_middleware.capture import handles as tracing
+from flywheel_middleware.capture.handles import RolloutHandle, SpanHandle
+from flywheel_middleware.capture.ids import new_rollout_id
+from flywheel_middleware.capture.serialize import snapshot
 
 log = logging.getLogger("flywheel_middleware.adapters.agentscope")
 

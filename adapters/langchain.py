@@ -23,9 +23,10 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from flywheel_middleware import otel, tracing
-from flywheel_middleware.serialize import snapshot
-from flywheel_middleware.tracing import SpanHandle
+from flywheel_middleware.capture import handles as tracing
+from flywheel_middleware.capture import otel_mirror as otel
+from flywheel_middleware.capture.handles import SpanHandle
+from flywheel_middleware.capture.serialize import snapshot
 
 from ._common import compact, message_dict, messages_list
 

@@ -30,8 +30,9 @@ import logging
 import time
 from typing import Any
 
-from flywheel_middleware import otel, tracing
-from flywheel_middleware.tracing import SpanHandle
+from flywheel_middleware.capture import handles as tracing
+from flywheel_middleware.capture import otel_mirror as otel
+from flywheel_middleware.capture.handles import SpanHandle
 
 log = logging.getLogger("flywheel_middleware.adapters.openai")
 _time_ns = time.time_ns

@@ -24,9 +24,9 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.trace import StatusCode
 
-from flywheel_middleware import tracing
-from flywheel_middleware.otel import ORIGIN_ATTRIBUTE
-from flywheel_middleware.records import RolloutRecord, SpanRecord
+from flywheel_middleware.capture import handles as tracing
+from flywheel_middleware.capture.otel_mirror import ORIGIN_ATTRIBUTE
+from flywheel_middleware.capture.records import RolloutRecord, SpanRecord
 
 log = logging.getLogger("flywheel_middleware.adapters.otel")
 

@@ -81,7 +81,7 @@ try:
 except ImportError:
     import httpx
 import flywheel_middleware as fw
-from flywheel_middleware import tracing
+from flywheel_middleware.capture import handles as tracing
 from flywheel_middleware.adapters.openai import wrap_openai
 
 def dumps(body):

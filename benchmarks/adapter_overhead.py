@@ -242,7 +242,7 @@ def _tracing_floor(client: Any, messages: list[dict[str, str]]) -> Callable[[], 
     """A plain call inside the least any adapter records for it through flywheel's tracing API:
     a ``CallHandle`` (one rollout with one span, queued whole at its end) with its usage and
     answer. What that costs is the core's floor, under whatever the wrapper itself adds."""
-    from flywheel_middleware import tracing
+    from flywheel_middleware.capture import handles as tracing
 
     create = client.chat.completions.create
 
@@ -463,7 +463,7 @@ def isolated_costs(calls: int = 5000) -> tuple[float, float]:
 
     import flywheel_middleware as fw
     from flywheel_middleware import runtime
-    from flywheel_middleware.records import expand_calls, ns_to_sqlite_text
+    from flywheel_middleware.capture.records import expand_calls, ns_to_sqlite_text
 
     kept: list[Any] = []
 
@@ -530,7 +530,7 @@ def isolated_openai_costs(calls: int = 5000) -> tuple[float, float]:
 
     import flywheel_middleware as fw
     from flywheel_middleware import runtime
-    from flywheel_middleware.records import expand_calls, ns_to_sqlite_text
+    from flywheel_middleware.capture.records import expand_calls, ns_to_sqlite_text
 
     response = ChatCompletion.model_validate(
         {

@@ -22,10 +22,10 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from flywheel_middleware.analysis import hot_problems
 from flywheel_middleware.config import parse_config
-from flywheel_middleware.datasets import export
-from flywheel_middleware.store import Store
+from flywheel_middleware.loop.analysis import hot_problems
+from flywheel_middleware.loop.datasets import export
+from flywheel_middleware.store.database import Store
 
 SINCE = datetime.now(timezone.utc) - timedelta(days=7)  # every generated span is in the window
 WORKFLOWS = ["qa", "support", "search", "billing", "triage"]

@@ -36,7 +36,7 @@ from scipy.stats import norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flywheel_middleware.plugins.promoters import (  # noqa: E402
+from flywheel_middleware.plugins.promoters import (
     SequentialPromoter,
     binary_var,
     horizon_radius,
@@ -45,7 +45,7 @@ from flywheel_middleware.plugins.promoters import (  # noqa: E402
 )
 
 from flywheel_middleware.config import Objective  # noqa: E402
-from flywheel_middleware.experiments import ExperimentStats, VariantStats  # noqa: E402
+from flywheel_middleware.loop.experiments import ExperimentStats, VariantStats  # noqa: E402
 
 SCENARIOS = [
     ("A/A (no difference)", 0.0),

@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flywheel_middleware import experiments as ex  # noqa: E402
-from flywheel_middleware import versions  # noqa: E402
 from flywheel_middleware.config import config_from_dict  # noqa: E402
-from flywheel_middleware.resolver import StaticResolver  # noqa: E402
-from flywheel_middleware.store import Store  # noqa: E402
-from flywheel_middleware.versions import StoreResolver  # noqa: E402
+from flywheel_middleware.loop import experiments as ex  # noqa: E402
+from flywheel_middleware.loop import versions  # noqa: E402
+from flywheel_middleware.loop.resolver import StaticResolver  # noqa: E402
+from flywheel_middleware.loop.versions import StoreResolver  # noqa: E402
+from flywheel_middleware.store.database import Store  # noqa: E402
 
 BASE = {"llm": {"model": "m", "temperature": 0.2}, "rag": {"top_k": 4}}
 

@@ -31,10 +31,10 @@ import uuid
 import sqlalchemy as sa
 
 import flywheel_middleware as fw
-from flywheel_middleware.ids import new_rollout_id, new_span_id
-from flywheel_middleware.recorder import Recorder
-from flywheel_middleware.records import SpanRecord, ns_to_datetime, ns_to_sqlite_text
-from flywheel_middleware.store import Store
+from flywheel_middleware.capture.ids import new_rollout_id, new_span_id
+from flywheel_middleware.capture.records import SpanRecord, ns_to_datetime, ns_to_sqlite_text
+from flywheel_middleware.recording.recorder import Recorder
+from flywheel_middleware.store.database import Store
 
 BATCH = 2_000
 

@@ -12,29 +12,7 @@ writer thread, the control loop) starts lazily and never runs on the agent's thr
 
 from __future__ import annotations
 
-from .config import FlywheelConfig, load_config, parse_config
-from .errors import (
-    ConfigError,
-    FlywheelError,
-    InvalidFeedbackError,
-    PluginError,
-    StoreError,
-    UnknownRolloutError,
-)
-from .hookspecs import hookimpl
-from .routing import route
-from .runtime import (
-    configure,
-    feedback,
-    flush,
-    get_config,
-    recorder,
-    resolve,
-    set_resolver,
-    shutdown,
-    store,
-)
-from .tracing import (
+from flywheel_middleware.capture.handles import (
     RolloutHandle,
     SpanHandle,
     current_rollout,
@@ -44,6 +22,28 @@ from .tracing import (
     span,
     start_span,
     traced,
+)
+from flywheel_middleware.config import FlywheelConfig, load_config, parse_config
+from flywheel_middleware.errors import (
+    ConfigError,
+    FlywheelError,
+    InvalidFeedbackError,
+    PluginError,
+    StoreError,
+    UnknownRolloutError,
+)
+from flywheel_middleware.learn.routing import route
+from flywheel_middleware.plugin_system.hookspecs import hookimpl
+from flywheel_middleware.runtime import (
+    configure,
+    feedback,
+    flush,
+    get_config,
+    recorder,
+    resolve,
+    set_resolver,
+    shutdown,
+    store,
 )
 
 __version__ = "0.1.0"

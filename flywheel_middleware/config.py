@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from flywheel_middleware.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "flywheel.yaml"
 

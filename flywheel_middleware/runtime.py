@@ -13,12 +13,12 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from .config import FlywheelConfig, config_from_dict, load_config, parse_config
-from .errors import InvalidFeedbackError, UnknownRolloutError
-from .recorder import Recorder
-from .records import FeedbackRecord, Record, utcnow
-from .resolver import Resolution, StaticResolver
-from .store import Store
+from flywheel_middleware.capture.records import FeedbackRecord, Record, utcnow
+from flywheel_middleware.config import FlywheelConfig, config_from_dict, load_config, parse_config
+from flywheel_middleware.errors import InvalidFeedbackError, UnknownRolloutError
+from flywheel_middleware.loop.resolver import Resolution, StaticResolver
+from flywheel_middleware.recording.recorder import Recorder
+from flywheel_middleware.store.database import Store
 
 log = logging.getLogger("flywheel_middleware")
 
@@ -136,7 +136,9 @@ def recorder() -> Recorder:
                 writer=os.environ.get("FLYWHEEL_WRITER") or cfg.writer,
             )
             rec.add_listener(_after_batch, tables=("feedback",))
-            from .pm import install_redaction  # redact_span hooks and YAML redactors
+            from flywheel_middleware.plugin_system.manager import (
+                install_redaction,  # redact_span hooks and YAML redactors
+            )
 
             install_redaction(rec, get_config())
             _state.recorder = rec
@@ -178,7 +180,9 @@ def get_resolver() -> Any:
 
 def _default_resolver() -> Any:
     try:
-        from .versions import StoreResolver  # the loop's resolver, when present
+        from flywheel_middleware.loop.versions import (
+            StoreResolver,  # the loop's resolver, when present
+        )
     except ImportError:
         return StaticResolver(get_config().workflows)
     return StoreResolver(store(), get_config())
@@ -216,7 +220,7 @@ def _rollout_workflow(rollout_id: str) -> str | None:
     wf = _state.recent.get(rollout_id)
     if wf is not None:
         return wf
-    from .models import Rollout
+    from flywheel_middleware.store.models import Rollout
 
     with store().session() as session:
         row = session.get(Rollout, rollout_id)
@@ -318,6 +322,6 @@ def _after_batch(by_table: dict[str, list[Record]]) -> None:
     ratings = [r for r in by_table.get("feedback", ()) if r.key == "rating"]
     if not ratings:
         return
-    from .triggers import check_low_rating_triggers
+    from flywheel_middleware.loop.triggers import check_low_rating_triggers
 
     check_low_rating_triggers(store(), get_config(), {r.rollout_id for r in ratings})

@@ -21,9 +21,9 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from flywheel_middleware.errors import ConfigError
-from flywheel_middleware.hookspecs import hookimpl
-from flywheel_middleware.llm import ChatClient, LLMParams
-from flywheel_middleware.plugin_api import Filter, Redactor, Sample, Verdict
+from flywheel_middleware.plugin_system.base import Filter, Redactor, Sample, Verdict
+from flywheel_middleware.plugin_system.hookspecs import hookimpl
+from flywheel_middleware.plugin_system.llm import ChatClient, LLMParams
 
 log = logging.getLogger("flywheel_middleware.plugins.filters")
 
@@ -181,7 +181,7 @@ class LlmRubric(Filter):
             return
         from sqlalchemy import insert
 
-        from flywheel_middleware.models import Feedback
+        from flywheel_middleware.store.models import Feedback
 
         try:
             with store.engine.begin() as conn:

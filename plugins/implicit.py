@@ -1,6 +1,6 @@
 """The ``implicit`` reward source: how satisfied the user looked, from UI telemetry.
 
-It scores each rollout's telemetry features (``flywheel_middleware.implicit``) with the latest
+It scores each rollout's telemetry features (``flywheel_middleware.learn.implicit``) with the latest
 stored satisfaction model (``flywheel implicit train``; the rollout's workflow's own model first,
 then the shared one) when that model was trained on at least ``implicit.min_labels`` labels, and
 with the documented fallback rule otherwise (copy is
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel_middleware.hookspecs import hookimpl
-from flywheel_middleware.implicit import (
+from flywheel_middleware.learn.implicit import (
     MODEL_NAME,
     Features,
     Scorer,
@@ -22,7 +21,8 @@ from flywheel_middleware.implicit import (
     load_model,
     model_name,
 )
-from flywheel_middleware.plugin_api import RewardSource, Sample
+from flywheel_middleware.plugin_system.base import RewardSource, Sample
+from flywheel_middleware.plugin_system.hookspecs import hookimpl
 
 
 class ImplicitParams(BaseModel):

@@ -27,10 +27,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel_middleware.config import TunableRange
-from flywheel_middleware.hookspecs import hookimpl
-from flywheel_middleware.llm import ChatClient, LLMParams
-from flywheel_middleware.plugin_api import Candidate, Mutator, Sample
-from flywheel_middleware.versions import config_hash, config_hashes, get_path, set_path
+from flywheel_middleware.loop.versions import config_hash, config_hashes, get_path, set_path
+from flywheel_middleware.plugin_system.base import Candidate, Mutator, Sample
+from flywheel_middleware.plugin_system.hookspecs import hookimpl
+from flywheel_middleware.plugin_system.llm import ChatClient, LLMParams
 
 log = logging.getLogger("flywheel_middleware.plugins.mutators")
 

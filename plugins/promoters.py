@@ -64,8 +64,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel_middleware.hookspecs import hookimpl
-from flywheel_middleware.plugin_api import Decision, Promoter
+from flywheel_middleware.plugin_system.base import Decision, Promoter
+from flywheel_middleware.plugin_system.hookspecs import hookimpl
 
 _LOG2 = math.log(2.0)
 _TINY = 1e-300

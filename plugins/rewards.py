@@ -1,7 +1,7 @@
 """Built-in reward sources: explicit_rating, rule, business_event, llm_judge.
 
 Each turns what is known about a rollout into a reward in [0, 1], or ``None`` for "no opinion";
-``flywheel_middleware.rewards.compute_rewards`` combines them by weight.
+``flywheel_middleware.loop.rewards.compute_rewards`` combines them by weight.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
+from flywheel_middleware.plugins.filters import run_sync
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from flywheel_middleware.errors import ConfigError
-from flywheel_middleware.hookspecs import hookimpl
-from flywheel_middleware.llm import ChatClient, LLMParams, import_object
-from flywheel_middleware.plugin_api import RewardSource, Sample, as_text
-
-from .filters import run_sync
+from flywheel_middleware.plugin_system.base import RewardSource, Sample, as_text
+from flywheel_middleware.plugin_system.hookspecs import hookimpl
+from flywheel_middleware.plugin_system.llm import ChatClient, LLMParams, import_object
 
 
 def clamp01(value: Any) -> float | None:

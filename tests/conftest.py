@@ -65,7 +65,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
 
 @pytest.fixture
 def store(store_url: str):
-    from flywheel_middleware.store import Store
+    from flywheel_middleware.store.database import Store
 
     s = Store(store_url)
     yield s

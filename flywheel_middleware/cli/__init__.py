@@ -11,7 +11,7 @@ import pkgutil
 
 import click
 
-from .common import CONTEXT_SETTINGS, Cli, common_options
+from flywheel_middleware.cli.common import CONTEXT_SETTINGS, Cli, common_options
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)

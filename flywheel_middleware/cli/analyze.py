@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import click
 from rich.table import Table
 
-from .common import Cli, command, console, echo_json
+from flywheel_middleware.cli.common import Cli, command, console, echo_json
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -31,8 +31,8 @@ def register(main: click.Group) -> None:
 
         Thresholds and min_calls come from the `analysis:` section of flywheel.yaml.
         """
-        from ..analysis import hot_problems
-        from ..datasets import parse_since
+        from flywheel_middleware.loop.analysis import hot_problems
+        from flywheel_middleware.loop.datasets import parse_since
 
         a = cli.config.analysis
         start = parse_since(since) or datetime.now(timezone.utc) - timedelta(

@@ -11,8 +11,8 @@ from typing import Any
 import click
 from rich.console import Console
 
-from ..config import FlywheelConfig, load_config
-from ..errors import FlywheelError
+from flywheel_middleware.config import FlywheelConfig, load_config
+from flywheel_middleware.errors import FlywheelError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # Piped output (CI logs, files) gets a wide page instead of rich's 80-column default.
@@ -43,14 +43,14 @@ class Cli:
     @property
     def store(self) -> Any:
         if self._store is None:
-            from ..store import Store
+            from flywheel_middleware.store.database import Store
 
             self._store = Store(self.url)
         return self._store
 
     def activate_runtime(self) -> None:
         """Point the library's runtime (fw.*) at this command's config and store."""
-        from .. import runtime
+        from flywheel_middleware import runtime
 
         runtime.configure(config=self.config, store_url=self.url)
 

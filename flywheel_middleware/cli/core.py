@@ -10,8 +10,8 @@ import click
 from rich.table import Table
 from rich.tree import Tree
 
-from .. import queries
-from .common import Cli, command, console, echo_json, short
+from flywheel_middleware.cli.common import Cli, command, console, echo_json, short
+from flywheel_middleware.store import queries
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "flywheel.yaml"
 
@@ -191,7 +191,7 @@ def register(main: click.Group) -> None:
     @click.argument("revision", default="head")
     def db_upgrade(cli: Cli, revision: str) -> None:
         """Apply Alembic migrations to the store (the schema is also created on first use)."""
-        from ..store import Store
+        from flywheel_middleware.store.database import Store
 
         store = Store(cli.url, migrate=False)
         before = store.current_revision()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import console
+from flywheel_middleware.cli.common import console
 
 
 def register(main: click.Group) -> None:
@@ -31,7 +31,7 @@ def register(main: click.Group) -> None:
     )
     def demo(folder: str, cycles: int, requests_per_cycle: int, seed: int, keep: bool) -> None:
         """Run the flywheel offline on a LangChain support agent with simulated customers."""
-        from ..demo import DemoSettings, render_summary, run_demo
+        from flywheel_middleware.demo import DemoSettings, render_summary, run_demo
 
         console.rule("[bold]flywheel demo[/] — a support agent learns from its customers")
         console.print(

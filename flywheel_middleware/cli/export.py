@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from .common import Cli, command, console, echo_json, err_console
+from flywheel_middleware.cli.common import Cli, command, console, echo_json, err_console
 
 
 def register(main: click.Group) -> None:
@@ -52,7 +52,7 @@ def register(main: click.Group) -> None:
         Every row carries its rollout id and config version. `tasks` writes OUT (train) and
         OUT with `.val` before the suffix (validation), split by a seeded hash of qa_hash.
         """
-        from ..datasets import export as run_export
+        from flywheel_middleware.loop.datasets import export as run_export
 
         result = run_export(
             cli.store,
@@ -105,8 +105,8 @@ def register(main: click.Group) -> None:
         """Compute rewards from the configured sources (YAML rewards:) and store them."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress
 
-        from ..datasets import count_rollouts, parse_since
-        from ..rewards import compute_rewards
+        from flywheel_middleware.loop.datasets import count_rollouts, parse_since
+        from flywheel_middleware.loop.rewards import compute_rewards
 
         start = parse_since(since)
         total = count_rollouts(cli.store, workflow=workflow, since=start)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from .common import Cli, command, console, echo_json
+from flywheel_middleware.cli.common import Cli, command, console, echo_json
 
 
 def _metrics_row(table: Table, name: str, m: dict) -> None:
@@ -28,7 +28,7 @@ def register(main: click.Group) -> None:
     def implicit_train(cli: Cli, workflow: str | None, as_json: bool, seed: int) -> None:
         """Fit the calibrated logistic regression on rollouts with telemetry and explicit feedback,
         report held-out AUC next to the fallback rule's, and store it as a new version."""
-        from .. import implicit as imp
+        from flywheel_middleware.learn import implicit as imp
 
         result = imp.train(cli.store, cli.config, workflow=workflow, seed=seed)
         if as_json:
@@ -68,7 +68,7 @@ def register(main: click.Group) -> None:
         cli: Cli, version: int | None, workflow: str | None, as_json: bool
     ) -> None:
         """Score the stored model and the rule on the held-out labelled rollouts (AUC, Brier, log loss)."""
-        from .. import implicit as imp
+        from flywheel_middleware.learn import implicit as imp
 
         out = imp.evaluate(cli.store, cli.config, version, workflow=workflow)
         if as_json:
@@ -90,7 +90,7 @@ def register(main: click.Group) -> None:
     @click.argument("rollout_ids", nargs=-1, required=True)
     def implicit_features(cli: Cli, rollout_ids: tuple[str, ...]) -> None:
         """Show the telemetry features and the implicit score of rollouts."""
-        from .. import implicit as imp
+        from flywheel_middleware.learn import implicit as imp
 
         feats = imp.rollout_features(cli.store, list(rollout_ids))
         scorer = imp.Scorer.from_store(cli.store, cli.config)
@@ -117,7 +117,7 @@ def register(main: click.Group) -> None:
     @click.option("--window-days", type=float, default=None, help="Ignore older rollouts.")
     def routing_update(cli: Cli, half_life_days: float | None, window_days: float | None) -> None:
         """Rebuild the routing posteriors from the rewards of routed rollouts."""
-        from ..routing import update_routing
+        from flywheel_middleware.learn.routing import update_routing
 
         out = update_routing(
             cli.store, cli.config, half_life_days=half_life_days, window_days=window_days
@@ -132,7 +132,7 @@ def register(main: click.Group) -> None:
 
 
 def _show_weights(cli: Cli) -> None:
-    from ..service.dashboard import routing_weights
+    from flywheel_middleware.service.dashboard import routing_weights
 
     rows = routing_weights(cli.store)
     table = Table(title="routing weights")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .common import Cli, command, console
+from flywheel_middleware.cli.common import Cli, command, console
 
 
 def register(main: click.Group) -> None:
@@ -25,7 +25,7 @@ def register(main: click.Group) -> None:
     def agentscope_studio(cli: Cli, path: Path, workflow: str, batch_size: int) -> None:
         """Import AgentScope Studio's database.sqlite (both span_table shapes, runs, replies,
         messages). Importing the same file again adds nothing."""
-        from flywheel_middleware.adapters.agentscope_studio import import_studio
+        from flywheel_middleware.importers.agentscope_studio import import_studio
 
         store = cli.store
         with Progress(

@@ -10,9 +10,9 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .. import experiments as ex
-from .. import versions
-from .common import Cli, command, console, echo_json
+from flywheel_middleware.cli.common import Cli, command, console, echo_json
+from flywheel_middleware.loop import experiments as ex
+from flywheel_middleware.loop import versions
 
 _EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
@@ -431,13 +431,13 @@ def _report_stopped(cli: Cli, running: Any) -> None:
 
 
 def _run_cycle(cli: Cli, mode: str | None, workflows: list[str] | None) -> Any:
-    from ..controller import run_cycle
+    from flywheel_middleware.loop.controller import run_cycle
 
     return run_cycle(cli.store, cli.config, mode, workflows=workflows)
 
 
 def _promoter_decisions(cli: Cli, stats: Any) -> list[tuple[str, Any]]:
-    from ..controller import _plugins
+    from flywheel_middleware.loop.controller import _plugins
 
     out = []
     for promoter in _plugins("promoter", cli.config, cli.store, ["sequential"]):

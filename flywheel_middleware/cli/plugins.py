@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from .common import Cli, command, console, echo_json, err_console
+from flywheel_middleware.cli.common import Cli, command, console, echo_json, err_console
 
 
 def register(main: click.Group) -> None:
@@ -20,7 +20,7 @@ def register(main: click.Group) -> None:
         Also checks the configuration's filters/rewards/... specs and reports those that
         would not build (unknown type, bad params).
         """
-        from ..pm import check_config, plugin_manager
+        from flywheel_middleware.plugin_system.manager import check_config, plugin_manager
 
         manager = plugin_manager(cli.config)
         infos = [i for i in manager.all_plugins() if kind is None or i.kind == kind]

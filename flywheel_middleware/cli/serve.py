@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import Cli, command, console
+from flywheel_middleware.cli.common import Cli, command, console
 
 
 def register(main: click.Group) -> None:
@@ -38,7 +38,7 @@ def register(main: click.Group) -> None:
         try:
             import uvicorn
 
-            from ..service.app import create_app
+            from flywheel_middleware.service.app import create_app
         except ImportError as exc:
             raise click.ClickException(
                 f"the service needs its extra: pip install 'flywheel-middleware[server]' ({exc})"

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .run import DemoResult, DemoSettings, render_summary, run_demo
+from flywheel_middleware.demo.run import DemoResult, DemoSettings, render_summary, run_demo
 
 __all__ = ["DemoResult", "DemoSettings", "render_summary", "run_demo"]

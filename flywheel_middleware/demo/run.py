@@ -27,10 +27,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .. import runtime, versions
-from ..controller import run_cycle
-from .agent import KNOWLEDGE_BASE, build_chain, question_for
-from .users import ESCALATION, react, send_telemetry
+from flywheel_middleware import runtime
+from flywheel_middleware.demo.agent import KNOWLEDGE_BASE, build_chain, question_for
+from flywheel_middleware.demo.users import ESCALATION, react, send_telemetry
+from flywheel_middleware.loop import versions
+from flywheel_middleware.loop.controller import run_cycle
 
 WORKFLOW = "support_qa"
 # how often each human desk resolves an escalated question, by topic (the routing learns it)
@@ -127,7 +128,7 @@ def _prepare(folder: Path, settings: DemoSettings) -> tuple[Path, str]:
 
 def _handler() -> Any:
     try:
-        from ..adapters.langchain import FlywheelCallbackHandler
+        from flywheel_middleware.adapters.langchain import FlywheelCallbackHandler
     except ImportError:
         return None
     return FlywheelCallbackHandler(workflow=WORKFLOW)

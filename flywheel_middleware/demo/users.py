@@ -6,8 +6,8 @@ import random
 import time
 from dataclasses import dataclass
 
-from ..records import TelemetryRecord
-from .agent import Article
+from flywheel_middleware.capture.records import TelemetryRecord
+from flywheel_middleware.demo.agent import Article
 
 ESCALATION = "colleague"
 

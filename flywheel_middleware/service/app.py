@@ -31,10 +31,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from .. import runtime
-from ..errors import InvalidFeedbackError, UnknownRolloutError
-from ..records import TelemetryRecord
-from .schemas import FeedbackIn, TelemetryBatchIn, TelemetryEventIn
+from flywheel_middleware import runtime
+from flywheel_middleware.capture.records import TelemetryRecord
+from flywheel_middleware.errors import InvalidFeedbackError, UnknownRolloutError
+from flywheel_middleware.service.schemas import FeedbackIn, TelemetryBatchIn, TelemetryEventIn
 
 log = logging.getLogger("flywheel_middleware.service")
 
@@ -251,7 +251,7 @@ def create_app(
     cors_origins: list[str] | None = None,
 ) -> FastAPI:
     """The ASGI app. It uses the process runtime (``fw.configure``) for the store and recorder."""
-    from .. import __version__
+    from flywheel_middleware import __version__
 
     cfg = config if config is not None else runtime.get_config()
     settings = Settings(cfg, api_keys, cors_origins)
@@ -440,7 +440,7 @@ def create_app(
 
     # -- dashboard -----------------------------------------------------------------------
 
-    from . import dashboard
+    from flywheel_middleware.service import dashboard
 
     @app.get("/", include_in_schema=False)
     def index() -> Response:

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import select
 
-from ..models import ChangeEvent, Feedback, Rollout, RoutingWeight
+from flywheel_middleware.store.models import ChangeEvent, Feedback, Rollout, RoutingWeight
 
 log = logging.getLogger("flywheel_middleware.service")
 MAX_POINTS = 50_000
@@ -141,9 +141,9 @@ def series(store: Any, workflow: str, buckets: int = 24) -> dict[str, Any]:
 
 def hot_problems(store: Any, config: Any, workflow: str) -> dict[str, Any]:
     try:
-        analysis = importlib.import_module("flywheel_middleware.analysis")  # optional here
+        analysis = importlib.import_module("flywheel_middleware.loop.analysis")  # optional here
     except ImportError:
-        return {"available": False, "reason": "flywheel_middleware.analysis is not installed"}
+        return {"available": False, "reason": "flywheel_middleware.loop.analysis is not installed"}
     fn = getattr(analysis, "hot_problems", None)
     if fn is None:
         return {"available": False, "reason": "analysis.hot_problems is missing"}
@@ -178,9 +178,12 @@ def hot_problems(store: Any, config: Any, workflow: str) -> dict[str, Any]:
 
 def experiments(store: Any, config: Any, workflow: str) -> dict[str, Any]:
     try:
-        exps = importlib.import_module("flywheel_middleware.experiments")
+        exps = importlib.import_module("flywheel_middleware.loop.experiments")
     except ImportError:
-        return {"available": False, "reason": "flywheel_middleware.experiments is not installed"}
+        return {
+            "available": False,
+            "reason": "flywheel_middleware.loop.experiments is not installed",
+        }
     try:
         found = exps.list_experiments(store, workflow=workflow)[:5]
         out = []

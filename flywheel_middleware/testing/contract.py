@@ -127,7 +127,7 @@ class ContractEnv:
     @property
     def server(self) -> Any:
         if self._server is None:
-            from .openai_server import OpenAIServer
+            from flywheel_middleware.testing.openai_server import OpenAIServer
 
             self._server = OpenAIServer().start()
         return self._server
@@ -136,7 +136,7 @@ class ContractEnv:
         """Flush, then every rollout with its spans (oldest first)."""
         from sqlmodel import select
 
-        from ..models import Rollout, Span
+        from flywheel_middleware.store.models import Rollout, Span
 
         assert self.fw.flush(10), "the recorder did not flush within 10 s"
         with self.fw.store().session() as session:
@@ -160,7 +160,7 @@ def _dumps(value: Any) -> str:
 @pytest.fixture
 def openai_server() -> Iterator[Any]:
     """A started loopback OpenAI-protocol server (``flywheel_middleware.testing.openai_server``)."""
-    from .openai_server import openai_server_fixture
+    from flywheel_middleware.testing.openai_server import openai_server_fixture
 
     yield from openai_server_fixture()
 
@@ -276,7 +276,7 @@ class AdapterContract:
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("store is broken")
 
-        from .. import runtime
+        from flywheel_middleware import runtime
 
         monkeypatch.setattr(runtime, "recorder", lambda: Broken())
         monkeypatch.setattr(runtime, "store", broken)

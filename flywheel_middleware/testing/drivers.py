@@ -10,7 +10,7 @@ import asyncio
 import threading
 from typing import Any
 
-from .contract import AdapterDriver, ContractEnv
+from flywheel_middleware.testing.contract import AdapterDriver, ContractEnv
 
 __all__ = ["AgentScopeDriver", "LangChainDriver", "OpenAIDriver", "DRIVERS"]
 
@@ -25,8 +25,7 @@ class LangChainDriver(AdapterDriver):
         from langchain_core.prompts import ChatPromptTemplate
 
         from flywheel_middleware.adapters.langchain import FlywheelCallbackHandler
-
-        from .fakes import EchoChatModel
+        from flywheel_middleware.testing.fakes import EchoChatModel
 
         prompt = ChatPromptTemplate.from_messages([("system", "be brief"), ("human", "{q}")])
         self.chain = prompt | EchoChatModel(delay=0.005) | StrOutputParser()
@@ -82,7 +81,7 @@ class OpenAIDriver(AdapterDriver):
         return self._call(env, text, False)
 
     def run_failing(self, env: ContractEnv, *, wrapped: bool = True) -> Any:
-        from .openai_server import Reply
+        from flywheel_middleware.testing.openai_server import Reply
 
         env.server.enqueue(Reply(status=400, error="the model refused the request"))
         return self._call(env, "fail", wrapped)
@@ -176,7 +175,7 @@ class AgentScopeDriver(AdapterDriver):
         return self._reply(env, self._agent(env, False), text)
 
     def run_failing(self, env: ContractEnv, *, wrapped: bool = True) -> Any:
-        from .openai_server import Reply
+        from flywheel_middleware.testing.openai_server import Reply
 
         env.server.enqueue(Reply(status=400, error="the model refused the request"))
         return self._reply(env, self._agent(env, wrapped), "fail")

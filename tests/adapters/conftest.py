@@ -31,7 +31,7 @@ def captured(fw):
     """``captured()`` flushes the recorder and returns every rollout with its spans."""
     from sqlmodel import select
 
-    from flywheel_middleware.models import Rollout, Span
+    from flywheel_middleware.store.models import Rollout, Span
 
     def read(workflow: str | None = None) -> list[Captured]:
         assert fw.flush(10), "recorder did not flush"

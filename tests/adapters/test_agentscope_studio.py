@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from flywheel_middleware.adapters.agentscope_studio import (
+
+from flywheel_middleware.cli import main
+from flywheel_middleware.importers.agentscope_studio import (
     StudioImportError,
     import_studio,
     span_id_for,
 )
-
-from flywheel_middleware.cli import main
-from flywheel_middleware.queries import spans_of
-from flywheel_middleware.store import Store
+from flywheel_middleware.store.database import Store
+from flywheel_middleware.store.queries import spans_of
 
 T0 = 1_764_000_000_000_000_000  # ns
 TRACE = "0af7651916cd43dd8448eb211c80319c"

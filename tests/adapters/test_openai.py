@@ -197,7 +197,7 @@ def test_call_outside_a_rollout_is_queued_whole(
     even if the caller adds to it while the answer streams in. Inside a rollout, or resolving
     a config, it is a span of its own as before."""
     from flywheel_middleware import runtime
-    from flywheel_middleware.tracing import RolloutHandle, SpanHandle
+    from flywheel_middleware.capture.handles import RolloutHandle, SpanHandle
 
     recorder = runtime.recorder()
     queued: list = []
@@ -233,7 +233,7 @@ def test_call_under_an_otel_sdk_is_mirrored_to_it(openai_server: OpenAIServer, c
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from flywheel_middleware import otel
+    from flywheel_middleware.capture import otel_mirror as otel
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

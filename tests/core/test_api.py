@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from flywheel_middleware import queries
+from flywheel_middleware.store import queries
 
 
 def _spans(fw, rollout_id):
@@ -146,7 +146,7 @@ def test_spans_are_mirrored_to_an_otel_sdk(fw):
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from flywheel_middleware import otel
+    from flywheel_middleware.capture import otel_mirror as otel
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -169,7 +169,7 @@ def test_spans_are_mirrored_to_an_otel_sdk(fw):
 
 
 def test_no_otel_sdk_means_no_otel_work(fw):
-    from flywheel_middleware import otel
+    from flywheel_middleware.capture import otel_mirror as otel
 
     assert otel.tracer() is None
     with fw.rollout("qa") as r, fw.span("x") as s:
@@ -207,7 +207,7 @@ def test_low_ratings_fire_the_improvement_trigger_automatically(sqlite_url):
 def test_ids_differ_between_a_process_and_its_forked_child():
     import os
 
-    from flywheel_middleware.ids import new_rollout_id, new_span_id
+    from flywheel_middleware.capture.ids import new_rollout_id, new_span_id
 
     read, write = os.pipe()
     pid = os.fork()
@@ -228,7 +228,8 @@ def test_record_call_writes_a_one_span_rollout_that_takes_feedback_at_once(fw):
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from flywheel_middleware import otel, tracing
+    from flywheel_middleware.capture import handles as tracing
+    from flywheel_middleware.capture import otel_mirror as otel
 
     start = time.time_ns()
     rid = tracing.record_call(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 import flywheel_middleware as fw_module
-from flywheel_middleware import queries
 from flywheel_middleware.config import load_config, parse_config
 from flywheel_middleware.errors import (
     ConfigError,
@@ -13,7 +12,8 @@ from flywheel_middleware.errors import (
     StoreError,
     UnknownRolloutError,
 )
-from flywheel_middleware.store import Store
+from flywheel_middleware.store import queries
+from flywheel_middleware.store.database import Store
 
 YAML_WITH_TYPO = """\
 store:

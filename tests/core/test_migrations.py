@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from flywheel_middleware.store import Store
+from flywheel_middleware.store.database import Store
 
 
 def test_a_0001_store_with_data_upgrades_to_head_and_backfills(store_url):

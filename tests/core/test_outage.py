@@ -9,9 +9,9 @@ from urllib.parse import urlsplit
 import pytest
 from sqlalchemy import create_engine, text
 
-from flywheel_middleware.recorder import Recorder
-from flywheel_middleware.store import Store
-from flywheel_middleware.tracing import RolloutHandle, SpanHandle
+from flywheel_middleware.capture.handles import RolloutHandle, SpanHandle
+from flywheel_middleware.recording.recorder import Recorder
+from flywheel_middleware.store.database import Store
 
 from .tcp_proxy import TcpProxy
 

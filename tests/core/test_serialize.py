@@ -13,7 +13,7 @@ from collections import namedtuple
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flywheel_middleware.serialize import to_json_text, to_jsonable
+from flywheel_middleware.capture.serialize import to_json_text, to_jsonable
 
 _stdlib = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 

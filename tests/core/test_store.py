@@ -6,9 +6,17 @@ from datetime import datetime, timedelta, timezone
 
 from sqlmodel import select
 
-from flywheel_middleware import queries
+from flywheel_middleware.capture.records import (
+    FeedbackRecord,
+    RolloutRecord,
+    SpanRecord,
+    TelemetryRecord,
+)
 from flywheel_middleware.config import FlywheelConfig
-from flywheel_middleware.models import (
+from flywheel_middleware.loop.triggers import check_low_rating_triggers
+from flywheel_middleware.recording.recorder import Recorder
+from flywheel_middleware.store import queries
+from flywheel_middleware.store.models import (
     ChangeEvent,
     ConfigVersion,
     Deployment,
@@ -20,9 +28,6 @@ from flywheel_middleware.models import (
     Span,
     TelemetryEvent,
 )
-from flywheel_middleware.recorder import Recorder
-from flywheel_middleware.records import FeedbackRecord, RolloutRecord, SpanRecord, TelemetryRecord
-from flywheel_middleware.triggers import check_low_rating_triggers
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -321,6 +326,6 @@ def test_batches_of_every_size_are_written_whole(store):
 
 
 def store_time_conv(store):
-    from flywheel_middleware.records import ns_to_datetime, ns_to_sqlite_text
+    from flywheel_middleware.capture.records import ns_to_datetime, ns_to_sqlite_text
 
     return ns_to_sqlite_text if store.dialect == "sqlite" else ns_to_datetime

@@ -17,10 +17,10 @@ import types
 import pytest
 from sqlalchemy import create_engine, text
 
-from flywheel_middleware.recorder import Recorder
-from flywheel_middleware.records import CallRecord, FeedbackRecord, pack_call
-from flywheel_middleware.store import Store
-from flywheel_middleware.tracing import RolloutHandle, SpanHandle
+from flywheel_middleware.capture.handles import RolloutHandle, SpanHandle
+from flywheel_middleware.capture.records import CallRecord, FeedbackRecord, pack_call
+from flywheel_middleware.recording.recorder import Recorder
+from flywheel_middleware.store.database import Store
 
 
 def _record(recorder: Recorder, n: int, tag: str, output: object = None) -> list[str]:
@@ -273,7 +273,7 @@ def test_the_writer_process_builds_a_calls_rows_as_its_split_records_would():
     """``call_rows`` (one pass, for the writer process) against ``split`` and ``to_row``."""
     from datetime import datetime, timezone
 
-    from flywheel_middleware.records import call_rows, ns_to_sqlite_text
+    from flywheel_middleware.capture.records import call_rows, ns_to_sqlite_text
 
     bare = CallRecord(
         span_id=7, rollout_id="f" * 32, workflow="wp", kind="tool", name="t",
@@ -349,7 +349,7 @@ def test_a_queued_call_holds_no_object_the_cyclic_gc_tracks():
 
 def test_through_tracing_a_call_is_queued_packed_and_stored(tmp_path, monkeypatch):
     import flywheel_middleware as fw
-    from flywheel_middleware import tracing
+    from flywheel_middleware.capture import handles as tracing
 
     monkeypatch.setenv("FLYWHEEL_STORE_URL", f"sqlite:///{tmp_path / 'q.db'}")
     fw.configure()

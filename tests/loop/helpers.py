@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from flywheel_middleware.capture.ids import new_rollout_id
 from flywheel_middleware.config import FlywheelConfig, config_from_dict
-from flywheel_middleware.ids import new_rollout_id
-from flywheel_middleware.models import Feedback, Rollout
-from flywheel_middleware.store import Store
+from flywheel_middleware.store.database import Store
+from flywheel_middleware.store.models import Feedback, Rollout
 
 BASE = {
     "llm": {"model": "m", "temperature": 0.9},

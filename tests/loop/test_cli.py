@@ -5,10 +5,10 @@ from __future__ import annotations
 import yaml
 from click.testing import CliRunner
 
-from flywheel_middleware import experiments as ex
-from flywheel_middleware import versions
 from flywheel_middleware.cli import main
 from flywheel_middleware.cli.loop import parse_every
+from flywheel_middleware.loop import experiments as ex
+from flywheel_middleware.loop import versions
 
 from .helpers import BASE, add_rollouts, make_config
 
@@ -107,7 +107,7 @@ def test_experiment_start_force_and_a_rollback_that_stops_it(store, store_url, t
     assert bad.exit_code == 1 and "already has a running experiment (1)" in bad.output
     out = run("experiment", "force", "1", "candidate-2", "qa-anna", "qa-ben").output
     assert "candidate-2 is forced for qa-anna, qa-ben" in out
-    from flywheel_middleware.versions import StoreResolver
+    from flywheel_middleware.loop.versions import StoreResolver
 
     assert StoreResolver(store, make_config()).resolve("qa", "qa-ben").variant == "candidate-2"
     bad = run("experiment", "force", "1", "candidate-9", "x", ok=False)

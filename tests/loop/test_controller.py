@@ -6,10 +6,10 @@ from pathlib import Path
 
 from sqlmodel import select
 
-from flywheel_middleware import experiments as ex
-from flywheel_middleware import versions
-from flywheel_middleware.controller import run_cycle
-from flywheel_middleware.models import ChangeEvent, Experiment
+from flywheel_middleware.loop import experiments as ex
+from flywheel_middleware.loop import versions
+from flywheel_middleware.loop.controller import run_cycle
+from flywheel_middleware.store.models import ChangeEvent, Experiment
 
 from .helpers import BASE, add_rollouts, make_config
 

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from sqlmodel import func, select
 
 import flywheel_middleware as fw
-from flywheel_middleware import versions
 from flywheel_middleware.cli import main
 from flywheel_middleware.demo import DemoSettings, run_demo
-from flywheel_middleware.models import ChangeEvent, Rollout, Span, TelemetryEvent
+from flywheel_middleware.loop import versions
+from flywheel_middleware.store.models import ChangeEvent, Rollout, Span, TelemetryEvent
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ import math
 import pytest
 from scipy import stats as sps
 
-from flywheel_middleware import experiments as ex
-from flywheel_middleware import versions
-from flywheel_middleware.experiments import ExperimentError, mean_interval, t_value, wilson
+from flywheel_middleware.loop import experiments as ex
+from flywheel_middleware.loop import versions
+from flywheel_middleware.loop.experiments import ExperimentError, mean_interval, t_value, wilson
 
 from .helpers import BASE, add_rollouts, make_config
 

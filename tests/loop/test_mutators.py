@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
+from flywheel_middleware.capture.records import utcnow
 from flywheel_middleware.config import TunableRange
-from flywheel_middleware.models import Feedback, Rollout
-from flywheel_middleware.plugin_api import Sample
-from flywheel_middleware.pm import plugin_manager
-from flywheel_middleware.records import utcnow
-from flywheel_middleware.versions import config_hash, get_path
+from flywheel_middleware.loop.versions import config_hash, get_path
+from flywheel_middleware.plugin_system.base import Sample
+from flywheel_middleware.plugin_system.manager import plugin_manager
+from flywheel_middleware.store.models import Feedback, Rollout
 
 from .helpers import BASE, make_config
 
@@ -166,7 +166,7 @@ def test_prompt_rewrite_names_a_bad_path():
 
 def test_param_does_not_repeat_a_config_that_differs_only_as_1_vs_1_0(store):
     """YAML's ``temperature: 1`` and the grid's ``1.0`` are one config, tried once."""
-    from flywheel_middleware import versions
+    from flywheel_middleware.loop import versions
 
     tunable = {"t": TunableRange(min=0, max=1, step=0.5), "k": TunableRange(choices=[2, 3])}
     base = {"t": 1, "k": 2}  # on the grid, written as an int

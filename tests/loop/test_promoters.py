@@ -7,8 +7,8 @@ import random
 import pytest
 
 from flywheel_middleware.config import Objective
-from flywheel_middleware.experiments import ExperimentStats, VariantStats
-from flywheel_middleware.pm import plugin_manager
+from flywheel_middleware.loop.experiments import ExperimentStats, VariantStats
+from flywheel_middleware.plugin_system.manager import plugin_manager
 
 from .helpers import make_config
 

@@ -6,10 +6,10 @@ import pytest
 from scipy import stats as sps
 
 import flywheel_middleware as fw
-from flywheel_middleware import experiments as ex
-from flywheel_middleware import versions
-from flywheel_middleware.models import Rollout
-from flywheel_middleware.versions import StoreResolver, assign
+from flywheel_middleware.loop import experiments as ex
+from flywheel_middleware.loop import versions
+from flywheel_middleware.loop.versions import StoreResolver, assign
+from flywheel_middleware.store.models import Rollout
 
 from .helpers import BASE, make_config
 
@@ -18,7 +18,7 @@ N = 100_000
 
 @pytest.fixture
 def setup(sqlite_url):
-    from flywheel_middleware.store import Store
+    from flywheel_middleware.store.database import Store
 
     store = Store(sqlite_url)
     config = make_config()
@@ -207,7 +207,7 @@ def test_resolution_keeps_configs_that_json_cannot_hold_exactly():
     import datetime
     import pickle
 
-    from flywheel_middleware.resolver import Resolution
+    from flywheel_middleware.loop.resolver import Resolution
 
     cfg = {"when": datetime.date(2024, 1, 2), "pair": (1, 2), 3: "int key"}
     res = Resolution(config=cfg, version_id=4, propensity=0.5)

@@ -9,10 +9,10 @@ import time
 import pytest
 import yaml
 
-from flywheel_middleware import experiments as ex
-from flywheel_middleware import versions
-from flywheel_middleware.models import ChangeEvent
-from flywheel_middleware.versions import StoreResolver, VersionError
+from flywheel_middleware.loop import experiments as ex
+from flywheel_middleware.loop import versions
+from flywheel_middleware.loop.versions import StoreResolver, VersionError
+from flywheel_middleware.store.models import ChangeEvent
 
 from .helpers import BASE, make_config
 
@@ -117,7 +117,7 @@ class FakeClock:
 def test_promotion_in_another_process_reaches_this_one_after_the_ttl(
     store_url, tmp_path, monkeypatch
 ):
-    from flywheel_middleware.store import Store
+    from flywheel_middleware.store.database import Store
 
     clock = FakeClock()
     monkeypatch.setattr(versions, "time", clock)
@@ -170,7 +170,7 @@ def test_promotion_in_another_process_reaches_this_one_after_the_ttl(
 
 
 def test_store_outage_keeps_serving_the_cached_plan(sqlite_url):
-    from flywheel_middleware.store import Store
+    from flywheel_middleware.store.database import Store
 
     store = Store(sqlite_url)
     config = make_config()
@@ -185,7 +185,7 @@ def test_store_outage_keeps_serving_the_cached_plan(sqlite_url):
 def test_an_expired_plan_is_served_while_a_thread_refreshes_it(sqlite_url):
     import threading
 
-    from flywheel_middleware.store import Store
+    from flywheel_middleware.store.database import Store
 
     store = Store(sqlite_url)
     resolver = StoreResolver(store, make_config(), ttl=0.01)
@@ -212,7 +212,7 @@ def test_processes_starting_together_create_version_one_once(store_url):
     """Several processes (separate engines) resolving a workflow for the first time at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from flywheel_middleware.store import Store
+    from flywheel_middleware.store.database import Store
 
     stores = [Store(store_url) for _ in range(6)]
     try:
@@ -298,7 +298,7 @@ def test_promotion_is_one_transaction_and_happens_once(store_url):
     """A person and the controller promoting at once: one promotion, the other is refused."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from flywheel_middleware.store import Store
+    from flywheel_middleware.store.database import Store
 
     stores = [Store(store_url) for _ in range(4)]
     try:
@@ -332,7 +332,7 @@ def test_promotion_is_one_transaction_and_happens_once(store_url):
 def test_processes_starting_experiments_together_start_one(store_url):
     from concurrent.futures import ThreadPoolExecutor
 
-    from flywheel_middleware.store import Store
+    from flywheel_middleware.store.database import Store
 
     stores = [Store(store_url) for _ in range(4)]
     try:

@@ -1,7 +1,7 @@
 """A plugin (loaded by dotted path) with one hook that raises and one that works."""
 
 from flywheel_middleware import hookimpl
-from flywheel_middleware.plugin_api import RewardSource
+from flywheel_middleware.plugin_system.base import RewardSource
 
 
 class Constant(RewardSource):

@@ -1,7 +1,7 @@
 """A plugin loaded by dotted path whose filter always raises (to show containment)."""
 
 from flywheel_middleware import hookimpl
-from flywheel_middleware.plugin_api import Filter
+from flywheel_middleware.plugin_system.base import Filter
 
 
 class AlwaysFails(Filter):

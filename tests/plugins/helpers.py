@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from flywheel_middleware.models import Rollout
-from flywheel_middleware.plugin_api import Sample
+from flywheel_middleware.plugin_system.base import Sample
+from flywheel_middleware.store.models import Rollout
 
 
 def sample(rid: str, question: Any, answer: Any, **kw: Any) -> Sample:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sqlalchemy import insert, text
 
-from flywheel_middleware.analysis import hot_problems
 from flywheel_middleware.config import parse_config
-from flywheel_middleware.models import Feedback, Rollout, Span
+from flywheel_middleware.loop.analysis import hot_problems
+from flywheel_middleware.store.models import Feedback, Rollout, Span
 
 NOW = datetime.now(timezone.utc)
 
@@ -173,7 +173,7 @@ def test_min_calls_and_window(store) -> None:
 
 
 def test_large_window_histogram_path_sqlite(sqlite_url) -> None:
-    from flywheel_middleware.store import Store
+    from flywheel_middleware.store.database import Store
 
     store = Store(sqlite_url)
     truth = populate(store, n=400)

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from flywheel_middleware.config import parse_config
-from flywheel_middleware.datasets import ExportError, export, parse_since, qa_hash, split_of
-from flywheel_middleware.rewards import compute_rewards
+from flywheel_middleware.loop.datasets import ExportError, export, parse_since, qa_hash, split_of
+from flywheel_middleware.loop.rewards import compute_rewards
 
 from .helpers import record
 
@@ -202,7 +202,7 @@ def test_sft_and_triplets_from_a_real_langchain_chain(fw, tmp_path) -> None:
 def test_export_through_the_rubric_judge_remembers_verdicts(fw_any, tmp_path) -> None:
     from sqlmodel import select
 
-    from flywheel_middleware.models import Feedback
+    from flywheel_middleware.store.models import Feedback
     from flywheel_middleware.testing.openai_server import OpenAIServer
 
     good = record(fw_any, "Is the sky blue?", "Yes, on a clear day.")

@@ -9,9 +9,9 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
 from flywheel_middleware.config import parse_config
 from flywheel_middleware.errors import ConfigError
-from flywheel_middleware.models import Span
-from flywheel_middleware.plugin_api import PluginContext
-from flywheel_middleware.pm import plugin_manager
+from flywheel_middleware.plugin_system.base import PluginContext
+from flywheel_middleware.plugin_system.manager import plugin_manager
+from flywheel_middleware.store.models import Span
 from flywheel_middleware.testing.openai_server import OpenAIServer
 
 from .helpers import sample

@@ -8,7 +8,7 @@ import pytest
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
 from flywheel_middleware.errors import ConfigError
-from flywheel_middleware.llm import ChatClient, LLMError
+from flywheel_middleware.plugin_system.llm import ChatClient, LLMError
 from flywheel_middleware.testing.openai_server import OpenAIServer, Reply
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from flywheel_middleware.config import parse_config
 from flywheel_middleware.errors import ConfigError, PluginError
-from flywheel_middleware.pm import FlywheelPluginManager, plugin_manager
+from flywheel_middleware.plugin_system.manager import FlywheelPluginManager, plugin_manager
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "flywheel-plugin-example"
@@ -88,7 +88,7 @@ def test_dotted_paths_and_contained_hook_failures() -> None:
 
 def test_redactor_from_yaml_redacts_before_storing(sqlite_url) -> None:
     import flywheel_middleware as fw
-    from flywheel_middleware import queries
+    from flywheel_middleware.store import queries
 
     fw.configure(config={"store": {"url": sqlite_url}, "redactors": [{"type": "regex"}]})
     try:
@@ -125,11 +125,11 @@ def test_third_party_plugin_found_after_pip_install(tmp_path) -> None:
         f"""
         import json
         import flywheel_middleware as fw
-        from flywheel_middleware import queries
+        from flywheel_middleware.store import queries
         from flywheel_middleware.config import parse_config
-        from flywheel_middleware.datasets import load_samples
-        from flywheel_middleware.pm import plugin_manager
-        from flywheel_middleware.rewards import compute_rewards
+        from flywheel_middleware.loop.datasets import load_samples
+        from flywheel_middleware.plugin_system.manager import plugin_manager
+        from flywheel_middleware.loop.rewards import compute_rewards
 
         cfg = parse_config('''
         store: {{url: "sqlite:///{tmp_path / "fw.db"}"}}
@@ -226,7 +226,7 @@ def test_dotted_path_to_an_object() -> None:
 
 
 def test_check_config_reports_every_problem() -> None:
-    from flywheel_middleware.pm import check_config
+    from flywheel_middleware.plugin_system.manager import check_config
 
     cfg = parse_config(
         "filters: [{type: dedupe}, {type: nope}]\n"

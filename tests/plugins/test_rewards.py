@@ -7,8 +7,8 @@ from sqlmodel import select
 
 from flywheel_middleware.config import parse_config
 from flywheel_middleware.errors import ConfigError, PluginError
-from flywheel_middleware.models import Feedback, Rollout
-from flywheel_middleware.rewards import combine, compute_rewards
+from flywheel_middleware.loop.rewards import combine, compute_rewards
+from flywheel_middleware.store.models import Feedback, Rollout
 
 from .helpers import record, sample
 
@@ -117,7 +117,7 @@ def test_safe_expression_rejects_code() -> None:
 
 
 def test_rule_params_errors_name_the_key() -> None:
-    from flywheel_middleware.pm import plugin_manager
+    from flywheel_middleware.plugin_system.manager import plugin_manager
 
     cfg = parse_config(
         "rewards:\n  - type: rule\n    params: {expression: 'x', callable: 'a:b'}\n",

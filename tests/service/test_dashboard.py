@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from flywheel_middleware.config import FlywheelConfig, RoutingConfig
-from flywheel_middleware.models import ChangeEvent, Experiment, Feedback, Rollout
-from flywheel_middleware.routing import Router, save_posteriors, simulate
+from flywheel_middleware.learn.routing import Router, save_posteriors, simulate
+from flywheel_middleware.store.models import ChangeEvent, Experiment, Feedback, Rollout
 
 from .conftest import ARTIFACTS
 
@@ -135,9 +135,14 @@ def test_hot_problems_section_degrades_gracefully(fw, monkeypatch):
 
     from flywheel_middleware.service import dashboard
 
-    monkeypatch.setitem(sys.modules, "flywheel_middleware.analysis", None)  # as if not installed
+    monkeypatch.setitem(
+        sys.modules, "flywheel_middleware.loop.analysis", None
+    )  # as if not installed
     out = dashboard.hot_problems(fw.store(), FlywheelConfig(), "support")
-    assert out == {"available": False, "reason": "flywheel_middleware.analysis is not installed"}
+    assert out == {
+        "available": False,
+        "reason": "flywheel_middleware.loop.analysis is not installed",
+    }
 
 
 @pytest.mark.chromium

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from flywheel_middleware import implicit as imp
 from flywheel_middleware.config import FlywheelConfig
+from flywheel_middleware.learn import implicit as imp
 
 
 def ev(event_type, rollout="r1", session="s1", **payload):
@@ -166,7 +166,7 @@ def test_too_few_labels_falls_back_to_the_rule(fw):
 
 @pytest.mark.slow
 def test_implicit_reward_source_through_the_plugin_manager(fw):
-    from flywheel_middleware.rewards import compute_rewards
+    from flywheel_middleware.loop.rewards import compute_rewards
 
     ids = populate(fw, 300, seed=3)
     config = FlywheelConfig.model_validate(
@@ -223,7 +223,7 @@ def test_cli_train_and_evaluate_report_auc(fw, tmp_path):
 
 @pytest.mark.slow
 def test_a_workflow_can_have_its_own_model(fw):
-    from flywheel_middleware.rewards import compute_rewards
+    from flywheel_middleware.loop.rewards import compute_rewards
 
     support = populate(fw, 300, seed=21, workflow="support")
     sales = populate(fw, 30, seed=22, workflow="sales")

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import bindparam, text
 
 from flywheel_middleware.config import FlywheelConfig, RoutingConfig
-from flywheel_middleware.routing import NoEligibleAgentError, Router, simulate, update_routing
+from flywheel_middleware.learn.routing import NoEligibleAgentError, Router, simulate, update_routing
 
 
 def routing(**kw) -> RoutingConfig:
@@ -129,7 +129,7 @@ def test_fw_route_records_the_decision_and_update_routing_learns(fw_any):
     )
 
     # the serving process picks the new posteriors up and prefers alice
-    from flywheel_middleware import routing as routing_mod
+    from flywheel_middleware.learn import routing as routing_mod
 
     routing_mod._invalidate_cache()
     picks = []
@@ -218,7 +218,7 @@ def test_concurrent_routing_is_safe():
 
 
 def test_implicit_signals_train_routing_when_nobody_rates(fw):
-    from flywheel_middleware.implicit import record_events
+    from flywheel_middleware.learn.implicit import record_events
 
     config = FlywheelConfig.model_validate({"routing": routing().model_dump()})
     fw.configure(store_url=fw.store().url, config=config)

@@ -8,7 +8,7 @@ import pytest
 from fastapi.responses import HTMLResponse
 from sqlmodel import select
 
-from flywheel_middleware.models import TelemetryEvent
+from flywheel_middleware.store.models import TelemetryEvent
 
 from .conftest import API_KEY
 
@@ -136,7 +136,7 @@ def test_snippet_events_arrive_by_beacon_on_close(fw, app, chrome):
     assert all(e.rollout_id in (ROLLOUT_A, ROLLOUT_B) for e in events)
 
     # The features the model reads come out of these rows.
-    from flywheel_middleware.implicit import features_by
+    from flywheel_middleware.learn.implicit import features_by
 
     feats = features_by(events)
     a = feats[ROLLOUT_A].values

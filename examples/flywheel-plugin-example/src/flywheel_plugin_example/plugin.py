@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel_middleware import hookimpl
-from flywheel_middleware.plugin_api import Filter, RewardSource, Sample, Verdict
+from flywheel_middleware.plugin_system.base import Filter, RewardSource, Sample, Verdict
 
 
 class MinLength(Filter):

@@ -12,10 +12,10 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import select
 
-from .config import FlywheelConfig
-from .models import ChangeEvent, Feedback, Rollout
-from .records import utcnow
-from .store import Store
+from flywheel_middleware.capture.records import utcnow
+from flywheel_middleware.config import FlywheelConfig
+from flywheel_middleware.store.database import Store
+from flywheel_middleware.store.models import ChangeEvent, Feedback, Rollout
 
 TRIGGER_KIND = "trigger"
 

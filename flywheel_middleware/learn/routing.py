@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .errors import FlywheelError
+from flywheel_middleware.errors import FlywheelError
 
 ANY_SKILL = "*"
 Posteriors = dict[tuple[str, str], list[float]]  # (agent, skill) -> [alpha, beta, n]
@@ -220,7 +220,7 @@ def clamp_weight(value: float, config: Any) -> float:
 def load_posteriors(store: Any) -> Posteriors:
     from sqlmodel import select
 
-    from .models import RoutingWeight
+    from flywheel_middleware.store.models import RoutingWeight
 
     with store.session() as session:
         rows = session.exec(select(RoutingWeight))
@@ -231,7 +231,7 @@ def save_posteriors(store: Any, posteriors: Posteriors, config: Any) -> None:
     """Replace the stored posteriors (and their display weights) in one transaction."""
     from sqlmodel import delete
 
-    from .models import RoutingWeight
+    from flywheel_middleware.store.models import RoutingWeight
 
     now = datetime.now(timezone.utc)
     with store.session() as session:
@@ -254,7 +254,7 @@ def _explicit_rewards(store: Any, ids: list[str]) -> dict[str, float]:
     """A reward in [0, 1] from ratings ((r - 1) / 4) and thumbs, averaged per rollout."""
     from sqlmodel import select
 
-    from .models import Feedback
+    from flywheel_middleware.store.models import Feedback
 
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     with store.session() as session:
@@ -290,7 +290,7 @@ def update_routing(
     """
     from sqlmodel import select
 
-    from .models import Rollout
+    from flywheel_middleware.store.models import Rollout
 
     routing = getattr(config, "routing", config)
     with store.session() as session:
@@ -313,7 +313,7 @@ def update_routing(
     implicit: dict[str, float] = {}
     still = [rid for rid in missing if rid not in explicit]
     if use_implicit and still and hasattr(config, "implicit"):
-        from .implicit import Scorer, rollout_features
+        from flywheel_middleware.learn.implicit import Scorer, rollout_features
 
         scorers: dict[
             str, Scorer
@@ -367,7 +367,7 @@ def _invalidate_cache() -> None:
 
 
 def _process_router() -> Router:
-    from . import runtime
+    from flywheel_middleware import runtime
 
     config = runtime.get_config()
     store = runtime.store()
@@ -408,7 +408,7 @@ def route(
         skills = [skills]
     decision = _process_router().choose(list(skills), load)
     if rollout is None:
-        from .tracing import current_rollout
+        from flywheel_middleware.capture.handles import current_rollout
 
         rollout = current_rollout()
     if rollout is not None:

@@ -34,14 +34,14 @@ from typing import Any
 from sqlalchemy import text
 from sqlmodel import select
 
-from .config import FlywheelConfig
-from .errors import FlywheelError
-from .models import ChangeEvent, ConfigVersion, Deployment, Experiment
-from .records import utcnow
-from .resolver import Resolution
-from .store import Store
+from flywheel_middleware.capture.records import utcnow
+from flywheel_middleware.config import FlywheelConfig
+from flywheel_middleware.errors import FlywheelError
+from flywheel_middleware.loop.resolver import Resolution
+from flywheel_middleware.store.database import Store
+from flywheel_middleware.store.models import ChangeEvent, ConfigVersion, Deployment, Experiment
 
-log = logging.getLogger("flywheel_middleware.versions")
+log = logging.getLogger("flywheel_middleware.loop.versions")
 
 YAML_AUTHOR = "yaml"
 DEPLOY_KINDS = ("activate", "promote", "rollback")

@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_
 from sqlmodel import select
 
-from .models import ChangeEvent, Feedback, Rollout, Span
-from .store import Store
-from .triggers import TRIGGER_KIND
+from flywheel_middleware.loop.triggers import TRIGGER_KIND
+from flywheel_middleware.store.database import Store
+from flywheel_middleware.store.models import ChangeEvent, Feedback, Rollout, Span
 
 
 @dataclass

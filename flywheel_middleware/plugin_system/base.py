@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from .config import FlywheelConfig, TunableRange
-    from .models import Feedback, Rollout, Span, TelemetryEvent
-    from .store import Store
+    from flywheel_middleware.config import FlywheelConfig, TunableRange
+    from flywheel_middleware.store.database import Store
+    from flywheel_middleware.store.models import Feedback, Rollout, Span, TelemetryEvent
 
 
 class NoParams(BaseModel):

@@ -31,7 +31,7 @@ from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential
 
-from .records import (
+from flywheel_middleware.capture.records import (
     RECORD_TYPES,
     Record,
     expand_calls,
@@ -39,8 +39,7 @@ from .records import (
     ns_to_sqlite_text,
     unpack_record,
 )
-from .store import Store
-from .writer_process import (
+from flywheel_middleware.recording.writer_process import (
     SHIPPED_TABLES,
     WriterBusy,
     WriterGone,
@@ -49,8 +48,9 @@ from .writer_process import (
     rows_payload,
     values_payload,
 )
+from flywheel_middleware.store.database import Store
 
-log = logging.getLogger("flywheel_middleware.recorder")
+log = logging.getLogger("flywheel_middleware.recording.recorder")
 
 BatchListener = Callable[[dict[str, list[Record]]], None]
 WRITER_MODES = ("auto", "process", "thread")

@@ -23,11 +23,11 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, insert, update
 
-from .config import FlywheelConfig, PluginSpec
-from .datasets import iter_samples, parse_since
-from .models import Feedback, Rollout
-from .plugin_api import PluginContext, RewardSource, Sample
-from .store import Store
+from flywheel_middleware.config import FlywheelConfig, PluginSpec
+from flywheel_middleware.loop.datasets import iter_samples, parse_since
+from flywheel_middleware.plugin_system.base import PluginContext, RewardSource, Sample
+from flywheel_middleware.store.database import Store
+from flywheel_middleware.store.models import Feedback, Rollout
 
 DEFAULT_SOURCES = [PluginSpec(type="explicit_rating")]
 
@@ -65,7 +65,7 @@ def combine(values: dict[str, float | None], weights: dict[str, float]) -> float
 
 
 def build_sources(config: FlywheelConfig, store: Store | None = None) -> list[RewardSource]:
-    from .pm import plugin_manager
+    from flywheel_middleware.plugin_system.manager import plugin_manager
 
     manager = plugin_manager(config)
     context = PluginContext(config=config, store=store)
@@ -93,7 +93,7 @@ def score_samples(
     sources: Sequence[RewardSource], samples: list[Sample], failures: list[str]
 ) -> dict[str, RewardResult]:
     """Run every source over one batch (contained) and combine per sample."""
-    from .pm import PluginFailure, run_contained
+    from flywheel_middleware.plugin_system.manager import PluginFailure, run_contained
 
     per_source: dict[str, list[float | None]] = {}
     errors: list[PluginFailure] = []
@@ -141,7 +141,7 @@ def compute_rewards(
     srcs = list(sources) if sources is not None else build_sources(config, store)
     names = [s.name for s in srcs]
     if len(set(names)) != len(names):
-        from .errors import ConfigError
+        from flywheel_middleware.errors import ConfigError
 
         raise ConfigError(
             f"reward sources need distinct names (set name: on repeated types): {names}"

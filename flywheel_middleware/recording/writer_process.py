@@ -35,10 +35,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .records import RECORD_TYPES, Record, call_rows, expand_calls, ns_to_sqlite_text
-from .sqlite_rows import apply_pragmas, insert_rows
+from flywheel_middleware.capture.records import (
+    RECORD_TYPES,
+    Record,
+    call_rows,
+    expand_calls,
+    ns_to_sqlite_text,
+)
+from flywheel_middleware.recording.sqlite_rows import apply_pragmas, insert_rows
 
-log = logging.getLogger("flywheel_middleware.writer_process")
+log = logging.getLogger("flywheel_middleware.recording.writer_process")
 
 SHIPPED_TABLES = frozenset({"span", "rollout", "call"})  # a call record is one of each
 _HEADER = struct.Struct("<I")
@@ -52,7 +58,7 @@ if sys.path and sys.path[0] == "":
 package = types.ModuleType("flywheel_middleware")
 package.__path__ = [sys.argv[1]]
 sys.modules["flywheel_middleware"] = package
-from flywheel_middleware.writer_process import main
+from flywheel_middleware.recording.writer_process import main
 main(sys.argv[2:])
 """
 
@@ -90,7 +96,7 @@ def can_spawn() -> bool:
     exe = sys.executable
     name = os.path.basename(exe or "").lower()
     python = bool(exe) and os.path.isfile(exe) and name.startswith(("python", "pypy"))
-    return python and (Path(__file__).parent / "records.py").is_file()
+    return python and Path(__file__).is_file()
 
 
 def _encode(message: tuple) -> bytes:
@@ -129,7 +135,7 @@ class WriterProcess:
         _live.add(self)
 
     def start(self) -> None:
-        package_dir = str(Path(__file__).resolve().parent)
+        package_dir = str(Path(__file__).resolve().parent.parent)
         argv = [sys.executable, "-c", _BOOT, package_dir, str(self.db_path), str(self.spill_dir)]
         try:
             self._proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code

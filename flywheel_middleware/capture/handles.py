@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from . import otel
-from .ids import new_rollout_id, new_span_id
-from .records import RolloutRecord, SpanRecord, pack_call
-from .serialize import snapshot
+from flywheel_middleware.capture import otel_mirror as otel
+from flywheel_middleware.capture.ids import new_rollout_id, new_span_id
+from flywheel_middleware.capture.records import RolloutRecord, SpanRecord, pack_call
+from flywheel_middleware.capture.serialize import snapshot
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,7 +37,7 @@ def _runtime() -> Any:
     """The runtime module, imported on first use (it imports this module)."""
     global _runtime_module
     if _runtime_module is None:
-        from . import runtime
+        from flywheel_middleware import runtime
 
         _runtime_module = runtime
     return _runtime_module

@@ -31,8 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .models import ModelArtifact, TelemetryEvent
-from .records import utcnow
+from flywheel_middleware.capture.records import utcnow
+from flywheel_middleware.store.models import ModelArtifact, TelemetryEvent
 
 MODEL_NAME = "implicit_satisfaction"
 
@@ -326,7 +326,7 @@ def labels_for(
     """Satisfied (1) or not (0) per rollout, from explicit ratings and thumbs (majority if several)."""
     from sqlmodel import select
 
-    from .models import Feedback, Rollout
+    from flywheel_middleware.store.models import Feedback, Rollout
 
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     with store.session() as session:
@@ -653,10 +653,10 @@ def record_events(events: Iterable[dict[str, Any]], recorder: Any = None) -> int
 
     For demos and server-side producers that do not go through the HTTP service.
     """
-    from .records import TelemetryRecord
+    from flywheel_middleware.capture.records import TelemetryRecord
 
     if recorder is None:
-        from . import runtime
+        from flywheel_middleware import runtime
 
         recorder = runtime.recorder()
     n = 0

@@ -4,7 +4,7 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
-from flywheel_middleware import models  # noqa: F401
+from flywheel_middleware.store import models  # noqa: F401
 
 target_metadata = SQLModel.metadata
 config = context.config

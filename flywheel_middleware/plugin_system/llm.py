@@ -27,7 +27,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from .errors import ConfigError, PluginError
+from flywheel_middleware.errors import ConfigError, PluginError
 
 Message = dict[str, str]
 Messages = str | Sequence[Message | tuple[str, str]]

@@ -20,16 +20,21 @@ from typing import Any, Literal
 
 from sqlmodel import select
 
-from . import experiments as ex
-from . import queries, versions
-from .config import FlywheelConfig, PluginSpec
-from .models import ChangeEvent, Feedback
-from .plugin_api import Candidate, Decision, PluginContext, Sample
-from .records import utcnow
-from .store import Store
-from .triggers import TRIGGER_KIND, check_low_rating_triggers, low_rating_window
+from flywheel_middleware.capture.records import utcnow
+from flywheel_middleware.config import FlywheelConfig, PluginSpec
+from flywheel_middleware.loop import experiments as ex
+from flywheel_middleware.loop import versions
+from flywheel_middleware.loop.triggers import (
+    TRIGGER_KIND,
+    check_low_rating_triggers,
+    low_rating_window,
+)
+from flywheel_middleware.plugin_system.base import Candidate, Decision, PluginContext, Sample
+from flywheel_middleware.store import queries
+from flywheel_middleware.store.database import Store
+from flywheel_middleware.store.models import ChangeEvent, Feedback
 
-log = logging.getLogger("flywheel_middleware.controller")
+log = logging.getLogger("flywheel_middleware.loop.controller")
 
 Mode = Literal["suggest", "experiment", "auto"]
 MODES = ("suggest", "experiment", "auto")
@@ -123,7 +128,7 @@ def _plain(obj: Any) -> dict[str, Any]:
 
 
 def _plugins(kind: str, config: FlywheelConfig, store: Store, default: list[str]) -> list[Any]:
-    from .pm import plugin_manager
+    from flywheel_middleware.plugin_system.manager import plugin_manager
 
     manager = plugin_manager(config)
     context = PluginContext(config=config, store=store)
@@ -163,7 +168,7 @@ def _since(config: FlywheelConfig, now: datetime) -> datetime:
 def _basic_hot_problems(
     store: Store, config: FlywheelConfig, workflow: str, since: datetime
 ) -> list[dict[str, Any]]:
-    """Fallback when flywheel_middleware.analysis is absent: seed 001's thresholds per workflow."""
+    """Fallback when flywheel_middleware.loop.analysis is absent: seed 001's thresholds per workflow."""
     a = config.analysis
     low_max = config.triggers.low_rating.max_rating
     out = []
@@ -198,7 +203,7 @@ def observe(
     """Hot problems and low-rating triggers per workflow."""
     since = _since(config, now)
     found: dict[str, list[dict[str, Any]]] = {w: [] for w in workflows}
-    hot = _optional("analysis", "hot_problems")
+    hot = _optional("loop.analysis", "hot_problems")
     for workflow in workflows:
         # judge the config being served now: nothing from before the last deployment change
         history = versions.deployment_history(store, workflow)
@@ -221,7 +226,7 @@ def observe(
             found[workflow].append(item)
     if hot is None:
         report.notes.append(
-            "flywheel_middleware.analysis is not installed: hot problems came from the "
+            "flywheel_middleware.loop.analysis is not installed: hot problems came from the "
             "controller's fallback (seed 001 thresholds per workflow)"
         )
     check_low_rating_triggers(store, config)
@@ -270,9 +275,11 @@ def curate(
     """
     last = last_cycle_at(store)
     since = max(_since(config, now), last) if last is not None else _since(config, now)
-    compute = _optional("rewards", "compute_rewards")
+    compute = _optional("loop.rewards", "compute_rewards")
     if compute is None:
-        report.notes.append("flywheel_middleware.rewards is not installed: rewards not computed")
+        report.notes.append(
+            "flywheel_middleware.loop.rewards is not installed: rewards not computed"
+        )
     else:
         scored = 0
         for workflow in workflows:
@@ -286,7 +293,7 @@ def curate(
                 report.notes.append(f"reward source failed: {failure}")
         report.curation["rewards"] = f"{scored} rollouts scored"
     if config.routing.agents:  # adaptive routing learns from the same rewards
-        update = _optional("routing", "update_routing")
+        update = _optional("learn.routing", "update_routing")
         if update is not None:
             try:
                 summary = update(store, config)
@@ -295,9 +302,11 @@ def curate(
                 )
             except Exception as exc:
                 report.notes.append(f"routing.update_routing failed: {exc}")
-    export = _optional("datasets", "export")
+    export = _optional("loop.datasets", "export")
     if export is None:
-        report.notes.append("flywheel_middleware.datasets is not installed: no datasets exported")
+        report.notes.append(
+            "flywheel_middleware.loop.datasets is not installed: no datasets exported"
+        )
         return
     out_dir = Path(config.controller.dataset_dir or Path(config.controller.report_dir) / "datasets")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from .serialize import to_json_text
+from flywheel_middleware.capture.serialize import to_json_text
 
 
 def ns_to_datetime(ns: int | None) -> datetime | None:

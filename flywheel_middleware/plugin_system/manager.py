@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 import pluggy
 from pydantic import BaseModel, ValidationError
 
-from . import hookspecs
-from .config import FlywheelConfig, PluginSpec
-from .errors import ConfigError, PluginError
-from .plugin_api import PLUGIN_KINDS, Plugin, PluginContext
+from flywheel_middleware.config import FlywheelConfig, PluginSpec
+from flywheel_middleware.errors import ConfigError, PluginError
+from flywheel_middleware.plugin_system import hookspecs
+from flywheel_middleware.plugin_system.base import PLUGIN_KINDS, Plugin, PluginContext
 
 log = logging.getLogger("flywheel_middleware.plugins")
 

@@ -27,11 +27,11 @@ from typing import Any, Literal
 
 from sqlalchemy import func, select
 
-from .config import FlywheelConfig
-from .errors import FlywheelError
-from .models import Feedback, Rollout, Span, TelemetryEvent
-from .plugin_api import Filter, PluginContext, Sample, as_text
-from .store import Store
+from flywheel_middleware.config import FlywheelConfig
+from flywheel_middleware.errors import FlywheelError
+from flywheel_middleware.plugin_system.base import Filter, PluginContext, Sample, as_text
+from flywheel_middleware.store.database import Store
+from flywheel_middleware.store.models import Feedback, Rollout, Span, TelemetryEvent
 
 ExportKind = Literal["triplets", "sft", "preference", "tasks"]
 KINDS: tuple[str, ...] = ("triplets", "sft", "preference", "tasks")
@@ -226,7 +226,7 @@ def iter_samples(
 
 
 def build_filters(config: FlywheelConfig, store: Store | None = None) -> list[Filter]:
-    from .pm import build_plugins
+    from flywheel_middleware.plugin_system.manager import build_plugins
 
     return build_plugins("filter", config, PluginContext(config=config, store=store))  # type: ignore[return-value]
 
@@ -237,7 +237,7 @@ def apply_filters(
     result: ExportResult | None = None,
 ) -> list[Sample]:
     """The samples every filter keeps; a filter that raises keeps all (and is reported)."""
-    from .pm import PluginFailure, run_contained
+    from flywheel_middleware.plugin_system.manager import PluginFailure, run_contained
 
     kept = samples
     failures: list[PluginFailure] = []

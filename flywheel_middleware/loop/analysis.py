@@ -24,9 +24,9 @@ from typing import Any
 
 from sqlalchemy import text
 
-from .config import FlywheelConfig
-from .models import HOT_SPANS
-from .store import Store
+from flywheel_middleware.config import FlywheelConfig
+from flywheel_middleware.store.database import Store
+from flywheel_middleware.store.models import HOT_SPANS
 
 WORKFLOW_NODE = None
 """``HotProblem.node`` of the workflow-level row."""

@@ -9,7 +9,7 @@ A plugin is a module (or object) with functions marked ``@hookimpl``, registered
 
     # my_package/flywheel_plugin.py
     from flywheel_middleware import hookimpl
-    from flywheel_middleware.plugin_api import Filter
+    from flywheel_middleware.plugin_system.base import Filter
 
     class NoEmptyAnswers(Filter):
         type_name = "no_empty"

@@ -17,12 +17,12 @@ from typing import Any
 from sqlalchemy import case, func
 from sqlmodel import select
 
-from .config import FlywheelConfig, Objective
-from .errors import FlywheelError
-from .models import ChangeEvent, Deployment, Experiment, Feedback, Rollout
-from .records import utcnow
-from .store import Store
-from .versions import _set_active, get_version, lock_workflow
+from flywheel_middleware.capture.records import utcnow
+from flywheel_middleware.config import FlywheelConfig, Objective
+from flywheel_middleware.errors import FlywheelError
+from flywheel_middleware.loop.versions import _set_active, get_version, lock_workflow
+from flywheel_middleware.store.database import Store
+from flywheel_middleware.store.models import ChangeEvent, Deployment, Experiment, Feedback, Rollout
 
 STATUSES = ("running", "stopped", "promoted", "rejected")
 UNITS = ("user_id", "session_id", "request")

@@ -18,13 +18,11 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlmodel import Session
 
-from . import (
-    models,  # noqa: F401  (registers the tables on SQLModel.metadata)
-    sqlite_rows,
-)
-from .errors import StoreError
+from flywheel_middleware.errors import StoreError
+from flywheel_middleware.recording import sqlite_rows
+from flywheel_middleware.store import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
-log = logging.getLogger("flywheel_middleware.store")
+log = logging.getLogger("flywheel_middleware.store.database")
 
 DEFAULT_URL = "sqlite:///flywheel.db"
 _MIGRATIONS = Path(__file__).parent / "migrations"

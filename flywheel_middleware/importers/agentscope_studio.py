@@ -29,10 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flywheel_middleware.errors import FlywheelError
-from flywheel_middleware.records import RolloutRecord, SpanRecord, ns_to_datetime, ns_to_sqlite_text
-
-from .otel import (
+from flywheel_middleware.adapters.otel import (
     INPUT_KEYS,
     INPUT_TOKEN_KEYS,
     MAPPED,
@@ -44,6 +41,13 @@ from .otel import (
     first_value,
     span_kind,
 )
+from flywheel_middleware.capture.records import (
+    RolloutRecord,
+    SpanRecord,
+    ns_to_datetime,
+    ns_to_sqlite_text,
+)
+from flywheel_middleware.errors import FlywheelError
 
 __all__ = ["ImportResult", "StudioImportError", "import_studio", "read_studio"]
 
