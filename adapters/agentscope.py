@@ -34,9 +34,12 @@ from typing import Any
 
 from agentscope.middleware import MiddlewareBase
 
-from flywheel_middleware.capture import handles as tracing
-from flywheel_middleware.capture.handles import RolloutHandle, SpanHandle
-from flywheel_middleware.capture.ids import new_rollout_id
+from flywheel_middleware.capture.handles import (
+    RolloutHandle,
+    SpanHandle,
+    current_rollout,
+    start_span,
+)
 from flywheel_middleware.capture.serialize import snapshot
 
 log = logging.getLogger("flywheel_middleware.adapters.agentscope")
@@ -82,23 +85,17 @@ class FlywheelMiddleware(MiddlewareBase):
         self, name: str, kind: str, agent: Any, input: Any, model: str | None = None
     ) -> SpanHandle:
         """A span under the current flywheel span, or the root of a new rollout."""
-        parent = tracing.current()
-        if not self.capture:
-            input = None
-        if parent is not None:
-            return SpanHandle(name, kind, parent.rollout, parent, input=input, model=model)
         session = getattr(getattr(agent, "state", None), "session_id", None)
-        rollout = tracing.open_rollout(
-            self.workflow,
-            rollout_id=new_rollout_id(),
+        return start_span(
+            name,
+            kind,
+            workflow=self.workflow,
+            input=input if self.capture else None,
+            model=model,
             user_id=self.user_id,
             session_id=session,
-            input=input,
             metadata={"agent": getattr(agent, "name", None)},
         )
-        span = SpanHandle(name, kind, rollout, None, input=input, model=model)
-        span._owns_rollout = True
-        return span
 
     async def _drive(
         self,
@@ -178,7 +175,7 @@ class FlywheelMiddleware(MiddlewareBase):
         if not self.apply_config:
             return current_prompt
         try:
-            rollout = tracing.current_rollout()
+            rollout = current_rollout()
             if rollout is None:
                 return current_prompt
             _, prompt = config_for_agent(rollout.config, getattr(agent, "name", ""))
@@ -227,7 +224,7 @@ class FlywheelMiddleware(MiddlewareBase):
         overrides: dict[str, Any] = {}
         try:
             if self.apply_config:
-                rollout = tracing.current_rollout()
+                rollout = current_rollout()
                 if rollout is not None and model is not None:
                     try:
                         configured = self._configured_model(agent, model, rollout)

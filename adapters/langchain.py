@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,10 +22,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from flywheel_middleware.capture import handles as tracing
-from flywheel_middleware.capture import otel_mirror as otel
-from flywheel_middleware.capture.handles import SpanHandle
-from flywheel_middleware.capture.serialize import snapshot
+from flywheel_middleware.capture.handles import SpanHandle, start_span
 
 from ._common import compact, message_dict, messages_list
 
@@ -134,53 +130,6 @@ def _never_raises(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class _PendingRoot:
-    """A root run not yet opened as a rollout.
-
-    Most root runs of a model called directly have no children: such a run is recorded whole
-    at its end (``tracing.record_call``), which costs a fraction of opening a rollout and a
-    span. The first child run, or an agent event, opens it as a real rollout and span.
-    """
-
-    __slots__ = (
-        "kind",
-        "name",
-        "start_ns",
-        "node",
-        "input",
-        "model",
-        "attributes",
-        "tags",
-        "metadata",
-        "meta",
-        "first_token_ns",
-    )
-
-    def __init__(
-        self,
-        kind: str,
-        name: str,
-        node: str | None,
-        input: Any,
-        model: str | None,
-        attributes: dict[str, Any] | None,
-        tags: list[str] | None,
-        metadata: dict[str, Any] | None,
-        meta: dict[str, Any] | None,
-    ) -> None:
-        self.kind = kind
-        self.name = name
-        self.start_ns = time.time_ns()
-        self.node = node
-        self.input = input
-        self.model = model
-        self.attributes = attributes
-        self.tags = tags
-        self.metadata = metadata
-        self.meta = meta
-        self.first_token_ns: int | None = None
-
-
 class FlywheelCallbackHandler(BaseCallbackHandler):
     """Record LangChain runs (chains, chat models, LLMs, tools, retrievers) as flywheel spans.
 
@@ -207,8 +156,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         self.session_id = session_id
         self.tags = tags
         self.metadata = metadata
-        self._spans: dict[UUID, SpanHandle | _PendingRoot] = {}
-        self._open_lock = threading.Lock()  # two child runs of one pending root open it once
+        self._spans: dict[UUID, SpanHandle] = {}
 
     # -- the one place spans are opened and closed -----------------------------------------
 
@@ -224,9 +172,8 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         model: str | None = None,
         attributes: dict[str, Any] | None = None,
     ) -> None:
-        """Open the span of a run under its parent run, the current ``fw`` span, or a new
-        rollout (pending until it has a child). ``input`` and ``attributes`` must be values
-        built for this span (they are stored as they are, not copied)."""
+        """Open the span of a run under its parent run, the current ``fw`` span, or as the
+        root of a rollout of its own (see ``capture.handles``)."""
         node = None
         meta = None
         if metadata:
@@ -242,92 +189,41 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
             if meta:
                 attributes["metadata"] = meta
         parent = self._spans.get(parent_run_id) if parent_run_id is not None else None
-        if parent.__class__ is _PendingRoot:
-            parent = self._open_pending(parent_run_id)  # type: ignore[arg-type]
-        if parent is None:
-            parent = tracing.current()  # inside fw.rollout / fw.span: attach there
-        if parent is None:
-            self._spans[run_id] = _PendingRoot(
-                kind, name, node, input, model, attributes, tags, metadata, meta
-            )
-            return
-        span = SpanHandle(name, kind, parent.rollout, parent, node=node, model=model)
-        span.input = input
-        span.attributes = attributes
-        self._spans[run_id] = span
+        user_id, session_id, all_tags, rollout_meta = self._rollout_fields(tags, metadata, meta)
+        self._spans[run_id] = start_span(
+            name,
+            kind,
+            parent=parent,
+            workflow=self.workflow,
+            node=node,
+            input=input,
+            model=model,
+            attributes=attributes,
+            user_id=user_id,
+            session_id=session_id,
+            tags=all_tags,
+            metadata=rollout_meta,
+        )
 
-    def _rollout_fields(self, p: _PendingRoot) -> tuple[Any, Any, Any, Any]:
+    def _rollout_fields(
+        self,
+        tags: list[str] | None,
+        metadata: dict[str, Any] | None,
+        meta: dict[str, Any] | None,
+    ) -> tuple[Any, Any, Any, Any]:
         """(user_id, session_id, tags, metadata) of the rollout a root run opens."""
         user_id = self.user_id
         session_id = self.session_id
-        metadata = p.metadata
         if metadata:
             user_id = metadata.get("user_id") or user_id
             session_id = metadata.get("session_id") or metadata.get("thread_id") or session_id
-        tags = p.tags
         all_tags = (self.tags or []) + (tags or []) if (self.tags or tags) else None
-        meta = {**self.metadata, **(p.meta or {})} if self.metadata else p.meta
-        return user_id, session_id, all_tags, meta
-
-    def _open_pending(self, run_id: UUID) -> SpanHandle | None:
-        """Turn a pending root run into an open rollout and span (its first child started)."""
-        with self._open_lock:
-            pending = self._spans.get(run_id)
-            if pending.__class__ is not _PendingRoot:
-                return pending  # type: ignore[return-value]  # opened by another child
-            p: _PendingRoot = pending  # type: ignore[assignment]
-            user_id, session_id, tags, metadata = self._rollout_fields(p)
-            span = tracing.open_root_span(
-                self.workflow, p.name, p.kind, p.start_ns, input=p.input, model=p.model,
-                attributes=p.attributes, node=p.node, user_id=user_id, session_id=session_id,
-                tags=tags, metadata=metadata,
-            )  # fmt: skip
-            if p.first_token_ns is not None:
-                ttft = (p.first_token_ns - p.start_ns) / 1e6
-                span.set_attribute("time_to_first_token_ms", ttft)
-            self._spans[run_id] = span
-            return span
-
-    def _record_pending(
-        self,
-        p: _PendingRoot,
-        output: Any,
-        error: BaseException | None,
-        model: str | None = None,
-        input_tokens: int | None = None,
-        output_tokens: int | None = None,
-    ) -> None:
-        """A root run that had no children ends: record it as a one-span rollout.
-
-        The common case (no OTel SDK, no error) goes straight to ``tracing.queue_call``: in a
-        real ``invoke`` each call level and keyword argument skipped saves real time."""
-        attributes = p.attributes
-        if p.first_token_ns is not None:
-            attributes = dict(attributes) if attributes else {}
-            attributes["time_to_first_token_ms"] = (p.first_token_ns - p.start_ns) / 1e6
-        if model and p.model and model != p.model:
-            attributes = dict(attributes) if attributes else {}
-            attributes["response_model"] = model
-        user_id, session_id, tags, metadata = self._rollout_fields(p)
-        if error is None and otel.tracer() is None:
-            tracing.queue_call(
-                self.workflow, p.name, p.kind, p.node, p.start_ns, time.time_ns(),
-                p.model or model, p.input, output, None, input_tokens, output_tokens, attributes,
-                user_id, session_id, tags, metadata,
-            )  # fmt: skip
-            return
-        tracing.record_call(
-            self.workflow, p.name, p.kind, p.start_ns, input=p.input, output=output,
-            error=error, model=p.model or model, input_tokens=input_tokens,
-            output_tokens=output_tokens, attributes=attributes, node=p.node, user_id=user_id,
-            session_id=session_id, tags=tags, metadata=metadata,
-        )  # fmt: skip
+        rollout_meta = {**self.metadata, **(meta or {})} if self.metadata else meta
+        return user_id, session_id, all_tags, rollout_meta
 
     def _end(self, run_id: UUID, output: Any = None, error: BaseException | None = None) -> None:
         span = self._spans.pop(run_id, None)
-        if span.__class__ is _PendingRoot:
-            self._record_pending(span, snapshot(output), error)  # type: ignore[arg-type]
-        elif span is not None:
+        if span is not None:
             span.end(output=output, error=error)
 
     # -- chains ------------------------------------------------------------------------------
@@ -345,7 +241,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         name = _run_name(serialized, kwargs, "chain")
-        self._start("chain", name, run_id, parent_run_id, tags, metadata, snapshot(compact(inputs)))
+        self._start("chain", name, run_id, parent_run_id, tags, metadata, compact(inputs))
 
     @_never_raises
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
@@ -415,10 +311,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
     @_never_raises
     def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
         span = self._spans.get(run_id)
-        if span.__class__ is _PendingRoot:
-            if span.first_token_ns is None:  # type: ignore[union-attr]
-                span.first_token_ns = time.time_ns()  # type: ignore[union-attr]
-        elif span is not None and (
+        if span is not None and (
             span.attributes is None or "time_to_first_token_ms" not in span.attributes
         ):
             ttft = (time.time_ns() - span.started_ns) / 1e6
@@ -430,10 +323,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
             if span is None:
                 return
             output, input_tokens, output_tokens, model = _digest_result(response)
-            if span.__class__ is _PendingRoot:
-                self._record_pending(span, output, None, model, input_tokens, output_tokens)  # type: ignore[arg-type]
-                return
-            self._llm_end(span, output, input_tokens, output_tokens, model)  # type: ignore[arg-type]
+            self._llm_end(span, output, input_tokens, output_tokens, model)
         except Exception:
             log.exception("flywheel: on_llm_end failed")
 
@@ -469,7 +359,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         name = _run_name(serialized, kwargs, "tool")
-        value = snapshot(inputs) if inputs is not None else input_str
+        value = inputs if inputs is not None else input_str
         self._start("tool", name, run_id, parent_run_id, tags, metadata, value)
 
     @_never_raises
@@ -507,8 +397,6 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
 
     def _agent_event(self, run_id: UUID, key: str, value: Any) -> None:
         span = self._spans.get(run_id)
-        if span.__class__ is _PendingRoot:
-            span = self._open_pending(run_id)
         if span is None:
             return
         if span.kind == "chain":

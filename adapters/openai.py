@@ -12,11 +12,25 @@ instrumented the same way.
 
 Flywheel's own keyword arguments are removed before the call: ``flywheel={...}`` (keys
 ``workflow``, ``user_id``, ``session_id``, ``tags``, ``metadata``, ``name``) or the
-shorthands ``user_id=`` / ``session_id=``. Chat streams get ``stream_options.include_usage``
-when the caller did not ask for it, and the extra usage-only chunk is taken off the event
-stream before the SDK parses it, so the caller gets exactly the unwrapped client's chunks.
-Errors are recorded and re-raised unchanged; ``with_raw_response`` and
-``with_streaming_response`` calls pass through untraced.
+shorthands ``user_id=`` / ``session_id=``. Errors are recorded and re-raised unchanged;
+``with_raw_response`` and ``with_streaming_response`` calls pass through untraced.
+
+Only the SDK's public surface is used: its resource methods, ``openai.Stream`` /
+``AsyncStream`` iteration, ``with`` and ``close()``, the ``.stream()`` managers' ``with``, and
+the chunk models' fields. Chat streams get ``stream_options.include_usage`` when the caller
+did not ask for it (``stream_usage=False`` turns that off); what the caller then sees:
+
+* The same chunks, in the same number, as from an unwrapped client: the usage-only chunk this
+  adds (no choices) is recorded and not passed on. Every other chunk the SDK builds from the
+  server's ``"usage": null``; the wrapper takes ``usage`` off its ``model_fields_set``, so
+  ``chunk.usage`` (None), ``model_fields_set``, ``model_dump()``, ``to_dict()``,
+  ``to_json()`` and ``==`` are the unwrapped client's. The chunk objects are the SDK's own.
+* What does differ, and is the request's own doing: ``stream.response.request`` shows the
+  ``stream_options`` sent, and the SDK parses the one extra (usage-only) event.
+* The stream is an instance of a subclass of the SDK's stream class holding the SDK's stream:
+  iteration, ``with``, ``close()`` / ``aclose()`` and public attributes (``response``) behave
+  as the SDK's; its private state (``_iterator``, ``_client``, ...) is reached through it
+  rather than held by it, so ``vars(stream)`` differs.
 
 One request is one span. The SDK's ``.stream()`` helpers make their request through the
 resource's ``create`` (the wrapped one), so that call records the span; the helper's context
@@ -30,9 +44,7 @@ import logging
 import time
 from typing import Any
 
-from flywheel_middleware.capture import handles as tracing
-from flywheel_middleware.capture import otel_mirror as otel
-from flywheel_middleware.capture.handles import SpanHandle
+from flywheel_middleware.capture.handles import SpanHandle, start_span
 
 log = logging.getLogger("flywheel_middleware.adapters.openai")
 _time_ns = time.time_ns
@@ -277,7 +289,7 @@ class _Call:
 
     def __init__(
         self,
-        span: SpanHandle | tracing.CallHandle,
+        span: SpanHandle,
         added_usage: bool,
         endpoint: str,
         stream: bool,
@@ -335,54 +347,41 @@ def _begin(
     helper: str | None = None,
     pending: _Helper | None = None,
 ) -> _Call:
-    """Open the span (and a rollout if none is active); may add stream_options to kwargs."""
+    """Open the call's span (the root of a rollout of its own if none is active), apply the
+    workflow config if asked; may add stream_options to kwargs."""
     own = (
         _own_kwargs(kwargs)
         if "flywheel" in kwargs or "user_id" in kwargs or "session_id" in kwargs
-        else None
+        else {}
     )
     if pending is not None and pending.own:
-        own = {**pending.own, **(own or {})}
-    parent = tracing.current()
-    # A call outside any rollout that resolves no config, without an OTel SDK (the common
-    # case): one CallHandle, recorded whole at its end. Else a span (and rollout) of its own.
-    whole = parent is None and not opts.apply_config and otel.tracer() is None
-    rollout = None
-    if not whole:
-        rollout = parent.rollout if parent is not None else None
-        if rollout is None:
-            if own:
-                rollout = tracing.open_rollout(
-                    own.get("workflow") or opts.workflow,
-                    user_id=own.get("user_id"),
-                    session_id=own.get("session_id"),
-                    tags=own.get("tags"),
-                    metadata=own.get("metadata"),
-                )
-            else:
-                rollout = tracing.open_rollout(opts.workflow)
-            parent = None
-        if opts.apply_config and endpoint != "embeddings":
-            try:
-                config = rollout.config
-                if config:
-                    _apply_config(endpoint, kwargs, config)
-            except Exception:
-                log.exception("flywheel: could not apply the workflow config to %s", endpoint)
-    if endpoint == "chat":
-        name, value = "chat.completions", kwargs.get("messages")
-    elif endpoint == "responses":
-        name = "responses"
-        value = _given(kwargs, "input")
-        instructions = _given(kwargs, "instructions")
-        if instructions is not None:
-            value = {"instructions": instructions, "input": value}
-    else:
-        name, value = "embeddings", kwargs.get("input")
-    if own and own.get("name"):
-        name = own["name"]
-    if not opts.capture:
-        value = None
+        own = {**pending.own, **own}
+    name = own.get("name") or _SPAN_NAMES[endpoint]
+    span = start_span(
+        name,
+        "embedding" if endpoint == "embeddings" else "llm",
+        workflow=own.get("workflow") or opts.workflow,
+        user_id=own.get("user_id"),
+        session_id=own.get("session_id"),
+        tags=own.get("tags"),
+        metadata=own.get("metadata"),
+    )
+    if opts.apply_config and endpoint != "embeddings":
+        try:
+            config = span.rollout.config
+            if config:
+                _apply_config(endpoint, kwargs, config)
+        except Exception:
+            log.exception("flywheel: could not apply the workflow config to %s", endpoint)
+    if opts.capture:
+        if endpoint == "responses":
+            value = _given(kwargs, "input")
+            instructions = _given(kwargs, "instructions")
+            if instructions is not None:
+                value = {"instructions": instructions, "input": value}
+        else:
+            value = kwargs.get("messages" if endpoint == "chat" else "input")
+        span.set_input(value)
     params = None
     for key in kwargs:  # the caller's few arguments, not every known parameter
         if key in _PARAMS:
@@ -392,40 +391,21 @@ def _begin(
             if params is None:
                 params = {}
             params[key] = param.__name__ if isinstance(param, type) else param
-    attributes: dict[str, Any] | None = {"invocation_params": params} if params else None
+    if params:
+        span.set_attribute("invocation_params", params)
     stream = helper != "parse" and bool(kwargs.get("stream"))
-    if stream or helper:
-        attributes = attributes or {}
-        if stream:
-            attributes["stream"] = True
-        if helper:
-            attributes["helper"] = helper
+    if stream:
+        span.set_attribute("stream", True)
+    if helper:
+        span.set_attribute("helper", helper)
     model = kwargs.get("model")
-    if model.__class__ in _ABSENT:
-        model = None
-    kind = "embedding" if endpoint == "embeddings" else "llm"
-    span: SpanHandle | tracing.CallHandle
-    if rollout is None:
-        if own:
-            span = tracing.CallHandle(
-                own.get("workflow") or opts.workflow, name, kind, input=value, model=model,
-                attributes=attributes, user_id=own.get("user_id"),
-                session_id=own.get("session_id"), tags=own.get("tags"),
-                metadata=own.get("metadata"),
-            )  # fmt: skip
-        else:  # no keyword arguments to pack and unpack twice
-            span = tracing.CallHandle(
-                opts.workflow, name, kind, input=value, model=model, attributes=attributes
-            )
-    else:
-        span = SpanHandle(
-            name, kind, rollout, parent, input=value, model=model, attributes=attributes
-        )
-        if parent is None:  # the rollout opened here ends with its span
-            rollout.input = span.input  # already a snapshot
-            span._owns_rollout = True
+    if model.__class__ not in _ABSENT:
+        span.set_model(model)
     added = stream and endpoint == "chat" and opts.stream_usage and _ask_usage(kwargs)
     return _Call(span, added, endpoint, stream, pending)
+
+
+_SPAN_NAMES = {"chat": "chat.completions", "responses": "responses", "embeddings": "embeddings"}
 
 
 def _ask_usage(kwargs: dict[str, Any]) -> bool:
@@ -462,8 +442,6 @@ def _ask_usage(kwargs: dict[str, Any]) -> bool:
 
 
 def _usage_pair(endpoint: str, usage: Any) -> tuple[int | None, int | None]:
-    if usage.__class__ is dict:  # a chat stream's usage-only event, read as JSON
-        return usage.get("prompt_tokens"), usage.get("completion_tokens")
     if endpoint == "responses":
         return usage.input_tokens, usage.output_tokens
     if endpoint == "embeddings":
@@ -524,7 +502,7 @@ def _settle(call: _Call, result: Any, capture: bool, is_async: bool) -> Any:
     return result
 
 
-def _safe_end(span: SpanHandle | tracing.CallHandle, error: BaseException | None) -> None:
+def _safe_end(span: SpanHandle, error: BaseException | None) -> None:
     try:
         span.end(error=error)
     except Exception:
@@ -570,27 +548,25 @@ def _async_wrapper(original: Any, endpoint: str, opts: _Options, helper: str | N
 
 # -- streams ------------------------------------------------------------------------------------
 #
-# An SDK stream (``openai.Stream`` / ``AsyncStream``, by far the common case) is replaced by an
-# instance of a subclass of its own class that shares its state and runs the SDK's own parsing
-# loop (``__stream__``), so the caller gets exactly the objects the SDK would have made. Two
-# things are changed underneath: the chunks pass through one recording generator, and when the
-# wrapper itself asked for ``include_usage`` the usage-only event is taken off the SSE event
-# stream before the SDK parses it (its JSON is read once, and no chunk object is ever built for
-# it), as is the ``"usage": null`` the server then adds to every other chunk. Anything else that
-# comes back from ``create(stream=True)`` gets a plain proxy.
+# An SDK stream (``openai.Stream`` / ``AsyncStream``, by far the common case) is handed to the
+# caller inside an instance of a subclass of its own class (so ``isinstance`` holds) that holds
+# the SDK's stream and uses only its public surface: it iterates it, closes it, and passes any
+# other attribute (``response``, ...) on to it. The chunks are the SDK's own objects, passed
+# through one recording generator. When the wrapper itself asked for ``include_usage``, the
+# usage-only chunk this adds is recorded and not passed on, and the ``"usage": null`` the
+# server then puts in every other chunk is taken off the chunk's set fields (see
+# ``_StreamState.see_chunk``). Anything else that comes back from ``create(stream=True)`` gets
+# the same wrapper without the SDK class among its bases.
 
 
 class _StreamState:
     """What a stream delivered so far (chunk by chunk); ends the span with it."""
 
-    __slots__ = (
-        "call", "capture", "text", "tool_calls", "usage", "model", "first_ns", "final", "cut"
-    )  # fmt: skip
+    __slots__ = ("call", "capture", "text", "tool_calls", "usage", "model", "first_ns", "final")
 
     def __init__(self, call: _Call, capture: bool) -> None:
         self.call = call
         self.capture = capture
-        self.cut = False  # the null usage was cut out of the event of the chunk coming next
         self.text: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.usage: Any = None
@@ -622,43 +598,18 @@ class _StreamState:
                     self.usage = usage
                     if self.call.added_usage:  # the usage-only chunk we asked for
                         return False
-            if self.call.added_usage and not self.cut and chunk.usage is None:
+            if self.call.added_usage and chunk.usage is None:
                 # Asked for usage, the server sends ``"usage": null`` in every chunk; unasked,
-                # the key is absent: keep ``model_fields_set`` / ``to_dict()`` the same (where
-                # ``_as_unasked`` could not cut it out of the event).
-                try:
-                    chunk.__pydantic_fields_set__.discard("usage")
-                except AttributeError:  # pydantic 1
-                    pass
+                # the key is absent. The field reads None either way; taking it off the set
+                # fields keeps ``model_fields_set``, ``to_dict()`` and ``to_json()`` (and any
+                # ``exclude_unset`` dump) the unwrapped client's. ``model_fields_set`` is the
+                # model's own set (pydantic 2, and the SDK's pydantic 1 shim).
+                chunk.model_fields_set.discard("usage")
             if not self.model:  # (an Azure content-filter chunk comes first, model "")
                 self.model = chunk.model
         except Exception:
             log.exception("flywheel: could not record a stream chunk")
         return True
-
-    def see_usage(self, sse: Any) -> bool:
-        """True (and the usage recorded) when an SSE event is the usage-only chunk the wrapper
-        asked for: ``choices`` empty, ``usage`` an object. Never raises."""
-        try:
-            if sse.event:
-                return False
-            data = sse.json()
-        except Exception:  # not JSON: the SDK raises that for the caller, as unwrapped
-            return False
-        try:
-            if (
-                data.__class__ is dict
-                and data.get("choices") == []
-                and data.get("usage").__class__ is dict
-                and not data.get("error")
-            ):
-                self.usage = data["usage"]
-                if self.model is None:
-                    self.model = data.get("model")
-                return True
-        except Exception:
-            log.exception("flywheel: could not read a stream event")
-        return False
 
     def _add_tool_calls(self, deltas: Any) -> None:
         for tc in deltas:
@@ -750,160 +701,47 @@ async def _arecorded(state: _StreamState, items: Any) -> Any:
     state.end()
 
 
-def _sse_class() -> type | None:
-    """The SDK's ``ServerSentEvent`` class if an event's data can be replaced in place (its
-    ``data`` reads ``_data``), else None (events are then passed on as they are)."""
-    try:
-        from openai._streaming import ServerSentEvent
-
-        probe = ServerSentEvent(data="a")
-        probe._data = "b"
-        return ServerSentEvent if probe.data == "b" else None
-    except Exception:  # pragma: no cover - another SDK layout
-        return None
-
-
-_SSE = _sse_class()
-# Asked for usage, the server adds ``"usage": null`` to every other chunk; a stream that did not
-# ask has no such key. It ends the JSON (Python's or the API's compact separators), or comes
-# just before the padding OpenAI's own API puts last. Unescaped quotes only occur outside JSON
-# strings, so these texts are always the member itself.
-_NULL_USAGE = (',"usage":null}', ', "usage": null}')
-_PADDED_NULL_USAGE = (
-    (',"usage":null,"obfuscation":', ',"obfuscation":'),
-    (', "usage": null, "obfuscation": ', ', "obfuscation": '),
-)
-
-
-def _as_unasked(state: _StreamState, sse: Any) -> bool:
-    """Make an SSE event what a stream that did not ask for usage gets; False: drop it (the
-    usage-only chunk, recorded). The ``"usage": null`` member is cut out of the JSON, so the
-    SDK neither builds nor marks the field (placed elsewhere, ``see_chunk`` unmarks it)."""
-    if sse.__class__ is not _SSE:  # not rewritable: only the usage-only chunk is dropped
-        state.cut = False
-        return "[]" not in sse.data or not state.see_usage(sse)
-    data = sse._data
-    if data.endswith(_NULL_USAGE):
-        sse._data = data[: data.rindex(",")] + "}"  # the member holds no comma
-    else:
-        for null, kept in _PADDED_NULL_USAGE:
-            if null in data:
-                sse._data = data.replace(null, kept, 1)
-                break
-        else:
-            state.cut = False
-            return "[]" not in data or not state.see_usage(sse)  # only an empty list can be it
-    state.cut = True
-    return True
-
-
-def _without_usage(state: _StreamState, events: Any) -> Any:
-    for sse in events:
-        if _as_unasked(state, sse):
-            yield sse
-
-
-async def _awithout_usage(state: _StreamState, events: Any) -> Any:
-    async for sse in events:
-        if _as_unasked(state, sse):
-            yield sse
+_OWN = frozenset(("_flywheel_stream", "_flywheel_state", "_flywheel_iter"))
 
 
 class _TracedBase:
-    """What every traced stream has: the recording state, ended at the latest when dropped."""
+    """What every traced stream has: the stream it wraps, the recording state (ended at the
+    latest when the caller drops the traced stream: nothing the SDK holds refers back to it),
+    and every other attribute passed on to the wrapped stream."""
 
-    _state: _StreamState
+    _flywheel_stream: Any
+    _flywheel_state: _StreamState
+    _flywheel_iter: Any
+
+    def __getattr__(self, name: str) -> Any:  # only names the class and instance lack
+        if name in _OWN:
+            raise AttributeError(name)
+        return getattr(self._flywheel_stream, name)
 
     def __del__(self) -> None:
         try:
-            self._state.end()
+            self._flywheel_state.end()
         except Exception:
             pass
 
 
-def _twins(self: Any, stream: Any, call: _Call, capture: bool) -> tuple[_StreamState, Any]:
-    """Set up the caller's traced stream ``self`` from the SDK's ``stream``; return the state
-    and a twin of ``self`` for the SDK's parsing loop to run on. That loop's generator holds
-    the object it runs on, and ``self`` holds the loop (through the recording generator): were
-    it ``self``, that cycle would keep a stream the caller drops, and its span open, until the
-    cyclic GC runs. So the caller's object ends its span as soon as it is dropped."""
-    state = _StreamState(call, capture)
-    twin = object.__new__(self.__class__)
-    twin.__dict__.update(stream.__dict__)
-    twin._state = state
-    self.__dict__.update(stream.__dict__)
-    self._state = state
-    return state, twin
-
-
-class _SyncSDKStream(_TracedBase):
-    """Mixed into a subclass of the SDK's ``Stream`` class (see the comment above)."""
+class _TracedStream(_TracedBase):
+    """A sync stream: iteration, ``with`` and ``close()`` as ``openai.Stream`` has them."""
 
     def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
-        state, twin = _twins(self, stream, call, capture)
-        self._iterator = _recorded(state, twin.__stream__())
-
-    def _iter_events(self) -> Any:
-        events = super()._iter_events()  # type: ignore[misc]
-        state = self._state
-        return _without_usage(state, events) if state.call.added_usage else events
-
-    def close(self) -> None:
-        try:
-            super().close()  # type: ignore[misc]
-        finally:
-            self._state.end()
-
-
-class _AsyncSDKStream(_TracedBase):
-    """The async twin of ``_SyncSDKStream``, for ``AsyncStream``."""
-
-    def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
-        state, twin = _twins(self, stream, call, capture)
-        self._iterator = _arecorded(state, twin.__stream__())
-
-    def _iter_events(self) -> Any:
-        events = super()._iter_events()  # type: ignore[misc]
-        state = self._state
-        return _awithout_usage(state, events) if state.call.added_usage else events
-
-    async def close(self) -> None:
-        try:
-            await super().close()  # type: ignore[misc]
-        finally:
-            self._state.end()
-
-
-class _ProxyBase(_TracedBase):
-    """A stand-in for a stream that is not the SDK's: same iteration, attributes passed on."""
-
-    _stream: Any
-
-    def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
-        self._stream = stream
-        self._state = _StreamState(call, capture)
-        self._start()
-
-    def _start(self) -> None:
-        raise NotImplementedError
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_state") or name in ("_stream", "_iter"):
-            raise AttributeError(name)
-        return getattr(self._stream, name)
-
-
-class _ProxyStream(_ProxyBase):
-    def _start(self) -> None:
-        self._iter = _recorded(self._state, self._stream)
-
-    def __iter__(self) -> Any:
-        return self._iter
+        self._flywheel_stream = stream
+        self._flywheel_state = state = _StreamState(call, capture)
+        self._flywheel_iter = _recorded(state, stream)
 
     def __next__(self) -> Any:
-        return next(self._iter)
+        return self._flywheel_iter.__next__()
 
-    def __enter__(self) -> _ProxyStream:
+    def __iter__(self) -> Any:
+        # as the SDK's: a loop left early leaves the stream open, to be read on
+        for item in self._flywheel_iter:  # noqa: UP028 - ``yield from`` would close it
+            yield item
+
+    def __enter__(self) -> Any:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -911,22 +749,28 @@ class _ProxyStream(_ProxyBase):
 
     def close(self) -> None:
         try:
-            self._stream.close()
+            self._flywheel_stream.close()
         finally:
-            self._state.end()
+            self._flywheel_state.end()
 
 
-class _ProxyAsyncStream(_ProxyBase):
-    def _start(self) -> None:
-        self._iter = _arecorded(self._state, self._stream)
+class _TracedAsyncStream(_TracedBase):
+    """An async stream: iteration, ``async with``, ``close()`` and ``aclose()`` as
+    ``openai.AsyncStream`` has them."""
 
-    def __aiter__(self) -> Any:
-        return self._iter
+    def __init__(self, stream: Any, call: _Call, capture: bool) -> None:
+        self._flywheel_stream = stream
+        self._flywheel_state = state = _StreamState(call, capture)
+        self._flywheel_iter = _arecorded(state, stream)
 
     async def __anext__(self) -> Any:
-        return await self._iter.__anext__()
+        return await self._flywheel_iter.__anext__()
 
-    async def __aenter__(self) -> _ProxyAsyncStream:
+    async def __aiter__(self) -> Any:
+        async for item in self._flywheel_iter:
+            yield item
+
+    async def __aenter__(self) -> Any:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -934,9 +778,9 @@ class _ProxyAsyncStream(_ProxyBase):
 
     async def close(self) -> None:
         try:
-            await self._stream.close()
+            await self._flywheel_stream.close()
         finally:
-            self._state.end()
+            self._flywheel_state.end()
 
     async def aclose(self) -> None:
         await self.close()
@@ -956,20 +800,17 @@ _STREAM_CLASSES: dict[tuple[type, bool], type] = {}
 
 
 def _traced_stream(result: Any, call: _Call, capture: bool, *, is_async: bool) -> Any:
-    """The traced stream: for an SDK stream an instance of a subclass of its own class (so
-    ``isinstance`` holds and the SDK's parsing runs), else a plain proxy."""
+    """The traced stream around ``result``: for an SDK stream an instance of a subclass of its
+    own class (so ``isinstance`` holds; the SDK's ``__init__`` is not run, nothing of its
+    state is copied), else the plain wrapper."""
     cls = result.__class__
     sub = _STREAM_CLASSES.get((cls, is_async))
     if sub is None:
-        if (
-            _SDK is not None
-            and issubclass(cls, _SDK[1] if is_async else _SDK[0])
-            and hasattr(cls, "__stream__")  # the parsing loop it runs (else: the proxy)
-        ):
-            mixin = _AsyncSDKStream if is_async else _SyncSDKStream
-            sub = type(cls.__name__, (mixin, cls), {"__module__": __name__})
+        traced = _TracedAsyncStream if is_async else _TracedStream
+        if _SDK is not None and issubclass(cls, _SDK[1] if is_async else _SDK[0]):
+            sub = type(cls.__name__, (traced, cls), {"__module__": __name__})
         else:
-            sub = _ProxyAsyncStream if is_async else _ProxyStream
+            sub = traced
         _STREAM_CLASSES[cls, is_async] = sub
     return sub(result, call, capture)
 
@@ -1001,22 +842,40 @@ def _stream_helper(original: Any) -> Any:
     return stream
 
 
-class _SyncManager:
+class _ManagerBase:
+    """Holds the SDK's manager and passes on what the traced manager does not define."""
+
+    _flywheel_manager: Any
     _flywheel_helper: _Helper
+
+    def __init__(self, manager: Any, helper: _Helper) -> None:
+        self._flywheel_manager = manager
+        self._flywheel_helper = helper
+
+    def __getattr__(self, name: str) -> Any:  # only names the class and instance lack
+        if name in ("_flywheel_manager", "_flywheel_helper"):
+            raise AttributeError(name)
+        return getattr(self._flywheel_manager, name)
+
+
+class _SyncManager(_ManagerBase):
+    def __enter__(self) -> Any:
+        return self._flywheel_manager.__enter__()
 
     def __exit__(self, *exc: Any) -> Any:
         try:
-            return super().__exit__(*exc)  # type: ignore[misc]
+            return self._flywheel_manager.__exit__(*exc)
         finally:
             _end_helper(self._flywheel_helper)
 
 
-class _AsyncManager:
-    _flywheel_helper: _Helper
+class _AsyncManager(_ManagerBase):
+    async def __aenter__(self) -> Any:
+        return await self._flywheel_manager.__aenter__()
 
     async def __aexit__(self, *exc: Any) -> Any:
         try:
-            return await super().__aexit__(*exc)  # type: ignore[misc]
+            return await self._flywheel_manager.__aexit__(*exc)
         finally:
             _end_helper(self._flywheel_helper)
 
@@ -1025,20 +884,18 @@ def _end_helper(helper: _Helper) -> None:
     """Leaving the helper's ``with`` ends the span (idempotent: a stream read to its end has
     ended it already; one left early ends with what arrived)."""
     if helper.stream is not None:
-        helper.stream._state.end()
+        helper.stream._flywheel_state.end()
 
 
 _MANAGERS: dict[type, type] = {}
 
 
 def _traced_manager(manager: Any, helper: _Helper) -> Any:
-    """The same manager as an instance of a subclass of its own class (``isinstance`` holds)."""
+    """The SDK's manager inside an instance of a subclass of its own class (``isinstance``
+    holds; entering and leaving it are the SDK manager's own)."""
     cls = type(manager)
     sub = _MANAGERS.get(cls)
     if sub is None:
         mixin = _AsyncManager if hasattr(cls, "__aexit__") else _SyncManager
         sub = _MANAGERS[cls] = type(cls.__name__, (mixin, cls), {"__module__": __name__})
-    traced = object.__new__(sub)
-    traced.__dict__.update(manager.__dict__)
-    traced._flywheel_helper = helper
-    return traced
+    return sub(manager, helper)

@@ -24,7 +24,7 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.trace import StatusCode
 
-from flywheel_middleware.capture import handles as tracing
+from flywheel_middleware.capture import handles
 from flywheel_middleware.capture.otel_mirror import ORIGIN_ATTRIBUTE
 from flywheel_middleware.capture.records import RolloutRecord, SpanRecord
 
@@ -186,7 +186,7 @@ class FlywheelSpanProcessor(SpanProcessor):
     """An OTel ``SpanProcessor`` writing finished spans (and trace roots as rollouts) to flywheel.
 
     ``workflow`` names the rollouts created from traces; ``recorder`` defaults to the process
-    recorder (``fw.recorder()``).
+    recorder (``fw.get_recorder()``).
     """
 
     def __init__(self, workflow: str = "otel", *, recorder: Any = None) -> None:
@@ -205,7 +205,7 @@ class FlywheelSpanProcessor(SpanProcessor):
             return self._recorder
         from flywheel_middleware import runtime
 
-        return runtime.recorder()
+        return runtime.get_recorder()
 
     # -- SpanProcessor -----------------------------------------------------------------------
 
@@ -220,7 +220,7 @@ class FlywheelSpanProcessor(SpanProcessor):
             parent = span.parent
             if parent is not None and parent.span_id not in self._flywheel_ids:
                 return
-            current = tracing.current()
+            current = handles.current()
             if current is not None:
                 self._roots[ctx.span_id] = (current.rollout, current.span_id)
                 self._traces[ctx.trace_id] = current.rollout

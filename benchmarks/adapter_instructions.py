@@ -134,7 +134,7 @@ messages = [{"role": "user", "content": "hello there"}]
 long = [{"role": "user", "content": "long"}]
 
 def floor():
-    span = tracing.CallHandle("bench-floor", "chat.completions", "llm", input=messages, model="m")
+    span = tracing.start_span("chat.completions", "llm", workflow="bench-floor", input=messages, model="m")
     result = floor_client.chat.completions.create(model="m", messages=messages)
     span.input_tokens = result.usage.prompt_tokens
     span.output_tokens = result.usage.completion_tokens
@@ -228,7 +228,7 @@ def openai_section(calls: int) -> None:
         base = per_call[plain if "stream" in name else "plain"]
         print(f"{name:<22}{total:>14,.0f}{total - base:>+14,.0f}{(total / base - 1) * 100:>+7.1f}%")
     print(
-        "floor: a tracing.CallHandle around the plain client (the least an adapter records); "
+        "floor: a root tracing.start_span around the plain client (the least an adapter records); "
         "plain stream+usage: an unwrapped stream asking for the usage chunk the wrapper asks "
         "for; long stream: a 200-chunk answer (the others have 3 content chunks)"
     )

@@ -148,8 +148,7 @@ def _writer_pid() -> int | None:
     """The pid of flywheel's writer process, if the recorder runs one."""
     import flywheel_middleware as fw
 
-    process = fw.recorder()._process
-    return process.pid if process is not None else None
+    return fw.get_recorder().writer_pid
 
 
 def bench_langchain(calls: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
@@ -240,15 +239,15 @@ def _load_wrapper(path: str) -> Callable[..., Any]:
 
 def _tracing_floor(client: Any, messages: list[dict[str, str]]) -> Callable[[], Any]:
     """A plain call inside the least any adapter records for it through flywheel's tracing API:
-    a ``CallHandle`` (one rollout with one span, queued whole at its end) with its usage and
+    a root span (one rollout with one span, queued whole at its end) with its usage and
     answer. What that costs is the core's floor, under whatever the wrapper itself adds."""
     from flywheel_middleware.capture import handles as tracing
 
     create = client.chat.completions.create
 
     def call() -> Any:
-        span = tracing.CallHandle(
-            "bench-floor", "chat.completions", "llm", input=messages, model="m"
+        span = tracing.start_span(
+            "chat.completions", "llm", workflow="bench-floor", input=messages, model="m"
         )
         result = create(model="m", messages=messages)
         span.input_tokens, span.output_tokens = (
@@ -499,7 +498,7 @@ def isolated_costs(calls: int = 5000) -> tuple[float, float]:
     finally:
         runtime._state.recorder = saved
     records = expand_calls(kept[-calls:])  # a one-span rollout is one call record
-    store = fw.store()
+    store = fw.get_store()
 
     def write() -> None:
         by_table: dict[str, list[tuple]] = {}
@@ -575,7 +574,7 @@ def isolated_openai_costs(calls: int = 5000) -> tuple[float, float]:
     finally:
         runtime._state.recorder = saved
     records = expand_calls(kept[-calls:])  # a call outside a rollout is one call record
-    store = fw.store()
+    store = fw.get_store()
 
     def write() -> None:
         by_table: dict[str, list[tuple]] = {}
@@ -639,7 +638,7 @@ def report_openai(args: argparse.Namespace) -> None:
         paired = _paired_pct(rounds[method]["floor"], rounds[method]["plain"])
         print(
             f"tracing floor ({method}): wall {pct(lw, pw)} ({paired}), cpu {pct(lc, pc)}, agent "
-            f"thread {(la - pa) * 1e6:+.0f}, writer {lt * 1e6:.0f} µs: one tracing.CallHandle "
+            f"thread {(la - pa) * 1e6:+.0f}, writer {lt * 1e6:.0f} µs: one root tracing.start_span "
             "(a rollout with one span, queued whole) around the plain client, no wrapper logic"
         )
     for method, by_name in oa.items():
@@ -770,8 +769,8 @@ def main() -> None:
                 line += f"; / OpenInference = {ours / o['OpenInference']:.2f}"
             line += f"; / RunCollector = {ours / o['RunCollector']:.2f}"
             print(line)
-        rows = fw.store().execute("SELECT COUNT(*) FROM rollout WHERE workflow = 'bench'")[0][0]
-        writer = fw.recorder().counters.writer
+        rows = fw.get_store().execute("SELECT COUNT(*) FROM rollout WHERE workflow = 'bench'")[0][0]
+        writer = fw.get_recorder().counters.writer
         print(
             f"(flywheel wrote {rows} rollouts to SQLite during the run, rows by its writer"
             f" {writer}; flushes are timed; its cpu includes the writer process's)"

@@ -154,7 +154,7 @@ def end_to_end(url: str, n: int) -> float:
                 s.set_output({"status": "shipped"})
     assert fw.flush(600)
     elapsed = time.perf_counter() - start
-    written = fw.recorder().counters.by_table["span"]
+    written = fw.get_recorder().counters.by_table["span"]
     fw.shutdown()
     assert written == n, written
     return n / elapsed

@@ -1,7 +1,8 @@
 """flywheel-middleware: a data flywheel for LLM agents, as middleware.
 
 The cheap API the agent calls lives here; the work behind it (the store, the recorder's
-writer thread, the control loop) starts lazily and never runs on the agent's thread.
+writer, the control loop, the plugin system) loads on first use and never runs on the
+agent's thread.
 
     import flywheel_middleware as fw
     fw.configure("flywheel.yaml")
@@ -12,18 +13,19 @@ writer thread, the control loop) starts lazily and never runs on the agent's thr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from flywheel_middleware.capture.handles import (
     RolloutHandle,
     SpanHandle,
     current_rollout,
     current_span,
-    open_rollout,
+    record_call,
     rollout,
     span,
     start_span,
     traced,
 )
-from flywheel_middleware.config import FlywheelConfig, load_config, parse_config
 from flywheel_middleware.errors import (
     ConfigError,
     FlywheelError,
@@ -32,21 +34,44 @@ from flywheel_middleware.errors import (
     StoreError,
     UnknownRolloutError,
 )
-from flywheel_middleware.learn.routing import route
-from flywheel_middleware.plugin_system.hookspecs import hookimpl
 from flywheel_middleware.runtime import (
     configure,
     feedback,
     flush,
     get_config,
-    recorder,
+    get_recorder,
+    get_store,
     resolve,
+    route,
     set_resolver,
     shutdown,
-    store,
 )
 
+if TYPE_CHECKING:
+    from flywheel_middleware.config import FlywheelConfig, load_config, parse_config
+    from flywheel_middleware.plugin_system.hookspecs import hookimpl
+
 __version__ = "0.1.0"
+
+# Names whose modules are heavier (pydantic, pluggy): imported when first asked for.
+_LAZY = {
+    "FlywheelConfig": "flywheel_middleware.config",
+    "load_config": "flywheel_middleware.config",
+    "parse_config": "flywheel_middleware.config",
+    "hookimpl": "flywheel_middleware.plugin_system.hookspecs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flywheel_middleware' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ConfigError",
@@ -63,12 +88,13 @@ __all__ = [
     "current_span",
     "feedback",
     "flush",
-    "hookimpl",
     "get_config",
+    "get_recorder",
+    "get_store",
+    "hookimpl",
     "load_config",
-    "open_rollout",
     "parse_config",
-    "recorder",
+    "record_call",
     "resolve",
     "rollout",
     "route",
@@ -76,6 +102,5 @@ __all__ = [
     "shutdown",
     "span",
     "start_span",
-    "store",
     "traced",
 ]

@@ -42,6 +42,13 @@ class StoreConfig(_Strict):
     writer: Literal["auto", "process", "thread"] = "auto"
 
 
+class OtelConfig(_Strict):
+    """Mirroring into OpenTelemetry: off unless asked for, so an application's own OTel SDK
+    (an APM, Langfuse) does not slow every recorded call down."""
+
+    emit: bool = False
+
+
 class TunableRange(_Strict):
     """A parameter mutators may explore: a numeric range with a step, or a list of choices."""
 
@@ -187,6 +194,7 @@ class FlywheelConfig(_Strict):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     resolver: ResolverConfig = Field(default_factory=ResolverConfig)
     implicit: ImplicitConfig = Field(default_factory=ImplicitConfig)
+    otel: OtelConfig = Field(default_factory=OtelConfig)
 
     @field_validator("workflows")
     @classmethod

@@ -11,14 +11,19 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+from flywheel_middleware.capture import backend, otel_mirror
 from flywheel_middleware.capture.records import FeedbackRecord, Record, utcnow
-from flywheel_middleware.config import FlywheelConfig, config_from_dict, load_config, parse_config
 from flywheel_middleware.errors import InvalidFeedbackError, UnknownRolloutError
-from flywheel_middleware.loop.resolver import Resolution, StaticResolver
-from flywheel_middleware.recording.recorder import Recorder
-from flywheel_middleware.store.database import Store
+
+if TYPE_CHECKING:
+    from flywheel_middleware.config import FlywheelConfig
+    from flywheel_middleware.learn.routing import RouteDecision
+    from flywheel_middleware.loop.resolver import Resolution
+    from flywheel_middleware.recording.recorder import Recorder
+    from flywheel_middleware.store.database import Store
 
 log = logging.getLogger("flywheel_middleware")
 
@@ -41,7 +46,6 @@ class _State:
         self.store: Store | None = None
         self.recorder: Recorder | None = None
         self.resolver: Any = None
-        self.pid = os.getpid()
         # Rollouts open in this process, and finished ones not yet confirmed written:
         # feedback for them is accepted without asking the store.
         self.active: dict[str, Any] = {}
@@ -67,13 +71,23 @@ def configure(
     *,
     store_url: str | None = None,
     config: FlywheelConfig | dict[str, Any] | str | None = None,
+    otel: bool | None = None,
     **recorder_options: Any,
 ) -> FlywheelConfig:
     """Load configuration and (re)open the store. Call once at start-up.
 
     ``path`` is a YAML file; ``config`` may instead be a parsed config, a dict or YAML text.
-    ``store_url`` (or ``FLYWHEEL_STORE_URL``) overrides the file's store.
+    ``store_url`` (or ``FLYWHEEL_STORE_URL``) overrides the file's store. ``otel=True`` (or
+    ``otel: {emit: true}`` in the YAML) mirrors rollouts and spans into OpenTelemetry.
     """
+    from flywheel_middleware.config import (
+        FlywheelConfig,
+        config_from_dict,
+        load_config,
+        parse_config,
+    )
+    from flywheel_middleware.store.database import Store
+
     if config is None:
         cfg = load_config(path)
     elif isinstance(config, FlywheelConfig):
@@ -86,6 +100,8 @@ def configure(
         if key not in type(cfg.store).model_fields:
             raise TypeError(f"configure() got an unknown option {key!r}")
         setattr(cfg.store, key, value)
+    if otel is not None:
+        cfg.otel.emit = otel
     url = store_url or os.environ.get("FLYWHEEL_STORE_URL") or cfg.store.url
     store = Store(url)  # opens (and migrates) now, so a bad URL fails here with a clear error
     with _state.lock:
@@ -94,23 +110,30 @@ def configure(
         _state.store_url = url
         _state.store = store
         _state.resolver = None
+        otel_mirror.set_enabled(cfg.otel.emit)
     return cfg
 
 
 def get_config() -> FlywheelConfig:
+    """The process's configuration (``./flywheel.yaml`` or defaults until ``configure``)."""
     with _state.lock:
         if _state.config is None:
+            from flywheel_middleware.config import load_config
+
             _state.config = load_config()
+            otel_mirror.set_enabled(_state.config.otel.emit)
         return _state.config
 
 
-def store() -> Store:
+def get_store() -> Store:
     """The process's store (opened on first use)."""
     s = _state.store
     if s is not None:
         return s
     with _state.lock:
         if _state.store is None:
+            from flywheel_middleware.store.database import Store
+
             cfg = get_config()
             url = _state.store_url or os.environ.get("FLYWHEEL_STORE_URL") or cfg.store.url
             _state.store = Store(url)
@@ -118,16 +141,19 @@ def store() -> Store:
         return _state.store
 
 
-def recorder() -> Recorder:
+def get_recorder() -> Recorder:
     """The process's recorder (started on first use, restarted after a fork)."""
     rec = _state.recorder
     if rec is not None:
         return rec
     with _state.lock:
         if _state.recorder is None:
+            from flywheel_middleware.plugin_system.manager import install_redaction
+            from flywheel_middleware.recording.recorder import Recorder
+
             cfg = get_config().store
             rec = Recorder(
-                store(),
+                get_store(),
                 queue_size=cfg.queue_size,
                 batch_size=cfg.batch_size,
                 flush_interval=cfg.flush_interval,
@@ -135,12 +161,8 @@ def recorder() -> Recorder:
                 exit_timeout=cfg.exit_timeout,
                 writer=os.environ.get("FLYWHEEL_WRITER") or cfg.writer,
             )
-            rec.add_listener(_after_batch, tables=("feedback",))
-            from flywheel_middleware.plugin_system.manager import (
-                install_redaction,  # redact_span hooks and YAML redactors
-            )
-
-            install_redaction(rec, get_config())
+            rec.add_listener(_check_triggers, tables=("feedback",))
+            install_redaction(rec, get_config())  # redact_span hooks and YAML redactors
             _state.recorder = rec
         return _state.recorder
 
@@ -168,49 +190,68 @@ def shutdown() -> None:
 
 
 def set_resolver(resolver: Any) -> None:
-    """Install the object whose ``resolve(workflow, unit_id)`` picks each request's config."""
+    """Install the object whose ``resolve(workflow, unit_id)`` picks each request's config
+    (and, optionally, whose ``unit_kind(workflow)`` names what an experiment randomises)."""
     _state.resolver = resolver
 
 
 def get_resolver() -> Any:
+    """The installed resolver, else the loop's: versions and experiments from the store."""
     if _state.resolver is None:
-        _state.resolver = _default_resolver()
+        from flywheel_middleware.loop.versions import StoreResolver
+
+        _state.resolver = StoreResolver(get_store(), get_config())
     return _state.resolver
-
-
-def _default_resolver() -> Any:
-    try:
-        from flywheel_middleware.loop.versions import (
-            StoreResolver,  # the loop's resolver, when present
-        )
-    except ImportError:
-        return StaticResolver(get_config().workflows)
-    return StoreResolver(store(), get_config())
 
 
 def resolve(workflow: str, unit_id: str | None = None) -> Resolution | None:
     return get_resolver().resolve(workflow, unit_id)
 
 
-# -- rollouts known to this process ---------------------------------------------------------
+def _unit_of(handle: Any, unit_kind: str | None) -> str:
+    """The id an experiment randomises over: its ``unit`` (user, session or request)."""
+    if handle.unit_id:
+        return handle.unit_id
+    if unit_kind == "request":
+        return handle.id
+    if unit_kind == "session_id" and handle.session_id:
+        return handle.session_id
+    return handle.user_id or handle.session_id or handle.id
 
 
-def remember_active(handle: Any) -> None:
-    _state.active[handle.id] = handle
+# -- what capture hands over ----------------------------------------------------------------
 
 
-def forget_active(rollout_id: str) -> None:
-    handle = _state.active.pop(rollout_id, None)
-    if handle is not None:
-        note_finished(rollout_id, handle.workflow)
+class ProcessBackend:
+    """The capture layer's backend in this process (see ``capture.backend``)."""
+
+    def enqueue(self, record: Any) -> None:
+        try:
+            (_state.recorder or get_recorder()).enqueue(record)
+        except Exception:  # the store cannot open: the host agent must not see it
+            log.exception("flywheel: could not record")
+
+    def rollout_opened(self, handle: Any) -> None:
+        _state.active[handle.id] = handle
+
+    def rollout_finished(self, rollout_id: str, workflow: str) -> None:
+        _state.active.pop(rollout_id, None)
+        recent = _state.recent
+        recent[rollout_id] = workflow
+        if len(recent) > 100_000:
+            recent.popitem(last=False)
+
+    def resolve(self, handle: Any) -> Resolution | None:
+        resolver = get_resolver()
+        unit_kind = getattr(resolver, "unit_kind", None)  # optional in a user's resolver
+        unit = _unit_of(handle, unit_kind(handle.workflow) if unit_kind is not None else None)
+        return resolver.resolve(handle.workflow, unit)
+
+    def feedback(self, rollout_id: str, rating: Any = None, **kwargs: Any) -> None:
+        feedback(rollout_id, rating, **kwargs)
 
 
-def note_finished(rollout_id: str, workflow: str) -> None:
-    """A rollout finished here and may not be written yet: feedback for it is accepted."""
-    recent = _state.recent
-    recent[rollout_id] = workflow
-    if len(recent) > 100_000:
-        recent.popitem(last=False)
+backend.install(ProcessBackend())
 
 
 def _rollout_workflow(rollout_id: str) -> str | None:
@@ -222,7 +263,7 @@ def _rollout_workflow(rollout_id: str) -> str | None:
         return wf
     from flywheel_middleware.store.models import Rollout
 
-    with store().session() as session:
+    with get_store().session() as session:
         row = session.get(Rollout, rollout_id)
         return row.workflow if row is not None else None
 
@@ -299,7 +340,7 @@ def feedback(
     if comment is not None and not isinstance(comment, str):
         raise InvalidFeedbackError(f"comment must be a string, got {type(comment).__name__}")
     if _rollout_workflow(rollout_id) is None:
-        raise UnknownRolloutError(f"no rollout with id {rollout_id!r} in {store().url}")
+        raise UnknownRolloutError(f"no rollout with id {rollout_id!r} in {get_store().url}")
     record = FeedbackRecord(
         rollout_id=rollout_id,
         span_id=span_id,
@@ -311,17 +352,35 @@ def feedback(
         created_at=utcnow(),
         metadata=metadata,
     )
-    recorder().enqueue(record)
+    get_recorder().enqueue(record)
 
 
 # -- work done on the writer thread after each batch ----------------------------------------
 
 
-def _after_batch(by_table: dict[str, list[Record]]) -> None:
-    """Check improvement triggers when new ratings land (never on the agent's thread)."""
+def _check_triggers(by_table: dict[str, list[Record]]) -> None:
+    """Check the low-rating improvement triggers when new ratings land (on the writer
+    thread, never the agent's; the loop is imported only then)."""
     ratings = [r for r in by_table.get("feedback", ()) if r.key == "rating"]
     if not ratings:
         return
     from flywheel_middleware.loop.triggers import check_low_rating_triggers
 
-    check_low_rating_triggers(store(), get_config(), {r.rollout_id for r in ratings})
+    check_low_rating_triggers(get_store(), get_config(), {r.rollout_id for r in ratings})
+
+
+# -- adaptive routing -----------------------------------------------------------------------
+
+
+def route(
+    skills: Sequence[str] | str = (),
+    *,
+    load: dict[str, float] | None = None,
+    rollout: Any = None,
+) -> RouteDecision:
+    """Choose an agent for a request needing ``skills`` (Thompson sampling over
+    ``routing.agents``) and record the choice on ``rollout`` (default: the current rollout);
+    ``load`` overrides this process's in-flight counts (``decision.release()`` or ``with``)."""
+    from flywheel_middleware.learn import routing
+
+    return routing.route(get_store(), get_config(), skills, load=load, rollout=rollout)

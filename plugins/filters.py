@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import sys
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +22,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from flywheel_middleware.errors import ConfigError
 from flywheel_middleware.plugin_system.base import Filter, Redactor, Sample, Verdict
 from flywheel_middleware.plugin_system.hookspecs import hookimpl
-from flywheel_middleware.plugin_system.llm import ChatClient, LLMParams
+from flywheel_middleware.plugin_system.llm import ChatClient, LLMParams, run_sync
 
 log = logging.getLogger("flywheel_middleware.plugins.filters")
 
@@ -242,28 +241,6 @@ def parse_judgement(text: str) -> tuple[Literal["good", "bad"], str] | None:
     if head is None:
         return None  # the word appears somewhere in prose; not a verdict we can trust
     return head.group(1).lower(), head.group(2).strip()  # type: ignore[return-value]
-
-
-def run_sync(coro: Any) -> Any:
-    """Run a coroutine from sync code, even when this thread already runs an event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name="flywheel-filter")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 # -- json_schema -------------------------------------------------------------------------------

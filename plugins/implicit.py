@@ -10,19 +10,18 @@ negative). A rollout without telemetry gets no opinion (None).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel_middleware.learn.implicit import (
-    MODEL_NAME,
-    Features,
-    Scorer,
-    add_event,
-    features_by,
-    load_model,
-    model_name,
-)
 from flywheel_middleware.plugin_system.base import RewardSource, Sample
 from flywheel_middleware.plugin_system.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from flywheel_middleware.learn.implicit import Scorer
+
+# ``flywheel_middleware.learn.implicit`` (and through it the store) is imported when a source
+# first scores, so listing plugins (``flywheel plugins``) loads neither.
 
 
 class ImplicitParams(BaseModel):
@@ -52,6 +51,13 @@ class ImplicitReward(RewardSource):
     def scorer(self, workflow: str | None = None) -> Scorer:
         """The workflow's own model, else the shared one, else the rule (cached per workflow)."""
         if workflow not in self._scorers:
+            from flywheel_middleware.learn.implicit import (
+                MODEL_NAME,
+                Scorer,
+                load_model,
+                model_name,
+            )
+
             p = self.params
             ctx = self.context
             min_labels = p.min_labels or (ctx.config.implicit.min_labels if ctx is not None else 50)
@@ -70,6 +76,8 @@ class ImplicitReward(RewardSource):
         return self._scorers[workflow]
 
     def score(self, samples: list[Sample]) -> list[float | None]:
+        from flywheel_middleware.learn.implicit import Features, add_event
+
         out: list[float | None] = []
         for sample in samples:
             if not sample.telemetry:
@@ -86,6 +94,3 @@ class ImplicitReward(RewardSource):
 @hookimpl
 def register_reward_sources() -> list[type]:
     return [ImplicitReward]
-
-
-__all__ = ["ImplicitReward", "ImplicitParams", "features_by"]

@@ -9,6 +9,9 @@ again, and the order is seeded, so a run is reproducible.
 rewrite a prompt template at a config path from the bad cases and the judges' reasons, the
 first step the seeds recommend (APO before SFT before RL). A rewrite must keep exactly the
 template's ``{placeholders}``; one that loses or adds any is discarded.
+
+The loop's and the store's modules are imported when a mutator first proposes, so listing
+plugins (``flywheel plugins``) loads neither.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel_middleware.config import TunableRange
-from flywheel_middleware.loop.versions import config_hash, config_hashes, get_path, set_path
 from flywheel_middleware.plugin_system.base import Candidate, Mutator, Sample
 from flywheel_middleware.plugin_system.hookspecs import hookimpl
 from flywheel_middleware.plugin_system.llm import ChatClient, LLMParams
@@ -128,6 +130,8 @@ class ParamMutator(Mutator):
         tried: set[str],
         n: int,
     ) -> list[Candidate]:
+        from flywheel_middleware.loop.versions import config_hash, config_hashes, get_path, set_path
+
         p: ParamParams = self.params
         tunable = {
             k: v if isinstance(v, TunableRange) else TunableRange.model_validate(v)
@@ -226,11 +230,11 @@ REWRITE_SYSTEM = (
 
 
 def _case_text(sample: Sample, index: int) -> str:
+    from flywheel_middleware.store.outcomes import rollout_rating
+
     reasons = []
-    rating = None
+    rating = rollout_rating(sample.feedback or [])
     for fb in sample.feedback or []:
-        if fb.key == "rating" and fb.value is not None:
-            rating = fb.value
         if fb.comment:
             reasons.append(f"[{fb.source}] {fb.comment}")
     meta = (sample.rollout.metadata_ or {}) if sample.rollout is not None else {}
@@ -287,6 +291,8 @@ class PromptRewriteMutator(Mutator):
         tried: set[str],
         n: int,
     ) -> list[Candidate]:
+        from flywheel_middleware.loop.versions import config_hashes, get_path, set_path
+
         p: RewriteParams = self.params
         template = get_path(base, p.path, None)
         if not isinstance(template, str):

@@ -15,13 +15,12 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-from flywheel_middleware.plugins.filters import run_sync
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from flywheel_middleware.errors import ConfigError
 from flywheel_middleware.plugin_system.base import RewardSource, Sample, as_text
 from flywheel_middleware.plugin_system.hookspecs import hookimpl
-from flywheel_middleware.plugin_system.llm import ChatClient, LLMParams, import_object
+from flywheel_middleware.plugin_system.llm import ChatClient, LLMParams, import_object, run_sync
 
 
 def clamp01(value: Any) -> float | None:
@@ -45,6 +44,8 @@ def clamp01(value: Any) -> float | None:
 class ExplicitParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # the feedback vocabulary of flywheel_middleware.store.outcomes (written out so that listing
+    # plugins does not load the store; tests/loop/test_outcomes.py checks they agree)
     rating_key: str = "rating"
     thumbs_key: str = "thumbs"
     scale_min: float = 1
@@ -58,24 +59,31 @@ class ExplicitParams(BaseModel):
 
 
 class ExplicitRating(RewardSource):
-    """Ratings 1–5 map to (r-1)/4, thumbs to 1/0; several signals on one rollout are averaged."""
+    """The users' explicit feedback as a graded reward; several signals on one rollout are averaged.
+
+    Ratings 1–5 map to (r-1)/4 and thumbs to 1 (up) or 0 (down). Which feedback counts (source
+    ``explicit``) and when a thumb is up are the rules of ``store.outcomes``; a reward of 0.75
+    or more from ratings alone is a rating of 4 or more, a positive outcome.
+    """
 
     type_name = "explicit_rating"
     description = "user ratings (1-5 -> 0..1) and thumbs (1/0)"
     Params = ExplicitParams
 
     def score(self, samples: list[Sample]) -> list[float | None]:
+        from flywheel_middleware.store import outcomes
+
         p = self.params
         out: list[float | None] = []
         for sample in samples:
             values = []
             for fb in sample.feedback:
-                if fb.source != "explicit" or fb.value is None:
+                if fb.source != outcomes.EXPLICIT_SOURCE or fb.value is None:
                     continue
                 if fb.key == p.rating_key:
                     values.append((fb.value - p.scale_min) / (p.scale_max - p.scale_min))
                 elif fb.key == p.thumbs_key:
-                    values.append(1.0 if fb.value > 0 else 0.0)
+                    values.append(1.0 if outcomes.thumbs_up(fb.value) else 0.0)
             out.append(clamp01(sum(values) / len(values)) if values else None)
         return out
 

@@ -90,3 +90,60 @@ def fw_any(store_url: str):
     fw.configure(store_url=store_url)
     yield fw
     fw.shutdown()
+
+
+class OtelSdk:
+    """The process's global OpenTelemetry SDK, installed once (OTel allows one provider per
+    process) as an APM would; each test adds its own span processors for its duration."""
+
+    def __init__(self) -> None:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        processors: list = []
+
+        class Forward(SpanProcessor):
+            def on_start(self, span, parent_context=None):
+                for p in list(processors):
+                    p.on_start(span, parent_context=parent_context)
+
+            def on_end(self, span):
+                for p in list(processors):
+                    p.on_end(span)
+
+            def force_flush(self, timeout_millis=30_000):
+                return all(p.force_flush(timeout_millis) for p in list(processors))
+
+        self.processors = processors
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(Forward())
+        self.exporter = InMemorySpanExporter()
+        self._export = SimpleSpanProcessor(self.exporter)
+        trace.set_tracer_provider(self.provider)
+
+    def add(self, processor) -> None:
+        self.processors.append(processor)
+
+    def finished(self) -> list:
+        return list(self.exporter.get_finished_spans())
+
+
+@pytest.fixture(scope="session")
+def _otel_sdk() -> OtelSdk:
+    return OtelSdk()
+
+
+@pytest.fixture
+def otel_sdk(_otel_sdk: OtelSdk) -> Iterator[OtelSdk]:
+    """A global OTel SDK with an in-memory exporter for this test. Flywheel's mirroring stays
+    as configured: off unless the test turns it on (``fw.configure(otel=True)``)."""
+    from flywheel_middleware.capture import otel_mirror
+
+    _otel_sdk.exporter.clear()
+    _otel_sdk.add(_otel_sdk._export)
+    yield _otel_sdk
+    _otel_sdk.processors.clear()
+    _otel_sdk.exporter.clear()
+    otel_mirror.set_enabled(False)

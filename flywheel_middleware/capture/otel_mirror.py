@@ -1,22 +1,15 @@
-"""Mirror flywheel spans into OpenTelemetry, at close to no cost when no SDK is configured.
+"""Mirror flywheel spans into OpenTelemetry when asked to (``fw.configure(otel=True)``).
 
-``opentelemetry-api`` alone returns a proxy provider whose spans record nothing; in that case
-we skip OTel entirely (one isinstance check per span). With an SDK provider installed, each
-rollout and span becomes an OTel span with GenAI semantic-convention attribute names.
+Off by default: an application that runs an OTel SDK for its own reasons (an APM, Langfuse)
+does not pay for a second span per recorded call. When on and an SDK provider is installed,
+each rollout and span also becomes an OTel span with GenAI semantic-convention attribute
+names; ``opentelemetry-api`` alone gives a proxy provider whose spans record nothing, and
+then nothing is mirrored.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
-
-from opentelemetry import trace
-from opentelemetry.trace import ProxyTracerProvider, Status, StatusCode
-
-try:
-    from opentelemetry.trace import NoOpTracerProvider
-except ImportError:  # pragma: no cover
-    NoOpTracerProvider = ProxyTracerProvider  # type: ignore[misc,assignment]
 
 ORIGIN_ATTRIBUTE = "flywheel.origin"
 _OPERATION = {
@@ -27,25 +20,27 @@ _OPERATION = {
     "retriever": "retrieve",
 }
 
+_enabled = False
 _cached: tuple[Any, Any] = (None, None)
-# The API loads a provider named by this variable on first use; read once, at import.
-_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn mirroring on or off for this process."""
+    global _enabled
+    _enabled = bool(enabled)
 
 
 def tracer() -> Any | None:
-    """The OTel tracer when a real SDK provider is installed, else None.
-
-    Called for every rollout: while no provider is set (the API's module global is still None
-    and no environment variable names one) that is one attribute read, where
-    ``get_tracer_provider()`` would also search ``os.environ`` (about a microsecond).
-    """
+    """The OTel tracer when mirroring is on and a real SDK provider is installed, else None."""
     global _cached
-    if not _PROVIDER_FROM_ENV and getattr(trace, "_TRACER_PROVIDER", _cached) is None:
+    if not _enabled:
         return None
+    from opentelemetry import trace  # imported once mirroring is asked for
+
     provider = trace.get_tracer_provider()
     if provider is _cached[0]:
         return _cached[1]
-    if isinstance(provider, ProxyTracerProvider | NoOpTracerProvider):
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return None
     tr = provider.get_tracer("flywheel_middleware")
     _cached = (provider, tr)
@@ -57,6 +52,8 @@ def start(name: str, parent: Any | None, start_ns: int) -> Any | None:
     tr = tracer()
     if tr is None:
         return None
+    from opentelemetry import trace
+
     ctx = trace.set_span_in_context(parent) if parent is not None else None
     return tr.start_span(name, context=ctx, start_time=start_ns)
 
@@ -98,6 +95,8 @@ def end(
                     attrs[key] = value
         otel_span.set_attributes(attrs)
         if error:
+            from opentelemetry.trace import Status, StatusCode
+
             otel_span.set_status(Status(StatusCode.ERROR, error[:500]))
         otel_span.end(end_time=end_ns)
     except Exception:

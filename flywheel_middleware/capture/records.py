@@ -344,8 +344,9 @@ def call_rows(values: tuple, time_conv: Callable[[int | None], Any]) -> tuple[tu
     return span, rollout
 
 
-def pack_call(values: tuple) -> bytes | CallRecord:
-    """A call record as it waits in the recorder's queue: its ``values()`` marshalled.
+def pack_call(**values: Any) -> bytes | CallRecord:
+    """A call record (its ``CallRecord.COLUMNS`` by name) as it waits in the recorder's queue:
+    its values marshalled.
 
     Why: a queued record keeps its input and attribute containers alive until the writer
     takes it, and on a busy agent those survivors drive the cyclic GC (young collections,
@@ -353,10 +354,11 @@ def pack_call(values: tuple) -> bytes | CallRecord:
     not tracked by the GC at all. Values marshal will not take (an object, a ``str``
     subclass) keep the record as an object instead.
     """
+    ordered = tuple(values[name] for name in CallRecord.COLUMNS)
     try:
-        return marshal.dumps(values)
+        return marshal.dumps(ordered)
     except ValueError:
-        return CallRecord.from_values(values)
+        return CallRecord.from_values(ordered)
 
 
 def unpack_record(item: Record | bytes) -> Record:

@@ -6,13 +6,19 @@ import functools
 import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 
-from flywheel_middleware.config import FlywheelConfig, load_config
 from flywheel_middleware.errors import FlywheelError
+
+if TYPE_CHECKING:
+    from flywheel_middleware.config import FlywheelConfig
+
+# The modules of this package stay cheap to import (click, rich, the standard library, errors):
+# `flywheel --help` imports all of them. A command imports what it needs (the config, the
+# store, the loop, plugins) inside its function; tests/core/test_cli_startup.py checks this.
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # Piped output (CI logs, files) gets a wide page instead of rich's 80-column default.
@@ -33,6 +39,8 @@ class Cli:
     @property
     def config(self) -> FlywheelConfig:
         if self._config is None:
+            from flywheel_middleware.config import load_config
+
             self._config = load_config(self.config_path)
         return self._config
 

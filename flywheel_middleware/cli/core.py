@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
 from rich.tree import Tree
 
 from flywheel_middleware.cli.common import Cli, command, console, echo_json, short
-from flywheel_middleware.store import queries
+
+if TYPE_CHECKING:
+    from flywheel_middleware.store.queries import SpanNode
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "flywheel.yaml"
 
@@ -39,6 +41,8 @@ def register(main: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     def stats(cli: Cli, workflow: str | None, as_json: bool) -> None:
         """Totals per workflow: rollouts, errors, latency, ratings, low ratings, triggers."""
+        from flywheel_middleware.store import queries
+
         rule = cli.config.triggers.low_rating
         rows = queries.stats(cli.store, low_rating_max=rule.max_rating, workflow=workflow)
         if as_json:
@@ -92,6 +96,8 @@ def register(main: click.Group) -> None:
         cli: Cli, workflow: str | None, limit: int, max_rating: float | None, as_json: bool
     ) -> None:
         """Rollouts rated low or failed, worst first, with the conversation."""
+        from flywheel_middleware.store import queries
+
         max_rating = cli.config.triggers.low_rating.max_rating if max_rating is None else max_rating
         cases = queries.bad_cases(cli.store, workflow=workflow, max_rating=max_rating, limit=limit)
         if as_json:
@@ -133,6 +139,8 @@ def register(main: click.Group) -> None:
     @click.option("--limit", "-n", default=20, show_default=True)
     def rollouts(cli: Cli, workflow: str | None, status: str | None, limit: int) -> None:
         """The most recent rollouts."""
+        from flywheel_middleware.store import queries
+
         table = Table()
         for col in (
             "id",
@@ -163,6 +171,8 @@ def register(main: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True)
     def show(cli: Cli, rollout_id: str, as_json: bool) -> None:
         """One rollout and its span tree (an id or a unique prefix)."""
+        from flywheel_middleware.store import queries
+
         r = queries.find_rollout(cli.store, rollout_id)
         if r is None:
             raise click.ClickException(f"no rollout with id {rollout_id!r}")
@@ -201,6 +211,8 @@ def register(main: click.Group) -> None:
 
 def render_tree(rollout: Any, spans: list[Any]) -> Tree:
     """The span tree as a rich Tree: kind, name, duration, model, tokens, status."""
+    from flywheel_middleware.store import queries
+
     status = "[green]✓[/]" if rollout.status == "succeeded" else f"[red]✗ {rollout.status}[/]"
     label = (
         f"[bold]{rollout.workflow}[/] rollout {rollout.id} {status} {_fmt(rollout.latency_ms)} ms"
@@ -210,7 +222,7 @@ def render_tree(rollout: Any, spans: list[Any]) -> Tree:
     tree = Tree(label)
     tree.add(f"[cyan]input[/] {short(rollout.input, 100)}")
 
-    def add(parent: Tree, node: queries.SpanNode) -> None:
+    def add(parent: Tree, node: SpanNode) -> None:
         s = node.span
         parts = [f"[blue]{s.kind}[/]", f"[bold]{s.name}[/]", f"{_fmt(s.duration_ms)} ms"]
         if s.node:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flywheel_middleware.cli.common import Cli, command, console
 
@@ -25,6 +24,14 @@ def register(main: click.Group) -> None:
     def agentscope_studio(cli: Cli, path: Path, workflow: str, batch_size: int) -> None:
         """Import AgentScope Studio's database.sqlite (both span_table shapes, runs, replies,
         messages). Importing the same file again adds nothing."""
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
         from flywheel_middleware.importers.agentscope_studio import import_studio
 
         store = cli.store

@@ -11,8 +11,12 @@ import click
 from rich.table import Table
 
 from flywheel_middleware.cli.common import Cli, command, console, echo_json
-from flywheel_middleware.loop import experiments as ex
-from flywheel_middleware.loop import versions
+
+# The loop's modules (the store, SQLAlchemy) are imported inside each command, so that
+# `flywheel --help` stays fast; these two mirror flywheel_middleware.loop.experiments
+# (tests/loop/test_cli.py checks they agree) because click needs them to build the options.
+EXPERIMENT_STATUSES = ("running", "stopped", "promoted", "rejected")
+EXPERIMENT_UNITS = ("user_id", "session_id", "request")
 
 _EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
@@ -31,6 +35,8 @@ def parse_every(text: str, where: str = "'--every'") -> float:
 
 
 def _workflow(cli: Cli, workflow: str | None) -> str:
+    from flywheel_middleware.loop import versions
+
     known = sorted(set(cli.config.workflows) | set(versions.workflows_in_store(cli.store)))
     if workflow is None:
         if len(known) == 1:
@@ -49,6 +55,8 @@ def _workflow(cli: Cli, workflow: str | None) -> str:
 
 
 def _sync(cli: Cli, workflow: str) -> None:
+    from flywheel_middleware.loop import versions
+
     if workflow in cli.config.workflows:
         versions.ensure_workflow(cli.store, cli.config, workflow)
 
@@ -70,6 +78,8 @@ def register(main: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True)
     def config_show(cli: Cli, workflow: str | None, ref: str | None, as_json: bool) -> None:
         """The active config (or one version) and the version history."""
+        from flywheel_middleware.loop import versions
+
         workflow = _workflow(cli, workflow)
         _sync(cli, workflow)
         active = versions.active_version(cli.store, workflow)
@@ -128,6 +138,9 @@ def register(main: click.Group) -> None:
     @click.option("--reason", "-m", default=None, help="Why (kept in the audit log).")
     def config_activate(cli: Cli, workflow: str, version: str, reason: str | None) -> None:
         """Make a version (3, v3 or #id) the active config of WORKFLOW."""
+        from flywheel_middleware.loop import experiments as ex
+        from flywheel_middleware.loop import versions
+
         workflow = _workflow(cli, workflow)
         _sync(cli, workflow)
         row = versions.find_version(cli.store, workflow, version)
@@ -145,6 +158,8 @@ def register(main: click.Group) -> None:
     @click.argument("new", required=False)
     def config_diff(cli: Cli, workflow: str, old: str, new: str | None) -> None:
         """What changed between two versions (NEW defaults to the active one)."""
+        from flywheel_middleware.loop import versions
+
         workflow = _workflow(cli, workflow)
         _sync(cli, workflow)
         a = versions.find_version(cli.store, workflow, old)
@@ -172,9 +187,11 @@ def register(main: click.Group) -> None:
 
     @command(experiment_group, "list")
     @click.option("--workflow", "-w", default=None)
-    @click.option("--status", type=click.Choice(ex.STATUSES), default=None)
+    @click.option("--status", type=click.Choice(EXPERIMENT_STATUSES), default=None)
     def experiment_list(cli: Cli, workflow: str | None, status: str | None) -> None:
         """Experiments, newest first, with their variants' traffic and rollouts."""
+        from flywheel_middleware.loop import experiments as ex
+
         table = Table(title="experiments")
         for col in ("id", "workflow", "status", "started", "variants", "rollouts", "decision"):
             table.add_column(col)
@@ -196,6 +213,8 @@ def register(main: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True)
     def experiment_show(cli: Cli, experiment_id: int, as_json: bool) -> None:
         """Per-variant statistics with 95% intervals, and what each promoter decides now."""
+        from flywheel_middleware.loop import experiments as ex
+
         exp = ex.get_experiment(cli.store, experiment_id)
         stats = ex.experiment_stats(cli.store, exp, cli.config)
         decisions = _promoter_decisions(cli, stats) if exp.status == "running" else []
@@ -238,7 +257,7 @@ def register(main: click.Group) -> None:
     )
     @click.option(
         "--unit",
-        type=click.Choice(ex.UNITS),
+        type=click.Choice(EXPERIMENT_UNITS),
         default=None,
         help="What is randomised (default experiment.unit).",
     )
@@ -252,6 +271,9 @@ def register(main: click.Group) -> None:
         reason: str | None,
     ) -> None:
         """Serve config versions CANDIDATES (3, v3 or #id) of WORKFLOW to a slice of traffic."""
+        from flywheel_middleware.loop import experiments as ex
+        from flywheel_middleware.loop import versions
+
         workflow = _workflow(cli, workflow)
         _sync(cli, workflow)
         wf = cli.config.workflows.get(workflow)
@@ -287,6 +309,8 @@ def register(main: click.Group) -> None:
         cli: Cli, experiment_id: int, variant: str, units: tuple[str, ...]
     ) -> None:
         """Serve VARIANT to these unit ids in every process, for QA (none: clear VARIANT's list)."""
+        from flywheel_middleware.loop import experiments as ex
+
         exp = ex.force_units(cli.store, experiment_id, variant, list(units), actor="cli")
         forced = {v["name"]: v.get("force") or [] for v in exp.variants}
         console.print(
@@ -301,6 +325,8 @@ def register(main: click.Group) -> None:
     @click.option("--reason", "-m", default=None)
     def experiment_stop(cli: Cli, experiment_id: int, reject: bool, reason: str | None) -> None:
         """Stop an experiment; all traffic returns to the active version."""
+        from flywheel_middleware.loop import experiments as ex
+
         exp = ex.stop_experiment(
             cli.store,
             experiment_id,
@@ -318,6 +344,9 @@ def register(main: click.Group) -> None:
     @click.option("--reason", "-m", default=None)
     def promote(cli: Cli, experiment_id: int, variant: str | None, reason: str | None) -> None:
         """Promote a variant of a running experiment (default: the one the promoters favour)."""
+        from flywheel_middleware.loop import experiments as ex
+        from flywheel_middleware.loop import versions
+
         exp = ex.get_experiment(cli.store, experiment_id)
         stats = ex.experiment_stats(cli.store, exp, cli.config)
         decisions = _promoter_decisions(cli, stats)
@@ -358,6 +387,9 @@ def register(main: click.Group) -> None:
     @click.option("--reason", "-m", default=None)
     def rollback(cli: Cli, workflow: str, reason: str | None) -> None:
         """Restore the version that was active before the current one."""
+        from flywheel_middleware.loop import experiments as ex
+        from flywheel_middleware.loop import versions
+
         workflow = _workflow(cli, workflow)
         _sync(cli, workflow)
         running = ex.running_experiment(cli.store, workflow)
@@ -420,6 +452,8 @@ def _wait(seconds: float) -> None:
 
 def _report_stopped(cli: Cli, running: Any) -> None:
     """Say so when a deployment change stopped the experiment that was running."""
+    from flywheel_middleware.loop import experiments as ex
+
     if running is None:
         return
     now = ex.get_experiment(cli.store, running.id)
@@ -437,10 +471,10 @@ def _run_cycle(cli: Cli, mode: str | None, workflows: list[str] | None) -> Any:
 
 
 def _promoter_decisions(cli: Cli, stats: Any) -> list[tuple[str, Any]]:
-    from flywheel_middleware.loop.controller import _plugins
+    from flywheel_middleware.loop.controller import build_promoters
 
     out = []
-    for promoter in _plugins("promoter", cli.config, cli.store, ["sequential"]):
+    for promoter in build_promoters(cli.config, cli.store):
         try:
             out.append((promoter.name, promoter.decide(stats)))
         except Exception as exc:

@@ -164,7 +164,7 @@ def _serve(
         fw.feedback(r.id, key="resolved", value=float(resolved), source="business")
     if reaction.rating is not None:
         fw.feedback(r.id, rating=reaction.rating, comment=reaction.comment, user_id=user)
-    send_telemetry(fw.recorder(), r.id, session, reaction.events)
+    send_telemetry(fw.get_recorder(), r.id, session, reaction.events)
     stats = tally[r.config_version_id]
     stats["requests"] += 1
     stats["correct"] += reaction.correct
@@ -183,7 +183,7 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
     folder = Path(settings.folder)
     config_path, store_url = _prepare(folder, settings)
     config = fw.configure(config_path, store_url=store_url)
-    store = fw.store()
+    store = fw.get_store()
     resolver = versions.StoreResolver(store, config, ttl=3600)  # invalidated after each cycle
     runtime.set_resolver(resolver)
     result = DemoResult(folder=folder, store_url=store_url)

@@ -1,8 +1,9 @@
 """Implicit feedback: session features from UI telemetry, a rule, and a calibrated satisfaction model.
 
 Seed 003 sums raw milliseconds into an unscaled logistic regression, labels it with a rule and
-reports accuracy. Here the features are log-scaled and standardised, the labels come from real
-explicit feedback (rating >= ``implicit.positive_rating``, or a thumb), the probabilities are
+reports accuracy. Here the features are log-scaled and standardised, the labels are the
+rollouts' positive outcomes by real explicit feedback (``store.outcomes``: every rating >=
+``implicit.positive_rating`` and every thumb up), the probabilities are
 Platt-calibrated on out-of-fold scores, the model is judged by AUC and Brier score on a
 deterministic held-out split (a hash of the rollout id), and it is stored as plain JSON in
 ``ModelArtifact`` so scoring needs neither pickle nor scikit-learn.
@@ -29,10 +30,17 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flywheel_middleware.capture.records import utcnow
+from flywheel_middleware.store import outcomes
 from flywheel_middleware.store.models import ModelArtifact, TelemetryEvent
+from flywheel_middleware.store.outcomes import POSITIVE_RATING
+
+if TYPE_CHECKING:
+    from flywheel_middleware.config import FlywheelConfig
+    from flywheel_middleware.recording.recorder import Recorder
+    from flywheel_middleware.store.database import Store
 
 MODEL_NAME = "implicit_satisfaction"
 
@@ -171,7 +179,7 @@ def features_by(events: Iterable[Any], key: str = "rollout_id") -> dict[str, Fea
     return dict(out)
 
 
-def load_events(store: Any, rollout_ids: Sequence[str] | None = None) -> list[TelemetryEvent]:
+def load_events(store: Store, rollout_ids: Sequence[str] | None = None) -> list[TelemetryEvent]:
     """Telemetry rows of the given rollouts (all rows with a rollout when ``None``)."""
     from sqlmodel import select
 
@@ -189,11 +197,11 @@ def load_events(store: Any, rollout_ids: Sequence[str] | None = None) -> list[Te
     return rows
 
 
-def rollout_features(store: Any, rollout_ids: Sequence[str] | None = None) -> dict[str, Features]:
+def rollout_features(store: Store, rollout_ids: Sequence[str] | None = None) -> dict[str, Features]:
     return features_by(load_events(store, rollout_ids), "rollout_id")
 
 
-def session_features(store: Any, session_ids: Sequence[str]) -> dict[str, Features]:
+def session_features(store: Store, session_ids: Sequence[str]) -> dict[str, Features]:
     from sqlmodel import select
 
     with store.session() as session:
@@ -321,34 +329,24 @@ def model_name(workflow: str | None = None) -> str:
 
 
 def labels_for(
-    store: Any, positive_rating: float = 4, workflow: str | None = None
+    store: Store, positive_rating: float = POSITIVE_RATING, workflow: str | None = None
 ) -> dict[str, int]:
-    """Satisfied (1) or not (0) per rollout, from explicit ratings and thumbs (majority if several)."""
-    from sqlmodel import select
+    """Satisfied (1) or not (0) per rollout with an explicit verdict, by ``store.outcomes``.
 
+    A label is the rollout's positive outcome (every explicit rating >= ``positive_rating``
+    and every thumb up); ``positive_rating`` is YAML ``implicit.positive_rating``.
+    """
     from flywheel_middleware.store.models import Feedback, Rollout
 
-    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    q = outcomes.rollout_outcomes(positive_rating)
+    if workflow:
+        q = q.join(Rollout, Rollout.id == Feedback.rollout_id).where(Rollout.workflow == workflow)
     with store.session() as session:
-        q = select(Feedback.rollout_id, Feedback.key, Feedback.value).where(
-            Feedback.source == "explicit",
-            Feedback.key.in_(["rating", "thumbs"]),
-            Feedback.value.is_not(None),
-        )
-        if workflow:
-            q = q.join(Rollout, Rollout.id == Feedback.rollout_id).where(
-                Rollout.workflow == workflow
-            )
-        for rollout_id, key, value in session.exec(q):
-            good = value >= positive_rating if key == "rating" else value >= 0.5
-            s = sums[rollout_id]
-            s[0] += 1.0 if good else 0.0
-            s[1] += 1.0
-    return {rid: int(s[0] / s[1] >= 0.5) for rid, s in sums.items() if s[1]}
+        return {rid: int(positive) for rid, positive in session.exec(q)}
 
 
 def labelled_set(
-    store: Any, positive_rating: float = 4, workflow: str | None = None
+    store: Store, positive_rating: float = POSITIVE_RATING, workflow: str | None = None
 ) -> LabelledSet:
     """Rollouts (of one workflow, or all) that have both telemetry and explicit feedback."""
     labels = labels_for(store, positive_rating, workflow)
@@ -441,7 +439,12 @@ class TrainResult:
 
 
 def train(
-    store: Any, config: Any, *, workflow: str | None = None, save: bool = True, seed: int = 0
+    store: Store,
+    config: FlywheelConfig,
+    *,
+    workflow: str | None = None,
+    save: bool = True,
+    seed: int = 0,
 ) -> TrainResult:
     """Train on the labelled rollouts outside the held-out split; evaluate on the held-out ones.
 
@@ -493,7 +496,7 @@ def train(
     return result
 
 
-def save_model(store: Any, model: SatisfactionModel, name: str = MODEL_NAME) -> int:
+def save_model(store: Store, model: SatisfactionModel, name: str = MODEL_NAME) -> int:
     """Store the model as a new version; returns the version number."""
     from sqlalchemy import func
     from sqlmodel import select
@@ -517,7 +520,7 @@ def save_model(store: Any, model: SatisfactionModel, name: str = MODEL_NAME) -> 
 
 
 def load_model(
-    store: Any, version: int | None = None, name: str = MODEL_NAME
+    store: Store, version: int | None = None, name: str = MODEL_NAME
 ) -> SatisfactionModel | None:
     """The latest (or the given) stored model, or None."""
     from sqlmodel import select
@@ -536,7 +539,11 @@ def load_model(
 
 
 def evaluate(
-    store: Any, config: Any, version: int | None = None, *, workflow: str | None = None
+    store: Store,
+    config: FlywheelConfig,
+    version: int | None = None,
+    *,
+    workflow: str | None = None,
 ) -> dict[str, Any]:
     """Score the stored model and the rule on today's held-out labelled rollouts."""
     model = load_model(store, version, model_name(workflow))
@@ -566,7 +573,9 @@ class Scorer:
             self.method = f"model v{model.version}" + (f" ({wf})" if wf else "")
 
     @classmethod
-    def from_store(cls, store: Any, config: Any, workflow: str | None = None) -> Scorer:
+    def from_store(
+        cls, store: Store, config: FlywheelConfig, workflow: str | None = None
+    ) -> Scorer:
         """The workflow's own model if it has a usable one, else the shared model, else the rule."""
         min_labels = config.implicit.min_labels
         names = [model_name(workflow), MODEL_NAME] if workflow else [MODEL_NAME]
@@ -648,17 +657,14 @@ def simulate_events(
     return events
 
 
-def record_events(events: Iterable[dict[str, Any]], recorder: Any = None) -> int:
-    """Queue telemetry event dicts (``simulate_events`` output, or a UI's) for the store.
+def record_events(events: Iterable[dict[str, Any]], recorder: Recorder) -> int:
+    """Queue telemetry event dicts (``simulate_events`` output, or a UI's) on ``recorder``.
 
-    For demos and server-side producers that do not go through the HTTP service.
+    For demos and server-side producers that do not go through the HTTP service; in a process
+    set up with ``fw.configure``, pass ``fw.get_recorder()``. Returns the number queued.
     """
     from flywheel_middleware.capture.records import TelemetryRecord
 
-    if recorder is None:
-        from flywheel_middleware import runtime
-
-        recorder = runtime.recorder()
     n = 0
     for e in events:
         recorder.enqueue(

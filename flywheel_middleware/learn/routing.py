@@ -10,7 +10,8 @@ lucky start locks traffic in and an agent that improves is never tried again. He
   floor (``routing.floor`` per agent) so no eligible agent ever starves, and the agent is drawn
   from that distribution — so the recorded probability is the true propensity of the choice
   and past traffic can evaluate a new policy offline;
-- ``update_routing`` recomputes the posteriors from every routed rollout's reward (optionally
+- ``update_routing`` recomputes the posteriors from every routed rollout's reward (its stored
+  reward, else its outcome by ``store.outcomes``, else its implicit satisfaction; optionally
   discounting old evidence by a half-life), so running it twice never counts a reward twice;
 - ``weight`` (shown on the dashboard) is ``2 x`` the posterior mean clamped to
   ``[weight_min, weight_max]`` — 1.0 for an agent with no evidence, as in the seed.
@@ -25,9 +26,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flywheel_middleware.errors import FlywheelError
+
+if TYPE_CHECKING:  # the store and SQLAlchemy load on first use, not on import
+    from flywheel_middleware.config import FlywheelConfig, RoutingConfig
+    from flywheel_middleware.store.database import Store
 
 ANY_SKILL = "*"
 Posteriors = dict[tuple[str, str], list[float]]  # (agent, skill) -> [alpha, beta, n]
@@ -82,7 +87,7 @@ class Router:
 
     def __init__(
         self,
-        config: Any,
+        config: RoutingConfig,
         posteriors: Posteriors | None = None,
         *,
         seed: int | None = None,
@@ -205,19 +210,25 @@ class Router:
                 p[1] += weight * (1.0 - r)
                 p[2] += 1
 
+    def set_posteriors(self, posteriors: Posteriors) -> None:
+        """Replace the posteriors (e.g. freshly loaded from the store); in-flight loads stay."""
+        fresh = {k: list(v) for k, v in posteriors.items()}
+        with self._lock:
+            self.posteriors = fresh
+
     def weight(self, agent_id: str, skill: str = ANY_SKILL) -> float:
         a, b = self._posterior(agent_id, skill)
         return clamp_weight(2.0 * a / (a + b), self.config)
 
 
-def clamp_weight(value: float, config: Any) -> float:
+def clamp_weight(value: float, config: RoutingConfig) -> float:
     return max(config.weight_min, min(config.weight_max, value))
 
 
 # -- the store side ----------------------------------------------------------------------
 
 
-def load_posteriors(store: Any) -> Posteriors:
+def load_posteriors(store: Store) -> Posteriors:
     from sqlmodel import select
 
     from flywheel_middleware.store.models import RoutingWeight
@@ -227,7 +238,7 @@ def load_posteriors(store: Any) -> Posteriors:
         return {(r.agent_id, r.skill): [r.alpha, r.beta, float(r.n)] for r in rows}
 
 
-def save_posteriors(store: Any, posteriors: Posteriors, config: Any) -> None:
+def save_posteriors(store: Store, posteriors: Posteriors, config: RoutingConfig) -> None:
     """Replace the stored posteriors (and their display weights) in one transaction."""
     from sqlmodel import delete
 
@@ -250,32 +261,26 @@ def save_posteriors(store: Any, posteriors: Posteriors, config: Any) -> None:
             )
 
 
-def _explicit_rewards(store: Any, ids: list[str]) -> dict[str, float]:
-    """A reward in [0, 1] from ratings ((r - 1) / 4) and thumbs, averaged per rollout."""
-    from sqlmodel import select
+def _outcome_rewards(store: Store, ids: list[str]) -> dict[str, float]:
+    """1.0 for a positive outcome, 0.0 for another verdict (``store.outcomes``), per rollout.
 
+    The posterior is over an agent's success rate, and a user's verdict says success or not.
+    """
+    from flywheel_middleware.store import outcomes
     from flywheel_middleware.store.models import Feedback
 
-    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    out: dict[str, float] = {}
     with store.session() as session:
         for i in range(0, len(ids), 500):
-            q = select(Feedback.rollout_id, Feedback.key, Feedback.value).where(
-                Feedback.rollout_id.in_(ids[i : i + 500]),
-                Feedback.source == "explicit",
-                Feedback.key.in_(["rating", "thumbs"]),
-                Feedback.value.is_not(None),
-            )
-            for rid, key, value in session.exec(q):
-                r = (value - 1.0) / 4.0 if key == "rating" else value
-                s = sums[rid]
-                s[0] += min(1.0, max(0.0, r))
-                s[1] += 1
-    return {rid: s[0] / s[1] for rid, s in sums.items()}
+            q = outcomes.rollout_outcomes().where(Feedback.rollout_id.in_(ids[i : i + 500]))
+            for rid, positive in session.exec(q):
+                out[rid] = float(positive)
+    return out
 
 
 def update_routing(
-    store: Any,
-    config: Any,
+    store: Store,
+    config: FlywheelConfig,
     *,
     half_life_days: float | None = None,
     window_days: float | None = None,
@@ -283,16 +288,17 @@ def update_routing(
 ) -> dict[str, Any]:
     """Recompute every (agent, skill) posterior from the rewards of routed rollouts and store them.
 
-    A rollout's reward is its stored ``reward`` if set, else its explicit rating or thumb, else
-    (``use_implicit``) the implicit satisfaction of its UI telemetry. ``half_life_days`` discounts
-    old evidence (so an agent that changes is re-learned); ``window_days`` ignores older rollouts.
-    Idempotent: it rebuilds from scratch, so the controller may call it every cycle.
+    A rollout's reward is its stored ``reward`` if set, else its outcome by the users' explicit
+    feedback (1 positive, 0 not; ``store.outcomes``), else (``use_implicit``) the implicit
+    satisfaction of its UI telemetry. ``half_life_days`` discounts old evidence (so an agent
+    that changes is re-learned); ``window_days`` ignores older rollouts. Idempotent: it rebuilds
+    from scratch, so the controller may call it every cycle.
     """
     from sqlmodel import select
 
     from flywheel_middleware.store.models import Rollout
 
-    routing = getattr(config, "routing", config)
+    routing = config.routing
     with store.session() as session:
         q = select(
             Rollout.id, Rollout.started_at, Rollout.reward, Rollout.metadata_, Rollout.workflow
@@ -309,15 +315,14 @@ def update_routing(
             routed.append((rid, started, reward, route))
             workflow_of[rid] = workflow
     missing = [rid for rid, _, reward, _ in routed if reward is None]
-    explicit = _explicit_rewards(store, missing) if missing else {}
+    explicit = _outcome_rewards(store, missing) if missing else {}
     implicit: dict[str, float] = {}
     still = [rid for rid in missing if rid not in explicit]
-    if use_implicit and still and hasattr(config, "implicit"):
+    if use_implicit and still:
         from flywheel_middleware.learn.implicit import Scorer, rollout_features
 
-        scorers: dict[
-            str, Scorer
-        ] = {}  # each workflow's own model, else the shared one or the rule
+        # each workflow's own model, else the shared one, else the rule
+        scorers: dict[str, Scorer] = {}
         for rid, f in rollout_features(store, still).items():
             wf = workflow_of[rid]
             if wf not in scorers:
@@ -344,7 +349,7 @@ def update_routing(
             p[2] += 1
         used += 1
     save_posteriors(store, posteriors, routing)
-    _invalidate_cache()
+    invalidate_routers()
     return {
         "routed_rollouts": len(routed),
         "rewarded": used,
@@ -355,22 +360,29 @@ def update_routing(
     }
 
 
-# -- the process-wide router behind fw.route ---------------------------------------------
+# -- one router per (config, store), behind fw.route -------------------------------------
 
 _cache_lock = threading.Lock()
 _cache: dict[str, Any] = {"router": None, "key": None, "loaded": 0.0}
 REFRESH_SECONDS = 5.0
+"""How often a cached router re-reads the stored posteriors (``update_routing`` may run elsewhere)."""
 
 
-def _invalidate_cache() -> None:
-    _cache["loaded"] = 0.0
+def invalidate_routers() -> None:
+    """Make the cached router re-read the stored posteriors on its next use.
+
+    ``update_routing`` calls it; a process that learns of new posteriors otherwise may too.
+    """
+    with _cache_lock:
+        _cache["loaded"] = 0.0
 
 
-def _process_router() -> Router:
-    from flywheel_middleware import runtime
+def router_for(store: Store, config: FlywheelConfig) -> Router:
+    """The router of ``config.routing`` over ``store``'s posteriors, kept between requests.
 
-    config = runtime.get_config()
-    store = runtime.store()
+    One router is cached (its in-flight loads live in it); it is rebuilt when the config or
+    the store changes and re-reads the posteriors every ``REFRESH_SECONDS``.
+    """
     key = (id(config), store.url)
     now = time.monotonic()
     with _cache_lock:
@@ -384,9 +396,7 @@ def _process_router() -> Router:
             _cache.update(router=router, key=key, loaded=now)
         elif now - _cache["loaded"] > REFRESH_SECONDS:
             try:
-                fresh = load_posteriors(store)
-                with router._lock:
-                    router.posteriors = {k: list(v) for k, v in fresh.items()}
+                router.set_posteriors(load_posteriors(store))
             except Exception:  # keep routing on the last posteriors if the store hiccups
                 pass
             _cache["loaded"] = now
@@ -394,19 +404,23 @@ def _process_router() -> Router:
 
 
 def route(
+    store: Store,
+    config: FlywheelConfig,
     skills: Sequence[str] | str = (),
     *,
     load: dict[str, float] | None = None,
     rollout: Any = None,
 ) -> RouteDecision:
-    """Choose an agent for a request needing ``skills``; record the choice on the current rollout.
+    """Choose an agent for a request needing ``skills``; record the choice on the rollout.
 
-    ``load`` overrides the in-flight counts this process keeps (release them with
-    ``decision.release()`` or ``with fw.route(...) as d:``).
+    The router is ``router_for(store, config)``. The decision is recorded as the rollout's
+    ``route`` metadata (``rollout``, or the current one when None). ``load`` overrides the
+    in-flight counts this process keeps (release them with ``decision.release()`` or
+    ``with ... as d:``). ``fw.route(skills)`` is this with the process's store and config.
     """
     if isinstance(skills, str):
         skills = [skills]
-    decision = _process_router().choose(list(skills), load)
+    decision = router_for(store, config).choose(list(skills), load)
     if rollout is None:
         from flywheel_middleware.capture.handles import current_rollout
 

@@ -2,7 +2,8 @@
 
 Per workflow and node — ``span.node``, or the span's name for top-level and agent spans — and
 per workflow as a whole (from rollouts, ``node`` is None): calls, average and p95 latency, error
-rate, low-rating rate (ratings joined through the rollout) and implicit satisfaction (mean of
+rate, low-rating rate (a rollout's rating, by ``store.outcomes``, joined through the rollout:
+low when at most ``triggers.low_rating.max_rating``) and implicit satisfaction (mean of
 feedback with source ``implicit``), over a time window. Groups with at least ``min_calls`` that
 breach a threshold of YAML ``analysis:`` are hot.
 
@@ -25,6 +26,7 @@ from typing import Any
 from sqlalchemy import text
 
 from flywheel_middleware.config import FlywheelConfig
+from flywheel_middleware.store import outcomes
 from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.models import HOT_SPANS
 
@@ -344,14 +346,16 @@ def _feedback_rows(store: Store, q: _Query, low_rating_max: float) -> list[tuple
     src = q.src
     params = {**q.params, "low": low_rating_max}
     rows: list[tuple] = []
-    for kind, cond in (
-        ("rating", "f.key = 'rating' AND f.value IS NOT NULL"),
-        ("implicit", "f.source = 'implicit' AND f.value IS NOT NULL"),
+    ratings = outcomes.as_sql(outcomes.rollout_ratings(), store.engine.dialect)
+    for kind, per_rollout in (
+        # a rollout's rating: its lowest explicit rating (store.outcomes)
+        ("rating", f"SELECT o.rollout_id AS rid, o.rating AS value FROM ({ratings}) o"),
+        (
+            "implicit",
+            "SELECT f.rollout_id AS rid, AVG(f.value) AS value FROM feedback f "
+            "WHERE f.source = 'implicit' AND f.value IS NOT NULL GROUP BY f.rollout_id",
+        ),
     ):
-        per_rollout = (
-            f"SELECT f.rollout_id AS rid, AVG(f.value) AS value FROM feedback f "
-            f"WHERE {cond} GROUP BY f.rollout_id"
-        )
         join = "CROSS JOIN" if q.dialect == "sqlite" else "JOIN"  # SQLite: drive from feedback
         if src is _SPANS:
             body = (

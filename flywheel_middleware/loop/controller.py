@@ -9,8 +9,6 @@ a Markdown report a person can read and approve, and a ``cycle`` ChangeEvent for
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -22,14 +20,19 @@ from sqlmodel import select
 
 from flywheel_middleware.capture.records import utcnow
 from flywheel_middleware.config import FlywheelConfig, PluginSpec
+from flywheel_middleware.learn import routing
+from flywheel_middleware.loop import analysis, datasets, rewards, versions
 from flywheel_middleware.loop import experiments as ex
-from flywheel_middleware.loop import versions
-from flywheel_middleware.loop.triggers import (
-    TRIGGER_KIND,
-    check_low_rating_triggers,
-    low_rating_window,
+from flywheel_middleware.loop.triggers import check_low_rating_triggers, low_rating_window
+from flywheel_middleware.plugin_system.base import (
+    Candidate,
+    Decision,
+    Mutator,
+    PluginContext,
+    Promoter,
+    Sample,
 )
-from flywheel_middleware.plugin_system.base import Candidate, Decision, PluginContext, Sample
+from flywheel_middleware.plugin_system.manager import plugin_manager
 from flywheel_middleware.store import queries
 from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.models import ChangeEvent, Feedback
@@ -82,63 +85,43 @@ class CycleReport:
         return render_markdown(self)
 
 
-# -- optional parts written elsewhere (imported lazily; absent ones are reported) ---------
-
-
-def _optional(module: str, attr: str) -> Any:
-    try:
-        mod = importlib.import_module(f"flywheel_middleware.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"flywheel_middleware.{module}":
-            return None
-        raise
-    return getattr(mod, attr, None)
-
-
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` with the keyword arguments it accepts (APIs of sibling modules evolve)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
-
-
-def _field(obj: Any, name: str, default: Any = None) -> Any:
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def _plain(obj: Any) -> dict[str, Any]:
-    if isinstance(obj, dict):
-        return dict(obj)
-    if hasattr(obj, "as_dict"):
-        return obj.as_dict()
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump()
-    if hasattr(obj, "__dataclass_fields__"):
-        return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
-    return {"problem": str(obj)}
-
-
 # -- plugins --------------------------------------------------------------------------------
 
+DEFAULT_MUTATORS = ("param",)
+"""The mutators the cycle uses when YAML ``mutators:`` lists none."""
+DEFAULT_PROMOTERS = ("sequential",)
+"""The promoters the cycle uses when YAML ``promoters:`` lists none."""
 
-def _plugins(kind: str, config: FlywheelConfig, store: Store, default: list[str]) -> list[Any]:
-    from flywheel_middleware.plugin_system.manager import plugin_manager
 
+def _build(
+    kind: str,
+    specs: list[PluginSpec],
+    default: tuple[str, ...],
+    config: FlywheelConfig,
+    store: Store,
+) -> list[Any]:
     manager = plugin_manager(config)
     context = PluginContext(config=config, store=store)
-    specs = getattr(config, "mutators" if kind == "mutator" else "promoters")
     if not specs:
         return [
             manager.build(kind, PluginSpec(type=name), where=f"default {kind}", context=context)
             for name in default
         ]
     return manager.build_all(kind, config, context)
+
+
+def build_mutators(config: FlywheelConfig, store: Store) -> list[Mutator]:
+    """The enabled mutators of YAML ``mutators:`` (``DEFAULT_MUTATORS`` when it lists none)."""
+    return _build("mutator", config.mutators, DEFAULT_MUTATORS, config, store)
+
+
+def build_promoters(config: FlywheelConfig, store: Store) -> list[Promoter]:
+    """The enabled promoters of YAML ``promoters:`` (``DEFAULT_PROMOTERS`` when it lists none).
+
+    The promoters a cycle asks; ``flywheel experiment show`` and ``flywheel promote`` ask
+    the same ones.
+    """
+    return _build("promoter", config.promoters, DEFAULT_PROMOTERS, config, store)
 
 
 # -- the steps ------------------------------------------------------------------------------
@@ -165,70 +148,25 @@ def _since(config: FlywheelConfig, now: datetime) -> datetime:
     return now - timedelta(minutes=config.analysis.since_minutes)
 
 
-def _basic_hot_problems(
-    store: Store, config: FlywheelConfig, workflow: str, since: datetime
-) -> list[dict[str, Any]]:
-    """Fallback when flywheel_middleware.loop.analysis is absent: seed 001's thresholds per workflow."""
-    a = config.analysis
-    low_max = config.triggers.low_rating.max_rating
-    out = []
-    for s in queries.stats(store, low_rating_max=low_max, workflow=workflow):
-        if s.rollouts < a.min_calls:
-            continue
-        reasons = []
-        if s.avg_latency_ms and s.avg_latency_ms > a.latency_ms_max:
-            reasons.append(f"avg latency {s.avg_latency_ms:.0f} ms > {a.latency_ms_max:g}")
-        if s.error_rate > a.error_rate_max:
-            reasons.append(f"error rate {s.error_rate:.1%} > {a.error_rate_max:.0%}")
-        if s.rated and s.low_rated / s.rated > a.low_rating_rate_max:
-            reasons.append(
-                f"low-rating rate {s.low_rated / s.rated:.1%} > {a.low_rating_rate_max:.0%}"
-            )
-        if reasons:
-            out.append(
-                {
-                    "workflow": s.workflow,
-                    "node": None,
-                    "count": s.rollouts,
-                    "reason": "; ".join(reasons),
-                    "source": "controller fallback",
-                }
-            )
-    return out
-
-
 def observe(
     store: Store, config: FlywheelConfig, workflows: list[str], now: datetime, report: CycleReport
 ) -> dict[str, list[dict[str, Any]]]:
     """Hot problems and low-rating triggers per workflow."""
     since = _since(config, now)
     found: dict[str, list[dict[str, Any]]] = {w: [] for w in workflows}
-    hot = _optional("loop.analysis", "hot_problems")
     for workflow in workflows:
         # judge the config being served now: nothing from before the last deployment change
         history = versions.deployment_history(store, workflow)
         wf_since = max(since, _aware(history[-1].created_at)) if history else since
-        if hot is not None:
-            try:
-                items = [
-                    _plain(p) for p in _call(hot, store, config, workflow=workflow, since=wf_since)
-                ]
-            except Exception as exc:  # a failing analysis must not stop the cycle
-                report.notes.append(f"analysis.hot_problems failed for {workflow}: {exc}")
-                items = []
-        else:
-            items = _basic_hot_problems(store, config, workflow, wf_since)
-        for item in items:
-            if not item.get("reason") and item.get("breaches"):
-                item["reason"] = "; ".join(str(b) for b in item["breaches"])
-            item.setdefault("workflow", workflow)
-            item.setdefault("source", "hot_problems")
-            found[workflow].append(item)
-    if hot is None:
-        report.notes.append(
-            "flywheel_middleware.loop.analysis is not installed: hot problems came from the "
-            "controller's fallback (seed 001 thresholds per workflow)"
-        )
+        try:
+            hot = analysis.hot_problems(store, config, workflow=workflow, since=wf_since)
+        except Exception as exc:  # a failing analysis must not stop the cycle
+            report.notes.append(f"analysis.hot_problems failed for {workflow}: {exc}")
+            continue
+        for p in hot:
+            found[workflow].append(
+                {**p.as_dict(), "reason": "; ".join(p.breaches), "source": "hot_problems"}
+            )
     check_low_rating_triggers(store, config)
     rule = config.triggers.low_rating
     last_cycle = last_cycle_at(store)
@@ -236,7 +174,9 @@ def observe(
     with store.session() as session:
         events = session.exec(
             select(ChangeEvent)
-            .where(ChangeEvent.kind == TRIGGER_KIND, ChangeEvent.created_at >= trigger_since)
+            .where(
+                ChangeEvent.kind == queries.TRIGGER_KIND, ChangeEvent.created_at >= trigger_since
+            )
             .order_by(ChangeEvent.created_at)
         ).all()
     fired: dict[str, int] = {}
@@ -275,68 +215,39 @@ def curate(
     """
     last = last_cycle_at(store)
     since = max(_since(config, now), last) if last is not None else _since(config, now)
-    compute = _optional("loop.rewards", "compute_rewards")
-    if compute is None:
-        report.notes.append(
-            "flywheel_middleware.loop.rewards is not installed: rewards not computed"
-        )
-    else:
-        scored = 0
-        for workflow in workflows:
-            try:
-                run = compute(store, config, workflow=workflow, since=since)
-            except Exception as exc:
-                report.notes.append(f"rewards.compute_rewards failed for {workflow}: {exc}")
-                continue
-            scored += sum(1 for r in run.values() if getattr(r, "value", None) is not None)
-            for failure in getattr(run, "failures", [])[:5]:
-                report.notes.append(f"reward source failed: {failure}")
-        report.curation["rewards"] = f"{scored} rollouts scored"
+    scored = 0
+    for workflow in workflows:
+        try:
+            run = rewards.compute_rewards(store, config, workflow=workflow, since=since)
+        except Exception as exc:
+            report.notes.append(f"rewards.compute_rewards failed for {workflow}: {exc}")
+            continue
+        scored += sum(1 for r in run.values() if r.value is not None)
+        for failure in run.failures[:5]:
+            report.notes.append(f"reward source failed: {failure}")
+    report.curation["rewards"] = f"{scored} rollouts scored"
     if config.routing.agents:  # adaptive routing learns from the same rewards
-        update = _optional("learn.routing", "update_routing")
-        if update is not None:
-            try:
-                summary = update(store, config)
-                report.curation["routing"] = (
-                    summary if isinstance(summary, dict) else _summarise(summary)
-                )
-            except Exception as exc:
-                report.notes.append(f"routing.update_routing failed: {exc}")
-    export = _optional("loop.datasets", "export")
-    if export is None:
-        report.notes.append(
-            "flywheel_middleware.loop.datasets is not installed: no datasets exported"
-        )
-        return
+        try:
+            report.curation["routing"] = routing.update_routing(store, config)
+        except Exception as exc:
+            report.notes.append(f"routing.update_routing failed: {exc}")
     out_dir = Path(config.controller.dataset_dir or Path(config.controller.report_dir) / "datasets")
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {}
     for workflow in workflows:
-        for kind in ("triplets", "sft", "preference", "tasks"):
+        for kind in datasets.KINDS:
             target = out_dir / f"{workflow}.{kind}.jsonl"
             try:
-                result = export(
+                result = datasets.export(
                     store, kind, workflow, target, config=config, filters=bool(config.filters)
                 )
             except Exception as exc:
                 report.notes.append(f"datasets.export {kind} for {workflow} failed: {exc}")
                 continue
-            written[str(target)] = {"rows": getattr(result, "count", None)}
-            for failure in getattr(result, "failures", [])[:3]:
+            written[str(target)] = {"rows": result.count}
+            for failure in result.failures[:3]:
                 report.notes.append(f"{kind} export: {failure}")
     report.curation["datasets"] = written
-
-
-def _summarise(result: Any) -> Any:
-    if result is None or isinstance(result, int | float | str):
-        return result
-    if isinstance(result, dict):
-        return {k: v for k, v in result.items() if isinstance(v, int | float | str | None)}
-    if hasattr(result, "__dataclass_fields__") or hasattr(result, "model_dump"):
-        return _summarise(_plain(result))
-    if isinstance(result, list | tuple):
-        return len(result)
-    return str(result)
 
 
 def _combine(decisions: list[tuple[str, Decision]]) -> Decision:
@@ -359,7 +270,7 @@ def decide(
 ) -> set[str]:
     """Judge each running experiment; returns workflows whose deployment changed."""
     changed: set[str] = set()
-    promoters = _plugins("promoter", config, store, ["sequential"])
+    promoters = build_promoters(config, store)
     for exp in ex.list_experiments(store, status="running"):
         if exp.workflow not in workflows:
             continue
@@ -473,7 +384,7 @@ def generate(
         if wf is None:
             continue
         if mutators is None:
-            mutators = _plugins("mutator", config, store, ["param"])
+            mutators = build_mutators(config, store)
         active = versions.active_version(store, workflow)
         if active is None:
             continue
@@ -553,9 +464,7 @@ def generate(
                 note=cand.note,
             )
             ids.append(row.id)
-        reason = "hot problem: " + "; ".join(
-            str(_field(p, "reason") or _field(p, "kind") or p) for p in items[:3]
-        )
+        reason = "hot problem: " + "; ".join(str(p["reason"]) for p in items[:3])
         try:
             exp = ex.start_experiment(
                 store,

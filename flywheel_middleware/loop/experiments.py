@@ -20,7 +20,8 @@ from sqlmodel import select
 from flywheel_middleware.capture.records import utcnow
 from flywheel_middleware.config import FlywheelConfig, Objective
 from flywheel_middleware.errors import FlywheelError
-from flywheel_middleware.loop.versions import _set_active, get_version, lock_workflow
+from flywheel_middleware.loop.versions import get_version, lock_workflow, set_active
+from flywheel_middleware.store import outcomes
 from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.models import ChangeEvent, Deployment, Experiment, Feedback, Rollout
 
@@ -154,6 +155,7 @@ class VariantStats:
 
     @property
     def positive_feedback_rate(self) -> Estimate:
+        """Positive outcomes among rated rollouts (``store.outcomes``), with a Wilson interval."""
         return wilson(self.positive, self.rated, self.confidence)
 
     @property
@@ -352,25 +354,16 @@ def experiment_stats(
             .where(Rollout.experiment_id == exp.id)
             .group_by(Rollout.variant)
         ).all()
+        # rated and positive rollouts by the one definition of a positive outcome
         per_rollout = (
-            select(
-                Feedback.rollout_id.label("rid"),
-                func.max(
-                    case(
-                        ((Feedback.key == "rating") & (Feedback.value >= 4), 1),
-                        ((Feedback.key == "thumbs") & (Feedback.value >= 0.5), 1),
-                        else_=0,
-                    )
-                ).label("positive"),
-            )
+            outcomes.rollout_outcomes()
             .join(Rollout, Rollout.id == Feedback.rollout_id)
-            .where(Rollout.experiment_id == exp.id, Feedback.key.in_(("rating", "thumbs")))
-            .group_by(Feedback.rollout_id)
+            .where(Rollout.experiment_id == exp.id)
             .subquery()
         )
         rated = session.exec(
             select(Rollout.variant, func.count(), func.sum(per_rollout.c.positive))
-            .join(per_rollout, per_rollout.c.rid == Rollout.id)
+            .join(per_rollout, per_rollout.c.rollout_id == Rollout.id)
             .group_by(Rollout.variant)
         ).all()
     for row in rows:
@@ -663,7 +656,7 @@ def promote(
         row.decision = {"action": "promote", "variant": variant, "reason": reason, **evidence}
         session.add(row)
         session.flush()  # no longer running: the deployment change below does not stop it
-        event = _set_active(
+        event = set_active(
             session,
             row.workflow,
             int(chosen["version_id"]),

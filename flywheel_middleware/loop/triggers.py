@@ -14,16 +14,20 @@ from sqlmodel import select
 
 from flywheel_middleware.capture.records import utcnow
 from flywheel_middleware.config import FlywheelConfig
+from flywheel_middleware.store import outcomes
 from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.models import ChangeEvent, Feedback, Rollout
-
-TRIGGER_KIND = "trigger"
+from flywheel_middleware.store.queries import TRIGGER_KIND
 
 
 def low_rating_window(
     store: Store, workflow: str, window: int, max_rating: float
 ) -> dict[str, Any]:
-    """Low-rated count among the last ``window`` rollouts (unrated ones count as not low, as in the seed)."""
+    """Low-rated count among the last ``window`` rollouts (unrated ones count as not low, as in the seed).
+
+    A rollout is low-rated when its rating — its lowest explicit rating (``store.outcomes``) —
+    is at most ``max_rating`` (YAML ``triggers.low_rating.max_rating``).
+    """
     last = (
         select(Rollout.id)
         .where(Rollout.workflow == workflow)
@@ -31,12 +35,7 @@ def low_rating_window(
         .limit(window)
         .subquery()
     )
-    rating = (
-        select(Feedback.rollout_id, func.min(Feedback.value).label("rating"))
-        .where(Feedback.key == "rating", Feedback.rollout_id.in_(select(last.c.id)))
-        .group_by(Feedback.rollout_id)
-        .subquery()
-    )
+    rating = outcomes.rollout_ratings().where(Feedback.rollout_id.in_(select(last.c.id))).subquery()
     with store.session() as session:
         size = session.exec(select(func.count()).select_from(last)).one()
         low_ids = session.exec(

@@ -292,7 +292,7 @@ def active_version(store: Store, workflow: str) -> ConfigVersion | None:
         return None if dep is None else session.get(ConfigVersion, dep.active_version_id)
 
 
-def _set_active(
+def set_active(
     session: Any,
     workflow: str,
     version_id: int,
@@ -302,6 +302,12 @@ def _set_active(
     reason: str | None,
     evidence: dict[str, Any] | None,
 ) -> ChangeEvent:
+    """Make ``version_id`` the active version of ``workflow`` inside the caller's transaction.
+
+    Writes the Deployment row, a ChangeEvent of ``kind`` (activate, promote, rollback, ...)
+    from the previous version, and stops experiments whose baseline is no longer active. The
+    caller holds the workflow's lock (``lock_workflow``) and commits; returns the event.
+    """
     dep = session.get(Deployment, workflow, with_for_update=True)
     previous = None if dep is None else dep.active_version_id
     now = utcnow()
@@ -385,7 +391,7 @@ def activate(
         )
     with store.session() as session:
         lock_workflow(session, store, workflow)
-        return _set_active(
+        return set_active(
             session,
             workflow,
             version_id,
@@ -447,7 +453,7 @@ def rollback(
                 f"workflow {workflow!r} has no earlier version to roll back to "
                 f"(active: v{current.version})"
             )
-        return _set_active(
+        return set_active(
             session,
             workflow,
             stack[-1],
@@ -510,7 +516,7 @@ def ensure_workflow(store: Store, config: FlywheelConfig, workflow: str) -> Conf
                 + (f" ({config.source})" if config.source else ""),
             )
         if dep is None or (digest not in hashes and dep.active_version_id != version.id):
-            _set_active(
+            set_active(
                 session,
                 workflow,
                 version.id,

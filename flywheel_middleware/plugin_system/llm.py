@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,6 +76,34 @@ def import_object(path: str) -> Any:
         except AttributeError:
             raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
     return obj
+
+
+def run_sync(coro: Any) -> Any:
+    """Run a coroutine to completion from sync code, even in a thread that runs an event loop.
+
+    For plugins whose work is async (a judge asking many answers concurrently) behind a sync
+    hook (``Filter.filter``, ``RewardSource.score``): with no running loop it is
+    ``asyncio.run``; inside one (a notebook, an async server) the coroutine runs on its own
+    loop in a helper thread, and its result or exception comes back here.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="flywheel-plugin-async")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def normalize_messages(messages: Messages) -> list[Message]:

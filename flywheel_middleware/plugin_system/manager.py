@@ -117,11 +117,6 @@ class FlywheelPluginManager:
         for module_name in BUILTIN_MODULES:
             try:
                 module = importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:
-                if exc.name == module_name:  # not written yet (or removed): nothing to load
-                    continue
-                self.errors.append(PluginFailure(module_name, _describe(exc), "built-in"))
-                continue
             except Exception as exc:
                 self.errors.append(PluginFailure(module_name, _describe(exc), "built-in"))
                 continue
@@ -129,11 +124,9 @@ class FlywheelPluginManager:
 
     def load_entry_points(self, group: str = hookspecs.PROJECT) -> None:
         """What pluggy's ``load_setuptools_entrypoints`` does, but one bad package is contained."""
-        for ep in importlib.metadata.entry_points(group=group):
-            dist = getattr(ep, "dist", None)
+        for ep in third_party_entry_points(group):  # our own are loaded as built-ins
+            dist = ep.dist
             dist_name = dist.metadata["Name"] if dist is not None else "?"
-            if ep.value in BUILTIN_MODULES:
-                continue  # our own, already loaded as built-ins
             origin = f"entry point {ep.name} ({dist_name} {dist.version if dist else ''})".strip()
             try:
                 plugin = ep.load()
@@ -435,12 +428,21 @@ def run_contained(
         return False, None
 
 
+def third_party_entry_points(group: str = hookspecs.PROJECT) -> list[importlib.metadata.EntryPoint]:
+    """The group's entry points other than our built-ins, without loading any of them."""
+    return [
+        ep for ep in importlib.metadata.entry_points(group=group) if ep.value not in BUILTIN_MODULES
+    ]
+
+
 def install_redaction(recorder: Any, config: FlywheelConfig) -> bool:
     """Add the redact_span hooks and ``redactors:`` to a recorder as a transform (True if any).
 
     The transform turns each record into a dict (with ``table``), redacts it, and copies the
     fields back, so hooks see plain data and never the recorder's internals.
     """
+    if not (config.redactors or config.plugins or third_party_entry_points()):
+        return False  # the built-ins define no redact_span hook: nothing to load
     try:
         redact = plugin_manager(config).redactor(config)
     except Exception as exc:  # never break the recorder (the host agent) over a redactor

@@ -218,6 +218,12 @@ class Recorder:
     def pending(self) -> int:
         return len(self._buf)
 
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's pid while one writes span and rollout rows, else None."""
+        process = self._process
+        return process.pid if process is not None else None
+
     def close(self, timeout: float | None = None) -> bool:
         """Flush, stop the writer, and leave in a spill file whatever the store would not take."""
         if self._stopped.is_set():

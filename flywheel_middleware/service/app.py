@@ -340,7 +340,7 @@ def create_app(
         data = parse_json(body)
         check_text(data)
         events = parse_telemetry(data, settings.max_batch_events)
-        rec = runtime.recorder()
+        rec = runtime.get_recorder()
         now = time.time_ns()
         for ev in events:  # all validated: now queue every one
             rec.enqueue(
@@ -418,10 +418,10 @@ def create_app(
 
     @app.get("/v1/health", summary="Liveness, the store, and the recorder's counters", tags=["ops"])
     def health() -> JSONResponse:
-        rec = runtime.recorder()
+        rec = runtime.get_recorder()
         body: dict[str, Any] = {"status": "ok", "version": __version__}
         try:
-            store = runtime.store()
+            store = runtime.get_store()
             store.execute("SELECT 1")
             body["store"] = store.dialect
         except Exception as exc:
@@ -452,7 +452,7 @@ def create_app(
 
     @app.get("/v1/dashboard/workflows", summary="Workflows with rollouts", tags=["dashboard"])
     def dashboard_workflows() -> JSONResponse:
-        return JSONResponse(dashboard.workflows(runtime.store()))
+        return JSONResponse(dashboard.workflows(runtime.get_store()))
 
     @app.get(
         "/v1/dashboard/workflows/{workflow}",
@@ -463,7 +463,7 @@ def create_app(
         if not 2 <= buckets <= 200:
             raise ApiError(422, "buckets must be between 2 and 200")
         return JSONResponse(
-            dashboard.workflow_view(runtime.store(), cfg, workflow, buckets=buckets)
+            dashboard.workflow_view(runtime.get_store(), cfg, workflow, buckets=buckets)
         )
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -1,22 +1,25 @@
 """The data behind the dashboard, as JSON: one call per workflow.
 
-Sections come from other parts of the flywheel (hot problems from ``analysis``, experiments
-from ``experiments``); when one is missing or fails, its section says why and the rest still
-renders.
+Ratings and the positive-feedback rate follow ``store.outcomes`` (a rollout's rating is its
+lowest explicit rating; it is positive when every explicit verdict on it is), so the dashboard
+shows the figures the experiments and the triggers act on. A section whose query fails says
+why and the rest still renders.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
-from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import select
 
+from flywheel_middleware.config import FlywheelConfig
+from flywheel_middleware.loop import analysis
+from flywheel_middleware.loop import experiments as ex
+from flywheel_middleware.store import outcomes
+from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.models import ChangeEvent, Feedback, Rollout, RoutingWeight
 
 log = logging.getLogger("flywheel_middleware.service")
@@ -32,10 +35,7 @@ def _ts(value: datetime | None) -> float | None:
 
 
 def _jsonable(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(asdict(value))
-    if hasattr(value, "model_dump"):
-        return _jsonable(value.model_dump())
+    """Plain data (``as_dict`` output, stored JSON) made JSON-safe: datetimes as ISO text, NaN as null."""
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set):
@@ -47,7 +47,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def workflows(store: Any) -> list[dict[str, Any]]:
+def workflows(store: Store) -> list[dict[str, Any]]:
     with store.session() as session:
         rows = session.exec(
             select(Rollout.workflow, func.count(), func.max(Rollout.started_at)).group_by(
@@ -75,8 +75,25 @@ def _bucketize(
     ]
 
 
-def series(store: Any, workflow: str, buckets: int = 24) -> dict[str, Any]:
-    """Mean rating, reward, implicit satisfaction, volume and error rate per time bucket."""
+def series(store: Store, workflow: str, buckets: int = 24) -> dict[str, Any]:
+    """Per time bucket of rollout start: mean rating, positive-feedback rate, reward, implicit
+    satisfaction, volume and error rate.
+
+    ``rating`` is the mean of the rated rollouts' ratings and ``positive`` the share of rollouts
+    with a verdict whose outcome is positive, both by ``store.outcomes``; ``n`` counts them.
+    """
+    ratings_q = (
+        outcomes.rollout_ratings()
+        .join(Rollout, Rollout.id == Feedback.rollout_id)
+        .where(Rollout.workflow == workflow)
+        .subquery()
+    )
+    outcomes_q = (
+        outcomes.rollout_outcomes()
+        .join(Rollout, Rollout.id == Feedback.rollout_id)
+        .where(Rollout.workflow == workflow)
+        .subquery()
+    )
     with store.session() as session:
         rollouts = session.exec(
             select(Rollout.started_at, Rollout.reward, Rollout.status)
@@ -85,12 +102,15 @@ def series(store: Any, workflow: str, buckets: int = 24) -> dict[str, Any]:
             .limit(MAX_POINTS)
         ).all()
         ratings = session.exec(
-            select(Feedback.created_at, Feedback.value)
-            .join(Rollout, Rollout.id == Feedback.rollout_id)
-            .where(
-                Rollout.workflow == workflow, Feedback.key == "rating", Feedback.value.is_not(None)
-            )
-            .order_by(Feedback.created_at.desc())
+            select(Rollout.started_at, ratings_q.c.rating)
+            .join(ratings_q, ratings_q.c.rollout_id == Rollout.id)
+            .order_by(Rollout.started_at.desc())
+            .limit(MAX_POINTS)
+        ).all()
+        positive = session.exec(
+            select(Rollout.started_at, outcomes_q.c.positive)
+            .join(outcomes_q, outcomes_q.c.rollout_id == Rollout.id)
+            .order_by(Rollout.started_at.desc())
             .limit(MAX_POINTS)
         ).all()
         implicit = session.exec(
@@ -104,22 +124,25 @@ def series(store: Any, workflow: str, buckets: int = 24) -> dict[str, Any]:
             .order_by(Rollout.started_at.desc())
             .limit(MAX_POINTS)
         ).all()
-    times = [_ts(r[0]) for r in rollouts if r[0] is not None] + [
-        _ts(r[0]) for r in ratings if r[0] is not None
-    ]
+    times = [_ts(r[0]) for r in rollouts if r[0] is not None]
     if not times:
         return {
             "start": None,
             "end": None,
             "rating": [],
+            "positive": [],
             "reward": [],
+            "implicit": [],
             "volume": [],
             "error_rate": [],
         }
     start, end = min(times), max(times)
     if end - start < 1:
         end = start + 1
-    rating_pts = [(_ts(t), float(v)) for t, v in ratings if t is not None]
+
+    def points(rows: Any) -> list[tuple[float, float]]:
+        return [(_ts(t), float(v)) for t, v in rows if t is not None and v is not None]
+
     reward_pts = [(_ts(t), float(r)) for t, r, _ in rollouts if t is not None and r is not None]
     volume_pts = [(_ts(t), 1.0) for t, _, _ in rollouts if t is not None]
     error_pts = [(_ts(t), 1.0 if s == "failed" else 0.0) for t, _, s in rollouts if t is not None]
@@ -129,77 +152,46 @@ def series(store: Any, workflow: str, buckets: int = 24) -> dict[str, Any]:
     return {
         "start": start,
         "end": end,
-        "rating": _bucketize(rating_pts, start, end, buckets),
+        "rating": _bucketize(points(ratings), start, end, buckets),
+        "positive": _bucketize(points(positive), start, end, buckets),
         "reward": _bucketize(reward_pts, start, end, buckets),
-        "implicit": _bucketize(
-            [(_ts(t), float(v)) for t, v in implicit if t is not None], start, end, buckets
-        ),
+        "implicit": _bucketize(points(implicit), start, end, buckets),
         "volume": volume,
         "error_rate": _bucketize(error_pts, start, end, buckets),
     }
 
 
-def hot_problems(store: Any, config: Any, workflow: str) -> dict[str, Any]:
+def hot_problems(store: Store, config: FlywheelConfig, workflow: str) -> dict[str, Any]:
+    """The workflow's hot problems (``loop.analysis``), as rows for a table."""
     try:
-        analysis = importlib.import_module("flywheel_middleware.loop.analysis")  # optional here
-    except ImportError:
-        return {"available": False, "reason": "flywheel_middleware.loop.analysis is not installed"}
-    fn = getattr(analysis, "hot_problems", None)
-    if fn is None:
-        return {"available": False, "reason": "analysis.hot_problems is missing"}
-    try:
-        params = inspect.signature(fn).parameters
-        kwargs: dict[str, Any] = {}
-        if "workflow" in params:
-            kwargs["workflow"] = workflow
-        if "config" in params:
-            kwargs["config"] = config
-        first = next(iter(params), None)
-        result = fn(store, **kwargs) if first in ("store", "s") else fn(store, config, **kwargs)
-        rows = []
-        for item in list(result) if not isinstance(result, dict) else [result]:
-            row = _jsonable(item)
-            if isinstance(row, dict):
-                for prop in ("error_rate", "low_rating_rate"):  # properties asdict leaves out
-                    if prop not in row and hasattr(item, prop):
-                        row[prop] = _jsonable(getattr(item, prop))
-                if isinstance(row.get("breaches"), list):
-                    row["breaches"] = "; ".join(str(b) for b in row["breaches"])
-            rows.append(row)
-        if isinstance(rows, list):
-            rows = [
-                r for r in rows if not isinstance(r, dict) or r.get("workflow") in (None, workflow)
-            ]
-        return {"available": True, "problems": rows}
-    except Exception as exc:
+        found = analysis.hot_problems(store, config, workflow=workflow)
+    except Exception as exc:  # one failing section must not take the page down
         log.warning("dashboard: hot problems failed: %s", exc)
         return {"available": False, "reason": f"hot_problems failed: {type(exc).__name__}: {exc}"}
+    rows = []
+    for p in found:
+        row = _jsonable(p.as_dict())
+        row["breaches"] = "; ".join(p.breaches)
+        rows.append(row)
+    return {"available": True, "problems": rows}
 
 
-def experiments(store: Any, config: Any, workflow: str) -> dict[str, Any]:
+def experiments(store: Store, config: FlywheelConfig, workflow: str) -> dict[str, Any]:
+    """The workflow's five latest experiments with their per-variant statistics."""
     try:
-        exps = importlib.import_module("flywheel_middleware.loop.experiments")
-    except ImportError:
-        return {
-            "available": False,
-            "reason": "flywheel_middleware.loop.experiments is not installed",
-        }
-    try:
-        found = exps.list_experiments(store, workflow=workflow)[:5]
         out = []
-        for exp in found:
-            stats = exps.experiment_stats(store, exp, config)
-            d = _jsonable(stats.as_dict())
+        for exp in ex.list_experiments(store, workflow=workflow)[:5]:
+            d = _jsonable(ex.experiment_stats(store, exp, config).as_dict())
             d["started_at"] = _ts(exp.started_at)
             d["decision"] = _jsonable(exp.decision)
             out.append(d)
-        return {"available": True, "experiments": out}
-    except Exception as exc:
+    except Exception as exc:  # one failing section must not take the page down
         log.warning("dashboard: experiments failed: %s", exc)
         return {"available": False, "reason": f"experiments failed: {type(exc).__name__}: {exc}"}
+    return {"available": True, "experiments": out}
 
 
-def routing_weights(store: Any) -> list[dict[str, Any]]:
+def routing_weights(store: Store) -> list[dict[str, Any]]:
     with store.session() as session:
         rows = session.exec(
             select(RoutingWeight).order_by(RoutingWeight.agent_id, RoutingWeight.skill)
@@ -226,7 +218,7 @@ def routing_weights(store: Any) -> list[dict[str, Any]]:
     return out
 
 
-def change_events(store: Any, workflow: str, limit: int = 20) -> list[dict[str, Any]]:
+def change_events(store: Store, workflow: str, limit: int = 20) -> list[dict[str, Any]]:
     with store.session() as session:
         rows = session.exec(
             select(ChangeEvent)
@@ -247,7 +239,9 @@ def change_events(store: Any, workflow: str, limit: int = 20) -> list[dict[str, 
     ]
 
 
-def workflow_view(store: Any, config: Any, workflow: str, *, buckets: int = 24) -> dict[str, Any]:
+def workflow_view(
+    store: Store, config: FlywheelConfig, workflow: str, *, buckets: int = 24
+) -> dict[str, Any]:
     """Everything the dashboard draws for one workflow."""
     return {
         "workflow": workflow,

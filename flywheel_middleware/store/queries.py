@@ -9,9 +9,12 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_
 from sqlmodel import select
 
-from flywheel_middleware.loop.triggers import TRIGGER_KIND
+from flywheel_middleware.store import outcomes
 from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.models import ChangeEvent, Feedback, Rollout, Span
+
+TRIGGER_KIND = "trigger"
+"""The ChangeEvent kind a low-rating trigger writes (``flywheel_middleware.loop.triggers``)."""
 
 
 @dataclass
@@ -33,9 +36,13 @@ class WorkflowStats:
 
 
 def stats(
-    store: Store, *, low_rating_max: float = 2, workflow: str | None = None
+    store: Store, *, low_rating_max: float = outcomes.LOW_RATING, workflow: str | None = None
 ) -> list[WorkflowStats]:
-    """Totals per workflow: rollouts, failures, latency, ratings, low ratings, thumbs, triggers."""
+    """Totals per workflow: rollouts, failures, latency, ratings, low ratings, thumbs, triggers.
+
+    A rollout's rating is its lowest explicit rating and a thumb is up by the rule of
+    ``store.outcomes``; ``avg_rating`` is the mean of the rated rollouts' ratings.
+    """
     out: dict[str, WorkflowStats] = {}
     with store.session() as session:
         q = select(
@@ -49,14 +56,10 @@ def stats(
         for wf, n, failed, lat in session.exec(q):
             out[wf] = WorkflowStats(wf, rollouts=n, failed=int(failed or 0), avg_latency_ms=lat)
         per_rollout = (
-            select(
-                Rollout.workflow.label("workflow"),
-                Feedback.rollout_id.label("rollout_id"),
-                func.avg(Feedback.value).label("rating"),
-            )
+            outcomes.rollout_ratings()
+            .add_columns(Rollout.workflow.label("workflow"))
             .join(Rollout, Rollout.id == Feedback.rollout_id)
-            .where(Feedback.key == "rating")
-            .group_by(Rollout.workflow, Feedback.rollout_id)
+            .group_by(Rollout.workflow)
             .subquery()
         )
         q2 = select(
@@ -69,9 +72,13 @@ def stats(
             if wf in out:
                 out[wf].rated, out[wf].avg_rating, out[wf].low_rated = n, avg, int(low or 0)
         q3 = (
-            select(Rollout.workflow, func.count(), func.sum(Feedback.value))
+            select(
+                Rollout.workflow,
+                func.count(),
+                func.sum(case((Feedback.value >= outcomes.THUMBS_UP, 1), else_=0)),
+            )
             .join(Rollout, Rollout.id == Feedback.rollout_id)
-            .where(Feedback.key == "thumbs")
+            .where(outcomes.thumbs_filter())
             .group_by(Rollout.workflow)
         )
         for wf, n, ups in session.exec(q3):
@@ -101,21 +108,19 @@ def bad_cases(
     store: Store,
     *,
     workflow: str | None = None,
-    max_rating: float = 2,
+    max_rating: float = outcomes.LOW_RATING,
     limit: int = 50,
     since: datetime | None = None,
 ) -> list[BadCase]:
-    """Rollouts rated ≤ ``max_rating`` or failed, worst first (lowest rating, then failures)."""
+    """Rollouts rated ≤ ``max_rating`` or failed, worst first (lowest rating, then failures).
+
+    A rollout's rating is its lowest explicit rating (``store.outcomes``).
+    """
     with store.session() as session:
-        ratings = (
-            select(Feedback.rollout_id.label("rid"), func.min(Feedback.value).label("rating"))
-            .where(Feedback.key == "rating")
-            .group_by(Feedback.rollout_id)
-            .subquery()
-        )
+        ratings = outcomes.rollout_ratings().subquery()
         q = (
             select(Rollout, ratings.c.rating)
-            .join(ratings, ratings.c.rid == Rollout.id, isouter=True)
+            .join(ratings, ratings.c.rollout_id == Rollout.id, isouter=True)
             .where(or_(ratings.c.rating <= max_rating, Rollout.status == "failed"))
         )
         if workflow:

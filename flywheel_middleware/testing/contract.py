@@ -139,7 +139,7 @@ class ContractEnv:
         from flywheel_middleware.store.models import Rollout, Span
 
         assert self.fw.flush(10), "the recorder did not flush within 10 s"
-        with self.fw.store().session() as session:
+        with self.fw.get_store().session() as session:
             rollouts = list(session.exec(select(Rollout).order_by(Rollout.started_at)).all())
             spans = list(session.exec(select(Span).order_by(Span.sequence)).all())
         return [Captured(r, [s for s in spans if s.rollout_id == r.id]) for r in rollouts]
@@ -262,25 +262,31 @@ class AdapterContract:
         assert len(c.of_kind("llm")) >= 2
 
     def test_host_unharmed_when_store_broken(
-        self, env: ContractEnv, flywheel_driver: AdapterDriver, monkeypatch: Any
+        self, env: ContractEnv, flywheel_driver: AdapterDriver
     ) -> None:
         expected = flywheel_driver.normalize(flywheel_driver.run_unwrapped(env, "still works"))
 
         class Broken:
-            def enqueue(self, record: Any) -> None:
-                raise RuntimeError("store is broken")
+            """A backend whose every call fails, as a broken store or resolver would."""
 
-            def flush(self, timeout: Any = None) -> bool:
-                return True
+            def __getattr__(self, name: str) -> Any:
+                def broken(*args: Any, **kwargs: Any) -> Any:
+                    raise RuntimeError("store is broken")
 
-        def broken(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("store is broken")
+                return broken
 
-        from flywheel_middleware import runtime
+        from flywheel_middleware.capture import backend
 
-        monkeypatch.setattr(runtime, "recorder", lambda: Broken())
-        monkeypatch.setattr(runtime, "store", broken)
-        monkeypatch.setattr(runtime, "resolve", broken)
+        working = backend.current()
+        backend.install(Broken())
+        try:
+            self._run_with_broken_backend(env, flywheel_driver, expected)
+        finally:
+            backend.install(working)
+
+    def _run_with_broken_backend(
+        self, env: ContractEnv, flywheel_driver: AdapterDriver, expected: Any
+    ) -> None:
         assert flywheel_driver.normalize(flywheel_driver.run(env, "still works")) == expected
         with pytest.raises(Exception) as plain:
             flywheel_driver.run_failing(env, wrapped=False)

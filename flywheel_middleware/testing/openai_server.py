@@ -234,22 +234,8 @@ class _QuietServer(ThreadingHTTPServer):
 class OpenAIServer:
     """A threaded loopback server; start with ``with`` or ``start()``/``stop()``."""
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        *,
-        model: str = "gpt-test",
-        compact_json: bool = False,
-        obfuscation: bool = False,
-    ) -> None:
-        """``compact_json``: write JSON as OpenAI's API does (no spaces after ``,`` and ``:``)
-        rather than with Python's default separators. ``obfuscation``: end every chat stream
-        chunk with an ``obfuscation`` padding field, as the API does unless the request's
-        ``stream_options.include_obfuscation`` is false."""
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, model: str = "gpt-test") -> None:
         self.model = model
-        self.separators = (",", ":") if compact_json else (", ", ": ")
-        self.obfuscation = obfuscation
         self.delay = 0.0
         self.requests: list[Request] = []
         self.in_flight = 0
@@ -436,14 +422,7 @@ def _chat_stream(server: OpenAIServer, req: Request, reply: Reply) -> Iterator[s
     cid = server._next_id("chatcmpl")
     created = int(time.time())
     model = reply.model or req.body.get("model") or server.model
-    options = req.body.get("stream_options") or {}
-    include_usage = bool(options.get("include_usage"))
-    padding = server.obfuscation and options.get("include_obfuscation", True)
-
-    def dumps(body: dict[str, Any]) -> str:
-        if padding:  # the API's padding, last in every chunk (its length varies)
-            body["obfuscation"] = "x" * (1 + len(json.dumps(body["choices"])) % 7)
-        return f"data: {json.dumps(body, separators=server.separators)}\n\n"
+    include_usage = bool((req.body.get("stream_options") or {}).get("include_usage"))
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
         body = {
@@ -455,10 +434,10 @@ def _chat_stream(server: OpenAIServer, req: Request, reply: Reply) -> Iterator[s
         }
         if include_usage:
             body["usage"] = None
-        return dumps(body)
+        return f"data: {json.dumps(body)}\n\n"
 
     for body in reply.prelude:  # e.g. Azure's prompt_filter_results chunk (no choices)
-        yield f"data: {json.dumps(body, separators=server.separators)}\n\n"
+        yield f"data: {json.dumps(body)}\n\n"
     yield chunk({"role": "assistant", "content": ""})
     if reply.refusal is not None:
         for piece in _pieces(reply.refusal):
@@ -483,7 +462,7 @@ def _chat_stream(server: OpenAIServer, req: Request, reply: Reply) -> Iterator[s
                 "total_tokens": prompt + completion,
             },
         }
-        yield dumps(usage_chunk)
+        yield f"data: {json.dumps(usage_chunk)}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -548,7 +527,7 @@ def _responses_stream(server: OpenAIServer, req: Request, reply: Reply) -> Itera
 
     def event(name: str, data: dict[str, Any]) -> str:
         data = {"type": name, "sequence_number": next(seq), **data}
-        return f"event: {name}\ndata: {json.dumps(data, separators=server.separators)}\n\n"
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
     yield event("response.created", {"response": in_progress})
     yield event("response.in_progress", {"response": in_progress})
@@ -614,7 +593,7 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             pass
 
         def _send_json(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body, separators=server.separators).encode()
+            data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))

@@ -35,7 +35,7 @@ def captured(fw):
 
     def read(workflow: str | None = None) -> list[Captured]:
         assert fw.flush(10), "recorder did not flush"
-        with fw.store().session() as session:
+        with fw.get_store().session() as session:
             q = select(Rollout).order_by(Rollout.started_at)
             rollouts = list(session.exec(q).all())
             spans = list(session.exec(select(Span).order_by(Span.sequence)).all())

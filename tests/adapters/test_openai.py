@@ -199,7 +199,7 @@ def test_call_outside_a_rollout_is_queued_whole(
     from flywheel_middleware import runtime
     from flywheel_middleware.capture.handles import RolloutHandle, SpanHandle
 
-    recorder = runtime.recorder()
+    recorder = runtime.get_recorder()
     queued: list = []
     enqueue = recorder.enqueue
     monkeypatch.setattr(recorder, "enqueue", lambda item: (queued.append(item), enqueue(item)))
@@ -226,31 +226,25 @@ def test_call_outside_a_rollout_is_queued_whole(
     assert kinds == [SpanHandle, RolloutHandle, SpanHandle, RolloutHandle]
 
 
-def test_call_under_an_otel_sdk_is_mirrored_to_it(openai_server: OpenAIServer, captured):
-    """With an OTel SDK installed a call outside any rollout opens real handles, so OTel sees
-    its workflow and model spans (a call queued whole would bypass OTel)."""
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+def test_call_is_mirrored_to_an_otel_sdk_when_asked(
+    openai_server: OpenAIServer, captured, otel_sdk
+):
+    """With mirroring on, a call outside any rollout opens its rollout, so OTel sees its
+    workflow and model spans; with it off (the default) the SDK gets nothing."""
+    from flywheel_middleware.capture import otel_mirror
 
-    from flywheel_middleware.capture import otel_mirror as otel
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
     client = wrap_openai(openai_server.client(), workflow="mirrored")
-    original = otel.trace._TRACER_PROVIDER
-    otel.trace._TRACER_PROVIDER = provider  # what trace.set_tracer_provider() sets, once only
-    try:
-        client.chat.completions.create(model="gpt-x", messages=MSGS)
-        list(client.chat.completions.create(model="gpt-x", messages=MSGS, stream=True))
-    finally:
-        otel.trace._TRACER_PROVIDER = original
+    client.chat.completions.create(model="gpt-x", messages=MSGS)
+    assert otel_sdk.finished() == []
+    otel_mirror.set_enabled(True)
+    client.chat.completions.create(model="gpt-x", messages=MSGS)
+    list(client.chat.completions.create(model="gpt-x", messages=MSGS, stream=True))
+    exporter = otel_sdk.exporter
     names = [s.name for s in exporter.get_finished_spans()]
     assert sorted(names) == ["chat.completions"] * 2 + ["workflow mirrored"] * 2
     model = next(s for s in exporter.get_finished_spans() if s.name == "chat.completions")
     assert model.attributes["gen_ai.usage.output_tokens"] == 3
-    assert [c.spans[0].output_tokens for c in captured("mirrored")] == [3, 3]
+    assert [c.spans[0].output_tokens for c in captured("mirrored")] == [3, 3, 3]
 
 
 def test_async_client_plain_and_stream(openai_server: OpenAIServer, captured) -> None:
@@ -341,95 +335,78 @@ def test_apply_config_overrides_params_and_system_prompt(
 # -- what a chat stream's caller sees, when the wrapper asks for usage --------------------------
 
 
+def _view(chunk) -> dict:
+    """Every public view of a chunk, with its id and time (numbered per request) made equal:
+    what a caller may serialise or compare, unset fields left out or not."""
+    same = chunk.model_copy(update={"id": "x", "created": 0})  # keeps the set fields
+    return {
+        "model_fields_set": sorted(chunk.model_fields_set),
+        "to_dict": same.to_dict(),
+        "to_json": same.to_json(),
+        "exclude_unset": same.model_dump_json(exclude_unset=True),
+        "model_dump": same.model_dump(),
+        "usage": chunk.usage,
+        "object": same,  # pydantic's ``==``: values and extras
+    }
+
+
 def _stream_dicts(client: openai.OpenAI, **kwargs) -> list[dict]:
-    """Each chunk as the SDK's ``to_dict()`` (unset fields left out), ids and times removed."""
-    out = []
-    for chunk in client.chat.completions.create(model="m", messages=MSGS, stream=True, **kwargs):
-        d = chunk.to_dict()
-        d.pop("id"), d.pop("created")
-        out.append((d, sorted(chunk.model_fields_set)))
-    return out
+    """The public views of every chunk a chat stream gives its caller."""
+    stream = client.chat.completions.create(model="m", messages=MSGS, stream=True, **kwargs)
+    return [_view(chunk) for chunk in stream]
 
 
+async def _astream_dicts(client: openai.AsyncOpenAI, **kwargs) -> list[dict]:
+    stream = await client.chat.completions.create(model="m", messages=MSGS, stream=True, **kwargs)
+    return [_view(chunk) async for chunk in stream]
+
+
+_ASKS = {"stream_options": {"include_usage": True}}
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("asked", [False, True], ids=["caller-silent", "caller-asks"])
 def test_chat_stream_chunks_are_the_unwrapped_ones_field_for_field(
-    openai_server: OpenAIServer, captured
+    openai_server: OpenAIServer, captured, asked: bool, is_async: bool
 ) -> None:
-    """Asked for usage, the server adds ``"usage": null`` to every chunk; the caller's chunks
-    still have no ``usage`` among their set fields, as without the wrapper."""
-    plain, wrapped = openai_server.client(), wrap_openai(openai_server.client(), workflow="f")
+    """The caller gets the chunks an unwrapped client gets, in every public view.
+
+    Caller silent: the wrapper asks for usage, so the server sends a usage-only chunk (not
+    passed on) and ``"usage": null`` in every other chunk; ``usage`` is still not among a
+    chunk's set fields, nor in ``to_dict()`` / ``to_json()``. Caller asks: the request is
+    theirs and every chunk, the usage one included, is passed on as it is."""
+    extra = _ASKS if asked else {}
     openai_server.enqueue("a b", "a b")
-    expect, got = _stream_dicts(plain), _stream_dicts(wrapped)
-    assert got == expect and all("usage" not in d for d, _ in got)
-    assert openai_server.requests[-1].body["stream_options"] == {"include_usage": True}
+    if is_async:
+        plain, wrapped = openai_server.async_client(), openai_server.async_client()
+        wrap_openai(wrapped, workflow="f")
+
+        async def main():
+            return await _astream_dicts(plain, **extra), await _astream_dicts(wrapped, **extra)
+
+        expect, got = asyncio.run(main())
+    else:
+        plain, wrapped = openai_server.client(), wrap_openai(openai_server.client(), workflow="f")
+        expect, got = _stream_dicts(plain, **extra), _stream_dicts(wrapped, **extra)
+    sent_plain, sent = (r.body for r in openai_server.requests[-2:])
+    assert sent_plain.get("stream_options") == extra.get("stream_options")
+    assert sent["stream_options"] == {"include_usage": True}
+    assert {k: v for k, v in sent.items() if k != "stream_options"} == {
+        k: v for k, v in sent_plain.items() if k != "stream_options"
+    }
+    assert got == expect
+    assert len(got) == (5 if asked else 4)  # role, "a", " b", finish (, usage)
+    if asked:
+        assert got[-1]["usage"].completion_tokens == 2 and got[-1]["to_dict"]["choices"] == []
+        assert all("usage" in view["model_fields_set"] for view in got)
+    else:
+        assert all(view["to_dict"]["choices"] for view in got)
+        assert all("usage" not in view["model_fields_set"] for view in got)
+        assert all('"usage"' not in view["to_json"] for view in got)
     [c] = captured("f")
-    assert (c.spans[0].input_tokens, c.spans[0].output_tokens) == (2, 2)
-
-
-def test_usage_chunk_is_dropped_before_the_sdk_builds_it(
-    openai_server: OpenAIServer, monkeypatch, captured
-) -> None:
-    """The usage-only event the wrapper asked for is read as JSON off the SSE stream: the SDK
-    builds a chunk object only for what the caller gets."""
-    client = wrap_openai(openai_server.client(), workflow="d")
-    built = []
-    process = client._process_response_data
-
-    def counting(**kwargs):
-        built.append(kwargs["data"])
-        return process(**kwargs)
-
-    monkeypatch.setattr(client, "_process_response_data", counting)
-    chunks = list(client.chat.completions.create(model="m", messages=MSGS, stream=True))
-    assert len(built) == len(chunks) and all(d["choices"] for d in built)
-    [c] = captured("d")
-    assert c.spans[0].output_tokens == 3
-
-
-@pytest.mark.parametrize(
-    ("compact", "padded"),
-    [(False, False), (True, False), (True, True), (False, True)],
-    ids=["python-json", "openai-json", "openai-api", "python-json-padded"],
-)
-def test_usage_null_is_cut_before_the_sdk_builds_a_chunk(
-    compact: bool, padded: bool, captured
-) -> None:
-    """Asked for usage, the server adds ``"usage": null`` to every chunk, at its end or (as
-    OpenAI's API does) just before the ``obfuscation`` padding; the wrapper cuts it out of the
-    event's JSON, so the SDK builds each chunk from what an unasked stream sends."""
-    with OpenAIServer(compact_json=compact, obfuscation=padded) as server:
-        plain, wrapped = server.client(), wrap_openai(server.client(), workflow="cut")
-        built: list[dict] = []
-        process = wrapped._process_response_data
-
-        def counting(**kwargs):
-            built.append(kwargs["data"])
-            return process(**kwargs)
-
-        wrapped._process_response_data = counting
-        server.enqueue("a b", "a b")
-        expect, got = _stream_dicts(plain), _stream_dicts(wrapped)
-        assert server.requests[-1].body["stream_options"] == {"include_usage": True}
-    assert got == expect and len(built) == len(got)
-    assert all("usage" not in data for data in built), "the SDK was given the null usage"
-    assert all(("obfuscation" in data) is padded for data in built)
-    [c] = captured("cut")
-    assert c.spans[0].output_tokens == 2
-
-
-def test_usage_null_left_in_the_event_is_unmarked_on_the_chunk(
-    openai_server: OpenAIServer, monkeypatch, captured
-) -> None:
-    """Where an event cannot be rewritten (an SDK whose events differ), the chunk is built
-    with the null usage and the field is unmarked: the caller still sees the unasked chunks."""
-    import flywheel_middleware.adapters.openai as adapter
-
-    monkeypatch.setattr(adapter, "_SSE", None)
-    plain, wrapped = openai_server.client(), wrap_openai(openai_server.client(), workflow="keep")
-    openai_server.enqueue("a b", "a b")
-    expect, got = _stream_dicts(plain), _stream_dicts(wrapped)
-    assert got == expect and all("usage" not in fields for _, fields in got)
-    [c] = captured("keep")
-    assert c.spans[0].output_tokens == 2
+    span = c.spans[0]
+    assert (span.input_tokens, span.output_tokens) == (2, 2)
+    assert span.output == {"role": "assistant", "content": "a b"}
 
 
 def test_chunk_without_choices_or_usage_is_shown(openai_server: OpenAIServer, captured) -> None:
@@ -448,8 +425,8 @@ def test_chunk_without_choices_or_usage_is_shown(openai_server: OpenAIServer, ca
     plain, wrapped = openai_server.client(), wrap_openai(openai_server.client(), workflow="az")
     openai_server.enqueue(Reply("a b", prelude=prelude), Reply("a b", prelude=prelude))
     expect, got = _stream_dicts(plain), _stream_dicts(wrapped)
-    assert got == expect and got[0][0]["choices"] == []
-    assert got[0][0]["prompt_filter_results"] == prelude[0]["prompt_filter_results"]
+    assert got == expect and got[0]["to_dict"]["choices"] == []
+    assert got[0]["to_dict"]["prompt_filter_results"] == prelude[0]["prompt_filter_results"]
     [c] = captured("az")
     assert c.spans[0].output == {"role": "assistant", "content": "a b"}
     assert c.spans[0].output_tokens == 2
@@ -539,25 +516,29 @@ def test_stream_that_is_not_the_sdks_is_proxied_and_usage_hidden(fw, captured) -
     assert c.spans[0].output == {"role": "assistant", "content": "hi"}
 
 
-def test_async_stream_chunks_match_and_usage_recorded(
+def test_async_stream_stays_an_sdk_stream_and_early_close_ends_span(
     openai_server: OpenAIServer, captured
 ) -> None:
-    plain = openai_server.async_client()
-    wrapped = wrap_openai(openai_server.async_client(), workflow="as")
-
-    async def dicts(client) -> list[dict]:
-        stream = await client.chat.completions.create(model="m", messages=MSGS, stream=True)
-        out = []
-        async for c in stream:
-            d = c.to_dict()
-            d.pop("id"), d.pop("created")
-            out.append(d)
-        return out
+    client = wrap_openai(openai_server.async_client(), workflow="aclose")
+    openai_server.enqueue("one two three four", "five six")
 
     async def main():
-        return await dicts(plain), await dicts(wrapped)
+        stream = await client.chat.completions.create(model="m", messages=MSGS, stream=True)
+        assert isinstance(stream, openai.AsyncStream)
+        async with stream as entered:
+            assert entered is stream and stream.response.status_code == 200
+            first = await stream.__anext__()
+            second = await stream.__anext__()
+        other = await client.chat.completions.create(model="m", messages=MSGS, stream=True)
+        rest = [c async for c in other]
+        await other.aclose()  # after the end: nothing left to record
+        return first, second, rest
 
-    expect, got = asyncio.run(main())
-    assert got == expect
-    [c] = captured("as")
-    assert (c.spans[0].input_tokens, c.spans[0].output_tokens) == (2, 3)
+    first, second, rest = asyncio.run(main())
+    assert first.choices[0].delta.role == "assistant" and second.choices[0].delta.content == "one"
+    assert "".join(c.choices[0].delta.content or "" for c in rest) == "five six"
+    early, read = captured("aclose")
+    assert early.spans[0].ended_at is not None and early.rollout.status == "succeeded"
+    assert early.spans[0].output == {"role": "assistant", "content": "one"}
+    assert read.spans[0].output == {"role": "assistant", "content": "five six"}
+    assert read.spans[0].output_tokens == 2

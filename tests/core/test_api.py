@@ -12,7 +12,7 @@ from flywheel_middleware.store import queries
 
 def _spans(fw, rollout_id):
     fw.flush()
-    return {s.name: s for s in queries.spans_of(fw.store(), rollout_id)}
+    return {s.name: s for s in queries.spans_of(fw.get_store(), rollout_id)}
 
 
 def test_rollout_records_spans_under_the_right_parents(fw):
@@ -30,7 +30,7 @@ def test_rollout_records_spans_under_the_right_parents(fw):
     assert [spans[n].sequence for n in ("plan", "lookup", "answer")] == [0, 1, 2]
     assert spans["lookup"].input == {"id": 7} and spans["lookup"].output == {"status": "shipped"}
     assert spans["answer"].model == "m-1" and spans["answer"].output_tokens == 30
-    row = queries.find_rollout(fw.store(), r.id)
+    row = queries.find_rollout(fw.get_store(), r.id)
     assert (row.workflow, row.user_id, row.session_id, row.status) == (
         "qa",
         "u1",
@@ -48,7 +48,7 @@ def test_an_exception_marks_span_and_rollout_failed_and_propagates(fw):
             raise KeyError("missing")
     spans = _spans(fw, r.id)
     assert spans["lookup"].status == "error" and "KeyError" in spans["lookup"].error
-    row = queries.find_rollout(fw.store(), r.id)
+    row = queries.find_rollout(fw.get_store(), r.id)
     assert row.status == "failed" and "missing" in row.error
 
 
@@ -75,7 +75,7 @@ def test_a_span_with_no_rollout_opens_one_implicitly(fw):
     with fw.span("standalone", kind="tool", workflow="adhoc") as s:
         s.set_output("done")
     fw.flush()
-    row = queries.find_rollout(fw.store(), s.rollout.id)
+    row = queries.find_rollout(fw.get_store(), s.rollout.id)
     assert row.workflow == "adhoc" and row.output == "done"
 
 
@@ -90,7 +90,7 @@ async def test_concurrent_asyncio_rollouts_do_not_mix(fw):
     rollouts = await asyncio.gather(*(one(i) for i in range(50)))
     fw.flush()
     for i, r in enumerate(rollouts):
-        spans = {s.name: s for s in queries.spans_of(fw.store(), r.id)}
+        spans = {s.name: s for s in queries.spans_of(fw.get_store(), r.id)}
         assert set(spans) == {f"outer-{i}", f"inner-{i}"}
         assert spans[f"inner-{i}"].parent_id == spans[f"outer-{i}"].id
 
@@ -112,7 +112,7 @@ def test_threads_each_keep_their_own_rollout(fw):
         t.join()
     fw.flush()
     for rid in results.values():
-        spans = queries.spans_of(fw.store(), rid)
+        spans = queries.spans_of(fw.get_store(), rid)
         assert len(spans) == 20 and sorted(s.sequence for s in spans) == list(range(20))
 
 
@@ -141,24 +141,16 @@ def test_config_comes_from_the_workflow(tmp_path, sqlite_url):
         fw.shutdown()
 
 
-def test_spans_are_mirrored_to_an_otel_sdk(fw):
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+def test_spans_are_mirrored_to_an_otel_sdk_when_asked(sqlite_url, otel_sdk):
+    import flywheel_middleware as fw
 
-    from flywheel_middleware.capture import otel_mirror as otel
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    original = otel.trace._TRACER_PROVIDER
-    otel.trace._TRACER_PROVIDER = provider  # what trace.set_tracer_provider() sets, once only
+    fw.configure(store_url=sqlite_url, otel=True)
     try:
         with fw.rollout("qa") as r, fw.span("chat", kind="llm", model="gpt-x") as s:
             s.set_usage(3, 4)
     finally:
-        otel.trace._TRACER_PROVIDER = original
-    finished = {s.name: s for s in exporter.get_finished_spans()}
+        fw.shutdown()
+    finished = {s.name: s for s in otel_sdk.finished()}
     assert set(finished) == {"workflow qa", "chat"}
     chat, root = finished["chat"], finished["workflow qa"]
     assert chat.parent.span_id == root.context.span_id
@@ -168,13 +160,12 @@ def test_spans_are_mirrored_to_an_otel_sdk(fw):
     assert chat.attributes["flywheel.rollout_id"] == r.id
 
 
-def test_no_otel_sdk_means_no_otel_work(fw):
-    from flywheel_middleware.capture import otel_mirror as otel
-
-    assert otel.tracer() is None
-    with fw.rollout("qa") as r, fw.span("x") as s:
-        assert s._otel is None
-    assert r._otel is None
+def test_otel_mirroring_is_off_unless_asked_for(fw, otel_sdk):
+    """An application's own OTel SDK (an APM, Langfuse) gets no flywheel spans by default."""
+    with fw.rollout("qa"), fw.span("x"):
+        pass
+    fw.record_call(workflow="qa", name="chat", kind="llm", start_ns=1)
+    assert otel_sdk.finished() == []
 
 
 def test_low_ratings_fire_the_improvement_trigger_automatically(sqlite_url):
@@ -193,10 +184,10 @@ def test_low_ratings_fire_the_improvement_trigger_automatically(sqlite_url):
             fw.feedback(rid, rating=1)
         fw.feedback(ids[2], rating=5)
         fw.flush()
-        assert queries.stats(fw.store())[0].triggers == []  # two low ratings: not yet
+        assert queries.stats(fw.get_store())[0].triggers == []  # two low ratings: not yet
         fw.feedback(ids[3], rating=2)
         fw.flush()
-        triggers = queries.stats(fw.store())[0].triggers
+        triggers = queries.stats(fw.get_store())[0].triggers
         assert len(triggers) == 1
         assert triggers[0]["evidence"]["low"] == 3
         assert set(triggers[0]["evidence"]["rollout_ids"]) == {ids[0], ids[1], ids[3]}
@@ -220,47 +211,43 @@ def test_ids_differ_between_a_process_and_its_forked_child():
     assert new_span_id() != int(child_span)
 
 
-def test_record_call_writes_a_one_span_rollout_that_takes_feedback_at_once(fw):
+def test_record_call_writes_a_one_span_rollout_that_takes_feedback_at_once(fw, otel_sdk):
     """The adapters' fast path for a root call with no children: both records at the end."""
     import time
-
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from flywheel_middleware.capture import handles as tracing
     from flywheel_middleware.capture import otel_mirror as otel
 
     start = time.time_ns()
     rid = tracing.record_call(
-        "qa", "chat", "llm", start, input=[{"role": "user", "content": "hi"}],
+        workflow="qa", name="chat", kind="llm", start_ns=start,
+        input=[{"role": "user", "content": "hi"}],
         output={"content": "yo"}, model="m", input_tokens=3, output_tokens=4, user_id="u1",
     )  # fmt: skip
     fw.feedback(rid, rating=5)  # accepted before the rollout is written
-    failed = tracing.record_call("qa", "chat", "llm", start, error=ValueError("bad"))
+    failed = tracing.record_call(
+        workflow="qa", name="chat", kind="llm", start_ns=start, error=ValueError("bad")
+    )
     fw.flush()
-    spans = queries.spans_of(fw.store(), rid)
+    spans = queries.spans_of(fw.get_store(), rid)
     [span] = spans
     assert (span.kind, span.model, span.input_tokens, span.output_tokens) == ("llm", "m", 3, 4)
     assert span.parent_id is None and span.duration_ms >= 0
     rollouts = {
         r[0]: r
-        for r in fw.store().execute("SELECT id, status, user_id, total_tokens, error FROM rollout")
+        for r in fw.get_store().execute(
+            "SELECT id, status, user_id, total_tokens, error FROM rollout"
+        )
     }
     assert rollouts[rid][1:4] == ("succeeded", "u1", 7)
     assert rollouts[failed][1] == "failed" and rollouts[failed][4] == "ValueError: bad"
-    [fb] = fw.store().execute("SELECT rollout_id, value FROM feedback")
+    [fb] = fw.get_store().execute("SELECT rollout_id, value FROM feedback")
     assert fb == (rid, 5.0)
-    # With an OTel SDK installed the same call goes through the open-handle path, so OTel sees it.
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    original = otel.trace._TRACER_PROVIDER
-    otel.trace._TRACER_PROVIDER = provider
-    try:
-        mirrored = tracing.record_call("qa", "chat", "llm", time.time_ns(), model="m")
-    finally:
-        otel.trace._TRACER_PROVIDER = original
-    names = {s.name: s for s in exporter.get_finished_spans()}
+    # With mirroring on, the same call goes through a span handle, so OTel sees it.
+    otel.set_enabled(True)
+    mirrored = tracing.record_call(
+        workflow="qa", name="chat", kind="llm", start_ns=time.time_ns(), model="m"
+    )
+    names = {s.name: s for s in otel_sdk.finished()}
     assert set(names) == {"workflow qa", "chat"}
     assert names["chat"].attributes["flywheel.rollout_id"] == mirrored

@@ -87,7 +87,9 @@ def test_bad_feedback_is_rejected_and_nothing_is_stored(fw, kwargs, message):
     with pytest.raises(InvalidFeedbackError, match=message):
         fw.feedback(r.id, **kwargs)
     fw.flush()
-    assert [(f.key, f.value) for f in queries.feedback_of(fw.store(), r.id)] == [("rating", 4.0)]
+    assert [(f.key, f.value) for f in queries.feedback_of(fw.get_store(), r.id)] == [
+        ("rating", 4.0)
+    ]
 
 
 def test_feedback_for_an_unknown_rollout(fw):
@@ -97,18 +99,18 @@ def test_feedback_for_an_unknown_rollout(fw):
     with pytest.raises(UnknownRolloutError, match="no rollout with id 'ffff'"):
         fw.feedback("ffff", rating=5)
     fw.flush()
-    assert fw.store().execute("SELECT COUNT(*) AS n FROM feedback")[0].n == 0
+    assert fw.get_store().execute("SELECT COUNT(*) AS n FROM feedback")[0].n == 0
     fw.feedback(r.id, rating=5)  # a known one (already written) still works
     fw.feedback(r, thumbs="up")  # the handle itself is accepted too
     fw.flush()
-    assert len(queries.feedback_of(fw.store(), r.id)) == 2
+    assert len(queries.feedback_of(fw.get_store(), r.id)) == 2
 
 
 def test_feedback_for_a_rollout_not_yet_written_is_accepted(fw):
     with fw.rollout("qa") as r:
         fw.feedback(r.id, rating=2)  # still open: known to this process
     fw.flush()
-    assert queries.feedback_of(fw.store(), r.id)[0].value == 2.0
+    assert queries.feedback_of(fw.get_store(), r.id)[0].value == 2.0
 
 
 @pytest.mark.parametrize(
@@ -133,7 +135,7 @@ def test_configure_with_a_bad_store_keeps_the_previous_one(sqlite_url):
         with pytest.raises(StoreError):
             fw_module.configure(store_url="sqlite:////no/such/folder/x.db")
         fw_module.flush()
-        assert queries.find_rollout(fw_module.store(), r.id) is not None
-        assert fw_module.store().url == sqlite_url
+        assert queries.find_rollout(fw_module.get_store(), r.id) is not None
+        assert fw_module.get_store().url == sqlite_url
     finally:
         fw_module.shutdown()

@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 import pytest
 from sqlalchemy import create_engine, text
 
-from flywheel_middleware.capture.handles import RolloutHandle, SpanHandle
+from flywheel_middleware.capture.ids import new_rollout_id, new_span_id
+from flywheel_middleware.capture.records import RolloutRecord, SpanRecord
 from flywheel_middleware.recording.recorder import Recorder
 from flywheel_middleware.store.database import Store
 
@@ -18,10 +19,25 @@ from .tcp_proxy import TcpProxy
 
 def _record(recorder: Recorder, n_rollouts: int, spans_each: int, tag: str) -> None:
     for i in range(n_rollouts):
-        r = RolloutHandle("outage", input=f"{tag}-{i}", recorder=recorder)
+        rollout_id, now = new_rollout_id(), time.time_ns()
         for j in range(spans_each):
-            SpanHandle(f"s{j}", "tool", r, r).end()
-        r.finish()
+            recorder.enqueue(
+                SpanRecord(
+                    id=new_span_id(),
+                    rollout_id=rollout_id,
+                    workflow="outage",
+                    name=f"s{j}",
+                    kind="tool",
+                    sequence=j,
+                    started_at=now,
+                    ended_at=now,
+                )  # fmt: skip
+            )
+        recorder.enqueue(
+            RolloutRecord(
+                id=rollout_id, workflow="outage", input=f"{tag}-{i}", started_at=now, ended_at=now
+            )
+        )
 
 
 def _counts(url: str) -> tuple[int, int]:

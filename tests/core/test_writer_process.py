@@ -17,21 +17,47 @@ import types
 import pytest
 from sqlalchemy import create_engine, text
 
-from flywheel_middleware.capture.handles import RolloutHandle, SpanHandle
-from flywheel_middleware.capture.records import CallRecord, FeedbackRecord, pack_call
+from flywheel_middleware.capture.ids import new_rollout_id, new_span_id
+from flywheel_middleware.capture.records import (
+    CallRecord,
+    FeedbackRecord,
+    RolloutRecord,
+    SpanRecord,
+    pack_call,
+)
 from flywheel_middleware.recording.recorder import Recorder
 from flywheel_middleware.store.database import Store
 
 
 def _record(recorder: Recorder, n: int, tag: str, output: object = None) -> list[str]:
+    """``n`` rollouts of one tool span each, queued straight into ``recorder``."""
     ids = []
     for i in range(n):
-        r = RolloutHandle("wp", input={"q": f"{tag}-{i}", "n": i}, recorder=recorder)
-        span = SpanHandle("tool", "tool", r, r)
-        span.set_attribute("k", [1, 2.5, None, "x"])
-        span.end(output=output if output is not None else {"answer": i})
-        r.finish(output=f"out-{i}")
-        ids.append(r.id)
+        rollout_id, now = new_rollout_id(), time.time_ns()
+        recorder.enqueue(
+            SpanRecord(
+                id=new_span_id(),
+                rollout_id=rollout_id,
+                workflow="wp",
+                name="tool",
+                kind="tool",
+                started_at=now,
+                ended_at=now,
+                attributes={"k": [1, 2.5, None, "x"]},
+                output=output if output is not None else {"answer": i},
+            )  # fmt: skip
+        )
+        recorder.enqueue(
+            RolloutRecord(
+                id=rollout_id,
+                workflow="wp",
+                input={"q": f"{tag}-{i}", "n": i},
+                output=f"out-{i}",
+                started_at=now,
+                ended_at=now,
+            )  # fmt: skip
+        )
+        ids.append(rollout_id)
     return ids
 
 
@@ -57,7 +83,7 @@ def test_a_sqlite_file_store_is_written_by_a_child_process(tmp_path):
     assert rec.counters.writer == "process"
     _record(rec, 30, "a")
     assert rec.flush(30)
-    pid = rec._process.pid
+    pid = rec.writer_pid
     assert pid is not None and pid != os.getpid() and _alive(pid)
     assert rec.counters.by_table == {"span": 30, "rollout": 30}
     assert rec.close(timeout=30)
@@ -76,11 +102,35 @@ def test_the_child_writes_exactly_the_rows_the_writer_thread_writes(tmp_path):
         url = f"sqlite:///{tmp_path / f'{mode}.db'}"
         rec = Recorder(Store(url), flush_interval=0.01, writer=mode)
         assert rec.counters.writer == mode
-        r = RolloutHandle("wp", input={"q": "same"}, recorder=rec)
-        span = SpanHandle("chat", "llm", r, r, model="m", start_ns=1_700_000_000_123_456_789)
-        span.set_attribute("params", {"t": 0.5, "stop": None, "nan": float("nan")})
-        span.end(output={"text": "héllo", "n": [1, 2]}, end_ns=1_700_000_001_000_000_000)
-        r.finish(output="done")
+        rollout_id, start, end = (
+            new_rollout_id(),
+            1_700_000_000_123_456_789,
+            1_700_000_001_000_000_000,
+        )
+        rec.enqueue(
+            SpanRecord(
+                id=new_span_id(),
+                rollout_id=rollout_id,
+                workflow="wp",
+                name="chat",
+                kind="llm",
+                model="m",
+                started_at=start,
+                ended_at=end,
+                attributes={"params": {"t": 0.5, "stop": None, "nan": float("nan")}},
+                output={"text": "héllo", "n": [1, 2]},
+            )  # fmt: skip
+        )
+        rec.enqueue(
+            RolloutRecord(
+                id=rollout_id,
+                workflow="wp",
+                input={"q": "same"},
+                output="done",
+                started_at=start,
+                ended_at=end,
+            )  # fmt: skip
+        )
         assert rec.close(timeout=30)
         got[mode] = _rows(url, f"SELECT {columns} FROM span")
     assert got["process"] == got["thread"]
@@ -92,11 +142,11 @@ def test_a_killed_child_loses_nothing_and_the_thread_takes_over(tmp_path):
     rec = Recorder(Store(url), flush_interval=0.01)
     _record(rec, 20, "before")
     assert rec.flush(30)
-    os.kill(rec._process.pid, signal.SIGKILL)
+    os.kill(rec.writer_pid, signal.SIGKILL)
     _record(rec, 25, "after")
     assert rec.flush(30)
     assert rec.counters.writer == "thread"
-    assert rec._process is None  # so the thread goes back to its poll, not a wake per lull
+    assert rec.writer_pid is None  # so the thread goes back to its poll, not a wake per lull
     _record(rec, 5, "later")
     assert rec.close(timeout=30)
     assert _rows(url, "SELECT COUNT(*) FROM rollout")[0][0] == 50
@@ -108,7 +158,7 @@ def test_ctrl_c_for_the_host_does_not_stop_the_child(tmp_path):
     rec = Recorder(Store(url), flush_interval=0.01)
     _record(rec, 3, "a")
     assert rec.flush(30)
-    os.kill(rec._process.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole group
+    os.kill(rec.writer_pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole group
     time.sleep(0.2)
     _record(rec, 3, "b")
     assert rec.flush(30)
@@ -153,9 +203,8 @@ def test_a_row_the_database_rejects_is_kept_and_the_rest_written(tmp_path):
     url = f"sqlite:///{tmp_path / 'r.db'}"
     rec = Recorder(Store(url), flush_interval=0.01, spill_dir=tmp_path / "spill")
     ids = _record(rec, 3, "ok")
-    bad = RolloutHandle("wp", recorder=rec)
-    bad.add_usage(2**70, 1)  # wider than any SQLite integer: this one row cannot be stored
-    bad.finish()
+    # wider than any SQLite integer: this one row cannot be stored
+    rec.enqueue(RolloutRecord(id=new_rollout_id(), workflow="wp", input_tokens=2**70, started_at=1))
     assert rec.close(timeout=30)
     assert rec.counters.dead_lettered == 1
     assert sorted(r[0] for r in _rows(url, "SELECT id FROM rollout")) == sorted(ids)
@@ -181,7 +230,7 @@ def test_the_thread_writes_where_a_child_cannot_or_is_not_wanted(tmp_path, monke
     monkeypatch.setattr(sys, "executable", "/usr/bin/uwsgi")  # embedded: no Python to run
     embedded = Recorder(Store(url), flush_interval=0.01)
     for rec in (thread, embedded):
-        assert rec.counters.writer == "thread" and rec._process is None
+        assert rec.counters.writer == "thread" and rec.writer_pid is None
         _record(rec, 2, "t")
         assert rec.close(timeout=30)
     assert _rows(url, "SELECT COUNT(*) FROM rollout")[0][0] == 4
@@ -202,7 +251,7 @@ def test_a_forked_host_child_writes_through_its_own_writer(tmp_path):
         with fw.rollout("parent"):
             pass
         assert fw.flush(30)
-        parent_writer = fw.recorder()._process.pid
+        parent_writer = fw.get_recorder()._process.pid
         pid = os.fork()
         if pid == 0:  # the forked child: records, flushes, reports its writer's pid, leaves
             code = 1
@@ -210,7 +259,7 @@ def test_a_forked_host_child_writes_through_its_own_writer(tmp_path):
                 with fw.rollout("child"):
                     pass
                 ok = fw.flush(30)
-                child_writer = fw.recorder()._process.pid
+                child_writer = fw.get_recorder()._process.pid
                 code = 0 if ok and child_writer not in (None, parent_writer) else 2
             finally:
                 os._exit(code)
@@ -219,7 +268,7 @@ def test_a_forked_host_child_writes_through_its_own_writer(tmp_path):
         with fw.rollout("parent-again"):
             pass
         assert fw.flush(30)
-        assert fw.recorder()._process.pid == parent_writer
+        assert fw.get_recorder()._process.pid == parent_writer
         workflows = sorted(r[0] for r in _rows(url, "SELECT workflow FROM rollout"))
         assert workflows == ["child", "parent", "parent-again"]
     finally:
@@ -238,7 +287,7 @@ def _call(i: int, error: str | None = None) -> CallRecord:
 
 def _packed(i: int, error: str | None = None) -> bytes:
     call = _call(i, error)
-    packed = pack_call(call.values(call))
+    packed = pack_call(**call.as_dict())
     assert packed.__class__ is bytes
     return packed
 
@@ -323,7 +372,7 @@ def test_the_yaml_writer_setting_is_checked_and_reaches_the_recorder(tmp_path, m
         config.write_text(f"store: {{url: 'sqlite:///{tmp_path / 'y.db'}', writer: {in_file}}}\n")
         fw.configure(str(config))
         try:
-            assert fw.recorder().counters.writer == "thread"
+            assert fw.get_recorder().counters.writer == "thread"
         finally:
             fw.shutdown()
 
@@ -335,7 +384,7 @@ def test_a_queued_call_holds_no_object_the_cyclic_gc_tracks():
 
     call = _call(1)
     assert gc.is_tracked(call) and gc.is_tracked(call.input)
-    packed = pack_call(call.values(call))
+    packed = pack_call(**call.as_dict())
     assert packed.__class__ is bytes and not gc.is_tracked(packed)
 
     class Custom:
@@ -343,23 +392,29 @@ def test_a_queued_call_holds_no_object_the_cyclic_gc_tracks():
 
     odd = _call(2)
     odd.output = Custom()
-    kept = pack_call(odd.values(odd))
+    kept = pack_call(**odd.as_dict())
     assert isinstance(kept, CallRecord) and kept.output is odd.output
 
 
 def test_through_tracing_a_call_is_queued_packed_and_stored(tmp_path, monkeypatch):
     import flywheel_middleware as fw
-    from flywheel_middleware.capture import handles as tracing
 
     monkeypatch.setenv("FLYWHEEL_STORE_URL", f"sqlite:///{tmp_path / 'q.db'}")
     fw.configure()
     try:
-        rec = fw.recorder()
+        rec = fw.get_recorder()
         queued = []
         monkeypatch.setattr(
             rec, "enqueue", lambda item: queued.append(item) or Recorder.enqueue(rec, item)
         )
-        rid = tracing.record_call("wp", "chat", "llm", time.time_ns(), input={"q": 1}, output="a")
+        rid = fw.record_call(
+            workflow="wp",
+            name="chat",
+            kind="llm",
+            start_ns=time.time_ns(),
+            input={"q": 1},
+            output="a",
+        )
         assert [item.__class__ for item in queued] == [bytes]
         assert fw.flush(30)
         got = _rows(f"sqlite:///{tmp_path / 'q.db'}", "SELECT id, input, output FROM rollout")

@@ -95,6 +95,14 @@ def test_parse_every():
         parse_every("ten minutes")
 
 
+def test_the_cli_choices_mirror_the_experiment_module():
+    # cli/loop.py copies them so that `flywheel --help` need not import the loop.
+    from flywheel_middleware.cli import loop as cli_loop
+
+    assert cli_loop.EXPERIMENT_STATUSES == ex.STATUSES
+    assert cli_loop.EXPERIMENT_UNITS == ex.UNITS
+
+
 def test_experiment_start_force_and_a_rollback_that_stops_it(store, store_url, tmp_path):
     run = _setup(tmp_path, store_url)
     run("config", "show", "qa")

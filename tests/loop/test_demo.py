@@ -22,7 +22,7 @@ def test_demo_promotes_a_better_config_and_exports_datasets(tmp_path):
         result = run_demo(
             DemoSettings(folder=str(folder), cycles=3, requests_per_cycle=300, min_samples=40)
         )
-        store = fw.store()
+        store = fw.get_store()
         assert result.promotions, result.cycles
         assert result.final_version > result.first_version
         # the promoted config is one the customers liked better

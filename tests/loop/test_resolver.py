@@ -128,7 +128,7 @@ def test_rollouts_record_version_variant_and_propensity(sqlite_url):
     config = make_config()
     fw.configure(config=config, store_url=sqlite_url)
     try:
-        store = fw.store()
+        store = fw.get_store()
         versions.ensure_workflow(store, config, "qa")
         cand = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 5}}, created_by="t")
         exp = ex.start_experiment(store, "qa", [cand.id], traffic=0.5, seed="s3")

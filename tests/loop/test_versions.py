@@ -233,7 +233,7 @@ def test_rollouts_are_assigned_by_the_experiments_unit(sqlite_url, unit):
 
     fw.configure(config=make_config().model_dump(), store_url=sqlite_url)
     try:
-        store = fw.store()
+        store = fw.get_store()
         versions.ensure_workflow(store, fw.get_config(), "qa")
         cand = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 3}}, created_by="t")
         ex.start_experiment(store, "qa", [cand.id], traffic=0.5, unit=unit, seed="unit-test")

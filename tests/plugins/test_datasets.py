@@ -40,13 +40,13 @@ def populated(fw_any):
         "other": record(fw_any, "What is 2+2?", "4", rating=5, workflow="other"),
     }
     fw_any.flush()
-    compute_rewards(fw_any.store(), parse_config(""))
+    compute_rewards(fw_any.get_store(), parse_config(""))
     return fw_any, ids
 
 
 def test_triplets(populated, tmp_path) -> None:
     fw, ids = populated
-    result = export(fw.store(), "triplets", "qa", tmp_path / "t.jsonl")
+    result = export(fw.get_store(), "triplets", "qa", tmp_path / "t.jsonl")
     rows = read(tmp_path / "t.jsonl")
     assert result.count == len(rows) == 5  # the failed rollout and the other workflow are out
     by_id = {r["rollout_id"]: r for r in rows}
@@ -63,7 +63,7 @@ def test_triplets(populated, tmp_path) -> None:
     assert by_id[ids["chat"]]["prompt"] == "Capital of France?"
     assert by_id[ids["chat"]]["response"] == "Paris"
     assert by_id[ids["unrated"]]["reward"] is None
-    only_rewarded = export(fw.store(), "triplets", "qa", tmp_path / "r.jsonl", min_reward=0.5)
+    only_rewarded = export(fw.get_store(), "triplets", "qa", tmp_path / "r.jsonl", min_reward=0.5)
     assert {r["rollout_id"] for r in read(tmp_path / "r.jsonl")} == {
         ids["good"],
         ids["mid"],
@@ -74,7 +74,7 @@ def test_triplets(populated, tmp_path) -> None:
 
 def test_sft_uses_llm_span_messages(populated, tmp_path) -> None:
     fw, ids = populated
-    export(fw.store(), "sft", "qa", tmp_path / "sft.jsonl")
+    export(fw.get_store(), "sft", "qa", tmp_path / "sft.jsonl")
     rows = {r["rollout_id"]: r for r in read(tmp_path / "sft.jsonl")}
     assert rows[ids["chat"]]["messages"] == [
         {"role": "system", "content": "Be brief."},
@@ -91,7 +91,7 @@ def test_sft_uses_llm_span_messages(populated, tmp_path) -> None:
 
 def test_preference_pairs(populated, tmp_path) -> None:
     fw, ids = populated
-    result = export(fw.store(), "preference", "qa", tmp_path / "p.jsonl")
+    result = export(fw.get_store(), "preference", "qa", tmp_path / "p.jsonl")
     rows = read(tmp_path / "p.jsonl")
     assert result.count == 1 and len(rows) == 1
     [pair] = rows
@@ -101,7 +101,7 @@ def test_preference_pairs(populated, tmp_path) -> None:
     assert pair["chosen_rollout_id"] == ids["good"]
     assert pair["rejected_rollout_id"] == ids["bad"]
     assert (pair["chosen_config_version_id"], pair["rejected_config_version_id"]) == (1, 2)
-    none = export(fw.store(), "preference", "qa", tmp_path / "p2.jsonl", min_margin=1.5)
+    none = export(fw.get_store(), "preference", "qa", tmp_path / "p2.jsonl", min_margin=1.5)
     assert none.count == 0 and read(tmp_path / "p2.jsonl") == []
 
 
@@ -109,7 +109,9 @@ def test_tasks_dedupe_and_deterministic_split(fw_any, tmp_path) -> None:
     ids = [record(fw_any, f"question {i % 30}", f"answer {i % 30}") for i in range(60)]
     fw_any.flush()
     out = tmp_path / "tasks.jsonl"
-    result = export(fw_any.store(), "tasks", "qa", out, seed=7, val_fraction=0.3, env_type="qa_env")
+    result = export(
+        fw_any.get_store(), "tasks", "qa", out, seed=7, val_fraction=0.3, env_type="qa_env"
+    )
     train, val = read(out), read(tmp_path / "tasks.val.jsonl")
     assert result.count == 30 and result.duplicates == 30
     assert result.counts == {"train": len(train), "validation": len(val)}
@@ -128,7 +130,7 @@ def test_tasks_dedupe_and_deterministic_split(fw_any, tmp_path) -> None:
     assert all(r["metadata"]["split"] == "train" for r in train)
     # same seed: the same split, byte for byte; another seed: another split
     again = export(
-        fw_any.store(),
+        fw_any.get_store(),
         "tasks",
         "qa",
         tmp_path / "b.jsonl",
@@ -138,7 +140,9 @@ def test_tasks_dedupe_and_deterministic_split(fw_any, tmp_path) -> None:
     )
     assert (tmp_path / "b.jsonl").read_bytes() == out.read_bytes()
     assert again.counts == result.counts
-    other = export(fw_any.store(), "tasks", "qa", tmp_path / "c.jsonl", seed=8, val_fraction=0.3)
+    other = export(
+        fw_any.get_store(), "tasks", "qa", tmp_path / "c.jsonl", seed=8, val_fraction=0.3
+    )
     assert {r["task_id"] for r in read(tmp_path / "c.val.jsonl")} != {r["task_id"] for r in val}
     assert other.count == 30
 
@@ -152,7 +156,9 @@ def test_export_with_filters_and_a_failing_filter(populated, tmp_path) -> None:
         "  - type: json_schema\n    enabled: false\n    params: {schema: {type: object}}\n"
         "  - type: always_fails\n"
     )
-    result = export(fw.store(), "triplets", "qa", tmp_path / "f.jsonl", config=cfg, filters=True)
+    result = export(
+        fw.get_store(), "triplets", "qa", tmp_path / "f.jsonl", config=cfg, filters=True
+    )
     rows = read(tmp_path / "f.jsonl")
     # dedupe on input keeps the first "What is 2+2?"; the broken filter is reported, not fatal
     assert {r["rollout_id"] for r in rows} == {ids["good"], ids["chat"], ids["unrated"]}
@@ -183,14 +189,14 @@ def test_sft_and_triplets_from_a_real_langchain_chain(fw, tmp_path) -> None:
     handler = FlywheelCallbackHandler(workflow="lcqa")
     chain.invoke({"question": "Capital of France?"}, config={"callbacks": [handler]})
     fw.flush()
-    export(fw.store(), "sft", "lcqa", tmp_path / "sft.jsonl")
+    export(fw.get_store(), "sft", "lcqa", tmp_path / "sft.jsonl")
     [row] = read(tmp_path / "sft.jsonl")
     assert row["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Capital of France?"},
         {"role": "assistant", "content": "Paris"},
     ]
-    export(fw.store(), "triplets", "lcqa", tmp_path / "t.jsonl")
+    export(fw.get_store(), "triplets", "lcqa", tmp_path / "t.jsonl")
     [t] = read(tmp_path / "t.jsonl")
     assert (t["prompt"], t["response"], t["rollout_id"]) == (
         "Capital of France?",
@@ -223,7 +229,7 @@ def test_export_through_the_rubric_judge_remembers_verdicts(fw_any, tmp_path) ->
                 f"model: judge, retry_wait: 0, custom_rubrics: '{rubric}'}}\n"
             )
 
-        store = fw_any.store()
+        store = fw_any.get_store()
         result = export(
             store, "triplets", "qa", tmp_path / "a.jsonl", config=config("r1"), filters=True
         )

@@ -97,7 +97,7 @@ def test_redactor_from_yaml_redacts_before_storing(sqlite_url) -> None:
                 s.set_output({"token": "sk-abcdefghijklmnopqrstuvwx"})
             r.set_output("done")
         fw.flush()
-        store = fw.store()
+        store = fw.get_store()
         row = queries.find_rollout(store, r.id)
         assert row.input == "mail me at [REDACTED:email]"
         [span] = queries.spans_of(store, r.id)
@@ -144,7 +144,7 @@ def test_third_party_plugin_found_after_pip_install(tmp_path) -> None:
         with fw.rollout("qa", input="hi") as r2:
             r2.set_output("no")
         fw.flush()
-        store = fw.store()
+        store = fw.get_store()
         [flt] = manager.build_all("filter", cfg)
         verdicts = flt.filter(load_samples(store, [r.id, r2.id]))
         rewards = compute_rewards(store, cfg)

@@ -34,7 +34,7 @@ def test_combination_written_back(fw_any) -> None:
     e = record(fw_any, "q5", None, fail=True)  # rule 0 only
     fw_any.flush()
     config = parse_config(rules_yaml(), source="flywheel.yaml")
-    store = fw_any.store()
+    store = fw_any.get_store()
     run = compute_rewards(store, config, workflow="qa")
     assert run.failures == []
     assert run[a].value == pytest.approx(1.0)
@@ -74,7 +74,7 @@ def test_failing_source_is_contained(fw_any) -> None:
             "    params: {callable: 'tests.plugins.test_rewards:_explode'}\n"
         )
     )
-    run = compute_rewards(fw_any.store(), config)
+    run = compute_rewards(fw_any.get_store(), config)
     assert len(run.failures) == 1 and "broken" in run.failures[0] and "kaboom" in run.failures[0]
     assert run[a].value == pytest.approx((2 * 0.75 + 1.0) / 3)
     assert "broken" not in run[a].sources
@@ -88,7 +88,7 @@ def test_default_is_explicit_rating(fw) -> None:
     a = record(fw, "q", "a", rating=3)
     b = record(fw, "q", "a")
     fw.flush()
-    run = compute_rewards(fw.store(), parse_config(""))
+    run = compute_rewards(fw.get_store(), parse_config(""))
     assert run[a].value == 0.5 and run[b].value is None
 
 
@@ -148,15 +148,15 @@ def test_llm_judge_scores_and_reuses_stored(fw) -> None:
             f"rewards:\n  - type: llm_judge\n    params: {{base_url: '{server.base_url}', "
             "model: judge, retry_wait: 0}\n"
         )
-        run = compute_rewards(fw.store(), cfg)
+        run = compute_rewards(fw.get_store(), cfg)
         assert run[a].value == pytest.approx(8 / 9)
         assert run[b].value == 0.0
         assert run[c].value is None  # malformed score: no opinion
         n = len(server.requests)
         assert n == 3
-        run = compute_rewards(fw.store(), cfg)  # stored judge scores are reused
+        run = compute_rewards(fw.get_store(), cfg)  # stored judge scores are reused
         assert len(server.requests) == n + 1  # only the unscored one is asked again
-    with fw.store().session() as s:
+    with fw.get_store().session() as s:
         judged = s.exec(select(Feedback).where(Feedback.source == "judge")).all()
     assert {(f.rollout_id, round(f.value, 6)) for f in judged} == {(a, round(8 / 9, 6)), (b, 0.0)}
 

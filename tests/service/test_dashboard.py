@@ -104,7 +104,7 @@ def seed_store(store) -> None:
 
 
 def test_dashboard_json(fw, client):
-    seed_store(fw.store())
+    seed_store(fw.get_store())
     wfs = client.get("/v1/dashboard/workflows").json()
     assert wfs[0]["workflow"] == "support" and wfs[0]["rollouts"] == 360
     d = client.get("/v1/dashboard/workflows/support", params={"buckets": 12}).json()
@@ -130,19 +130,37 @@ def test_dashboard_json(fw, client):
     assert empty["series"]["rating"] == [] and empty["changes"] == []
 
 
-def test_hot_problems_section_degrades_gracefully(fw, monkeypatch):
-    import sys
-
+def test_a_failing_section_says_why_and_the_rest_renders(fw, monkeypatch):
+    from flywheel_middleware.loop import analysis
     from flywheel_middleware.service import dashboard
 
-    monkeypatch.setitem(
-        sys.modules, "flywheel_middleware.loop.analysis", None
-    )  # as if not installed
-    out = dashboard.hot_problems(fw.store(), FlywheelConfig(), "support")
-    assert out == {
+    seed_store(fw.get_store())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(analysis, "hot_problems", broken)
+    view = dashboard.workflow_view(fw.get_store(), FlywheelConfig(), "support", buckets=6)
+    assert view["hot_problems"] == {
         "available": False,
-        "reason": "flywheel_middleware.loop.analysis is not installed",
+        "reason": "hot_problems failed: RuntimeError: the database went away",
     }
+    assert view["experiments"]["available"] is True
+    assert sum(b["n"] for b in view["series"]["volume"]) == 360
+
+
+def test_hot_problems_section_lists_the_breaches(fw):
+    from flywheel_middleware.config import parse_config
+    from flywheel_middleware.service import dashboard
+
+    seed_store(fw.get_store())
+    config = parse_config("analysis: {since_minutes: 600, min_calls: 10, latency_ms_max: 100}\n")
+    out = dashboard.hot_problems(fw.get_store(), config, "support")
+    assert out["available"] is True
+    row = next(p for p in out["problems"] if p["node"] is None)
+    assert row["workflow"] == "support" and row["calls"] == 360
+    assert "avg latency" in row["breaches"] and isinstance(row["breaches"], str)
+    assert 0 < row["low_rating_rate"] < 1 and row["rated"] == 360
 
 
 @pytest.mark.chromium
@@ -152,7 +170,7 @@ def test_dashboard_renders_in_chromium_with_data(fw, live, chrome):
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    seed_store(fw.store())
+    seed_store(fw.get_store())
     chrome.set_window_size(1400, 1500)
     chrome.get(f"{live.url}/?workflow=support")
     WebDriverWait(chrome, 15).until(

@@ -94,7 +94,10 @@ def populate(
         satisfied = rng.random() < satisfied_rate
         with fw.rollout(workflow, session_id=f"s{i}") as r:
             r.set_output("an answer")
-        imp.record_events(imp.simulate_events(satisfied, rng, rollout_id=r.id, session_id=f"s{i}"))
+        imp.record_events(
+            imp.simulate_events(satisfied, rng, rollout_id=r.id, session_id=f"s{i}"),
+            fw.get_recorder(),
+        )
         out.append((r.id, satisfied))
     fw.flush()
     for rid, satisfied in out:
@@ -107,7 +110,7 @@ def populate(
 def test_model_beats_the_rule_on_held_out_data_and_is_calibrated(fw):
     populate(fw, 1000)
     config = FlywheelConfig()
-    result = imp.train(fw.store(), config, seed=0)
+    result = imp.train(fw.get_store(), config, seed=0)
     assert result.model is not None and result.version == 1
     assert result.n_labels == 1000 and 170 < result.n_test < 330
     m, r = result.model_metrics, result.rule_metrics
@@ -115,7 +118,7 @@ def test_model_beats_the_rule_on_held_out_data_and_is_calibrated(fw):
     assert m["auc"] > r["auc"] + 0.05, (m, r)
     assert m["brier"] < r["brier"] and m["log_loss"] < r["log_loss"]
     # calibrated: in each band of predicted probability the observed rate is close
-    data = imp.labelled_set(fw.store())
+    data = imp.labelled_set(fw.get_store())
     held = [i for i, rid in enumerate(data.rollout_ids) if imp.held_out(rid)]
     scores = [result.model.score(data.features[i]) for i in held]
     labels = [data.labels[i] for i in held]
@@ -128,40 +131,40 @@ def test_model_beats_the_rule_on_held_out_data_and_is_calibrated(fw):
         assert abs(sum(s for s, _ in band) / len(band) - sum(y for _, y in band) / len(band)) < 0.12
 
     # stored as plain JSON (no pickle), versioned, and reloaded with the same scores
-    row = fw.store().execute("SELECT name, version, payload, metrics FROM model_artifact")
+    row = fw.get_store().execute("SELECT name, version, payload, metrics FROM model_artifact")
     assert [(x[0], x[1]) for x in row] == [("implicit_satisfaction", 1)]
     payload = json.loads(row[0][2]) if isinstance(row[0][2], str) else row[0][2]
     assert payload["features"] == list(imp.FEATURES) and len(payload["coef"]) == len(imp.FEATURES)
-    loaded = imp.load_model(fw.store())
+    loaded = imp.load_model(fw.get_store())
     assert loaded.version == 1
     assert [loaded.score(data.features[i]) for i in held[:20]] == pytest.approx(scores[:20])
-    assert imp.train(fw.store(), config).version == 2
+    assert imp.train(fw.get_store(), config).version == 2
 
-    ev_out = imp.evaluate(fw.store(), config)
+    ev_out = imp.evaluate(fw.get_store(), config)
     assert ev_out["model_version"] == 2 and ev_out["model"]["auc"] > ev_out["rule"]["auc"]
 
 
 def test_only_explicit_ratings_are_labels(fw):
     with fw.rollout("support") as r:
         pass
-    imp.record_events([ev("dwell", rollout=r.id, ms=3000)])
+    imp.record_events([ev("dwell", rollout=r.id, ms=3000)], fw.get_recorder())
     fw.flush()
     fw.feedback(r.id, key="rating", value=5, source="judge")
     fw.flush()
-    assert imp.labels_for(fw.store()) == {}
+    assert imp.labels_for(fw.get_store()) == {}
     fw.feedback(r.id, thumbs="down")
     fw.flush()
-    assert imp.labels_for(fw.store()) == {r.id: 0}
-    assert imp.labelled_set(fw.store()).rollout_ids == [r.id]
+    assert imp.labels_for(fw.get_store()) == {r.id: 0}
+    assert imp.labelled_set(fw.get_store()).rollout_ids == [r.id]
 
 
 def test_too_few_labels_falls_back_to_the_rule(fw):
     populate(fw, 30)
     config = FlywheelConfig()
-    result = imp.train(fw.store(), config)
+    result = imp.train(fw.get_store(), config)
     assert result.model is None and "need 50" in result.reason
-    assert imp.load_model(fw.store()) is None
-    assert imp.Scorer.from_store(fw.store(), config).method == "rule"
+    assert imp.load_model(fw.get_store()) is None
+    assert imp.Scorer.from_store(fw.get_store(), config).method == "rule"
 
 
 @pytest.mark.slow
@@ -172,7 +175,7 @@ def test_implicit_reward_source_through_the_plugin_manager(fw):
     config = FlywheelConfig.model_validate(
         {"rewards": [{"type": "implicit"}], "implicit": {"min_labels": 100}}
     )
-    store = fw.store()
+    store = fw.get_store()
 
     rule_run = compute_rewards(store, config, [rid for rid, _ in ids[:50]], write=False)
     feats = imp.rollout_features(store, [rid for rid, _ in ids[:50]])
@@ -210,7 +213,7 @@ def test_cli_train_and_evaluate_report_auc(fw, tmp_path):
     from flywheel_middleware.cli import main
 
     populate(fw, 400, seed=11)
-    url = fw.store().url
+    url = fw.get_store().url
     runner = CliRunner()
     out = runner.invoke(main, ["implicit", "train", "--store", url, "--json"])
     assert out.exit_code == 0, out.output
@@ -230,7 +233,7 @@ def test_a_workflow_can_have_its_own_model(fw):
     config = FlywheelConfig.model_validate(
         {"rewards": [{"type": "implicit"}], "implicit": {"min_labels": 100}}
     )
-    store = fw.store()
+    store = fw.get_store()
     result = imp.train(store, config, workflow="support")
     assert result.n_labels == 300 and result.version == 1
     names = [r[0] for r in store.execute("SELECT name FROM model_artifact")]

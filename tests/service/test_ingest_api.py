@@ -32,12 +32,12 @@ def client_any(fw_any):
 
 def telemetry_rows(fw) -> int:
     fw.flush()
-    return fw.store().execute("SELECT count(*) FROM telemetry_event")[0][0]
+    return fw.get_store().execute("SELECT count(*) FROM telemetry_event")[0][0]
 
 
 def feedback_rows(fw) -> int:
     fw.flush()
-    return fw.store().execute("SELECT count(*) FROM feedback")[0][0]
+    return fw.get_store().execute("SELECT count(*) FROM feedback")[0][0]
 
 
 def assert_client_error(resp, status: int | None = None) -> dict:
@@ -63,7 +63,7 @@ def test_single_event_as_sendbeacon_text_plain_is_stored(fw, client):
     )
     assert resp.status_code == 202 and resp.json() == {"accepted": 1}
     fw.flush()
-    row = fw.store().execute(
+    row = fw.get_store().execute(
         "SELECT rollout_id, session_id, event_type, payload FROM telemetry_event"
     )
     assert [(r[0], r[1], r[2], json.loads(r[3])) for r in row] == [
@@ -90,7 +90,7 @@ def test_batch_envelope_and_list_apply_defaults(fw, client):
         == 202
     )
     fw.flush()
-    rows = fw.store().execute(
+    rows = fw.get_store().execute(
         "SELECT session_id, rollout_id, event_type FROM telemetry_event ORDER BY id"
     )
     assert [tuple(r) for r in rows] == [
@@ -226,7 +226,7 @@ def test_text_no_store_can_keep_is_422(fw_any, raw, fragment):
     )
     assert ok.status_code == 202
     assert telemetry_rows(fw) == 1
-    assert fw.recorder().counters.dead_lettered == 0
+    assert fw.get_recorder().counters.dead_lettered == 0
 
 
 @pytest.mark.parametrize(
@@ -336,7 +336,7 @@ def test_feedback_endpoint(fw, client):
     )
     assert "source" in out["problems"][0]
     fw.flush()
-    rows = fw.store().execute("SELECT key, value, source FROM feedback ORDER BY id")
+    rows = fw.get_store().execute("SELECT key, value, source FROM feedback ORDER BY id")
     assert [tuple(x) for x in rows] == [
         ("rating", 4.0, "explicit"),
         ("thumbs", 1.0, "explicit"),
@@ -348,7 +348,7 @@ def test_config_health_and_openapi(fw, client):
     import flywheel_middleware as fwm
 
     fwm.configure(
-        store_url=fw.store().url,
+        store_url=fw.get_store().url,
         config={"workflows": {"qa": {"config": {"llm": {"temperature": 0.2}}}}},
     )
     r = client.get("/v1/config/qa", params={"unit": "user-7"}, headers=AUTH)
@@ -495,7 +495,7 @@ def test_valid_batches_are_stored_exactly_once_field_for_field(fw_any, client_an
     resp = client.post("/v1/telemetry", json={"events": events}, headers=AUTH)
     assert resp.status_code == 202
     fw.flush()
-    rows = fw.store().execute(
+    rows = fw.get_store().execute(
         "SELECT event_type, rollout_id, client_ts, payload FROM telemetry_event WHERE session_id = :s ORDER BY id",
         {"s": marker},
     )

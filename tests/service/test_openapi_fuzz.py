@@ -36,7 +36,7 @@ def cases(path: str, method: str):
 
 def _rows(fw, table: str) -> int:
     fw.flush()
-    return fw.store().execute(f"SELECT count(*) FROM {table}")[0][0]
+    return fw.get_store().execute(f"SELECT count(*) FROM {table}")[0][0]
 
 
 @pytest.mark.parametrize(

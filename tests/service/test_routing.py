@@ -81,7 +81,7 @@ def test_load_penalty_and_capacity():
 def test_fw_route_records_the_decision_and_update_routing_learns(fw_any):
     fw = fw_any
     config = FlywheelConfig.model_validate({"routing": routing(floor=0.05).model_dump()})
-    fw.configure(store_url=fw.store().url, config=config)
+    fw.configure(store_url=fw.get_store().url, config=config)
     import random
 
     rng = random.Random(4)
@@ -93,7 +93,9 @@ def test_fw_route_records_the_decision_and_update_routing_learns(fw_any):
                 r.set_output(f"answer from {d.agent_id}")
         ids.append((r.id, d.agent_id))
     fw.flush()
-    row = fw.store().execute("SELECT metadata FROM rollout WHERE id = :i", {"i": ids[0][0]})[0][0]
+    row = fw.get_store().execute("SELECT metadata FROM rollout WHERE id = :i", {"i": ids[0][0]})[0][
+        0
+    ]
     import json
 
     meta = json.loads(row) if isinstance(row, str) else row
@@ -111,13 +113,13 @@ def test_fw_route_records_the_decision_and_update_routing_learns(fw_any):
     for rid, agent in ids:
         fw.feedback(rid, 5 if rng.random() < truth[agent] else 1)
     fw.flush()
-    out = update_routing(fw.store(), config)
+    out = update_routing(fw.get_store(), config)
     assert out["routed_rollouts"] == 120 and out["rewarded"] == 120
-    again = update_routing(fw.store(), config)  # idempotent: nothing counted twice
+    again = update_routing(fw.get_store(), config)  # idempotent: nothing counted twice
     assert again["weights"] == out["weights"]
     rows = {
         (a, s): (w, al, be, n)
-        for a, s, w, al, be, n in fw.store().execute(
+        for a, s, w, al, be, n in fw.get_store().execute(
             "SELECT agent_id, skill, weight, alpha, beta, n FROM routing_weight"
         )
     }
@@ -131,7 +133,7 @@ def test_fw_route_records_the_decision_and_update_routing_learns(fw_any):
     # the serving process picks the new posteriors up and prefers alice
     from flywheel_middleware.learn import routing as routing_mod
 
-    routing_mod._invalidate_cache()
+    routing_mod.invalidate_routers()
     picks = []
     for _ in range(200):
         d = fw.route(["billing"])
@@ -147,7 +149,7 @@ def test_route_without_agents_says_what_to_configure(fw):
 
 def test_old_evidence_is_discounted_or_windowed(fw):
     config = FlywheelConfig.model_validate({"routing": routing().model_dump()})
-    fw.configure(store_url=fw.store().url, config=config)
+    fw.configure(store_url=fw.get_store().url, config=config)
     old, new = [], []
     for i in range(60):
         agent = "alice" if i % 2 else "bob"
@@ -162,20 +164,20 @@ def test_old_evidence_is_discounted_or_windowed(fw):
         fw.feedback(rid, 5 if agent == "alice" else 1)
     fw.flush()
     ten_days_ago = datetime.now(timezone.utc) - timedelta(days=10)
-    with fw.store().engine.begin() as conn:
+    with fw.get_store().engine.begin() as conn:
         conn.execute(
             text("UPDATE rollout SET started_at = :t WHERE id IN :ids").bindparams(
                 bindparam("ids", expanding=True)
             ),
             {"t": ten_days_ago, "ids": [rid for rid, _ in old]},
         )
-    flat = update_routing(fw.store(), config)["weights"]
+    flat = update_routing(fw.get_store(), config)["weights"]
     assert flat["alice/billing"] == pytest.approx(
         flat["bob/billing"]
     )  # all evidence counts the same
-    recent = update_routing(fw.store(), config, half_life_days=2)["weights"]
+    recent = update_routing(fw.get_store(), config, half_life_days=2)["weights"]
     assert recent["alice/billing"] > 1.7 and recent["bob/billing"] < 0.3
-    windowed = update_routing(fw.store(), config, window_days=5)
+    windowed = update_routing(fw.get_store(), config, window_days=5)
     assert windowed["rewarded"] == 30
 
     from click.testing import CliRunner
@@ -183,11 +185,11 @@ def test_old_evidence_is_discounted_or_windowed(fw):
     from flywheel_middleware.cli import main
 
     out = CliRunner().invoke(
-        main, ["routing", "update", "--store", fw.store().url, "--window-days", "5"]
+        main, ["routing", "update", "--store", fw.get_store().url, "--window-days", "5"]
     )
     assert out.exit_code == 0, out.output
     assert "30 of 30 routed rollouts had a reward" in out.output and "alice" in out.output
-    out = CliRunner().invoke(main, ["routing", "show", "--store", fw.store().url])
+    out = CliRunner().invoke(main, ["routing", "show", "--store", fw.get_store().url])
     assert out.exit_code == 0 and "bob" in out.output
 
 
@@ -221,7 +223,7 @@ def test_implicit_signals_train_routing_when_nobody_rates(fw):
     from flywheel_middleware.learn.implicit import record_events
 
     config = FlywheelConfig.model_validate({"routing": routing().model_dump()})
-    fw.configure(store_url=fw.store().url, config=config)
+    fw.configure(store_url=fw.get_store().url, config=config)
     for i in range(20):
         agent = "alice" if i % 2 else "bob"
         with fw.rollout("support") as r:
@@ -231,11 +233,12 @@ def test_implicit_signals_train_routing_when_nobody_rates(fw):
             [
                 {"event_type": "dwell", "rollout_id": r.id, "payload": {"ms": 6000}},
                 {"event_type": "click", "rollout_id": r.id, "payload": {"kind": kind}},
-            ]
+            ],
+            fw.get_recorder(),
         )
     fw.flush()
-    assert update_routing(fw.store(), config, use_implicit=False)["rewarded"] == 0
-    out = update_routing(fw.store(), config)
+    assert update_routing(fw.get_store(), config, use_implicit=False)["rewarded"] == 0
+    out = update_routing(fw.get_store(), config)
     assert out["rewarded"] == 20
     # the rule: copy + a real read = 0.85, escalate + a real read = 0.3
     assert out["weights"]["alice/billing"] > 1.4 and out["weights"]["bob/billing"] < 0.8

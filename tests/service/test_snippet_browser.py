@@ -46,7 +46,7 @@ PAGE = f"""<!DOCTYPE html>
 
 def _events(fw) -> list[TelemetryEvent]:
     fw.flush()
-    with fw.store().session() as s:
+    with fw.get_store().session() as s:
         return list(s.exec(select(TelemetryEvent).order_by(TelemetryEvent.id)))
 
 
@@ -248,7 +248,7 @@ def test_thumbs_and_ratings_reach_the_feedback_api(fw, app, chrome):
         while time.monotonic() < deadline and len(rows) < 3:
             time.sleep(0.2)
             fw.flush()
-            rows = fw.store().execute(
+            rows = fw.get_store().execute(
                 "SELECT key, value, comment, source FROM feedback WHERE rollout_id = :r ORDER BY id",
                 {"r": r.id},
             )

@@ -1,0 +1,46 @@
+"""What capture hands its work to: the split between the cheap API and the SDK behind it.
+
+Handles only build records; where those go, which config a request gets and what feedback
+does is the backend's business. ``flywheel_middleware.runtime`` installs the process's
+backend when the package is imported (as OpenTelemetry's SDK installs a tracer provider),
+so this layer never imports the store, the recorder or the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Backend(Protocol):
+    """The calls capture makes; ``flywheel_middleware.runtime.ProcessBackend`` answers them."""
+
+    def enqueue(self, record: Any) -> None:
+        """Take a finished record (or a packed call record) for the store; never raises."""
+
+    def rollout_opened(self, handle: Any) -> None:
+        """A rollout opened in this process (feedback for it is accepted from now on)."""
+
+    def rollout_finished(self, rollout_id: str, workflow: str) -> None:
+        """A rollout finished here and may not be written yet."""
+
+    def resolve(self, handle: Any) -> Any:
+        """The ``Resolution`` (config and how it was chosen) for an open rollout, or None."""
+
+    def feedback(self, rollout_id: str, rating: Any = None, **kwargs: Any) -> None:
+        """Record feedback about a rollout (``fw.feedback``)."""
+
+
+_backend: Backend | None = None
+
+
+def install(backend: Backend) -> None:
+    """Make ``backend`` the one capture talks to (the runtime does this at import)."""
+    global _backend
+    _backend = backend
+
+
+def current() -> Backend:
+    """The installed backend."""
+    if _backend is None:
+        raise RuntimeError("no flywheel backend installed: import flywheel_middleware first")
+    return _backend
