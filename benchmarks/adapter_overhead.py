@@ -463,6 +463,7 @@ def isolated_costs(calls: int = 5000) -> tuple[float, float]:
     import flywheel_middleware as fw
     from flywheel_middleware import runtime
     from flywheel_middleware.capture.records import expand_calls, ns_to_sqlite_text
+    from flywheel_middleware.recording.rows import record_row
 
     kept: list[Any] = []
 
@@ -504,7 +505,7 @@ def isolated_costs(calls: int = 5000) -> tuple[float, float]:
         by_table: dict[str, list[tuple]] = {}
         columns: dict[str, tuple] = {}
         for record in records:
-            by_table.setdefault(record.TABLE, []).append(record.to_row(ns_to_sqlite_text))
+            by_table.setdefault(record.TABLE, []).append(record_row(record, ns_to_sqlite_text))
             columns[record.TABLE] = record.COLUMNS
         conn = store.raw_connection()
         try:
@@ -530,6 +531,7 @@ def isolated_openai_costs(calls: int = 5000) -> tuple[float, float]:
     import flywheel_middleware as fw
     from flywheel_middleware import runtime
     from flywheel_middleware.capture.records import expand_calls, ns_to_sqlite_text
+    from flywheel_middleware.recording.rows import record_row
 
     response = ChatCompletion.model_validate(
         {
@@ -580,7 +582,7 @@ def isolated_openai_costs(calls: int = 5000) -> tuple[float, float]:
         by_table: dict[str, list[tuple]] = {}
         columns: dict[str, tuple] = {}
         for record in records:
-            by_table.setdefault(record.TABLE, []).append(record.to_row(ns_to_sqlite_text))
+            by_table.setdefault(record.TABLE, []).append(record_row(record, ns_to_sqlite_text))
             columns[record.TABLE] = record.COLUMNS
         conn = store.raw_connection()
         try:

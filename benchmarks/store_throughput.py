@@ -34,6 +34,7 @@ import flywheel_middleware as fw
 from flywheel_middleware.capture.ids import new_rollout_id, new_span_id
 from flywheel_middleware.capture.records import SpanRecord, ns_to_datetime, ns_to_sqlite_text
 from flywheel_middleware.recording.recorder import Recorder
+from flywheel_middleware.recording.rows import record_row
 from flywheel_middleware.store.database import Store
 
 BATCH = 2_000
@@ -126,7 +127,7 @@ def while_agent_busy(url: str, n: int) -> tuple[float, float]:
     import sqlite3
 
     store = Store(url)
-    rows = [r.to_row(ns_to_sqlite_text) for r in make_records(BATCH)]  # one batch: it is slow
+    rows = [record_row(r, ns_to_sqlite_text) for r in make_records(BATCH)]  # one batch: it is slow
     conn = sqlite3.connect(store.engine.url.database)
     cols = ", ".join(SpanRecord.COLUMNS)
     sql = f"INSERT INTO span ({cols}) VALUES ({', '.join('?' for _ in SpanRecord.COLUMNS)})"
@@ -209,7 +210,7 @@ def main() -> int:
     results = []
     try:
         records = make_records(n)
-        sqlite_rows = [r.to_row(ns_to_sqlite_text) for r in records]
+        sqlite_rows = [record_row(r, ns_to_sqlite_text) for r in records]
         urls = [f"sqlite:///{work}/{name}.db" for name in ("ceiling", "recorder", "e2e", "caller")]
         ceiling = ceiling_sqlite(Store(urls[0]), sqlite_rows)
         ours = through_recorder(Store(urls[1]), make_records(n))
@@ -226,7 +227,7 @@ def main() -> int:
                 made = []
             if made:
                 try:
-                    pg_rows = [r.to_row(ns_to_datetime) for r in make_records(n)]
+                    pg_rows = [record_row(r, ns_to_datetime) for r in make_records(n)]
                     pg_ceiling = ceiling_postgres(Store(made[0][0]), pg_rows)
                     pg_ours = through_recorder(Store(made[1][0]), make_records(n))
                     pg_e2e = end_to_end(made[2][0], n)

@@ -127,44 +127,47 @@ def get_config() -> FlywheelConfig:
 
 def get_store() -> Store:
     """The process's store (opened on first use)."""
-    s = _state.store
-    if s is not None:
-        return s
-    with _state.lock:
-        if _state.store is None:
-            from flywheel_middleware.store.database import Store
-
-            cfg = get_config()
-            url = _state.store_url or os.environ.get("FLYWHEEL_STORE_URL") or cfg.store.url
-            _state.store = Store(url)
-            _state.store_url = url
-        return _state.store
+    return _state.store or _create_once("store", _open_store)
 
 
 def get_recorder() -> Recorder:
     """The process's recorder (started on first use, restarted after a fork)."""
-    rec = _state.recorder
-    if rec is not None:
-        return rec
-    with _state.lock:
-        if _state.recorder is None:
-            from flywheel_middleware.plugin_system.manager import install_redaction
-            from flywheel_middleware.recording.recorder import Recorder
+    return _state.recorder or _create_once("recorder", _start_recorder)
 
-            cfg = get_config().store
-            rec = Recorder(
-                get_store(),
-                queue_size=cfg.queue_size,
-                batch_size=cfg.batch_size,
-                flush_interval=cfg.flush_interval,
-                spill_dir=cfg.spill_dir,
-                exit_timeout=cfg.exit_timeout,
-                writer=os.environ.get("FLYWHEEL_WRITER") or cfg.writer,
-            )
-            rec.add_listener(_check_triggers, tables=("feedback",))
-            install_redaction(rec, get_config())  # redact_span hooks and YAML redactors
-            _state.recorder = rec
-        return _state.recorder
+
+def _create_once(name: str, create: Any) -> Any:
+    """``_state.<name>``, made by ``create()`` by the first thread to get here."""
+    with _state.lock:
+        if getattr(_state, name) is None:
+            setattr(_state, name, create())
+        return getattr(_state, name)
+
+
+def _open_store() -> Store:
+    from flywheel_middleware.store.database import Store
+
+    url = _state.store_url or os.environ.get("FLYWHEEL_STORE_URL") or get_config().store.url
+    _state.store_url = url
+    return Store(url)
+
+
+def _start_recorder() -> Recorder:
+    from flywheel_middleware.plugin_system.manager import install_redaction
+    from flywheel_middleware.recording.recorder import Recorder
+
+    cfg = get_config().store
+    recorder = Recorder(
+        get_store(),
+        queue_size=cfg.queue_size,
+        batch_size=cfg.batch_size,
+        flush_interval=cfg.flush_interval,
+        spill_dir=cfg.spill_dir,
+        exit_timeout=cfg.exit_timeout,
+        writer=os.environ.get("FLYWHEEL_WRITER") or cfg.writer,
+    )
+    recorder.add_listener(_check_triggers, tables=("feedback",))
+    install_redaction(recorder, get_config())  # redact_span hooks and YAML redactors
+    return recorder
 
 
 def flush(timeout: float | None = 30.0) -> bool:

@@ -24,7 +24,12 @@ from typing import Any, TypeVar
 
 from flywheel_middleware.capture import backend, otel_mirror
 from flywheel_middleware.capture.ids import new_rollout_id, new_span_id
-from flywheel_middleware.capture.records import RolloutRecord, SpanRecord, pack_call
+from flywheel_middleware.capture.records import (
+    CALL_SPAN_FIELDS,
+    RolloutRecord,
+    SpanRecord,
+    pack_call,
+)
 from flywheel_middleware.capture.serialize import snapshot
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -45,14 +50,30 @@ def _error_field(error: BaseException | str | None) -> str | None:
 
 
 class _Handle:
-    """The enter/exit both handle kinds share; ``_close`` ends the handle."""
+    """What both handle kinds share: ``end`` once, ``with`` makes current and ends."""
 
     __slots__ = ()
     _token: contextvars.Token | None
+    _ended: bool
     input: Any
     output: Any
 
-    def _close(self, error: BaseException | None) -> None:
+    def end(
+        self,
+        output: Any = None,
+        error: BaseException | str | None = None,
+        end_ns: int | None = None,
+    ) -> None:
+        """End the handle and queue it for the store. A second call is ignored."""
+        if self._ended:
+            return
+        self._ended = True
+        if output is not None:
+            self.output = snapshot(output)
+        self._finish(_error_field(error), end_ns or time.time_ns())
+
+    def _finish(self, error: str | None, end: int) -> None:
+        """What ending means for this kind of handle."""
         raise NotImplementedError
 
     def activate(self) -> contextvars.Token:
@@ -74,7 +95,7 @@ class _Handle:
         token, self._token = self._token, None
         if token is not None:
             self.deactivate(token)
-        self._close(exc)
+        self.end(error=exc)
 
     async def __aenter__(self) -> Any:
         return self.__enter__()
@@ -96,7 +117,7 @@ class RolloutHandle(RolloutRecord, _Handle):
     agent's thread (``started_at``/``ended_at`` hold ``time.time_ns()`` until written).
     """
 
-    __slots__ = ("unit_id", "_config", "_resolved", "_seq", "_lock", "_token", "_finished", "_otel")
+    __slots__ = ("unit_id", "_config", "_resolved", "_seq", "_lock", "_token", "_ended", "_otel")
 
     def __init__(
         self,
@@ -111,35 +132,24 @@ class RolloutHandle(RolloutRecord, _Handle):
         rollout_id: str | None = None,
         start_ns: int | None = None,
     ) -> None:
-        self.id = rollout_id or new_rollout_id()
-        self.workflow = workflow
-        self.user_id = user_id
-        self.session_id = session_id
-        self.config_version_id = None
-        self.experiment_id = None
-        self.variant = None
-        self.propensity = None
-        self.input = snapshot(input)
-        self.output = None
-        self.status = "running"
-        self.error = None
-        self.started_at = start_ns or time.time_ns()
-        self.ended_at = None
-        self.latency_ms = None
-        self.input_tokens = None
-        self.output_tokens = None
-        self.total_tokens = None
-        self.cost = None
-        self.reward = None
-        self.tags = list(tags) if tags else None
-        self.metadata = dict(metadata) if metadata else None
+        super().__init__(
+            id=rollout_id or new_rollout_id(),
+            workflow=workflow,
+            user_id=user_id,
+            session_id=session_id,
+            input=snapshot(input),
+            status="running",
+            started_at=start_ns or time.time_ns(),
+            tags=list(tags) if tags else None,
+            metadata=dict(metadata) if metadata else None,
+        )
         self.unit_id = unit_id
         self._config: dict[str, Any] | None = None
         self._resolved = False
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._token = None
-        self._finished = False
+        self._ended = False
         self._otel = otel_mirror.start(f"workflow {workflow}", None, self.started_at)
         backend.current().rollout_opened(self)
 
@@ -205,46 +215,23 @@ class RolloutHandle(RolloutRecord, _Handle):
         """Shortcut for ``fw.feedback(this_rollout.id, ...)``."""
         backend.current().feedback(self.id, rating, **kwargs)
 
-    def finish(
-        self,
-        output: Any = None,
-        error: BaseException | str | None = None,
-        end_ns: int | None = None,
-    ) -> None:
-        """End the rollout and queue it for the store. Safe to call twice (second is ignored)."""
-        if self._finished:
-            return
-        self._finished = True
-        end = self.ended_at = end_ns or time.time_ns()
-        if output is not None:
-            self.output = snapshot(output)
+    def _finish(self, error: str | None, end: int) -> None:
+        self.ended_at = end
         if error is not None:
             self.status = "failed"
-            self.error = _error_field(error)
+            self.error = error
         elif self.status == "running":
             self.status = "succeeded"
         self.latency_ms = (end - self.started_at) / 1e6
         if self.input_tokens is not None or self.output_tokens is not None:
             self.total_tokens = (self.input_tokens or 0) + (self.output_tokens or 0)
         if self._otel is not None:
-            otel_mirror.end(
-                self._otel,
-                kind="workflow",
-                rollout_id=self.id,
-                workflow=self.workflow,
-                model=None,
-                input_tokens=self.input_tokens,
-                output_tokens=self.output_tokens,
-                error=self.error,
-                attributes=None,
-                end_ns=end,
-            )
+            otel_mirror.end(self._otel, self, end)
         sink = backend.current()
         sink.rollout_finished(self.id, self.workflow)
         sink.enqueue(self)
 
-    def _close(self, error: BaseException | None) -> None:
-        self.finish(error=error)
+    finish = _Handle.end  # a rollout is finished, a span ended: the same call
 
     def __repr__(self) -> str:
         return f"<Rollout {self.id} workflow={self.workflow!r} status={self.status}>"
@@ -277,22 +264,16 @@ class SpanHandle(SpanRecord, _Handle):
         tags: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        self.id = new_span_id()
-        self.trace_id = None
-        self.kind = kind
-        self.name = name
-        self.node = node
-        self.status = "ok"
-        self.error = None
-        self.started_at = start_ns or time.time_ns()
-        self.ended_at = None
-        self.duration_ms = None
-        self.model = model
-        self.input = snapshot(input)
-        self.output = None
-        self.input_tokens = None
-        self.output_tokens = None
-        self.attributes = dict(attributes) if attributes else None
+        super().__init__(
+            id=new_span_id(),
+            kind=kind,
+            name=name,
+            node=node,
+            started_at=start_ns or time.time_ns(),
+            model=model,
+            input=snapshot(input),
+            attributes=dict(attributes) if attributes else None,
+        )
         self._token = None
         self._ended = False
         self._otel = None
@@ -302,7 +283,12 @@ class SpanHandle(SpanRecord, _Handle):
             self.parent_id = None
             self.sequence = 0
             self._rollout: RolloutHandle | None = None
-            self._owned: tuple[Any, ...] | None = (user_id, session_id, tags, metadata)
+            self._owned: dict[str, Any] | None = {
+                "user_id": user_id,
+                "session_id": session_id,
+                "tags": tags,
+                "metadata": metadata,
+            }
             if otel_mirror.tracer() is not None:  # the mirror nests spans under the rollout's
                 self._otel = otel_mirror.start(name, self.rollout._otel, self.started_at)
             return
@@ -334,16 +320,12 @@ class SpanHandle(SpanRecord, _Handle):
         with _opening:
             if self._rollout is not None:
                 return self._rollout
-            user_id, session_id, tags, metadata = self._owned  # type: ignore[misc]
             rollout = RolloutHandle(
                 self.workflow,
                 rollout_id=self.rollout_id,
                 input=self.input,
                 start_ns=self.started_at,
-                user_id=user_id,
-                session_id=session_id,
-                tags=tags,
-                metadata=metadata,
+                **self._owned,  # type: ignore[arg-type]
             )
             rollout.next_sequence()  # this span is number 0
             self._rollout = rollout
@@ -365,72 +347,32 @@ class SpanHandle(SpanRecord, _Handle):
         self.status = "error"
         self.error = _error_field(error)
 
-    def end(
-        self,
-        output: Any = None,
-        error: BaseException | str | None = None,
-        end_ns: int | None = None,
-    ) -> None:
-        """Finish the span and queue it (and its own rollout, if it has one). A second call
-        is ignored."""
-        if self._ended:
-            return
-        self._ended = True
-        end = end_ns or time.time_ns()
-        if output is not None:
-            self.output = snapshot(output)
+    def _finish(self, error: str | None, end: int) -> None:
+        """Queue the span (and its own rollout, if it has one)."""
         if error is not None:
             self.set_error(error)
         rollout = self._rollout
-        if rollout is None:  # a root span that never needed its rollout: one call record
-            user_id, session_id, tags, metadata = self._owned  # type: ignore[misc]
-            _queue_call(
-                span_id=self.id,
-                rollout_id=self.rollout_id,
-                workflow=self.workflow,
-                name=self.name,
-                kind=self.kind,
-                node=self.node,
-                start_ns=self.started_at,
-                end_ns=end,
-                model=self.model,
-                input=self.input,
-                output=self.output,
-                error=self.error,
-                input_tokens=self.input_tokens,
-                output_tokens=self.output_tokens,
-                attributes=self.attributes,
-                user_id=user_id,
-                session_id=session_id,
-                tags=tags,
-                metadata=metadata,
-            )
-            return
         self.ended_at = end
         self.duration_ms = (end - self.started_at) / 1e6
+        if rollout is None:  # a root span that never needed its rollout: one call record
+            call = pack_call(
+                span_id=self.id,
+                **{name: getattr(self, name) for name in CALL_SPAN_FIELDS},
+                **self._owned,  # type: ignore[arg-type]
+            )
+            sink = backend.current()
+            sink.enqueue(call)
+            sink.rollout_finished(self.rollout_id, self.workflow)
+            return
         if self.input_tokens or self.output_tokens:
             rollout.add_usage(self.input_tokens, self.output_tokens)
         if self._otel is not None:
-            otel_mirror.end(
-                self._otel,
-                kind=self.kind,
-                rollout_id=rollout.id,
-                workflow=rollout.workflow,
-                model=self.model,
-                input_tokens=self.input_tokens,
-                output_tokens=self.output_tokens,
-                error=self.error,
-                attributes=self.attributes,
-                end_ns=end,
-            )
+            otel_mirror.end(self._otel, self, end)
         backend.current().enqueue(self)
         if self._owned is not None:
             if rollout.input is None:  # set on the span after its rollout was opened
                 rollout.input = self.input
             rollout.finish(output=self.output, error=self.error, end_ns=end)
-
-    def _close(self, error: BaseException | None) -> None:
-        self.end(error=error)
 
     def __repr__(self) -> str:
         return f"<Span {self.id} {self.kind}:{self.name}>"
@@ -455,144 +397,34 @@ def current_span() -> SpanHandle | None:
 
 
 def record_call(
-    *,
-    workflow: str,
     name: str,
-    kind: str,
+    kind: str = "llm",
+    *,
     start_ns: int,
     end_ns: int | None = None,
-    input: Any = None,
     output: Any = None,
     error: BaseException | str | None = None,
-    model: str | None = None,
     input_tokens: int | None = None,
     output_tokens: int | None = None,
-    attributes: dict[str, Any] | None = None,
-    node: str | None = None,
-    user_id: str | None = None,
-    session_id: str | None = None,
-    tags: list[str] | None = None,
-    metadata: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> str:
     """Record a finished call that was its own rollout with one span; return the rollout id.
 
-    ``input`` and ``output`` are stored as given. With the OTel mirror on, the call goes
-    through a span handle instead, so OTel sees it.
+    ``fields``: the ``SpanHandle`` keywords (workflow, node, input, model, attributes, and
+    the rollout's user_id, session_id, tags, metadata). It is a root span ended at once, so
+    it is queued as one call record (or mirrored into OTel as a rollout and its span).
     """
-    if otel_mirror.tracer() is not None:
-        span = SpanHandle(
-            name,
-            kind,
-            workflow=workflow,
-            node=node,
-            input=input,
-            model=model,
-            attributes=attributes,
-            start_ns=start_ns,
-            user_id=user_id,
-            session_id=session_id,
-            tags=tags,
-            metadata=metadata,
-        )
-        span.set_usage(input_tokens, output_tokens)
-        span.end(output=output, error=error, end_ns=end_ns)
-        return span.rollout_id
-    rollout_id = new_rollout_id()
-    _queue_call(
-        span_id=new_span_id(),
-        rollout_id=rollout_id,
-        workflow=workflow,
-        name=name,
-        kind=kind,
-        node=node,
-        start_ns=start_ns,
-        end_ns=end_ns or time.time_ns(),
-        model=model,
-        input=input,
-        output=output,
-        error=_error_field(error),
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        attributes=attributes,
-        user_id=user_id,
-        session_id=session_id,
-        tags=tags,
-        metadata=metadata,
-    )
-    return rollout_id
+    span = SpanHandle(name, kind, start_ns=start_ns, **fields)
+    span.set_usage(input_tokens, output_tokens)
+    span.end(output=output, error=error, end_ns=end_ns)
+    return span.rollout_id
 
 
-def _queue_call(
-    *,
-    span_id: int,
-    rollout_id: str,
-    workflow: str,
-    name: str,
-    kind: str,
-    node: str | None,
-    start_ns: int,
-    end_ns: int,
-    model: str | None,
-    input: Any,
-    output: Any,
-    error: str | None,
-    input_tokens: int | None,
-    output_tokens: int | None,
-    attributes: dict[str, Any] | None,
-    user_id: str | None,
-    session_id: str | None,
-    tags: list[str] | None,
-    metadata: dict[str, Any] | None,
-) -> None:
-    """Queue one call record (a rollout with one span) and say the rollout finished."""
-    call = pack_call(
-        span_id=span_id,
-        rollout_id=rollout_id,
-        workflow=workflow,
-        kind=kind,
-        name=name,
-        node=node,
-        error=error,
-        started_at=start_ns,
-        ended_at=end_ns,
-        duration_ms=(end_ns - start_ns) / 1e6,
-        model=model,
-        input=input,
-        output=output,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        attributes=attributes,
-        user_id=user_id,
-        session_id=session_id,
-        tags=tags,
-        metadata=metadata,
-    )
-    sink = backend.current()
-    sink.enqueue(call)
-    sink.rollout_finished(rollout_id, workflow)
-
-
-def rollout(
-    workflow: str,
-    *,
-    user_id: str | None = None,
-    session_id: str | None = None,
-    input: Any = None,
-    tags: list[str] | None = None,
-    metadata: dict[str, Any] | None = None,
-    unit_id: str | None = None,
-) -> RolloutHandle:
+def rollout(workflow: str, **fields: Any) -> RolloutHandle:
     """Open a rollout; use it with ``with`` or ``async with`` so adapters inside attach to it
-    (or ``finish()`` it yourself: it is not made current until entered)."""
-    return RolloutHandle(
-        workflow,
-        user_id=user_id,
-        session_id=session_id,
-        input=input,
-        tags=tags,
-        metadata=metadata,
-        unit_id=unit_id,
-    )
+    (or ``finish()`` it yourself). ``fields``: the ``RolloutHandle`` keywords (user_id,
+    session_id, input, tags, metadata, unit_id)."""
+    return RolloutHandle(workflow, **fields)
 
 
 def start_span(
@@ -600,31 +432,17 @@ def start_span(
     kind: str = "chain",
     *,
     parent: SpanHandle | RolloutHandle | None = None,
-    workflow: str | None = None,
     **fields: Any,
 ) -> SpanHandle:
-    """Start a span under ``parent``, else the current span or rollout, without making it
-    current. With neither, it is a root span owning a rollout of ``workflow`` (default: the
-    span's name). ``fields``: the ``SpanHandle`` keywords (node, input, model, ...)."""
+    """A span under ``parent``, else the current span or rollout, not yet current (``with``
+    makes it current and ends it). With neither it is a root span owning a rollout of
+    ``workflow`` (default: the span's name). ``fields``: the ``SpanHandle`` keywords."""
     if parent is None:
         parent = _current.get()
-    return SpanHandle(name, kind, parent=parent, workflow=workflow, **fields)
+    return SpanHandle(name, kind, parent=parent, **fields)
 
 
-def span(
-    name: str,
-    kind: str = "chain",
-    *,
-    node: str | None = None,
-    input: Any = None,
-    model: str | None = None,
-    attributes: dict[str, Any] | None = None,
-    workflow: str | None = None,
-) -> SpanHandle:
-    """A span under the current span or rollout; use with ``with`` / ``async with``."""
-    return start_span(
-        name, kind, node=node, input=input, model=model, attributes=attributes, workflow=workflow
-    )
+span = start_span  # ``with fw.span("lookup", kind="tool") as s:`` reads better; the same call
 
 
 def traced(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from flywheel_middleware.capture.records import RolloutRecord
+
 ORIGIN_ATTRIBUTE = "flywheel.origin"
 _OPERATION = {
     "llm": "chat",
@@ -58,46 +60,44 @@ def start(name: str, parent: Any | None, start_ns: int) -> Any | None:
     return tr.start_span(name, context=ctx, start_time=start_ns)
 
 
-def end(
-    otel_span: Any,
-    *,
-    kind: str,
-    rollout_id: str,
-    workflow: str | None,
-    model: str | None,
-    input_tokens: int | None,
-    output_tokens: int | None,
-    error: str | None,
-    attributes: dict[str, Any] | None,
-    end_ns: int,
-) -> None:
-    """Set GenAI attributes and end the span. Never raises."""
+def end(otel_span: Any, handle: Any, end_ns: int) -> None:
+    """Set GenAI attributes from a finished rollout or span handle and end its OTel span.
+    Never raises."""
     try:
+        if isinstance(handle, RolloutRecord):
+            kind, rollout_id, model, extra = "workflow", handle.id, None, None
+        else:
+            kind, rollout_id, model, extra = (
+                handle.kind,
+                handle.rollout_id,
+                handle.model,
+                handle.attributes,
+            )
         attrs: dict[str, Any] = {
             ORIGIN_ATTRIBUTE: "flywheel",
             "flywheel.kind": kind,
             "flywheel.rollout_id": rollout_id,
         }
-        if workflow:
-            attrs["flywheel.workflow"] = workflow
+        if handle.workflow:
+            attrs["flywheel.workflow"] = handle.workflow
         op = _OPERATION.get(kind)
         if op:
             attrs["gen_ai.operation.name"] = op
         if model:
             attrs["gen_ai.request.model"] = model
-        if input_tokens is not None:
-            attrs["gen_ai.usage.input_tokens"] = input_tokens
-        if output_tokens is not None:
-            attrs["gen_ai.usage.output_tokens"] = output_tokens
-        if attributes:
-            for key, value in attributes.items():
+        if handle.input_tokens is not None:
+            attrs["gen_ai.usage.input_tokens"] = handle.input_tokens
+        if handle.output_tokens is not None:
+            attrs["gen_ai.usage.output_tokens"] = handle.output_tokens
+        if extra:
+            for key, value in extra.items():
                 if isinstance(value, (str, bool, int, float)):
                     attrs[key] = value
         otel_span.set_attributes(attrs)
-        if error:
+        if handle.error:
             from opentelemetry.trace import Status, StatusCode
 
-            otel_span.set_status(Status(StatusCode.ERROR, error[:500]))
+            otel_span.set_status(Status(StatusCode.ERROR, handle.error[:500]))
         otel_span.end(end_time=end_ns)
     except Exception:
         pass

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flywheel_middleware.adapters.otel import (
+from flywheel_middleware.capture.genai_attributes import (
     INPUT_KEYS,
     INPUT_TOKEN_KEYS,
     MAPPED,
@@ -48,6 +48,7 @@ from flywheel_middleware.capture.records import (
     ns_to_sqlite_text,
 )
 from flywheel_middleware.errors import FlywheelError
+from flywheel_middleware.recording.rows import record_row
 
 __all__ = ["ImportResult", "StudioImportError", "import_studio", "read_studio"]
 
@@ -504,7 +505,7 @@ def import_studio(
             chunk = records[i : i + batch_size]
             by_table: dict[str, list[tuple]] = defaultdict(list)
             for rec in chunk:
-                by_table[rec.TABLE].append(rec.to_row(conv))
+                by_table[rec.TABLE].append(record_row(rec, conv))
             try:
                 for table, rows in by_table.items():
                     cols = RolloutRecord.COLUMNS if table == "rollout" else SpanRecord.COLUMNS

@@ -39,6 +39,7 @@ from flywheel_middleware.capture.records import (
     ns_to_sqlite_text,
     unpack_record,
 )
+from flywheel_middleware.recording.rows import record_row
 from flywheel_middleware.recording.writer_process import (
     SHIPPED_TABLES,
     WriterBusy,
@@ -260,7 +261,7 @@ class Recorder:
         """Append records to this process's spill file; ``fresh`` ones never reached the queue."""
         if fresh:
             self.counters.queued += len(records)
-        rows = [(r.TABLE, r.to_row(self._time_conv)) for r in expand_calls(records)]
+        rows = [(r.TABLE, record_row(r, self._time_conv)) for r in expand_calls(records)]
         with self._spill_lock:
             if self._spill_file is None:
                 self.spill_dir.mkdir(parents=True, exist_ok=True)
@@ -401,7 +402,7 @@ class Recorder:
         by_kind: dict[str, list[Record]] = defaultdict(list)
         for record in batch:
             try:
-                by_table[record.TABLE].append(record.to_row(self._time_conv))
+                by_table[record.TABLE].append(record_row(record, self._time_conv))
                 by_kind[record.TABLE].append(record)
             except Exception:
                 self.counters.dead_lettered += 1

@@ -3,8 +3,8 @@
 Why: turning records into rows and binding them to SQLite is most of what recording costs,
 and on the writer thread that work holds the GIL the agent needs. With a writer process the
 recorder's thread only pickles each batch's column values (a fraction of the work); the child
-builds the rows and writes them on another core. The child imports ``records`` and
-``sqlite_rows`` and nothing else of ours (no SQLAlchemy), so it starts in tens of milliseconds.
+builds the rows (``recording.rows``) and writes them on another core. It imports the cheap
+capture API and ``store.sqlite_rows`` (no SQLAlchemy), so it starts in tens of milliseconds.
 
 The protocol is request/reply over the child's stdin/stdout, in frames of a 4-byte length
 and a message; a request is marshalled (plain data, the common case, and the cheapest to
@@ -38,26 +38,24 @@ from typing import Any, BinaryIO
 from flywheel_middleware.capture.records import (
     RECORD_TYPES,
     Record,
-    call_rows,
     expand_calls,
     ns_to_sqlite_text,
 )
-from flywheel_middleware.recording.sqlite_rows import apply_pragmas, insert_rows
+from flywheel_middleware.recording.rows import record_row, rows_of
+from flywheel_middleware.store.sqlite_rows import apply_pragmas, insert_rows
 
 log = logging.getLogger("flywheel_middleware.recording.writer_process")
 
 SHIPPED_TABLES = frozenset({"span", "rollout", "call"})  # a call record is one of each
 _HEADER = struct.Struct("<I")
 
-# Run by ``python -c``: a bare package object stands in for ``flywheel_middleware`` so its
-# ``__init__`` (the public API, SQLAlchemy, pydantic) is never imported in the child.
+# Run by ``python -c`` with the folder that holds the package (the host may have found it on
+# a path of its own); the current directory is dropped so no file there shadows a module.
 _BOOT = """\
-import sys, types
+import sys
 if sys.path and sys.path[0] == "":
     del sys.path[0]
-package = types.ModuleType("flywheel_middleware")
-package.__path__ = [sys.argv[1]]
-sys.modules["flywheel_middleware"] = package
+sys.path.insert(0, sys.argv[1])
 from flywheel_middleware.recording.writer_process import main
 main(sys.argv[2:])
 """
@@ -120,7 +118,7 @@ def values_payload(records: list[Record | bytes]) -> bytes:
 def rows_payload(records: list[Record | bytes]) -> bytes:
     """The batch as finished rows (plain text and numbers), for values that will not pickle
     here or unpickle there (a lock, a class defined in ``__main__``)."""
-    rows = [(r.TABLE, r.to_row(ns_to_sqlite_text)) for r in expand_calls(records)]
+    rows = [(r.TABLE, record_row(r, ns_to_sqlite_text)) for r in expand_calls(records)]
     return _encode(("rows", rows))
 
 
@@ -135,7 +133,7 @@ class WriterProcess:
         _live.add(self)
 
     def start(self) -> None:
-        package_dir = str(Path(__file__).resolve().parent.parent)
+        package_dir = str(Path(__file__).resolve().parents[2])
         argv = [sys.executable, "-c", _BOOT, package_dir, str(self.db_path), str(self.spill_dir)]
         try:
             self._proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code
@@ -219,15 +217,10 @@ def _write(conn: sqlite3.Connection, request: tuple, cache: dict[str, str], dead
     if kind == "values":
         for table, values in items:
             try:
-                if table == "call":
-                    if values.__class__ is bytes:  # packed on the agent's thread
-                        values = marshal.loads(values)
-                    span, rollout = call_rows(values, ns_to_sqlite_text)
-                    by_table["span"].append(span)
-                    by_table["rollout"].append(rollout)
-                else:
-                    row = RECORD_TYPES[table].row_from_values(values, ns_to_sqlite_text)
-                    by_table[table].append(row)
+                if values.__class__ is bytes:  # a call record packed on the agent's thread
+                    values = marshal.loads(values)
+                for row_table, row in rows_of(table, values, ns_to_sqlite_text):
+                    by_table[row_table].append(row)
             except Exception as exc:  # a value no row can hold: count it, keep the rest
                 rejected += 1
                 print(

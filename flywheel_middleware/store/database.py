@@ -19,8 +19,10 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlmodel import Session
 
 from flywheel_middleware.errors import StoreError
-from flywheel_middleware.recording import sqlite_rows
-from flywheel_middleware.store import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from flywheel_middleware.store import (
+    models,  # noqa: F401  (registers the tables on SQLModel.metadata)
+    sqlite_rows,
+)
 
 log = logging.getLogger("flywheel_middleware.store.database")
 

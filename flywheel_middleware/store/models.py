@@ -7,11 +7,15 @@ which is also the OpenTelemetry trace id of the rollout.
 
 from __future__ import annotations
 
+import types
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text, text
+from sqlalchemy import JSON, BigInteger, Column, Float, Index, Integer, Text, text
 from sqlmodel import Field, SQLModel
+from sqlmodel.sql.sqltypes import AutoString, UTCDateTime
+
+from flywheel_middleware import tables
 
 # The spans hot-problem analysis looks at: named workflow nodes, top-level spans and agents.
 HOT_SPANS = "node IS NOT NULL OR parent_id IS NULL OR kind = 'agent'"
@@ -24,123 +28,110 @@ def _json(nullable: bool = True) -> Any:
     return Field(default=None, sa_column=Column(JSON, nullable=nullable))
 
 
-class Rollout(SQLModel, table=True):
-    """One execution of a workflow for one request (a trace root)."""
+_SQL_TYPES: dict[str, Any] = {
+    "longtext": Text,
+    "int": Integer,
+    "bigint": BigInt,
+    "float": Float,
+    "json": JSON,
+    "time": UTCDateTime,
+}
+_PY_TYPES: dict[str, Any] = {
+    "text": str,
+    "longtext": str,
+    "int": int,
+    "bigint": int,
+    "float": float,
+    "json": Any,
+    "time": datetime,
+}
 
-    __tablename__ = "rollout"
-    __table_args__ = (
-        Index("ix_rollout_workflow_started", "workflow", "started_at"),
-        Index("ix_rollout_experiment_variant", "experiment_id", "variant"),
-        Index("ix_rollout_session", "session_id"),
-        Index("ix_rollout_user", "user_id"),
+
+def _model(table: tables.Table, class_name: str, doc: str, *indexes: Index) -> type[SQLModel]:
+    """The SQLModel table class of a table defined in ``tables`` (the one definition).
+
+    ``metadata`` is reached as ``metadata_`` (SQLModel keeps ``metadata`` for itself).
+    """
+    annotations: dict[str, Any] = {}
+    namespace: dict[str, Any] = {
+        "__tablename__": table.name,
+        "__table_args__": indexes,
+        "__doc__": doc,
+        "__module__": __name__,
+        "__annotations__": annotations,
+    }
+    for column in table.columns:
+        attr = "metadata_" if column.name == "metadata" else column.name
+        sql_type = (
+            AutoString(column.max_length) if column.type == "text" else _SQL_TYPES[column.type]
+        )
+        py_type = _PY_TYPES[column.type]
+        annotations[attr] = py_type if not column.nullable else (py_type | None)
+        sa_column = Column(
+            column.name,
+            sql_type,
+            primary_key=column.primary_key,
+            nullable=column.nullable and not column.primary_key,
+            default=None if callable(column.default) else column.default,
+        )
+        if column.default is not None and not callable(column.default):
+            namespace[attr] = Field(default=column.default, sa_column=sa_column)
+        elif column.nullable or column.generated or column.default is not None:
+            namespace[attr] = Field(default=None, sa_column=sa_column)
+        else:
+            namespace[attr] = Field(sa_column=sa_column)  # required
+    return types.new_class(
+        class_name, (SQLModel,), {"table": True}, lambda ns: ns.update(namespace)
     )
 
-    id: str = Field(primary_key=True, max_length=32)
-    workflow: str = Field(max_length=200)
-    user_id: str | None = Field(default=None, max_length=200)
-    session_id: str | None = Field(default=None, max_length=200)
-    config_version_id: int | None = Field(default=None, sa_type=BigInt)
-    experiment_id: int | None = Field(default=None, sa_type=BigInt)
-    variant: str | None = Field(default=None, max_length=100)
-    propensity: float | None = None
-    input: Any = _json()
-    output: Any = _json()
-    status: str = Field(default="succeeded", max_length=20)
-    error: str | None = Field(default=None, sa_type=Text)
-    started_at: datetime
-    ended_at: datetime | None = None
-    latency_ms: float | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    total_tokens: int | None = None
-    cost: float | None = None
-    reward: float | None = None
-    tags: Any = _json()
-    metadata_: Any = Field(default=None, sa_column=Column("metadata", JSON))
 
+Rollout = _model(
+    tables.ROLLOUT,
+    "Rollout",
+    "One execution of a workflow for one request (a trace root).",
+    Index("ix_rollout_workflow_started", "workflow", "started_at"),
+    Index("ix_rollout_experiment_variant", "experiment_id", "variant"),
+    Index("ix_rollout_session", "session_id"),
+    Index("ix_rollout_user", "user_id"),
+)
 
-class Span(SQLModel, table=True):
-    """One operation inside a rollout."""
+Span = _model(
+    tables.SPAN,
+    "Span",
+    "One operation inside a rollout.",
+    Index("ix_span_rollout", "rollout_id"),
+    Index("ix_span_started", "started_at"),
+    Index("ix_span_kind", "kind"),
+    # Hot problems group node-level spans by (workflow, node or name): this partial index
+    # holds exactly those rows in that order, with what the aggregation reads, so SQLite
+    # answers from the index alone without a sort, and p95 is an OFFSET into it.
+    Index(
+        "ix_span_hot",
+        "workflow",
+        text("coalesce(node, name)"),
+        "duration_ms",
+        "started_at",
+        "status",
+        sqlite_where=text(HOT_SPANS),
+        postgresql_where=text(HOT_SPANS),
+    ),
+)
 
-    __tablename__ = "span"
-    __table_args__ = (
-        Index("ix_span_rollout", "rollout_id"),
-        Index("ix_span_started", "started_at"),
-        Index("ix_span_kind", "kind"),
-        # Hot problems group node-level spans by (workflow, node or name): this partial index
-        # holds exactly those rows in that order, with what the aggregation reads, so SQLite
-        # answers from the index alone without a sort, and p95 is an OFFSET into it.
-        Index(
-            "ix_span_hot",
-            "workflow",
-            text("coalesce(node, name)"),
-            "duration_ms",
-            "started_at",
-            "status",
-            sqlite_where=text(HOT_SPANS),
-            postgresql_where=text(HOT_SPANS),
-        ),
-    )
+Feedback = _model(
+    tables.FEEDBACK,
+    "Feedback",
+    "A signal about a rollout or a span: a rating, a thumb, a business event, a judge's score.",
+    Index("ix_feedback_rollout", "rollout_id"),
+    Index("ix_feedback_created", "created_at"),
+)
 
-    id: int = Field(primary_key=True, sa_type=BigInt)
-    rollout_id: str = Field(max_length=32)
-    workflow: str | None = Field(default=None, max_length=200)
-    trace_id: str | None = Field(default=None, max_length=32)
-    parent_id: int | None = Field(default=None, sa_type=BigInt)
-    sequence: int = 0
-    kind: str = Field(default="chain", max_length=20)
-    name: str = Field(max_length=500)
-    node: str | None = Field(default=None, max_length=200)
-    status: str = Field(default="ok", max_length=20)
-    error: str | None = Field(default=None, sa_type=Text)
-    started_at: datetime
-    ended_at: datetime | None = None
-    duration_ms: float | None = None
-    model: str | None = Field(default=None, max_length=200)
-    input: Any = _json()
-    output: Any = _json()
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    attributes: Any = _json()
-
-
-class Feedback(SQLModel, table=True):
-    """A signal about a rollout or a span: a rating, a thumb, a business event, a judge's score."""
-
-    __tablename__ = "feedback"
-    __table_args__ = (
-        Index("ix_feedback_rollout", "rollout_id"),
-        Index("ix_feedback_created", "created_at"),
-    )
-
-    id: int | None = Field(default=None, primary_key=True, sa_type=BigInt)
-    rollout_id: str = Field(max_length=32)
-    span_id: int | None = Field(default=None, sa_type=BigInt)
-    source: str = Field(default="explicit", max_length=20)
-    key: str = Field(default="rating", max_length=100)
-    value: float | None = None
-    comment: str | None = Field(default=None, sa_type=Text)
-    user_id: str | None = Field(default=None, max_length=200)
-    created_at: datetime
-    metadata_: Any = Field(default=None, sa_column=Column("metadata", JSON))
-
-
-class TelemetryEvent(SQLModel, table=True):
-    """A raw implicit-feedback event from a user interface."""
-
-    __tablename__ = "telemetry_event"
-    __table_args__ = (
-        Index("ix_telemetry_rollout", "rollout_id"),
-        Index("ix_telemetry_session", "session_id"),
-    )
-
-    id: int | None = Field(default=None, primary_key=True, sa_type=BigInt)
-    session_id: str | None = Field(default=None, max_length=200)
-    rollout_id: str | None = Field(default=None, max_length=32)
-    event_type: str = Field(max_length=50)
-    payload: Any = _json()
-    client_ts: float | None = None
-    received_at: datetime
+TelemetryEvent = _model(
+    tables.TELEMETRY_EVENT,
+    "TelemetryEvent",
+    "A raw implicit-feedback event from a user interface.",
+    Index("ix_telemetry_rollout", "rollout_id"),
+    Index("ix_telemetry_session", "session_id"),
+)
 
 
 class ConfigVersion(SQLModel, table=True):

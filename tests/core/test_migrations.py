@@ -36,3 +36,20 @@ def test_a_0001_store_with_data_upgrades_to_head_and_backfills(store_url):
     )
     assert "ix_span_hot" in {row.name for row in store.execute(catalog)}
     store.dispose()
+
+
+def test_the_newest_migration_creates_the_tables_the_models_define(store_url):
+    """The tables' one definition (``tables`` and the models) and the migrations agree:
+    a store upgraded to head has every table, column, type, nullability and index."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlmodel import SQLModel
+
+    store = Store(store_url)
+    try:
+        with store.engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            differences = compare_metadata(context, SQLModel.metadata)
+    finally:
+        store.dispose()
+    assert differences == []

@@ -15,6 +15,7 @@ from flywheel_middleware.capture.records import (
 from flywheel_middleware.config import FlywheelConfig
 from flywheel_middleware.loop.triggers import check_low_rating_triggers
 from flywheel_middleware.recording.recorder import Recorder
+from flywheel_middleware.recording.rows import record_row
 from flywheel_middleware.store import queries
 from flywheel_middleware.store.models import (
     ChangeEvent,
@@ -305,13 +306,16 @@ def test_batches_of_every_size_are_written_whole(store):
         written = 0
         for n in (1, 2, 3, 255, 256, 257, 700):
             rows = [
-                SpanRecord(
-                    id=10_000 * n + i,
-                    rollout_id=f"{n:032x}",
-                    name="s",
-                    started_at=_ns(T0),
-                    input={"i": i},
-                ).to_row(store_time_conv(store))
+                record_row(
+                    SpanRecord(
+                        id=10_000 * n + i,
+                        rollout_id=f"{n:032x}",
+                        name="s",
+                        started_at=_ns(T0),
+                        input={"i": i},
+                    ),
+                    store_time_conv(store),
+                )
                 for i in range(n)
             ]
             store.write_rows(raw, "span", SpanRecord.COLUMNS, rows)

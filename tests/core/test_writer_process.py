@@ -318,23 +318,45 @@ def test_a_call_record_becomes_the_same_span_and_rollout_rows_in_both_writers(tm
     assert statuses == [("succeeded", 3, None, 3), ("failed", 3, None, 3)]
 
 
-def test_the_writer_process_builds_a_calls_rows_as_its_split_records_would():
-    """``call_rows`` (one pass, for the writer process) against ``split`` and ``to_row``."""
+def test_a_call_record_is_a_span_row_and_a_rollout_row():
+    """What the one row builder makes of a call record: the span keeps the call's own token
+    counts, the rollout takes 0 as unknown; times given as datetimes are converted too."""
     from datetime import datetime, timezone
 
-    from flywheel_middleware.capture.records import call_rows, ns_to_sqlite_text
+    from flywheel_middleware.capture.records import ns_to_sqlite_text
+    from flywheel_middleware.recording.rows import rows_of
+    from flywheel_middleware.tables import ROLLOUT, SPAN
 
     bare = CallRecord(
         span_id=7, rollout_id="f" * 32, workflow="wp", kind="tool", name="t",
         started_at=datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=timezone.utc), ended_at=None,
-        input_tokens=0, output_tokens=0,
+        input_tokens=0, output_tokens=0, error="KeyError: 'x'", input={"q": [1, None]},
     )  # fmt: skip
-    full = _call(3, error="KeyError: 'x'")
-    full.session_id, full.node, full.metadata = "s1", "plan", {"k": [1, None]}
-    for record in (_call(1), full, bare):
-        span, rollout = record.split()
-        expected = (span.to_row(ns_to_sqlite_text), rollout.to_row(ns_to_sqlite_text))
-        assert call_rows(record.values(record), ns_to_sqlite_text) == expected
+    [(span_table, span_row), (rollout_table, rollout_row)] = rows_of(
+        "call", bare.values(bare), ns_to_sqlite_text
+    )
+    span = dict(zip(SPAN.record_columns, span_row, strict=True))
+    rollout = dict(zip(ROLLOUT.record_columns, rollout_row, strict=True))
+    assert (span_table, rollout_table) == ("span", "rollout")
+    assert (span["id"], span["rollout_id"], span["sequence"], span["status"]) == (
+        7,
+        "f" * 32,
+        0,
+        "error",
+    )
+    assert (span["input_tokens"], span["output_tokens"]) == (0, 0)
+    assert span["started_at"] == rollout["started_at"] == "2026-01-02 03:04:05.678000"
+    assert span["input"] == rollout["input"] == '{"q":[1,null]}'
+    assert (rollout["id"], rollout["status"], rollout["error"]) == (
+        "f" * 32,
+        "failed",
+        "KeyError: 'x'",
+    )
+    assert (rollout["input_tokens"], rollout["output_tokens"], rollout["total_tokens"]) == (
+        None,
+        None,
+        None,
+    )
 
 
 @pytest.mark.parametrize("make", [_call, _packed], ids=["object", "packed"])
