@@ -6,13 +6,17 @@ langchain-core's ``RunCollectorCallbackHandler``, Langfuse's ``CallbackHandler``
 nowhere), OpenInference's LangChain instrumentor (OTel ``BatchSpanProcessor`` to a no-op
 exporter) and ``FlywheelCallbackHandler`` (recording into a real SQLite store on its writer
 thread). Variants run interleaved in rounds; each figure is the median over rounds.
-Targets: flywheel <= 2x the no-op floor and <= 1/4 of Langfuse's overhead.
+Targets: flywheel <= 2x the no-op floor and <= 1/4 of Langfuse's overhead. ``--otel-sdk``
+first installs a global OTel SDK provider (as an APM or Langfuse 3 would), and adds
+"OTel span" (one SDK span around each call) and "flywheel + OTel mirror" (flywheel with its
+opt-in OTel mirroring switched on for that variant only).
 
 OpenAI: ``chat.completions.create`` on the real SDK against the loopback server, plain client vs
 ``wrap_openai`` (plain and streaming), measured two ways (see ``OPENAI_METHODS``), with the
 agent thread's and the writer thread's CPU apart. Target: <= 5% overhead.
 
     .venv/bin/python benchmarks/adapter_overhead.py [--calls 2000] [--rounds 7] [--only openai]
+        [--otel-sdk]
 """
 
 from __future__ import annotations
@@ -58,8 +62,23 @@ class _NoExport:
         return True
 
 
-def langchain_variants() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
-    """name -> (make a call, settle: flush what the tracer does in the background)."""
+def install_otel_sdk() -> Any:
+    """Install a global OTel SDK TracerProvider (BatchSpanProcessor to a no-op exporter)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(_NoExport()))  # type: ignore[arg-type]
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def langchain_variants(
+    sdk: Any | None = None,
+) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """name -> (make a call, settle: flush what the tracer does in the background). ``sdk``:
+    the global SDK provider ``--otel-sdk`` installed, adding the variants that use it."""
     from flywheel_middleware.adapters.langchain import FlywheelCallbackHandler
     from langchain_core.callbacks import BaseCallbackHandler
     from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
@@ -91,6 +110,24 @@ def langchain_variants() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]
             lambda: fw.flush(60),
         ),
     }
+    if sdk is not None:
+        from flywheel_middleware.capture import otel_mirror
+
+        tracer = sdk.get_tracer("bench")
+
+        def otel_span() -> Any:
+            with tracer.start_as_current_span("chat"):
+                return model.invoke("hello there")
+
+        variants["OTel span"] = (otel_span, sdk.force_flush)
+        variants["flywheel + OTel mirror"] = (
+            variants["flywheel"][0],
+            lambda: (fw.flush(60), sdk.force_flush()),
+        )
+        _INSTRUMENT["flywheel + OTel mirror"] = (
+            lambda: otel_mirror.set_enabled(True),
+            lambda: otel_mirror.set_enabled(False),
+        )
     try:
         from langfuse import Langfuse
         from langfuse.langchain import CallbackHandler
@@ -151,14 +188,16 @@ def _writer_pid() -> int | None:
     return fw.get_recorder().writer_pid
 
 
-def bench_langchain(calls: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
+def bench_langchain(
+    calls: int, rounds: int, sdk: Any | None = None
+) -> dict[str, list[tuple[float, float]]]:
     """name -> [(wall, cpu) seconds per call] for each round.
 
     Each round runs every variant once, in a new (seeded) order, so the machine's drift (this
     one is shared) hits all variants alike and is cancelled by comparing within the round. The
     flywheel variant's CPU includes its writer process's CPU, so nothing is hidden off-process.
     """
-    variants = langchain_variants()
+    variants = langchain_variants(sdk)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for name, (call, settle) in variants.items():  # warm up every path once
         on, off = _INSTRUMENT.get(name, (None, None))
@@ -175,7 +214,7 @@ def bench_langchain(calls: int, rounds: int) -> dict[str, list[tuple[float, floa
             on, off = _INSTRUMENT.get(name, (None, None))
             if on:
                 on()
-            pid = _writer_pid() if name == "flywheel" else None
+            pid = _writer_pid() if name.startswith("flywheel") else None
             child = _process_cpu(pid)
             wall, cpu = _timed(call, calls, settle)
             cpu += (_process_cpu(pid) - child) / calls
@@ -726,6 +765,11 @@ def main() -> None:
     parser.add_argument(
         "--openai-baseline", metavar="PATH", help="another adapters/openai.py to measure too"
     )
+    parser.add_argument(
+        "--otel-sdk",
+        action="store_true",
+        help="install a global OTel SDK provider first; add the OTel span and mirror variants",
+    )
     args = parser.parse_args()
 
     import flywheel_middleware as fw
@@ -736,19 +780,21 @@ def main() -> None:
             report_openai(args)
             fw.shutdown()
             return
-        lc = bench_langchain(args.calls, args.rounds)
+        sdk = install_otel_sdk() if args.otel_sdk else None
+        lc = bench_langchain(args.calls, args.rounds, sdk)
         print(
             f"\nLangChain, fake chat model, {args.calls} calls x {args.rounds} rounds: medians"
             " of each round's figures; overheads are paired with the same round's untraced call"
+            + ("; a global OTel SDK provider is installed" if sdk is not None else "")
         )
-        print(f"{'variant':<16}{'wall µs':>10}{'overhead':>10}{'cpu µs':>10}{'overhead':>10}")
+        print(f"{'variant':<24}{'wall µs':>10}{'overhead':>10}{'cpu µs':>10}{'overhead':>10}")
         paired = {label: paired_overheads(lc, i) for i, label in enumerate(("wall", "cpu"))}
         over = {
             label: {n: statistics.median(v) for n, v in p.items()} for label, p in paired.items()
         }
         for name, runs in lc.items():
             print(
-                f"{name:<16}{statistics.median(r[0] for r in runs) * 1e6:>10.1f}"
+                f"{name:<24}{statistics.median(r[0] for r in runs) * 1e6:>10.1f}"
                 f"{over['wall'][name]:>+10.1f}"
                 f"{statistics.median(r[1] for r in runs) * 1e6:>10.1f}{over['cpu'][name]:>+10.1f}"
             )
@@ -771,6 +817,14 @@ def main() -> None:
                 line += f"; / OpenInference = {ours / o['OpenInference']:.2f}"
             line += f"; / RunCollector = {ours / o['RunCollector']:.2f}"
             print(line)
+            if "flywheel + OTel mirror" in o:
+                mirror = o["flywheel + OTel mirror"]
+                print(
+                    f"{label:>4}: flywheel + OTel mirror: mirroring adds {mirror - ours:+.1f} µs"
+                    f" (one OTel SDK span adds {o['OTel span']:+.1f}); / no-op floor ="
+                    f" {mirror / floor:.2f}x"
+                    + (f"; / Langfuse = {mirror / o['Langfuse']:.2f}" if "Langfuse" in o else "")
+                )
         rows = fw.get_store().execute("SELECT COUNT(*) FROM rollout WHERE workflow = 'bench'")[0][0]
         writer = fw.get_recorder().counters.writer
         print(

@@ -46,9 +46,9 @@ class _State:
         self.store: Store | None = None
         self.recorder: Recorder | None = None
         self.resolver: Any = None
-        # Rollouts open in this process, and finished ones not yet confirmed written:
-        # feedback for them is accepted without asking the store.
-        self.active: dict[str, Any] = {}
+        # Rollouts open in this process, and finished ones not yet confirmed written (id ->
+        # workflow): feedback for them is accepted without asking the store.
+        self.active: dict[str, str] = {}
         self.recent: OrderedDict[str, str] = OrderedDict()
 
 
@@ -229,13 +229,10 @@ class ProcessBackend:
     """The capture layer's backend in this process (see ``capture.backend``)."""
 
     def enqueue(self, record: Any) -> None:
-        try:
-            (_state.recorder or get_recorder()).enqueue(record)
-        except Exception:  # the store cannot open: the host agent must not see it
-            log.exception("flywheel: could not record")
+        (_state.recorder or get_recorder()).enqueue(record)
 
-    def rollout_opened(self, handle: Any) -> None:
-        _state.active[handle.id] = handle
+    def rollout_opened(self, rollout_id: str, workflow: str) -> None:
+        _state.active[rollout_id] = workflow
 
     def rollout_finished(self, rollout_id: str, workflow: str) -> None:
         _state.active.pop(rollout_id, None)
@@ -258,10 +255,7 @@ backend.install(ProcessBackend())
 
 
 def _rollout_workflow(rollout_id: str) -> str | None:
-    handle = _state.active.get(rollout_id)
-    if handle is not None:
-        return handle.workflow
-    wf = _state.recent.get(rollout_id)
+    wf = _state.active.get(rollout_id) or _state.recent.get(rollout_id)
     if wf is not None:
         return wf
     from flywheel_middleware.store.models import Rollout

@@ -8,7 +8,10 @@ so this layer never imports the store, the recorder or the loop.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
+
+log = logging.getLogger("flywheel_middleware")
 
 
 class Backend(Protocol):
@@ -17,7 +20,7 @@ class Backend(Protocol):
     def enqueue(self, record: Any) -> None:
         """Take a finished record (or a packed call record) for the store; never raises."""
 
-    def rollout_opened(self, handle: Any) -> None:
+    def rollout_opened(self, rollout_id: str, workflow: str) -> None:
         """A rollout opened in this process (feedback for it is accepted from now on)."""
 
     def rollout_finished(self, rollout_id: str, workflow: str) -> None:
@@ -30,13 +33,46 @@ class Backend(Protocol):
         """Record feedback about a rollout (``fw.feedback``)."""
 
 
-_backend: Backend | None = None
+class _Guarded:
+    """The installed backend, with the calls a handle makes while the host runs made safe:
+    a failing store is logged, never raised into the host agent. ``resolve`` and ``feedback``
+    answer the caller, so their errors are the caller's."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+
+    def enqueue(self, record: Any) -> None:
+        try:
+            self.inner.enqueue(record)
+        except Exception:
+            log.exception("flywheel: a record could not be queued")
+
+    def rollout_opened(self, rollout_id: str, workflow: str) -> None:
+        try:
+            self.inner.rollout_opened(rollout_id, workflow)
+        except Exception:
+            log.exception("flywheel: backend failed on an opened rollout")
+
+    def rollout_finished(self, rollout_id: str, workflow: str) -> None:
+        try:
+            self.inner.rollout_finished(rollout_id, workflow)
+        except Exception:
+            log.exception("flywheel: backend failed on a finished rollout")
+
+    def resolve(self, handle: Any) -> Any:
+        return self.inner.resolve(handle)
+
+    def feedback(self, rollout_id: str, rating: Any = None, **kwargs: Any) -> None:
+        self.inner.feedback(rollout_id, rating, **kwargs)
+
+
+_backend: _Guarded | None = None
 
 
 def install(backend: Backend) -> None:
     """Make ``backend`` the one capture talks to (the runtime does this at import)."""
     global _backend
-    _backend = backend
+    _backend = backend if isinstance(backend, _Guarded) else _Guarded(backend)
 
 
 def current() -> Backend:

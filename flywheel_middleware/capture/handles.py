@@ -17,6 +17,7 @@ import contextvars
 import functools
 import inspect
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from flywheel_middleware.capture.records import (
 from flywheel_middleware.capture.serialize import snapshot
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("flywheel_middleware")
 
 SPAN_KINDS = frozenset(
     {"agent", "chain", "llm", "tool", "retriever", "embedding", "reward", "event", "node"}
@@ -88,14 +90,18 @@ class _Handle:
             pass
 
     def __enter__(self) -> Any:
-        self._token = _current.set(self)
+        if self._token is None:  # entered again inside itself: it is current already
+            self._token = _current.set(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         token, self._token = self._token, None
         if token is not None:
             self.deactivate(token)
-        self.end(error=exc)
+        try:
+            self.end(error=exc)
+        except Exception:  # the host's own exception, if any, goes on unchanged
+            log.exception("flywheel: ending %r failed", self)
 
     async def __aenter__(self) -> Any:
         return self.__enter__()
@@ -151,7 +157,7 @@ class RolloutHandle(RolloutRecord, _Handle):
         self._token = None
         self._ended = False
         self._otel = otel_mirror.start(f"workflow {workflow}", None, self.started_at)
-        backend.current().rollout_opened(self)
+        backend.current().rollout_opened(self.id, workflow)
 
     @property
     def started_ns(self) -> int:
@@ -201,6 +207,8 @@ class RolloutHandle(RolloutRecord, _Handle):
         self, input_tokens: int | None, output_tokens: int | None, cost: float | None = None
     ) -> None:
         with self._lock:
+            if self._ended:  # a child that ended after its rollout: the rollout is queued
+                return
             if input_tokens:
                 self.input_tokens = (self.input_tokens or 0) + int(input_tokens)
             if output_tokens:
@@ -223,8 +231,9 @@ class RolloutHandle(RolloutRecord, _Handle):
         elif self.status == "running":
             self.status = "succeeded"
         self.latency_ms = (end - self.started_at) / 1e6
-        if self.input_tokens is not None or self.output_tokens is not None:
-            self.total_tokens = (self.input_tokens or 0) + (self.output_tokens or 0)
+        with self._lock:  # no child adds usage from here on (see add_usage)
+            if self.input_tokens is not None or self.output_tokens is not None:
+                self.total_tokens = (self.input_tokens or 0) + (self.output_tokens or 0)
         if self._otel is not None:
             otel_mirror.end(self._otel, self, end)
         sink = backend.current()
@@ -291,6 +300,8 @@ class SpanHandle(SpanRecord, _Handle):
             }
             if otel_mirror.tracer() is not None:  # the mirror nests spans under the rollout's
                 self._otel = otel_mirror.start(name, self.rollout._otel, self.started_at)
+            else:  # feedback for its rollout id is accepted before the rollout opens
+                backend.current().rollout_opened(self.rollout_id, self.workflow)
             return
         rollout = parent.rollout
         self._rollout = rollout
@@ -328,8 +339,16 @@ class SpanHandle(SpanRecord, _Handle):
                 **self._owned,  # type: ignore[arg-type]
             )
             rollout.next_sequence()  # this span is number 0
+            if self._ended:  # already queued as a call record: a late child only joins it
+                rollout._ended = True
+                backend.current().rollout_finished(rollout.id, rollout.workflow)
             self._rollout = rollout
             return rollout
+
+    def set_input(self, value: Any) -> None:
+        self.input = snapshot(value)
+        if self._owned is not None and self._rollout is not None:  # its rollout's input too
+            self._rollout.input = self.input
 
     def set_attribute(self, key: str, value: Any) -> None:
         if self.attributes is None:
@@ -370,8 +389,6 @@ class SpanHandle(SpanRecord, _Handle):
             otel_mirror.end(self._otel, self, end)
         backend.current().enqueue(self)
         if self._owned is not None:
-            if rollout.input is None:  # set on the span after its rollout was opened
-                rollout.input = self.input
             rollout.finish(output=self.output, error=self.error, end_ns=end)
 
     def __repr__(self) -> str:
