@@ -32,6 +32,7 @@ from flywheel_middleware.demo.agent import KNOWLEDGE_BASE, build_chain, question
 from flywheel_middleware.demo.users import ESCALATION, react, send_telemetry
 from flywheel_middleware.loop import versions
 from flywheel_middleware.loop.controller import run_cycle
+from flywheel_middleware.store.outcomes import is_positive
 
 WORKFLOW = "support_qa"
 # how often each human desk resolves an escalated question, by topic (the routing learns it)
@@ -170,7 +171,7 @@ def _serve(
     stats["correct"] += reaction.correct
     if reaction.rating is not None:
         stats["rated"] += 1
-        stats["positive"] += reaction.rating >= 4
+        stats["positive"] += is_positive("rating", reaction.rating)
 
 
 def run_demo(settings: DemoSettings | None = None, console: Console | None = None) -> DemoResult:

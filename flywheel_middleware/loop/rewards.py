@@ -194,7 +194,7 @@ def _write(
         }
         updates.append({"rid": sample.rollout.id, "reward": res.value, "meta": meta})
     fb_table = Feedback.__table__  # type: ignore[attr-defined]
-    generated = [s for s in sources if getattr(s, "feedback_source", None)]
+    generated = [s for s in sources if s.feedback_source]
     with store.engine.begin() as conn:
         if updates:
             conn.execute(

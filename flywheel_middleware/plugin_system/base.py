@@ -125,6 +125,9 @@ class Filter(Plugin):
 
 class RewardSource(Plugin):
     kind: ClassVar[str] = "reward"
+    # A source whose scores are also signals of their own (a judge, a rule, the implicit
+    # model) names the Feedback source they are kept under; None keeps them in rewards only.
+    feedback_source: ClassVar[str | None] = None
 
     def score(self, samples: list[Sample]) -> list[float | None]:
         """One reward in [0, 1] per sample, or None where this source has no opinion."""

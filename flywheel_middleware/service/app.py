@@ -427,15 +427,14 @@ def create_app(
         except Exception as exc:
             body["status"] = "degraded"
             body["store_error"] = f"{type(exc).__name__}: {exc}"
-        counters = getattr(rec, "counters", None)
-        if counters is not None:
-            body["recorder"] = {
-                "pending": getattr(rec, "pending", None),
-                "queued": counters.queued,
-                "written": counters.written,
-                "spilled": counters.spilled,
-                "last_error": counters.last_error,
-            }
+        counters = rec.counters
+        body["recorder"] = {
+            "pending": rec.pending,
+            "queued": counters.queued,
+            "written": counters.written,
+            "spilled": counters.spilled,
+            "last_error": counters.last_error,
+        }
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     # -- dashboard -----------------------------------------------------------------------
