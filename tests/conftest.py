@@ -120,7 +120,7 @@ class OtelSdk:
         self.provider = TracerProvider()
         self.provider.add_span_processor(Forward())
         self.exporter = InMemorySpanExporter()
-        self._export = SimpleSpanProcessor(self.exporter)
+        self.export = SimpleSpanProcessor(self.exporter)
         trace.set_tracer_provider(self.provider)
 
     def add(self, processor) -> None:
@@ -142,7 +142,7 @@ def otel_sdk(_otel_sdk: OtelSdk) -> Iterator[OtelSdk]:
     from flywheel_middleware.capture import otel_mirror
 
     _otel_sdk.exporter.clear()
-    _otel_sdk.add(_otel_sdk._export)
+    _otel_sdk.add(_otel_sdk.export)
     yield _otel_sdk
     _otel_sdk.processors.clear()
     _otel_sdk.exporter.clear()

@@ -108,6 +108,12 @@ class Router:
         self._inflight: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
 
+    @property
+    def in_flight(self) -> dict[str, int]:
+        """Requests each agent has been given and not yet released, in this process."""
+        with self._lock:
+            return dict(self._inflight)
+
     # -- choosing ------------------------------------------------------------------------
 
     def eligible(self, skills: Iterable[str]) -> list[str]:

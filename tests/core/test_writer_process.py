@@ -251,7 +251,7 @@ def test_a_forked_host_child_writes_through_its_own_writer(tmp_path):
         with fw.rollout("parent"):
             pass
         assert fw.flush(30)
-        parent_writer = fw.get_recorder()._process.pid
+        parent_writer = fw.get_recorder().writer_pid
         pid = os.fork()
         if pid == 0:  # the forked child: records, flushes, reports its writer's pid, leaves
             code = 1
@@ -259,7 +259,7 @@ def test_a_forked_host_child_writes_through_its_own_writer(tmp_path):
                 with fw.rollout("child"):
                     pass
                 ok = fw.flush(30)
-                child_writer = fw.get_recorder()._process.pid
+                child_writer = fw.get_recorder().writer_pid
                 code = 0 if ok and child_writer not in (None, parent_writer) else 2
             finally:
                 os._exit(code)
@@ -268,7 +268,7 @@ def test_a_forked_host_child_writes_through_its_own_writer(tmp_path):
         with fw.rollout("parent-again"):
             pass
         assert fw.flush(30)
-        assert fw.get_recorder()._process.pid == parent_writer
+        assert fw.get_recorder().writer_pid == parent_writer
         workflows = sorted(r[0] for r in _rows(url, "SELECT workflow FROM rollout"))
         assert workflows == ["child", "parent", "parent-again"]
     finally:

@@ -214,7 +214,7 @@ def test_concurrent_routing_is_safe():
     for t in threads:
         t.join()
     assert errors == []
-    assert dict(router._inflight) == {"alice": 0, "bob": 0}
+    assert router.in_flight == {"alice": 0, "bob": 0}
     n = router.posteriors[("alice", "*")][2] + router.posteriors[("bob", "*")][2]
     assert n == 1600
 
