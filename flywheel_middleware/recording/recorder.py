@@ -55,11 +55,10 @@ log = logging.getLogger("flywheel_middleware.recording.recorder")
 
 BatchListener = Callable[[dict[str, list[Record]]], None]
 WRITER_MODES = ("auto", "process", "thread")
-# A round trip to the writer process has a fixed cost (a few hundred µs of this process's
-# time, and a commit in the child's), so its batches gather: up to _GATHER_RECORDS records,
-# for at most _GATHER_MAX seconds. At 400 calls a second a 0.1 s window made batches of
-# about 25: the writer thread then spent 17 µs of this process's CPU a call, and at 0.5 s
-# 4-6 µs (the child 25% less). A flush, a close or a full queue cuts the window short.
+# A round trip to the writer process has a fixed cost (this process's time, and a commit in
+# the child's), so its batches gather: up to _GATHER_RECORDS records, for at most _GATHER_MAX
+# seconds; too short a window makes small batches that each pay that cost (docs/adapters.md
+# has the figures). A flush, a close or a full queue cuts the window short.
 _GATHER_RECORDS = 512
 _GATHER_MAX = 0.5
 
