@@ -646,7 +646,7 @@ class _StreamState:
     def end(self, error: BaseException | None = None) -> None:
         """Finish the span with what arrived (called at the end, on error or on close)."""
         span = self.call.span
-        if span._ended:
+        if span.ended:
             return
         try:
             if self.first_ns:

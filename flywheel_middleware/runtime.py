@@ -48,11 +48,12 @@ class _State:
         self.resolver: Any = None
         # Rollouts open in this process, and finished ones not yet confirmed written (id ->
         # workflow): feedback for them is accepted without asking the store.
-        self.active: dict[str, str] = {}
+        self.active: OrderedDict[str, str] = OrderedDict()
         self.recent: OrderedDict[str, str] = OrderedDict()
 
 
 _state = _State()
+_MAX_KNOWN = 100_000  # rollout ids kept in each of _State.active and _State.recent
 
 
 def _reset_after_fork() -> None:
@@ -91,7 +92,7 @@ def configure(
     if config is None:
         cfg = load_config(path)
     elif isinstance(config, FlywheelConfig):
-        cfg = config
+        cfg = config.model_copy(deep=True)  # the options below must not change the caller's
     elif isinstance(config, dict):
         cfg = config_from_dict(config)
     else:
@@ -232,13 +233,16 @@ class ProcessBackend:
         (_state.recorder or get_recorder()).enqueue(record)
 
     def rollout_opened(self, rollout_id: str, workflow: str) -> None:
-        _state.active[rollout_id] = workflow
+        active = _state.active
+        active[rollout_id] = workflow
+        if len(active) > _MAX_KNOWN:  # spans a host never ended: forget the oldest
+            active.popitem(last=False)
 
     def rollout_finished(self, rollout_id: str, workflow: str) -> None:
         _state.active.pop(rollout_id, None)
         recent = _state.recent
         recent[rollout_id] = workflow
-        if len(recent) > 100_000:
+        if len(recent) > _MAX_KNOWN:
             recent.popitem(last=False)
 
     def resolve(self, handle: Any) -> Resolution | None:
@@ -249,6 +253,9 @@ class ProcessBackend:
 
     def feedback(self, rollout_id: str, rating: Any = None, **kwargs: Any) -> None:
         feedback(rollout_id, rating, **kwargs)
+
+    def otel_emit(self) -> bool:
+        return get_config().otel.emit
 
 
 backend.install(ProcessBackend())

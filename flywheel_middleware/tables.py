@@ -43,14 +43,6 @@ class Table:
         return tuple(c.name for c in self.columns if not c.generated)
 
     @property
-    def json_columns(self) -> frozenset[str]:
-        return frozenset(c.name for c in self.columns if c.type == "json")
-
-    @property
-    def time_columns(self) -> frozenset[str]:
-        return frozenset(c.name for c in self.columns if c.type == "time")
-
-    @property
     def defaults(self) -> dict[str, Any]:
         return {c.name: c.default for c in self.columns if c.default is not None}
 

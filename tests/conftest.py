@@ -146,4 +146,4 @@ def otel_sdk(_otel_sdk: OtelSdk) -> Iterator[OtelSdk]:
     yield _otel_sdk
     _otel_sdk.processors.clear()
     _otel_sdk.exporter.clear()
-    otel_mirror.set_enabled(False)
+    otel_mirror.set_enabled(None)  # back to what the configuration says

@@ -32,6 +32,9 @@ class Backend(Protocol):
     def feedback(self, rollout_id: str, rating: Any = None, **kwargs: Any) -> None:
         """Record feedback about a rollout (``fw.feedback``)."""
 
+    def otel_emit(self) -> bool:
+        """Whether rollouts and spans are mirrored into OpenTelemetry (asked once)."""
+
 
 class _Guarded:
     """The installed backend, with the calls a handle makes while the host runs made safe:
@@ -58,6 +61,13 @@ class _Guarded:
             self.inner.rollout_finished(rollout_id, workflow)
         except Exception:
             log.exception("flywheel: backend failed on a finished rollout")
+
+    def otel_emit(self) -> bool:
+        try:
+            return self.inner.otel_emit()
+        except Exception:  # an unreadable configuration: no mirroring
+            log.exception("flywheel: could not read whether to mirror into OpenTelemetry")
+            return False
 
     def resolve(self, handle: Any) -> Any:
         return self.inner.resolve(handle)

@@ -18,6 +18,8 @@ import functools
 import inspect
 import itertools
 import logging
+import operator
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,22 +28,30 @@ from typing import Any, TypeVar
 from flywheel_middleware.capture import backend, otel_mirror
 from flywheel_middleware.capture.ids import new_rollout_id, new_span_id
 from flywheel_middleware.capture.records import (
+    CALL_ROLLOUT_FIELDS,
     CALL_SPAN_FIELDS,
     RolloutRecord,
     SpanRecord,
     pack_call,
+    rollout_status,
+    token_total,
 )
 from flywheel_middleware.capture.serialize import snapshot
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("flywheel_middleware")
 
-SPAN_KINDS = frozenset(
-    {"agent", "chain", "llm", "tool", "retriever", "embedding", "reward", "event", "node"}
-)
-
+_call_span_values = operator.attrgetter(*CALL_SPAN_FIELDS)  # a root span's part of its call
 _current: contextvars.ContextVar[Any] = contextvars.ContextVar("flywheel_current", default=None)
 _opening = threading.Lock()  # two children of one root span, in two threads, open one rollout
+
+
+def _new_opening_lock() -> None:
+    global _opening
+    _opening = threading.Lock()  # a fork may have happened while another thread held it
+
+
+os.register_at_fork(after_in_child=_new_opening_lock)
 
 
 def _error_field(error: BaseException | str | None) -> str | None:
@@ -57,8 +67,18 @@ class _Handle:
     __slots__ = ()
     _token: contextvars.Token | None
     _ended: bool
+    started_at: int
     input: Any
     output: Any
+
+    @property
+    def started_ns(self) -> int:
+        return self.started_at
+
+    @property
+    def ended(self) -> bool:
+        """Whether ``end()`` (or leaving ``with``) has ended it."""
+        return self._ended
 
     def end(
         self,
@@ -159,10 +179,6 @@ class RolloutHandle(RolloutRecord, _Handle):
         self._otel = otel_mirror.start(f"workflow {workflow}", None, self.started_at)
         backend.current().rollout_opened(self.id, workflow)
 
-    @property
-    def started_ns(self) -> int:
-        return self.started_at
-
     # The rollout is the root of its own span tree.
     @property
     def rollout(self) -> RolloutHandle:
@@ -225,15 +241,11 @@ class RolloutHandle(RolloutRecord, _Handle):
 
     def _finish(self, error: str | None, end: int) -> None:
         self.ended_at = end
-        if error is not None:
-            self.status = "failed"
-            self.error = error
-        elif self.status == "running":
-            self.status = "succeeded"
+        self.error = error or self.error
+        self.status = rollout_status(self.error)
         self.latency_ms = (end - self.started_at) / 1e6
         with self._lock:  # no child adds usage from here on (see add_usage)
-            if self.input_tokens is not None or self.output_tokens is not None:
-                self.total_tokens = (self.input_tokens or 0) + (self.output_tokens or 0)
+            self.total_tokens = token_total(self.input_tokens, self.output_tokens)
         if self._otel is not None:
             otel_mirror.end(self._otel, self, end)
         sink = backend.current()
@@ -292,12 +304,8 @@ class SpanHandle(SpanRecord, _Handle):
             self.parent_id = None
             self.sequence = 0
             self._rollout: RolloutHandle | None = None
-            self._owned: dict[str, Any] | None = {
-                "user_id": user_id,
-                "session_id": session_id,
-                "tags": tags,
-                "metadata": metadata,
-            }
+            # the rollout's fields, in call-record order (CALL_ROLLOUT_FIELDS)
+            self._owned: tuple[Any, ...] | None = (user_id, session_id, tags, metadata)
             if otel_mirror.tracer() is not None:  # the mirror nests spans under the rollout's
                 self._otel = otel_mirror.start(name, self.rollout._otel, self.started_at)
             else:  # feedback for its rollout id is accepted before the rollout opens
@@ -319,10 +327,6 @@ class SpanHandle(SpanRecord, _Handle):
         return self.id
 
     @property
-    def started_ns(self) -> int:
-        return self.started_at
-
-    @property
     def rollout(self) -> RolloutHandle:
         """The rollout this span belongs to (a root span's own is opened here, on first use)."""
         rollout = self._rollout
@@ -336,7 +340,7 @@ class SpanHandle(SpanRecord, _Handle):
                 rollout_id=self.rollout_id,
                 input=self.input,
                 start_ns=self.started_at,
-                **self._owned,  # type: ignore[arg-type]
+                **dict(zip(CALL_ROLLOUT_FIELDS, self._owned, strict=True)),  # type: ignore[arg-type]
             )
             rollout.next_sequence()  # this span is number 0
             if self._ended:  # already queued as a call record: a late child only joins it
@@ -370,15 +374,14 @@ class SpanHandle(SpanRecord, _Handle):
         """Queue the span (and its own rollout, if it has one)."""
         if error is not None:
             self.set_error(error)
-        rollout = self._rollout
         self.ended_at = end
         self.duration_ms = (end - self.started_at) / 1e6
+        rollout = self._rollout
+        if rollout is None and self._owned is not None:
+            with _opening:  # a child opening the rollout right now either wins or sees _ended
+                rollout = self._rollout
         if rollout is None:  # a root span that never needed its rollout: one call record
-            call = pack_call(
-                span_id=self.id,
-                **{name: getattr(self, name) for name in CALL_SPAN_FIELDS},
-                **self._owned,  # type: ignore[arg-type]
-            )
+            call = pack_call((self.id, *_call_span_values(self), *self._owned))  # type: ignore[misc]
             sink = backend.current()
             sink.enqueue(call)
             sink.rollout_finished(self.rollout_id, self.workflow)

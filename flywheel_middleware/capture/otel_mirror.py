@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flywheel_middleware.capture import backend
 from flywheel_middleware.capture.records import RolloutRecord
 
 ORIGIN_ATTRIBUTE = "flywheel.origin"
@@ -22,19 +23,21 @@ _OPERATION = {
     "retriever": "retrieve",
 }
 
-_enabled = False
+_enabled: bool | None = None  # None: not known yet, the backend's configuration says
 _cached: tuple[Any, Any] = (None, None)
 
 
-def set_enabled(enabled: bool) -> None:
+def set_enabled(enabled: bool | None) -> None:
     """Turn mirroring on or off for this process."""
     global _enabled
-    _enabled = bool(enabled)
+    _enabled = None if enabled is None else bool(enabled)
 
 
 def tracer() -> Any | None:
     """The OTel tracer when mirroring is on and a real SDK provider is installed, else None."""
     global _cached
+    if _enabled is None:  # the first span: ask the configuration (flywheel.yaml's otel.emit)
+        set_enabled(backend.current().otel_emit())
     if not _enabled:
         return None
     from opentelemetry import trace  # imported once mirroring is asked for

@@ -159,6 +159,16 @@ CALL_SPAN_FIELDS = tuple(
 """What a call record takes from its span (besides the span's id) and from its rollout."""
 
 
+def rollout_status(error: str | None) -> str:
+    """A finished rollout's status: failed when it ended with an error."""
+    return "succeeded" if error is None else "failed"
+
+
+def token_total(tokens_in: int | None, tokens_out: int | None) -> int | None:
+    """A rollout's total tokens; None when neither count is known (0 counts as unknown)."""
+    return (tokens_in or 0) + (tokens_out or 0) if tokens_in or tokens_out else None
+
+
 def split_call(values: tuple) -> tuple[tuple, tuple]:
     """The ``values()`` of the span and of the rollout a call record's ``values`` stand for.
 
@@ -166,17 +176,22 @@ def split_call(values: tuple) -> tuple[tuple, tuple]:
     token counts (0 taken as unknown) and their total, its latency (the span's duration).
     """
     call = dict(zip(CallRecord.COLUMNS, values, strict=True))
-    failed = call["error"] is not None
+    error = call["error"]
     tokens_in, tokens_out = call["input_tokens"] or None, call["output_tokens"] or None
-    span = {**call, "id": call["span_id"], "sequence": 0, "status": "error" if failed else "ok"}
+    span = {
+        **call,
+        "id": call["span_id"],
+        "sequence": 0,
+        "status": "ok" if error is None else "error",
+    }
     rollout = {
         **call,
         "id": call["rollout_id"],
-        "status": "failed" if failed else "succeeded",
+        "status": rollout_status(error),
         "latency_ms": call["duration_ms"],
         "input_tokens": tokens_in,
         "output_tokens": tokens_out,
-        "total_tokens": (tokens_in or 0) + (tokens_out or 0) if tokens_in or tokens_out else None,
+        "total_tokens": token_total(tokens_in, tokens_out),
     }
     return (
         tuple(span.get(name) for name in SpanRecord.COLUMNS),
@@ -184,9 +199,9 @@ def split_call(values: tuple) -> tuple[tuple, tuple]:
     )
 
 
-def pack_call(**values: Any) -> bytes | CallRecord:
-    """A call record (its ``CallRecord.COLUMNS`` by name) as it waits in the recorder's queue:
-    its values marshalled.
+def pack_call(values: tuple) -> bytes | CallRecord:
+    """A call record (its values in ``CallRecord.COLUMNS`` order) as it waits in the
+    recorder's queue: marshalled.
 
     Why: a queued record keeps its input and attribute containers alive until the writer
     takes it, and on a busy agent those survivors drive the cyclic GC (young collections,
@@ -194,11 +209,10 @@ def pack_call(**values: Any) -> bytes | CallRecord:
     not tracked by the GC at all. Values marshal will not take (an object, a ``str``
     subclass) keep the record as an object instead.
     """
-    ordered = tuple(values[name] for name in CallRecord.COLUMNS)
     try:
-        return marshal.dumps(ordered)
+        return marshal.dumps(values)
     except ValueError:
-        return CallRecord.from_values(ordered)  # type: ignore[return-value]
+        return CallRecord.from_values(values)  # type: ignore[return-value]
 
 
 def unpack_record(item: Record | bytes) -> Record:
@@ -211,6 +225,8 @@ def unpack_record(item: Record | bytes) -> Record:
 def expand_calls(records: list[Record | bytes]) -> list[Record]:
     """The records with each call record (object or packed) replaced by its span and rollout
     records."""
+    if not any(r.__class__ is bytes or r.TABLE == "call" for r in records):  # type: ignore[union-attr]
+        return records  # type: ignore[return-value]  # the common batch: nothing to split
     out: list[Record] = []
     for item in records:
         record = unpack_record(item)

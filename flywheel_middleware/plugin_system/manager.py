@@ -441,8 +441,8 @@ def install_redaction(recorder: Any, config: FlywheelConfig) -> bool:
     The transform turns each record into a dict (with ``table``), redacts it, and copies the
     fields back, so hooks see plain data and never the recorder's internals.
     """
-    if not (config.redactors or config.plugins or third_party_entry_points()):
-        return False  # the built-ins define no redact_span hook: nothing to load
+    if not (config.redactors or config.plugins or _cache or third_party_entry_points()):
+        return False  # only the built-ins, which define no redact_span hook: nothing to load
     try:
         redact = plugin_manager(config).redactor(config)
     except Exception as exc:  # never break the recorder (the host agent) over a redactor

@@ -39,7 +39,7 @@ from flywheel_middleware.capture.records import (
     ns_to_sqlite_text,
     unpack_record,
 )
-from flywheel_middleware.recording.rows import record_row
+from flywheel_middleware.recording.rows import record_row, record_rows
 from flywheel_middleware.recording.writer_process import (
     SHIPPED_TABLES,
     WriterBusy,
@@ -260,7 +260,7 @@ class Recorder:
         """Append records to this process's spill file; ``fresh`` ones never reached the queue."""
         if fresh:
             self.counters.queued += len(records)
-        rows = [(r.TABLE, record_row(r, self._time_conv)) for r in expand_calls(records)]
+        rows = record_rows(records, self._time_conv)
         with self._spill_lock:
             if self._spill_file is None:
                 self.spill_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flywheel_middleware.capture.records import Record, datetime_to_ns, split_call
+from flywheel_middleware.capture.records import Record, datetime_to_ns, expand_calls, split_call
 from flywheel_middleware.capture.serialize import to_json_text
 from flywheel_middleware.tables import RECORDED
 
@@ -52,3 +52,8 @@ def rows_of(table: str, values: tuple, time_conv: TimeConv) -> list[tuple[str, t
 def record_row(record: Record, time_conv: TimeConv) -> tuple:
     """The row of a span, rollout, feedback or telemetry record."""
     return build_row(record.TABLE, record.values(record), time_conv)
+
+
+def record_rows(records: list[Record | bytes], time_conv: TimeConv) -> list[tuple[str, tuple]]:
+    """The ``(table, row)`` pairs of queued records (call records split into their two)."""
+    return [(r.TABLE, record_row(r, time_conv)) for r in expand_calls(records)]

@@ -38,10 +38,9 @@ from typing import Any, BinaryIO
 from flywheel_middleware.capture.records import (
     RECORD_TYPES,
     Record,
-    expand_calls,
     ns_to_sqlite_text,
 )
-from flywheel_middleware.recording.rows import record_row, rows_of
+from flywheel_middleware.recording.rows import record_rows, rows_of
 from flywheel_middleware.store.sqlite_rows import apply_pragmas, insert_rows
 
 log = logging.getLogger("flywheel_middleware.recording.writer_process")
@@ -55,7 +54,7 @@ _BOOT = """\
 import sys
 if sys.path and sys.path[0] == "":
     del sys.path[0]
-sys.path.insert(0, sys.argv[1])
+sys.path.append(sys.argv[1])  # after the standard library and site-packages
 from flywheel_middleware.recording.writer_process import main
 main(sys.argv[2:])
 """
@@ -118,7 +117,7 @@ def values_payload(records: list[Record | bytes]) -> bytes:
 def rows_payload(records: list[Record | bytes]) -> bytes:
     """The batch as finished rows (plain text and numbers), for values that will not pickle
     here or unpickle there (a lock, a class defined in ``__main__``)."""
-    rows = [(r.TABLE, record_row(r, ns_to_sqlite_text)) for r in expand_calls(records)]
+    rows = record_rows(records, ns_to_sqlite_text)
     return _encode(("rows", rows))
 
 

@@ -251,3 +251,39 @@ def test_record_call_writes_a_one_span_rollout_that_takes_feedback_at_once(fw, o
     names = {s.name: s for s in otel_sdk.finished()}
     assert set(names) == {"workflow qa", "chat"}
     assert names["chat"].attributes["flywheel.rollout_id"] == mirrored
+
+
+def test_otel_emit_in_flywheel_yaml_mirrors_the_first_rollout(tmp_path):
+    """``otel: {emit: true}`` in ./flywheel.yaml, no configure() call: the very first rollout
+    (and its span) already reach the application's OTel SDK."""
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "flywheel.yaml").write_text(
+        f"store: {{url: 'sqlite:///{tmp_path / 'f.db'}'}}\notel: {{emit: true}}\n"
+    )
+    script = textwrap.dedent(
+        """
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        import flywheel_middleware as fw
+
+        with fw.span("first", kind="tool", workflow="wf"):
+            pass
+        print(sorted(s.name for s in exporter.get_finished_spans()))
+        fw.shutdown()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "['first', 'workflow wf']"

@@ -287,7 +287,7 @@ def _call(i: int, error: str | None = None) -> CallRecord:
 
 def _packed(i: int, error: str | None = None) -> bytes:
     call = _call(i, error)
-    packed = pack_call(**call.as_dict())
+    packed = pack_call(call.values(call))
     assert packed.__class__ is bytes
     return packed
 
@@ -406,7 +406,7 @@ def test_a_queued_call_holds_no_object_the_cyclic_gc_tracks():
 
     call = _call(1)
     assert gc.is_tracked(call) and gc.is_tracked(call.input)
-    packed = pack_call(**call.as_dict())
+    packed = pack_call(call.values(call))
     assert packed.__class__ is bytes and not gc.is_tracked(packed)
 
     class Custom:
@@ -414,7 +414,7 @@ def test_a_queued_call_holds_no_object_the_cyclic_gc_tracks():
 
     odd = _call(2)
     odd.output = Custom()
-    kept = pack_call(**odd.as_dict())
+    kept = pack_call(odd.values(odd))
     assert isinstance(kept, CallRecord) and kept.output is odd.output
 
 
