@@ -22,7 +22,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from flywheel_middleware.capture.handles import SpanHandle, start_span
+from flywheel_middleware.capture.handles import SpanHandle, current, start_span
 
 from ._common import compact, message_dict, messages_list
 
@@ -189,7 +189,10 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
             if meta:
                 attributes["metadata"] = meta
         parent = self._spans.get(parent_run_id) if parent_run_id is not None else None
-        user_id, session_id, all_tags, rollout_meta = self._rollout_fields(tags, metadata, meta)
+        if parent is None:
+            parent = current()  # inside fw.rollout / fw.span: attach there
+        # only a root run's span owns a rollout, and so takes the rollout's fields
+        owned = self._rollout_fields(tags, metadata, meta) if parent is None else {}
         self._spans[run_id] = start_span(
             name,
             kind,
@@ -199,10 +202,7 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
             input=input,
             model=model,
             attributes=attributes,
-            user_id=user_id,
-            session_id=session_id,
-            tags=all_tags,
-            metadata=rollout_meta,
+            **owned,
         )
 
     def _rollout_fields(
@@ -210,16 +210,19 @@ class FlywheelCallbackHandler(BaseCallbackHandler):
         tags: list[str] | None,
         metadata: dict[str, Any] | None,
         meta: dict[str, Any] | None,
-    ) -> tuple[Any, Any, Any, Any]:
-        """(user_id, session_id, tags, metadata) of the rollout a root run opens."""
+    ) -> dict[str, Any]:
+        """user_id, session_id, tags and metadata of the rollout a root run opens."""
         user_id = self.user_id
         session_id = self.session_id
         if metadata:
             user_id = metadata.get("user_id") or user_id
             session_id = metadata.get("session_id") or metadata.get("thread_id") or session_id
-        all_tags = (self.tags or []) + (tags or []) if (self.tags or tags) else None
-        rollout_meta = {**self.metadata, **(meta or {})} if self.metadata else meta
-        return user_id, session_id, all_tags, rollout_meta
+        return {
+            "user_id": user_id,
+            "session_id": session_id,
+            "tags": (self.tags or []) + (tags or []) if (self.tags or tags) else None,
+            "metadata": {**self.metadata, **(meta or {})} if self.metadata else meta,
+        }
 
     def _end(self, run_id: UUID, output: Any = None, error: BaseException | None = None) -> None:
         span = self._spans.pop(run_id, None)
