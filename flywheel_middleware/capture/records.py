@@ -64,15 +64,9 @@ class Record:
     values: ClassVar[Callable[[Record], tuple]]  # the column values in order, as they are
 
     def __init__(self, **values: Any) -> None:
-        """Set every column from ``values``: the class's ``DEFAULTS`` where absent, else None."""
-        for name in self.COLUMNS:
-            value = values.pop(name, None)
-            if value is None and name in self.DEFAULTS:
-                default = self.DEFAULTS[name]
-                value = default() if callable(default) else default
-            setattr(self, name, value)
-        if values:
-            raise TypeError(f"unknown {self.TABLE} fields: {sorted(values)}")
+        """Set every column by keyword: the class's ``DEFAULTS`` where absent, else None.
+        (Each record class gets this as straight-line code, see ``_column_init``.)"""
+        raise TypeError(f"{type(self).__name__} has no columns")
 
     def __init_subclass__(cls, table: Table | None = None, **kwargs: Any) -> None:
         """``table``: the ``tables`` definition whose record this class is."""
@@ -81,6 +75,7 @@ class Record:
             cls.TABLE, cls.COLUMNS, cls.DEFAULTS = table.name, table.record_columns, table.defaults
         if "COLUMNS" in cls.__dict__:
             cls.values = staticmethod(operator.attrgetter(*cls.COLUMNS))
+            cls.__init__ = _column_init(cls)  # type: ignore[method-assign]
 
     @classmethod
     def from_values(cls, values: tuple) -> Record:
@@ -92,6 +87,27 @@ class Record:
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.COLUMNS}
+
+
+def _column_init(cls: type[Record]) -> Callable[..., None]:
+    """``__init__(self, *, <each column>=None)`` for a record class, written out as one
+    straight line of assignments: handles are built on the agent's thread, where a loop
+    over twenty columns costs more than the rest of opening a span. Unknown keywords are
+    refused by Python itself; a column left None takes the class's default."""
+    lines = [f"def __init__(self, *, {', '.join(f'{c}=None' for c in cls.COLUMNS)}):"]
+    namespace: dict[str, Any] = {}
+    for column in cls.COLUMNS:
+        if column not in cls.DEFAULTS:
+            lines.append(f"    self.{column} = {column}")
+            continue
+        namespace[f"default_{column}"] = cls.DEFAULTS[column]
+        fallback = f"default_{column}" + ("()" if callable(cls.DEFAULTS[column]) else "")
+        lines.append(f"    self.{column} = {fallback} if {column} is None else {column}")
+    exec(compile("\n".join(lines), f"<{cls.__name__}.__init__>", "exec"), namespace)  # noqa: S102
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__name__}.__init__"  # errors name the record
+    init.__doc__ = f"Set the {cls.TABLE} columns by keyword (None takes the column's default)."
+    return init
 
 
 class SpanRecord(Record, table=SPAN):
@@ -169,34 +185,41 @@ def token_total(tokens_in: int | None, tokens_out: int | None) -> int | None:
     return (tokens_in or 0) + (tokens_out or 0) if tokens_in or tokens_out else None
 
 
+def _call_sources(columns: tuple[str, ...], renames: dict[str, str]) -> tuple[int | None, ...]:
+    """For each of ``columns``: where a call record's values hold it (None: not there)."""
+    names = [renames.get(name, name) for name in columns]
+    return tuple(CallRecord.COLUMNS.index(n) if n in CallRecord.COLUMNS else None for n in names)
+
+
+_SPAN_SOURCES = _call_sources(SpanRecord.COLUMNS, {"id": "span_id"})
+_ROLLOUT_SOURCES = _call_sources(
+    RolloutRecord.COLUMNS, {"id": "rollout_id", "latency_ms": "duration_ms"}
+)
+_CALL = {name: i for i, name in enumerate(CallRecord.COLUMNS)}
+_SPAN = {name: i for i, name in enumerate(SpanRecord.COLUMNS)}
+_ROLLOUT = {name: i for i, name in enumerate(RolloutRecord.COLUMNS)}
+
+
 def split_call(values: tuple) -> tuple[tuple, tuple]:
     """The ``values()`` of the span and of the rollout a call record's ``values`` stand for.
 
-    What they derive: the span's status and the rollout's (from the error), the rollout's
-    token counts (0 taken as unknown) and their total, its latency (the span's duration).
+    Both take what the call holds under their column's name (the span's id is the call's
+    span_id, the rollout's id its rollout_id, its latency the span's duration), and derive
+    the span's status and the rollout's from the error, and the rollout's token counts
+    (0 taken as unknown) and their total.
     """
-    call = dict(zip(CallRecord.COLUMNS, values, strict=True))
-    error = call["error"]
-    tokens_in, tokens_out = call["input_tokens"] or None, call["output_tokens"] or None
-    span = {
-        **call,
-        "id": call["span_id"],
-        "sequence": 0,
-        "status": "ok" if error is None else "error",
-    }
-    rollout = {
-        **call,
-        "id": call["rollout_id"],
-        "status": rollout_status(error),
-        "latency_ms": call["duration_ms"],
-        "input_tokens": tokens_in,
-        "output_tokens": tokens_out,
-        "total_tokens": token_total(tokens_in, tokens_out),
-    }
-    return (
-        tuple(span.get(name) for name in SpanRecord.COLUMNS),
-        tuple(rollout.get(name) for name in RolloutRecord.COLUMNS),
-    )
+    error = values[_CALL["error"]]
+    tokens_in = values[_CALL["input_tokens"]] or None
+    tokens_out = values[_CALL["output_tokens"]] or None
+    span = [None if i is None else values[i] for i in _SPAN_SOURCES]
+    span[_SPAN["sequence"]] = 0
+    span[_SPAN["status"]] = "ok" if error is None else "error"
+    rollout = [None if i is None else values[i] for i in _ROLLOUT_SOURCES]
+    rollout[_ROLLOUT["status"]] = rollout_status(error)
+    rollout[_ROLLOUT["input_tokens"]] = tokens_in
+    rollout[_ROLLOUT["output_tokens"]] = tokens_out
+    rollout[_ROLLOUT["total_tokens"]] = token_total(tokens_in, tokens_out)
+    return tuple(span), tuple(rollout)
 
 
 def pack_call(values: tuple) -> bytes | CallRecord:

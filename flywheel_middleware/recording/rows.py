@@ -16,25 +16,28 @@ from flywheel_middleware.tables import RECORDED
 
 TimeConv = Callable[[int | None], Any]
 
-# Per table, per record column: how its value is converted ("json", "time" or as it is).
-_CONVERSIONS = {
-    name: tuple(
-        c.type if c.type in ("json", "time") else None for c in t.columns if not c.generated
-    )
-    for name, t in RECORDED.items()
-}
+
+def _positions(table: str, column_type: str) -> tuple[int, ...]:
+    """Where a record of ``table`` holds its columns of ``column_type``."""
+    columns = [c for c in RECORDED[table].columns if not c.generated]
+    return tuple(i for i, column in enumerate(columns) if column.type == column_type)
+
+
+_JSON_AT = {table: _positions(table, "json") for table in RECORDED}
+_TIME_AT = {table: _positions(table, "time") for table in RECORDED}
 
 
 def build_row(table: str, values: tuple, time_conv: TimeConv) -> tuple:
     """The row of ``table`` for a record's ``values()``."""
-    return tuple(
-        value
-        if value is None or conversion is None
-        else to_json_text(value)
-        if conversion == "json"
-        else time_conv(value if value.__class__ is int else datetime_to_ns(value))
-        for value, conversion in zip(values, _CONVERSIONS[table], strict=True)
-    )
+    row = list(values)
+    for i in _JSON_AT[table]:
+        if row[i] is not None:
+            row[i] = to_json_text(row[i])
+    for i in _TIME_AT[table]:
+        value = row[i]
+        if value is not None:
+            row[i] = time_conv(value if value.__class__ is int else datetime_to_ns(value))
+    return tuple(row)
 
 
 def rows_of(table: str, values: tuple, time_conv: TimeConv) -> list[tuple[str, tuple]]:
