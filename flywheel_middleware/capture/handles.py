@@ -6,9 +6,10 @@ spans nest correctly across asyncio tasks and copied contexts; adapters that lea
 from their framework (LangChain's ``parent_run_id``) pass ``parent=`` explicitly instead.
 
 A span started with no parent owns a rollout of its own. That rollout is opened only when
-something needs it (a child span, ``span.rollout``, the OTel mirror); a root span that ends
-without any (a model called directly, the common case) is recorded as one call record
-through ``record_call``, the one path for a call with no children.
+something needs it (a child span, ``span.rollout``); a root span that ends without any (a
+model called directly, the common case) is queued as one call record, as ``record_call``
+queues a finished call. Mirrored into OpenTelemetry (opt-in), a root span is its trace's
+root: one OTel span per flywheel span, and a "workflow" span only for an explicit rollout.
 """
 
 from __future__ import annotations
@@ -157,7 +158,10 @@ class RolloutHandle(RolloutRecord, _Handle):
         unit_id: str | None = None,
         rollout_id: str | None = None,
         start_ns: int | None = None,
+        mirror: bool = True,
     ) -> None:
+        """``mirror=False``: no OTel span of its own (a root span's rollout: that span is the
+        mirrored trace's root already)."""
         super().__init__(
             id=rollout_id or new_rollout_id(),
             workflow=workflow,
@@ -176,7 +180,9 @@ class RolloutHandle(RolloutRecord, _Handle):
         self._lock = threading.Lock()
         self._token = None
         self._ended = False
-        self._otel = otel_mirror.start(f"workflow {workflow}", None, self.started_at)
+        self._otel = (
+            otel_mirror.start(f"workflow {workflow}", None, self.started_at) if mirror else None
+        )
         backend.current().rollout_opened(self.id, workflow)
 
     # The rollout is the root of its own span tree.
@@ -306,10 +312,9 @@ class SpanHandle(SpanRecord, _Handle):
             self._rollout: RolloutHandle | None = None
             # the rollout's fields, in call-record order (CALL_ROLLOUT_FIELDS)
             self._owned: tuple[Any, ...] | None = (user_id, session_id, tags, metadata)
-            if otel_mirror.tracer() is not None:  # the mirror nests spans under the rollout's
-                self._otel = otel_mirror.start(name, self.rollout._otel, self.started_at)
-            else:  # feedback for its rollout id is accepted before the rollout opens
-                backend.current().rollout_opened(self.rollout_id, self.workflow)
+            self._otel = otel_mirror.start(name, None, self.started_at)  # a mirrored trace's root
+            # feedback for its rollout id is accepted before the rollout opens
+            backend.current().rollout_opened(self.rollout_id, self.workflow)
             return
         rollout = parent.rollout
         self._rollout = rollout
@@ -318,8 +323,8 @@ class SpanHandle(SpanRecord, _Handle):
         self.workflow = rollout.workflow
         self.parent_id = parent.span_id
         self.sequence = rollout.next_sequence()
-        if rollout._otel is not None:
-            parent_otel = parent._otel if parent._otel is not None else rollout._otel
+        parent_otel = parent._otel if parent._otel is not None else rollout._otel
+        if parent_otel is not None:
             self._otel = otel_mirror.start(name, parent_otel, self.started_at)
 
     @property
@@ -340,6 +345,7 @@ class SpanHandle(SpanRecord, _Handle):
                 rollout_id=self.rollout_id,
                 input=self.input,
                 start_ns=self.started_at,
+                mirror=False,
                 **dict(zip(CALL_ROLLOUT_FIELDS, self._owned, strict=True)),  # type: ignore[arg-type]
             )
             rollout.next_sequence()  # this span is number 0
@@ -380,6 +386,8 @@ class SpanHandle(SpanRecord, _Handle):
         if rollout is None and self._owned is not None:
             with _opening:  # a child opening the rollout right now either wins or sees _ended
                 rollout = self._rollout
+        if self._otel is not None:
+            otel_mirror.end(self._otel, self, end)
         if rollout is None:  # a root span that never needed its rollout: one call record
             call = pack_call((self.id, *_call_span_values(self), *self._owned))  # type: ignore[misc]
             sink = backend.current()
@@ -388,8 +396,6 @@ class SpanHandle(SpanRecord, _Handle):
             return
         if self.input_tokens or self.output_tokens:
             rollout.add_usage(self.input_tokens, self.output_tokens)
-        if self._otel is not None:
-            otel_mirror.end(self._otel, self, end)
         backend.current().enqueue(self)
         if self._owned is not None:
             rollout.finish(output=self.output, error=self.error, end_ns=end)
@@ -432,7 +438,7 @@ def record_call(
 
     ``fields``: the ``SpanHandle`` keywords (workflow, node, input, model, attributes, and
     the rollout's user_id, session_id, tags, metadata). It is a root span ended at once, so
-    it is queued as one call record (or mirrored into OTel as a rollout and its span).
+    it is queued as one call record (and, with the OTel mirror on, is one OTel span).
     """
     span = SpanHandle(name, kind, start_ns=start_ns, **fields)
     span.set_usage(input_tokens, output_tokens)

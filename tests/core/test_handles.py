@@ -803,7 +803,8 @@ def _otel_by_name(sdk):
     return out
 
 
-def test_otel_mirror_on_root_call_gives_workflow_span_and_call_span(fw, sqlite_url, otel_sdk):
+def test_otel_mirror_on_root_call_is_one_otel_span(fw, sqlite_url, otel_sdk):
+    """A root span is its mirrored trace's root: one OTel span, naming the rollout."""
     t0 = time.time_ns() - 1_000_000
     off_id = fw.record_call(
         workflow="mirror-rc", name="rc", kind="llm", start_ns=t0, end_ns=t0 + 500, input="i"
@@ -814,13 +815,11 @@ def test_otel_mirror_on_root_call_gives_workflow_span_and_call_span(fw, sqlite_u
     s.set_usage(2, 3)
     s.end(output="o")
     spans = _otel_by_name(otel_sdk)
-    assert set(spans) == {"workflow mirror", "answer"}
-    wf, call = spans["workflow mirror"], spans["answer"]
-    assert wf.parent is None
-    assert call.parent is not None and call.parent.span_id == wf.context.span_id
-    assert call.context.trace_id == wf.context.trace_id
+    assert set(spans) == {"answer"}
+    call = spans["answer"]
+    assert call.parent is None
     assert call.attributes["flywheel.rollout_id"] == s.rollout_id
-    assert wf.attributes["flywheel.rollout_id"] == s.rollout_id
+    assert call.attributes["flywheel.workflow"] == "mirror"
     assert call.attributes["gen_ai.usage.input_tokens"] == 2
     assert _count(fw, "rollout") == 2 and _count(fw, "span") == 2  # off_id's and this one
     row, [span] = _read(fw, s.rollout_id)
@@ -831,7 +830,7 @@ def test_otel_mirror_on_root_call_gives_workflow_span_and_call_span(fw, sqlite_u
     on_id = fw.record_call(
         workflow="mirror-rc", name="rc", kind="llm", start_ns=t0, end_ns=t0 + 500, input="i"
     )
-    assert set(_otel_by_name(otel_sdk)) == {"workflow mirror-rc", "rc"}
+    assert set(_otel_by_name(otel_sdk)) == {"rc"}
     on_row, [on_span] = _read(fw, on_id)
     off_row, [off_span] = _read(fw, off_id)
     assert _fields(on_row) == _fields(off_row) and _fields(on_span) == _fields(off_span)
@@ -843,9 +842,13 @@ def test_otel_mirror_on_nests_children(fw, sqlite_url, otel_sdk):
         with fw.span("child", "tool"):
             pass
     spans = _otel_by_name(otel_sdk)
-    assert set(spans) == {"workflow mirror2", "root", "child"}
-    assert spans["root"].parent.span_id == spans["workflow mirror2"].context.span_id
+    assert set(spans) == {"root", "child"}
+    assert spans["root"].parent is None
     assert spans["child"].parent.span_id == spans["root"].context.span_id
+    with fw.rollout("mirror3"), fw.span("inner"):  # an explicit rollout has its own span
+        pass
+    spans = _otel_by_name(otel_sdk)
+    assert spans["inner"].parent.span_id == spans["workflow mirror3"].context.span_id
     row, rows = _read(fw, root.rollout_id)
     assert [s.name for s in rows] == ["root", "child"]
 
