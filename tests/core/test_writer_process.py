@@ -29,35 +29,30 @@ from flywheel_middleware.recording.recorder import Recorder
 from flywheel_middleware.store.database import Store
 
 
+def _one_span_rollout(
+    recorder: Recorder, *, start: int, end: int, span: dict, rollout: dict
+) -> str:
+    """Queue a rollout of workflow ``wp`` with one span straight into ``recorder``."""
+    rollout_id = new_rollout_id()
+    times = {"workflow": "wp", "started_at": start, "ended_at": end}
+    recorder.enqueue(SpanRecord(id=new_span_id(), rollout_id=rollout_id, **times, **span))
+    recorder.enqueue(RolloutRecord(id=rollout_id, **times, **rollout))
+    return rollout_id
+
+
 def _record(recorder: Recorder, n: int, tag: str, output: object = None) -> list[str]:
     """``n`` rollouts of one tool span each, queued straight into ``recorder``."""
     ids = []
     for i in range(n):
-        rollout_id, now = new_rollout_id(), time.time_ns()
-        recorder.enqueue(
-            SpanRecord(
-                id=new_span_id(),
-                rollout_id=rollout_id,
-                workflow="wp",
-                name="tool",
-                kind="tool",
-                started_at=now,
-                ended_at=now,
-                attributes={"k": [1, 2.5, None, "x"]},
-                output=output if output is not None else {"answer": i},
-            )  # fmt: skip
-        )
-        recorder.enqueue(
-            RolloutRecord(
-                id=rollout_id,
-                workflow="wp",
-                input={"q": f"{tag}-{i}", "n": i},
-                output=f"out-{i}",
-                started_at=now,
-                ended_at=now,
-            )  # fmt: skip
-        )
-        ids.append(rollout_id)
+        now = time.time_ns()
+        span = {
+            "name": "tool",
+            "kind": "tool",
+            "attributes": {"k": [1, 2.5, None, "x"]},
+            "output": output if output is not None else {"answer": i},
+        }
+        rollout = {"input": {"q": f"{tag}-{i}", "n": i}, "output": f"out-{i}"}
+        ids.append(_one_span_rollout(recorder, start=now, end=now, span=span, rollout=rollout))
     return ids
 
 
@@ -102,34 +97,18 @@ def test_the_child_writes_exactly_the_rows_the_writer_thread_writes(tmp_path):
         url = f"sqlite:///{tmp_path / f'{mode}.db'}"
         rec = Recorder(Store(url), flush_interval=0.01, writer=mode)
         assert rec.counters.writer == mode
-        rollout_id, start, end = (
-            new_rollout_id(),
-            1_700_000_000_123_456_789,
-            1_700_000_001_000_000_000,
-        )
-        rec.enqueue(
-            SpanRecord(
-                id=new_span_id(),
-                rollout_id=rollout_id,
-                workflow="wp",
-                name="chat",
-                kind="llm",
-                model="m",
-                started_at=start,
-                ended_at=end,
-                attributes={"params": {"t": 0.5, "stop": None, "nan": float("nan")}},
-                output={"text": "héllo", "n": [1, 2]},
-            )  # fmt: skip
-        )
-        rec.enqueue(
-            RolloutRecord(
-                id=rollout_id,
-                workflow="wp",
-                input={"q": "same"},
-                output="done",
-                started_at=start,
-                ended_at=end,
-            )  # fmt: skip
+        _one_span_rollout(
+            rec,
+            start=1_700_000_000_123_456_789,
+            end=1_700_000_001_000_000_000,
+            span={
+                "name": "chat",
+                "kind": "llm",
+                "model": "m",
+                "attributes": {"params": {"t": 0.5, "stop": None, "nan": float("nan")}},
+                "output": {"text": "héllo", "n": [1, 2]},
+            },
+            rollout={"input": {"q": "same"}, "output": "done"},
         )
         assert rec.close(timeout=30)
         got[mode] = _rows(url, f"SELECT {columns} FROM span")
