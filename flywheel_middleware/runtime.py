@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from flywheel_middleware.capture import backend, otel_mirror
 from flywheel_middleware.capture.records import FeedbackRecord, Record, utcnow
-from flywheel_middleware.errors import InvalidFeedbackError, UnknownRolloutError
+from flywheel_middleware.errors import InvalidFeedbackError, UnknownRolloutError, safe_url
 
 if TYPE_CHECKING:
     from flywheel_middleware.config import FlywheelConfig
@@ -287,11 +287,14 @@ def feedback(
     span_id: int | None = None,
     user_id: str | None = None,
     metadata: dict[str, Any] | None = None,
+    check_rollout: bool = True,
 ) -> None:
     """Record a signal about a rollout: a 1–5 rating, a thumb, a comment or any keyed value.
 
     Raises InvalidFeedbackError for a bad value and UnknownRolloutError for an unknown rollout;
-    nothing is stored in either case.
+    nothing is stored in either case. ``check_rollout=False`` skips the rollout lookup (the
+    service's path: a request never waits on the database), and the writer reports feedback
+    about a rollout it never saw.
     """
     rollout_id = getattr(rollout_id, "id", rollout_id)  # accept the rollout handle itself
     if not isinstance(rollout_id, str) or not rollout_id:
@@ -343,8 +346,10 @@ def feedback(
         raise InvalidFeedbackError("feedback needs rating=, thumbs=, key= or comment=")
     if comment is not None and not isinstance(comment, str):
         raise InvalidFeedbackError(f"comment must be a string, got {type(comment).__name__}")
-    if _rollout_workflow(rollout_id) is None:
-        raise UnknownRolloutError(f"no rollout with id {rollout_id!r} in {get_store().url}")
+    if check_rollout and _rollout_workflow(rollout_id) is None:
+        raise UnknownRolloutError(
+            f"no rollout with id {rollout_id!r} in {safe_url(get_store().url)}"
+        )
     record = FeedbackRecord(
         rollout_id=rollout_id,
         span_id=span_id,
