@@ -8,6 +8,7 @@ tables. Plain data: no SQLAlchemy here, so the capture layer can import it for f
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,16 @@ class Table:
     @property
     def defaults(self) -> dict[str, Any]:
         return {c.name: c.default for c in self.columns if c.default is not None}
+
+
+def new_uid() -> str:
+    """A client-made id for a row whose primary key the database assigns: a retried or
+    replayed write of the same row is then recognised and inserted once."""
+    return os.urandom(16).hex()
+
+
+def _uid() -> Column:
+    return Column("uid", "text", max_length=32, default=new_uid)
 
 
 def _id(name: str = "id") -> Column:
@@ -118,6 +129,7 @@ FEEDBACK = Table(
         Column("user_id", "text", max_length=200),
         Column("created_at", "time", nullable=False, default=time.time_ns),
         Column("metadata", "json"),
+        _uid(),
     ),
 )
 
@@ -131,6 +143,7 @@ TELEMETRY_EVENT = Table(
         Column("payload", "json"),
         Column("client_ts", "float"),
         Column("received_at", "time", nullable=False, default=time.time_ns),
+        _uid(),
     ),
 )
 

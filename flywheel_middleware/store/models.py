@@ -123,6 +123,7 @@ Feedback = _model(
     "A signal about a rollout or a span: a rating, a thumb, a business event, a judge's score.",
     Index("ix_feedback_rollout", "rollout_id"),
     Index("ix_feedback_created", "created_at"),
+    Index("ux_feedback_uid", "uid", unique=True),
 )
 
 TelemetryEvent = _model(
@@ -131,6 +132,7 @@ TelemetryEvent = _model(
     "A raw implicit-feedback event from a user interface.",
     Index("ix_telemetry_rollout", "rollout_id"),
     Index("ix_telemetry_session", "session_id"),
+    Index("ux_telemetry_uid", "uid", unique=True),
 )
 
 
