@@ -142,10 +142,17 @@ class ControllerConfig(_Strict):
 
 
 class ServiceConfig(_Strict):
+    """``api_keys`` may write and read; ``read_keys`` may only read (the dashboard, the resolver)."""
+
     api_keys: list[str] = Field(default_factory=list)
+    read_keys: list[str] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(256_000, ge=1024)
     max_batch_events: int = Field(500, ge=1)
+    # free-form JSON (feedback metadata, telemetry payloads): checked before any validation
+    max_json_depth: int = Field(64, ge=2, le=200)
+    max_json_keys: int = Field(1_000, ge=1, description="keys in one JSON object")
+    max_json_items: int = Field(10_000, ge=1, description="JSON values in one body")
 
 
 class AgentSpec(_Strict):
