@@ -14,7 +14,7 @@ from flywheel_middleware.capture.records import RolloutRecord, SpanRecord
 from flywheel_middleware.recording.recorder import Recorder
 from flywheel_middleware.store.database import Store
 
-from .tcp_proxy import TcpProxy
+from .tcp_proxy import TcpProxy, through
 
 
 def _record(recorder: Recorder, n_rollouts: int, spans_each: int, tag: str) -> None:
@@ -74,23 +74,31 @@ def test_sqlite_locked_for_seconds_loses_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.postgres
-def test_postgres_unreachable_for_seconds_loses_nothing(postgres_url):
+@pytest.mark.parametrize("outage", ["cut", "blackhole"])
+def test_postgres_unreachable_for_seconds_loses_nothing(postgres_url, outage):
+    """Refused and reset (``cut``), or silent (``blackhole``): a write into a silent server
+    fails by the store's wait limit (here 5.5 s, from the URL's statement_timeout) and is
+    retried, so the writer never hangs."""
     parts = urlsplit(postgres_url.replace("postgresql+psycopg", "http"))
     proxy = TcpProxy(parts.hostname, parts.port)
     proxy.start()
-    proxied = postgres_url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}")
-    store = Store(proxied)
+    store = Store(
+        through(proxy, postgres_url, connect_timeout="2", options="-c statement_timeout=500")
+    )
     recorder = Recorder(store, queue_size=1000, flush_interval=0.01)
     _record(recorder, 50, 9, "before")
     assert recorder.flush(10)
 
-    proxy.cut()
+    getattr(proxy, outage)()
     _record(recorder, 200, 9, "during")
-    time.sleep(3)  # the writer keeps failing to reach the server meanwhile
+    deadline = time.monotonic() + (3 if outage == "cut" else 15)
+    while recorder.counters.retried == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the writer keeps failing to reach the server meanwhile
     assert recorder.counters.retried > 0
-    proxy.start()
+    proxy.restore()
     _record(recorder, 50, 9, "after")
     assert recorder.close(timeout=60)
+    proxy.close()
     assert _counts(postgres_url) == (300, 2700)
     assert recorder.counters.written == 300 + 2700
 
