@@ -9,9 +9,11 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import logging
 import math
 import operator
 import re
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -21,6 +23,8 @@ from flywheel_middleware.errors import ConfigError
 from flywheel_middleware.plugin_system.base import RewardSource, Sample, as_text
 from flywheel_middleware.plugin_system.hookspecs import hookimpl
 from flywheel_middleware.plugin_system.llm import ChatClient, LLMParams, import_object, run_sync
+
+log = logging.getLogger("flywheel_middleware.plugins.rewards")
 
 
 def clamp01(value: Any) -> float | None:
@@ -95,6 +99,19 @@ class UnsafeExpression(ConfigError):
     """The expression uses something outside the small allowed language."""
 
 
+class ExpressionLimit(UnsafeExpression):
+    """One evaluation went past a limit (time, size, repetition, format width, regex time)."""
+
+
+MAX_EXPRESSION = 2000  # characters of source
+MAX_NESTING = 50  # depth of the expression's syntax tree
+MAX_LOOPS = 3  # 'for' clauses nested in one another (each multiplies the work)
+MAX_SIZE = 1_000_000  # items or characters of a string, bytes or list an expression builds
+MAX_INT_BITS = 10_000  # of an integer product
+MAX_FORMAT_WIDTH = 100  # width and precision of a %-format
+MAX_PATTERN = 1_000  # characters of a regex pattern
+TIME_LIMIT = 0.25  # default seconds one sample's evaluation may take
+
 _BINOPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -115,10 +132,37 @@ _CMPOPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.Is: operator.is_,
     ast.IsNot: operator.is_not,
 }
+_SEQUENCE = (str, bytes, list)
+# a %-format directive: its width and precision, either of which may be '*'
+_FORMAT = re.compile(rb"%%|%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
 
 
-def _regex(pattern: str, text: Any) -> bool:
-    return re.search(pattern, "" if text is None else str(text)) is not None
+def _regex_engine() -> Any:
+    """The ``regex`` package: unlike ``re`` its searches take a timeout."""
+    try:
+        import regex
+    except ImportError:
+        raise UnsafeExpression(
+            "regex() in an expression needs the 'regex' package: pip install regex"
+        ) from None
+    return regex
+
+
+def _regex(pattern: str, text: Any, timeout: float = TIME_LIMIT) -> bool:
+    pattern = str(pattern)
+    if len(pattern) > MAX_PATTERN:
+        raise ExpressionLimit(f"a regex pattern is longer than {MAX_PATTERN} characters")
+    try:
+        found = _regex_engine().search(pattern, "" if text is None else str(text), timeout=timeout)
+    except TimeoutError:
+        raise ExpressionLimit(f"regex {pattern[:60]!r} took longer than {timeout:.3g}s") from None
+    return found is not None
+
+
+def _sum(items: Any, start: Any = 0) -> Any:
+    if isinstance(start, bool) or not isinstance(start, int | float):
+        raise UnsafeExpression("sum() adds numbers: its start must be a number")
+    return sum(items, start)
 
 
 SAFE_FUNCTIONS: dict[str, Callable[..., Any]] = {
@@ -127,7 +171,7 @@ SAFE_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "all": all,
     "min": min,
     "max": max,
-    "sum": sum,
+    "sum": _sum,
     "abs": abs,
     "round": round,
     "float": float,
@@ -152,7 +196,38 @@ def _json_valid(text: Any) -> bool:
     return True
 
 
-MAX_EXPRESSION = 2000
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, _SEQUENCE) else 0
+
+
+def _check_format(fmt: str | bytes, args: Any) -> None:
+    """A %-format may neither pad beyond MAX_FORMAT_WIDTH nor repeat a mapping's values."""
+    if isinstance(args, dict):
+        raise ExpressionLimit("%-formatting with a mapping is not allowed")
+    raw = fmt.encode("utf-8", "surrogatepass") if isinstance(fmt, str) else fmt
+    for m in _FORMAT.finditer(raw):
+        for part in m.groups():
+            if part == b"*" or (part is not None and int(part) > MAX_FORMAT_WIDTH):
+                raise ExpressionLimit(
+                    f"a %-format width or precision is '*' or above {MAX_FORMAT_WIDTH}"
+                )
+
+
+def _check_binop(op: ast.operator, left: Any, right: Any) -> None:
+    """Refuse, before computing it, an operation whose result would be out of bounds."""
+    if isinstance(op, ast.Mult):
+        seq, times = (left, right) if isinstance(left, _SEQUENCE) else (right, left)
+        if isinstance(times, int) and _size(seq) * times > MAX_SIZE:
+            raise ExpressionLimit(
+                f"no repetition of strings, bytes or lists beyond {MAX_SIZE} items"
+            )
+        bits = sum(x.bit_length() for x in (left, right) if isinstance(x, int))
+        if bits > MAX_INT_BITS:
+            raise ExpressionLimit(f"an integer product beyond {MAX_INT_BITS} bits")
+    elif isinstance(op, ast.Add) and _size(left) + _size(right) > MAX_SIZE:
+        raise ExpressionLimit(f"a concatenation beyond {MAX_SIZE} items")
+    elif isinstance(op, ast.Mod) and isinstance(left, str | bytes):
+        _check_format(left, right)
 
 
 class SafeExpression:
@@ -161,20 +236,30 @@ class SafeExpression:
     Allowed: literals, names of the sample's fields, ``and/or/not``, comparisons (incl. ``in``),
     arithmetic, ``x if c else y``, subscripts (``output["answer"]``), calls of SAFE_FUNCTIONS and
     generator expressions (``any(s["kind"] == "tool" for s in spans)``). No attributes, no
-    lambdas, no imports: it cannot reach anything it was not given.
+    lambdas, no imports: it cannot reach anything it was not given. Each evaluation is bounded
+    in time (``time_limit``), in the size of what it builds and in regex time, and raises
+    ExpressionLimit past a bound.
     """
 
-    def __init__(self, source: str, names: set[str]) -> None:
+    def __init__(self, source: str, names: set[str], time_limit: float = TIME_LIMIT) -> None:
         self.source = source
+        self.time_limit = time_limit
         if len(source) > MAX_EXPRESSION:
             raise UnsafeExpression(f"expression is longer than {MAX_EXPRESSION} characters")
         try:
             self.tree = ast.parse(source, mode="eval")
         except SyntaxError as exc:
             raise UnsafeExpression(f"expression {source!r} is not valid: {exc.msg}") from None
-        self._check(self.tree.body, set(names))
+        except (RecursionError, MemoryError):
+            raise UnsafeExpression(f"expression {source[:60]!r}… is nested too deeply") from None
+        self._check(self.tree.body, set(names), 0, 0)
 
-    def _check(self, node: ast.AST, names: set[str]) -> None:
+    def _check(self, node: ast.AST, names: set[str], depth: int, loops: int) -> None:
+        if depth > MAX_NESTING:
+            raise UnsafeExpression(
+                f"expression {self.source[:60]!r}… nests deeper than {MAX_NESTING} levels"
+            )
+        depth += 1
         if isinstance(node, ast.Constant):
             return
         if isinstance(node, ast.Name):
@@ -203,19 +288,26 @@ class SafeExpression:
                 raise UnsafeExpression(
                     f"expression {self.source!r}: keyword arguments are not allowed"
                 )
+            if node.func.id == "regex":
+                _regex_engine()  # missing: say so now, not on every sample
             for arg in node.args:
-                self._check(arg, names)
+                self._check(arg, names, depth, loops)
             return
         if isinstance(node, ast.GeneratorExp | ast.ListComp):
+            loops += len(node.generators)
+            if loops > MAX_LOOPS:
+                raise UnsafeExpression(
+                    f"expression {self.source!r}: more than {MAX_LOOPS} nested 'for' clauses"
+                )
             inner = set(names)
             for comp in node.generators:
-                self._check(comp.iter, inner)
+                self._check(comp.iter, inner, depth, loops)
                 if not isinstance(comp.target, ast.Name) or comp.is_async:
                     raise UnsafeExpression(f"expression {self.source!r}: use 'for name in ...'")
                 inner.add(comp.target.id)
                 for cond in comp.ifs:
-                    self._check(cond, inner)
-            self._check(node.elt, inner)
+                    self._check(cond, inner, depth, loops)
+            self._check(node.elt, inner, depth, loops)
             return
         allowed = (
             ast.BoolOp,
@@ -242,12 +334,27 @@ class SafeExpression:
                 f"expression {self.source!r}: {type(node).__name__} is not allowed here"
             )
         for child in ast.iter_child_nodes(node):
-            self._check(child, names)
+            self._check(child, names, depth, loops)
 
     def __call__(self, env: dict[str, Any]) -> Any:
-        return self._eval(self.tree.body, env)
+        return _Evaluation(self.source, time.monotonic() + self.time_limit).eval(
+            self.tree.body, env
+        )
 
-    def _eval(self, node: ast.AST, env: dict[str, Any]) -> Any:  # noqa: C901 (one case per node)
+
+class _Evaluation:
+    """One evaluation of an expression, against its deadline."""
+
+    def __init__(self, source: str, deadline: float) -> None:
+        self.source = source
+        self.deadline = deadline
+
+    def _tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise ExpressionLimit(f"expression {self.source[:60]!r} ran out of time")
+
+    def eval(self, node: ast.AST, env: dict[str, Any]) -> Any:  # noqa: C901 (one case per node)
+        self._tick()
         if isinstance(node, ast.Constant):
             return node.value
         if isinstance(node, ast.Name):
@@ -260,56 +367,51 @@ class SafeExpression:
             if isinstance(node.op, ast.And):
                 result: Any = True
                 for value in node.values:
-                    result = self._eval(value, env)
+                    result = self.eval(value, env)
                     if not result:
                         return result
                 return result
             result = False
             for value in node.values:
-                result = self._eval(value, env)
+                result = self.eval(value, env)
                 if result:
                     return result
             return result
         if isinstance(node, ast.UnaryOp):
-            operand = self._eval(node.operand, env)
+            operand = self.eval(node.operand, env)
             if isinstance(node.op, ast.Not):
                 return not operand
             return -operand if isinstance(node.op, ast.USub) else +operand
         if isinstance(node, ast.BinOp):
-            left, right = self._eval(node.left, env), self._eval(node.right, env)
-            if isinstance(node.op, ast.Mult) and (
-                isinstance(left, str | list) or isinstance(right, str | list)
-            ):
-                raise UnsafeExpression(
-                    f"expression {self.source!r}: no repetition of strings/lists"
-                )
+            left, right = self.eval(node.left, env), self.eval(node.right, env)
+            _check_binop(node.op, left, right)
             return _BINOPS[type(node.op)](left, right)
         if isinstance(node, ast.Compare):
-            left = self._eval(node.left, env)
+            left = self.eval(node.left, env)
             for op, comparator in zip(node.ops, node.comparators, strict=True):
-                right = self._eval(comparator, env)
+                right = self.eval(comparator, env)
                 if not _CMPOPS[type(op)](left, right):
                     return False
                 left = right
             return True
         if isinstance(node, ast.IfExp):
             return (
-                self._eval(node.body, env)
-                if self._eval(node.test, env)
-                else self._eval(node.orelse, env)
+                self.eval(node.body, env)
+                if self.eval(node.test, env)
+                else self.eval(node.orelse, env)
             )
         if isinstance(node, ast.Subscript):
-            container = self._eval(node.value, env)
+            container = self.eval(node.value, env)
             if isinstance(node.slice, ast.Slice):
                 s = node.slice
                 return container[
                     slice(
-                        self._eval(s.lower, env) if s.lower else None,
-                        self._eval(s.upper, env) if s.upper else None,
-                        self._eval(s.step, env) if s.step else None,
+                        self.eval(s.lower, env) if s.lower else None,
+                        self.eval(s.upper, env) if s.upper else None,
+                        self.eval(s.step, env) if s.step else None,
                     )
                 ]
-            key = self._eval(node.slice, env)
+            key = self.eval(node.slice, env)
             if container is None:
                 return None
             try:
@@ -317,28 +419,37 @@ class SafeExpression:
             except (KeyError, IndexError, TypeError):
                 return None  # a missing field is "no value", not a crash
         if isinstance(node, ast.List | ast.Tuple):
-            return [self._eval(e, env) for e in node.elts]
+            return [self.eval(e, env) for e in node.elts]
         if isinstance(node, ast.Dict):
             return {
-                self._eval(k, env): self._eval(v, env)
+                self.eval(k, env): self.eval(v, env)
                 for k, v in zip(node.keys, node.values, strict=True)
                 if k is not None
             }
         if isinstance(node, ast.Call):
-            fn = SAFE_FUNCTIONS[node.func.id]  # type: ignore[union-attr]
-            return fn(*(self._eval(a, env) for a in node.args))
+            name = node.func.id  # type: ignore[union-attr]
+            args = [self.eval(a, env) for a in node.args]
+            if name == "regex":  # the sample's remaining time bounds the search
+                return _regex(*args, timeout=max(0.001, self.deadline - time.monotonic()))
+            return SAFE_FUNCTIONS[name](*args)
         if isinstance(node, ast.GeneratorExp | ast.ListComp):
-            return list(self._comprehend(node, node.generators, env))
+            out = []
+            for item in self._comprehend(node, node.generators, env):
+                out.append(item)
+                if len(out) > MAX_SIZE:
+                    raise ExpressionLimit(f"a comprehension of more than {MAX_SIZE} items")
+            return out
         raise UnsafeExpression(f"{type(node).__name__} is not allowed")  # pragma: no cover
 
     def _comprehend(self, node: Any, generators: list[ast.comprehension], env: dict) -> Any:
         if not generators:
-            yield self._eval(node.elt, env)
+            yield self.eval(node.elt, env)
             return
         first, rest = generators[0], generators[1:]
-        for item in self._eval(first.iter, env) or ():
+        for item in self.eval(first.iter, env) or ():
+            self._tick()
             inner = {**env, first.target.id: item}  # type: ignore[attr-defined]
-            if all(self._eval(cond, inner) for cond in first.ifs):
+            if all(self.eval(cond, inner) for cond in first.ifs):
                 yield from self._comprehend(node, rest, inner)
 
 
@@ -409,6 +520,9 @@ class RuleParams(BaseModel):
     )
     when_true: float = Field(1.0, ge=0, le=1)
     when_false: float = Field(0.0, ge=0, le=1)
+    time_limit: float = Field(
+        TIME_LIMIT, gt=0, le=10, description="seconds an expression may take on one sample"
+    )
 
     @model_validator(mode="after")
     def _one(self) -> RuleParams:
@@ -418,7 +532,11 @@ class RuleParams(BaseModel):
 
 
 class Rule(RewardSource):
-    """A predicate over output and spans: True -> when_true, False -> when_false, a number as is."""
+    """A predicate over output and spans: True -> when_true, False -> when_false, a number as is.
+
+    An expression that fails or goes past a limit on one sample gives that sample no score
+    (logged); the other samples keep theirs. A callable's exception fails the whole source.
+    """
 
     type_name = "rule"
     description = "a predicate over the output and spans (safe expression or a Python callable)"
@@ -427,23 +545,46 @@ class Rule(RewardSource):
 
     def __init__(self, params: Any = None, context: Any = None) -> None:
         super().__init__(params, context)
+        self.expression: SafeExpression | None = None
         if self.params.expression is not None:
-            expr = SafeExpression(self.params.expression, EXPRESSION_NAMES)
-            self.fn: Callable[[Sample], Any] = lambda s: expr(expression_env(s))
+            self.expression = SafeExpression(
+                self.params.expression, EXPRESSION_NAMES, self.params.time_limit
+            )
         else:
             fn = import_object(self.params.callable)
             if not callable(fn):
                 raise ConfigError(f"callable {self.params.callable!r} is not callable")
-            self.fn = fn
+            self.fn: Callable[[Sample], Any] = fn
+
+    def _result(self, sample: Sample) -> Any:
+        if self.expression is None:
+            return self.fn(sample)
+        return self.expression(expression_env(sample))
 
     def score(self, samples: list[Sample]) -> list[float | None]:
         out: list[float | None] = []
+        notes: list[str] = []
         for sample in samples:
-            result = self.fn(sample)
+            try:
+                result = self._result(sample)
+            except Exception as exc:
+                if self.expression is None:
+                    raise
+                notes.append(f"{sample.rollout.id}: {type(exc).__name__}: {exc}")
+                out.append(None)
+                continue
             if isinstance(result, bool):
                 out.append(self.params.when_true if result else self.params.when_false)
             else:
                 out.append(clamp01(result))
+        if notes:
+            log.warning(
+                "reward %r: no score for %d of %d samples: %s",
+                self.name,
+                len(notes),
+                len(samples),
+                "; ".join(notes[:5]) + ("; …" if len(notes) > 5 else ""),
+            )
         return out
 
 
