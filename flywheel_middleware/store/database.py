@@ -187,6 +187,18 @@ def _bounded_connection_class() -> Any:
     return BoundedConnection
 
 
+def _connect_bounded(limit: float | None) -> Any:
+    """The engine's ``do_connect`` hook; it holds no reference to the Store, so a Store
+    dropped without ``dispose`` closes its connections as soon as it is collected."""
+
+    def connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        conn = _bounded_connection_class().connect(*cargs, **cparams)
+        conn.wait_limit = limit
+        return conn
+
+    return connect
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     sqlite_rows.apply_pragmas(dbapi_conn)
 
@@ -236,15 +248,10 @@ class Store:
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         elif self.engine.dialect.driver == "psycopg":
-            event.listen(self.engine, "do_connect", self._connect_bounded)
+            event.listen(self.engine, "do_connect", _connect_bounded(self.wait_limit))
         self._insert_sql: dict[str, str] = {}
         if migrate:
             self.upgrade()
-
-    def _connect_bounded(self, _dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
-        conn = _bounded_connection_class().connect(*cargs, **cparams)
-        conn.wait_limit = self.wait_limit
-        return conn
 
     @contextmanager
     def _unbounded(self, conn: Any) -> Iterator[None]:
