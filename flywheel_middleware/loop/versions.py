@@ -36,7 +36,7 @@ from sqlmodel import select
 
 from flywheel_middleware.capture.records import utcnow
 from flywheel_middleware.config import FlywheelConfig
-from flywheel_middleware.errors import FlywheelError
+from flywheel_middleware.errors import FlywheelError, safe_url
 from flywheel_middleware.loop.resolver import Resolution
 from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.models import ChangeEvent, ConfigVersion, Deployment, Experiment
@@ -651,6 +651,9 @@ class StoreResolver:
     Only a process's first resolve of a workflow reads the store on the caller's thread; after
     that an expired plan keeps serving while one background thread refreshes it
     (``background=False`` refreshes inline instead), so a slow store never stalls requests.
+    While refreshes fail (the store is unreachable) every workflow keeps its last plan, retried
+    each ``ttl``: ``stale_since`` and ``last_refresh_error`` say so to a health check, and one
+    warning is logged per outage.
     """
 
     def __init__(
@@ -673,15 +676,21 @@ class StoreResolver:
         self._plans: dict[str, _Plan] = {}
         self._versions: dict[int, Resolution] = {}  # immutable rows: cached for good
         self._synced: set[str] = set()
-        self._lock = threading.Lock()
-        self._lock_pending = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}  # one refresh of a workflow at a time
+        self._lock_pending = threading.Lock()  # guards _pending, _locks and _failing
+        self._failing: dict[str, float] = {}  # workflow -> time.time() its refreshes began failing
+        self.last_refresh_error: str | None = None  # the latest failure, while any lasts
 
     # -- the hot path ----------------------------------------------------------------------
 
     def resolve(self, workflow: str, unit_id: str | None = None) -> Resolution | None:
         plan = self._plans.get(workflow)
         if plan is None:
-            plan = self._refresh(workflow, None)
+            if self.background and self._failing:  # the store is down: don't wait for it here
+                plan = self._plans.setdefault(workflow, self._yaml_plan(workflow, expires=0.0))
+                self._refresh_later(workflow, plan)
+            else:
+                plan = self._refresh(workflow, None)
         elif plan.expires <= time.monotonic():
             if self.background:
                 self._refresh_later(workflow, plan)
@@ -731,6 +740,13 @@ class StoreResolver:
         else:
             self._plans.pop(workflow, None)
 
+    @property
+    def stale_since(self) -> float | None:
+        """Since when (``time.time()``) refreshes have failed and the last plans are served;
+        None while the store answers."""
+        with self._lock_pending:
+            return min(self._failing.values(), default=None)
+
     # -- loading ---------------------------------------------------------------------------
 
     def _refresh_later(self, workflow: str, stale: _Plan) -> None:
@@ -750,10 +766,12 @@ class StoreResolver:
         threading.Thread(target=run, name=f"flywheel-resolver-{workflow}", daemon=True).start()
 
     def _refresh(self, workflow: str, stale: _Plan | None, wait: bool = False) -> _Plan:
-        if stale is not None and not wait and not self._lock.acquire(blocking=False):
+        with self._lock_pending:
+            lock = self._locks.setdefault(workflow, threading.Lock())
+        if stale is not None and not wait and not lock.acquire(blocking=False):
             return stale  # another thread is refreshing: serve what we have meanwhile
         if stale is None or wait:
-            self._lock.acquire()
+            lock.acquire()
         try:
             current = self._plans.get(workflow)
             if current is not None and current is not stale and current.expires > time.monotonic():
@@ -761,21 +779,59 @@ class StoreResolver:
             try:
                 plan = self._load(workflow)
             except Exception as exc:  # the store is down: keep serving, retry after ttl
-                log.warning("resolver could not read the store for %r: %s", workflow, exc)
+                self._refresh_failed(workflow, exc)
                 if stale is not None:
                     stale.expires = time.monotonic() + self.ttl
                     return stale
-                wf = self.config.workflows.get(workflow)
-                plan = _Plan(
-                    expires=time.monotonic() + self.ttl,
-                    active=None if wf is None else Resolution(config=wf.config, propensity=1.0),
-                )
+                plan = self._yaml_plan(workflow, expires=time.monotonic() + self.ttl)
+            else:
+                self._refresh_succeeded(workflow)
             if plan is None:  # unknown workflow: remember that too, briefly
                 plan = _Plan(expires=time.monotonic() + self.ttl, active=None)
             self._plans[workflow] = plan
             return plan
         finally:
-            self._lock.release()
+            lock.release()
+
+    def _yaml_plan(self, workflow: str, expires: float) -> _Plan:
+        """What to serve of a workflow the store could not be asked about: its YAML config."""
+        wf = self.config.workflows.get(workflow)
+        return _Plan(
+            expires=expires,
+            active=None if wf is None else Resolution(config=wf.config, propensity=1.0),
+        )
+
+    def _refresh_failed(self, workflow: str, exc: Exception) -> None:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        with self._lock_pending:
+            first = not self._failing
+            self._failing.setdefault(workflow, time.time())
+            self.last_refresh_error = f"{workflow!r}: {type(exc).__name__}: {reason}"
+        if first:  # once per outage; the retries each ttl stay quiet
+            log.warning(
+                "resolver cannot read the store %s (%s); serving the last known configs "
+                "and retrying every %g s",
+                safe_url(self.store.url),
+                self.last_refresh_error,
+                self.ttl,
+            )
+        else:
+            log.debug("resolver refresh of %r failed again: %s", workflow, reason)
+
+    def _refresh_succeeded(self, workflow: str) -> None:
+        if not self._failing:
+            return
+        with self._lock_pending:
+            since = self._failing.pop(workflow, None)
+            others = list(self._failing)
+            if not others:
+                self.last_refresh_error = None
+        if since is not None and not others:
+            log.info("resolver reads the store again after %.1f s", time.time() - since)
+        for other in others:  # the store answers again: retry them now, not at their next resolve
+            plan = self._plans.get(other)
+            if plan is not None:
+                self._refresh_later(other, plan)
 
     def _resolution(self, session: Any, version_id: int, **extra: Any) -> Resolution:
         base = self._versions.get(version_id)

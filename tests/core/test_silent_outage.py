@@ -8,6 +8,7 @@ deadlines (connect timeout, ``Store.wait_limit``) end such a wait; keepalives an
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -19,10 +20,15 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
+from flywheel_middleware.config import config_from_dict
 from flywheel_middleware.errors import StoreError
+from flywheel_middleware.loop import versions
+from flywheel_middleware.loop.versions import StoreResolver
 from flywheel_middleware.store.database import Store
 
 from .tcp_proxy import TcpProxy, through
+
+BASE = {"llm": {"model": "m", "temperature": 0.9}}
 
 
 def _call_within(seconds: float, fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -210,3 +216,61 @@ def test_no_store_error_or_repr_shows_the_password():
         store.upgrade()  # nothing listens on port 1: cannot open
     assert secret not in str(info.value)
     store.dispose()
+
+
+# -- the resolver ----------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_the_resolver_serves_its_last_config_through_a_silent_outage_and_then_catches_up(
+    postgres_url, pg_proxy, caplog
+):
+    config = config_from_dict({"workflows": {"qa": {"config": BASE}, "new": {"config": BASE}}})
+    direct = Store(postgres_url)  # another process: the one that promotes
+    proxied = Store(_short(postgres_url.replace("postgres@", "postgres:pw@"), pg_proxy))
+    ttl = 0.5
+    resolver = StoreResolver(proxied, config, ttl=ttl)
+    try:
+        first = resolver.resolve("qa", "u1")
+        assert first.version_id is not None and resolver.stale_since is None
+        candidate = versions.create_version(direct, "qa", {**BASE, "v": 2}, created_by="t")
+
+        pg_proxy.blackhole()
+        caplog.set_level(logging.INFO, logger="flywheel_middleware.loop.versions")
+        started, slowest = time.monotonic(), 0.0
+        while resolver.stale_since is None:  # the refresh fails within its wait limits
+            assert time.monotonic() - started < 15, "the refresh never failed: it hangs"
+            t = time.perf_counter()
+            assert resolver.resolve("qa", "u1").version_id == first.version_id
+            slowest = max(slowest, time.perf_counter() - t)
+            time.sleep(0.01)
+        assert slowest < 0.1  # never waited for the store
+        assert resolver.last_refresh_error and "'qa'" in resolver.last_refresh_error
+        assert resolver.stale_since <= time.time()
+        # a workflow first asked for during the outage gets its YAML config at once
+        t = time.perf_counter()
+        assert resolver.resolve("new", "u1").config == BASE
+        assert time.perf_counter() - t < 0.1
+
+        versions.activate(direct, "qa", candidate.id, kind="promote")  # during the outage
+        time.sleep(2 * ttl)  # more failed refreshes: still one warning
+        assert resolver.resolve("qa", "u1").version_id == first.version_id
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "serving the last known configs" in warnings[0].message
+        assert "pw" not in warnings[0].getMessage().replace("postgres:***", "")
+
+        pg_proxy.restore()
+        restored = time.monotonic()
+        # a refresh under way ends within the 2 s connect timeout, the next starts within ttl
+        while resolver.resolve("qa", "u1").version_id != candidate.id:
+            assert time.monotonic() - restored < ttl + 2 + 1, "the promotion never arrived"
+            time.sleep(0.01)
+        # the workflow first asked for during the outage is retried too, then all is fresh
+        while resolver.stale_since is not None:
+            assert time.monotonic() - restored < 10, resolver.last_refresh_error
+            time.sleep(0.01)
+        assert resolver.last_refresh_error is None
+    finally:
+        pg_proxy.restore()
+        proxied.dispose()
+        direct.dispose()
