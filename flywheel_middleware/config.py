@@ -36,10 +36,19 @@ class StoreConfig(_Strict):
     queue_size: int = Field(100_000, ge=100)
     batch_size: int = Field(2_000, ge=1)
     flush_interval: float = Field(0.2, gt=0)
+    # the journal's folder (default: beside a SQLite file, else under $XDG_STATE_HOME/flywheel)
     spill_dir: str | None = None
-    exit_timeout: float = Field(60.0, ge=0)
-    # who writes span and rollout rows: a child process on a SQLite file ("auto"), or a thread
+    # how long exit and SIGTERM wait for the store; the journal keeps what it has not taken
+    exit_timeout: float = Field(10.0, ge=0)
+    # who writes rows: a child process on a SQLite file ("auto"), or a thread
     writer: Literal["auto", "process", "thread"] = "auto"
+    # "journal": every record on local disk within journal_interval seconds, so a crash
+    # loses at most that; "memory": the journal only past max_buffer_mb or at exit
+    durability: Literal["journal", "memory"] = "journal"
+    journal_interval: float = Field(0.05, gt=0, le=5)
+    max_buffer_mb: float = Field(64, gt=0)
+    # journal on SIGTERM/SIGINT before the application's own handler (or the default) runs
+    handle_signals: bool = True
 
 
 class OtelConfig(_Strict):

@@ -44,6 +44,7 @@ class _State:
         self.config: FlywheelConfig | None = None
         self.store_url: str | None = None
         self.store: Store | None = None
+        self.schema_ready = False  # the store's schema is at head (checked once)
         self.recorder: Recorder | None = None
         self.resolver: Any = None
         # Rollouts open in this process, and finished ones not yet confirmed written (id ->
@@ -110,8 +111,13 @@ def configure(
         _state.config = cfg
         _state.store_url = url
         _state.store = store
+        _state.schema_ready = True
         _state.resolver = None
         otel_mirror.set_enabled(cfg.otel.emit)
+    if cfg.store.handle_signals:  # here, on the main thread as a rule, not at the first record
+        from flywheel_middleware.recording import exits
+
+        exits.install_signal_handlers()
     return cfg
 
 
@@ -127,7 +133,18 @@ def get_config() -> FlywheelConfig:
 
 
 def get_store() -> Store:
-    """The process's store (opened on first use)."""
+    """The process's store (opened, and its schema brought to head, on first use)."""
+    store = _unopened_store()
+    if not _state.schema_ready:
+        store.upgrade()
+        _state.schema_ready = True
+    return store
+
+
+def _unopened_store() -> Store:
+    """The process's store without touching the database: what the capture path uses, so
+    a store that is down at start-up never holds up an agent (the recorder's and the
+    resolver's threads connect, and retry)."""
     return _state.store or _create_once("store", _open_store)
 
 
@@ -149,7 +166,7 @@ def _open_store() -> Store:
 
     url = _state.store_url or os.environ.get("FLYWHEEL_STORE_URL") or get_config().store.url
     _state.store_url = url
-    return Store(url)
+    return Store(url, migrate=False)
 
 
 def _start_recorder() -> Recorder:
@@ -158,13 +175,17 @@ def _start_recorder() -> Recorder:
 
     cfg = get_config().store
     recorder = Recorder(
-        get_store(),
+        _unopened_store(),
         queue_size=cfg.queue_size,
         batch_size=cfg.batch_size,
         flush_interval=cfg.flush_interval,
-        spill_dir=cfg.spill_dir,
+        spill_dir=_journal_base(),
         exit_timeout=cfg.exit_timeout,
         writer=os.environ.get("FLYWHEEL_WRITER") or cfg.writer,
+        durability=cfg.durability,
+        journal_interval=cfg.journal_interval,
+        max_buffer_mb=cfg.max_buffer_mb,
+        handle_signals=cfg.handle_signals,
     )
     recorder.add_listener(_check_triggers, tables=("feedback",))
     install_redaction(recorder, get_config())  # redact_span hooks and YAML redactors
@@ -172,9 +193,22 @@ def _start_recorder() -> Recorder:
 
 
 def flush(timeout: float | None = 30.0) -> bool:
-    """Write everything recorded so far; True when it all reached the store in time."""
+    """Write everything recorded so far, and whatever an earlier process left in the
+    store's journal; True when it all reached the store in time."""
     rec = _state.recorder
-    return True if rec is None else rec.flush(timeout)
+    if rec is None:
+        from flywheel_middleware.recording.journal import has_orphans, journal_dir
+
+        store = _unopened_store()
+        folder = journal_dir(store.url, store.sqlite_path, _journal_base())
+        if not has_orphans(folder):
+            return True
+        rec = get_recorder()
+    return rec.flush(timeout)
+
+
+def _journal_base() -> str | None:
+    return get_config().store.spill_dir or os.environ.get("FLYWHEEL_SPILL_DIR")
 
 
 def shutdown() -> None:
@@ -204,7 +238,7 @@ def get_resolver() -> Any:
     if _state.resolver is None:
         from flywheel_middleware.loop.versions import StoreResolver
 
-        _state.resolver = StoreResolver(get_store(), get_config())
+        _state.resolver = StoreResolver(_unopened_store(), get_config())
     return _state.resolver
 
 

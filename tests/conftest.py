@@ -16,11 +16,12 @@ POSTGRES_SKIP = (
 
 
 @pytest.fixture(autouse=True)
-def _isolated_spill_dir(
+def _isolated_journal(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Spill files of one test never leak into another."""
+    """Journals of one test never leak into another (nor into the user's state folder)."""
     monkeypatch.setenv("FLYWHEEL_SPILL_DIR", str(tmp_path_factory.mktemp("spill")))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
     monkeypatch.delenv("FLYWHEEL_STORE_URL", raising=False)
     monkeypatch.delenv("FLYWHEEL_CONFIG", raising=False)
 

@@ -7,11 +7,12 @@ the recorder turns them into rows (``recording.rows``).
 
 from __future__ import annotations
 
-import marshal
 import operator
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
+
+import orjson
 
 from flywheel_middleware.tables import FEEDBACK, ROLLOUT, SPAN, TELEMETRY_EVENT, Table
 
@@ -181,8 +182,13 @@ def rollout_status(error: str | None) -> str:
 
 
 def token_total(tokens_in: int | None, tokens_out: int | None) -> int | None:
-    """A rollout's total tokens; None when neither count is known (0 counts as unknown)."""
-    return (tokens_in or 0) + (tokens_out or 0) if tokens_in or tokens_out else None
+    """A rollout's total tokens; None when neither count is known (0 counts as unknown) or
+    one is not a number (the row builder stores such a count as NULL)."""
+    if not (tokens_in or tokens_out):
+        return None
+    if not isinstance(tokens_in or 0, int) or not isinstance(tokens_out or 0, int):
+        return None
+    return (tokens_in or 0) + (tokens_out or 0)
 
 
 def _call_sources(columns: tuple[str, ...], renames: dict[str, str]) -> tuple[int | None, ...]:
@@ -222,26 +228,30 @@ def split_call(values: tuple) -> tuple[tuple, tuple]:
     return tuple(span), tuple(rollout)
 
 
+# Datetimes and dataclasses are refused, so they keep the JSON form ``serialize`` gives them.
+PACK_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
 def pack_call(values: tuple) -> bytes | CallRecord:
     """A call record (its values in ``CallRecord.COLUMNS`` order) as it waits in the
-    recorder's queue: marshalled.
+    recorder's queue: a JSON array, which is also its form in the journal.
 
     Why: a queued record keeps its input and attribute containers alive until the writer
     takes it, and on a busy agent those survivors drive the cyclic GC (young collections,
     and in time full ones over the whole heap) on the agent's thread. A ``bytes`` object is
-    not tracked by the GC at all. Values marshal will not take (an object, a ``str``
-    subclass) keep the record as an object instead.
+    not tracked by the GC at all. Values that are not plain data (an object, a datetime)
+    keep the record as an object instead; the journal thread converts those.
     """
     try:
-        return marshal.dumps(values)
-    except ValueError:
+        return orjson.dumps(values, option=PACK_OPTIONS)
+    except TypeError:  # orjson.JSONEncodeError: not plain data
         return CallRecord.from_values(values)  # type: ignore[return-value]
 
 
 def unpack_record(item: Record | bytes) -> Record:
     """The record a queued item stands for (``pack_call``'s bytes become a ``CallRecord``)."""
     if item.__class__ is bytes:
-        return CallRecord.from_values(marshal.loads(item))  # type: ignore[arg-type]
+        return CallRecord.from_values(tuple(orjson.loads(item)))  # type: ignore[arg-type]
     return item  # type: ignore[return-value]
 
 

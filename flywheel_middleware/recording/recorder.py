@@ -1,28 +1,30 @@
-"""The recorder: a bounded queue on the agent's side, one writer thread on the store's side.
+"""The recorder: agent threads hand records over, a journal thread puts them on local disk,
+a writer thread puts them in the store.
 
 Rules it keeps (the design's hot path):
-- ``enqueue`` never touches the database and never raises into the caller;
-- a full queue waits briefly (backpressure), then spills to a local file: nothing is dropped;
-- one batch is one transaction; a database error is retried with tenacity and the batch kept;
-- on a SQLite file the span and rollout rows are written by a child process
-  (``writer_process``), which leaves this process only the pickling of each batch; that
-  writer is woken by the first record after a lull, then gathers a batch (by rate, capped);
-- a one-span call waits in the queue packed to bytes (``records.pack_call``), so queued
-  records keep no containers alive for the cyclic GC to scan on the agent's thread;
-- ``flush()`` and interpreter exit write everything; what cannot be written by the exit deadline
-  stays in a spill file that the next recorder on the same store replays.
+- ``enqueue`` appends to a deque: no lock, no I/O, never raises into the caller;
+- every ``journal_interval`` the journal thread takes what was queued, redacts it, encodes
+  it as JSON lines and (``durability="journal"``) appends it to this process's journal
+  segment: from then on a crash loses none of it, the next recorder on the store replays
+  it (``journal`` has the files' rules);
+- the writer thread writes those chunks to the store, one transaction a batch, retried
+  with tenacity while the store is unavailable; a record no row can be made of, or a row
+  the database refuses, goes alone to the dead-letter file and the rest is written;
+- memory is bounded in bytes (``max_buffer_mb``): past it, journaled chunks leave memory and
+  are read back when the store takes them; with no journal to fall back on, what cannot be
+  kept is counted as ``lost`` and logged as an error;
+- on a SQLite file the rows are built and written by a child process (``writer_process``),
+  which is sent the journal's lines as they are;
+- ``flush()`` waits for the store; ``close()`` (exit, SIGTERM: see ``exits``) journals
+  everything, waits up to ``exit_timeout`` for the store and leaves the rest in the journal.
 """
 
 from __future__ import annotations
 
-import atexit
-import hashlib
 import logging
 import os
-import pickle
 import threading
 import time
-import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -33,21 +35,33 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponent
 
 from flywheel_middleware.capture.records import (
     RECORD_TYPES,
+    CallRecord,
     Record,
     expand_calls,
     ns_to_datetime,
     ns_to_sqlite_text,
-    unpack_record,
 )
-from flywheel_middleware.recording.rows import record_row, record_rows
+from flywheel_middleware.recording import exits
+from flywheel_middleware.recording.journal import (
+    Chunk,
+    JournalWriter,
+    MalformedLine,
+    UnsafeJournal,
+    claim_orphans,
+    dead_letter,
+    decode,
+    encode,
+    iter_lines,
+    journal_dir,
+    read_segment,
+    release_orphan,
+    rows_from_lines,
+)
 from flywheel_middleware.recording.writer_process import (
-    SHIPPED_TABLES,
     WriterBusy,
     WriterGone,
     WriterProcess,
     can_spawn,
-    rows_payload,
-    values_payload,
 )
 from flywheel_middleware.store.database import Store
 
@@ -55,30 +69,34 @@ log = logging.getLogger("flywheel_middleware.recording.recorder")
 
 BatchListener = Callable[[dict[str, list[Record]]], None]
 WRITER_MODES = ("auto", "process", "thread")
-# A round trip to the writer process has a fixed cost (this process's time, and a commit in
-# the child's), so its batches gather: up to _GATHER_RECORDS records, for at most _GATHER_MAX
-# seconds; too short a window makes small batches that each pay that cost (docs/adapters.md
-# has the figures). A flush, a close or a full queue cuts the window short.
-_GATHER_RECORDS = 512
-_GATHER_MAX = 0.5
+DURABILITY = ("journal", "memory")
+_ORPHAN_CHECK = 30.0  # seconds between looks for journals of processes that died meanwhile
 
 
 @dataclass
 class RecorderCounters:
     """What the recorder has done since it started; read it for monitoring.
 
-    ``queued`` counts records taken off the queue or spilled (``Recorder.pending`` is what
-    still waits), ``written`` what reached the store, ``retried`` failed write attempts;
-    ``writer`` says who writes span and rollout rows (``process`` or ``thread``).
+    ``queued`` counts records taken off the queue, ``journaled`` those on local disk,
+    ``written`` rows in the store, ``retried`` failed write attempts, ``spilled`` records
+    whose copy left memory for the journal (byte bound), ``replayed`` rows written from the
+    journals of earlier processes, ``dead_lettered`` records or rows set aside in the
+    dead-letter file, ``coerced`` values stored as NULL or a number (a token count of
+    ``"n/a"``), ``lost`` records that could be neither kept nor journaled (disk full and
+    memory full: also logged as errors); ``writer`` says who writes rows.
     """
 
     queued: int = 0
+    journaled: int = 0
     written: int = 0
     batches: int = 0
     retried: int = 0
     spilled: int = 0
     replayed: int = 0
     dead_lettered: int = 0
+    coerced: int = 0
+    lost: int = 0
+    buffered_bytes: int = 0
     last_error: str | None = None
     writer: str = "thread"
     by_table: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -90,27 +108,43 @@ class RecorderCounters:
 
 
 class _Flush:
-    __slots__ = ("done",)
+    """A marker in the queue: ``journaled`` when everything before it is on disk (or handed
+    on), ``done`` when it is in the store."""
+
+    __slots__ = ("journaled", "done")
 
     def __init__(self) -> None:
+        self.journaled = threading.Event()
         self.done = threading.Event()
 
 
-def _is_retryable(exc: BaseException) -> bool:
-    """Connection, lock and server errors are retried; a row the database rejects is not."""
-    if isinstance(exc, WriterBusy):
-        return True
-    name = type(exc).__name__
-    module = type(exc).__module__
-    if name in ("OperationalError", "InterfaceError", "ConnectionError", "ConnectionTimeout"):
-        return True
-    if module.startswith("psycopg") and name in ("AdminShutdown", "CannotConnectNow"):
-        return True
-    return isinstance(exc, (ConnectionError, TimeoutError, OSError))
+_STOP = "stop"  # the last item of the queue and of the backlog
+
+
+class _GiveUp(Exception):
+    """The recorder is closing and the store still refuses: the journal keeps the batch."""
+
+
+def _is_retryable(exc: BaseException | None) -> bool:
+    """Connection, lock and server errors are retried (also when wrapped, as ``StoreError``
+    wraps a failed connect); a row the database rejects is not."""
+    if isinstance(exc, WriterGone):  # not the store: the thread takes over at once
+        return False
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, WriterBusy | ConnectionError | TimeoutError | OSError):
+            return True
+        name, module = type(exc).__name__, type(exc).__module__
+        if name in ("OperationalError", "InterfaceError", "ConnectionTimeout"):
+            return True
+        if module.startswith("psycopg") and name in ("AdminShutdown", "CannotConnectNow"):
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
 
 
 class Recorder:
-    """Hands finished records to one background writer; see the module docstring for the rules."""
+    """Hands finished records to the journal and the store; see the module docstring."""
 
     def __init__(
         self,
@@ -119,104 +153,138 @@ class Recorder:
         queue_size: int = 100_000,
         batch_size: int = 2_000,
         flush_interval: float = 0.2,
-        backpressure_timeout: float = 0.05,
+        journal_interval: float = 0.05,
+        max_buffer_mb: float = 64,
+        durability: str = "journal",
+        backpressure_timeout: float = 0.5,
         spill_dir: str | os.PathLike[str] | None = None,
-        exit_timeout: float = 60.0,
+        exit_timeout: float = 10.0,
         writer: str = "auto",
+        handle_signals: bool = True,
     ) -> None:
         """``writer``: ``auto`` (a writer process on a SQLite file, else this process's
-        thread), ``process`` (the same, warning where it cannot) or ``thread``."""
+        thread), ``process`` (the same, warning where it cannot) or ``thread``.
+        ``durability``: ``journal`` (every record on local disk within ``journal_interval``)
+        or ``memory`` (the journal only for what memory or the exit deadline cannot hold).
+        ``spill_dir``: a folder for the journal (default beside a SQLite file, else under
+        ``$XDG_STATE_HOME/flywheel``)."""
         if writer not in WRITER_MODES:
             raise ValueError(f"writer must be one of {WRITER_MODES}, not {writer!r}")
+        if durability not in DURABILITY:
+            raise ValueError(f"durability must be one of {DURABILITY}, not {durability!r}")
         self.store = store
         self.batch_size = batch_size
         self.flush_interval = flush_interval
+        self.journal_interval = journal_interval
+        self.max_buffer_bytes = int(max_buffer_mb * 1024 * 1024)
+        self.durability = durability
         self.backpressure_timeout = backpressure_timeout
         self.exit_timeout = exit_timeout
-        self.counters = RecorderCounters()
         self.queue_size = queue_size
-        # A deque: append and popleft are atomic, so producers take no lock and wake no one;
-        # the writer polls every ``flush_interval`` (or at once when woken by flush/full).
+        self._chunk_records = min(batch_size, 1000)
+        self.counters = RecorderCounters()
+        self.journal_dir = journal_dir(store.url, store.sqlite_path, spill_dir)
+        # Agent threads append here; only the journal thread takes from it.
         self._buf: deque[Any] = deque()
-        self._wake = threading.Event()
+        self._journal_wake = threading.Event()
+        self._room = threading.Event()  # set by the journal thread each time it drains
+        self._stopping = False  # a signal or close came: journal each record at once
+        # Chunks and markers between the journal thread and the writer thread.
+        self._backlog: deque[Any] = deque()
+        self._backlog_lock = threading.Lock()
+        self._backlog_ready = threading.Event()
+        self._journal: JournalWriter | None = None
+        self._journal_lock = threading.Lock()  # segment bookkeeping, shared by both threads
+        self._journal_failing = False
         self._listeners: list[tuple[BatchListener, frozenset[str] | None]] = []
         self._transforms: list[Callable[[Record], None]] = []
-        key = hashlib.sha1(store.url.encode()).hexdigest()[:12]
-        base = (
-            Path(spill_dir)
-            if spill_dir
-            else Path(os.environ.get("FLYWHEEL_SPILL_DIR", ".flywheel/spill"))
-        )
-        self.spill_dir = base / key
-        self._spill_lock = threading.Lock()
-        self._spill_file: Any = None
-        self._spill_path: Path | None = None
         self._give_up = threading.Event()
-        self._stopped = threading.Event()
+        self._closed = False
         self._conn: Any = None
+        self._schema_ready = False
         self._time_conv = ns_to_sqlite_text if store.dialect == "sqlite" else ns_to_datetime
-        self._pid = os.getpid()
+        self.owner_pid = os.getpid()  # a forked child's copy is not its own
         self._process: WriterProcess | None = None
-        self._urgent = False  # a flush, close or full queue is waiting: no gathering
-        self.gather_records, self.gather_max = _GATHER_RECORDS, _GATHER_MAX
         if writer != "thread" and store.sqlite_path is not None and can_spawn():
-            self._process = WriterProcess(store.sqlite_path, self.spill_dir)
+            self._process = WriterProcess(store.sqlite_path, self.journal_dir)
             self.counters.writer = "process"
         elif writer == "process":
             log.warning("flywheel: a writer process needs a SQLite file store; using a thread")
-        self._thread = threading.Thread(target=self._run, name="flywheel-recorder", daemon=True)
-        self._thread.start()
-        _live_recorders.add(self)
+        self._journal_thread = threading.Thread(
+            target=self._journal_loop, name="flywheel-journal", daemon=True
+        )
+        self._writer_thread = threading.Thread(
+            target=self._write_loop, name="flywheel-recorder", daemon=True
+        )
+        self._journal_thread.start()
+        self._writer_thread.start()
+        exits.watch(self, signals=handle_signals)
 
     # -- the caller's side ---------------------------------------------------------------
 
     def enqueue(self, record: Record | bytes) -> None:
         """Queue a finished record (or a call record packed by ``records.pack_call``).
-        Never raises, never does I/O unless the queue stays full."""
+        Never raises, never does I/O."""
         try:
             buf = self._buf
-            n = len(buf)
-            if n < self.queue_size:
+            if len(buf) < self.queue_size:
                 buf.append(record)
-                if not n and self._process is not None:  # first after a lull: start gathering
-                    self._wake.set()
+                if self._stopping:
+                    self._journal_wake.set()
                 return
-            self._urgent = True
-            self._wake.set()
             deadline = time.monotonic() + self.backpressure_timeout
-            while time.monotonic() < deadline:  # backpressure: give the writer a moment
-                time.sleep(0.001)
+            while True:  # backpressure: sleep (off the GIL) until the journal thread drains
+                self._room.clear()
+                self._journal_wake.set()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._room.wait(remaining):
+                    break
                 if len(buf) < self.queue_size:
                     buf.append(record)
                     return
-            self._spill([record])
+            self.counters.lost += 1
+            log.error("flywheel: the recorder's queue stayed full; a record was LOST")
         except Exception:  # the host agent must never see our failure
             log.exception("flywheel recorder could not queue a record")
 
     def add_transform(self, transform: Callable[[Record], None]) -> None:
-        """Run ``transform(record)`` on the writer thread before a record is stored (redaction)."""
+        """Run ``transform(record)`` on each record before it is journaled or stored
+        (redaction), off the agent's thread."""
         self._transforms.append(transform)
 
     def add_listener(self, listener: BatchListener, tables: Collection[str] | None = None) -> None:
         """Call ``listener(records_by_table)`` on the writer thread after each written batch.
 
-        ``tables``: only these tables' records, and only when there are some; a listener of
-        feedback alone spares the writer unpacking the call records sent to its process."""
+        ``tables``: only these tables' records, and only when there are some."""
         self._listeners.append((listener, frozenset(tables) if tables is not None else None))
 
     def flush(self, timeout: float | None = 30.0) -> bool:
-        """Write everything queued so far (and any spill); True when it all landed in time."""
-        if not self._thread.is_alive():
+        """Write everything queued so far (and any journal left by a dead process) to the
+        store; True when it all landed in time."""
+        if not self._writer_thread.is_alive():
+            return not self._buf and not self._backlog
+        marker = _Flush()
+        self._buf.append(marker)
+        self._journal_wake.set()
+        return marker.done.wait(timeout)
+
+    def journal_now(self, timeout: float = 5.0) -> bool:
+        """Have everything queued so far journaled (or handed on) before returning, and every
+        later record journaled as it comes; for a signal handler before the process ends."""
+        self._stopping = True
+        if not self._journal_thread.is_alive():
             return not self._buf
         marker = _Flush()
-        self._urgent = True
         self._buf.append(marker)
-        self._wake.set()
-        return marker.done.wait(timeout)
+        self._journal_wake.set()
+        return marker.journaled.wait(timeout)
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        """Records not yet in the store (queued, or in chunks on their way)."""
+        with self._backlog_lock:
+            in_chunks = sum(c.count for c in self._backlog if isinstance(c, Chunk))
+        return len(self._buf) + in_chunks
 
     @property
     def writer_pid(self) -> int | None:
@@ -224,275 +292,352 @@ class Recorder:
         process = self._process
         return process.pid if process is not None else None
 
+    @property
+    def spill_dir(self) -> Path:
+        """The journal directory (the name of its setting, ``spill_dir``)."""
+        return self.journal_dir
+
     def close(self, timeout: float | None = None) -> bool:
-        """Flush, stop the writer, and leave in a spill file whatever the store would not take."""
-        if self._stopped.is_set():
+        """Journal everything, give the store up to ``timeout`` (default ``exit_timeout``)
+        to take it, stop; what the store did not take stays in the journal for the next
+        recorder. True when everything reached the store."""
+        if self._closed:
             return True
+        self._closed = True
+        self._stopping = True
         timeout = self.exit_timeout if timeout is None else timeout
         ok = self.flush(timeout)
         self._give_up.set()
-        self._stopped.set()
-        self._urgent = True
-        self._buf.append(None)
-        self._wake.set()
-        # The writer may be inside one database call (bounded by the busy/connect timeouts);
-        # wait for it, so its batch is either written or spilled, never dropped.
-        self._thread.join(timeout=30)
+        self._buf.append(_STOP)
+        self._journal_wake.set()
+        self._journal_thread.join(timeout=30)
+        self._backlog_ready.set()
+        self._writer_thread.join(timeout=30)
         if self._process is not None:
             self._process.stop()
-        # Anything still queued (the store stayed down) goes to the spill file for next time.
-        leftovers = []
-        while self._buf:
-            item = self._buf.popleft()
-            if isinstance(item, (Record, bytes)):
-                leftovers.append(item)
-            elif isinstance(item, _Flush):
-                item.done.set()
-        if leftovers:
-            self._spill(leftovers)
-        self._close_spill_file()
-        _live_recorders.discard(self)
-        return ok and not leftovers
+        left = self._keep_unwritten()
+        with self._journal_lock:
+            kept = self._journal.close() if self._journal is not None else 0
+        if left:
+            log.warning(
+                "flywheel: %d records not yet in the store %s are kept in the journal %s "
+                "(%d segments); the next recorder on this store, or `flywheel db replay`, "
+                "writes them",
+                left,
+                self.store,
+                self.journal_dir,
+                kept,
+            )
+        exits.unwatch(self)
+        return ok and not left
 
-    # -- spill files ---------------------------------------------------------------------
+    def _keep_unwritten(self) -> int:
+        """After the threads stopped: make sure every chunk still unwritten is journaled;
+        returns how many records wait in the journal."""
+        left = 0
+        with self._backlog_lock:
+            chunks = [c for c in self._backlog if isinstance(c, Chunk)]
+            markers = [m for m in self._backlog if isinstance(m, _Flush)]
+            self._backlog.clear()
+        for leftover in list(self._buf):  # the journal thread did not get to them (stuck)
+            if isinstance(leftover, _Flush):
+                markers.append(leftover)
+            elif leftover is not _STOP:
+                self.counters.lost += 1
+        for chunk in chunks:
+            if chunk.segment is None and not self._journal_chunk(chunk):
+                self.counters.lost += chunk.count
+                log.error(
+                    "flywheel: %d records could not be journaled at exit and are LOST",
+                    chunk.count,
+                )
+                continue
+            left += chunk.count
+        for marker in markers:
+            marker.journaled.set()
+            marker.done.set()
+        return left
 
-    def _spill(self, records: list[Record], *, fresh: bool = True) -> None:
-        """Append records to this process's spill file; ``fresh`` ones never reached the queue."""
-        if fresh:
-            self.counters.queued += len(records)
-        rows = record_rows(records, self._time_conv)
-        with self._spill_lock:
-            if self._spill_file is None:
-                self.spill_dir.mkdir(parents=True, exist_ok=True)
-                self._spill_path = self.spill_dir / f"{os.getpid()}-{time.time_ns()}.spill"
-                self._spill_file = open(self._spill_path, "ab")  # noqa: SIM115
-            pickle.dump(rows, self._spill_file, protocol=pickle.HIGHEST_PROTOCOL)
-            self._spill_file.flush()
-            self.counters.spilled += len(rows)
-        log.warning(
-            "flywheel recorder queue full: spilled %d records to %s", len(rows), self._spill_path
-        )
+    # -- the journal thread --------------------------------------------------------------
 
-    def _close_spill_file(self) -> None:
-        with self._spill_lock:
-            if self._spill_file is not None:
-                self._spill_file.close()
-                self._spill_file = None
-                self._spill_path = None
-
-    def _claim_spill_files(self) -> list[Path]:
-        """Take every spill file for this store (ours and dead processes'), renaming to claim."""
-        if not self.spill_dir.is_dir():
-            return []
-        self._close_spill_file()
-        claimed = []
-        for path in sorted(self.spill_dir.glob("*.spill")):
-            target = path.with_suffix(f".replay-{os.getpid()}-{time.time_ns()}")
-            try:
-                os.rename(path, target)
-            except OSError:
-                continue  # another process took it
-            claimed.append(target)
-        return claimed
-
-    def _replay_spill(self) -> None:
-        for path in self._claim_spill_files():
-            batches: list[list[tuple[str, tuple]]] = []
-            with open(path, "rb") as fh:
-                while True:
-                    try:
-                        batches.append(pickle.load(fh))
-                    except EOFError:
-                        break
-                    except Exception:
-                        log.error("flywheel: a torn record at the end of %s was skipped", path)
-                        break
-            rows = [row for batch in batches for row in batch]
-            by_table: dict[str, list[tuple]] = defaultdict(list)
-            for table, row in rows:
-                by_table[table].append(row)
-            try:
-                self._retrying(lambda rows=by_table: self._write_once(rows))
-            except Exception:
-                os.rename(path, path.with_suffix(".spill"))  # keep it for the next attempt
-                raise
-            os.remove(path)
-            self.counters.replayed += len(rows)
-
-    # -- the writer's side ---------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            self._replay_spill()
-        except Exception as exc:
-            self.counters.last_error = repr(exc)
-        buf = self._buf
-        last_batch, rate = 0.0, 0.0  # when the last batch left; records a second lately
+    def _journal_loop(self) -> None:
         while True:
-            if not buf:
-                self._wake.wait(self.flush_interval)
-                self._wake.clear()
-                if not buf:
-                    if self._spill_path is not None and not self._give_up.is_set():
-                        self._safe(self._replay_spill)
-                    continue
-                if self._process is not None and not self._urgent:  # a first record: gather
-                    last_batch = time.monotonic()
-                    continue
-            elif self._process is not None and len(buf) < self.gather_records:
-                # Wait as long as the recent rate says the batch needs to fill, within the cap;
-                # only a flush, a close or a full queue cuts it short (records do not wake us
-                # while the queue is not empty).
-                since = time.monotonic() - last_batch
-                need = (self.gather_records - len(buf)) / rate if rate else self.gather_max
-                pause = min(self.gather_max - since, need)
-                self._wake.clear()
-                if pause > 0 and not self._urgent and self._wake.wait(pause):
-                    self._wake.clear()
-            self._urgent = False
-            now = time.monotonic()
-            rate = len(buf) / max(now - last_batch, 1e-3)
-            last_batch = now
-            batch: list[Record] = []
-            markers: list[_Flush] = []
-            stop = False
-            while buf and len(batch) < self.batch_size:
-                item = buf.popleft()
-                if isinstance(item, _Flush):
-                    markers.append(item)
-                    break  # write what came before the marker, then answer it
-                if item is None:
+            if len(self._buf) < self.queue_size // 4:  # else producers outpace us: go on
+                self._journal_wake.wait(0.005 if self._stopping else self.journal_interval)
+            self._journal_wake.clear()
+            try:
+                if self._journal_pass():
+                    return
+            except Exception as exc:  # never let the thread die: the next pass tries again
+                self.counters.last_error = repr(exc)
+                log.exception("flywheel journal thread error")
+
+    def _journal_pass(self) -> bool:
+        """Take everything queued and hand it on; True at the stop marker."""
+        buf = self._buf
+        group: list[Record | bytes] = []
+        stop = False
+        while buf:
+            item = buf.popleft()
+            if len(group) >= self._chunk_records:  # chunks of bounded size; and a full
+                self._room.set()  # queue's producers may go on meanwhile
+                self._hand_on(group)
+                group = []
+            if item.__class__ is _Flush or item is _STOP:
+                self._hand_on(group)
+                group = []
+                self._to_backlog(item)
+                if item is _STOP:
                     stop = True
                     break
-                batch.append(item)
-            self.counters.queued += len(batch)
-            self._safe(lambda b=batch: self._write_records(b))
-            if markers:
-                if self._spill_path is not None or any(self.spill_dir.glob("*.spill")):
-                    self._safe(self._replay_spill)
-                for m in markers:
-                    m.done.set()
-            if stop:
-                return
+                item.journaled.set()
+            else:
+                group.append(item)
+        self._room.set()
+        self._hand_on(group)
+        return stop
 
-    def _safe(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except Exception as exc:
-            self.counters.last_error = repr(exc)
-            log.exception("flywheel recorder writer error")
-
-    def _write_records(self, batch: list[Record]) -> None:
-        if not batch:
+    def _hand_on(self, items: list[Record | bytes]) -> None:
+        """Encode records into one chunk, journal it, put it in the writer's backlog."""
+        if not items:
             return
-        if self._transforms:  # redaction sees span and rollout records, never a call record
-            batch = self._transformed(expand_calls(batch))
-        if self._process is not None:
-            shipped: list[Record | bytes] = []
-            rest: list[Record | bytes] = []
-            for r in batch:
-                (shipped if r.__class__ is bytes or r.TABLE in SHIPPED_TABLES else rest).append(r)
-            if shipped and self._ship(shipped):
-                batch = rest
-        if not batch:
-            return
-        batch = expand_calls(batch)
-        by_table: dict[str, list[tuple]] = defaultdict(list)
-        by_kind: dict[str, list[Record]] = defaultdict(list)
-        for record in batch:
+        self.counters.queued += len(items)
+        records = self._transformed(expand_calls(items)) if self._transforms else items
+        lines: list[bytes] = []
+        for record in records:
             try:
-                by_table[record.TABLE].append(record_row(record, self._time_conv))
-                by_kind[record.TABLE].append(record)
-            except Exception:
-                self.counters.dead_lettered += 1
-                log.exception("flywheel: a record could not be serialized: %r", record)
-        try:
-            self._retrying(lambda: self._write_once(by_table))
-        except Exception:
-            # The store gave up (closing with the database down): keep the rows for next time.
-            flat = [r for rs in by_kind.values() for r in rs]
-            self._spill(flat, fresh=False)
+                lines.append(encode(record))
+            except Exception as exc:  # nothing JSON can say: set aside, alone
+                self._set_aside(
+                    [{"table": getattr(record, "TABLE", "?"), "record": repr(record)[:2000]}],
+                    f"could not be encoded: {exc!r}",
+                )
+        if not lines:
             return
-        self._tell_listeners(by_kind)
+        data = b"\n".join(lines) + b"\n"
+        chunk = Chunk(data=data, count=len(lines), nbytes=len(data))
+        if self.durability == "journal":
+            self._journal_chunk(chunk)
+        self._to_backlog(chunk)
+        self._bound_memory()
 
-    def _transformed(self, batch: list[Record]) -> list[Record]:
-        """Records after the redaction transforms; one that fails them is not stored."""
+    def _transformed(self, records: list[Record]) -> list[Record]:
+        """Records after the redaction transforms; one that fails them is set aside whole
+        (never stored unredacted)."""
         kept = []
-        for record in batch:
+        for record in records:
             try:
                 for transform in self._transforms:
                     transform(record)
                 kept.append(record)
-            except Exception:
+            except Exception as exc:
                 self.counters.dead_lettered += 1
-                log.exception("flywheel: a record could not be redacted: %r", record)
+                log.error("flywheel: a %s record could not be redacted (%r)", record.TABLE, exc)
         return kept
 
-    def _tell_listeners(self, by_kind: dict[str, list[Record]]) -> None:
-        for listener, tables in self._listeners:
-            if tables is not None:
-                wanted = {t: rs for t, rs in by_kind.items() if t in tables}
-                if not wanted:
-                    continue
-            try:
-                listener(by_kind if tables is None else wanted)
-            except Exception:
-                log.exception("flywheel batch listener failed")
+    def _journal_chunk(self, chunk: Chunk) -> bool:
+        """Append a chunk to this process's journal; False (and a loud log) when the disk
+        refuses, the chunk then lives in memory only."""
+        assert chunk.data is not None
+        try:
+            with self._journal_lock:
+                if self._journal is None:
+                    self._journal = JournalWriter(self.journal_dir)
+                segment, offset = self._journal.append(chunk.data)
+                segment.pending += 1
+            chunk.segment, chunk.offset = segment, offset
+        except (OSError, UnsafeJournal) as exc:
+            self.counters.last_error = repr(exc)
+            if not self._journal_failing:
+                log.error(
+                    "flywheel: cannot write the journal in %s (%s): records are in memory "
+                    "only until the store has them; a crash now would lose them",
+                    self.journal_dir,
+                    exc,
+                )
+            self._journal_failing = True
+            return False
+        self.counters.journaled += chunk.count
+        if self._journal_failing:
+            self._journal_failing = False
+            log.warning("flywheel: the journal in %s is writable again", self.journal_dir)
+        return True
 
-    def _ship(self, records: list[Record]) -> bool:
-        """Have the writer process store span and rollout records; False when it is gone
-        (the caller then writes them in this thread, from now on)."""
+    def _to_backlog(self, item: Any) -> None:
+        with self._backlog_lock:
+            self._backlog.append(item)
+            if isinstance(item, Chunk):
+                self.counters.buffered_bytes += item.nbytes
+        self._backlog_ready.set()
+
+    def _bound_memory(self) -> None:
+        """Keep the chunks held in memory under ``max_buffer_bytes``: the newest leave first
+        (the writer needs them last), journaled ones by dropping their copy, the others by
+        journaling them now; if even that fails they are lost, loudly."""
+        if self.counters.buffered_bytes <= self.max_buffer_bytes:
+            return
+        with self._backlog_lock:
+            held = [c for c in self._backlog if isinstance(c, Chunk) and c.data is not None]
+        for chunk in reversed(held):
+            if self.counters.buffered_bytes <= self.max_buffer_bytes:
+                return
+            if chunk.segment is None and not self._journal_chunk(chunk):
+                with self._backlog_lock:
+                    try:
+                        self._backlog.remove(chunk)
+                    except ValueError:
+                        continue  # the writer took it meanwhile
+                    self.counters.buffered_bytes -= chunk.nbytes
+                self.counters.lost += chunk.count
+                log.error(
+                    "flywheel: memory (max_buffer_mb) and the journal are both full: "
+                    "%d records were LOST",
+                    chunk.count,
+                )
+                continue
+            with self._backlog_lock:
+                if chunk.data is not None:
+                    chunk.data = None
+                    self.counters.buffered_bytes -= chunk.nbytes
+                    self.counters.spilled += chunk.count
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        self._replay_orphans()
+        last_look = time.monotonic()
+        while True:
+            self._backlog_ready.wait(self.flush_interval)
+            self._backlog_ready.clear()
+            while True:
+                chunks, markers, stop = self._take_batch()
+                if not chunks and not markers and not stop:
+                    break
+                if chunks and not self._write_chunks(chunks):
+                    self._put_back(chunks, markers, stop)
+                    return  # giving up: close() keeps them in the journal
+                if markers:
+                    self._replay_orphans()
+                for marker in markers:
+                    marker.done.set()
+                if stop:
+                    return
+            if time.monotonic() - last_look > _ORPHAN_CHECK:
+                last_look = time.monotonic()
+                self._replay_orphans()
+
+    def _take_batch(self) -> tuple[list[Chunk], list[_Flush], bool]:
+        """Chunks from the front of the backlog, up to ``batch_size`` records, stopping
+        after a marker (what came before it is written, then it is answered)."""
+        chunks: list[Chunk] = []
+        markers: list[_Flush] = []
+        count = 0
+        with self._backlog_lock:
+            backlog = self._backlog
+            while backlog:
+                item = backlog[0]
+                if isinstance(item, Chunk):
+                    if chunks and count + item.count > self.batch_size:
+                        break
+                    chunks.append(backlog.popleft())
+                    count += item.count
+                    continue
+                backlog.popleft()
+                if item is _STOP:
+                    return chunks, markers, True
+                markers.append(item)
+                break
+        return chunks, markers, False
+
+    def _put_back(self, chunks: list[Chunk], markers: list[_Flush], stop: bool) -> None:
+        with self._backlog_lock:
+            for item in reversed([*chunks, *markers] + ([_STOP] if stop else [])):
+                self._backlog.appendleft(item)
+
+    def _write_chunks(self, chunks: list[Chunk]) -> bool:
+        """Store the chunks' records; False when closing with the store still down."""
+        parts = []
+        for chunk in chunks:
+            if chunk.data is not None:
+                parts.append(chunk.data)
+            else:
+                with self._journal_lock:
+                    assert self._journal is not None
+                    parts.append(self._journal.read(chunk))
+        data = b"".join(parts)
+        try:
+            self._write_lines(data)
+        except _GiveUp:
+            return False
+        with self._backlog_lock:
+            for chunk in chunks:
+                if chunk.data is not None:
+                    chunk.data = None
+                    self.counters.buffered_bytes -= chunk.nbytes
+        with self._journal_lock:
+            for chunk in chunks:
+                if chunk.segment is not None and self._journal is not None:
+                    self._journal.committed(chunk.segment)
+        self._tell_listeners(data)
+        return True
+
+    def _write_lines(self, data: bytes) -> dict[str, int]:
+        """Write journal lines to the store (the child writes them on a SQLite file);
+        retried while the store is unavailable; raises ``_GiveUp`` when closing."""
+        if not self._schema_ready:
+            self._retrying(self.store.upgrade)
+            self._schema_ready = True
+        if self._process is not None:
+            written = self._ship(data)
+            if written is not None:
+                return written
+        found = rows_from_lines(data, self._time_conv)
+        if found.bad:
+            self._set_aside(found.bad, "no row could be made of it")
+        self._note_coerced(found.notes)
+        self._retrying(lambda: self._write_once(found.by_table))
+        return {table: len(rows) for table, rows in found.by_table.items()}
+
+    def _ship(self, data: bytes) -> dict[str, int] | None:
+        """Have the writer process store the lines; None when it is gone (the caller then
+        writes them in this thread, from now on)."""
         process = self._process
         assert process is not None
-        try:
-            payload = values_payload(records)
-        except Exception:  # a value pickle refuses (a lock, a local class): send finished rows
-            payload = rows_payload(records)
 
-        def attempt() -> tuple:
-            nonlocal payload
-            reply = process.request(payload)
-            if reply[0] == "unpicklable":  # e.g. a class from the host's __main__
-                payload = rows_payload(records)
-                reply = process.request(payload)
-            if reply[0] == "retry":
-                raise WriterBusy(reply[1])
+        def attempt() -> dict:
+            reply = process.request(data)
+            if "retry" in reply:
+                raise WriterBusy(reply["retry"])
             return reply
 
         try:
-            _, written, rejected = self._retrying(attempt)
+            reply = self._retrying(attempt)
         except WriterGone as exc:
             log.warning("flywheel: %s; writing in this process from now on", exc)
             self._process = None
             self.counters.writer = "thread"
             process.stop(timeout=1)
-            return False
-        except Exception:
-            self._spill(records, fresh=False)  # closing with the store down: kept for next time
-            return True
+            return None
+        written = reply["written"]
         for table, n in written.items():
             self.counters.by_table[table] += n
             self.counters.written += n
-        self.counters.dead_lettered += rejected
+        self.counters.dead_lettered += reply["rejected"]
+        self.counters.coerced += reply["coerced"]
         self.counters.batches += 1
-        if any(tables is None or tables & SHIPPED_TABLES for _, tables in self._listeners):
-            by_kind: dict[str, list[Record]] = defaultdict(list)
-            for item in records:
-                record = unpack_record(item)
-                by_kind[record.TABLE].append(record)
-            self._tell_listeners(by_kind)
-        return True
+        return written
 
     def _retrying(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` retried while the store is unavailable, until it works or we give up.
-
-        The first attempt runs bare: setting up a tenacity loop costs more than a small batch.
-        """
+        """``fn()`` retried while the store is unavailable, until it works or the recorder
+        closes (then ``_GiveUp``). The first attempt runs bare: a tenacity loop costs more
+        than a small batch."""
         try:
             return fn()
         except Exception as exc:
-            if not _is_retryable(exc) or self._give_up.is_set():
+            if not _is_retryable(exc):
                 raise
+            if self._give_up.is_set():
+                raise _GiveUp from exc
             self._note_failure(exc, 1)
 
         def before_sleep(state: RetryCallState) -> None:
@@ -506,14 +651,20 @@ class Recorder:
             before_sleep=before_sleep,
             reraise=True,
         )
-        return retrying(fn)
+        try:
+            return retrying(fn)
+        except Exception as exc:
+            if _is_retryable(exc):
+                raise _GiveUp from exc
+            raise
 
     def _note_failure(self, exc: BaseException | None, attempt: int) -> None:
         self.counters.retried += 1
         self.counters.last_error = repr(exc)
         self._drop_connection()
         if attempt in (1, 10) or attempt % 50 == 0:
-            log.warning("flywheel store unavailable (%s); retrying, nothing is lost", exc)
+            where = "journaled" if self.durability == "journal" else "held in memory"
+            log.warning("flywheel store unavailable (%s); retrying, records are %s", exc, where)
 
     def _write_once(self, by_table: dict[str, list[tuple]]) -> None:
         if self._conn is None:
@@ -521,8 +672,7 @@ class Recorder:
         conn = self._conn
         try:
             for table, rows in by_table.items():
-                cls = RECORD_TYPES[table]
-                self.store.write_rows(conn, table, cls.COLUMNS, rows)
+                self.store.write_rows(conn, table, RECORD_TYPES[table].COLUMNS, rows)
             conn.commit()
         except BaseException as exc:
             try:
@@ -530,7 +680,7 @@ class Recorder:
             except Exception:
                 self._drop_connection()
             if not _is_retryable(exc):
-                self._dead_letter(by_table, exc)
+                self._one_by_one(by_table, exc)
                 return
             raise
         n = 0
@@ -540,28 +690,131 @@ class Recorder:
         self.counters.written += n
         self.counters.batches += 1
 
-    def _dead_letter(self, by_table: dict[str, list[tuple]], exc: BaseException) -> None:
-        """Rows the database rejects are written one by one; the rejected ones go to a file."""
+    def _one_by_one(self, by_table: dict[str, list[tuple]], exc: BaseException) -> None:
+        """Rows the database rejects: each written alone, the refused ones set aside."""
         conn = self._conn
-        bad: list[tuple[str, tuple]] = []
+        bad: list[dict[str, Any]] = []
         for table, rows in by_table.items():
-            cls = RECORD_TYPES[table]
+            columns = RECORD_TYPES[table].COLUMNS
             for row in rows:
                 try:
-                    self.store.write_rows(conn, table, cls.COLUMNS, [row])
+                    self.store.write_rows(conn, table, columns, [row])
                     conn.commit()
                     self.counters.written += 1
                     self.counters.by_table[table] += 1
-                except Exception:
+                except Exception as row_exc:
                     conn.rollback()
-                    bad.append((table, row))
+                    if _is_retryable(row_exc):
+                        raise
+                    bad.append({"table": table, "row": dict(zip(columns, row, strict=True))})
         if bad:
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            path = self.spill_dir / f"dead-{os.getpid()}.pickle"
-            with open(path, "ab") as fh:
-                pickle.dump(bad, fh)
-            self.counters.dead_lettered += len(bad)
-            log.error("flywheel: the store rejected %d rows (%s); kept in %s", len(bad), exc, path)
+            self._set_aside(bad, f"the store refused it: {exc}")
+
+    def _set_aside(self, entries: list[dict[str, Any]], reason: str) -> None:
+        self.counters.dead_lettered += len(entries)
+        for entry in entries:
+            entry.setdefault("error", reason)
+        try:
+            path = dead_letter(self.journal_dir, entries)
+        except (OSError, UnsafeJournal) as exc:
+            log.error(
+                "flywheel: %d records set aside (%s) could not be saved: %s",
+                len(entries),
+                reason,
+                exc,
+            )
+            return
+        log.error("flywheel: %d records set aside (%s); kept in %s", len(entries), reason, path)
+
+    def _note_coerced(self, notes: list[str]) -> None:
+        if notes:
+            self.counters.coerced += len(notes)
+            log.warning(
+                "flywheel: %d values stored as NULL or a number, e.g. %s", len(notes), notes[0]
+            )
+
+    def _tell_listeners(self, data: bytes) -> None:
+        if not self._listeners:
+            return
+        prefixes: tuple[bytes, ...] | None = ()
+        for _, tables in self._listeners:
+            if tables is None:
+                prefixes = None
+                break
+            prefixes += tuple(f'["{t}"'.encode() for t in (*tables, "call"))
+        by_kind: dict[str, list[Record]] = defaultdict(list)
+        for line in iter_lines(data):
+            # only the lines of tables someone listens to are decoded (a line written by the
+            # stdlib's fallback starts with a space)
+            if prefixes is not None and not line.lstrip().startswith(prefixes):
+                continue
+            try:
+                table, values = decode(line)
+            except MalformedLine:
+                continue
+            if table == "call":
+                for record in expand_calls([CallRecord.from_values(tuple(values))]):
+                    by_kind[record.TABLE].append(record)
+            else:
+                by_kind[table].append(RECORD_TYPES[table].from_values(tuple(values)))
+        for listener, tables in self._listeners:
+            chosen = (
+                by_kind if tables is None else {t: rs for t, rs in by_kind.items() if t in tables}
+            )
+            if not chosen:
+                continue
+            try:
+                listener(chosen)
+            except Exception:
+                log.exception("flywheel batch listener failed")
+
+    # -- journals of processes that are gone ----------------------------------------------
+
+    def _replay_orphans(self) -> None:
+        """Write what dead processes left in this store's journal, then delete it."""
+        try:
+            orphans = claim_orphans(self.journal_dir)
+        except (OSError, UnsafeJournal) as exc:
+            self.counters.last_error = repr(exc)
+            log.error("flywheel: not replaying the journal in %s: %s", self.journal_dir, exc)
+            return
+        for orphan in orphans:
+            replayed = False
+            try:
+                for path in orphan.segments:
+                    self._replay_segment(path)
+                replayed = True
+            except _GiveUp:
+                return
+            except Exception as exc:
+                self.counters.last_error = repr(exc)
+                log.exception(
+                    "flywheel: replaying %s failed; kept for the next attempt", orphan.prefix
+                )
+            finally:
+                release_orphan(self.journal_dir, orphan, replayed=replayed)
+
+    def _replay_segment(self, path: Path) -> None:
+        found = read_segment(path)
+        bad = [
+            {
+                "line": line.decode("utf-8", "replace"),
+                "error": f"malformed line in {path.name}: {why}",
+            }
+            for line, why in found.malformed
+        ]
+        if found.torn_tail:
+            log.warning("flywheel: the last record of %s was cut short by a crash", path)
+            cut = found.torn_tail.decode("utf-8", "replace")
+            bad.append({"line": cut, "error": f"cut short by a crash at the end of {path.name}"})
+        if bad:
+            self._set_aside(bad, "unreadable journal line")
+        lines = found.lines
+        for start in range(0, len(lines), self.batch_size):
+            data = b"\n".join(lines[start : start + self.batch_size]) + b"\n"
+            written = self._write_lines(data)
+            self.counters.replayed += sum(written.values())
+            self._tell_listeners(data)
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -571,12 +824,9 @@ class Recorder:
             except Exception:
                 pass
 
-
-_live_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all_at_exit() -> None:
-    for recorder in list(_live_recorders):
-        if recorder._pid == os.getpid():
-            recorder.close()
+    def forget_after_fork(self) -> None:
+        """A forked child must not touch its parent's journal or writer."""
+        self._closed = True
+        if self._journal is not None:
+            self._journal.detach()
+            self._journal = None

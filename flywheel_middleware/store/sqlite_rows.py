@@ -32,10 +32,13 @@ def apply_pragmas(dbapi_conn: Any) -> None:
 
 
 def insert_sql(table: str, columns: Sequence[str]) -> str:
-    """One row's INSERT; a repeated primary key is ignored (a replayed batch adds nothing)."""
+    """One row's INSERT; a repeated key is ignored (a replayed batch adds nothing).
+
+    ``ON CONFLICT DO NOTHING`` rather than ``INSERT OR IGNORE``: the latter also skips, in
+    silence, a row that breaks a NOT NULL constraint, which must be refused and set aside."""
     cols = ", ".join(f'"{c}"' for c in columns)
     marks = ", ".join("?" for _ in columns)
-    return f"INSERT OR IGNORE INTO {table} ({cols}) VALUES ({marks})"
+    return f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING"
 
 
 def insert_rows(
@@ -60,8 +63,9 @@ def insert_rows(
         key = f"{table}:{len(columns)}:{size}"
         sql = cache.get(key)
         if sql is None:
-            head, marks = insert_sql(table, columns).split(" VALUES ")
-            sql = cache[key] = f"{head} VALUES {','.join([marks] * size)}"
+            head, rest = insert_sql(table, columns).split(" VALUES ")
+            marks, tail = rest.split(" ON CONFLICT ")
+            sql = cache[key] = f"{head} VALUES {','.join([marks] * size)} ON CONFLICT {tail}"
         end = start + size
         cur.execute(sql, [value for row in rows[start:end] for value in row])
         start = end

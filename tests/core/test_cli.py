@@ -93,7 +93,7 @@ def test_init_writes_a_valid_commented_config(tmp_path):
 def test_db_upgrade_reports_the_revision(tmp_path):
     url = f"sqlite:///{tmp_path / 'new.db'}"
     result = run("db", "upgrade", "--store", url)
-    assert result.exit_code == 0 and "empty → 0002" in result.output
+    assert result.exit_code == 0 and "empty → 0003" in result.output
     assert "0002 → 0002" in run("db", "upgrade", "--store", url).output
 
 

@@ -55,22 +55,23 @@ def test_sqlite_locked_for_seconds_loses_nothing(tmp_path, monkeypatch):
     path = tmp_path / "locked.db"
     url = f"sqlite:///{path}"
     store = Store(url)
-    recorder = Recorder(store, queue_size=500, flush_interval=0.01, backpressure_timeout=0.001)
+    recorder = Recorder(store, queue_size=500, flush_interval=0.01, max_buffer_mb=0.05)
     _record(recorder, 50, 9, "before")
     assert recorder.flush(10)
 
     blocker = sqlite3.connect(path, timeout=1, check_same_thread=False)
     blocker.execute("BEGIN EXCLUSIVE")  # nobody else can write now
     started = time.monotonic()
-    _record(recorder, 300, 9, "during")  # 3,000 records into a queue of 500: must spill
+    _record(recorder, 300, 9, "during")  # 3,000 records, far past 50 KB: must leave memory
     time.sleep(max(0.0, 3 - (time.monotonic() - started)))  # locked for at least 3 seconds
     assert recorder.counters.written == 500  # nothing got through while locked
     blocker.rollback()
     blocker.close()
     assert recorder.close(timeout=60)
-    assert recorder.counters.spilled > 0
+    assert recorder.counters.spilled > 0  # read back from the journal
+    assert recorder.counters.lost == 0
     assert _counts(url) == (350, 3150)
-    assert list((recorder.spill_dir).glob("*.spill")) == []
+    assert list(recorder.journal_dir.iterdir()) == []  # all written: the journal is gone
 
 
 @pytest.mark.postgres
@@ -111,7 +112,7 @@ def test_store_down_at_exit_spills_and_the_next_recorder_replays(tmp_path):
     blocker.execute("BEGIN EXCLUSIVE")
     _record(first, 20, 4, "x")
     assert first.close(timeout=0.5) is False  # could not write: kept on disk instead
-    assert list(first.spill_dir.glob("*.spill"))
+    assert list(first.journal_dir.glob("*.journal"))
     blocker.rollback()
     blocker.close()
     second = Recorder(Store(url), flush_interval=0.01)  # e.g. the next process start

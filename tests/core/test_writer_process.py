@@ -7,6 +7,7 @@ where a child cannot work (in-memory SQLite, ``writer="thread"``).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -113,7 +114,7 @@ def test_the_child_writes_exactly_the_rows_the_writer_thread_writes(tmp_path):
         assert rec.close(timeout=30)
         got[mode] = _rows(url, f"SELECT {columns} FROM span")
     assert got["process"] == got["thread"]
-    assert '"nan":"nan"' in got["process"][0][5]  # a NaN kept as text, as the thread does
+    assert '"nan":null' in got["process"][0][5]  # JSON has no NaN: null, as JSON.stringify writes
 
 
 def test_a_killed_child_loses_nothing_and_the_thread_takes_over(tmp_path):
@@ -182,12 +183,20 @@ def test_a_row_the_database_rejects_is_kept_and_the_rest_written(tmp_path):
     url = f"sqlite:///{tmp_path / 'r.db'}"
     rec = Recorder(Store(url), flush_interval=0.01, spill_dir=tmp_path / "spill")
     ids = _record(rec, 3, "ok")
-    # wider than any SQLite integer: this one row cannot be stored
-    rec.enqueue(RolloutRecord(id=new_rollout_id(), workflow="wp", input_tokens=2**70, started_at=1))
+    # wider than any SQLite integer: stored as NULL, with a note
+    wide = new_rollout_id()
+    rec.enqueue(RolloutRecord(id=wide, workflow="wp", input_tokens=2**70, started_at=1))
+    # no workflow: the NOT NULL constraint refuses this one row
+    rec.enqueue(RolloutRecord(id=new_rollout_id(), workflow=None, started_at=1))
     assert rec.close(timeout=30)
     assert rec.counters.dead_lettered == 1
-    assert sorted(r[0] for r in _rows(url, "SELECT id FROM rollout")) == sorted(ids)
-    assert list((tmp_path / "spill").rglob("dead-*.pickle"))
+    assert rec.counters.coerced == 1
+    stored = dict(_rows(url, "SELECT id, input_tokens FROM rollout"))
+    assert sorted(stored) == sorted([*ids, wide]) and stored[wide] is None
+    (dead,) = (tmp_path / "spill").rglob("dead-*.jsonl")
+    (entry,) = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert entry["table"] == "rollout" and entry["row"]["workflow"] is None
+    assert "NOT NULL" in entry["error"]
 
 
 def test_feedback_is_written_in_the_host_after_its_rollout(tmp_path):
@@ -449,5 +458,5 @@ def test_a_listener_of_some_tables_sees_only_those(tmp_path):
     assert rec.flush(30)
     rec.enqueue(FeedbackRecord(rollout_id=f"{1:032x}", value=4))
     assert rec.close(timeout=30)
-    assert ["call"] in everything and ["feedback"] in everything  # packed calls, unpacked
+    assert ["rollout", "span"] in everything and ["feedback"] in everything  # calls split
     assert feedback_only == [["feedback"]]
