@@ -44,7 +44,6 @@ class _State:
         self.config: FlywheelConfig | None = None
         self.store_url: str | None = None
         self.store: Store | None = None
-        self.schema_ready = False  # the store's schema is at head (checked once)
         self.recorder: Recorder | None = None
         self.resolver: Any = None
         # Rollouts open in this process, and finished ones not yet confirmed written (id ->
@@ -111,7 +110,6 @@ def configure(
         _state.config = cfg
         _state.store_url = url
         _state.store = store
-        _state.schema_ready = True
         _state.resolver = None
         otel_mirror.set_enabled(cfg.otel.emit)
     if cfg.store.handle_signals:  # here, on the main thread as a rule, not at the first record
@@ -135,9 +133,7 @@ def get_config() -> FlywheelConfig:
 def get_store() -> Store:
     """The process's store (opened, and its schema brought to head, on first use)."""
     store = _unopened_store()
-    if not _state.schema_ready:
-        store.upgrade()
-        _state.schema_ready = True
+    store.ensure_schema()
     return store
 
 

@@ -638,6 +638,12 @@ def _resolver_ttl(given: float | None, configured: float) -> float:
     return ttl
 
 
+FIRST_LOAD_WAIT = 1.0
+"""Seconds a workflow's first resolve waits for the store before serving the YAML config: a
+healthy store answers well within it (so first requests join experiments), a dead one costs
+each workflow this once."""
+
+
 class StoreResolver:
     """Serves each request the active version or its experiment variant, from a short cache.
 
@@ -648,9 +654,10 @@ class StoreResolver:
     ``force`` key in the experiment are served that variant in every process. Forced requests
     are not counted in the experiment (``experiment_id`` is None), as in GrowthBook.
 
-    Only a process's first resolve of a workflow reads the store on the caller's thread; after
-    that an expired plan keeps serving while one background thread refreshes it
-    (``background=False`` refreshes inline instead), so a slow store never stalls requests.
+    The store is read by background threads: a workflow's first resolve waits for its load at
+    most ``FIRST_LOAD_WAIT`` (serving the YAML config if it takes longer), and an expired plan
+    keeps serving while one thread refreshes it (``background=False`` reads inline instead),
+    so a slow or unreachable store never stalls requests.
     While refreshes fail (the store is unreachable) every workflow keeps its last plan, retried
     each ``ttl``: ``stale_since`` and ``last_refresh_error`` say so to a health check, and one
     warning is logged per outage.
@@ -679,6 +686,7 @@ class StoreResolver:
         self._locks: dict[str, threading.Lock] = {}  # one refresh of a workflow at a time
         self._lock_pending = threading.Lock()  # guards _pending, _locks and _failing
         self._failing: dict[str, float] = {}  # workflow -> time.time() its refreshes began failing
+        self._first_loads: dict[str, threading.Event] = {}  # first loads under way
         self.last_refresh_error: str | None = None  # the latest failure, while any lasts
 
     # -- the hot path ----------------------------------------------------------------------
@@ -686,11 +694,7 @@ class StoreResolver:
     def resolve(self, workflow: str, unit_id: str | None = None) -> Resolution | None:
         plan = self._plans.get(workflow)
         if plan is None:
-            if self.background and self._failing:  # the store is down: don't wait for it here
-                plan = self._plans.setdefault(workflow, self._yaml_plan(workflow, expires=0.0))
-                self._refresh_later(workflow, plan)
-            else:
-                plan = self._refresh(workflow, None)
+            plan = self._first_plan(workflow) if self.background else self._refresh(workflow, None)
         elif plan.expires <= time.monotonic():
             if self.background:
                 self._refresh_later(workflow, plan)
@@ -748,6 +752,31 @@ class StoreResolver:
             return min(self._failing.values(), default=None)
 
     # -- loading ---------------------------------------------------------------------------
+
+    def _first_plan(self, workflow: str) -> _Plan:
+        """A workflow's first plan: loaded by a background thread, waited for at most
+        ``FIRST_LOAD_WAIT`` (not at all while the store is known to be down); meanwhile the
+        YAML config is served, out of any experiment, and the next resolve looks again."""
+        placeholder = self._yaml_plan(workflow, expires=0.0)
+        with self._lock_pending:
+            loading = self._first_loads.get(workflow)
+            if loading is None:
+                loading = self._first_loads[workflow] = threading.Event()
+
+                def run() -> None:
+                    try:
+                        self._refresh(workflow, None)
+                    finally:
+                        with self._lock_pending:
+                            del self._first_loads[workflow]
+                        loading.set()
+
+                threading.Thread(
+                    target=run, name=f"flywheel-resolver-{workflow}", daemon=True
+                ).start()
+        if not self._failing:
+            loading.wait(FIRST_LOAD_WAIT)
+        return self._plans.get(workflow) or placeholder
 
     def _refresh_later(self, workflow: str, stale: _Plan) -> None:
         """Start one background refresh of ``workflow`` (none if one is under way)."""
@@ -846,6 +875,7 @@ class StoreResolver:
         return base.replace(**extra)
 
     def _load(self, workflow: str) -> _Plan | None:
+        self.store.ensure_schema()
         if workflow not in self._synced:
             ensure_workflow(self.store, self.config, workflow)
             self._synced.add(workflow)

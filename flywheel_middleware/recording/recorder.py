@@ -201,7 +201,6 @@ class Recorder:
         self._give_up = threading.Event()
         self._closed = False
         self._conn: Any = None
-        self._schema_ready = False
         self._time_conv = ns_to_sqlite_text if store.dialect == "sqlite" else ns_to_datetime
         self.owner_pid = os.getpid()  # a forked child's copy is not its own
         self._process: WriterProcess | None = None
@@ -584,9 +583,7 @@ class Recorder:
     def _write_lines(self, data: bytes) -> dict[str, int]:
         """Write journal lines to the store (the child writes them on a SQLite file);
         retried while the store is unavailable; raises ``_GiveUp`` when closing."""
-        if not self._schema_ready:
-            self._retrying(self.store.upgrade)
-            self._schema_ready = True
+        self._retrying(self.store.ensure_schema)
         if self._process is not None:
             written = self._ship(data)
             if written is not None:

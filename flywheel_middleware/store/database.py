@@ -250,8 +250,21 @@ class Store:
         elif self.engine.dialect.driver == "psycopg":
             event.listen(self.engine, "do_connect", _connect_bounded(self.wait_limit))
         self._insert_sql: dict[str, str] = {}
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
         if migrate:
-            self.upgrade()
+            self.ensure_schema()
+
+    def ensure_schema(self) -> None:
+        """Bring the schema to head once for this Store; later calls cost nothing. The
+        recorder, the resolver and the loop each call it on their own thread, so a store
+        opened on the capture path (``migrate=False``) never touches the database there."""
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if not self._schema_ready:
+                self.upgrade()
+                self._schema_ready = True
 
     @contextmanager
     def _unbounded(self, conn: Any) -> Iterator[None]:
