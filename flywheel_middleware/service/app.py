@@ -5,11 +5,12 @@ Rules it keeps:
   ``navigator.sendBeacon`` cannot set headers); keys come from ``FLYWHEEL_API_KEYS``
   (comma-separated) and ``service.api_keys``;
 - a browser write from another origin must be on ``service.cors_origins``;
-- bodies are bounded (``service.max_body_bytes``, ``service.max_batch_events``, field lengths);
+- bodies are bounded (``service.max_body_bytes``, ``service.max_batch_events``, field lengths),
+  and so is their JSON's shape (``service.max_json_*``), checked before anything recurses;
 - the whole batch is validated before any event is queued, so bad input is a 4xx that names
   the field and stores nothing; nothing a client sends can produce a 5xx;
-- accepted records go to the recorder's queue (its writer thread batches them into the store),
-  so a burst never waits on the database.
+- ingestion never touches the database: accepted records go to the recorder's queue (its
+  writer batches them into the store), so neither a burst nor an outage holds a request.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from flywheel_middleware import runtime
 from flywheel_middleware.capture.records import TelemetryRecord
-from flywheel_middleware.errors import InvalidFeedbackError, UnknownRolloutError
+from flywheel_middleware.errors import InvalidFeedbackError
 from flywheel_middleware.service.schemas import FeedbackIn, TelemetryBatchIn, TelemetryEventIn
 
 log = logging.getLogger("flywheel_middleware.service")
@@ -95,7 +100,59 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_json(body: bytes) -> Any:
+@dataclass(frozen=True)
+class JsonLimits:
+    """Bounds on a body's JSON shape (``service.max_json_*``), checked before anything recurses."""
+
+    depth: int = 64
+    keys: int = 1_000
+    items: int = 10_000
+
+
+# a string (and the colon that makes it a key), or a bracket or comma outside strings
+_JSON_TOKEN = re.compile(r'("[^"\\]*(?:\\.[^"\\]*)*")(\s*:)?|[\[\]{},]')
+
+
+def _short_path(path: list[Any], text: str) -> str:
+    """The first steps of a path kept by ``check_depth`` (keys as match spans), for a message."""
+    parts: list[Any] = []
+    for step in path[:4]:
+        if isinstance(step, tuple):
+            raw = text[step[0] : step[1]]
+            try:
+                key = json.loads(raw)
+            except ValueError:
+                key = raw.strip('"')
+            parts.append(str(key)[:40])
+        elif step is not None:
+            parts.append(step)
+    return _loc(tuple(parts)) + ("…" if len(path) > 4 else "")
+
+
+def check_depth(text: str, limit: int) -> None:
+    """Refuse JSON text nested deeper than ``limit``, naming where, without parsing it."""
+    path: list[Any] = []  # per open container: an index (array), a key's span or None (object)
+    for m in _JSON_TOKEN.finditer(text):
+        c = text[m.start()]
+        if c == '"':
+            if m.group(2) and path and not isinstance(path[-1], int):
+                path[-1] = m.span(1)
+        elif c in "[{":
+            if len(path) >= limit:
+                where = _short_path(path, text)
+                raise ApiError(
+                    413,
+                    f"{where}: JSON nested deeper than {limit} levels (service.max_json_depth)",
+                )
+            path.append(0 if c == "[" else None)
+        elif c in "]}":
+            if path:
+                path.pop()
+        elif path and isinstance(path[-1], int):
+            path[-1] += 1
+
+
+def parse_json(body: bytes, limits: JsonLimits = JsonLimits()) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -104,12 +161,15 @@ def parse_json(body: bytes) -> Any:
         ) from None
     if not text.strip():
         raise ApiError(400, "the body is empty; send a JSON object")
+    check_depth(text, limits.depth)
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        raise ApiError(400, "the body's JSON is nested too deeply") from None
+        raise ApiError(413, "the body's JSON is nested too deeply") from None
     except ValueError as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    check_json(data, limits)
+    return data
 
 
 def _bad_text(text: str) -> str | None:
@@ -122,21 +182,40 @@ def _bad_text(text: str) -> str | None:
     return None
 
 
-def check_text(value: Any, where: str = "") -> None:
-    """Reject text no store can keep (NUL, lone surrogates) anywhere, keys included, by path."""
-    if isinstance(value, str):
-        problem = _bad_text(value)
-        if problem:
-            raise ApiError(422, f"{where or '(body)'}: the text {problem}")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            problem = _bad_text(k)
+def check_json(value: Any, limits: JsonLimits = JsonLimits()) -> None:
+    """Refuse what no store can keep (NUL, lone surrogates, keys included) and objects or bodies
+    with more keys or values than ``limits``, naming where; iterative, so depth costs no stack."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    items = 0
+    while stack:
+        node, where = stack.pop()
+        items += 1
+        if items > limits.items:
+            raise ApiError(
+                413,
+                f"{where or '(body)'}: the body holds more than {limits.items} JSON values "
+                "(service.max_json_items)",
+            )
+        if isinstance(node, str):
+            problem = _bad_text(node)
             if problem:
-                raise ApiError(422, f"{where or '(body)'}: a key {problem}")
-            check_text(v, f"{where}.{k}" if where else k)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            check_text(v, f"{where}[{i}]")
+                raise ApiError(422, f"{where or '(body)'}: the text {problem}")
+        elif isinstance(node, dict):
+            if len(node) > limits.keys:
+                raise ApiError(
+                    413,
+                    f"{where or '(body)'}: an object with {len(node)} keys; the limit is "
+                    f"{limits.keys} (service.max_json_keys)",
+                )
+            children = []
+            for k, v in node.items():
+                problem = _bad_text(k)
+                if problem:
+                    raise ApiError(422, f"{where or '(body)'}: a key {problem}")
+                children.append((v, f"{where}.{k}" if where else k))
+            stack.extend(reversed(children))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(node))))
 
 
 _event_list = TypeAdapter(list[TelemetryEventIn])
@@ -201,6 +280,7 @@ class Settings:
         self.cors_origins = list(dict.fromkeys([*svc.cors_origins, *(cors_origins or [])]))
         self.max_body_bytes = svc.max_body_bytes
         self.max_batch_events = svc.max_batch_events
+        self.json_limits = JsonLimits(svc.max_json_depth, svc.max_json_keys, svc.max_json_items)
 
     def key_ok(self, given: str | None) -> bool:
         if not given:
@@ -255,7 +335,17 @@ def create_app(
 
     cfg = config if config is not None else runtime.get_config()
     settings = Settings(cfg, api_keys, cors_origins)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:  # open the store and start the recorder now, not in a request that queues a record
+            await run_in_threadpool(runtime.get_recorder)
+        except Exception as exc:
+            log.warning("flywheel service: the recorder did not start yet: %s", exc)
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="flywheel-middleware",
         version=__version__,
         description=(
@@ -337,8 +427,7 @@ def create_app(
     async def telemetry(request: Request) -> JSONResponse:
         check_write(request)
         body = await _read_body(request, settings.max_body_bytes)
-        data = parse_json(body)
-        check_text(data)
+        data = parse_json(body, settings.json_limits)
         events = parse_telemetry(data, settings.max_batch_events)
         rec = runtime.get_recorder()
         now = time.time_ns()
@@ -358,12 +447,12 @@ def create_app(
     @app.post(
         "/v1/feedback",
         status_code=202,
-        summary="Record explicit feedback about a rollout",
+        summary="Record explicit feedback about a rollout (queued; the rollout is not looked up)",
         openapi_extra={"requestBody": {"required": True, "content": json_body}},
         responses={
             202: {"description": "queued for the store"},
             401: {},
-            404: {},
+            403: {},
             413: {},
             415: {},
             422: {},
@@ -373,8 +462,7 @@ def create_app(
     async def feedback(request: Request) -> JSONResponse:
         check_write(request)
         body = await _read_body(request, settings.max_body_bytes)
-        data = parse_json(body)
-        check_text(data)
+        data = parse_json(body, settings.json_limits)
         if not isinstance(data, dict):
             raise ApiError(422, f"the body must be a JSON object; got a JSON {type(data).__name__}")
         try:
@@ -382,10 +470,8 @@ def create_app(
         except ValidationError as exc:
             raise ApiError(422, "invalid feedback", format_validation(exc)) from None
         kwargs = fb.model_dump(exclude={"rollout_id", "rating"}, exclude_none=True)
-        try:
-            await run_in_threadpool(runtime.feedback, fb.rollout_id, fb.rating, **kwargs)
-        except UnknownRolloutError:
-            raise ApiError(404, f"no rollout with id {fb.rollout_id!r}") from None
+        try:  # no database on this path: the recorder's queue takes it, even during an outage
+            runtime.feedback(fb.rollout_id, fb.rating, check_rollout=False, **kwargs)
         except InvalidFeedbackError as exc:
             raise ApiError(422, str(exc)) from None
         return JSONResponse({"accepted": 1}, status_code=202)

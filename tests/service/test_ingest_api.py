@@ -241,7 +241,7 @@ def test_text_no_store_can_keep_is_422(fw_any, raw, fragment):
         ),
         (b"\xff\xfe", "text/plain", 400, "not UTF-8"),
         (b"", "text/plain", 400, "empty"),
-        (b"[" * 100_000, "application/json", 400, "nested too deeply"),
+        (b"[" * 100_000, "application/json", 413, "nested deeper than 64 levels"),
         (b'{"event_type": "x", "session_id": "s"}', "application/xml", 415, "not accepted"),
     ],
 )
@@ -313,10 +313,9 @@ def test_feedback_endpoint(fw, client):
         ).status_code
         == 202
     )
-    out = assert_client_error(
-        client.post("/v1/feedback", json={"rollout_id": "f" * 32, "rating": 5}, headers=AUTH), 404
-    )
-    assert "no rollout" in out["error"]
+    # an unknown rollout cannot be told without the database: accepted, the recorder reports it
+    unknown = client.post("/v1/feedback", json={"rollout_id": "f" * 32, "rating": 5}, headers=AUTH)
+    assert unknown.status_code == 202, unknown.text
     out = assert_client_error(
         client.post("/v1/feedback", json={"rollout_id": r.id, "rating": 9}, headers=AUTH), 422
     )
@@ -336,7 +335,9 @@ def test_feedback_endpoint(fw, client):
     )
     assert "source" in out["problems"][0]
     fw.flush()
-    rows = fw.get_store().execute("SELECT key, value, source FROM feedback ORDER BY id")
+    rows = fw.get_store().execute(
+        "SELECT key, value, source FROM feedback WHERE rollout_id = :r ORDER BY id", {"r": r.id}
+    )
     assert [tuple(x) for x in rows] == [
         ("rating", 4.0, "explicit"),
         ("thumbs", 1.0, "explicit"),
@@ -437,10 +438,10 @@ def expected_events(body) -> int | None:
     """How many events a body holds if every one is valid, else None (the server's oracle)."""
     from pydantic import ValidationError
 
-    from flywheel_middleware.service.app import ApiError, check_text, parse_telemetry
+    from flywheel_middleware.service.app import ApiError, check_json, parse_telemetry
 
     try:
-        check_text(body)
+        check_json(body)
         return len(parse_telemetry(body, 500))
     except (ApiError, ValidationError):
         return None
@@ -573,9 +574,10 @@ def test_feedback_never_5xx_and_stores_at_most_one(fw, client, real_rollout, bod
     assert resp.status_code < 500, resp.text
     event(f"status {resp.status_code}")
     stored = feedback_rows(fw) - before
-    if resp.status_code == 202:
-        assert stored == 1
-        assert body["rollout_id"] == real_rollout
+    if resp.status_code == 202:  # an unknown rollout too: the service cannot tell it
+        assert stored <= 1
+        if body["rollout_id"] == real_rollout:
+            assert stored == 1
     else:
         assert_client_error(resp)
         assert stored == 0
