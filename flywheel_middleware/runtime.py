@@ -184,6 +184,7 @@ def _start_recorder() -> Recorder:
         handle_signals=cfg.handle_signals,
     )
     recorder.add_listener(_check_triggers, tables=("feedback",))
+    recorder.add_listener(_report_unknown_rollouts, tables=("feedback",))
     install_redaction(recorder, get_config())  # redact_span hooks and YAML redactors
     return recorder
 
@@ -291,15 +292,19 @@ class ProcessBackend:
 backend.install(ProcessBackend())
 
 
-def _rollout_workflow(rollout_id: str) -> str | None:
-    wf = _state.active.get(rollout_id) or _state.recent.get(rollout_id)
-    if wf is not None:
-        return wf
-    from flywheel_middleware.store.models import Rollout
+def _rollout_known(rollout_id: str) -> bool:
+    """Whether ``rollout_id`` is a rollout of this process or of the store. A store that
+    cannot answer (down, timing out) is not held against the caller: the feedback is kept,
+    and the writer reports it if the rollout never turns up."""
+    if rollout_id in _state.active or rollout_id in _state.recent:
+        return True
+    from flywheel_middleware.store.queries import missing_rollouts
 
-    with get_store().session() as session:
-        row = session.get(Rollout, rollout_id)
-        return row.workflow if row is not None else None
+    try:
+        return not missing_rollouts(get_store(), {rollout_id})
+    except Exception as exc:
+        log.warning("flywheel: could not look rollout %s up (%s); feedback kept", rollout_id, exc)
+        return True
 
 
 # -- feedback -------------------------------------------------------------------------------
@@ -376,7 +381,7 @@ def feedback(
         raise InvalidFeedbackError("feedback needs rating=, thumbs=, key= or comment=")
     if comment is not None and not isinstance(comment, str):
         raise InvalidFeedbackError(f"comment must be a string, got {type(comment).__name__}")
-    if check_rollout and _rollout_workflow(rollout_id) is None:
+    if check_rollout and not _rollout_known(rollout_id):
         raise UnknownRolloutError(
             f"no rollout with id {rollout_id!r} in {safe_url(get_store().url)}"
         )
@@ -406,6 +411,24 @@ def _check_triggers(by_table: dict[str, list[Record]]) -> None:
     from flywheel_middleware.loop.triggers import check_low_rating_triggers
 
     check_low_rating_triggers(get_store(), get_config(), {r.rollout_id for r in ratings})
+
+
+def _report_unknown_rollouts(by_table: dict[str, list[Record]]) -> None:
+    """Feedback accepted without a lookup (the service's, or while the store was down)
+    about a rollout the store does not have: said once per batch, on the writer thread."""
+    ids = {r.rollout_id for r in by_table.get("feedback", ())}
+    ids -= {*_state.active, *_state.recent}
+    if not ids:
+        return
+    from flywheel_middleware.store.queries import missing_rollouts
+
+    missing = missing_rollouts(get_store(), ids)
+    if missing:
+        log.warning(
+            "flywheel: feedback about %d rollouts the store does not have (yet), e.g. %s",
+            len(missing),
+            min(missing),
+        )
 
 
 # -- adaptive routing -----------------------------------------------------------------------

@@ -168,6 +168,13 @@ def find_rollout(store: Store, rollout_id: str) -> Rollout | None:
         return row
 
 
+def missing_rollouts(store: Store, rollout_ids: set[str]) -> set[str]:
+    """Which of ``rollout_ids`` the store has no rollout for."""
+    with store.session() as session:
+        found = session.exec(select(Rollout.id).where(Rollout.id.in_(rollout_ids))).all()
+    return rollout_ids - set(found)
+
+
 def spans_of(store: Store, rollout_id: str) -> list[Span]:
     with store.session() as session:
         return list(

@@ -138,3 +138,33 @@ def test_a_store_down_at_start_up_neither_slows_nor_breaks_the_agent(
             agent.kill()
         proxy.close()
     assert _counts(postgres_url, "down-at-start") == (200, 200)
+
+
+@pytest.mark.postgres
+def test_feedback_while_the_store_is_down_is_kept_and_an_unknown_rollout_reported(
+    postgres_url, caplog
+):
+    from flywheel_middleware.capture.ids import new_rollout_id
+
+    proxy = _proxy_for(postgres_url)
+    fw.configure(store_url=through(proxy, postgres_url, connect_timeout="1"))
+    try:
+        proxy.cut()
+        stranger = new_rollout_id()
+        started = time.perf_counter()
+        fw.feedback(stranger, rating=2)  # cannot be looked up: kept, not refused
+        assert time.perf_counter() - started < 5
+        proxy.restore()
+        with caplog.at_level("WARNING", logger="flywheel_middleware"):
+            assert fw.flush(60)
+    finally:
+        fw.shutdown()
+        proxy.close()
+    assert "feedback about 1 rollouts the store does not have (yet)" in caplog.text
+    engine = create_engine(postgres_url)
+    with engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT value FROM feedback WHERE rollout_id = :r"), {"r": stranger}
+        ).scalar()
+    engine.dispose()
+    assert stored == 2.0
