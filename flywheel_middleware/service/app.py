@@ -1,16 +1,20 @@
 """The HTTP service: telemetry and feedback ingestion, the resolver for non-Python apps, the dashboard.
 
 Rules it keeps:
-- writes need an API key (``X-API-Key``, ``Authorization: Bearer``, or ``?key=`` because
+- writes need a write key (``X-API-Key``, ``Authorization: Bearer``, or ``?key=`` because
   ``navigator.sendBeacon`` cannot set headers); keys come from ``FLYWHEEL_API_KEYS``
-  (comma-separated) and ``service.api_keys``;
+  (comma-separated) and ``service.api_keys``; read keys (``FLYWHEEL_READ_KEYS``,
+  ``service.read_keys``) and write keys may read the dashboard's JSON and the resolver, which
+  are open only when no key is configured at all;
 - a browser write from another origin must be on ``service.cors_origins``;
 - bodies are bounded (``service.max_body_bytes``, ``service.max_batch_events``, field lengths),
   and so is their JSON's shape (``service.max_json_*``), checked before anything recurses;
 - the whole batch is validated before any event is queued, so bad input is a 4xx that names
   the field and stores nothing; nothing a client sends can produce a 5xx;
 - ingestion never touches the database: accepted records go to the recorder's queue (its
-  writer batches them into the store), so neither a burst nor an outage holds a request.
+  writer batches them into the store), so neither a burst nor an outage holds a request;
+- dashboard views are computed one at a time off the request threads and cached briefly
+  (``views.ViewCache``), so they cannot starve the resolver.
 """
 
 from __future__ import annotations
@@ -35,17 +39,22 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flywheel_middleware import runtime
 from flywheel_middleware.capture.records import TelemetryRecord
 from flywheel_middleware.errors import InvalidFeedbackError
 from flywheel_middleware.service.schemas import FeedbackIn, TelemetryBatchIn, TelemetryEventIn
+from flywheel_middleware.service.views import ViewCache, ViewsBusy
 
 log = logging.getLogger("flywheel_middleware.service")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_KEYS_ENV = "FLYWHEEL_API_KEYS"
+READ_KEYS_ENV = "FLYWHEEL_READ_KEYS"
+READ_PATHS = ("/v1/dashboard/", "/v1/config/")  # need a read key once any key is configured
 ACCEPTED_TYPES = ("application/json", "text/plain", "")
+DASHBOARD_TTL = 5.0  # seconds a dashboard response is served as it is
 
 
 class ApiError(Exception):
@@ -265,6 +274,21 @@ def parse_telemetry(data: Any, max_events: int) -> list[TelemetryEventIn]:
     return events
 
 
+def _keys(env: str, *sources: list[str] | None) -> list[str]:
+    from_env = [k.strip() for k in os.environ.get(env, "").split(",")]
+    return [k for k in [*from_env, *(k for src in sources for k in (src or []))] if k]
+
+
+def _matches(given: str | None, keys: list[str]) -> bool:
+    if not given:
+        return False
+    g = given.encode()
+    ok = False
+    for key in keys:  # compare with every key in constant time
+        ok |= hmac.compare_digest(g, key.encode())
+    return ok
+
+
 class Settings:
     """The service's settings, resolved once from the config, the environment and arguments."""
 
@@ -273,23 +297,27 @@ class Settings:
         config: Any,
         api_keys: list[str] | None = None,
         cors_origins: list[str] | None = None,
+        read_keys: list[str] | None = None,
     ) -> None:
         svc = config.service
-        env_keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-        self.api_keys = [k for k in [*env_keys, *svc.api_keys, *(api_keys or [])] if k]
+        self.api_keys = _keys(API_KEYS_ENV, svc.api_keys, api_keys)
+        self.read_keys = _keys(READ_KEYS_ENV, svc.read_keys, read_keys)
         self.cors_origins = list(dict.fromkeys([*svc.cors_origins, *(cors_origins or [])]))
         self.max_body_bytes = svc.max_body_bytes
         self.max_batch_events = svc.max_batch_events
         self.json_limits = JsonLimits(svc.max_json_depth, svc.max_json_keys, svc.max_json_items)
 
     def key_ok(self, given: str | None) -> bool:
-        if not given:
-            return False
-        g = given.encode()
-        ok = False
-        for key in self.api_keys:  # compare with every key in constant time
-            ok |= hmac.compare_digest(g, key.encode())
-        return ok
+        """May read: a write key or a read key."""
+        return _matches(given, self.api_keys) | _matches(given, self.read_keys)
+
+    def write_key_ok(self, given: str | None) -> bool:
+        return _matches(given, self.api_keys)
+
+    @property
+    def reads_open(self) -> bool:
+        """With no key configured at all (the offline demo), anyone may read."""
+        return not self.api_keys and not self.read_keys
 
     def origin_ok(self, origin: str, own: str) -> bool:
         return origin == own or "*" in self.cors_origins or origin in self.cors_origins
@@ -324,17 +352,43 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class ReadGuard:
+    """ASGI middleware: once any key is configured, READ_PATHS need a read or a write key."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"].startswith(READ_PATHS)
+            and not self.settings.reads_open
+            and not self.settings.key_ok(_given_key(Request(scope)))
+        ):
+            response = _error_body(
+                401,
+                "missing or wrong API key: send a read or write key as X-API-Key, "
+                "Authorization: Bearer KEY, or ?key=KEY",
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     config: Any = None,
     *,
     api_keys: list[str] | None = None,
     cors_origins: list[str] | None = None,
+    read_keys: list[str] | None = None,
 ) -> FastAPI:
     """The ASGI app. It uses the process runtime (``fw.configure``) for the store and recorder."""
     from flywheel_middleware import __version__
 
     cfg = config if config is not None else runtime.get_config()
-    settings = Settings(cfg, api_keys, cors_origins)
+    settings = Settings(cfg, api_keys, cors_origins, read_keys)
+    views = ViewCache(DASHBOARD_TTL)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -351,11 +405,13 @@ def create_app(
         description=(
             "Ingest implicit telemetry and explicit feedback, resolve workflow configs, "
             "and show the flywheel's dashboard. Writes need an API key (X-API-Key header, "
-            "Authorization: Bearer, or ?key= for navigator.sendBeacon)."
+            "Authorization: Bearer, or ?key= for navigator.sendBeacon); the dashboard's JSON and "
+            "the resolver need a read or write key once any key is configured."
         ),
     )
     app.state.settings = settings
     app.state.config = cfg
+    app.add_middleware(ReadGuard, settings=settings)  # inside CORS: preflights never need a key
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -390,7 +446,10 @@ def create_app(
                 401,
                 f"this service has no API keys configured; set {API_KEYS_ENV} or service.api_keys",
             )
-        if not settings.key_ok(_given_key(request)):
+        given = _given_key(request)
+        if not settings.write_key_ok(given):
+            if settings.key_ok(given):
+                raise ApiError(403, "this API key may only read; writes need a write key")
             raise ApiError(
                 401,
                 "missing or wrong API key: send X-API-Key, Authorization: Bearer KEY, or ?key=KEY",
@@ -535,20 +594,33 @@ def create_app(
     def snippet() -> Response:
         return FileResponse(STATIC_DIR / "flywheel.js", media_type="text/javascript")
 
+    async def view(key: tuple[Any, ...], compute: Any) -> Response:
+        def render() -> bytes:
+            return JSONResponse(compute(runtime.get_store())).body
+
+        try:
+            body = await views.get(key, render)
+        except ViewsBusy:
+            raise ApiError(429, "the dashboard is busy; retry in a few seconds") from None
+        return Response(body, media_type="application/json")
+
     @app.get("/v1/dashboard/workflows", summary="Workflows with rollouts", tags=["dashboard"])
-    def dashboard_workflows() -> JSONResponse:
-        return JSONResponse(dashboard.workflows(runtime.get_store()))
+    async def dashboard_workflows() -> Response:
+        return await view(("workflows",), dashboard.workflows)
 
     @app.get(
         "/v1/dashboard/workflows/{workflow}",
         summary="Everything the dashboard shows for one workflow",
         tags=["dashboard"],
     )
-    def dashboard_workflow(workflow: str, buckets: int = 24) -> JSONResponse:
+    async def dashboard_workflow(workflow: str, buckets: int = 24) -> Response:
         if not 2 <= buckets <= 200:
             raise ApiError(422, "buckets must be between 2 and 200")
-        return JSONResponse(
-            dashboard.workflow_view(runtime.get_store(), cfg, workflow, buckets=buckets)
+        if len(workflow) > 200:
+            raise ApiError(422, "workflow is at most 200 characters")
+        return await view(
+            ("workflow", workflow, buckets),
+            lambda store: dashboard.workflow_view(store, cfg, workflow, buckets=buckets),
         )
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -587,6 +659,9 @@ def _add_body_schemas(app: FastAPI) -> None:
                 "content": {t: {"schema": body_schema} for t in ("application/json", "text/plain")},
             }
             op["security"] = [{"ApiKeyHeader": []}, {"ApiKeyQuery": []}]
+        for path, item in schema["paths"].items():  # reads: a read or write key, if any is set
+            if path.startswith(READ_PATHS):
+                item["get"]["security"] = [{"ApiKeyHeader": []}, {"ApiKeyQuery": []}, {}]
         schema["components"]["securitySchemes"] = {
             "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": "key"},

@@ -11,7 +11,9 @@ from flywheel_middleware.config import FlywheelConfig, RoutingConfig
 from flywheel_middleware.learn.routing import Router, save_posteriors, simulate
 from flywheel_middleware.store.models import ChangeEvent, Experiment, Feedback, Rollout
 
-from .conftest import ARTIFACTS
+from .conftest import API_KEY, ARTIFACTS
+
+AUTH = {"X-API-Key": API_KEY}
 
 
 def seed_store(store) -> None:
@@ -105,9 +107,9 @@ def seed_store(store) -> None:
 
 def test_dashboard_json(fw, client):
     seed_store(fw.get_store())
-    wfs = client.get("/v1/dashboard/workflows").json()
+    wfs = client.get("/v1/dashboard/workflows", headers=AUTH).json()
     assert wfs[0]["workflow"] == "support" and wfs[0]["rollouts"] == 360
-    d = client.get("/v1/dashboard/workflows/support", params={"buckets": 12}).json()
+    d = client.get("/v1/dashboard/workflows/support", params={"buckets": 12}, headers=AUTH).json()
     rating = [b["value"] for b in d["series"]["rating"]]
     assert len(rating) == 12 and all(v is not None for v in rating)
     assert sum(rating[-3:]) / 3 > sum(rating[:3]) / 3 + 0.5  # the improvement shows
@@ -125,8 +127,9 @@ def test_dashboard_json(fw, client):
     assert isinstance(d["hot_problems"]["available"], bool)
     if not d["hot_problems"]["available"]:
         assert d["hot_problems"]["reason"]
-    assert client.get("/v1/dashboard/workflows/support", params={"buckets": 1}).status_code == 422
-    empty = client.get("/v1/dashboard/workflows/nothing").json()
+    bad = client.get("/v1/dashboard/workflows/support", params={"buckets": 1}, headers=AUTH)
+    assert bad.status_code == 422
+    empty = client.get("/v1/dashboard/workflows/nothing", headers=AUTH).json()
     assert empty["series"]["rating"] == [] and empty["changes"] == []
 
 
@@ -172,7 +175,7 @@ def test_dashboard_renders_in_chromium_with_data(fw, live, chrome):
 
     seed_store(fw.get_store())
     chrome.set_window_size(1400, 1500)
-    chrome.get(f"{live.url}/?workflow=support")
+    chrome.get(f"{live.url}/?workflow=support#key={API_KEY}")
     WebDriverWait(chrome, 15).until(
         ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-rendered='support']"))
     )
