@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.console import Console
 
-from flywheel_middleware.errors import FlywheelError
+from flywheel_middleware.errors import FlywheelError, safe_url
 
 if TYPE_CHECKING:
     from flywheel_middleware.config import FlywheelConfig
@@ -47,6 +47,11 @@ class Cli:
     @property
     def url(self) -> str:
         return self.store_url or os.environ.get("FLYWHEEL_STORE_URL") or self.config.store.url
+
+    @property
+    def shown_url(self) -> str:
+        """The store URL as output may show it: its password as ``***``."""
+        return safe_url(self.url)
 
     @property
     def store(self) -> Any:

@@ -48,7 +48,7 @@ def register(main: click.Group) -> None:
         if as_json:
             echo_json([{**r.__dict__, "error_rate": r.error_rate} for r in rows])
             return
-        table = Table(title=f"flywheel stats — {cli.url}")
+        table = Table(title=f"flywheel stats — {cli.shown_url}")
         for col in (
             "workflow",
             "rollouts",
@@ -206,7 +206,7 @@ def register(main: click.Group) -> None:
         store = Store(cli.url, migrate=False)
         before = store.current_revision()
         store.upgrade(revision)
-        console.print(f"{cli.url}: schema {before or 'empty'} → {store.current_revision()}")
+        console.print(f"{cli.shown_url}: schema {before or 'empty'} → {store.current_revision()}")
 
 
 def render_tree(rollout: Any, spans: list[Any]) -> Tree:

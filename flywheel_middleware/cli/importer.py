@@ -55,5 +55,5 @@ def register(main: click.Group) -> None:
             f"{path}: span_table {result.schema or 'absent'}; read {result.traces} traces, "
             f"{result.spans_read} spans, {result.replies} untraced replies → "
             f"[bold]{result.rollouts_added}[/] new rollouts, [bold]{result.spans_added}[/] new "
-            f"spans in {cli.url}"
+            f"spans in {cli.shown_url}"
         )

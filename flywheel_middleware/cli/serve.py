@@ -51,5 +51,5 @@ def register(main: click.Group) -> None:
                 "[yellow]no API keys configured: writes will be refused (401). "
                 "Set FLYWHEEL_API_KEYS, service.api_keys or --api-key.[/]"
             )
-        console.print(f"flywheel service on http://{host}:{port}/  (store {cli.url})")
+        console.print(f"flywheel service on http://{host}:{port}/  (store {cli.shown_url})")
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
