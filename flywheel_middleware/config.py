@@ -187,6 +187,31 @@ class ResolverConfig(_Strict):
     )
 
 
+class RedactionConfig(_Strict):
+    """The default secret redactor: API keys, bearer tokens and values under credential-named
+    keys become ``[REDACTED]`` before a record is stored. ``secrets: false`` turns it off."""
+
+    secrets: bool = True
+    patterns: list[str] = Field(
+        default_factory=list,
+        description="extra regular expressions whose matches are redacted (group 1 is kept)",
+    )
+    keys: list[str] = Field(
+        default_factory=list,
+        description="extra key names whose values are redacted (also as a name's _suffix)",
+    )
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return value
+
+
 class ImplicitConfig(_Strict):
     min_labels: int = Field(50, ge=2)
     positive_rating: float = Field(4, ge=1, le=5)
@@ -202,6 +227,7 @@ class FlywheelConfig(_Strict):
     mutators: list[PluginSpec] = Field(default_factory=list)
     promoters: list[PluginSpec] = Field(default_factory=list)
     redactors: list[PluginSpec] = Field(default_factory=list)
+    redaction: RedactionConfig = Field(default_factory=RedactionConfig)
     plugins: list[str] = Field(default_factory=list, description="dotted paths of extra plugins")
     triggers: TriggersConfig = Field(default_factory=TriggersConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)

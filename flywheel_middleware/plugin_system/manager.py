@@ -23,6 +23,7 @@ from flywheel_middleware.config import FlywheelConfig, PluginSpec
 from flywheel_middleware.errors import ConfigError, PluginError
 from flywheel_middleware.plugin_system import hookspecs
 from flywheel_middleware.plugin_system.base import PLUGIN_KINDS, Plugin, PluginContext
+from flywheel_middleware.plugin_system.secrets import install_secret_redaction
 
 log = logging.getLogger("flywheel_middleware.plugins")
 
@@ -436,17 +437,26 @@ def third_party_entry_points(group: str = hookspecs.PROJECT) -> list[importlib.m
 
 
 def install_redaction(recorder: Any, config: FlywheelConfig) -> bool:
-    """Add the redact_span hooks and ``redactors:`` to a recorder as a transform (True if any).
+    """Add the redact_span hooks and ``redactors:``, then the default secret redactor, to a
+    recorder as transforms (True if any).
 
-    The transform turns each record into a dict (with ``table``), redacts it, and copies the
-    fields back, so hooks see plain data and never the recorder's internals.
+    The plugin transform turns each record into a dict (with ``table``), redacts it, and
+    copies the fields back, so hooks see plain data and never the recorder's internals. The
+    default redactor runs last and leaves what a plugin already redacted as it is.
     """
+    plugins = _install_plugin_redaction(recorder, config)
+    return install_secret_redaction(recorder, config.redaction) or plugins
+
+
+def _install_plugin_redaction(recorder: Any, config: FlywheelConfig) -> bool:
     if not (config.redactors or config.plugins or _cache or third_party_entry_points()):
         return False  # only the built-ins, which define no redact_span hook: nothing to load
     try:
         redact = plugin_manager(config).redactor(config)
     except Exception as exc:  # never break the recorder (the host agent) over a redactor
-        log.error("could not set up redaction, rows are stored unredacted: %s", _describe(exc))
+        log.error(
+            "could not set up redaction plugins, rows are stored without them: %s", _describe(exc)
+        )
         return False
     if redact is None:
         return False
