@@ -208,6 +208,33 @@ def register(main: click.Group) -> None:
         store.upgrade(revision)
         console.print(f"{cli.shown_url}: schema {before or 'empty'} → {store.current_revision()}")
 
+    @command(db, "replay")
+    @click.option(
+        "--timeout", default=120.0, show_default=True, help="Seconds to wait for the store."
+    )
+    def db_replay(cli: Cli, timeout: float) -> None:
+        """Write to the store what processes that ended before their records reached it
+        left in its journal (any recorder on the store also does this when it starts)."""
+        from flywheel_middleware import runtime
+
+        cli.activate_runtime()
+        recorder = runtime.get_recorder()
+        done = recorder.flush(timeout)
+        counters = recorder.counters
+        console.print(
+            f"{cli.shown_url}: {counters.replayed} rows replayed from {recorder.journal_dir}"
+            + (
+                f", {counters.dead_lettered} set aside (dead-*.jsonl there)"
+                if counters.dead_lettered
+                else ""
+            )
+        )
+        if not done:
+            raise click.ClickException(
+                f"the store did not take everything within {timeout:g} s; the rest stays "
+                "in the journal (run this again)"
+            )
+
 
 def render_tree(rollout: Any, spans: list[Any]) -> Tree:
     """The span tree as a rich Tree: kind, name, duration, model, tokens, status."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -244,3 +245,22 @@ def _wait_for_http(address: str, proc: subprocess.Popen[str]) -> None:
         except OSError:
             assert time.monotonic() < deadline, "the service did not come up"
             time.sleep(0.2)
+
+
+def test_db_replay_writes_what_a_killed_process_left(tmp_path):
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    proc = _start(tmp_path, url, "kill")
+    kill = _Kill(proc)
+    acked = _load_then(proc, 2000, kill)
+    main = "from flywheel_middleware.cli import main; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", main, "db", "replay", "--store", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = " ".join(done.stdout.split())  # as one line, however the console wrapped it
+    assert re.search(r": [1-9]\d* rows replayed from ", said), done.stdout + done.stderr
+    assert {n for n, t in acked if t < kill.at - 0.2} <= set(_stored(url))
