@@ -1,13 +1,16 @@
 """YAML configuration, validated with pydantic; errors name the file, the key path and the line.
 
 ``${ENV_VAR}`` (or ``${ENV_VAR:-default}``) in any string value is replaced from the environment,
-so secrets stay out of the file.
+so secrets stay out of the file. A workflow's ``config`` keeps its references as written: it is
+stored as config versions and served over HTTP, so its values are filled in only where the
+agent uses it (``expand_env``, by the resolver of the agent's process).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -287,8 +290,26 @@ class _LinedDict(dict):
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _interpolate(value: Any, where: str) -> Any:
+class MissingEnvError(ConfigError):
+    """A ``${VAR}`` reference to an environment variable that is not set (``name`` says which)."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+def expand_env(
+    value: Any,
+    where: str = "configuration",
+    on_missing: Callable[[MissingEnvError], None] | None = None,
+) -> Any:
+    """``value`` with every ``${VAR}`` / ``${VAR:-default}`` in its strings filled in from the
+    environment (containers are copied). An unset variable without a default raises
+    ``MissingEnvError`` naming it and ``where``; with ``on_missing`` it is passed there instead
+    and the reference is left as written."""
     if isinstance(value, str):
+        if "${" not in value:
+            return value
 
         def sub(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
@@ -296,16 +317,31 @@ def _interpolate(value: Any, where: str) -> Any:
                 return os.environ[name]
             if default is not None:
                 return default
-            raise ConfigError(f"{where}: environment variable {name} is not set")
+            error = MissingEnvError(f"{where}: environment variable {name} is not set", name)
+            if on_missing is None:
+                raise error
+            on_missing(error)
+            return match.group(0)
 
         return _ENV.sub(sub, value)
-    if isinstance(value, _LinedDict):
-        return _LinedDict({k: _interpolate(v, where) for k, v in value.items()}, value.lines)
     if isinstance(value, dict):
-        return {k: _interpolate(v, where) for k, v in value.items()}
+        return {k: expand_env(v, where, on_missing) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, where) for v in value]
+        return [expand_env(v, where, on_missing) for v in value]
     return value
+
+
+def _interpolate(value: Any, where: str, path: tuple[Any, ...] = ()) -> Any:
+    """The parsed YAML with ``${VAR}`` filled in, except inside a workflow's ``config``: that
+    is stored and served, so it keeps the reference (the agent's resolver fills it in)."""
+    if len(path) == 3 and path[0] == "workflows" and path[2] == "config":
+        return value
+    if isinstance(value, dict):
+        items = {k: _interpolate(v, where, (*path, k)) for k, v in value.items()}
+        return _LinedDict(items, value.lines) if isinstance(value, _LinedDict) else items
+    if isinstance(value, list):
+        return [_interpolate(v, where, path) for v in value]
+    return expand_env(value, where)
 
 
 def _line_of(data: Any, loc: tuple[Any, ...]) -> int | None:

@@ -28,6 +28,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ from sqlalchemy import text
 from sqlmodel import select
 
 from flywheel_middleware.capture.records import utcnow
-from flywheel_middleware.config import FlywheelConfig
+from flywheel_middleware.config import FlywheelConfig, MissingEnvError, expand_env
 from flywheel_middleware.errors import FlywheelError, safe_url
 from flywheel_middleware.loop.resolver import Resolution
 from flywheel_middleware.store.database import Store
@@ -143,6 +144,49 @@ def get_version(store: Store, version_id: int) -> ConfigVersion:
     if row is None:
         raise VersionError(f"no config version with id {version_id}")
     return row
+
+
+def config_in_use(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """The config as the agent's process runs it: ``${VAR}`` references (what versions store
+    and the service serves) filled in from this process's environment.
+
+    An unset variable is logged once per ``where`` and variable, naming both, and its
+    reference is left as written: a resolver never raises into the agent.
+    """
+
+    def missing(error: MissingEnvError) -> None:
+        key = (where, error.name)
+        if key not in _missing_reported:
+            _missing_reported.add(key)
+            log.warning("%s (the reference is served as written)", error)
+
+    return expand_env(config, where, missing)
+
+
+_missing_reported: set[tuple[str, str]] = set()
+_stored_configs: weakref.WeakKeyDictionary[Store, dict[int, str]] = weakref.WeakKeyDictionary()
+_stored_lock = threading.Lock()
+
+
+def stored_config(
+    store: Store, config: FlywheelConfig, workflow: str, resolution: Resolution
+) -> dict[str, Any]:
+    """The config of ``resolution`` as stored, with its ``${VAR}`` references and never the
+    values the resolver filled in: what may leave the process (``GET /v1/config``).
+
+    Versions are immutable, so each one is read once per store.
+    """
+    if resolution.version_id is None:  # served from the YAML (the store was unreachable)
+        wf = config.workflows.get(workflow)
+        return copy.deepcopy(wf.config) if wf is not None else resolution.config
+    with _stored_lock:
+        known = _stored_configs.setdefault(store, {})
+        text = known.get(resolution.version_id)
+    if text is None:
+        text = canonical_json(get_version(store, resolution.version_id).config)
+        with _stored_lock:
+            known[resolution.version_id] = text
+    return json.loads(text)
 
 
 def find_version(store: Store, workflow: str, ref: int | str) -> ConfigVersion:
@@ -825,10 +869,10 @@ class StoreResolver:
     def _yaml_plan(self, workflow: str, expires: float) -> _Plan:
         """What to serve of a workflow the store could not be asked about: its YAML config."""
         wf = self.config.workflows.get(workflow)
-        return _Plan(
-            expires=expires,
-            active=None if wf is None else Resolution(config=wf.config, propensity=1.0),
-        )
+        if wf is None:
+            return _Plan(expires=expires, active=None)
+        config = config_in_use(wf.config, f"workflow {workflow!r} YAML config")
+        return _Plan(expires=expires, active=Resolution(config=config, propensity=1.0))
 
     def _refresh_failed(self, workflow: str, exc: Exception) -> None:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
@@ -868,7 +912,9 @@ class StoreResolver:
             row = session.get(ConfigVersion, version_id)
             if row is None:
                 raise VersionError(f"config version {version_id} is missing")
-            base = Resolution(config=row.config, version_id=row.id, propensity=1.0)
+            where = f"workflow {row.workflow!r} config version {row.version}"
+            config = config_in_use(row.config, where)
+            base = Resolution(config=config, version_id=row.id, propensity=1.0)
             self._versions[version_id] = base
         if not extra:
             return base

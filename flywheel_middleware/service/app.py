@@ -546,14 +546,18 @@ def create_app(
             raise ApiError(401, "missing or wrong API key")
         if len(workflow) > 200 or (unit is not None and len(unit) > 200):
             raise ApiError(422, "workflow and unit are at most 200 characters")
+        from flywheel_middleware.loop.versions import stored_config
+
         resolution = runtime.resolve(workflow, unit)
         if resolution is None:
             raise ApiError(404, f"unknown workflow {workflow!r}")
+        # the stored config: ${VAR} references, never the values this process filled in
+        config = stored_config(runtime.get_store(), runtime.get_config(), workflow, resolution)
         return JSONResponse(
             {
                 "workflow": workflow,
                 "unit": unit,
-                "config": resolution.config,
+                "config": config,
                 "version_id": resolution.version_id,
                 "experiment_id": resolution.experiment_id,
                 "variant": resolution.variant,
