@@ -105,8 +105,8 @@ def configure(
         cfg.otel.emit = otel
     url = store_url or os.environ.get("FLYWHEEL_STORE_URL") or cfg.store.url
     store = Store(url)  # opens (and migrates) now, so a bad URL fails here with a clear error
+    shutdown()
     with _state.lock:
-        shutdown()
         _state.config = cfg
         _state.store_url = url
         _state.store = store
@@ -211,14 +211,15 @@ def _journal_base() -> str | None:
 def shutdown() -> None:
     """Flush and stop the recorder and close the store (also happens at interpreter exit)."""
     with _state.lock:
-        if _state.recorder is not None:
-            _state.recorder.close()
-            _state.recorder = None
-        if _state.store is not None:
-            _state.store.dispose()
-            _state.store = None
-        _state.active.clear()
-        _state.recent.clear()
+        recorder, _state.recorder = _state.recorder, None
+        store, _state.store = _state.store, None
+    # Closed outside the lock: the writer's listeners (triggers) may need it to finish.
+    if recorder is not None:
+        recorder.close()
+    if store is not None:
+        store.dispose()
+    _state.active.clear()
+    _state.recent.clear()
 
 
 # -- resolver -------------------------------------------------------------------------------
