@@ -89,6 +89,8 @@ class SecretRedactor:
         self._patterns = [(c, n, bool(c.flags & re.IGNORECASE)) for c, n in compiled]
         self._patterns += [(re.compile(p), (), False) for p in patterns]  # always run
         self._keys = frozenset(KEYS) | {_normal_key(k) for k in keys}
+        self._always = bool(self._patterns[len(PATTERNS) :])  # a user's pattern has no needle
+        self._line_needles = _line_needles(self._keys)
         self._key_verdicts: dict[str, bool] = {}
         self._seen: dict[str, str] = {}  # long text -> the text redacted
 
@@ -138,6 +140,15 @@ class SecretRedactor:
             text = pattern.sub(_replacement, text)
         return text
 
+    def may_hold_secrets(self, line: bytes) -> bool:
+        """Whether a record's JSON text (its journal line) holds anything a secret would
+        (a pattern's needle, a credential-named key): the recorder runs ``redact_record``
+        only on those, so a record with none costs one search of its text, not a walk."""
+        if self._always:
+            return True
+        lowered = line.lower()
+        return any(all(n in lowered for n in group) for group in self._line_needles)
+
     # -- values and records ------------------------------------------------------------------
 
     def value(self, value: Any, _depth: int = 0) -> Any:
@@ -186,6 +197,36 @@ class SecretRedactor:
                 setattr(record, column, new)
 
 
+# What a record's lower-cased JSON text holds when a pattern could match: each group's
+# needles all present. Looser than the patterns (``sk-`` is in "task-"), never tighter.
+_PATTERN_NEEDLES: tuple[tuple[bytes, ...], ...] = (
+    (b"sk-",),
+    *((f"gh{c}_".encode(),) for c in "pousr"),
+    (b"github_pat_",),
+    (b"xox",),
+    (b"akia",),
+    (b"asia",),
+    (b"aiza",),
+    (b"eyj",),
+    (b"bearer",),
+    (b"://", b"@"),
+    (b"private key",),
+    *((word.encode(),) for word in ("api_key", "api-key", "apikey", "passw", "passwd")),
+    *((word.encode(),) for word in ("secret", "access_token", "access-token", "auth_token")),
+    (b"auth-token",),
+)
+
+
+def _line_needles(keys: Iterable[str]) -> tuple[tuple[bytes, ...], ...]:
+    """The patterns' needles, and each credential key as a JSON key would spell it (its
+    words joined by ``_``, ``-``, ``.`` or a space), ending at the key's closing quote."""
+    spelled = set()
+    for key in keys:
+        for joint in "_-. ":
+            spelled.add((key.replace("_", joint) + '"').encode())
+    return _PATTERN_NEEDLES + tuple((k,) for k in sorted(spelled))
+
+
 def _kept_under_secret_key(value: Any) -> bool:
     """None, a flag, or what a redactor already replaced (``[REDACTED:email]``)."""
     if value is None or value.__class__ is bool:
@@ -204,5 +245,5 @@ def install_secret_redaction(recorder: Any, redaction: Any) -> bool:
     if not redaction.secrets:
         return False
     redactor = SecretRedactor(redaction.patterns, redaction.keys)
-    recorder.add_transform(redactor.redact_record)
+    recorder.add_transform(redactor.redact_record, applies_to=redactor.may_hold_secrets)
     return True

@@ -197,7 +197,7 @@ class Recorder:
         self._journal_lock = threading.Lock()  # segment bookkeeping, shared by both threads
         self._journal_failing = False
         self._listeners: list[tuple[BatchListener, frozenset[str] | None]] = []
-        self._transforms: list[Callable[[Record], None]] = []
+        self._transforms: list[tuple[Callable[[Record], None], Callable[[bytes], bool] | None]] = []
         self._give_up = threading.Event()
         self._closed = False
         self._conn: Any = None
@@ -246,10 +246,18 @@ class Recorder:
         except Exception:  # the host agent must never see our failure
             log.exception("flywheel recorder could not queue a record")
 
-    def add_transform(self, transform: Callable[[Record], None]) -> None:
+    def add_transform(
+        self,
+        transform: Callable[[Record], None],
+        *,
+        applies_to: Callable[[bytes], bool] | None = None,
+    ) -> None:
         """Run ``transform(record)`` on each record before it is journaled or stored
-        (redaction), off the agent's thread."""
-        self._transforms.append(transform)
+        (redaction), off the agent's thread. ``applies_to(line)``, a cheap test of the
+        record's JSON text (its journal line), spares the records it says no to: most
+        records hold nothing a redactor looks for, and a test of their text costs far less
+        than a walk through their values."""
+        self._transforms.append((transform, applies_to))
 
     def add_listener(self, listener: BatchListener, tables: Collection[str] | None = None) -> None:
         """Call ``listener(records_by_table)`` on the writer thread after each written batch.
@@ -401,16 +409,20 @@ class Recorder:
         if not items:
             return
         self.counters.queued += len(items)
-        records = self._transformed(expand_calls(items)) if self._transforms else items
         lines: list[bytes] = []
-        for record in records:
-            try:
-                lines.append(encode(record))
-            except Exception as exc:  # nothing JSON can say: set aside, alone
-                self._set_aside(
-                    [{"table": getattr(record, "TABLE", "?"), "record": repr(record)[:2000]}],
-                    f"could not be encoded: {exc!r}",
-                )
+        for item in items:
+            line = self._encoded(item)
+            if line is None:
+                continue
+            wanted = [fn for fn, test in self._transforms if test is None or test(line)]
+            if not wanted:
+                lines.append(line)
+                continue
+            # redaction sees span and rollout records, never a call record
+            for record in self._transformed(expand_calls([item]), wanted):
+                line = self._encoded(record)
+                if line is not None:
+                    lines.append(line)
         if not lines:
             return
         data = b"\n".join(lines) + b"\n"
@@ -420,13 +432,26 @@ class Recorder:
         self._to_backlog(chunk)
         self._bound_memory()
 
-    def _transformed(self, records: list[Record]) -> list[Record]:
+    def _encoded(self, item: Record | bytes) -> bytes | None:
+        """A record's journal line; one that nothing JSON can say is set aside, alone."""
+        try:
+            return encode(item)
+        except Exception as exc:
+            self._set_aside(
+                [{"table": getattr(item, "TABLE", "?"), "record": repr(item)[:2000]}],
+                f"could not be encoded: {exc!r}",
+            )
+            return None
+
+    def _transformed(
+        self, records: list[Record], transforms: list[Callable[[Record], None]]
+    ) -> list[Record]:
         """Records after the redaction transforms; one that fails them is set aside whole
         (never stored unredacted)."""
         kept = []
         for record in records:
             try:
-                for transform in self._transforms:
+                for transform in transforms:
                     transform(record)
                 kept.append(record)
             except Exception as exc:
@@ -738,7 +763,8 @@ class Recorder:
             if tables is None:
                 prefixes = None
                 break
-            prefixes += tuple(f'["{t}"'.encode() for t in (*tables, "call"))
+            calls = ("call",) if tables & {"span", "rollout"} else ()  # a call is one of each
+            prefixes += tuple(f'["{t}"'.encode() for t in (*tables, *calls))
         by_kind: dict[str, list[Record]] = defaultdict(list)
         for line in iter_lines(data):
             # only the lines of tables someone listens to are decoded (a line written by the
