@@ -214,6 +214,8 @@ _PATTERN_NEEDLES: tuple[tuple[bytes, ...], ...] = (
     *((word.encode(),) for word in ("api_key", "api-key", "apikey", "passw", "passwd")),
     *((word.encode(),) for word in ("secret", "access_token", "access-token", "auth_token")),
     (b"auth-token",),
+    (b"accesstoken",),
+    (b"authtoken",),
 )
 
 

@@ -176,25 +176,29 @@ def test_a_bad_extra_pattern_is_a_config_error_naming_it() -> None:
         parse_config("redaction: {patterns: ['(unclosed']}\n")
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("key sk-proj-" + "a1B2" * 10 + " ok", "key sk-proj-[REDACTED] ok"),
-        ("sk-ant-api03-" + "x" * 30, "sk-ant-[REDACTED]"),
-        ("ghp_" + "A" * 36, "ghp_[REDACTED]"),
-        ("xoxb-123456789012-abcdefghij", "xoxb-[REDACTED]"),
-        ("id AKIAIOSFODNN7EXAMPLE", "id AKIA[REDACTED]"),
-        ("AIza" + "b" * 35, "AIza[REDACTED]"),
-        ("Authorization: Bearer abcdefghijklmnop", "Authorization: Bearer [REDACTED]"),
-        ("postgresql://app:hunter2@db:5432/x", "postgresql://app:[REDACTED]@db:5432/x"),
-        ("export OPENAI_API_KEY=abc123def", "export OPENAI_API_KEY=[REDACTED]"),
-        ('{"password": "hunter22"}', '{"password": "[REDACTED]"}'),
-        # ordinary text is left alone
-        ("a task-management-system for the bearer of bad news", None),
-        ("reset the password from the sign-in page", None),
-        ("http://localhost:8080/items@2", None),
-    ],
-)
+CASES = [
+    ("key sk-proj-" + "a1B2" * 10 + " ok", "key sk-proj-[REDACTED] ok"),
+    ("sk-ant-api03-" + "x" * 30, "sk-ant-[REDACTED]"),
+    ("ghp_" + "A" * 36, "ghp_[REDACTED]"),
+    ("xoxb-123456789012-abcdefghij", "xoxb-[REDACTED]"),
+    ("id AKIAIOSFODNN7EXAMPLE", "id AKIA[REDACTED]"),
+    ("AIza" + "b" * 35, "AIza[REDACTED]"),
+    ("Authorization: Bearer abcdefghijklmnop", "Authorization: Bearer [REDACTED]"),
+    ("postgresql://app:hunter2@db:5432/x", "postgresql://app:[REDACTED]@db:5432/x"),
+    ("export OPENAI_API_KEY=abc123def", "export OPENAI_API_KEY=[REDACTED]"),
+    ('{"password": "hunter22"}', '{"password": "[REDACTED]"}'),
+    ("accesstoken=abcdef12", "accesstoken=[REDACTED]"),
+    ("AuthToken: abcdef34", "AuthToken: [REDACTED]"),
+    ("-----BEGIN RSA PRIVATE KEY-----\nMIIabc\n-----END RSA PRIVATE KEY-----", "[REDACTED]"),
+    # ordinary text is left alone
+    ("a task-management-system for the bearer of bad news", None),
+    ("reset the password from the sign-in page", None),
+    ("http://localhost:8080/items@2", None),
+]
+"""(text, what it is stored as; None: stored as it is)."""
+
+
+@pytest.mark.parametrize(("text", "expected"), CASES)
 def test_what_the_default_patterns_catch_and_leave(text, expected) -> None:
     from flywheel_middleware.plugin_system.secrets import SecretRedactor
 
@@ -221,3 +225,17 @@ def test_values_are_copied_where_changed_and_kept_where_not() -> None:
     cyclic: list = []
     cyclic.append(cyclic)
     assert "[REDACTED]" in json.dumps(redactor.value(cyclic))  # bounded, never a RecursionError
+
+
+def test_every_case_is_redacted_on_its_way_to_the_store(run) -> None:
+    """Through the recorder, which first looks for a secret's traces in a record's JSON text."""
+    import flywheel_middleware as fw
+
+    run()
+    for index, (text, _) in enumerate(CASES):
+        with fw.span(f"case-{index}", kind="tool", input={"command": text}):
+            pass
+    assert fw.flush(30)
+    rows = dict(fw.get_store().execute("SELECT name, input FROM span"))
+    for index, (text, expected) in enumerate(CASES):
+        assert json.loads(rows[f"case-{index}"]) == {"command": expected or text}, text
