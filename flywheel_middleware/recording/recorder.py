@@ -2,7 +2,9 @@
 a writer thread puts them in the store.
 
 Rules it keeps (the design's hot path):
-- ``enqueue`` appends to a deque: no lock, no I/O, never raises into the caller;
+- ``enqueue`` appends to a deque: no lock, no I/O, never raises into the caller (only when
+  the journal thread falls behind by a whole queue for ``backpressure_timeout`` does the
+  caller journal its record itself);
 - every ``journal_interval`` the journal thread takes what was queued, redacts it, encodes
   it as JSON lines and (``durability="journal"``) appends it to this process's journal
   segment: from then on a crash loses none of it, the next recorder on the store replays
@@ -79,7 +81,8 @@ class RecorderCounters:
 
     ``queued`` counts records taken off the queue, ``journaled`` those on local disk,
     ``written`` rows in the store, ``retried`` failed write attempts, ``spilled`` records
-    whose copy left memory for the journal (byte bound), ``replayed`` rows written from the
+    whose copy left memory for the journal (byte bound, or a queue full for too long),
+    ``replayed`` rows written from the
     journals of earlier processes, ``dead_lettered`` records or rows set aside in the
     dead-letter file, ``coerced`` values stored as NULL or a number (a token count of
     ``"n/a"``), ``lost`` records that could be neither kept nor journaled (disk full and
@@ -223,7 +226,8 @@ class Recorder:
 
     def enqueue(self, record: Record | bytes) -> None:
         """Queue a finished record (or a call record packed by ``records.pack_call``).
-        Never raises, never does I/O."""
+        Never raises; does no I/O unless the queue stays full for ``backpressure_timeout``
+        (then the caller journals the record itself)."""
         try:
             buf = self._buf
             if len(buf) < self.queue_size:
@@ -241,8 +245,10 @@ class Recorder:
                 if len(buf) < self.queue_size:
                     buf.append(record)
                     return
-            self.counters.lost += 1
-            log.error("flywheel: the recorder's queue stayed full; a record was LOST")
+            # The journal thread is not keeping up: this thread journals the record itself
+            # (local disk; the old "spill"), rather than lose what was acknowledged.
+            self.counters.spilled += 1
+            self._hand_on([record])
         except Exception:  # the host agent must never see our failure
             log.exception("flywheel recorder could not queue a record")
 

@@ -94,7 +94,7 @@ def test_db_upgrade_reports_the_revision(tmp_path):
     url = f"sqlite:///{tmp_path / 'new.db'}"
     result = run("db", "upgrade", "--store", url)
     assert result.exit_code == 0 and "empty → 0003" in result.output
-    assert "0002 → 0002" in run("db", "upgrade", "--store", url).output
+    assert "0003 → 0003" in run("db", "upgrade", "--store", url).output
 
 
 def test_bad_config_file_is_a_clean_cli_error(tmp_path):

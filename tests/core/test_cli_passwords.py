@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import queue
 import secrets
-import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
@@ -71,17 +72,20 @@ def test_flywheel_serve_start_up_line_hides_the_password(postgres_url, tmp_path)
         text=True,
     )
     lines: list[str] = []
+    said: queue.Queue[str] = queue.Queue()  # a reader thread: select() misses buffered lines
+    reader = threading.Thread(target=lambda: [said.put(line) for line in proc.stdout])
+    reader.start()
     try:  # read until uvicorn says it serves: the start-up line and the server's logs
         deadline = time.monotonic() + 60
         while not any("Uvicorn running on" in line for line in lines):
-            ready, _, _ = select.select(
-                [proc.stdout], [], [], max(0.0, deadline - time.monotonic())
-            )
-            assert ready and proc.poll() is None, "".join(lines)
-            lines.append(proc.stdout.readline())
+            assert proc.poll() is None, "".join(lines)
+            lines.append(said.get(timeout=max(0.1, deadline - time.monotonic())))
     finally:
         proc.send_signal(signal.SIGINT)
-        lines.append(proc.communicate(timeout=30)[0])
+        proc.wait(timeout=30)
+        reader.join(timeout=30)
+    while not said.empty():
+        lines.append(said.get())
     output = "".join(lines)
     assert f"flywheel service on http://127.0.0.1:{port}/" in output
     assert "(store postgresql+psycopg://postgres:***@" in output
