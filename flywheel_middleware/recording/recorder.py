@@ -72,6 +72,7 @@ log = logging.getLogger("flywheel_middleware.recording.recorder")
 BatchListener = Callable[[dict[str, list[Record]]], None]
 WRITER_MODES = ("auto", "process", "thread")
 DURABILITY = ("journal", "memory")
+_BATCH_BYTES = 4 * 1024 * 1024  # a batch also ends past this many bytes of lines
 _ORPHAN_CHECK = 30.0  # seconds between looks for journals of processes that died meanwhile
 
 
@@ -557,20 +558,22 @@ class Recorder:
                 self._replay_orphans()
 
     def _take_batch(self) -> tuple[list[Chunk], list[_Flush], bool]:
-        """Chunks from the front of the backlog, up to ``batch_size`` records, stopping
-        after a marker (what came before it is written, then it is answered)."""
+        """Chunks from the front of the backlog, up to ``batch_size`` records (and about
+        ``_BATCH_BYTES``), stopping after a marker (what came before it is written, then it is answered)."""
         chunks: list[Chunk] = []
         markers: list[_Flush] = []
-        count = 0
+        count = nbytes = 0
         with self._backlog_lock:
             backlog = self._backlog
             while backlog:
                 item = backlog[0]
                 if isinstance(item, Chunk):
-                    if chunks and count + item.count > self.batch_size:
+                    full = count + item.count > self.batch_size or nbytes > _BATCH_BYTES
+                    if chunks and full:
                         break
                     chunks.append(backlog.popleft())
                     count += item.count
+                    nbytes += item.nbytes
                     continue
                 backlog.popleft()
                 if item is _STOP:
