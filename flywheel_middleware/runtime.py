@@ -168,6 +168,7 @@ def _open_store() -> Store:
 def _start_recorder() -> Recorder:
     from flywheel_middleware.plugin_system.manager import install_redaction
     from flywheel_middleware.recording.recorder import Recorder
+    from flywheel_middleware.recording.secrets import secret_redactor
 
     cfg = get_config().store
     recorder = Recorder(
@@ -182,6 +183,7 @@ def _start_recorder() -> Recorder:
         journal_interval=cfg.journal_interval,
         max_buffer_mb=cfg.max_buffer_mb,
         handle_signals=cfg.handle_signals,
+        secrets=secret_redactor(get_config().redaction),
     )
     recorder.add_listener(_check_triggers, tables=("feedback",))
     recorder.add_listener(_report_unknown_rollouts, tables=("feedback",))

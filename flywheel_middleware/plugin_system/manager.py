@@ -23,7 +23,6 @@ from flywheel_middleware.config import FlywheelConfig, PluginSpec
 from flywheel_middleware.errors import ConfigError, PluginError
 from flywheel_middleware.plugin_system import hookspecs
 from flywheel_middleware.plugin_system.base import PLUGIN_KINDS, Plugin, PluginContext
-from flywheel_middleware.plugin_system.secrets import install_secret_redaction
 
 log = logging.getLogger("flywheel_middleware.plugins")
 
@@ -437,18 +436,13 @@ def third_party_entry_points(group: str = hookspecs.PROJECT) -> list[importlib.m
 
 
 def install_redaction(recorder: Any, config: FlywheelConfig) -> bool:
-    """Add the redact_span hooks and ``redactors:``, then the default secret redactor, to a
-    recorder as transforms (True if any).
+    """Add the redact_span hooks and ``redactors:`` to a recorder as a transform (True if any).
 
-    The plugin transform turns each record into a dict (with ``table``), redacts it, and
-    copies the fields back, so hooks see plain data and never the recorder's internals. The
-    default redactor runs last and leaves what a plugin already redacted as it is.
+    The transform turns each record into a dict (with ``table``), redacts it, and copies the
+    fields back, so hooks see plain data and never the recorder's internals. The default
+    secret redactor is not a plugin: the recorder runs it where rows are built
+    (``recording.secrets``), after this, leaving what a plugin redacted as it is.
     """
-    plugins = _install_plugin_redaction(recorder, config)
-    return install_secret_redaction(recorder, config.redaction) or plugins
-
-
-def _install_plugin_redaction(recorder: Any, config: FlywheelConfig) -> bool:
     if not (config.redactors or config.plugins or _cache or third_party_entry_points()):
         return False  # only the built-ins, which define no redact_span hook: nothing to load
     try:

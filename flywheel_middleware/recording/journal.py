@@ -28,7 +28,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,12 +409,17 @@ class LineRows:
     bad: list[dict[str, Any]] = field(default_factory=list)
 
 
-def rows_from_lines(data: bytes, time_conv: TimeConv) -> LineRows:
-    """Both writers' first step (the recorder's thread and the writer process)."""
+def rows_from_lines(
+    data: bytes, time_conv: TimeConv, scrub: Callable[[str, list], list] | None = None
+) -> LineRows:
+    """Both writers' first step (the recorder's thread and the writer process); ``scrub``
+    (the secret redactor's) sees each record's values before they become rows."""
     out = LineRows()
     for line in iter_lines(data):
         try:
             table, values = decode(line)
+            if scrub is not None:
+                values = scrub(table, values)
             for row_table, row in rows_of(table, values, time_conv, out.notes):
                 out.by_table.setdefault(row_table, []).append(row)
         except Exception as exc:  # a line no row can be made of: set aside, alone

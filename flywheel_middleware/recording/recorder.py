@@ -59,6 +59,7 @@ from flywheel_middleware.recording.journal import (
     release_orphan,
     rows_from_lines,
 )
+from flywheel_middleware.recording.secrets import SecretRedactor
 from flywheel_middleware.recording.writer_process import (
     WriterBusy,
     WriterGone,
@@ -165,13 +166,15 @@ class Recorder:
         exit_timeout: float = 10.0,
         writer: str = "auto",
         handle_signals: bool = True,
+        secrets: SecretRedactor | None = None,
     ) -> None:
         """``writer``: ``auto`` (a writer process on a SQLite file, else this process's
         thread), ``process`` (the same, warning where it cannot) or ``thread``.
         ``durability``: ``journal`` (every record on local disk within ``journal_interval``)
         or ``memory`` (the journal only for what memory or the exit deadline cannot hold).
         ``spill_dir``: a folder for the journal (default beside a SQLite file, else under
-        ``$XDG_STATE_HOME/flywheel``)."""
+        ``$XDG_STATE_HOME/flywheel``). ``secrets``: the redactor every row passes before it
+        is stored (``recording.secrets``; the runtime's follows ``redaction:``)."""
         if writer not in WRITER_MODES:
             raise ValueError(f"writer must be one of {WRITER_MODES}, not {writer!r}")
         if durability not in DURABILITY:
@@ -201,7 +204,8 @@ class Recorder:
         self._journal_lock = threading.Lock()  # segment bookkeeping, shared by both threads
         self._journal_failing = False
         self._listeners: list[tuple[BatchListener, frozenset[str] | None]] = []
-        self._transforms: list[tuple[Callable[[Record], None], Callable[[bytes], bool] | None]] = []
+        self._transforms: list[Callable[[Record], None]] = []
+        self.secrets = secrets
         self._give_up = threading.Event()
         self._closed = False
         self._conn: Any = None
@@ -209,7 +213,7 @@ class Recorder:
         self.owner_pid = os.getpid()  # a forked child's copy is not its own
         self._process: WriterProcess | None = None
         if writer != "thread" and store.sqlite_path is not None and can_spawn():
-            self._process = WriterProcess(store.sqlite_path, self.journal_dir)
+            self._process = WriterProcess(store.sqlite_path, self.journal_dir, secrets)
             self.counters.writer = "process"
         elif writer == "process":
             log.warning("flywheel: a writer process needs a SQLite file store; using a thread")
@@ -253,18 +257,10 @@ class Recorder:
         except Exception:  # the host agent must never see our failure
             log.exception("flywheel recorder could not queue a record")
 
-    def add_transform(
-        self,
-        transform: Callable[[Record], None],
-        *,
-        applies_to: Callable[[bytes], bool] | None = None,
-    ) -> None:
-        """Run ``transform(record)`` on each record before it is journaled or stored
-        (redaction), off the agent's thread. ``applies_to(line)``, a cheap test of the
-        record's JSON text (its journal line), spares the records it says no to: most
-        records hold nothing a redactor looks for, and a test of their text costs far less
-        than a walk through their values."""
-        self._transforms.append((transform, applies_to))
+    def add_transform(self, transform: Callable[[Record], None]) -> None:
+        """Run ``transform(record)`` on each record before it is journaled (redaction
+        plugins), off the agent's thread."""
+        self._transforms.append(transform)
 
     def add_listener(self, listener: BatchListener, tables: Collection[str] | None = None) -> None:
         """Call ``listener(records_by_table)`` on the writer thread after each written batch.
@@ -416,20 +412,9 @@ class Recorder:
         if not items:
             return
         self.counters.queued += len(items)
-        lines: list[bytes] = []
-        for item in items:
-            line = self._encoded(item)
-            if line is None:
-                continue
-            wanted = [fn for fn, test in self._transforms if test is None or test(line)]
-            if not wanted:
-                lines.append(line)
-                continue
-            # redaction sees span and rollout records, never a call record
-            for record in self._transformed(expand_calls([item]), wanted):
-                line = self._encoded(record)
-                if line is not None:
-                    lines.append(line)
+        # redaction plugins see span and rollout records, never a call record
+        records = self._transformed(expand_calls(items)) if self._transforms else items
+        lines = [line for record in records if (line := self._encoded(record)) is not None]
         if not lines:
             return
         data = b"\n".join(lines) + b"\n"
@@ -450,15 +435,13 @@ class Recorder:
             )
             return None
 
-    def _transformed(
-        self, records: list[Record], transforms: list[Callable[[Record], None]]
-    ) -> list[Record]:
+    def _transformed(self, records: list[Record]) -> list[Record]:
         """Records after the redaction transforms; one that fails them is set aside whole
         (never stored unredacted)."""
         kept = []
         for record in records:
             try:
-                for transform in transforms:
+                for transform in self._transforms:
                     transform(record)
                 kept.append(record)
             except Exception as exc:
@@ -622,7 +605,8 @@ class Recorder:
             written = self._ship(data)
             if written is not None:
                 return written
-        found = rows_from_lines(data, self._time_conv)
+        scrub = self.secrets.scrub if self.secrets is not None else None
+        found = rows_from_lines(data, self._time_conv, scrub)
         if found.bad:
             self._set_aside(found.bad, "no row could be made of it")
         self._note_coerced(found.notes)

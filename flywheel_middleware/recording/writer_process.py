@@ -34,6 +34,7 @@ import orjson
 
 from flywheel_middleware.capture.records import RECORD_TYPES, ns_to_sqlite_text
 from flywheel_middleware.recording.journal import dead_letter, rows_from_lines
+from flywheel_middleware.recording.secrets import SecretRedactor
 from flywheel_middleware.store.sqlite_rows import apply_pragmas, insert_rows
 
 _HEADER = struct.Struct("<I")
@@ -88,9 +89,12 @@ def can_spawn() -> bool:
 class WriterProcess:
     """The parent's handle on one writer child; used by the recorder's writer thread only."""
 
-    def __init__(self, db_path: Path, journal_dir: Path) -> None:
+    def __init__(
+        self, db_path: Path, journal_dir: Path, secrets: SecretRedactor | None = None
+    ) -> None:
         self.db_path = db_path
         self.journal_dir = journal_dir
+        self.secrets = secrets  # the child builds the same redactor from its settings
         self.pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         _live.add(self)
@@ -98,6 +102,8 @@ class WriterProcess:
     def start(self) -> None:
         package_dir = str(Path(__file__).resolve().parents[2])
         argv = [sys.executable, "-c", _BOOT, package_dir, str(self.db_path), str(self.journal_dir)]
+        if self.secrets is not None:
+            argv.append(orjson.dumps(self.secrets.settings()).decode())
         try:
             self._proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
@@ -173,8 +179,14 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
 # -- the child's side ----------------------------------------------------------------------
 
 
-def _write(conn: sqlite3.Connection, lines: bytes, cache: dict[str, str], dead_dir: str) -> dict:
-    found = rows_from_lines(lines, ns_to_sqlite_text)
+def _write(
+    conn: sqlite3.Connection,
+    lines: bytes,
+    cache: dict[str, str],
+    dead_dir: str,
+    secrets: SecretRedactor | None,
+) -> dict:
+    found = rows_from_lines(lines, ns_to_sqlite_text, secrets.scrub if secrets else None)
     by_table, notes, bad = found.by_table, found.notes, found.bad
     try:
         cur = conn.cursor()
@@ -240,7 +252,8 @@ def main(argv: list[str]) -> None:
     """The child: answer requests until ``stop`` or the parent goes away (end of stdin)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host; it stops us itself
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a group's SIGTERM too: the parent closes us
-    db_path, dead_dir = argv
+    db_path, dead_dir, *redaction = argv
+    secrets = SecretRedactor(**orjson.loads(redaction[0])) if redaction else None
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, never into the protocol
     requests = sys.stdin.buffer
@@ -253,7 +266,7 @@ def main(argv: list[str]) -> None:
         if data is None or data[:1] == b"S":
             break
         try:
-            reply = _write(conn, data[1:], cache, dead_dir)
+            reply = _write(conn, data[1:], cache, dead_dir, secrets)
         except sqlite3.OperationalError as exc:
             conn.rollback()
             reply = {"retry": repr(exc)}

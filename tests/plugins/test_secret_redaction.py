@@ -200,7 +200,7 @@ CASES = [
 
 @pytest.mark.parametrize(("text", "expected"), CASES)
 def test_what_the_default_patterns_catch_and_leave(text, expected) -> None:
-    from flywheel_middleware.plugin_system.secrets import SecretRedactor
+    from flywheel_middleware.recording.secrets import SecretRedactor
 
     redacted = SecretRedactor().text(text)
     if expected is None:
@@ -210,7 +210,7 @@ def test_what_the_default_patterns_catch_and_leave(text, expected) -> None:
 
 
 def test_values_are_copied_where_changed_and_kept_where_not() -> None:
-    from flywheel_middleware.plugin_system.secrets import SecretRedactor
+    from flywheel_middleware.recording.secrets import SecretRedactor
 
     redactor = SecretRedactor()
     clean = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "input_tokens": 3}

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from flywheel_middleware.plugin_system.secrets import SecretRedactor
+from flywheel_middleware.recording.secrets import SecretRedactor
 
 from .conftest import API_KEY
 

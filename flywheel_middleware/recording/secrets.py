@@ -1,12 +1,13 @@
 """The default redactor: API keys, tokens and passwords never reach the store.
 
-On unless ``redaction: {secrets: false}``. It runs as a recorder transform (on the writer,
-never on the agent's thread) over every free-text and JSON column of a span, rollout,
-feedback or telemetry record: strings are scanned for known key formats, and a value under a
-credential-named key (``authorization``, ``api_key``, ``password``, ``*_token``, ...) is
-replaced whole. Containers are copied where something changed, never edited, so the agent's
-own objects stay as they were. Plain ``re`` only: no plugin is loaded for it. It runs after
-the redaction plugins and keeps what they wrote (``[REDACTED:email]``).
+On unless ``redaction: {secrets: false}``. It runs where rows are built from the journal's
+lines (the writer process on a SQLite file, else the recorder's writer thread), never on the
+agent's thread nor the journal thread, over every free-text and JSON column of a span,
+rollout, feedback or telemetry record: strings are scanned for known key formats, and a value
+under a credential-named key (``authorization``, ``api_key``, ``password``, ``*_token``, ...)
+is replaced whole. Plain ``re`` only: no plugin is loaded for it. It runs after the redaction
+plugins and keeps what they wrote (``[REDACTED:email]``). Until a record is stored, it sits
+unredacted in the journal, which only this user can read and which is deleted once stored.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from flywheel_middleware.capture.records import CallRecord
 from flywheel_middleware.capture.serialize import to_jsonable
 from flywheel_middleware.tables import RECORDED
 
@@ -65,10 +67,15 @@ KEYS: tuple[str, ...] = (
 """Keys whose values are secrets, normalised (lower case, ``-``/``.``/space as ``_``); a key
 ending in ``_<one of these>`` counts too (``openai_api_key``, ``access_token``)."""
 
-# The columns scanned: every free-text and JSON column of the recorded tables.
-_COLUMNS = {
-    name: tuple(c.name for c in table.columns if c.type in ("json", "longtext"))
-    for name, table in RECORDED.items()
+# Where a journal line's values hold the free-text and JSON columns of its table (a call
+# record's columns are its span's and its rollout's).
+_TYPES = {c.name: c.type for table in RECORDED.values() for c in table.columns}
+_SCANNED = {
+    table: tuple(i for i, name in enumerate(columns) if _TYPES.get(name) in ("json", "longtext"))
+    for table, columns in {
+        **{name: table.record_columns for name, table in RECORDED.items()},
+        "call": CallRecord.COLUMNS,
+    }.items()
 }
 _SCALARS = (int, float, bool, type(None))
 _KEY_CACHE_LIMIT = 10_000
@@ -87,10 +94,9 @@ class SecretRedactor:
     def __init__(self, patterns: Iterable[str] = (), keys: Iterable[str] = ()) -> None:
         compiled = [(re.compile(p), needles) for _, p, needles in PATTERNS]
         self._patterns = [(c, n, bool(c.flags & re.IGNORECASE)) for c, n in compiled]
-        self._patterns += [(re.compile(p), (), False) for p in patterns]  # always run
-        self._keys = frozenset(KEYS) | {_normal_key(k) for k in keys}
-        self._always = bool(self._patterns[len(PATTERNS) :])  # a user's pattern has no needle
-        self._line_needles = _line_needles(self._keys)
+        self._extra_patterns, self._extra_keys = tuple(patterns), frozenset(keys)
+        self._patterns += [(re.compile(p), (), False) for p in self._extra_patterns]  # always run
+        self._keys = frozenset(KEYS) | {_normal_key(k) for k in self._extra_keys}
         self._key_verdicts: dict[str, bool] = {}
         self._seen: dict[str, str] = {}  # long text -> the text redacted
 
@@ -140,15 +146,6 @@ class SecretRedactor:
             text = pattern.sub(_replacement, text)
         return text
 
-    def may_hold_secrets(self, line: bytes) -> bool:
-        """Whether a record's JSON text (its journal line) holds anything a secret would
-        (a pattern's needle, a credential-named key): the recorder runs ``redact_record``
-        only on those, so a record with none costs one search of its text, not a walk."""
-        if self._always:
-            return True
-        lowered = line.lower()
-        return any(all(n in lowered for n in group) for group in self._line_needles)
-
     # -- values and records ------------------------------------------------------------------
 
     def value(self, value: Any, _depth: int = 0) -> Any:
@@ -186,47 +183,18 @@ class SecretRedactor:
             return value
         return self.value(to_jsonable(value), deeper)
 
-    def redact_record(self, record: Any) -> None:
-        """The recorder transform: scrub the record's free-text and JSON columns in place."""
-        for column in _COLUMNS.get(record.TABLE, ()):
-            old = getattr(record, column, None)
-            if old is None:
-                continue
-            new = self.value(old)
-            if new is not old:
-                setattr(record, column, new)
+    def scrub(self, table: str, values: list) -> list:
+        """A journal line's values with the secrets of their text and JSON columns replaced
+        (the list itself, changed in place)."""
+        for i in _SCANNED.get(table, ()):
+            old = values[i]
+            if old is not None:
+                values[i] = self.value(old)
+        return values
 
-
-# What a record's lower-cased JSON text holds when a pattern could match: each group's
-# needles all present. Looser than the patterns (``sk-`` is in "task-"), never tighter.
-_PATTERN_NEEDLES: tuple[tuple[bytes, ...], ...] = (
-    (b"sk-",),
-    *((f"gh{c}_".encode(),) for c in "pousr"),
-    (b"github_pat_",),
-    (b"xox",),
-    (b"akia",),
-    (b"asia",),
-    (b"aiza",),
-    (b"eyj",),
-    (b"bearer",),
-    (b"://", b"@"),
-    (b"private key",),
-    *((word.encode(),) for word in ("api_key", "api-key", "apikey", "passw", "passwd")),
-    *((word.encode(),) for word in ("secret", "access_token", "access-token", "auth_token")),
-    (b"auth-token",),
-    (b"accesstoken",),
-    (b"authtoken",),
-)
-
-
-def _line_needles(keys: Iterable[str]) -> tuple[tuple[bytes, ...], ...]:
-    """The patterns' needles, and each credential key as a JSON key would spell it (its
-    words joined by ``_``, ``-``, ``.`` or a space), ending at the key's closing quote."""
-    spelled = set()
-    for key in keys:
-        for joint in "_-. ":
-            spelled.add((key.replace("_", joint) + '"').encode())
-    return _PATTERN_NEEDLES + tuple((k,) for k in sorted(spelled))
+    def settings(self) -> dict[str, list[str]]:
+        """What makes another process's redactor the same as this one."""
+        return {"patterns": list(self._extra_patterns), "keys": sorted(self._extra_keys)}
 
 
 def _kept_under_secret_key(value: Any) -> bool:
@@ -241,11 +209,8 @@ def _replacement(match: re.Match[str]) -> str:
     return f"{kept}{REDACTED}" if kept else REDACTED
 
 
-def install_secret_redaction(recorder: Any, redaction: Any) -> bool:
-    """Add the default redactor to ``recorder`` unless ``redaction.secrets`` is off (True
-    when added). ``redaction`` is the YAML's ``redaction:`` section."""
+def secret_redactor(redaction: Any) -> SecretRedactor | None:
+    """The default redactor the YAML's ``redaction:`` section asks for (None when off)."""
     if not redaction.secrets:
-        return False
-    redactor = SecretRedactor(redaction.patterns, redaction.keys)
-    recorder.add_transform(redactor.redact_record, applies_to=redactor.may_hold_secrets)
-    return True
+        return None
+    return SecretRedactor(redaction.patterns, redaction.keys)
