@@ -371,10 +371,17 @@ class Recorder:
     # -- the journal thread --------------------------------------------------------------
 
     def _journal_loop(self) -> None:
+        started = time.monotonic()
         while True:
-            if len(self._buf) < self.queue_size // 4:  # else producers outpace us: go on
-                self._journal_wake.wait(0.005 if self._stopping else self.journal_interval)
+            # A pass every journal_interval, counted from the last pass's start (its own time
+            # is not added to the wait); at once while producers outpace it.
+            if len(self._buf) < self.queue_size // 4:
+                interval = 0.005 if self._stopping else self.journal_interval
+                delay = started + interval - time.monotonic()
+                if delay > 0:
+                    self._journal_wake.wait(delay)
             self._journal_wake.clear()
+            started = time.monotonic()
             try:
                 if self._journal_pass():
                     return
