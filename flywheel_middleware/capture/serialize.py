@@ -33,6 +33,25 @@ def snapshot(value: Any) -> Any:
     return value
 
 
+def _valid_text(text: str) -> str:
+    """``text`` as valid Unicode: a lone surrogate (half a UTF-16 pair, from a broken
+    decoder) becomes U+FFFD, as no database or JSON encoder takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _short_repr(value: Any) -> str:
+    """At most 200 characters of ``repr(value)``; a value too deep (or too odd) to repr
+    becomes a placeholder naming its type."""
+    try:
+        return _truncate(repr(value), 200)
+    except Exception:  # RecursionError among them
+        return f"<{type(value).__name__} nested too deep to show>"
+
+
 def _truncate(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
@@ -48,9 +67,9 @@ def to_jsonable(value: Any, *, max_string: int = MAX_STRING, _depth: int = 0) ->
             value if value == value and value not in (float("inf"), float("-inf")) else str(value)
         )
     if isinstance(value, str):
-        return _truncate(value, max_string)
+        return _truncate(_valid_text(value), max_string)
     if _depth >= MAX_DEPTH:
-        return _truncate(repr(value), 200)
+        return _short_repr(value)
     nxt = _depth + 1
     if isinstance(value, Mapping):
         out = {}

@@ -7,7 +7,9 @@
   process, the recorders are closed and the signal is raised again, so the process still
   ends the way its sender expects;
 - SIGKILL and ``os._exit``: nothing runs, and the journal holds what was queued up to one
-  ``journal_interval`` before; the next recorder on the store replays it;
+  ``journal_interval`` before; the next recorder on the store replays it (a
+  ``multiprocessing`` or billiard worker's exit runs their ``Finalize`` callbacks first:
+  there the recorders are closed);
 - ``fork``: the child forgets its parent's recorders (their files and writer are not its).
 
 Handlers can be installed only from the main thread: ``fw.configure`` installs them (unless
@@ -20,6 +22,7 @@ import atexit
 import logging
 import os
 import signal
+import sys
 import threading
 import weakref
 from typing import Any
@@ -28,14 +31,31 @@ log = logging.getLogger("flywheel_middleware.recording.exits")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _recorders: weakref.WeakSet[Any] = weakref.WeakSet()
-_previous: dict[int, Any] = {}
+_previous: dict[int, Any] = {}  # the handler ours replaced, per signal
+_handling = False
 
 
 def watch(recorder: Any, *, signals: bool = True) -> None:
     """Close ``recorder`` at exit, and (``signals``) journal it on SIGTERM and SIGINT."""
     _recorders.add(recorder)
+    _close_in_pool_workers()
     if signals:
         install_signal_handlers()
+
+
+_finalizing: set[int] = set()  # the pids whose process pools' exit closes the recorders
+
+
+def _close_in_pool_workers() -> None:
+    """A ``multiprocessing`` (or Celery's billiard) worker ends with ``os._exit``, past
+    atexit; both run their ``Finalize`` callbacks first, so the recorders close there."""
+    if os.getpid() in _finalizing:
+        return
+    _finalizing.add(os.getpid())
+    for name in ("multiprocessing.util", "billiard.util"):
+        pool_util = sys.modules.get(name)
+        if pool_util is not None:
+            pool_util.Finalize(None, close_all, exitpriority=100)
 
 
 def unwatch(recorder: Any) -> None:
@@ -44,13 +64,15 @@ def unwatch(recorder: Any) -> None:
 
 def install_signal_handlers() -> bool:
     """Put our handler in front of SIGTERM's and SIGINT's (chaining to them); False off the
-    main thread, where Python cannot set handlers: the next call from it does."""
+    main thread, where Python cannot set handlers: the next call from it does. Once ours
+    was installed, a handler the application put in front of it later is left there (it
+    chains to ours, or means to replace it)."""
     if threading.current_thread() is not threading.main_thread():
         return False
     for signum in _SIGNALS:
-        current = signal.getsignal(signum)
-        if current is _on_signal:
+        if signum in _previous:
             continue
+        current = signal.getsignal(signum)
         if current is None:  # set from C, not Python: leave it alone
             continue
         _previous[signum] = current
@@ -72,17 +94,46 @@ def close_all() -> None:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    global _handling
     previous = _previous.get(signum, signal.SIG_DFL)
-    for recorder in _mine():
-        recorder.journal_now()
+    if _handling:  # a second signal while the first is handled: just pass it on
+        _chain(previous, signum, frame)
+        return
+    _handling = True
+    try:
+        # The recorders are closed (or journaled) on a thread of their own: the frame this
+        # handler interrupted may hold one of their locks, which it could never take here.
+        work = _close_all_in_time if not callable(previous) else _journal_all
+        helper = threading.Thread(target=work, name="flywheel-exit", daemon=True)
+        helper.start()
+        helper.join(_deadline())
+    finally:
+        _handling = False
+    _chain(previous, signum, frame)
+
+
+def _chain(previous: Any, signum: int, frame: Any) -> None:
+    """What would have happened without us: the previous handler, or the default action."""
     if callable(previous):
         previous(signum, frame)
-        return
-    if previous == signal.SIG_IGN:
-        return
-    close_all()  # the default action ends the process without atexit: close first
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    elif previous != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _journal_all() -> None:
+    for recorder in _mine():
+        recorder.journal_now()
+
+
+def _close_all_in_time() -> None:
+    _journal_all()
+    close_all()
+
+
+def _deadline() -> float:
+    """How long the handler waits for the recorders: their exit timeout, and a little more."""
+    return max((r.exit_timeout for r in _mine()), default=0.0) + 5.0
 
 
 atexit.register(close_all)

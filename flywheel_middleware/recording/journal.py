@@ -93,8 +93,9 @@ def ensure_private_dir(path: Path) -> Path:
 
 
 def _open_private(path: Path, flags: int) -> int:
-    """A file descriptor on ``path``, refusing symlinks and files of other users."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    """A file descriptor on ``path``, refusing symlinks, FIFOs and devices (opened without
+    blocking, then checked) and files of other users."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     info = os.fstat(fd)
     if info.st_uid != os.getuid() or not stat.S_ISREG(info.st_mode):
         os.close(fd)
@@ -190,10 +191,12 @@ class JournalWriter:
     def __init__(self, directory: Path) -> None:
         self.directory = ensure_private_dir(directory)
         self.prefix = f"{os.getpid()}-{time.time_ns()}"
-        self._lock_fd = _open_private(
-            directory / f"{self.prefix}.lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        )
+        # Locked before it is visible under its name: a replaying process that finds the
+        # lock file can never take it in the moment between its creation and its flock.
+        hidden = directory / f".{self.prefix}.lock-new"
+        self._lock_fd = _open_private(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        os.rename(hidden, directory / f"{self.prefix}.lock")
         self._seq = 0
         self.active: Segment | None = None
         self.segments: list[Segment] = []

@@ -200,6 +200,7 @@ class Recorder:
         self._backlog: deque[Any] = deque()
         self._backlog_lock = threading.Lock()
         self._backlog_ready = threading.Event()
+        self._in_flight: list[Chunk] = []  # the batch the writer is storing right now
         self._journal: JournalWriter | None = None
         self._journal_lock = threading.Lock()  # segment bookkeeping, shared by both threads
         self._journal_failing = False
@@ -234,6 +235,9 @@ class Recorder:
         Never raises; does no I/O unless the queue stays full for ``backpressure_timeout``
         (then the caller journals the record itself)."""
         try:
+            if self._closed:  # no journal thread any more: journal it here
+                self._hand_on([record])
+                return
             buf = self._buf
             if len(buf) < self.queue_size:
                 buf.append(record)
@@ -272,7 +276,7 @@ class Recorder:
         """Write everything queued so far (and any journal left by a dead process) to the
         store; True when it all landed in time."""
         if not self._writer_thread.is_alive():
-            return not self._buf and not self._backlog
+            return not self._buf and not self._backlog and not self._in_flight
         marker = _Flush()
         self._buf.append(marker)
         self._journal_wake.set()
@@ -316,18 +320,22 @@ class Recorder:
         self._closed = True
         self._stopping = True
         timeout = self.exit_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         ok = self.flush(timeout)
         self._give_up.set()
         self._buf.append(_STOP)
         self._journal_wake.set()
-        self._journal_thread.join(timeout=30)
+        self._journal_thread.join(timeout=max(1.0, deadline - time.monotonic()))
         self._backlog_ready.set()
-        self._writer_thread.join(timeout=30)
+        # The writer may be inside one database call: wait for it until the deadline (at
+        # least a second), no longer; what it holds is journaled below either way.
+        self._writer_thread.join(timeout=max(1.0, deadline - time.monotonic()))
         if self._process is not None:
-            self._process.stop()
+            self._process.stop(timeout=max(1.0, deadline - time.monotonic()))
         left = self._keep_unwritten()
         with self._journal_lock:
-            kept = self._journal.close() if self._journal is not None else 0
+            journal, self._journal = self._journal, None
+            kept = journal.close() if journal is not None else 0
         if left:
             log.warning(
                 "flywheel: %d records not yet in the store %s are kept in the journal %s "
@@ -342,31 +350,40 @@ class Recorder:
         return ok and not left
 
     def _keep_unwritten(self) -> int:
-        """After the threads stopped: make sure every chunk still unwritten is journaled;
-        returns how many records wait in the journal."""
-        left = 0
+        """After the threads stopped (or were given up on): journal every record not yet in
+        the store (queued, in chunks, in the writer's hands); returns how many wait there."""
         with self._backlog_lock:
             chunks = [c for c in self._backlog if isinstance(c, Chunk)]
             markers = [m for m in self._backlog if isinstance(m, _Flush)]
             self._backlog.clear()
-        for leftover in list(self._buf):  # the journal thread did not get to them (stuck)
-            if isinstance(leftover, _Flush):
-                markers.append(leftover)
-            elif leftover is not _STOP:
-                self.counters.lost += 1
+        chunks += [c for c in self._in_flight if c not in chunks]
+        queued = []
+        while self._buf:  # records the journal thread did not get to (or that came later)
+            item = self._buf.popleft()
+            if isinstance(item, _Flush):
+                markers.append(item)
+            elif item is not _STOP:
+                queued.append(item)
+        left = 0
         for chunk in chunks:
-            if chunk.segment is None and not self._journal_chunk(chunk):
-                self.counters.lost += chunk.count
-                log.error(
-                    "flywheel: %d records could not be journaled at exit and are LOST",
-                    chunk.count,
-                )
-                continue
-            left += chunk.count
+            if chunk.segment is not None or self._journal_chunk(chunk):
+                left += chunk.count
+            else:
+                self._report_lost(chunk.count, "could not be journaled at exit")
+        if queued:
+            before = self.counters.journaled
+            self._hand_on(queued)  # encoded and journaled now, on this thread
+            left += self.counters.journaled - before
+        with self._backlog_lock:
+            self._backlog.clear()  # what _hand_on put there is journaled: nothing to write
         for marker in markers:
             marker.journaled.set()
             marker.done.set()
         return left
+
+    def _report_lost(self, count: int, why: str) -> None:
+        self.counters.lost += count
+        log.error("flywheel: %d records %s and are LOST", count, why)
 
     # -- the journal thread --------------------------------------------------------------
 
@@ -426,7 +443,7 @@ class Recorder:
             return
         data = b"\n".join(lines) + b"\n"
         chunk = Chunk(data=data, count=len(lines), nbytes=len(data))
-        if self.durability == "journal":
+        if self.durability == "journal" or self._closed:  # closed: nothing else will write it
             self._journal_chunk(chunk)
         self._to_backlog(chunk)
         self._bound_memory()
@@ -534,7 +551,19 @@ class Recorder:
                 chunks, markers, stop = self._take_batch()
                 if not chunks and not markers and not stop:
                     break
-                if chunks and not self._write_chunks(chunks):
+                self._in_flight = chunks
+                try:
+                    written = not chunks or self._write_chunks(chunks)
+                except Exception as exc:  # not the store's unavailability: never die of it
+                    self.counters.last_error = repr(exc)
+                    log.exception("flywheel: writing a batch failed; retrying it in 1 s")
+                    self._put_back(chunks, markers, stop)
+                    self._in_flight = []
+                    if self._give_up.wait(1.0):
+                        return  # closing: close() journals what is left
+                    continue
+                self._in_flight = []
+                if not written:
                     self._put_back(chunks, markers, stop)
                     return  # giving up: close() keeps them in the journal
                 if markers:
@@ -728,7 +757,14 @@ class Recorder:
                     conn.rollback()
                     if _is_retryable(row_exc):
                         raise
-                    bad.append({"table": table, "row": dict(zip(columns, row, strict=True))})
+                    row_error = f"the store refused it: {row_exc}"
+                    bad.append(
+                        {
+                            "table": table,
+                            "row": dict(zip(columns, row, strict=True)),
+                            "error": row_error,
+                        }
+                    )
         if bad:
             self._set_aside(bad, f"the store refused it: {exc}")
 
@@ -809,6 +845,9 @@ class Recorder:
                 replayed = True
             except _GiveUp:
                 return
+            except UnsafeJournal as exc:  # another user's file: never read, said each time
+                self.counters.last_error = repr(exc)
+                log.error("flywheel: not replaying %s: %s", orphan.prefix, exc)
             except Exception as exc:
                 self.counters.last_error = repr(exc)
                 log.exception(

@@ -264,3 +264,127 @@ def test_db_replay_writes_what_a_killed_process_left(tmp_path):
     said = " ".join(done.stdout.split())  # as one line, however the console wrapped it
     assert re.search(r": [1-9]\d* rows replayed from ", said), done.stdout + done.stderr
     assert {n for n, t in acked if t < kill.at - 0.2} <= set(_stored(url))
+
+
+THREADS_THEN_SIGTERM = textwrap.dedent(
+    """
+    import sys, threading, time
+    import flywheel_middleware as fw
+
+    fw.configure(store_url=sys.argv[1])
+
+    def agent(t):  # threads that go on recording while the signal closes the recorder
+        i = 0
+        while True:
+            with fw.rollout("durable", input={"n": t * 1_000_000 + i}):
+                with fw.span("step", kind="tool"):
+                    pass
+            sys.stdout.write(f"{t * 1_000_000 + i} {time.time()}\\n")  # one write: no interleaving
+            sys.stdout.flush()
+            i += 1
+
+    for t in range(4):
+        threading.Thread(target=agent, args=(t,), daemon=True).start()
+    time.sleep(60)
+    """
+)
+
+
+def test_threads_recording_while_sigterm_closes_the_recorder_lose_nothing(tmp_path):
+    url = f"sqlite:///{tmp_path / 'threads.db'}"
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_THEN_SIGTERM)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    acked = _load_then(proc, 3000, lambda: proc.send_signal(signal.SIGTERM))
+    assert proc.returncode == -signal.SIGTERM
+    _replay(tmp_path, url)
+    missing = {n for n, _ in acked} - set(_stored(url))
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged rollouts lost"
+
+
+CHAINED_HANDLER = textwrap.dedent(
+    """
+    import signal, sys, time
+    import flywheel_middleware as fw
+
+    fw.configure(store_url=sys.argv[1])
+    ours = signal.getsignal(signal.SIGTERM)
+    calls = 0
+
+    def app_handler(signum, frame):  # an application's handler that chains to the last one
+        global calls
+        calls += 1
+        print("app handler", calls, flush=True)
+        ours(signum, frame)
+
+    signal.signal(signal.SIGTERM, app_handler)
+    for i in range(100):  # the first record starts the recorder on the main thread
+        with fw.rollout("durable", input={"n": i}):
+            with fw.span("step", kind="tool"):
+                pass
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_a_handler_installed_after_ours_keeps_its_place_and_runs_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'chain.db'}"
+    script = tmp_path / "chain.py"
+    script.write_text(CHAINED_HANDLER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), url], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert out.splitlines() == ["app handler 1"]
+    assert sorted(_stored(url)) == list(range(100))
+
+
+POOL = textwrap.dedent(
+    """
+    import multiprocessing, sys
+    import flywheel_middleware as fw
+
+    def task(k):
+        for i in range(200):
+            with fw.rollout("durable", input={"n": k * 1000 + i}):
+                with fw.span("step", kind="tool"):
+                    pass
+
+    if __name__ == "__main__":
+        fw.configure(store_url=sys.argv[1])
+        with fw.rollout("durable", input={"n": -1}):
+            with fw.span("step", kind="tool"):
+                pass
+        pool = multiprocessing.get_context("fork").Pool(4)
+        pool.map(task, range(8))
+        pool.close()  # each worker leaves on the pool's sentinel with os._exit, past atexit
+        pool.join()
+        print("flushed", fw.flush(60))
+    """
+)
+
+
+def test_pool_workers_that_end_with_os_exit_keep_their_records(tmp_path):
+    url = f"sqlite:///{tmp_path / 'pool.db'}"
+    script = tmp_path / "pool.py"
+    script.write_text(POOL)
+    done = subprocess.run(
+        [sys.executable, str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0 and "flushed True" in done.stdout, done.stderr[-3000:]
+    stored = sorted(_stored(url))
+    assert stored == [-1] + [k * 1000 + i for k in range(8) for i in range(200)]

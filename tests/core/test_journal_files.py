@@ -305,3 +305,20 @@ def test_feedback_and_telemetry_written_twice_are_stored_once(store_url, tmp_pat
     assert _count(store_url, count) == 1
     count = f"SELECT COUNT(*) FROM telemetry_event WHERE rollout_id = '{rollout_id}'"
     assert _count(store_url, count) == 1
+
+
+def test_a_fifo_planted_as_a_segment_neither_blocks_nor_is_read(tmp_path, caplog):
+    url = f"sqlite:///{tmp_path / 'fifo.db'}"
+    store = Store(url)
+    first = Recorder(store, spill_dir=tmp_path / "j", writer="thread")
+    first.close()
+    first.journal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fifo = first.journal_dir / "4242-1.000001.journal"
+    os.mkfifo(fifo)  # opening it to read would wait for a writer forever
+    with caplog.at_level(logging.ERROR):
+        recorder = Recorder(store, spill_dir=tmp_path / "j", writer="thread")
+        ids = _record(recorder, 5, "after the fifo")
+        assert recorder.flush(10)
+        assert recorder.close(timeout=10)
+    assert _count(url) == len(ids)
+    assert "not a regular file" in caplog.text and fifo.exists()

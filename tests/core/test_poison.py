@@ -169,3 +169,27 @@ def test_a_lost_commit_reply_duplicates_nothing(postgres_url, tmp_path):
         ).scalar()
     engine.dispose()
     assert (feedback, events) == (9, 9)
+
+
+def test_values_too_deep_or_not_unicode_are_stored_not_set_aside(tmp_path):
+    url = f"sqlite:///{tmp_path / 'odd.db'}"
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    recorder = Recorder(Store(url), spill_dir=tmp_path / "j")
+    now = time.time_ns()
+    odd = {"deep": deep, "surrogate": "half a pair: \ud800!"}
+    for i, value in enumerate(odd.values()):
+        rollout_id = f"{i + 1:032x}"
+        recorder.enqueue(FeedbackRecord(rollout_id=rollout_id, key="k", metadata=value))
+        recorder.enqueue(TelemetryRecord(event_type="odd", payload=value, received_at=now))
+    assert recorder.close(timeout=30)
+    assert recorder.counters.dead_lettered == 0
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        feedback = conn.execute(text("SELECT metadata FROM feedback ORDER BY rollout_id")).all()
+        events = conn.execute(text("SELECT COUNT(*) FROM telemetry_event")).scalar()
+    engine.dispose()
+    assert events == 2 and len(feedback) == 2
+    assert "nested too deep" in feedback[0][0]
+    assert "half a pair: \ufffd!" in feedback[1][0]
