@@ -125,6 +125,14 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
+def said(value: Any, width: int, *, answer: bool = False) -> str:
+    """A rollout's question (or final answer) text for a cell; its JSON if no message reads."""
+    from flywheel_middleware.messages import answer_text, question_text
+
+    text = (answer_text if answer else question_text)(value)
+    return short(text or value, width)
+
+
 def short(value: Any, width: int = 80) -> str:
     """One line of at most ``width`` characters for a table cell."""
     if value is None:

@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 from rich.tree import Tree
 
-from flywheel_middleware.cli.common import Cli, command, console, echo_json, short
+from flywheel_middleware.cli.common import Cli, command, console, echo_json, said, short
 
 if TYPE_CHECKING:
     from flywheel_middleware.store.queries import SpanNode
@@ -126,8 +126,8 @@ def register(main: click.Group) -> None:
             if r.status == "failed":
                 verdict = f"{verdict} failed".strip()
             console.rule(f"[bold]{r.id}[/] {r.workflow} — [red]{verdict}[/]")
-            console.print(f"[cyan]user:[/] {short(r.input, 400)}")
-            console.print(f"[magenta]agent:[/] {short(r.output, 400)}")
+            console.print(f"[cyan]user:[/] {said(r.input, 400)}")
+            console.print(f"[magenta]agent:[/] {said(r.output, 400, answer=True)}")
             if r.error:
                 console.print(f"[red]error:[/] {short(r.error, 300)}")
             for comment in c.comments:
@@ -161,8 +161,8 @@ def register(main: click.Group) -> None:
                 r.status,
                 _fmt(r.latency_ms, ".0f"),
                 r.variant or "",
-                short(r.input, 40),
-                short(r.output, 40),
+                said(r.input, 40),
+                said(r.output, 40, answer=True),
             )
         console.print(table)
 
@@ -247,7 +247,7 @@ def render_tree(rollout: Any, spans: list[Any]) -> Tree:
     if rollout.variant:
         label += f" variant={rollout.variant}"
     tree = Tree(label)
-    tree.add(f"[cyan]input[/] {short(rollout.input, 100)}")
+    tree.add(f"[cyan]input[/] {said(rollout.input, 100)}")
 
     def add(parent: Tree, node: SpanNode) -> None:
         s = node.span

@@ -82,6 +82,10 @@ def register(main: click.Group) -> None:
                     "duplicates": result.duplicates,
                     "skipped": result.skipped,
                     "failures": result.failures,
+                    "unknown_shapes": {
+                        "count": result.unknown.count,
+                        "example": result.unknown.example,
+                    },
                 }
             )
         else:
@@ -93,6 +97,8 @@ def register(main: click.Group) -> None:
             )
             for failure in result.failures:
                 err_console.print(f"[red]✗[/] {failure}")
+            if result.unknown.count:
+                err_console.print(f"skipped {result.unknown}", markup=False)
 
     @command(main)
     @click.option("--workflow", "-w", default=None, help="Only this workflow.")

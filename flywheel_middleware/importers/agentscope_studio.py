@@ -48,6 +48,7 @@ from flywheel_middleware.capture.records import (
     ns_to_sqlite_text,
 )
 from flywheel_middleware.errors import FlywheelError
+from flywheel_middleware.messages import to_messages
 from flywheel_middleware.recording.rows import record_row
 
 __all__ = ["ImportResult", "StudioImportError", "import_studio", "read_studio"]
@@ -273,17 +274,9 @@ def _span_from_old(row: dict[str, Any], rollout_id: str) -> _Span:
 
 
 def _message_text(msg: Any) -> Any:
-    """The text of a Studio message (``content`` string or blocks), else the message itself."""
-    if not isinstance(msg, dict):
-        return msg
-    content = msg.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [b.get("text") for b in content if isinstance(b, dict) and b.get("text")]
-        if texts:
-            return "\n".join(texts)
-    return msg
+    """The text of a Studio message (any shape the normalizer reads), else the message itself."""
+    texts = [m["content"] for m in to_messages(msg, "assistant") if m["content"]]
+    return "\n".join(texts) if texts else msg
 
 
 def read_studio(

@@ -29,7 +29,8 @@ from sqlalchemy import func, select
 
 from flywheel_middleware.config import FlywheelConfig
 from flywheel_middleware.errors import FlywheelError
-from flywheel_middleware.plugin_system.base import Filter, PluginContext, Sample, as_text
+from flywheel_middleware.messages import Unknown, answer_text, question_text, to_messages
+from flywheel_middleware.plugin_system.base import Filter, PluginContext, Sample
 from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.models import Feedback, Rollout, Span, TelemetryEvent
 
@@ -70,6 +71,7 @@ class ExportResult:
     duplicates: int = 0
     skipped: int = 0
     failures: list[str] = field(default_factory=list)
+    unknown: Unknown = field(default_factory=Unknown)
 
 
 # -- time windows ------------------------------------------------------------------------------
@@ -268,84 +270,62 @@ def apply_filters(
 # -- row builders ------------------------------------------------------------------------------
 
 
-def triplet_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Agent Lightning's (prompt, response, reward), with provenance."""
+def triplet_row(row: dict[str, Any], unknown: Unknown | None = None) -> dict[str, Any] | None:
+    """Agent Lightning's (prompt, response, reward), with provenance; None without both texts."""
+    prompt = question_text(row["input"], unknown)
+    response = answer_text(row["output"], unknown)
+    if not prompt.strip() or not response.strip():
+        return None
     return {
         "rollout_id": row["id"],
         "config_version_id": row["config_version_id"],
         "workflow": row["workflow"],
-        "prompt": as_text(row["input"]),
-        "response": as_text(row["output"]),
+        "prompt": prompt,
+        "response": response,
         "reward": row["reward"],
     }
 
 
-_LC_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
+def _final_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The turns after the last user turn (the agent's answer, with its tool calls)."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    return [m for m in messages[last_user + 1 :] if m["role"] != "user"]
 
 
-def _chat_message(message: Any) -> dict[str, Any] | None:
-    """An OpenAI chat message from an OpenAI dict, a serialized LangChain message or a tuple."""
-    if isinstance(message, list | tuple) and len(message) == 2 and isinstance(message[0], str):
-        role, content = message
-        return {"role": _LC_ROLES.get(role, role), "content": as_text(content)}
-    if not isinstance(message, dict):
-        return None
-    role = message.get("role") or _LC_ROLES.get(str(message.get("type", "")))
-    if role is None:
-        return None
-    out: dict[str, Any] = {"role": _LC_ROLES.get(role, role)}
-    content = message.get("content")
-    out["content"] = content if isinstance(content, str) else as_text(content) if content else ""
-    for key in ("tool_calls", "tool_call_id", "name"):
-        if message.get(key):
-            out[key] = message[key]
-    return out
+def sft_messages(
+    row: dict[str, Any], llm_span: dict[str, Any] | None, unknown: Unknown | None = None
+) -> list[dict[str, Any]]:
+    """The last LLM call's messages plus its answer; else the rollout's input and output.
 
-
-def _span_messages(value: Any) -> list[dict[str, Any]] | None:
-    if isinstance(value, dict):
-        value = value.get("messages", value.get("input"))
-    if isinstance(value, list) and value and isinstance(value[0], list):
-        value = value[0]  # LangChain passes a batch of message lists
-    if not isinstance(value, list) or not value:
-        return None
-    messages = [_chat_message(m) for m in value]
-    return messages if all(m is not None for m in messages) else None  # type: ignore[return-value]
-
-
-def _assistant_message(value: Any) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return {"role": "assistant", "content": value}
-    if isinstance(value, dict):
-        if isinstance(value.get("choices"), list) and value["choices"]:
-            return _assistant_message(value["choices"][0].get("message"))
-        if "generations" in value:  # a LangChain LLMResult
-            gens = value["generations"]
-            while isinstance(gens, list) and gens:
-                gens = gens[0]
-            if isinstance(gens, dict):
-                return _assistant_message(gens.get("message") or gens.get("text"))
-        message = _chat_message({**value, "role": value.get("role") or "assistant"})
-        if message is not None and (message.get("content") or message.get("tool_calls")):
-            message["role"] = "assistant"
-            return message
-    text = as_text(value)
-    return {"role": "assistant", "content": text} if text else None
-
-
-def sft_messages(row: dict[str, Any], llm_span: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The last LLM call's messages plus its answer; else the rollout's input and output."""
+    ``[]`` when no user question or no final assistant text can be read (counted in
+    ``unknown``), so a row of empty or repr text is never written.
+    """
     if llm_span is not None:
-        messages = _span_messages(llm_span.get("input"))
-        answer = _assistant_message(llm_span.get("output"))
-        if messages and answer:
-            return [*messages, answer]
-    return [
-        {"role": "user", "content": as_text(row["input"])},
-        {"role": "assistant", "content": as_text(row["output"])},
-    ]
+        messages = to_messages(llm_span.get("input"))
+        answer = _final_turns(to_messages(llm_span.get("output"), "assistant"))
+        if _trainable(messages + answer):
+            return messages + answer
+    prompt = to_messages(row["input"], "user", unknown)
+    output = to_messages(row["output"], "assistant", unknown)
+    if prompt and output[: len(prompt)] == prompt:  # graph state: the output repeats the input
+        messages = output
+    else:
+        messages = prompt + _final_turns(output)
+    if _trainable(messages):
+        return messages
+    if unknown is not None and prompt and output:
+        unknown.add({"input": row["input"], "output": row["output"]})
+    return []
+
+
+def _trainable(messages: list[dict[str, Any]]) -> bool:
+    """A user question with text and a final assistant turn with text."""
+    return (
+        any(m["role"] == "user" and m["content"].strip() for m in messages)
+        and bool(messages)
+        and messages[-1]["role"] == "assistant"
+        and bool(messages[-1]["content"].strip())
+    )
 
 
 def qa_hash(query: str, answer: str) -> str:
@@ -362,10 +342,15 @@ def split_of(qa: str, seed: int, val_fraction: float) -> str:
 
 
 def task_row(
-    row: dict[str, Any], *, env_type: str | None, seed: int, val_fraction: float
+    row: dict[str, Any],
+    *,
+    env_type: str | None,
+    seed: int,
+    val_fraction: float,
+    unknown: Unknown | None = None,
 ) -> dict[str, Any] | None:
-    query = as_text(row["input"]).strip()
-    answer = as_text(row["output"]).strip()
+    query = question_text(row["input"], unknown).strip()
+    answer = answer_text(row["output"], unknown).strip()
     if not query or not answer:
         return None
     qa = qa_hash(query, answer)
@@ -531,8 +516,13 @@ def _batches(
 def _write_triplets(store, batches, out, result, *, flts, min_reward, advance, **_):
     with out.open("w", encoding="utf-8") as fh:
         for rows in _batches(store, batches, result, flts, min_reward, advance):
-            fh.writelines(_dump(triplet_row(r)) for r in rows)
-            result.count += len(rows)
+            for r in rows:
+                triplet = triplet_row(r, result.unknown)
+                if triplet is None:
+                    result.skipped += 1
+                    continue
+                fh.write(_dump(triplet))
+                result.count += 1
     result.paths["all"] = out
     result.counts["all"] = result.count
 
@@ -542,14 +532,18 @@ def _write_sft(store, batches, out, result, *, flts, min_reward, advance, **_):
         for rows in _batches(store, batches, result, flts, min_reward, advance):
             spans = _last_llm_spans(store, [r["id"] for r in rows])
             for r in rows:
+                messages = sft_messages(r, spans.get(r["id"]), result.unknown)
+                if not messages:
+                    result.skipped += 1
+                    continue
                 line = {
-                    "messages": sft_messages(r, spans.get(r["id"])),
+                    "messages": messages,
                     "rollout_id": r["id"],
                     "config_version_id": r["config_version_id"],
                     "reward": r["reward"],
                 }
                 fh.write(_dump(line))
-            result.count += len(rows)
+                result.count += 1
     result.paths["all"] = out
     result.counts["all"] = result.count
 
@@ -581,9 +575,9 @@ def _write_preference(store, batches, out, result, *, flts, min_reward, min_marg
             fh.write(
                 _dump(
                     {
-                        "prompt": as_text(chosen["input"]),
-                        "chosen": as_text(chosen["output"]),
-                        "rejected": as_text(rejected["output"]),
+                        "prompt": question_text(chosen["input"], result.unknown),
+                        "chosen": answer_text(chosen["output"], result.unknown),
+                        "rejected": answer_text(rejected["output"], result.unknown),
                         "chosen_reward": chosen["reward"],
                         "rejected_reward": rejected["reward"],
                         "workflow": key[0],
@@ -617,7 +611,13 @@ def _write_tasks(
     ):
         for rows in _batches(store, batches, result, flts, min_reward, advance):
             for r in rows:
-                task = task_row(r, env_type=env_type, seed=seed, val_fraction=val_fraction)
+                task = task_row(
+                    r,
+                    env_type=env_type,
+                    seed=seed,
+                    val_fraction=val_fraction,
+                    unknown=result.unknown,
+                )
                 if task is None:
                     result.skipped += 1
                     continue

@@ -1,0 +1,344 @@
+"""One message normalizer: any recorded input or output as a list of OpenAI-style chat messages.
+
+Pure data (no imports beyond the standard library), at the bottom layer so the importers, the
+exporters, the CLI and the dashboard read messages one way. A message is ``{"role", "content"}``
+plus ``tool_calls`` (OpenAI shape) on assistant turns and ``tool_call_id`` on tool turns.
+
+Handled: OpenAI chat (string content and content-part lists, completions responses), OpenAI
+Responses input items and responses, OpenTelemetry GenAI ``parts`` messages, LangChain messages
+as stored (dicts with ``type``/``role``, the ``{"lc": 1, ...}`` constructor form, ``(role, text)``
+pairs, LLMResult ``generations``), graph state ``{"messages": [...]}``, AgentScope ``Msg`` dicts
+and the old Studio schema's ``Msg(...)`` reprs, and plain strings. A value none of these fit is
+counted in an :class:`Unknown` (with one example) rather than turned into empty text.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+Message = dict[str, Any]
+
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "ai": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "developer": "system",
+    "tool": "tool",
+    "function": "tool",
+}
+_LC_CLASSES = {
+    "HumanMessage": "user",
+    "HumanMessageChunk": "user",
+    "AIMessage": "assistant",
+    "AIMessageChunk": "assistant",
+    "SystemMessage": "system",
+    "ToolMessage": "tool",
+    "FunctionMessage": "tool",
+}
+_TEXT_KEYS = ("content", "text", "question", "query", "input", "prompt", "answer", "output")
+_TEXT_PART_TYPES = ("text", "input_text", "output_text")
+
+
+@dataclass
+class Unknown:
+    """Values no known message shape fits: how many, and the first one (for the report)."""
+
+    count: int = 0
+    example: Any = None
+
+    def add(self, value: Any) -> None:
+        if self.count == 0:
+            self.example = value
+        self.count += 1
+
+    def __str__(self) -> str:
+        example = json.dumps(self.example, ensure_ascii=False, default=str)
+        if len(example) > 200:
+            example = example[:199] + "…"
+        return f"{self.count} value(s) of an unknown message shape, e.g. {example}"
+
+
+class _NotMessages(Exception):
+    """Raised inside the normalizer when a value fits no known shape."""
+
+
+def content_text(content: Any) -> str:
+    """The text of a message content: a string, or the text parts of a content-part list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        content = [content]
+    if isinstance(content, list | tuple):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and (
+                part.get("type") in _TEXT_PART_TYPES or "type" not in part
+            ):
+                text = part.get("text", part.get("content"))
+                if isinstance(text, str):
+                    texts.append(text)
+        return "\n".join(t for t in texts if t)
+    raise _NotMessages
+
+
+def _arguments(args: Any) -> str:
+    return args if isinstance(args, str) else json.dumps(args or {}, ensure_ascii=False)
+
+
+def tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """One tool call in OpenAI's shape, from OpenAI's, LangChain's, GenAI's or AgentScope's."""
+    if isinstance(call.get("function"), dict):
+        fn = call["function"]
+        name, args = fn.get("name"), fn.get("arguments")
+    else:
+        name = call.get("name")
+        args = call.get("args", call.get("arguments", call.get("input")))
+    cid = call.get("id") or call.get("call_id") or ""
+    return {
+        "id": str(cid),
+        "type": "function",
+        "function": {"name": str(name), "arguments": _arguments(args)},
+    }
+
+
+def _role(value: Any) -> str | None:
+    return ROLES.get(str(value).lower()) if value is not None else None
+
+
+def _from_parts(role: str, parts: list[Any]) -> list[Message]:
+    """A GenAI ``parts`` message: text parts, tool_call parts, tool_call_response parts."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    responses: list[Message] = []
+    for part in parts:
+        if not isinstance(part, dict):
+            raise _NotMessages
+        kind = part.get("type")
+        if kind == "text":
+            texts.append(str(part.get("content", part.get("text", "")) or ""))
+        elif kind == "tool_call":
+            calls.append(tool_call(part))
+        elif kind == "tool_call_response":
+            result = part.get("response", part.get("result"))
+            responses.append(
+                {
+                    "role": "tool",
+                    "content": result if isinstance(result, str) else _arguments(result),
+                    "tool_call_id": str(part.get("id") or ""),
+                }
+            )
+    out: list[Message] = []
+    if texts or calls or not responses:
+        msg: Message = {"role": role, "content": "\n".join(t for t in texts if t)}
+        if calls:
+            msg["tool_calls"] = calls
+        out.append(msg)
+    return out + responses
+
+
+def _agentscope_blocks(role: str, blocks: list[Any]) -> list[Message] | None:
+    """AgentScope content blocks (text, tool_use, tool_result); None if they are not that."""
+    if not any(
+        isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result") for b in blocks
+    ):
+        return None
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    results: list[Message] = []
+    for b in blocks:
+        if not isinstance(b, dict):
+            continue
+        if b.get("type") == "text":
+            texts.append(str(b.get("text", "")))
+        elif b.get("type") == "tool_use":
+            calls.append(tool_call(b))
+        elif b.get("type") == "tool_result":
+            output = b.get("output")
+            text = output if isinstance(output, str) else content_text(output)
+            results.append({"role": "tool", "content": text, "tool_call_id": str(b.get("id", ""))})
+    out: list[Message] = []
+    if texts or calls:
+        msg: Message = {"role": role, "content": "\n".join(texts)}
+        if calls:
+            msg["tool_calls"] = calls
+        out.append(msg)
+    return out + results
+
+
+def _message(value: dict[str, Any], default_role: str) -> list[Message] | None:
+    """One message dict of any framework (None when the dict is not a message)."""
+    if value.get("lc") == 1 and isinstance(value.get("kwargs"), dict):
+        cls = (value.get("id") or [""])[-1]
+        role = _LC_CLASSES.get(cls)
+        if role is None:
+            return None
+        return _message({**value["kwargs"], "role": role}, default_role)
+    kind = value.get("type")
+    if kind == "function_call":  # Responses input item
+        return [{"role": "assistant", "content": "", "tool_calls": [tool_call(value)]}]
+    if kind == "function_call_output":
+        output = value.get("output")
+        return [
+            {
+                "role": "tool",
+                "content": output if isinstance(output, str) else content_text(output),
+                "tool_call_id": str(value.get("call_id", "")),
+            }
+        ]
+    role = _role(value.get("role")) or _role(kind)
+    if role is None:
+        return None
+    if isinstance(value.get("parts"), list):
+        return _from_parts(role, value["parts"])
+    content = value.get("content")
+    if isinstance(content, list):
+        blocks = _agentscope_blocks(role, content)
+        if blocks is not None:
+            return blocks
+    msg: Message = {"role": role, "content": content_text(content)}
+    calls = value.get("tool_calls") or (value.get("additional_kwargs") or {}).get("tool_calls")
+    if calls and role == "assistant":
+        msg["tool_calls"] = [tool_call(c) for c in calls if isinstance(c, dict)]
+    if role == "tool" and value.get("tool_call_id"):
+        msg["tool_call_id"] = str(value["tool_call_id"])
+    return [msg]
+
+
+_MSG_REPR = re.compile(r"^\s*Msg\((.*)\)\s*$", re.S)
+
+
+def _msg_repr(text: str) -> Message | None:
+    """The old Studio schema's ``Msg(name='user', content='...', role='user')`` repr."""
+    match = _MSG_REPR.match(text)
+    if not match:
+        return None
+    try:
+        call = ast.parse(f"f({match.group(1)})", mode="eval").body
+    except SyntaxError:
+        return None
+    fields: dict[str, Any] = {}
+    for kw in getattr(call, "keywords", []):
+        try:
+            fields[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            continue
+    if "content" not in fields:
+        return None
+    role = _role(fields.get("role")) or ("user" if fields.get("name") == "user" else "assistant")
+    return {"role": role, "content": content_text(fields["content"])}
+
+
+def _walk(value: Any, default_role: str) -> list[Message]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        parsed = _msg_repr(value)
+        return [parsed] if parsed else [{"role": default_role, "content": value}]
+    if isinstance(value, list | tuple):
+        pair = len(value) == 2 and isinstance(value[0], str) and _role(value[0])
+        if pair and isinstance(value[1], str | list):
+            return [{"role": _role(value[0]), "content": content_text(value[1])}]
+        if (
+            value
+            and all(isinstance(v, list | tuple) for v in value)
+            and not all(len(v) == 2 and isinstance(v[0], str) for v in value)
+        ):
+            return _walk(value[-1], default_role)  # LangChain passes a batch of message lists
+        out: list[Message] = []
+        for item in value:
+            out.extend(_walk(item, default_role))
+        return _merge_calls(out)
+    if not isinstance(value, dict):
+        raise _NotMessages
+    if isinstance(value.get("messages"), list):  # graph state, chat request
+        return _walk(value["messages"], default_role)
+    if isinstance(value.get("choices"), list) and value["choices"]:  # chat completion
+        choice = value["choices"][0]
+        if isinstance(choice, dict):
+            return _walk(choice.get("message") or choice.get("text"), "assistant")
+    if "generations" in value:  # a LangChain LLMResult
+        gens = value["generations"]
+        while isinstance(gens, list) and gens:
+            gens = gens[-1] if isinstance(gens[-1], list) else gens[0]
+        if isinstance(gens, dict):
+            return _walk(gens.get("message") or gens.get("text"), "assistant")
+    if value.get("object") == "response" and isinstance(value.get("output"), list):
+        return _walk(value["output"], "assistant")  # a Responses API response
+    message = _message(value, default_role)
+    if message is not None:
+        return message
+    if (
+        "input" in value
+        and not isinstance(value["input"], str | type(None))
+        or ("instructions" in value and "input" in value)
+    ):  # a Responses request: instructions + input items
+        system = value.get("instructions")
+        head = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
+        return head + _walk(value["input"], default_role)
+    for key in _TEXT_KEYS:
+        if isinstance(value.get(key), str):
+            return _walk(value[key], default_role)
+    if isinstance(value.get("content"), list):
+        return [{"role": default_role, "content": content_text(value["content"])}]
+    raise _NotMessages
+
+
+def _merge_calls(messages: list[Message]) -> list[Message]:
+    """Consecutive tool-call-only assistant turns (Responses items) become one turn."""
+    out: list[Message] = []
+    for m in messages:
+        prev = out[-1] if out else None
+        if (
+            prev is not None
+            and m["role"] == prev["role"] == "assistant"
+            and m.get("tool_calls")
+            and not m["content"]
+            and "tool_calls" in prev
+        ):
+            prev["tool_calls"] = [*prev["tool_calls"], *m["tool_calls"]]
+            continue
+        out.append(m)
+    return out
+
+
+def to_messages(
+    value: Any, default_role: str = "user", unknown: Unknown | None = None
+) -> list[Message]:
+    """The chat messages of a recorded value; ``[]`` (and counted in ``unknown``) if unknown."""
+    try:
+        return _walk(value, default_role)
+    except _NotMessages:
+        if unknown is not None:
+            unknown.add(value)
+        return []
+
+
+def _last_text(value: Any, role: str, unknown: Unknown | None) -> str:
+    messages = to_messages(value, role, unknown)
+    for m in reversed(messages):
+        if m["role"] == role and m["content"].strip():
+            return m["content"]
+    if messages and unknown is not None:  # messages, but none of this role with text
+        unknown.add(value)
+    return ""
+
+
+def question_text(value: Any, unknown: Unknown | None = None) -> str:
+    """The last user turn's text of a rollout input ("" when there is none)."""
+    return _last_text(value, "user", unknown)
+
+
+def answer_text(value: Any, unknown: Unknown | None = None) -> str:
+    """The final assistant text of a rollout output ("" when there is none)."""
+    return _last_text(value, "assistant", unknown)
