@@ -550,6 +550,8 @@ class Recorder:
             while True:
                 chunks, markers, stop = self._take_batch()
                 if not chunks and not markers and not stop:
+                    if self._give_up.is_set():
+                        return  # closed while this thread was held up: nothing more to do
                     break
                 self._in_flight = chunks
                 try:
@@ -831,6 +833,8 @@ class Recorder:
 
     def _replay_orphans(self) -> None:
         """Write what dead processes left in this store's journal, then delete it."""
+        if self._give_up.is_set():
+            return  # closing: this process's own leftovers would count as orphans now
         try:
             orphans = claim_orphans(self.journal_dir)
         except (OSError, UnsafeJournal) as exc:
