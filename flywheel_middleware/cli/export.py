@@ -19,8 +19,43 @@ def register(main: click.Group) -> None:
         default=False,
         help="Run the configured filters (YAML filters:) before writing.",
     )
-    @click.option("--min-reward", type=float, default=None, help="Keep rows with reward >= this.")
-    @click.option("--min-margin", type=float, default=0.0, help="preference: smallest reward gap.")
+    @click.option(
+        "--min-reward", type=float, default=None, help="Keep only rows with reward >= this."
+    )
+    @click.option(
+        "--bad-below",
+        type=float,
+        default=0.5,
+        show_default=True,
+        help="Leave out rollouts rated below this (sft, triplets, tasks; preference's chosen).",
+    )
+    @click.option("--keep-bad", is_flag=True, help="Keep bad-rated rollouts (no --bad-below).")
+    @click.option("--rated-only", is_flag=True, help="Leave out rollouts without a reward.")
+    @click.option(
+        "--min-margin",
+        type=float,
+        default=0.2,
+        show_default=True,
+        help="preference: smallest reward gap between the best and the worst answer.",
+    )
+    @click.option(
+        "--all-answers",
+        is_flag=True,
+        help="tasks: one task per distinct question-answer pair, not one per question.",
+    )
+    @click.option(
+        "--split-by",
+        type=click.Choice(["question", "pair"]),
+        default="question",
+        show_default=True,
+        help="tasks: hash the normalized question (no question on both sides) or the qa_hash.",
+    )
+    @click.option(
+        "--refresh-rewards/--no-refresh-rewards",
+        default=True,
+        show_default=True,
+        help="Score rollouts whose feedback is newer than their reward before exporting.",
+    )
     @click.option("--env-type", default=None, help="tasks: env_type (default: the workflow).")
     @click.option("--seed", type=int, default=0, show_default=True, help="tasks: split seed.")
     @click.option(
@@ -40,7 +75,13 @@ def register(main: click.Group) -> None:
         since: str | None,
         filters: bool,
         min_reward: float | None,
+        bad_below: float,
+        keep_bad: bool,
+        rated_only: bool,
         min_margin: float,
+        all_answers: bool,
+        split_by: str,
+        refresh_rewards: bool,
         env_type: str | None,
         seed: int,
         val_fraction: float,
@@ -50,7 +91,19 @@ def register(main: click.Group) -> None:
         """Write a dataset as JSON Lines: triplets, sft, preference or tasks (AgentJet).
 
         Every row carries its rollout id and config version. `tasks` writes OUT (train) and
-        OUT with `.val` before the suffix (validation), split by a seeded hash of qa_hash.
+        OUT with `.val` before the suffix (validation).
+
+        \b
+        The default curation policy (each part has a switch):
+        - rewards follow feedback: rollouts whose feedback is newer than their reward are
+          scored first (--no-refresh-rewards to export rewards as stored);
+        - rollouts rated below 0.5 never enter sft, triplets or tasks (--bad-below, --keep-bad);
+          unrated ones do (--rated-only to leave them out);
+        - tasks: one task per question (its normalized text) whose answer is the best-rewarded
+          one (--all-answers); split by a seeded hash of the normalized question, so no
+          question is in both files (--split-by pair);
+        - preference: a question's best answer against its worst, rewards at least
+          --min-margin apart, the best not rated bad.
         """
         from flywheel_middleware.loop.datasets import export as run_export
 
@@ -63,7 +116,12 @@ def register(main: click.Group) -> None:
             since=since,
             filters=filters,
             min_reward=min_reward,
+            bad_below=None if keep_bad else bad_below,
+            rated_only=rated_only,
             min_margin=min_margin,
+            per_question=not all_answers,
+            split_by=split_by,
+            refresh=refresh_rewards,
             env_type=env_type,
             seed=seed,
             val_fraction=val_fraction,
@@ -81,6 +139,9 @@ def register(main: click.Group) -> None:
                     "dropped": result.dropped,
                     "duplicates": result.duplicates,
                     "skipped": result.skipped,
+                    "bad": result.bad,
+                    "unrated": result.unrated,
+                    "rewards_refreshed": result.refreshed,
                     "failures": result.failures,
                     "unknown_shapes": {
                         "count": result.unknown.count,
@@ -92,8 +153,10 @@ def register(main: click.Group) -> None:
             for name, path in result.paths.items():
                 console.print(f"wrote {result.counts.get(name, 0):,} rows to [bold]{path}[/]")
             console.print(
-                f"scanned {result.scanned:,} rollouts; skipped {result.skipped:,}, "
-                f"duplicates {result.duplicates:,}, dropped by filters {result.dropped or 0}"
+                f"scanned {result.scanned:,} rollouts; rated bad {result.bad:,}, unrated left "
+                f"out {result.unrated:,}, skipped {result.skipped:,}, duplicates "
+                f"{result.duplicates:,}, dropped by filters {result.dropped or 0}; rewards "
+                f"refreshed {result.refreshed:,}"
             )
             for failure in result.failures:
                 err_console.print(f"[red]✗[/] {failure}")

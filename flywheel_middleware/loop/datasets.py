@@ -3,14 +3,25 @@
 Rows are streamed from the store with Core selects (never 100k ORM objects with their spans at
 once) and written as JSON Lines. Every row carries its provenance: ``rollout_id`` and
 ``config_version_id`` (for ``tasks`` inside ``metadata``, where AgentJet keeps extra fields).
+Questions and answers are read by the one message normalizer (``flywheel_middleware.messages``);
+a row whose question or answer cannot be read is skipped and counted in ``ExportResult.unknown``.
+
+The default curation policy (each part switchable, so a dataset is fit to train on as it comes):
+
+- rewards are brought up to date first: a rollout with feedback newer than its reward (or with
+  feedback and no reward yet) is scored by the configured reward sources (``refresh_rewards``);
+- rollouts rated bad (reward below ``bad_below``, default 0.5) never enter ``sft``, ``triplets``
+  or ``tasks``; unrated ones do unless ``rated_only``;
+- ``tasks`` holds one task per question (its normalized text, :func:`question_key`) whose
+  ``answer`` is the best-rewarded answer (``per_question``; else one per question-answer pair);
+- the train/validation split of ``tasks`` is a seeded hash of the normalized question
+  (``split_by="question"``), so no question sits on both sides, and a task keeps its side
+  whatever else is exported (``split_by="pair"`` hashes the ``qa_hash`` instead);
+- ``preference`` pairs a question's best answer against its worst, when their rewards differ by at
+  least ``min_margin`` (default 0.2) and the best is not rated bad.
 
 The configured filters (YAML ``filters:``) run per batch when ``filters=True``; a filter that
 raises is reported in ``ExportResult.failures`` and keeps every sample of that batch.
-
-``tasks``: de-duplicated by ``qa_hash`` (first occurrence by time wins) and split by a seeded
-hash of the ``qa_hash`` into train (the ``out`` file) and validation (``<stem>.val.jsonl`` next
-to it); each row also says its split in ``metadata.split``. The split of a task does not depend
-on which other tasks are exported, so re-exporting a grown store keeps old tasks where they were.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from typing import Any, Literal
 
 from sqlalchemy import func, select
 
-from flywheel_middleware.config import FlywheelConfig
+from flywheel_middleware.config import FlywheelConfig, parse_config
 from flywheel_middleware.errors import FlywheelError
 from flywheel_middleware.messages import Unknown, answer_text, question_text, to_messages
 from flywheel_middleware.plugin_system.base import Filter, PluginContext, Sample
@@ -72,6 +83,9 @@ class ExportResult:
     skipped: int = 0
     failures: list[str] = field(default_factory=list)
     unknown: Unknown = field(default_factory=Unknown)
+    bad: int = 0
+    unrated: int = 0
+    refreshed: int = 0
 
 
 # -- time windows ------------------------------------------------------------------------------
@@ -328,16 +342,21 @@ def _trainable(messages: list[dict[str, Any]]) -> bool:
     )
 
 
+def question_key(question: str) -> str:
+    """A question's normalized text (case and spacing folded): what groups and splits tasks."""
+    return " ".join(question.casefold().split())
+
+
 def qa_hash(query: str, answer: str) -> str:
     """AgentJet's de-duplication key: sha256(query + "\\n" + answer)."""
     return hashlib.sha256(f"{query}\n{answer}".encode()).hexdigest()
 
 
-def split_of(qa: str, seed: int, val_fraction: float) -> str:
-    """'train' or 'validation', from a seeded hash (stable whatever else is exported)."""
+def split_of(key: str, seed: int, val_fraction: float) -> str:
+    """'train' or 'validation', from a seeded hash of ``key`` (stable whatever else is exported)."""
     if val_fraction <= 0:
         return "train"
-    digest = hashlib.sha256(f"{seed}:{qa}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
@@ -348,12 +367,14 @@ def task_row(
     seed: int,
     val_fraction: float,
     unknown: Unknown | None = None,
+    split_by: str = "question",
 ) -> dict[str, Any] | None:
     query = question_text(row["input"], unknown).strip()
     answer = answer_text(row["output"], unknown).strip()
     if not query or not answer:
         return None
     qa = qa_hash(query, answer)
+    split_key = question_key(query) if split_by == "question" else qa
     return {
         "main_query": query,
         "init_messages": [],
@@ -366,15 +387,9 @@ def task_row(
             "config_version_id": row["config_version_id"],
             "workflow": row["workflow"],
             "reward": row["reward"],
-            "split": split_of(qa, seed, val_fraction),
+            "split": split_of(split_key, seed, val_fraction),
         },
     }
-
-
-def input_key(value: Any) -> str:
-    """A hash of a rollout's input (canonical JSON), to group rollouts of the same request."""
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # -- the exporter ------------------------------------------------------------------------------
@@ -398,6 +413,54 @@ def _dump(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False, default=str) + "\n"
 
 
+def refresh_rewards(
+    store: Store,
+    config: FlywheelConfig | None,
+    *,
+    workflow: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> int:
+    """Score the rollouts whose feedback is newer than their reward; how many were scored.
+
+    So an export right after ``fw.feedback`` sees the ratings without ``flywheel rewards``.
+    A rollout with feedback and no computed reward counts as stale; a reward set by the agent
+    itself (no ``metadata.reward``) is left alone unless it is missing.
+    """
+    from flywheel_middleware.loop.rewards import compute_rewards
+
+    F = Feedback.__table__.c  # type: ignore[attr-defined]
+    latest = (
+        select(F.rollout_id, func.max(F.created_at).label("latest"))
+        .group_by(F.rollout_id)
+        .subquery()
+    )
+    q = _where(
+        select(R.id, R.reward, R.metadata, latest.c.latest).join(
+            latest, latest.c.rollout_id == R.id
+        ),
+        workflow,
+        since,
+        until,
+    )
+    stale: list[str] = []
+    with store.engine.connect() as conn:
+        for r in conn.execute(q):
+            computed = ((r.metadata or {}).get("reward") or {}).get("computed_at")
+            if computed is None:
+                if r.reward is None:
+                    stale.append(r.id)
+            elif _aware(r.latest) > _aware(datetime.fromisoformat(computed)):
+                stale.append(r.id)
+    if stale:
+        compute_rewards(store, config or parse_config(""), rollout_ids=stale)
+    return len(stale)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
 def export(
     store: Store,
     kind: str,
@@ -409,7 +472,12 @@ def export(
     until: datetime | None = None,
     filters: bool = False,
     min_reward: float | None = None,
-    min_margin: float = 0.0,
+    bad_below: float | None = 0.5,
+    rated_only: bool = False,
+    min_margin: float = 0.2,
+    per_question: bool = True,
+    split_by: Literal["question", "pair"] = "question",
+    refresh: bool = True,
     env_type: str | None = None,
     seed: int = 0,
     val_fraction: float = 0.1,
@@ -419,18 +487,27 @@ def export(
 ) -> ExportResult:
     """Write one dataset as JSON Lines and say what was written (the controller calls this).
 
-    ``min_reward`` keeps rows whose reward is at least this (rows without a reward are then
-    skipped); ``min_margin`` is the smallest reward gap of a preference pair.
+    The curation policy of the module docstring applies; ``bad_below=None`` keeps bad-rated
+    rows, ``per_question=False`` keeps every answer in ``tasks``, ``refresh=False`` exports
+    rewards as stored. ``min_reward`` keeps only rows whose reward is at least this (rows
+    without a reward are then skipped); ``min_margin`` is the smallest reward gap of a
+    preference pair.
     """
     if kind not in KINDS:
         raise ExportError(f"unknown export kind {kind!r}; choose one of {', '.join(KINDS)}")
     if not 0 <= val_fraction < 1:
         raise ExportError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if split_by not in ("question", "pair"):
+        raise ExportError(f"split_by must be 'question' or 'pair', got {split_by!r}")
     since_dt = parse_since(since)
     out = Path(out)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     result = ExportResult(kind=kind, path=out)
+    if refresh:
+        result.refreshed = refresh_rewards(
+            store, config, workflow=workflow, since=since_dt, until=until
+        )
     flts: list[Filter] = []
     if filters:
         if config is None:
@@ -473,8 +550,10 @@ def export(
                 out,
                 result,
                 flts=flts,
-                min_reward=min_reward,
+                policy=_Policy(min_reward, bad_below, rated_only),
                 min_margin=min_margin,
+                per_question=per_question,
+                split_by=split_by,
                 env_type=env_type,
                 seed=seed,
                 val_fraction=val_fraction,
@@ -489,22 +568,43 @@ def export(
     return result
 
 
+@dataclass
+class _Policy:
+    """Which rows may enter a dataset by their reward."""
+
+    min_reward: float | None = None
+    bad_below: float | None = 0.5
+    rated_only: bool = False
+
+    def drop(self, reward: float | None, result: ExportResult) -> bool:
+        if reward is None:
+            if self.rated_only or self.min_reward is not None:
+                result.unrated += 1
+                return True
+            return False
+        if self.bad_below is not None and reward < self.bad_below:
+            result.bad += 1
+            return True
+        if self.min_reward is not None and reward < self.min_reward:
+            result.skipped += 1
+            return True
+        return False
+
+
 def _batches(
     store: Store,
     batches: Iterator[list[dict[str, Any]]],
     result: ExportResult,
     flts: list[Filter],
-    min_reward: float | None,
+    policy: _Policy | None,
     advance: Any,
 ) -> Iterator[list[dict[str, Any]]]:
-    """Rows after min_reward and the filters (filters see full samples of the batch)."""
+    """Rows after the reward policy and the filters (filters see full samples of the batch)."""
     for rows in batches:
         result.scanned += len(rows)
         advance(len(rows))
-        if min_reward is not None:
-            before = len(rows)
-            rows = [r for r in rows if r["reward"] is not None and r["reward"] >= min_reward]
-            result.skipped += before - len(rows)
+        if policy is not None:
+            rows = [r for r in rows if not policy.drop(r["reward"], result)]
         if flts and rows:
             samples = load_samples(store, [r["id"] for r in rows])
             kept = {s.rollout.id for s in apply_filters(flts, samples, result)}
@@ -513,9 +613,9 @@ def _batches(
             yield rows
 
 
-def _write_triplets(store, batches, out, result, *, flts, min_reward, advance, **_):
+def _write_triplets(store, batches, out, result, *, flts, policy, advance, **_):
     with out.open("w", encoding="utf-8") as fh:
-        for rows in _batches(store, batches, result, flts, min_reward, advance):
+        for rows in _batches(store, batches, result, flts, policy, advance):
             for r in rows:
                 triplet = triplet_row(r, result.unknown)
                 if triplet is None:
@@ -527,9 +627,9 @@ def _write_triplets(store, batches, out, result, *, flts, min_reward, advance, *
     result.counts["all"] = result.count
 
 
-def _write_sft(store, batches, out, result, *, flts, min_reward, advance, **_):
+def _write_sft(store, batches, out, result, *, flts, policy, advance, **_):
     with out.open("w", encoding="utf-8") as fh:
-        for rows in _batches(store, batches, result, flts, min_reward, advance):
+        for rows in _batches(store, batches, result, flts, policy, advance):
             spans = _last_llm_spans(store, [r["id"] for r in rows])
             for r in rows:
                 messages = sft_messages(r, spans.get(r["id"]), result.unknown)
@@ -548,18 +648,29 @@ def _write_sft(store, batches, out, result, *, flts, min_reward, advance, **_):
     result.counts["all"] = result.count
 
 
-def _write_preference(store, batches, out, result, *, flts, min_reward, min_margin, advance, **_):
-    # Keep only the best and the worst rollout per (workflow, input): memory grows with the
-    # number of distinct inputs, not with the number of rollouts.
+def _write_preference(store, batches, out, result, *, flts, policy, min_margin, advance, **_):
+    # Keep only the best and the worst answer per (workflow, question): memory grows with the
+    # number of distinct questions, not with the number of rollouts.
     best: dict[tuple[str, str], dict[str, Any]] = {}
     worst: dict[tuple[str, str], dict[str, Any]] = {}
     for rows in _batches(store, batches, result, flts, None, advance):
         for r in rows:
             if r["reward"] is None:
+                result.unrated += 1
+                continue
+            question = question_text(r["input"], result.unknown)
+            answer = answer_text(r["output"], result.unknown)
+            if not question.strip() or not answer.strip():
                 result.skipped += 1
                 continue
-            key = (r["workflow"], input_key(r["input"]))
-            slim = {k: r[k] for k in ("id", "config_version_id", "input", "output", "reward")}
+            key = (r["workflow"], question_key(question))
+            slim = {
+                "id": r["id"],
+                "config_version_id": r["config_version_id"],
+                "question": question,
+                "answer": answer,
+                "reward": r["reward"],
+            }
             if key not in best or r["reward"] > best[key]["reward"]:
                 best[key] = slim
             if key not in worst or r["reward"] < worst[key]["reward"]:
@@ -570,18 +681,21 @@ def _write_preference(store, batches, out, result, *, flts, min_reward, min_marg
             gap = chosen["reward"] - rejected["reward"]
             if gap <= 0 or gap < min_margin:
                 continue
-            if min_reward is not None and chosen["reward"] < min_reward:
+            if policy.bad_below is not None and chosen["reward"] < policy.bad_below:
+                result.bad += 1
+                continue
+            if policy.min_reward is not None and chosen["reward"] < policy.min_reward:
                 continue
             fh.write(
                 _dump(
                     {
-                        "prompt": question_text(chosen["input"], result.unknown),
-                        "chosen": answer_text(chosen["output"], result.unknown),
-                        "rejected": answer_text(rejected["output"], result.unknown),
+                        "prompt": chosen["question"],
+                        "chosen": chosen["answer"],
+                        "rejected": rejected["answer"],
                         "chosen_reward": chosen["reward"],
                         "rejected_reward": rejected["reward"],
                         "workflow": key[0],
-                        "prompt_hash": key[1],
+                        "prompt_hash": hashlib.sha256(key[1].encode()).hexdigest(),
                         "chosen_rollout_id": chosen["id"],
                         "rejected_rollout_id": rejected["id"],
                         "chosen_config_version_id": chosen["config_version_id"],
@@ -599,36 +713,68 @@ def val_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.val{out.suffix or '.jsonl'}")
 
 
+def _rank(task: dict[str, Any]) -> tuple[bool, float]:
+    """Rated above unrated, then by reward (a tie keeps the earlier answer)."""
+    reward = task["metadata"]["reward"]
+    return (reward is not None, reward if reward is not None else 0.0)
+
+
 def _write_tasks(
-    store, batches, out, result, *, flts, min_reward, env_type, seed, val_fraction, advance, **_
+    store,
+    batches,
+    out,
+    result,
+    *,
+    flts,
+    policy,
+    env_type,
+    seed,
+    val_fraction,
+    per_question,
+    split_by,
+    advance,
+    **_,
 ):
+    # per question: the best task so far of each (workflow, normalized question), written at
+    # the end; memory grows with the number of distinct questions.
+    chosen: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
+    for rows in _batches(store, batches, result, flts, policy, advance):
+        for r in rows:
+            task = task_row(
+                r,
+                env_type=env_type,
+                seed=seed,
+                val_fraction=val_fraction,
+                unknown=result.unknown,
+                split_by=split_by,
+            )
+            if task is None:
+                result.skipped += 1
+                continue
+            qa = task["metadata"]["qa_hash"]
+            if qa in seen:
+                result.duplicates += 1
+                continue
+            seen.add(qa)
+            key = f"{r['workflow']}\n{question_key(task['main_query'])}" if per_question else qa
+            current = chosen.get(key)
+            if current is None:
+                chosen[key] = task
+                continue
+            result.duplicates += 1
+            if _rank(task) > _rank(current):
+                chosen[key] = task
     val = val_path(out)
     counts = {"train": 0, "validation": 0}
     with (
         out.open("w", encoding="utf-8") as train_fh,
         val.open("w", encoding="utf-8") if val_fraction > 0 else nullcontext(None) as val_fh,
     ):
-        for rows in _batches(store, batches, result, flts, min_reward, advance):
-            for r in rows:
-                task = task_row(
-                    r,
-                    env_type=env_type,
-                    seed=seed,
-                    val_fraction=val_fraction,
-                    unknown=result.unknown,
-                )
-                if task is None:
-                    result.skipped += 1
-                    continue
-                qa = task["metadata"]["qa_hash"]
-                if qa in seen:
-                    result.duplicates += 1
-                    continue
-                seen.add(qa)
-                split = task["metadata"]["split"]
-                (val_fh if split == "validation" else train_fh).write(_dump(task))
-                counts[split] += 1
+        for task in chosen.values():
+            split = task["metadata"]["split"]
+            (val_fh if split == "validation" else train_fh).write(_dump(task))
+            counts[split] += 1
     result.count = counts["train"] + counts["validation"]
     result.paths = {"train": out, **({"validation": val} if val_fraction > 0 else {})}
     result.counts = counts

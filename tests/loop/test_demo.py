@@ -44,6 +44,17 @@ def test_demo_promotes_a_better_config_and_exports_datasets(tmp_path):
             path = folder / "datasets" / f"support_qa.{kind}.jsonl"
             lines = path.read_text(encoding="utf-8").splitlines()
             assert lines and json.loads(lines[0])
+        # the default curation policy: no bad-rated answer, one task per question
+        sft = [json.loads(x) for x in (folder / "datasets" / "support_qa.sft.jsonl").open()]
+        assert all(r["reward"] is None or r["reward"] >= 0.5 for r in sft)
+        tasks = [
+            json.loads(x)
+            for name in ("support_qa.tasks.jsonl", "support_qa.tasks.val.jsonl")
+            for x in (folder / "datasets" / name).open()
+        ]
+        queries = [t["main_query"].casefold() for t in tasks]
+        assert len(queries) == len(set(queries))
+        assert all(t["metadata"]["reward"] is None or t["metadata"]["reward"] >= 0.5 for t in tasks)
         assert len(list((folder / "reports").glob("cycle-*.md"))) == 3
     finally:
         fw.shutdown()

@@ -57,8 +57,19 @@ def test_rewards_export_analyze(fw, sqlite_url, tmp_path) -> None:
         "--json",
     )
     info = json.loads(result.output)
-    assert info["count"] == 12 and set(info["paths"]) == {"train", "validation"}
-    assert info["counts"]["train"] + info["counts"]["validation"] == 12
+    # one task per question (q0..q3, each has an answer rated 3+); the six rated 1 or 2 are out
+    assert info["count"] == 4 and set(info["paths"]) == {"train", "validation"}
+    assert info["counts"]["train"] + info["counts"]["validation"] == 4 and info["bad"] == 6
+    tasks = tmp_path / "all.jsonl"
+    result = run(
+        "export", "tasks", *base, "-w", "qa", "--out", str(tasks), "--all-answers", "--keep-bad"
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        len(tasks.read_text().splitlines())
+        + len((tmp_path / "all.val.jsonl").read_text().splitlines())
+        == 12
+    )
 
     result = run(
         "export",

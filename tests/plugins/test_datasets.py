@@ -46,7 +46,7 @@ def populated(fw_any):
 
 def test_triplets(populated, tmp_path) -> None:
     fw, ids = populated
-    result = export(fw.get_store(), "triplets", "qa", tmp_path / "t.jsonl")
+    result = export(fw.get_store(), "triplets", "qa", tmp_path / "t.jsonl", bad_below=None)
     rows = read(tmp_path / "t.jsonl")
     assert result.count == len(rows) == 5  # the failed rollout and the other workflow are out
     by_id = {r["rollout_id"]: r for r in rows}
@@ -63,13 +63,19 @@ def test_triplets(populated, tmp_path) -> None:
     assert by_id[ids["chat"]]["prompt"] == "Capital of France?"
     assert by_id[ids["chat"]]["response"] == "Paris"
     assert by_id[ids["unrated"]]["reward"] is None
+    # by default the bad-rated answer (reward 0 < 0.5) is left out, the unrated one kept
+    default = export(fw.get_store(), "triplets", "qa", tmp_path / "d.jsonl")
+    assert {r["rollout_id"] for r in read(tmp_path / "d.jsonl")} == {
+        ids[k] for k in ("good", "mid", "chat", "unrated")
+    }
+    assert (default.bad, default.unrated) == (1, 0)
     only_rewarded = export(fw.get_store(), "triplets", "qa", tmp_path / "r.jsonl", min_reward=0.5)
     assert {r["rollout_id"] for r in read(tmp_path / "r.jsonl")} == {
         ids["good"],
         ids["mid"],
         ids["chat"],
     }
-    assert only_rewarded.skipped == 2
+    assert (only_rewarded.bad, only_rewarded.unrated) == (1, 1)
 
 
 def test_sft_uses_llm_span_messages(populated, tmp_path) -> None:
@@ -160,9 +166,10 @@ def test_export_with_filters_and_a_failing_filter(populated, tmp_path) -> None:
         fw.get_store(), "triplets", "qa", tmp_path / "f.jsonl", config=cfg, filters=True
     )
     rows = read(tmp_path / "f.jsonl")
-    # dedupe on input keeps the first "What is 2+2?"; the broken filter is reported, not fatal
+    # the bad-rated answer is out before the filters; dedupe on input keeps the first
+    # "What is 2+2?" of the rest; the broken filter is reported, not fatal
     assert {r["rollout_id"] for r in rows} == {ids["good"], ids["chat"], ids["unrated"]}
-    assert result.dropped == {"dedupe": 2}
+    assert result.dropped == {"dedupe": 1} and result.bad == 1
     assert len(result.failures) == 1
     assert "always_fails" in result.failures[0] and "filter exploded" in result.failures[0]
 
