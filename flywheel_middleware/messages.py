@@ -42,7 +42,17 @@ _LC_CLASSES = {
     "ToolMessage": "tool",
     "FunctionMessage": "tool",
 }
-_TEXT_KEYS = ("content", "text", "question", "query", "input", "prompt", "answer", "output")
+_TEXT_KEYS = (
+    "content",
+    "text",
+    "question",
+    "query",
+    "input",
+    "prompt",
+    "answer",
+    "output",
+    "result",
+)
 _TEXT_PART_TYPES = ("text", "input_text", "output_text")
 
 

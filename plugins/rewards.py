@@ -477,7 +477,7 @@ def expression_env(sample: Sample) -> dict[str, Any]:
         "input": r.input,
         "output": r.output,
         "input_text": as_text(r.input),
-        "output_text": as_text(r.output),
+        "output_text": as_text(r.output, answer=True),
         "status": r.status,
         "error": r.error,
         "latency_ms": r.latency_ms,

@@ -6,10 +6,13 @@ A plugin class declares ``type_name`` (its YAML ``type``), a pydantic ``Params``
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+from flywheel_middleware.messages import answer_text, question_text
 
 if TYPE_CHECKING:
     from flywheel_middleware.config import FlywheelConfig, TunableRange
@@ -73,37 +76,20 @@ class Sample:
 
     @property
     def response_text(self) -> str:
-        return as_text(self.rollout.output)
+        return as_text(self.rollout.output, answer=True)
 
 
-_TEXT_KEYS = ("content", "text", "question", "query", "input", "answer", "output", "result")
-
-
-def as_text(value: Any) -> str:
-    """The human-readable text of a rollout input or output (what a judge or a dataset sees).
-
-    Strings stay as they are; a chat ``messages`` list gives its last user message; a dict gives
-    its first text-like key (content, text, question, query, input, answer, output, result);
-    anything else becomes compact JSON.
+def as_text(value: Any, *, answer: bool = False) -> str:
+    """The readable text of a rollout input (its last user turn) or, with ``answer``, of an
+    output (its final assistant text), read by the one message normalizer; a value it cannot
+    read stays as it is (a string) or becomes compact JSON, so a judge never sees empty text.
     """
     if value is None:
         return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        messages = value.get("messages")
-        if isinstance(messages, list) and messages:
-            users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-            last = (users or messages)[-1]
-            return as_text(last.get("content") if isinstance(last, dict) else last)
-        for key in _TEXT_KEYS:
-            if isinstance(value.get(key), str):
-                return value[key]
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        return as_text({"messages": value})
-    import json
-
-    return json.dumps(value, ensure_ascii=False, default=str)
+    text = answer_text(value) if answer else question_text(value)
+    if text:
+        return text
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
 
 
 @dataclass

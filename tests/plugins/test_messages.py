@@ -277,3 +277,14 @@ def test_unknown_shapes_are_counted_by_the_export(fw, tmp_path) -> None:
     result = export(fw.get_store(), "triplets", "odd", tmp_path / "t.jsonl")
     assert result.count == 0 and read(tmp_path / "t.jsonl") == []
     assert result.unknown.count >= 1 and result.unknown.example == {"weird": [1, 2]}
+
+
+def test_judges_and_filters_read_the_same_question_and_answer() -> None:
+    """Sample.prompt_text/response_text (what filters and judges see) use the normalizer too."""
+    from .helpers import sample
+
+    state = {"messages": to_jsonable(lc_conversation())}
+    s = sample("r1", {"messages": [["user", QUESTION]]}, state)
+    assert (s.prompt_text, s.response_text) == (QUESTION, ANSWER)
+    odd = sample("r2", {"weird": [1]}, 42)
+    assert (odd.prompt_text, odd.response_text) == ('{"weird": [1]}', "42")
