@@ -353,3 +353,50 @@ def test_clear_errors(tmp_path: Path, target: Store) -> None:
         main, ["import", "agentscope-studio", str(other), "-w", "w", "--store", target.url]
     )
     assert out.exit_code != 0 and "none of AgentScope Studio's tables" in out.output
+
+
+def _with_genai_parts(db: Path) -> Path:
+    """The current Studio schema as AgentScope 2.x writes it: GenAI ``parts`` messages."""
+    conn = sqlite3.connect(db)
+    [(attrs,)] = conn.execute("SELECT attributes FROM span_table WHERE id = 's1'").fetchall()
+    attrs = json.loads(attrs)
+    attrs["gen_ai"]["input"]["messages"] = json.dumps(
+        [{"role": "user", "parts": [{"type": "text", "content": "where is order 42?"}]}]
+    )
+    attrs["gen_ai"]["output"]["messages"] = json.dumps(
+        [
+            {
+                "role": "assistant",
+                "parts": [{"type": "text", "content": "Order 42 ships today."}],
+                "finish_reason": "stop",
+            }
+        ]
+    )
+    conn.execute("UPDATE span_table SET attributes = ? WHERE id = 's1'", (json.dumps(attrs),))
+    conn.commit()
+    conn.close()
+    return db
+
+
+@pytest.mark.parametrize("make", [lambda p: _with_genai_parts(make_new_db(p)), make_old_db])
+def test_exports_of_both_schemas_carry_the_real_text(tmp_path: Path, target: Store, make) -> None:
+    from flywheel_middleware.loop.datasets import export
+
+    import_studio(target, make(tmp_path / "database.sqlite"), "support")
+    export(target, "triplets", "support", tmp_path / "t.jsonl")
+    triplets = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert ("where is order 42?", "Order 42 ships today.") in {
+        (t["prompt"], t["response"]) for t in triplets
+    }
+    export(target, "sft", "support", tmp_path / "s.jsonl")
+    export(target, "tasks", "support", tmp_path / "k.jsonl", val_fraction=0)
+    sft = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    tasks = [json.loads(x) for x in (tmp_path / "k.jsonl").read_text().splitlines()]
+    assert [m["content"] for m in sft[0]["messages"]][-2:] == [
+        "where is order 42?",
+        "Order 42 ships today.",
+    ]
+    assert any(t["main_query"] == "where is order 42?" for t in tasks)
+    texts = [t["prompt"] for t in triplets] + [t["response"] for t in triplets]
+    texts += [m["content"] for r in sft for m in r["messages"]]
+    assert all(t.strip() and not t.startswith(("Msg(", "{", "[")) for t in texts), texts
