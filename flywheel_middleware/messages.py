@@ -157,33 +157,46 @@ def _from_parts(role: str, parts: list[Any]) -> list[Message]:
     return out + responses
 
 
+_TOOL_BLOCKS = ("tool_use", "tool_call", "tool_result")
+
+
 def _agentscope_blocks(role: str, blocks: list[Any]) -> list[Message] | None:
-    """AgentScope content blocks (text, tool_use, tool_result); None if they are not that."""
-    if not any(
-        isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result") for b in blocks
-    ):
+    """AgentScope content blocks in their order (text; ``tool_use`` in 1.x, ``tool_call`` in 2.x;
+    ``tool_result``): one reply Msg holds a whole ReAct turn, so a tool result closes the
+    assistant turn that called it and later text opens the next. None if they are not that.
+    """
+    if not any(isinstance(b, dict) and b.get("type") in _TOOL_BLOCKS for b in blocks):
         return None
+    out: list[Message] = []
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
-    results: list[Message] = []
+
+    def close_turn() -> None:
+        if texts or calls:
+            msg: Message = {"role": role, "content": "\n".join(texts)}
+            if calls:
+                msg["tool_calls"] = list(calls)
+            out.append(msg)
+        texts.clear()
+        calls.clear()
+
     for b in blocks:
         if not isinstance(b, dict):
             continue
-        if b.get("type") == "text":
+        kind = b.get("type")
+        if kind == "text":
+            if calls:  # text after a call belongs to the next turn
+                close_turn()
             texts.append(str(b.get("text", "")))
-        elif b.get("type") == "tool_use":
+        elif kind in ("tool_use", "tool_call"):
             calls.append(tool_call(b))
-        elif b.get("type") == "tool_result":
+        elif kind == "tool_result":
+            close_turn()
             output = b.get("output")
             text = output if isinstance(output, str) else content_text(output)
-            results.append({"role": "tool", "content": text, "tool_call_id": str(b.get("id", ""))})
-    out: list[Message] = []
-    if texts or calls:
-        msg: Message = {"role": role, "content": "\n".join(texts)}
-        if calls:
-            msg["tool_calls"] = calls
-        out.append(msg)
-    return out + results
+            out.append({"role": "tool", "content": text, "tool_call_id": str(b.get("id", ""))})
+    close_turn()
+    return out
 
 
 def _message(value: dict[str, Any], default_role: str) -> list[Message] | None:

@@ -317,6 +317,8 @@ def sft_messages(
     if llm_span is not None:
         messages = to_messages(llm_span.get("input"))
         answer = _final_turns(to_messages(llm_span.get("output"), "assistant"))
+        if answer and messages[-len(answer) :] == answer:
+            answer = []  # the input already holds the answer (a message object serialized late)
         if _trainable(messages + answer):
             return messages + answer
     prompt = to_messages(row["input"], "user", unknown)

@@ -147,3 +147,37 @@ def test_reply_stream_closed_early_ends_spans(openai_server, captured, make_agen
     [c] = captured("early")
     assert all(s.ended_at is not None for s in c.spans)
     assert c.rollout.status == "succeeded" and c.roots[0].kind == "agent"
+
+
+def test_exports_carry_the_real_question_and_answer(fw, openai_server, make_agent, tmp_path):
+    import json
+
+    from flywheel_middleware.loop.datasets import export
+
+    openai_server.enqueue(
+        Reply(content=None, tool_calls=[{"name": "add", "arguments": {"a": 2, "b": 3}}]),
+        "the sum is 5",
+    )
+    agent = make_agent(openai_server, FlywheelMiddleware(workflow="as2"))
+    asyncio.run(agent.reply(UserMsg(name="user", content="add 2 and 3")))
+    assert fw.flush(10)
+    store = fw.get_store()
+    export(store, "triplets", "as2", tmp_path / "t.jsonl")
+    [t] = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert (t["prompt"], t["response"]) == ("add 2 and 3", "the sum is 5")
+    export(store, "sft", "as2", tmp_path / "s.jsonl")
+    [row] = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    messages = row["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["add 2 and 3"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert messages[-1] == {"role": "assistant", "content": "the sum is 5"}
+    [call] = [c for m in messages for c in m.get("tool_calls", [])]
+    assert call["type"] == "function" and json.loads(call["function"]["arguments"]) == {
+        "a": 2,
+        "b": 3,
+    }
+    [answer] = [m for m in messages if m["role"] == "tool"]
+    assert answer["tool_call_id"] == call["id"] and "5" in answer["content"]
+    export(store, "tasks", "as2", tmp_path / "k.jsonl", val_fraction=0)
+    [task] = [json.loads(x) for x in (tmp_path / "k.jsonl").read_text().splitlines()]
+    assert (task["main_query"], task["metadata"]["answer"]) == ("add 2 and 3", "the sum is 5")
