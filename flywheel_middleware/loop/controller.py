@@ -211,7 +211,8 @@ def curate(
     """Rewards for rollouts new since the last cycle, then the datasets (all kinds).
 
     Rewards are computed once per rollout, when a cycle first sees it (within the analysis
-    window); ``flywheel rewards`` recomputes older ones after late feedback.
+    window); the exports score older ones whose feedback came later (``refresh_rewards``).
+    Rollouts whose messages cannot be read are named in the report's notes.
     """
     last = last_cycle_at(store)
     since = max(_since(config, now), last) if last is not None else _since(config, now)
@@ -247,6 +248,8 @@ def curate(
             written[str(target)] = {"rows": result.count}
             for failure in result.failures[:3]:
                 report.notes.append(f"{kind} export: {failure}")
+            if result.unknown.count:
+                report.notes.append(f"{kind} export for {workflow}: skipped {result.unknown}")
     report.curation["datasets"] = written
 
 

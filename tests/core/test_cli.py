@@ -103,3 +103,28 @@ def test_bad_config_file_is_a_clean_cli_error(tmp_path):
     result = CliRunner().invoke(main, ["stats", "--config", str(bad)])
     assert result.exit_code != 0
     assert "line 2: unknown key 'store.ulr'" in result.output and "Traceback" not in result.output
+
+
+def test_rollouts_and_bad_cases_show_graph_state_as_question_and_answer(fw, sqlite_url):
+    """A LangGraph-style state is shown as its question and final answer, not raw JSON."""
+    state = {
+        "messages": [
+            {"type": "human", "content": "Where is order 42?"},
+            {
+                "type": "ai",
+                "content": "",
+                "tool_calls": [{"name": "lookup", "args": {}, "id": "c"}],
+            },
+            {"type": "tool", "content": "shipped", "tool_call_id": "c"},
+            {"type": "ai", "content": "It shipped."},
+        ]
+    }
+    with fw.rollout("graph", input={"messages": [["user", "Where is order 42?"]]}) as r:
+        r.set_output(state)
+    fw.feedback(r.id, rating=1)
+    fw.flush()
+    out = CliRunner().invoke(main, ["rollouts", "--store", sqlite_url], terminal_width=200).output
+    assert "Where is order 42?" in out and "It shipped." in out and "messages" not in out
+    out = run("bad-cases", "--store", sqlite_url).output
+    assert "user: Where is order 42?" in " ".join(out.split())
+    assert "agent: It shipped." in " ".join(out.split())

@@ -161,3 +161,34 @@ def test_the_report_is_markdown_a_person_can_read(store, tmp_path):
     _headings_stand_alone(text)
     assert "| candidate-1 | 0.30 | 600 | 70.0%" in text  # the evidence table
     assert "To approve: `flywheel promote" in text
+
+
+def test_curate_notes_rollouts_of_an_unknown_message_shape(store, tmp_path):
+    """A rollout whose question cannot be read is named in the report, not exported empty."""
+    from datetime import datetime, timezone
+
+    from flywheel_middleware.loop.controller import CycleReport, curate
+    from flywheel_middleware.store.models import Rollout
+
+    config = _config(tmp_path)
+    versions.ensure_workflow(store, config, "qa")
+    add_rollouts(store, experiment_id=None, variant=None, n=3, positive=3)
+    with store.session() as session:
+        session.add(
+            Rollout(
+                id="odd",
+                workflow="qa",
+                input={"weird": [1, 2]},
+                output={"numbers": [3]},
+                status="succeeded",
+                started_at=datetime.now(timezone.utc),
+            )
+        )
+        session.commit()
+    now = datetime.now(timezone.utc)
+    report = CycleReport(mode="experiment", started_at=now)
+    curate(store, config, ["qa"], now, report)
+    notes = [n for n in report.notes if "unknown message shape" in n]
+    assert notes and all('{"weird": [1, 2]}' in n for n in notes)
+    triplets = Path(tmp_path / "data" / "qa.triplets.jsonl").read_text().splitlines()
+    assert len(triplets) == 3 and "weird" not in "".join(triplets)
