@@ -190,11 +190,12 @@ def _agentscope_blocks(role: str, blocks: list[Any]) -> list[Message] | None:
             texts.append(str(b.get("text", "")))
         elif kind in ("tool_use", "tool_call"):
             calls.append(tool_call(b))
-        elif kind == "tool_result":
+        elif kind == "tool_result":  # Anthropic's says tool_use_id and content
             close_turn()
-            output = b.get("output")
+            output = b.get("output", b.get("content"))
             text = output if isinstance(output, str) else content_text(output)
-            out.append({"role": "tool", "content": text, "tool_call_id": str(b.get("id", ""))})
+            cid = b.get("id") or b.get("tool_use_id") or ""
+            out.append({"role": "tool", "content": text, "tool_call_id": str(cid)})
     close_turn()
     return out
 
@@ -208,6 +209,10 @@ def _message(value: dict[str, Any], default_role: str) -> list[Message] | None:
             return None
         return _message({**value["kwargs"], "role": role}, default_role)
     kind = value.get("type")
+    if kind == "reasoning" or (
+        isinstance(kind, str) and kind.endswith("_call") and kind != "function_call"
+    ):
+        return []  # Responses items with no chat turn: reasoning, web_search_call, ...
     if kind == "function_call":  # Responses input item
         return [{"role": "assistant", "content": "", "tool_calls": [tool_call(value)]}]
     if kind == "function_call_output":

@@ -123,6 +123,22 @@ def test_tuples_openai_parts_responses_genai_and_agentscope() -> None:
         ],
     }
     assert answer_text(scope_msg) == ANSWER
+    responses_output = [
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": ANSWER}],
+        },
+    ]
+    assert answer_text(responses_output) == ANSWER
+    anthropic_user = {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": "tu_1", "content": "ships today"}],
+    }
+    assert to_messages(anthropic_user) == [
+        {"role": "tool", "content": "ships today", "tool_call_id": "tu_1"}
+    ]
     assert to_messages(scope_msg)[0]["tool_calls"][0]["id"] == "u1"
 
 
