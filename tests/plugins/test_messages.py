@@ -286,13 +286,23 @@ def test_openai_responses_and_genai_parts_export_real_text(fw, openai_server, tm
     _assert_exports(fw, "genai", tmp_path / "genai", QUESTION, ANSWER)
 
 
-def test_unknown_shapes_are_counted_by_the_export(fw, tmp_path) -> None:
+def test_unknown_shapes_are_counted_by_the_export(fw, sqlite_url, tmp_path) -> None:
     with fw.rollout("odd", input={"weird": [1, 2]}) as r:
         r.set_output({"numbers": [3]})
     _rollouts(fw, "odd")
     result = export(fw.get_store(), "triplets", "odd", tmp_path / "t.jsonl")
     assert result.count == 0 and read(tmp_path / "t.jsonl") == []
     assert result.unknown.count >= 1 and result.unknown.example == {"weird": [1, 2]}
+    from click.testing import CliRunner
+
+    from flywheel_middleware.cli import main
+
+    args = ["export", "sft", "--store", sqlite_url, "-w", "odd", "-o", str(tmp_path / "s.jsonl")]
+    shown = CliRunner().invoke(main, args)
+    assert shown.exit_code == 0 and "unknown message shape" in shown.output
+    assert '{"weird": [1, 2]}' in shown.output
+    as_json = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
+    assert as_json["count"] == 0 and as_json["unknown_shapes"]["example"] == {"weird": [1, 2]}
 
 
 def test_judges_and_filters_read_the_same_question_and_answer() -> None:
