@@ -8,11 +8,40 @@ from rich.table import Table
 from flywheel_middleware.cli.common import Cli, command, console, echo_json, err_console
 
 
+def _check(kind: str, path: str, trl: bool) -> None:
+    """Print what is wrong with a dataset file, by line; exit 1 when anything is."""
+    from flywheel_middleware.loop.dataset_rules import check_file
+
+    rules = "trl" if trl and kind == "preference" else kind
+    if rules not in ("sft", "preference", "trl"):
+        raise click.UsageError(f"--check knows the rules of sft and preference, not {kind}")
+    problems = check_file(path, rules)
+    for problem in problems[:200]:
+        console.print(f"{path}: {problem}", markup=False)
+    if len(problems) > 200:
+        console.print(f"... and {len(problems) - 200} more")
+    if problems:
+        raise click.ClickException(f"{len(problems)} problems in {path} ({rules} rules)")
+    console.print(f"{path}: every row follows the {rules} rules", markup=False)
+
+
 def register(main: click.Group) -> None:
     @command(main)
     @click.argument("kind", type=click.Choice(["triplets", "sft", "preference", "tasks"]))
-    @click.option("--workflow", "-w", required=True, help="Workflow to export.")
-    @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="JSONL file.")
+    @click.option("--workflow", "-w", default=None, help="Workflow to export.")
+    @click.option("--out", "-o", default=None, type=click.Path(dir_okay=False), help="JSONL file.")
+    @click.option(
+        "--check",
+        "check_path",
+        default=None,
+        type=click.Path(exists=True, dir_okay=False),
+        help="Check FILE against the rules of KIND's consumer (sft, preference) and exit.",
+    )
+    @click.option(
+        "--trl",
+        is_flag=True,
+        help="preference --check: TRL's prompt/chosen/rejected rather than OpenAI's shape.",
+    )
     @click.option("--since", default=None, help="Only rollouts since: 30m, 24h, 7d or a date.")
     @click.option(
         "--filters/--no-filters",
@@ -70,8 +99,10 @@ def register(main: click.Group) -> None:
     def export(
         cli: Cli,
         kind: str,
-        workflow: str,
-        out: str,
+        workflow: str | None,
+        out: str | None,
+        check_path: str | None,
+        trl: bool,
         since: str | None,
         filters: bool,
         min_reward: float | None,
@@ -105,6 +136,11 @@ def register(main: click.Group) -> None:
         - preference: a question's best answer against its worst, rewards at least
           --min-margin apart, the best not rated bad.
         """
+        if check_path is not None:
+            _check(kind, check_path, trl)
+            return
+        if workflow is None or out is None:
+            raise click.UsageError("give --workflow and --out (or --check FILE)")
         from flywheel_middleware.loop.datasets import export as run_export
 
         result = run_export(

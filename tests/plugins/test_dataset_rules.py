@@ -107,3 +107,22 @@ def test_preference_rows_in_openai_and_trl_shape():
         for p in _problems({**openai_row, "preferred_output": question}, "preference")
     )
     assert any("not allowed" in p for p in _problems({**trl_row, "margin": 0.5}, "trl"))
+
+
+def test_export_check_from_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from flywheel_middleware.cli import main
+
+    good = tmp_path / "good.sft.jsonl"
+    good.write_text(json.dumps(GOOD_SFT) + "\n")
+    bad = tmp_path / "bad.sft.jsonl"
+    bad.write_text(json.dumps({**GOOD_SFT, "reward": 1.0}) + "\n")
+    runner = CliRunner()
+    ok = runner.invoke(main, ["export", "sft", "--check", str(good)])
+    assert ok.exit_code == 0 and "every row follows the sft rules" in ok.output
+    failed = runner.invoke(main, ["export", "sft", "--check", str(bad)])
+    assert failed.exit_code == 1
+    assert "line 1: top-level keys ['reward']" in " ".join(failed.output.split())
+    missing = runner.invoke(main, ["export", "sft"])
+    assert missing.exit_code == 2 and "--workflow and --out" in missing.output
