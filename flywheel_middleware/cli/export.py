@@ -40,7 +40,12 @@ def register(main: click.Group) -> None:
     @click.option(
         "--trl",
         is_flag=True,
-        help="preference --check: TRL's prompt/chosen/rejected rather than OpenAI's shape.",
+        help="preference: TRL's prompt/chosen/rejected rather than OpenAI's shape (also --check).",
+    )
+    @click.option(
+        "--inline-provenance",
+        is_flag=True,
+        help="sft, preference: rollout ids and rewards in each row, not in OUT.meta.jsonl.",
     )
     @click.option("--since", default=None, help="Only rollouts since: 30m, 24h, 7d or a date.")
     @click.option(
@@ -103,6 +108,7 @@ def register(main: click.Group) -> None:
         out: str | None,
         check_path: str | None,
         trl: bool,
+        inline_provenance: bool,
         since: str | None,
         filters: bool,
         min_reward: float | None,
@@ -121,8 +127,11 @@ def register(main: click.Group) -> None:
     ) -> None:
         """Write a dataset as JSON Lines: triplets, sft, preference or tasks (AgentJet).
 
-        Every row carries its rollout id and config version. `tasks` writes OUT (train) and
-        OUT with `.val` before the suffix (validation).
+        sft rows are OpenAI chat fine-tuning JSONL and preference rows OpenAI preference
+        fine-tuning JSONL (--trl: TRL's prompt/chosen/rejected); their rollout ids, config
+        versions and rewards go to OUT with `.meta` before the suffix, line for line
+        (--inline-provenance keeps them in the rows). `tasks` writes OUT (train) and OUT with
+        `.val` before the suffix (validation). `--check FILE` checks a file against the rules.
 
         \b
         The default curation policy (each part has a switch):
@@ -163,6 +172,8 @@ def register(main: click.Group) -> None:
             val_fraction=val_fraction,
             succeeded_only=not include_failed,
             progress=not as_json,
+            inline_provenance=inline_provenance,
+            preference_format="trl" if trl else "openai",
         )
         if as_json:
             echo_json(

@@ -486,6 +486,8 @@ def export(
     succeeded_only: bool = True,
     batch_size: int = 2000,
     progress: bool = False,
+    inline_provenance: bool = False,
+    preference_format: Literal["openai", "trl"] = "openai",
 ) -> ExportResult:
     """Write one dataset as JSON Lines and say what was written (the controller calls this).
 
@@ -493,7 +495,10 @@ def export(
     rows, ``per_question=False`` keeps every answer in ``tasks``, ``refresh=False`` exports
     rewards as stored. ``min_reward`` keeps only rows whose reward is at least this (rows
     without a reward are then skipped); ``min_margin`` is the smallest reward gap of a
-    preference pair.
+    preference pair. ``sft`` and ``preference`` rows hold only what their consumer reads
+    (OpenAI's fine-tuning formats; ``preference_format="trl"`` for TRL's); their provenance
+    (rollout ids, config versions, rewards) goes to ``meta_path(out)``, line for line,
+    unless ``inline_provenance``.
     """
     if kind not in KINDS:
         raise ExportError(f"unknown export kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -501,6 +506,8 @@ def export(
         raise ExportError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if split_by not in ("question", "pair"):
         raise ExportError(f"split_by must be 'question' or 'pair', got {split_by!r}")
+    if preference_format not in ("openai", "trl"):
+        raise ExportError(f"preference_format must be 'openai' or 'trl', not {preference_format!r}")
     since_dt = parse_since(since)
     out = Path(out)
     if out.parent and not out.parent.exists():
@@ -559,6 +566,8 @@ def export(
                 env_type=env_type,
                 seed=seed,
                 val_fraction=val_fraction,
+                inline=inline_provenance,
+                preference_format=preference_format,
                 advance=(lambda n: bar.advance(task, n)) if bar is not None else (lambda n: None),
             )
     finally:
@@ -629,8 +638,38 @@ def _write_triplets(store, batches, out, result, *, flts, policy, advance, **_):
     result.counts["all"] = result.count
 
 
-def _write_sft(store, batches, out, result, *, flts, policy, advance, **_):
-    with out.open("w", encoding="utf-8") as fh:
+def meta_path(out: Path) -> Path:
+    """A dataset file's provenance sidecar: ``x.sft.jsonl`` → ``x.sft.meta.jsonl``."""
+    return out.with_name(f"{out.stem}.meta{out.suffix}")
+
+
+class _RowsWithProvenance:
+    """Writes a dataset's rows, and each row's provenance to the sidecar on the same line
+    number (or into the row itself, ``inline``), so the rows are what a consumer accepts."""
+
+    def __init__(self, out: Path, inline: bool) -> None:
+        self.inline = inline
+        self.rows = out.open("w", encoding="utf-8")
+        self.meta = None if inline else meta_path(out).open("w", encoding="utf-8")
+
+    def write(self, row: dict[str, Any], provenance: dict[str, Any]) -> None:
+        if self.meta is None:
+            row = {**row, **provenance}
+        else:
+            self.meta.write(_dump(provenance))
+        self.rows.write(_dump(row))
+
+    def __enter__(self) -> _RowsWithProvenance:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.rows.close()
+        if self.meta is not None:
+            self.meta.close()
+
+
+def _write_sft(store, batches, out, result, *, flts, policy, advance, inline, **_):
+    with _RowsWithProvenance(out, inline) as sink:
         for rows in _batches(store, batches, result, flts, policy, advance):
             spans = _last_llm_spans(store, [r["id"] for r in rows])
             for r in rows:
@@ -638,19 +677,41 @@ def _write_sft(store, batches, out, result, *, flts, policy, advance, **_):
                 if not messages:
                     result.skipped += 1
                     continue
-                line = {
-                    "messages": messages,
+                provenance = {
                     "rollout_id": r["id"],
                     "config_version_id": r["config_version_id"],
                     "reward": r["reward"],
                 }
-                fh.write(_dump(line))
+                sink.write({"messages": messages}, provenance)
                 result.count += 1
     result.paths["all"] = out
     result.counts["all"] = result.count
 
 
-def _write_preference(store, batches, out, result, *, flts, policy, min_margin, advance, **_):
+def preference_row(question: str, chosen: str, rejected: str, fmt: str) -> dict[str, Any]:
+    """A preference pair in OpenAI's preference fine-tuning shape, or TRL's conversational."""
+    prompt = [{"role": "user", "content": question}]
+    good = [{"role": "assistant", "content": chosen}]
+    bad = [{"role": "assistant", "content": rejected}]
+    if fmt == "trl":
+        return {"prompt": prompt, "chosen": good, "rejected": bad}
+    return {"input": {"messages": prompt}, "preferred_output": good, "non_preferred_output": bad}
+
+
+def _write_preference(
+    store,
+    batches,
+    out,
+    result,
+    *,
+    flts,
+    policy,
+    min_margin,
+    advance,
+    inline,
+    preference_format,
+    **_,
+):
     # Keep only the best and the worst answer per (workflow, question): memory grows with the
     # number of distinct questions, not with the number of rollouts.
     best: dict[tuple[str, str], dict[str, Any]] = {}
@@ -677,7 +738,7 @@ def _write_preference(store, batches, out, result, *, flts, policy, min_margin, 
                 best[key] = slim
             if key not in worst or r["reward"] < worst[key]["reward"]:
                 worst[key] = slim
-    with out.open("w", encoding="utf-8") as fh:
+    with _RowsWithProvenance(out, inline) as sink:
         for key, chosen in best.items():
             rejected = worst[key]
             gap = chosen["reward"] - rejected["reward"]
@@ -688,22 +749,20 @@ def _write_preference(store, batches, out, result, *, flts, policy, min_margin, 
                 continue
             if policy.min_reward is not None and chosen["reward"] < policy.min_reward:
                 continue
-            fh.write(
-                _dump(
-                    {
-                        "prompt": chosen["question"],
-                        "chosen": chosen["answer"],
-                        "rejected": rejected["answer"],
-                        "chosen_reward": chosen["reward"],
-                        "rejected_reward": rejected["reward"],
-                        "workflow": key[0],
-                        "prompt_hash": hashlib.sha256(key[1].encode()).hexdigest(),
-                        "chosen_rollout_id": chosen["id"],
-                        "rejected_rollout_id": rejected["id"],
-                        "chosen_config_version_id": chosen["config_version_id"],
-                        "rejected_config_version_id": rejected["config_version_id"],
-                    }
-                )
+            sink.write(
+                preference_row(
+                    chosen["question"], chosen["answer"], rejected["answer"], preference_format
+                ),
+                {
+                    "chosen_reward": chosen["reward"],
+                    "rejected_reward": rejected["reward"],
+                    "workflow": key[0],
+                    "prompt_hash": hashlib.sha256(key[1].encode()).hexdigest(),
+                    "chosen_rollout_id": chosen["id"],
+                    "rejected_rollout_id": rejected["id"],
+                    "chosen_config_version_id": chosen["config_version_id"],
+                    "rejected_config_version_id": rejected["config_version_id"],
+                },
             )
             result.count += 1
     result.paths["all"] = out

@@ -12,6 +12,8 @@ import flywheel_middleware as fw
 from flywheel_middleware.cli import main
 from flywheel_middleware.demo import DemoSettings, run_demo
 from flywheel_middleware.loop import versions
+from flywheel_middleware.loop.dataset_rules import check_file
+from flywheel_middleware.loop.datasets import meta_path
 from flywheel_middleware.store.models import ChangeEvent, Rollout, Span, TelemetryEvent
 
 
@@ -45,8 +47,11 @@ def test_demo_promotes_a_better_config_and_exports_datasets(tmp_path):
             lines = path.read_text(encoding="utf-8").splitlines()
             assert lines and json.loads(lines[0])
         # the default curation policy: no bad-rated answer, one task per question
-        sft = [json.loads(x) for x in (folder / "datasets" / "support_qa.sft.jsonl").open()]
-        assert all(r["reward"] is None or r["reward"] >= 0.5 for r in sft)
+        sft_path = folder / "datasets" / "support_qa.sft.jsonl"
+        assert check_file(sft_path, "sft") == []  # the demo's own data passes the rules
+        assert check_file(folder / "datasets" / "support_qa.preference.jsonl", "preference") == []
+        provenance = [json.loads(x) for x in meta_path(sft_path).open()]
+        assert all(r["reward"] is None or r["reward"] >= 0.5 for r in provenance)
         tasks = [
             json.loads(x)
             for name in ("support_qa.tasks.jsonl", "support_qa.tasks.val.jsonl")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flywheel_middleware.loop.datasets import export
+from flywheel_middleware.loop.datasets import export, meta_path
 
 from .helpers import record
 
@@ -70,16 +70,17 @@ def test_default_policy_right_after_feedback(fw_any, tmp_path) -> None:
         side[key(t)] = "validation"
     assert side == {key(t): t["metadata"]["split"] for t in train + val}
 
-    prefs = export(store, "preference", "qa", tmp_path / "p.jsonl")
+    prefs = export(store, "preference", "qa", tmp_path / "p.jsonl", preference_format="trl")
     pairs = read(tmp_path / "p.jsonl")
-    assert prefs.count == len(pairs) == QUESTIONS  # the unrated question has no pair
-    for pair in pairs:
-        number = pair["prompt"].rstrip("? ").rsplit(" ", 1)[-1]
-        assert (pair["chosen"], pair["rejected"]) == (
+    provenance = read(meta_path(tmp_path / "p.jsonl"))
+    assert prefs.count == len(pairs) == len(provenance) == QUESTIONS  # the unrated: no pair
+    for pair, meta in zip(pairs, provenance, strict=True):
+        number = pair["prompt"][0]["content"].rstrip("? ").rsplit(" ", 1)[-1]
+        assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == (
             f"good answer {number}",
             f"bad answer {number}",
         )
-        assert pair["chosen_reward"] > pair["rejected_reward"]
+        assert meta["chosen_reward"] > meta["rejected_reward"]
 
 
 def test_new_feedback_makes_a_reward_stale_and_switches_the_best_answer(fw, tmp_path) -> None:

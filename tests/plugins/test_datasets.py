@@ -8,7 +8,15 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from flywheel_middleware.config import parse_config
-from flywheel_middleware.loop.datasets import ExportError, export, parse_since, qa_hash, split_of
+from flywheel_middleware.loop.dataset_rules import check_file
+from flywheel_middleware.loop.datasets import (
+    ExportError,
+    export,
+    meta_path,
+    parse_since,
+    qa_hash,
+    split_of,
+)
 from flywheel_middleware.loop.rewards import compute_rewards
 
 from .helpers import record
@@ -16,6 +24,13 @@ from .helpers import record
 
 def read(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def read_with_provenance(path) -> list[dict]:
+    """Each row merged with its line of the provenance sidecar."""
+    rows, meta = read(path), read(meta_path(path))
+    assert len(rows) == len(meta)
+    return [{**row, **more} for row, more in zip(rows, meta, strict=True)]
 
 
 @pytest.fixture
@@ -81,7 +96,8 @@ def test_triplets(populated, tmp_path) -> None:
 def test_sft_uses_llm_span_messages(populated, tmp_path) -> None:
     fw, ids = populated
     export(fw.get_store(), "sft", "qa", tmp_path / "sft.jsonl")
-    rows = {r["rollout_id"]: r for r in read(tmp_path / "sft.jsonl")}
+    assert check_file(tmp_path / "sft.jsonl", "sft") == []  # what OpenAI's upload accepts
+    rows = {r["rollout_id"]: r for r in read_with_provenance(tmp_path / "sft.jsonl")}
     assert rows[ids["chat"]]["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Capital of France?"},
@@ -98,15 +114,22 @@ def test_sft_uses_llm_span_messages(populated, tmp_path) -> None:
 def test_preference_pairs(populated, tmp_path) -> None:
     fw, ids = populated
     result = export(fw.get_store(), "preference", "qa", tmp_path / "p.jsonl")
-    rows = read(tmp_path / "p.jsonl")
+    assert check_file(tmp_path / "p.jsonl", "preference") == []
+    rows = read_with_provenance(tmp_path / "p.jsonl")
     assert result.count == 1 and len(rows) == 1
     [pair] = rows
-    assert pair["prompt"] == "What is 2+2?"
-    assert (pair["chosen"], pair["rejected"]) == ("4", "5")
+    assert pair["input"] == {"messages": [{"role": "user", "content": "What is 2+2?"}]}
+    assert pair["preferred_output"] == [{"role": "assistant", "content": "4"}]
+    assert pair["non_preferred_output"] == [{"role": "assistant", "content": "5"}]
     assert (pair["chosen_reward"], pair["rejected_reward"]) == (1.0, 0.0)
     assert pair["chosen_rollout_id"] == ids["good"]
     assert pair["rejected_rollout_id"] == ids["bad"]
     assert (pair["chosen_config_version_id"], pair["rejected_config_version_id"]) == (1, 2)
+    trl = tmp_path / "trl.jsonl"
+    export(fw.get_store(), "preference", "qa", trl, preference_format="trl")
+    assert check_file(trl, "trl") == []
+    [row] = read(trl)
+    assert (row["prompt"][0]["content"], row["chosen"][0]["content"]) == ("What is 2+2?", "4")
     none = export(fw.get_store(), "preference", "qa", tmp_path / "p2.jsonl", min_margin=1.5)
     assert none.count == 0 and read(tmp_path / "p2.jsonl") == []
 
@@ -197,7 +220,8 @@ def test_sft_and_triplets_from_a_real_langchain_chain(fw, tmp_path) -> None:
     chain.invoke({"question": "Capital of France?"}, config={"callbacks": [handler]})
     fw.flush()
     export(fw.get_store(), "sft", "lcqa", tmp_path / "sft.jsonl")
-    [row] = read(tmp_path / "sft.jsonl")
+    assert check_file(tmp_path / "sft.jsonl", "sft") == []
+    [row] = read_with_provenance(tmp_path / "sft.jsonl")
     assert row["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Capital of France?"},
