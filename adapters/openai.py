@@ -68,6 +68,8 @@ _PARAMS = frozenset(
         "reasoning_effort",
         "reasoning",
         "tool_choice",
+        "tools",  # the schemas a fine-tuning export declares beside the calls
+        "parallel_tool_calls",
         "response_format",
         "text",
         "text_format",

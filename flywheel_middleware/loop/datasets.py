@@ -400,15 +400,43 @@ def task_row(
 def _last_llm_spans(store: Store, rollout_ids: list[str]) -> dict[str, dict[str, Any]]:
     """The last LLM span of each rollout (by sequence), as a dict; one query per batch."""
     q = (
-        select(S.rollout_id, S.sequence, S.input, S.output)
+        select(S.rollout_id, S.sequence, S.input, S.output, S.attributes)
         .where(S.rollout_id.in_(rollout_ids), S.kind == "llm")
         .order_by(S.rollout_id, S.sequence, S.id)
     )
     out: dict[str, dict[str, Any]] = {}
     with store.engine.connect() as conn:
         for r in conn.execute(q):
-            out[r.rollout_id] = {"input": r.input, "output": r.output}
+            params = (r.attributes or {}).get("invocation_params") or {}
+            out[r.rollout_id] = {"input": r.input, "output": r.output, "tools": params.get("tools")}
     return out
+
+
+def sft_tools(messages: list[dict[str, Any]], captured: Any) -> list[dict[str, Any]] | None:
+    """The ``tools`` of an sft row whose messages call tools: the function schemas the agent
+    passed to the model (captured from its call), and for a called tool none was captured
+    for, its name with an open parameter schema. None when nothing is called."""
+    called = {
+        call["function"]["name"]
+        for m in messages
+        for call in m.get("tool_calls") or ()
+        if isinstance(call, dict) and isinstance(call.get("function"), dict)
+    }
+    if not called:
+        return None
+    tools = [
+        t
+        for t in captured or ()
+        if isinstance(t, dict)
+        and t.get("type") == "function"
+        and isinstance((t.get("function") or {}).get("name"), str)
+    ]
+    declared = {t["function"]["name"] for t in tools}
+    for name in sorted(called - declared):
+        tools.append(
+            {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+        )
+    return tools
 
 
 def _dump(row: dict[str, Any]) -> str:
@@ -682,7 +710,11 @@ def _write_sft(store, batches, out, result, *, flts, policy, advance, inline, **
                     "config_version_id": r["config_version_id"],
                     "reward": r["reward"],
                 }
-                sink.write({"messages": messages}, provenance)
+                row: dict[str, Any] = {"messages": messages}
+                tools = sft_tools(messages, (spans.get(r["id"]) or {}).get("tools"))
+                if tools is not None:
+                    row["tools"] = tools
+                sink.write(row, provenance)
                 result.count += 1
     result.paths["all"] = out
     result.counts["all"] = result.count

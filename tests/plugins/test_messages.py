@@ -9,6 +9,7 @@ from langchain_core.load import dumpd
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
 from flywheel_middleware.capture.serialize import to_jsonable
+from flywheel_middleware.loop.dataset_rules import check_file
 from flywheel_middleware.loop.datasets import export
 from flywheel_middleware.messages import Unknown, answer_text, question_text, to_messages
 from flywheel_middleware.testing.openai_server import Reply
@@ -227,6 +228,25 @@ def test_langgraph_react_agent_with_tuple_input_exports_real_text(fw, tmp_path) 
     roles = [m["role"] for m in sft["messages"]]
     assert roles == ["user", "assistant", "tool", "assistant"]
     assert sft["messages"][2]["tool_call_id"] == sft["messages"][1]["tool_calls"][0]["id"]
+    # the fake model's bind_tools records no schemas: the called tool is declared by name
+    assert sft["tools"] == [
+        {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    ]
+    assert check_file(tmp_path / "s.jsonl", "sft") == []
+
+
+LOOKUP_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look an order up.",
+        "parameters": {
+            "type": "object",
+            "properties": {"order_id": {"type": "string"}},
+            "required": ["order_id"],
+        },
+    },
+}
 
 
 def test_openai_chat_with_tool_calls_exports_real_text(fw, openai_server, tmp_path) -> None:
@@ -243,16 +263,18 @@ def test_openai_chat_with_tool_calls_exports_real_text(fw, openai_server, tmp_pa
             {"role": "user", "content": [{"type": "text", "text": QUESTION}]},
         ]
         r.set_input(messages)
-        first = client.chat.completions.create(model="m", messages=messages)
+        first = client.chat.completions.create(model="m", messages=messages, tools=[LOOKUP_TOOL])
         call = first.choices[0].message
         messages += [
             call.model_dump(exclude_none=True),
             {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": "ships today"},
         ]
-        final = client.chat.completions.create(model="m", messages=messages)
+        final = client.chat.completions.create(model="m", messages=messages, tools=[LOOKUP_TOOL])
         r.set_output(final)
     _assert_exports(fw, "oa", tmp_path, QUESTION, ANSWER)
     [sft] = read(tmp_path / "s.jsonl")
+    assert sft["tools"] == [LOOKUP_TOOL]  # the schema the agent gave the model
+    assert check_file(tmp_path / "s.jsonl", "sft") == []
     assert [m["role"] for m in sft["messages"]] == [
         "system",
         "user",
