@@ -430,9 +430,16 @@ def rows_from_lines(
     return out
 
 
-def dead_letter(directory: Path, entries: list[dict[str, Any]]) -> Path:
+def dead_letter(
+    directory: Path,
+    entries: list[dict[str, Any]],
+    scrub: Callable[[Any], Any] | None = None,
+) -> Path:
     """Append rows the store refused (or lines no row can be made of) to this process's
-    dead-letter file, as JSON lines with the reason; returns its path."""
+    dead-letter file, as JSON lines with the reason; returns its path. ``scrub`` (the secret
+    redactor's) sees each entry first: these files are kept, unlike the journal's."""
+    if scrub is not None:
+        entries = [scrub(entry) for entry in entries]
     ensure_private_dir(directory)
     path = directory / f"dead-{os.getpid()}.jsonl"
     fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)

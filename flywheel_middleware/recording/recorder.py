@@ -775,7 +775,9 @@ class Recorder:
         for entry in entries:
             entry.setdefault("error", reason)
         try:
-            path = dead_letter(self.journal_dir, entries)
+            path = dead_letter(
+                self.journal_dir, entries, self.secrets.value if self.secrets else None
+            )
         except (OSError, UnsafeJournal) as exc:
             log.error(
                 "flywheel: %d records set aside (%s) could not be saved: %s",

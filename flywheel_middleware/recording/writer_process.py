@@ -209,7 +209,7 @@ def _write(
             for table, row in refused
         ]
     if bad:
-        _set_aside(dead_dir, bad)
+        _set_aside(dead_dir, bad, secrets)
     if notes:
         print(f"flywheel writer: {len(notes)} values coerced, e.g. {notes[0]}", file=sys.stderr)
     return {"written": written, "rejected": len(bad), "coerced": len(notes)}
@@ -236,10 +236,10 @@ def _one_by_one(
     return dict(written), bad
 
 
-def _set_aside(dead_dir: str, bad: list[dict[str, Any]]) -> None:
+def _set_aside(dead_dir: str, bad: list[dict[str, Any]], secrets: SecretRedactor | None) -> None:
     """The recorder's dead-letter file: nothing the store refused is lost."""
     try:
-        path = dead_letter(Path(dead_dir), bad)
+        path = dead_letter(Path(dead_dir), bad, secrets.value if secrets else None)
     except Exception as exc:
         print(
             f"flywheel writer: {len(bad)} rows set aside could not be saved: {exc}", file=sys.stderr

@@ -322,3 +322,25 @@ def test_a_fifo_planted_as_a_segment_neither_blocks_nor_is_read(tmp_path, caplog
         assert recorder.close(timeout=10)
     assert _count(url) == len(ids)
     assert "not a regular file" in caplog.text and fifo.exists()
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_refused_row_is_kept_without_its_secrets(tmp_path, writer):
+    from flywheel_middleware.recording.secrets import SecretRedactor
+
+    key = "sk-proj-" + "a1b2c3d4" * 6
+    recorder = Recorder(
+        Store(f"sqlite:///{tmp_path / 'dl.db'}"),
+        spill_dir=tmp_path / "j",
+        writer=writer,
+        secrets=SecretRedactor(),
+    )
+    # no workflow: the NOT NULL constraint refuses the row, which goes to the dead letters
+    recorder.enqueue(
+        RolloutRecord(id=new_rollout_id(), workflow=None, input={"key": key}, started_at=1)
+    )
+    assert recorder.close(timeout=30)
+    assert recorder.counters.dead_lettered == 1
+    (dead,) = (tmp_path / "j").rglob("dead-*.jsonl")
+    text = dead.read_text()
+    assert "NOT NULL" in text and key not in text and "[REDACTED]" in text
