@@ -70,9 +70,7 @@ def check_lines(lines: Iterable[str], kind: str) -> Iterator[Problem]:
 
 
 def _sft(row: dict[str, Any]) -> Iterator[str]:
-    extra = sorted(set(row) - SFT_KEYS)
-    if extra:
-        yield f"top-level keys {extra} are not allowed (only {sorted(SFT_KEYS)})"
+    yield from _only_keys(row, SFT_KEYS)
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         yield "'messages' must be a non-empty list"
@@ -84,9 +82,7 @@ def _sft(row: dict[str, Any]) -> Iterator[str]:
 
 
 def _preference(row: dict[str, Any]) -> Iterator[str]:
-    extra = sorted(set(row) - PREFERENCE_KEYS)
-    if extra:
-        yield f"top-level keys {extra} are not allowed (only {sorted(PREFERENCE_KEYS)})"
+    yield from _only_keys(row, PREFERENCE_KEYS)
     given = row.get("input")
     if not isinstance(given, dict) or not isinstance(given.get("messages"), list):
         yield "'input' must be an object with a 'messages' list"
@@ -100,15 +96,19 @@ def _preference(row: dict[str, Any]) -> Iterator[str]:
 
 
 def _trl(row: dict[str, Any]) -> Iterator[str]:
-    extra = sorted(set(row) - TRL_KEYS)
-    if extra:
-        yield f"top-level keys {extra} are not allowed (only {sorted(TRL_KEYS)})"
+    yield from _only_keys(row, TRL_KEYS)
     prompt = row.get("prompt")
     if not isinstance(prompt, list) or not prompt:
         yield "'prompt' must be a non-empty list of messages"
     else:
         yield from _conversation(prompt, "prompt")
     yield from _outputs(row, ("chosen", "rejected"))
+
+
+def _only_keys(row: dict[str, Any], allowed: frozenset[str]) -> Iterator[str]:
+    extra = sorted(set(row) - allowed)
+    if extra:
+        yield f"top-level keys {extra} are not allowed (only {sorted(allowed)})"
 
 
 def _outputs(row: dict[str, Any], keys: tuple[str, str]) -> Iterator[str]:

@@ -35,10 +35,16 @@ from typing import Any
 
 import orjson
 
-from flywheel_middleware.capture.records import PACK_OPTIONS, RECORD_TYPES, CallRecord, Record
+from flywheel_middleware.capture.records import (
+    PACK_OPTIONS,
+    RECORD_TYPES,
+    CallRecord,
+    Record,
+    datetime_to_ns,
+)
 from flywheel_middleware.capture.serialize import to_jsonable
 from flywheel_middleware.errors import safe_url
-from flywheel_middleware.recording.rows import TimeConv, rows_of, time_positions
+from flywheel_middleware.recording.rows import TIME_AT, TimeConv, rows_of
 
 log = logging.getLogger("flywheel_middleware.recording.journal")
 
@@ -105,12 +111,6 @@ def _open_private(path: Path, flags: int) -> int:
 
 # -- the data format -------------------------------------------------------------------------
 
-_TIME_AT = {table: time_positions(table) for table in RECORD_TYPES}
-
-
-def _jsonable(value: Any) -> Any:
-    return to_jsonable(value)
-
 
 def encode(item: Record | bytes) -> bytes:
     """One journal line (without its newline) for a queued record."""
@@ -118,11 +118,11 @@ def encode(item: Record | bytes) -> bytes:
         return b'["call",' + item + b"]"  # type: ignore[operator]
     table = item.TABLE  # type: ignore[union-attr]
     values = list(item.values(item))  # type: ignore[union-attr]
-    for i in _TIME_AT.get(table, ()):
+    for i in TIME_AT.get(table, ()):
         if values[i] is not None and values[i].__class__ is not int:
             values[i] = _time_ns(values[i])
     try:
-        return orjson.dumps([table, values], option=PACK_OPTIONS, default=_jsonable)
+        return orjson.dumps([table, values], option=PACK_OPTIONS, default=to_jsonable)
     except TypeError:  # an integer past 64 bits, deeper nesting than orjson takes
         # The stdlib keeps such integers exact; the leading space tells ``decode`` to read the
         # line with it too (orjson would make them floats).
@@ -130,8 +130,6 @@ def encode(item: Record | bytes) -> bytes:
 
 
 def _time_ns(value: Any) -> int | None:
-    from flywheel_middleware.capture.records import datetime_to_ns
-
     try:
         return datetime_to_ns(value)
     except Exception:
@@ -453,6 +451,6 @@ def dead_letter(
 
 def _entry_line(entry: dict[str, Any]) -> bytes:
     try:
-        return orjson.dumps(entry, default=_jsonable, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+        return orjson.dumps(entry, default=to_jsonable, option=orjson.OPT_NON_STR_KEYS) + b"\n"
     except TypeError:  # an integer past 64 bits: the stdlib writes it exactly
         return json.dumps(to_jsonable(entry)).encode() + b"\n"

@@ -277,10 +277,7 @@ class Recorder:
         store; True when it all landed in time."""
         if not self._writer_thread.is_alive():
             return not self._buf and not self._backlog and not self._in_flight
-        marker = _Flush()
-        self._buf.append(marker)
-        self._journal_wake.set()
-        return marker.done.wait(timeout)
+        return self._mark().done.wait(timeout)
 
     def journal_now(self, timeout: float = 5.0) -> bool:
         """Have everything queued so far journaled (or handed on) before returning, and every
@@ -288,10 +285,14 @@ class Recorder:
         self._stopping = True
         if not self._journal_thread.is_alive():
             return not self._buf
+        return self._mark().journaled.wait(timeout)
+
+    def _mark(self) -> _Flush:
+        """A marker behind everything queued so far, the journal thread woken to it."""
         marker = _Flush()
         self._buf.append(marker)
         self._journal_wake.set()
-        return marker.journaled.wait(timeout)
+        return marker
 
     @property
     def pending(self) -> int:
@@ -305,11 +306,6 @@ class Recorder:
         """The writer process's pid while one writes span and rollout rows, else None."""
         process = self._process
         return process.pid if process is not None else None
-
-    @property
-    def spill_dir(self) -> Path:
-        """The journal directory (the name of its setting, ``spill_dir``)."""
-        return self.journal_dir
 
     def close(self, timeout: float | None = None) -> bool:
         """Journal everything, give the store up to ``timeout`` (default ``exit_timeout``)

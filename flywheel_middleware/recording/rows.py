@@ -1,5 +1,5 @@
 """Records into database rows: the one row builder both writers use (the recorder's thread
-and the writer process), and what the spill and dead-letter files hold.
+and the writer process), from records or from the journal's lines.
 
 A row is a record's values in ``tables`` column order, with JSON columns as JSON text and
 times through the store's conversion (SQLite's text or an aware datetime).
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flywheel_middleware.capture.records import Record, datetime_to_ns, expand_calls, split_call
+from flywheel_middleware.capture.records import Record, datetime_to_ns, split_call
 from flywheel_middleware.capture.serialize import to_json_text
 from flywheel_middleware.tables import RECORDED
 
@@ -23,13 +23,9 @@ def _positions(table: str, *column_types: str) -> tuple[int, ...]:
     return tuple(i for i, column in enumerate(columns) if column.type in column_types)
 
 
-def time_positions(table: str) -> tuple[int, ...]:
-    """Where a record of ``table`` holds times (ns integers, or datetimes until encoded)."""
-    return _positions(table, "time")
-
-
 _JSON_AT = {table: _positions(table, "json") for table in RECORDED}
-_TIME_AT = {table: time_positions(table) for table in RECORDED}
+TIME_AT = {table: _positions(table, "time") for table in RECORDED}
+"""Where a record of each table holds times (ns integers, or datetimes until encoded)."""
 _NUMBER_AT = {
     table: tuple(
         (i, int if c.type in ("int", "bigint") else float, c.name)
@@ -85,7 +81,7 @@ def build_row(
     for i in _JSON_AT[table]:
         if row[i] is not None:
             row[i] = to_json_text(row[i])
-    for i in _TIME_AT[table]:
+    for i in TIME_AT[table]:
         value = row[i]
         if value is not None:
             row[i] = time_conv(value if value.__class__ is int else datetime_to_ns(value))
@@ -109,8 +105,3 @@ def rows_of(
 def record_row(record: Record, time_conv: TimeConv) -> tuple:
     """The row of a span, rollout, feedback or telemetry record."""
     return build_row(record.TABLE, record.values(record), time_conv)
-
-
-def record_rows(records: list[Record | bytes], time_conv: TimeConv) -> list[tuple[str, tuple]]:
-    """The ``(table, row)`` pairs of queued records (call records split into their two)."""
-    return [(r.TABLE, record_row(r, time_conv)) for r in expand_calls(records)]
