@@ -599,12 +599,16 @@ def export(
                 advance=(lambda n: bar.advance(task, n)) if bar is not None else (lambda n: None),
             )
     finally:
-        for flt in flts:
-            try:
-                flt.close()
-            except Exception:
-                pass
+        _close(flts)
     return result
+
+
+def _close(flts: list[Filter]) -> None:
+    for flt in flts:
+        try:
+            flt.close()
+        except Exception:
+            pass
 
 
 @dataclass
@@ -730,49 +734,151 @@ def preference_row(question: str, chosen: str, rejected: str, fmt: str) -> dict[
     return {"input": {"messages": prompt}, "preferred_output": good, "non_preferred_output": bad}
 
 
-def _write_preference(
+@dataclass
+class QuestionBoard:
+    """Per question, what ``tasks`` and ``preference`` keep: the best task (after the reward
+    policy) and the best and worst rated answers. Memory grows with the number of distinct
+    questions, not rollouts; boards of disjoint time ranges merge into the board of their union
+    (so the controller re-reads only the days that changed)."""
+
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    best: dict[str, dict[str, Any]] = field(default_factory=dict)
+    worst: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def offer_task(self, key: str, task: dict[str, Any]) -> bool:
+        """Keep ``task`` if it beats the question's current one; False if it was a duplicate."""
+        current = self.tasks.get(key)
+        if current is None or _rank(task) > _rank(current):
+            self.tasks[key] = task
+        return current is None
+
+    def offer_rated(self, key: str, answer: dict[str, Any]) -> None:
+        if key not in self.best or answer["reward"] > self.best[key]["reward"]:
+            self.best[key] = answer
+        if key not in self.worst or answer["reward"] < self.worst[key]["reward"]:
+            self.worst[key] = answer
+
+    def merge(self, later: QuestionBoard) -> None:
+        """Take in the board of a later time range (a tie keeps the earlier answer)."""
+        for key, task in later.tasks.items():
+            self.offer_task(key, task)
+        for key, answer in later.best.items():
+            self.offer_rated(key, answer)
+        for key, answer in later.worst.items():
+            self.offer_rated(key, answer)
+
+    def dump(self, path: Path) -> None:
+        with path.open("w", encoding="utf-8") as fh:
+            for part in ("tasks", "best", "worst"):
+                for key, value in getattr(self, part).items():
+                    fh.write(_dump({"part": part, "key": key, "value": value}))
+
+    @classmethod
+    def load(cls, path: Path) -> QuestionBoard:
+        board = cls()
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                entry = json.loads(line)
+                getattr(board, entry["part"])[entry["key"]] = entry["value"]
+        return board
+
+
+def _fill_board(
     store,
     batches,
-    out,
     result,
     *,
     flts,
     policy,
-    min_margin,
-    advance,
-    inline,
-    preference_format,
+    env_type=None,
+    seed=0,
+    val_fraction=0.1,
+    per_question=True,
+    split_by="question",
+    advance=lambda n: None,
     **_,
-):
-    # Keep only the best and the worst answer per (workflow, question): memory grows with the
-    # number of distinct questions, not with the number of rollouts.
-    best: dict[tuple[str, str], dict[str, Any]] = {}
-    worst: dict[tuple[str, str], dict[str, Any]] = {}
+) -> QuestionBoard:
+    """Read rows into a board: every rated answer for ``preference``; with a ``policy``, also
+    the tasks that pass it (``policy=None`` builds the preference side only)."""
+    board = QuestionBoard()
+    seen: set[str] = set()
     for rows in _batches(store, batches, result, flts, None, advance):
         for r in rows:
-            if r["reward"] is None:
-                result.unrated += 1
-                continue
-            question = question_text(r["input"], result.unknown)
-            answer = answer_text(r["output"], result.unknown)
-            if not question.strip() or not answer.strip():
+            task = task_row(
+                r,
+                env_type=env_type,
+                seed=seed,
+                val_fraction=val_fraction,
+                unknown=result.unknown,
+                split_by=split_by,
+            )
+            if task is None:
                 result.skipped += 1
                 continue
-            key = (r["workflow"], question_key(question))
-            slim = {
-                "id": r["id"],
-                "config_version_id": r["config_version_id"],
-                "question": question,
-                "answer": answer,
-                "reward": r["reward"],
-            }
-            if key not in best or r["reward"] > best[key]["reward"]:
-                best[key] = slim
-            if key not in worst or r["reward"] < worst[key]["reward"]:
-                worst[key] = slim
+            question = f"{r['workflow']}\n{question_key(task['main_query'])}"
+            if r["reward"] is not None:
+                board.offer_rated(
+                    question,
+                    {
+                        "id": r["id"],
+                        "workflow": r["workflow"],
+                        "config_version_id": r["config_version_id"],
+                        "question": task["main_query"],
+                        "answer": task["metadata"]["answer"],
+                        "reward": r["reward"],
+                    },
+                )
+            elif policy is None:
+                result.unrated += 1
+            if policy is None or policy.drop(r["reward"], result):
+                continue
+            qa = task["metadata"]["qa_hash"]
+            if qa in seen:
+                result.duplicates += 1
+                continue
+            seen.add(qa)
+            if not board.offer_task(question if per_question else qa, task):
+                result.duplicates += 1
+    return board
+
+
+def question_board(
+    store: Store,
+    *,
+    workflow: str | None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    config: FlywheelConfig | None = None,
+    filters: bool = False,
+) -> tuple[QuestionBoard, ExportResult]:
+    """The default policy's board of one time range (what the controller keeps per day)."""
+    result = ExportResult(kind="tasks", path=Path())
+    flts = build_filters(config, store) if filters and config is not None else []
+    try:
+        batches = iter_rollout_rows(
+            store, workflow=workflow, since=since, until=until, succeeded_only=True
+        )
+        board = _fill_board(store, batches, result, flts=flts, policy=_Policy())
+    finally:
+        _close(flts)
+    return board, result
+
+
+def write_preference(
+    board: QuestionBoard,
+    out: Path,
+    result: ExportResult,
+    *,
+    policy: _Policy | None = None,
+    min_margin: float = 0.2,
+    inline: bool = False,
+    preference_format: str = "openai",
+) -> None:
+    """A question's best answer against its worst, when the margin holds and the best is good."""
+    policy = policy or _Policy()
     with _RowsWithProvenance(out, inline) as sink:
-        for key, chosen in best.items():
-            rejected = worst[key]
+        for key, chosen in board.best.items():
+            rejected = board.worst[key]
             gap = chosen["reward"] - rejected["reward"]
             if gap <= 0 or gap < min_margin:
                 continue
@@ -788,8 +894,10 @@ def _write_preference(
                 {
                     "chosen_reward": chosen["reward"],
                     "rejected_reward": rejected["reward"],
-                    "workflow": key[0],
-                    "prompt_hash": hashlib.sha256(key[1].encode()).hexdigest(),
+                    "workflow": chosen["workflow"],
+                    "prompt_hash": hashlib.sha256(
+                        question_key(chosen["question"]).encode()
+                    ).hexdigest(),
                     "chosen_rollout_id": chosen["id"],
                     "rejected_rollout_id": rejected["id"],
                     "chosen_config_version_id": chosen["config_version_id"],
@@ -799,6 +907,19 @@ def _write_preference(
             result.count += 1
     result.paths["all"] = out
     result.counts["all"] = result.count
+
+
+def _write_preference(store, batches, out, result, *, policy, inline, preference_format, **kw):
+    board = _fill_board(store, batches, result, policy=None, **kw)
+    write_preference(
+        board,
+        out,
+        result,
+        policy=policy,
+        min_margin=kw["min_margin"],
+        inline=inline,
+        preference_format=preference_format,
+    )
 
 
 def val_path(out: Path) -> Path:
@@ -812,65 +933,28 @@ def _rank(task: dict[str, Any]) -> tuple[bool, float]:
     return (reward is not None, reward if reward is not None else 0.0)
 
 
-def _write_tasks(
-    store,
-    batches,
-    out,
-    result,
-    *,
-    flts,
-    policy,
-    env_type,
-    seed,
-    val_fraction,
-    per_question,
-    split_by,
-    advance,
-    **_,
-):
-    # per question: the best task so far of each (workflow, normalized question), written at
-    # the end; memory grows with the number of distinct questions.
-    chosen: dict[str, dict[str, Any]] = {}
-    seen: set[str] = set()
-    for rows in _batches(store, batches, result, flts, policy, advance):
-        for r in rows:
-            task = task_row(
-                r,
-                env_type=env_type,
-                seed=seed,
-                val_fraction=val_fraction,
-                unknown=result.unknown,
-                split_by=split_by,
-            )
-            if task is None:
-                result.skipped += 1
-                continue
-            qa = task["metadata"]["qa_hash"]
-            if qa in seen:
-                result.duplicates += 1
-                continue
-            seen.add(qa)
-            key = f"{r['workflow']}\n{question_key(task['main_query'])}" if per_question else qa
-            current = chosen.get(key)
-            if current is None:
-                chosen[key] = task
-                continue
-            result.duplicates += 1
-            if _rank(task) > _rank(current):
-                chosen[key] = task
+def write_tasks(
+    board: QuestionBoard, out: Path, result: ExportResult, *, val_fraction: float = 0.1
+) -> None:
+    """The board's tasks, train to ``out`` and validation to ``val_path(out)``."""
     val = val_path(out)
     counts = {"train": 0, "validation": 0}
     with (
         out.open("w", encoding="utf-8") as train_fh,
         val.open("w", encoding="utf-8") if val_fraction > 0 else nullcontext(None) as val_fh,
     ):
-        for task in chosen.values():
+        for task in board.tasks.values():
             split = task["metadata"]["split"]
             (val_fh if split == "validation" else train_fh).write(_dump(task))
             counts[split] += 1
     result.count = counts["train"] + counts["validation"]
     result.paths = {"train": out, **({"validation": val} if val_fraction > 0 else {})}
     result.counts = counts
+
+
+def _write_tasks(store, batches, out, result, *, val_fraction, **kw):
+    board = _fill_board(store, batches, result, val_fraction=val_fraction, **kw)
+    write_tasks(board, out, result, val_fraction=val_fraction)
 
 
 _WRITERS = {
