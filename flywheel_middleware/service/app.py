@@ -42,6 +42,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flywheel_middleware import runtime
+from flywheel_middleware.capture.otlp_spans import as_rollout_id
 from flywheel_middleware.capture.records import TelemetryRecord
 from flywheel_middleware.errors import InvalidFeedbackError
 from flywheel_middleware.service.schemas import FeedbackIn, TelemetryBatchIn, TelemetryEventIn
@@ -333,7 +334,29 @@ def _given_key(request: Request) -> str | None:
     return request.query_params.get("key")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+def require_write_key(settings: Settings, request: Request) -> None:
+    """Refuse a write without a write key, or from a browser origin not allowed (ApiError)."""
+    if not settings.api_keys:
+        raise ApiError(
+            401,
+            f"this service has no API keys configured; set {API_KEYS_ENV} or service.api_keys",
+        )
+    given = _given_key(request)
+    if not settings.write_key_ok(given):
+        if settings.key_ok(given):
+            raise ApiError(403, "this API key may only read; writes need a write key")
+        raise ApiError(
+            401,
+            "missing or wrong API key: send X-API-Key, Authorization: Bearer KEY, or ?key=KEY",
+        )
+    origin = request.headers.get("origin")
+    if origin and origin != "null":
+        own = f"{request.url.scheme}://{request.url.netloc}"
+        if not settings.origin_ok(origin, own):
+            raise ApiError(403, f"origin {origin!r} is not in service.cors_origins")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -389,6 +412,9 @@ def create_app(
     cfg = config if config is not None else runtime.get_config()
     settings = Settings(cfg, api_keys, cors_origins, read_keys)
     views = ViewCache(DASHBOARD_TTL)
+    from flywheel_middleware.service import otlp
+
+    otlp_routes, otlp_traces = otlp.otlp_router(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -396,7 +422,9 @@ def create_app(
             await run_in_threadpool(runtime.get_recorder)
         except Exception as exc:
             log.warning("flywheel service: the recorder did not start yet: %s", exc)
+        otlp_traces.start()
         yield
+        await run_in_threadpool(otlp_traces.stop)  # open traces' rollouts go to the recorder
 
     app = FastAPI(
         lifespan=lifespan,
@@ -441,24 +469,7 @@ def create_app(
         return _error_body(500, f"internal error: {type(exc).__name__}")
 
     def check_write(request: Request) -> None:
-        if not settings.api_keys:
-            raise ApiError(
-                401,
-                f"this service has no API keys configured; set {API_KEYS_ENV} or service.api_keys",
-            )
-        given = _given_key(request)
-        if not settings.write_key_ok(given):
-            if settings.key_ok(given):
-                raise ApiError(403, "this API key may only read; writes need a write key")
-            raise ApiError(
-                401,
-                "missing or wrong API key: send X-API-Key, Authorization: Bearer KEY, or ?key=KEY",
-            )
-        origin = request.headers.get("origin")
-        if origin and origin != "null":
-            own = f"{request.url.scheme}://{request.url.netloc}"
-            if not settings.origin_ok(origin, own):
-                raise ApiError(403, f"origin {origin!r} is not in service.cors_origins")
+        require_write_key(settings, request)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype not in ACCEPTED_TYPES:
             raise ApiError(
@@ -485,7 +496,7 @@ def create_app(
     )
     async def telemetry(request: Request) -> JSONResponse:
         check_write(request)
-        body = await _read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes)
         data = parse_json(body, settings.json_limits)
         events = parse_telemetry(data, settings.max_batch_events)
         rec = runtime.get_recorder()
@@ -520,7 +531,7 @@ def create_app(
     )
     async def feedback(request: Request) -> JSONResponse:
         check_write(request)
-        body = await _read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes)
         data = parse_json(body, settings.json_limits)
         if not isinstance(data, dict):
             raise ApiError(422, f"the body must be a JSON object; got a JSON {type(data).__name__}")
@@ -529,8 +540,9 @@ def create_app(
         except ValidationError as exc:
             raise ApiError(422, "invalid feedback", format_validation(exc)) from None
         kwargs = fb.model_dump(exclude={"rollout_id", "rating"}, exclude_none=True)
+        rollout_id = as_rollout_id(fb.rollout_id)  # an OTel trace id names its ingested rollout
         try:  # no database on this path: the recorder's queue takes it, even during an outage
-            runtime.feedback(fb.rollout_id, fb.rating, check_rollout=False, **kwargs)
+            runtime.feedback(rollout_id, fb.rating, check_rollout=False, **kwargs)
         except InvalidFeedbackError as exc:
             raise ApiError(422, str(exc)) from None
         return JSONResponse({"accepted": 1}, status_code=202)
@@ -587,6 +599,8 @@ def create_app(
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     # -- dashboard -----------------------------------------------------------------------
+
+    app.include_router(otlp_routes)  # POST /v1/traces
 
     from flywheel_middleware.service import dashboard
 

@@ -1,0 +1,265 @@
+"""OTLP spans (decoded ``opentelemetry.proto`` messages) as flywheel span records.
+
+What the service's ``POST /v1/traces`` hands to ``otlp_traces.TraceAssembler``. Kinds, models,
+token counts, inputs and outputs are read the way the OTel adapter reads SDK spans
+(``genai_attributes``: GenAI semantic conventions, OpenInference, OpenLLMetry); messages that
+instrumentations flatten into one attribute per field (OpenInference's
+``llm.input_messages.0.message.role``, OpenLLMetry's ``gen_ai.prompt.0.content``) are put back
+together as chat messages first, since no other attribute holds them whole.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any
+
+from flywheel_middleware.capture.genai_attributes import (
+    INPUT_KEYS,
+    INPUT_TOKEN_KEYS,
+    MAPPED,
+    MODEL_KEYS,
+    OUTPUT_KEYS,
+    OUTPUT_TOKEN_KEYS,
+    SESSION_KEYS,
+    USER_KEYS,
+    first_value,
+    json_content,
+    otel_span_id,
+    span_kind,
+)
+from flywheel_middleware.capture.records import SpanRecord
+
+WORKFLOW_ATTRIBUTE = "flywheel.workflow"
+DEFAULT_WORKFLOW = "otel"
+STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
+# AgentScope's TracingMiddleware sets this when an agent has no session: it is no session.
+_NO_SESSION = "[no_session_id]"
+
+# Flattened message lists: (prefix, role a message without one takes).
+_FLAT_INPUT = ("llm.input_messages.", "gen_ai.prompt.")
+_FLAT_OUTPUT = ("llm.output_messages.", "gen_ai.completion.")
+_FLAT_PREFIXES = _FLAT_INPUT + _FLAT_OUTPUT
+_INDEXED = re.compile(r"^(?:llm\.(?:input|output)_messages|gen_ai\.(?:prompt|completion))\.\d")
+
+
+class RejectedSpan(ValueError):
+    """A span that cannot be stored (its ids are not OTLP ids); the message says why."""
+
+
+class IngestedSpan:
+    """A span record with what its trace's rollout takes from it."""
+
+    __slots__ = ("record", "user_id", "session_id", "service", "explicit_workflow")
+
+    def __init__(
+        self,
+        record: SpanRecord,
+        user_id: str | None,
+        session_id: str | None,
+        service: str | None,
+        explicit_workflow: bool,
+    ) -> None:
+        self.record = record
+        self.user_id = user_id
+        self.session_id = session_id
+        self.service = service
+        self.explicit_workflow = explicit_workflow  # from flywheel.workflow, not service.name
+
+
+def any_value(value: Any) -> Any:
+    """An OTLP ``AnyValue`` as plain data (bytes as base64 text)."""
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
+    if kind == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode("ascii")
+    return getattr(value, kind)
+
+
+def attributes(key_values: Any) -> dict[str, Any]:
+    """OTLP ``KeyValue``s as a dict (a repeated key keeps its last value)."""
+    return {kv.key: any_value(kv.value) for kv in key_values}
+
+
+def _nest(flat: dict[str, Any]) -> Any:
+    """``{"0.message.role": "user"}`` -> ``[{"message": {"role": "user"}}]``."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        *heads, last = path.split(".")
+        for head in heads:
+            child = node.get(head)
+            if not isinstance(child, dict):
+                child = node[head] = {}
+            node = child
+        node[last] = value
+    return _listify(tree)
+
+
+def _listify(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    items = {k: _listify(v) for k, v in node.items()}
+    if items and all(k.isdigit() for k in items):
+        return [items[k] for k in sorted(items, key=int)]
+    return items
+
+
+def _tool_call(call: Any) -> Any:
+    """OpenInference's ``{"tool_call": {"id", "function": {...}}}``; OpenLLMetry's is plain."""
+    return call.get("tool_call", call) if isinstance(call, dict) else call
+
+
+def _chat_message(item: Any) -> dict[str, Any] | None:
+    """One unflattened message (OpenInference's sits under ``message``) as a chat message."""
+    msg = item.get("message", item) if isinstance(item, dict) else None
+    if not isinstance(msg, dict):
+        return None
+    out: dict[str, Any] = {"role": msg.get("role") or "user"}
+    content = msg.get("content")
+    if content is None and isinstance(msg.get("contents"), list):  # OpenInference parts
+        parts = [c.get("message_content", c) for c in msg["contents"] if isinstance(c, dict)]
+        content = "\n".join(str(p.get("text")) for p in parts if p.get("text") is not None)
+    out["content"] = "" if content is None else content
+    calls = msg.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        out["tool_calls"] = [_tool_call(c) for c in calls]
+    if msg.get("tool_call_id") is not None:
+        out["tool_call_id"] = msg["tool_call_id"]
+    return out
+
+
+def flattened_messages(attrs: dict[str, Any], prefixes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The chat messages flattened under the first of ``prefixes`` that has any."""
+    for prefix in prefixes:
+        n = len(prefix)
+        flat = {
+            k[n:]: v for k, v in attrs.items() if k.startswith(prefix) and k[n : n + 1].isdigit()
+        }
+        if flat:
+            nested = _nest(flat)
+            items = nested if isinstance(nested, list) else list(nested.values())
+            return [m for m in map(_chat_message, items) if m is not None]
+    return []
+
+
+def _io(attrs: dict[str, Any], flat: bool) -> tuple[Any, Any]:
+    """A span's input and output: whole message lists first, then the adapters' keys."""
+    messages_in = attrs.get("gen_ai.input.messages")
+    messages_out = attrs.get("gen_ai.output.messages")
+    if flat:
+        messages_in = messages_in or flattened_messages(attrs, _FLAT_INPUT) or None
+        messages_out = messages_out or flattened_messages(attrs, _FLAT_OUTPUT) or None
+    value_in = messages_in if messages_in is not None else first_value(attrs, INPUT_KEYS)
+    value_out = messages_out if messages_out is not None else first_value(attrs, OUTPUT_KEYS)
+    return json_content(value_in), json_content(value_out)
+
+
+def _error(span: Any) -> str | None:
+    """The error of a span whose status is ERROR: its exception event, else the status text."""
+    if span.status.code != STATUS_ERROR:
+        return None
+    for event in span.events:
+        if event.name == "exception":
+            ea = attributes(event.attributes)
+            etype = str(ea.get("exception.type", "Error")).rsplit(".", 1)[-1]
+            return f"{etype}: {ea.get('exception.message', '')}"
+    return span.status.message or "error"
+
+
+def _text(value: Any, limit: int) -> str | None:
+    """A short text column's value: text, at most ``limit`` characters; None when empty."""
+    if value is None or value == "":
+        return None
+    text = value if isinstance(value, str) else str(value)
+    return text[:limit]
+
+
+def span_ids(span: Any) -> tuple[str, int, int | None]:
+    """The rollout id (the trace id's 32 hex digits), span id and parent span id of a span;
+    raises ``RejectedSpan`` when they are not OTLP ids."""
+    trace_id, span_id, parent = span.trace_id, span.span_id, span.parent_span_id
+    if len(trace_id) != 16 or not any(trace_id):
+        raise RejectedSpan(f"span {span.name[:80]!r}: trace id must be 16 bytes, not all zero")
+    if len(span_id) != 8 or not any(span_id):
+        raise RejectedSpan(f"span {span.name[:80]!r}: span id must be 8 bytes, not all zero")
+    if parent and len(parent) != 8:
+        raise RejectedSpan(f"span {span.name[:80]!r}: parent span id must be 8 bytes")
+    parent_id = otel_span_id(int.from_bytes(parent, "big")) if any(parent) else None
+    return trace_id.hex(), otel_span_id(int.from_bytes(span_id, "big")), parent_id
+
+
+def resource_workflow(resource: dict[str, Any]) -> tuple[str | None, str | None]:
+    """A resource's ``flywheel.workflow`` and ``service.name``."""
+    return (
+        _text(resource.get(WORKFLOW_ATTRIBUTE), 200),
+        _text(resource.get("service.name"), 200),
+    )
+
+
+def ingested_span(span: Any, resource: dict[str, Any]) -> IngestedSpan:
+    """The span record of one OTLP span under its resource's attributes; raises
+    ``RejectedSpan`` for a span that cannot be stored."""
+    rollout_id, span_id, parent_id = span_ids(span)
+    if not span.start_time_unix_nano:
+        raise RejectedSpan(f"span {span.name[:80]!r}: no start time")
+    attrs = attributes(span.attributes)
+    name = span.name[:500]
+    kind = span_kind(name, attrs)
+    flat = any(_INDEXED.match(k) for k in attrs)
+    value_in, value_out = _io(attrs, flat)
+    error = _error(span)
+    start = span.start_time_unix_nano
+    end = span.end_time_unix_nano or None
+    res_workflow, service = resource_workflow(resource)
+    workflow = _text(attrs.get(WORKFLOW_ATTRIBUTE), 200) or res_workflow
+    extra = {
+        k: v
+        for k, v in attrs.items()
+        if k not in MAPPED and not (flat and k.startswith(_FLAT_PREFIXES))
+    }
+    session = first_value(attrs, SESSION_KEYS)
+    record = SpanRecord(
+        id=span_id,
+        rollout_id=rollout_id,
+        workflow=workflow or service or DEFAULT_WORKFLOW,
+        trace_id=rollout_id,
+        parent_id=parent_id,
+        sequence=0,
+        kind=kind,
+        name=name,
+        node=_text(attrs.get("flywheel.node") or attrs.get("langgraph.node"), 200),
+        status="error" if error else "ok",
+        error=error,
+        started_at=start,
+        ended_at=end,
+        duration_ms=(end - start) / 1e6 if end and end >= start else None,
+        model=_text(first_value(attrs, MODEL_KEYS), 200) if kind in ("llm", "embedding") else None,
+        input=value_in,
+        output=value_out,
+        input_tokens=first_value(attrs, INPUT_TOKEN_KEYS),
+        output_tokens=first_value(attrs, OUTPUT_TOKEN_KEYS),
+        attributes=extra or None,
+    )
+    return IngestedSpan(
+        record,
+        user_id=_text(first_value(attrs, USER_KEYS), 200),
+        session_id=None if session == _NO_SESSION else _text(session, 200),
+        service=service,
+        explicit_workflow=workflow is not None,
+    )
+
+
+def as_rollout_id(value: str) -> str:
+    """A rollout id as given, or a trace id (32 hex digits, any case) as its rollout's id."""
+    if len(value) == 32:
+        try:
+            return bytes.fromhex(value).hex()
+        except ValueError:
+            pass
+    return value

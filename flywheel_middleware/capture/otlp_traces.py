@@ -1,0 +1,280 @@
+"""Traces that arrive span by span, over several OTLP requests, as rollouts.
+
+A trace is one rollout (its id is the trace id). Each span is queued for the recorder as it
+arrives, once: a span sent again (an exporter's retry, a replayed batch) is recognised and
+skipped. The rollout row is written once, when the trace closes: ``settle`` seconds after its
+root span (the span without a parent) arrived, so children exported in the same burst still
+count in its token totals, or, for a trace whose root never comes, ``grace`` seconds after its
+last span, from its top-most span. Its input and output are the root span's, read as chat
+messages by the message normalizer, so exports read ingested traces as they read captured ones.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from flywheel_middleware.capture.genai_attributes import JsonText
+from flywheel_middleware.capture.otlp_spans import DEFAULT_WORKFLOW, IngestedSpan
+from flywheel_middleware.capture.records import (
+    Record,
+    RolloutRecord,
+    rollout_status,
+    token_total,
+)
+from flywheel_middleware.messages import to_messages
+
+log = logging.getLogger("flywheel_middleware.otlp")
+
+_TOKEN_KINDS = ("llm", "embedding")  # agent spans may repeat their children's totals
+
+
+class _Trace:
+    """What an open trace has shown so far."""
+
+    __slots__ = (
+        "span_ids",
+        "root",
+        "top",
+        "input_tokens",
+        "output_tokens",
+        "workflow",
+        "user_id",
+        "session_id",
+        "started_at",
+        "ended_at",
+        "last_seen",
+    )
+
+    def __init__(self) -> None:
+        self.span_ids: set[int] = set()
+        self.root: IngestedSpan | None = None
+        self.top: IngestedSpan | None = None  # the earliest span so far, for a trace with no root
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.workflow: str | None = None  # from a flywheel.workflow attribute
+        self.user_id: str | None = None
+        self.session_id: str | None = None
+        self.started_at: int | None = None
+        self.ended_at: int | None = None
+        self.last_seen = 0.0
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _plain(value: Any) -> Any:
+    return value.to_dict() if isinstance(value, JsonText) else value
+
+
+def _as_messages(value: Any, role: str) -> Any:
+    """A root span's input or output as chat messages, or as it is when it holds none."""
+    value = _plain(value)
+    return to_messages(value, role) or value
+
+
+class TraceAssembler:
+    """Turns ingested spans into queued span records and, per trace, one rollout record.
+
+    ``enqueue`` takes each record (the recorder's ``enqueue``). ``add`` is thread-safe; a
+    daemon thread closes traces as they fall due (``start``); ``close_all`` closes every open
+    trace now (at shutdown: their spans are already queued, their rollouts must not be lost).
+    """
+
+    def __init__(
+        self,
+        enqueue: Callable[[Record], None],
+        *,
+        settle: float = 1.0,
+        grace: float = 600.0,
+        max_open: int = 100_000,
+        remember_closed: int = 20_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.enqueue = enqueue
+        self.settle = settle
+        self.grace = grace
+        self.max_open = max_open
+        self.remember_closed = remember_closed
+        self.clock = clock
+        self._open: dict[str, _Trace] = {}
+        self._closed: OrderedDict[str, set[int]] = OrderedDict()  # their span ids, for repeats
+        self._due: list[tuple[float, str]] = []  # (when to look at it, trace id); lazy
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- spans in ----------------------------------------------------------------------------
+
+    def add(self, span: IngestedSpan) -> bool:
+        """Queue a span's record and note it in its trace; False for a span already queued."""
+        record = span.record
+        trace_id = record.rollout_id
+        now = self.clock()
+        with self._lock:
+            closed = self._closed.get(trace_id)
+            if closed is not None:  # a late or repeated span of a closed trace: its row only
+                if record.id in closed:
+                    return False
+                closed.add(record.id)
+                self.enqueue(record)
+                return True
+            trace = self._open.get(trace_id)
+            if trace is None:
+                trace = self._open[trace_id] = _Trace()
+                heapq.heappush(self._due, (now + self.grace, trace_id))
+                if len(self._open) > self.max_open:
+                    self._close_oldest()
+            elif record.id in trace.span_ids:
+                return False
+            trace.span_ids.add(record.id)
+            self.enqueue(record)
+            self._note(trace, span, now)
+            if record.parent_id is None and trace.root is None:
+                trace.root = span
+                heapq.heappush(self._due, (now + self.settle, trace_id))
+                self._wake.set()
+        return True
+
+    def _note(self, trace: _Trace, span: IngestedSpan, now: float) -> None:
+        record = span.record
+        trace.last_seen = now
+        if record.kind in _TOKEN_KINDS:
+            trace.input_tokens += _count(record.input_tokens)
+            trace.output_tokens += _count(record.output_tokens)
+        if span.explicit_workflow and (trace.workflow is None or record.parent_id is None):
+            trace.workflow = record.workflow
+        trace.user_id = trace.user_id or span.user_id
+        trace.session_id = trace.session_id or span.session_id
+        start, end = record.started_at, record.ended_at
+        if trace.started_at is None or start < trace.started_at:
+            trace.started_at = start
+            trace.top = span
+        if end is not None and (trace.ended_at is None or end > trace.ended_at):
+            trace.ended_at = end
+
+    # -- rollouts out ------------------------------------------------------------------------
+
+    def close_due(self) -> int:
+        """Close the traces that are due now; how many closed."""
+        now = self.clock()
+        closed = 0
+        with self._lock:
+            while self._due and self._due[0][0] <= now:
+                _, trace_id = heapq.heappop(self._due)
+                trace = self._open.get(trace_id)
+                if trace is None:
+                    continue
+                if trace.root is None and trace.last_seen + self.grace > now:
+                    heapq.heappush(self._due, (trace.last_seen + self.grace, trace_id))
+                    continue
+                self._close(trace_id)
+                closed += 1
+        return closed
+
+    def close_all(self) -> int:
+        """Close every open trace now; how many closed."""
+        with self._lock:
+            trace_ids = list(self._open)
+            for trace_id in trace_ids:
+                self._close(trace_id)
+            self._due.clear()
+        return len(trace_ids)
+
+    @property
+    def open_traces(self) -> int:
+        return len(self._open)
+
+    def _close_oldest(self) -> None:
+        oldest = next(iter(self._open))  # the first opened
+        log.warning("flywheel otlp: %d traces open; closing the oldest early", len(self._open))
+        self._close(oldest)
+
+    def _close(self, trace_id: str) -> None:
+        trace = self._open.pop(trace_id)
+        self._closed[trace_id] = trace.span_ids
+        while len(self._closed) > self.remember_closed:
+            self._closed.popitem(last=False)
+        try:
+            self.enqueue(self._rollout(trace_id, trace))
+        except Exception:  # a bad value must not stop other traces from closing
+            log.exception("flywheel otlp: could not build the rollout of trace %s", trace_id)
+
+    def _rollout(self, trace_id: str, trace: _Trace) -> RolloutRecord:
+        head = trace.root or trace.top
+        assert head is not None  # a trace opens with its first span
+        span = head.record
+        tokens_in = trace.input_tokens or None
+        tokens_out = trace.output_tokens or None
+        metadata: dict[str, Any] = {
+            "source": "otlp",
+            "root_span": span.name,
+            "spans": len(trace.span_ids),
+        }
+        if head.service:
+            metadata["service.name"] = head.service
+        if trace.root is None:
+            metadata["root_missing"] = True
+        started = span.started_at if trace.root else trace.started_at
+        ended = span.ended_at if trace.root else trace.ended_at
+        return RolloutRecord(
+            id=trace_id,
+            workflow=trace.workflow or span.workflow or DEFAULT_WORKFLOW,
+            user_id=trace.user_id,
+            session_id=trace.session_id,
+            input=_as_messages(span.input, "user"),
+            output=_as_messages(span.output, "assistant"),
+            status=rollout_status(span.error),
+            error=span.error,
+            started_at=started,
+            ended_at=ended,
+            latency_ms=(ended - started) / 1e6 if ended and started and ended >= started else None,
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            total_tokens=token_total(tokens_in, tokens_out),
+            metadata=metadata,
+        )
+
+    # -- the closing thread ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Close traces as they fall due on a daemon thread, until ``stop``."""
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(
+                    target=self._run, name="flywheel-otlp-traces", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self) -> int:
+        """Stop the thread and close every open trace; how many closed."""
+        self._stop.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=5)
+        return self.close_all()
+
+    def _next_wait(self) -> float:
+        with self._lock:
+            if not self._due:
+                return 1.0
+            return min(1.0, max(0.0, self._due[0][0] - self.clock()))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._next_wait())
+            self._wake.clear()
+            try:
+                self.close_due()
+            except Exception:
+                log.exception("flywheel otlp: closing traces failed")
