@@ -106,11 +106,44 @@ class Objective(_Strict):
     guardrails: Guardrails = Field(default_factory=Guardrails)
 
 
+_RUNNER = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?")
+
+
+class EvaluationConfig(_Strict):
+    """The pre-live regression gate (seed 000's verify stage): each candidate runs on the
+    validation tasks plus recent bad cases through ``runner`` before it gets any traffic, and
+    is dropped if its judged mean is below the baseline's by more than ``margin``."""
+
+    runner: str = Field(
+        description="'pkg.module:function' or an entry point of group flywheel_middleware.runners;"
+        " called as runner(config, input) and returns the answer"
+    )
+    judges: list[PluginSpec] = Field(
+        default_factory=list,
+        description="reward sources that score the answers (default: the rewards: list)",
+    )
+    margin: float = Field(0.05, ge=0, le=1, description="tolerated drop of the mean score")
+    max_cases: int = Field(50, ge=1, le=10_000)
+    min_cases: int = Field(5, ge=1, description="fewer judged cases: no verdict, no traffic")
+    bad_case_days: float = Field(7, gt=0, description="how far back bad cases are taken")
+
+    @field_validator("runner")
+    @classmethod
+    def _runner_shape(cls, value: str) -> str:
+        if not _RUNNER.fullmatch(value.strip()):
+            raise ValueError(
+                f"{value!r} is neither a dotted path like 'mypkg.agent:run' nor an entry point name"
+            )
+        return value.strip()
+
+
 class WorkflowConfig(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)
     tunable: dict[str, TunableRange] = Field(default_factory=dict)
     experiment: ExperimentSettings = Field(default_factory=ExperimentSettings)
     objective: Objective = Field(default_factory=Objective)
+    # overrides the top-level evaluation: for this workflow
+    evaluation: EvaluationConfig | None = None
 
 
 class PluginSpec(_Strict):
@@ -240,6 +273,12 @@ class FlywheelConfig(_Strict):
     resolver: ResolverConfig = Field(default_factory=ResolverConfig)
     implicit: ImplicitConfig = Field(default_factory=ImplicitConfig)
     otel: OtelConfig = Field(default_factory=OtelConfig)
+    evaluation: EvaluationConfig | None = None
+
+    def evaluation_for(self, workflow: str) -> EvaluationConfig | None:
+        """The regression gate settings of ``workflow``: its own, else the top-level ones."""
+        wf = self.workflows.get(workflow)
+        return (wf.evaluation if wf is not None else None) or self.evaluation
 
     @field_validator("workflows")
     @classmethod

@@ -113,6 +113,7 @@ PHRASINGS = [
     "{k} — what should I do?",
 ]
 STRICT_MARKER = "only from the context"
+HANDOVER_ANSWER = "I'm not certain about that one, so I'm passing you to a colleague who can check."
 _DOC = re.compile(r"\[(kb-[a-z0-9-]+)\]")
 # where the right article lands in the retriever's ranking (rank 1..5)
 RANK_WEIGHTS = [0.35, 0.35, 0.15, 0.10, 0.05]
@@ -193,9 +194,7 @@ class ScriptedSupportModel(BaseChatModel):
         if in_context and rng.random() >= improvise:
             text = right.answer
         elif strict and not in_context:
-            text = (
-                "I'm not certain about that one, so I'm passing you to a colleague who can check."
-            )
+            text = HANDOVER_ANSWER
         else:
             wrong = rng.choice([a for a in KNOWLEDGE_BASE if a is not right])
             text = wrong.answer  # a confident answer about something else
@@ -263,3 +262,27 @@ def build_chain(config: dict[str, Any], seed: str) -> Runnable:
         | model
         | StrOutputParser()
     ).with_config(run_name="support_agent")
+
+
+# -- the regression gate's runner and judge (YAML evaluation:) ----------------------------
+
+REGRESSION_SEED = "regression"
+"""One seed for every config the gate compares, so they see the same retrieval draws."""
+
+
+def run(config: dict[str, Any], input: Any) -> str:
+    """The gate's runner: the support chain under ``config`` answers one recorded input
+    (the question, or a mapping with ``question``), without recording a rollout."""
+    question = input.get("question") if isinstance(input, dict) else input
+    chain = build_chain(config, seed=REGRESSION_SEED)
+    return chain.invoke({"question": str(question), "company": "Acme Shop"})
+
+
+def grade(sample: Any) -> float:
+    """The gate's judge (a ``rule`` callable): 1 for the knowledge base's answer, 0.5 for an
+    honest hand-over to a colleague, 0 for a confident answer about something else."""
+    right = article_for(sample.prompt_text)
+    answer = sample.response_text.strip()
+    if right is not None and answer == right.answer:
+        return 1.0
+    return 0.5 if answer == HANDOVER_ANSWER else 0.0

@@ -65,6 +65,11 @@ mutators:
     params: {{path: prompts.system, chat_model: "flywheel_middleware.demo.agent:ScriptedRewriter", temperature: 0.7}}
 promoters:
   - {{type: sequential, params: {{alpha: 0.05, min_effect: 0.1}}}}
+evaluation:                        # the regression gate: candidates answer past questions first
+  runner: "flywheel_middleware.demo.agent:run"
+  judges: [{{type: rule, params: {{callable: "flywheel_middleware.demo.agent:grade"}}}}]
+  margin: 0.05
+  max_cases: 40
 analysis: {{since_minutes: 60, min_calls: 50, low_rating_rate_max: 0.1}}
 triggers: {{low_rating: {{window: 50, threshold: 10}}}}
 controller: {{mode: auto, report_dir: "{report_dir}", dataset_dir: "{dataset_dir}"}}

@@ -21,7 +21,7 @@ from sqlmodel import select
 from flywheel_middleware.capture.records import utcnow
 from flywheel_middleware.config import FlywheelConfig, PluginSpec
 from flywheel_middleware.learn import routing
-from flywheel_middleware.loop import analysis, datasets, rewards, versions
+from flywheel_middleware.loop import analysis, datasets, regression_gate, rewards, versions
 from flywheel_middleware.loop import experiments as ex
 from flywheel_middleware.loop.triggers import check_low_rating_triggers, low_rating_window
 from flywheel_middleware.plugin_system.base import (
@@ -58,6 +58,7 @@ class CycleReport:
     decisions: list[dict[str, Any]] = field(default_factory=list)
     proposals: list[dict[str, Any]] = field(default_factory=list)
     started: list[dict[str, Any]] = field(default_factory=list)
+    gates: list[regression_gate.GateRun] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     report_path: str | None = None
 
@@ -78,6 +79,14 @@ class CycleReport:
                 for s in self.started
             ],
             "datasets": self.curation.get("datasets"),
+            "gates": [
+                {
+                    "workflow": g.workflow,
+                    "error": g.error,
+                    "verdicts": {v.label: v.reason for v in g.verdicts},
+                }
+                for g in self.gates
+            ],
             "report": self.report_path,
         }
 
@@ -456,7 +465,22 @@ def generate(
                 f"for the baseline; the experiment runs the first {fit}"
             )
             del candidates[fit:]
+        gate = None
+        if config.evaluation_for(workflow) is not None:  # verify before any traffic
+            gate = regression_gate.run_gate(
+                store,
+                config,
+                workflow,
+                active.config,
+                [(f"candidate-{i + 1}", c.config) for i, (_, c) in enumerate(candidates)],
+                now=now,
+            )
+            report.gates.append(gate)
+            if gate.error:
+                report.notes.append(f"{workflow}: {gate.error}; no candidate gets traffic")
+                continue
         ids = []
+        names = None  # the experiment's default variant names
         for name, cand in candidates:
             row = versions.create_version(
                 store,
@@ -467,6 +491,13 @@ def generate(
                 note=cand.note,
             )
             ids.append(row.id)
+        if gate is not None:
+            regression_gate.record(store, gate, ids, active.id, f"controller:{mode}")
+            names = [v.label for v in gate.verdicts if v.admitted]
+            ids = [i for i, v in zip(ids, gate.verdicts, strict=True) if v.admitted]
+            if not ids:
+                report.notes.append(f"{workflow}: the regression gate dropped every candidate")
+                continue
         reason = "hot problem: " + "; ".join(str(p["reason"]) for p in items[:3])
         try:
             exp = ex.start_experiment(
@@ -477,6 +508,7 @@ def generate(
                 unit=wf.experiment.unit,
                 actor=f"controller:{mode}",
                 reason=reason,
+                names=names,
             )
         except ex.ExperimentError as exc:  # e.g. traffic × candidates ≥ 1, or one started meanwhile
             report.notes.append(f"{workflow}: could not start an experiment: {exc}")
@@ -641,6 +673,8 @@ def render_markdown(r: CycleReport) -> str:
             f"Started experiment {s['experiment_id']} on {s['workflow']}: "
             f"{', '.join(s['candidates'])} at {s['traffic']:.0%} traffic each ({s['reason']})."
         )
+    if r.gates:
+        lines += ["", *regression_gate.render_markdown(r.gates)]
     if r.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r.notes]
     lines.append("")
