@@ -239,7 +239,7 @@ class FlywheelMiddleware(MiddlewareBase):
                 f"chat {getattr(model, 'model', 'model')}",
                 "llm",
                 agent,
-                messages,
+                _as_sent(messages) if self.capture else None,
                 model=getattr(model, "model", None),
             )
             params = getattr(model, "parameters", None)
@@ -322,6 +322,22 @@ class FlywheelMiddleware(MiddlewareBase):
             s.end(output=getattr(result, "content", result) if self.capture else None, error=error)
 
         return self._drive(span, next_handler(**input_kwargs), on_item, finish)
+
+
+def _as_sent(messages: Any) -> Any:
+    """The messages as they are at the call: AgentScope goes on filling the reply ``Msg``
+    of a turn (its blocks and their states) in place, so a reference recorded now would
+    later read as a prompt that already holds the model's answer."""
+    if not isinstance(messages, list | tuple):
+        return messages
+    copied = []
+    for message in messages:
+        dump = getattr(message, "model_dump", None)
+        try:
+            copied.append(dump() if callable(dump) else copy.deepcopy(message))
+        except Exception:  # an odd message is recorded as it is, never breaks the call
+            copied.append(message)
+    return copied
 
 
 def _tool_name(schema: Any) -> Any:

@@ -158,6 +158,7 @@ def _from_parts(role: str, parts: list[Any]) -> list[Message]:
 
 
 _TOOL_BLOCKS = ("tool_use", "tool_call", "tool_result")
+_NO_TURN = ("hint", "thinking")  # AgentScope blocks that are not a chat turn's text
 
 
 def _agentscope_blocks(role: str, blocks: list[Any]) -> list[Message] | None:
@@ -234,6 +235,8 @@ def _message(value: dict[str, Any], default_role: str) -> list[Message] | None:
         blocks = _agentscope_blocks(role, content)
         if blocks is not None:
             return blocks
+        if content and all(isinstance(b, dict) and b.get("type") in _NO_TURN for b in content):
+            return []  # a reply Msg AgentScope opened with a runtime hint, before any answer
     msg: Message = {"role": role, "content": content_text(content)}
     calls = value.get("tool_calls") or (value.get("additional_kwargs") or {}).get("tool_calls")
     if calls and role == "assistant":

@@ -152,6 +152,7 @@ def test_reply_stream_closed_early_ends_spans(openai_server, captured, make_agen
 def test_exports_carry_the_real_question_and_answer(fw, openai_server, make_agent, tmp_path):
     import json
 
+    from flywheel_middleware.loop.dataset_rules import check_file
     from flywheel_middleware.loop.datasets import export
 
     openai_server.enqueue(
@@ -166,6 +167,7 @@ def test_exports_carry_the_real_question_and_answer(fw, openai_server, make_agen
     [t] = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert (t["prompt"], t["response"]) == ("add 2 and 3", "the sum is 5")
     export(store, "sft", "as2", tmp_path / "s.jsonl")
+    assert check_file(tmp_path / "s.jsonl", "sft") == []
     [row] = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     messages = row["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["add 2 and 3"]
@@ -181,3 +183,62 @@ def test_exports_carry_the_real_question_and_answer(fw, openai_server, make_agen
     export(store, "tasks", "as2", tmp_path / "k.jsonl", val_fraction=0)
     [task] = [json.loads(x) for x in (tmp_path / "k.jsonl").read_text().splitlines()]
     assert (task["main_query"], task["metadata"]["answer"]) == ("add 2 and 3", "the sum is 5")
+
+
+def test_llm_input_is_the_prompt_at_call_time(openai_server, captured, make_agent) -> None:
+    """AgentScope fills a turn's reply Msg in place after each model call; what a span
+    recorded as the call's input must stay what the model was given."""
+    from agentscope.middleware import MiddlewareBase
+
+    from flywheel_middleware.messages import to_messages
+
+    class Witness(MiddlewareBase):
+        """What each model call was given, copied as JSON the moment it was called."""
+
+        def __init__(self) -> None:
+            self.given: list[list[dict]] = []
+
+        async def on_model_call(self, agent, input_kwargs, next_handler):
+            self.given.append([m.model_dump(mode="json") for m in input_kwargs["messages"]])
+            return await next_handler()
+
+    openai_server.enqueue(
+        Reply(content=None, tool_calls=[{"name": "add", "arguments": {"a": 2, "b": 3}}]),
+        "the sum is 5",
+    )
+    witness = Witness()
+    agent = make_agent(openai_server, FlywheelMiddleware(workflow="late"), witness)
+    asyncio.run(agent.reply(UserMsg(name="user", content="add 2 and 3")))
+    [c] = captured("late")
+    first, second = [s for s in c.spans if s.kind == "llm"]
+    assert [first.input, second.input] == witness.given
+    # the first call was asked the question only; the second also had the tool's result
+    assert [m["role"] for m in to_messages(first.input)] == ["system", "user"]
+    turns = to_messages(second.input)
+    assert [m["role"] for m in turns] == ["system", "user", "assistant", "tool"]
+    assert turns[-1]["content"] == "5"
+    # while the agent's memory now holds the whole turn, answer included
+    memory = to_messages([m.model_dump() for m in agent.state.context])
+    assert memory[-1] == {"role": "assistant", "content": "the sum is 5"}
+
+
+def test_a_reply_without_tools_exports_one_clean_turn(fw, openai_server, make_agent, tmp_path):
+    """The reply Msg AgentScope opens before the model answers (holding only a runtime hint)
+    is recorded as it was, and is no empty assistant turn in the sft row."""
+    import json
+
+    from flywheel_middleware.loop.dataset_rules import check_file
+    from flywheel_middleware.loop.datasets import export
+
+    openai_server.enqueue("hello back")
+    agent = make_agent(openai_server, FlywheelMiddleware(workflow="plain"))
+    asyncio.run(agent.reply(UserMsg(name="user", content="hello")))
+    assert fw.flush(10)
+    export(fw.get_store(), "sft", "plain", tmp_path / "s.jsonl")
+    assert check_file(tmp_path / "s.jsonl", "sft") == []
+    [row] = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert row["messages"] == [
+        {"role": "system", "content": "You are bob."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hello back"},
+    ]
