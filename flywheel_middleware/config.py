@@ -86,11 +86,30 @@ class TunableRange(_Strict):
         return self
 
 
+class ErrorBudget(_Strict):
+    """P(any false promotion over a workflow's whole life) ≤ ``level``, spent over its
+    experiments (``loop.error_control``); a candidate whose share is below ``min_alpha`` is not
+    promoted: the budget is spent."""
+
+    level: float = Field(0.05, gt=0, lt=0.5)
+    min_alpha: float = Field(1e-4, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _floor_below_level(self) -> ErrorBudget:
+        if self.min_alpha >= self.level:
+            raise ValueError(
+                f"min_alpha ({self.min_alpha:g}) must be below level ({self.level:g})"
+            )
+        return self
+
+
 class ExperimentSettings(_Strict):
     unit: Literal["user_id", "session_id", "request"] = "user_id"
     candidate_traffic: float = Field(0.05, gt=0, le=0.5)
     max_candidates: int = Field(2, ge=1, le=10)
     min_samples: int = Field(100, ge=1)
+    # null: no loop-level control (each experiment gets the promoter's alpha afresh)
+    error_budget: ErrorBudget | None = Field(default_factory=ErrorBudget)
 
 
 class Guardrails(_Strict):

@@ -29,8 +29,11 @@ Koomen, Pekelis & Walsh, "Always Valid Inference", Operations Research 2022 / ar
 the normal-mixture boundary of Robbins 1970 and Howard, Ramdas, McAuliffe & Sekhon,
 "Time-uniform, nonparametric, nonasymptotic confidence sequences", Ann. Statist. 2021).
 
-For the objective metric, let Δ̂ = mean_candidate − mean_baseline with plug-in variance
-V = s²_c/n_c + s²_b/n_b, so Δ̂ ≈ N(θ, V). With a half-normal mixing prior of scale τ on
+For the objective metric, let Δ̂ = mean_candidate − mean_baseline with variance
+V = V_c + V_b, so Δ̂ ≈ N(θ, V). Each V is the variance of a variant's mean clustered by the
+experiment's randomization unit (``VariantStats.mean_variance``: the delta-method variance of a
+ratio of per-unit sums), so a user who sends many requests counts as one correlated cluster,
+not as many independent observations; with one request per unit it is s²/n. With a half-normal mixing prior of scale τ on
 θ > 0, the likelihood ratio against H0: θ ≤ 0 integrates in closed form to
 
     Λ⁺ = 2 · sqrt(V / (V + τ²)) · exp(Δ̂² τ² / (2 V (V + τ²))) · Φ(Δ̂ τ / sqrt(V (V + τ²))).
@@ -49,6 +52,19 @@ and so is one that is better but still breaks a guardrail at its point estimate 
 horizon), so every experiment ends.
 Both boundaries share the guardrails above (their hard breaches use the mixture test, which
 holds without a horizon) and the Bonferroni split of α over candidates.
+
+α is fixed when the experiment starts. It is split over the candidates the experiment
+*started* with (kept with the experiment), so dropping a rejected loser never raises the
+survivor's level, lowers its boundary or moves its horizon. And it is the experiment's share of
+its workflow's false-promotion budget (``experiment.error_budget`` in YAML), spent over
+successive experiments by the online fallback procedure (Tian & Ramdas, "Online control of the
+familywise error rate", Statistical Methods in Medical Research 2021): experiment j gets
+level · (1/(j(j+1)) + c_j), c_j the share of the candidate the previous experiment promoted,
+so that P(any false promotion over the workflow's whole life) ≤ level under any dependence
+between experiments (``flywheel_middleware.loop.error_control`` gives the argument). The
+``alpha`` parameter caps what one experiment may use; with ``error_budget: null`` each
+experiment gets ``alpha`` afresh (per-experiment control only). A candidate whose level falls
+below ``error_budget.min_alpha`` is not promoted: the budget is spent.
 
 ``threshold`` — seed 001's ``should_promote`` as written: promote when the candidate's
 positive-feedback rate ≥ baseline + 2 points and its mean latency ≤ 1.2 × baseline. It is a
@@ -97,12 +113,6 @@ def cs_radius(var: Any, tau: float, alpha: float, xp: Any = math) -> Any:
     tau2 = tau * tau
     total = var + tau2
     return xp.sqrt(2.0 * var * total / tau2 * (math.log(1.0 / alpha) + 0.5 * xp.log(total / var)))
-
-
-def binary_var(n: Any, k: Any) -> Any:
-    """Variance of a Bernoulli mean, smoothed so 0/n or n/n do not give zero variance."""
-    p = (k + 0.5) / (n + 1.0)
-    return p * (1.0 - p)
 
 
 def lower_bound(diff: float, var: float, tau: float, alpha: float) -> float:
@@ -159,7 +169,13 @@ class SequentialParams(BaseModel):
         description="horizon: time-uniform up to a planned horizon, then stop (power of a "
         "fixed-horizon test); mixture: open-ended mSPRT, valid forever",
     )
-    alpha: float = Field(0.05, gt=0, lt=0.5, description="false-promotion bound (all looks)")
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="false-promotion bound of one experiment (all looks); the workflow's "
+        "error_budget may give it less",
+    )
     power: float = Field(
         0.8, gt=0.5, lt=1, description="horizon: the power planned against min_effect"
     )
@@ -198,23 +214,31 @@ class SequentialPromoter(Promoter):
         candidates = stats.candidates
         if not candidates:
             return Decision("continue", reason="no candidate with traffic")
-        alpha = p.alpha / len(candidates)  # Bonferroni over candidates
-        n_b, m_b, v_b = base.metric(metric)
+        # Bonferroni over the candidates it started with, within its share of the budget
+        alpha = p.alpha / max(1, len(stats.started_candidates))
+        budget = stats.budget()
+        if budget is not None:
+            alpha = min(alpha, budget["alpha_per_candidate"])
+            if budget["spent"]:
+                reason = (
+                    f"the workflow's false-promotion budget is spent: α = {alpha:.2g} per "
+                    f"candidate is below min_alpha {budget['min_alpha']:g}"
+                )
+                verdicts = {c.name: {"action": "reject", "reason": reason} for c in candidates}
+                evidence = {"promoter": self.type_name, "alpha": alpha, "budget": budget}
+                return Decision("reject", None, reason, {**evidence, "candidates": verdicts})
+        n_b, m_b, v_b = base.mean_variance(metric)
         verdicts: dict[str, dict[str, Any]] = {}
         winners: list[tuple[float, str]] = []
         for cand in candidates:
-            n_c, m_c, v_c = cand.metric(metric)
+            n_c, m_c, v_c = cand.mean_variance(metric)
             info: dict[str, Any] = {"metric": metric, "n": [n_b, n_c], "means": [m_b, m_c]}
+            info["units"] = [base.units(metric), cand.units(metric)]
             verdicts[cand.name] = info
             if min(n_b, n_c) < min_n:
                 info.update(action="continue", reason=f"{min(n_b, n_c)} of {min_n} samples")
                 continue
-            if metric in ("positive_feedback_rate", "success_rate"):
-                k_b = round(m_b * n_b)
-                k_c = round(m_c * n_c)
-                var = binary_var(n_b, k_b) / n_b + binary_var(n_c, k_c) / n_c
-            else:
-                var = max(v_b / n_b + v_c / n_c, 1e-12)
+            var = max(v_b + v_c, 1e-12)
             diff = m_c - m_b
             if p.boundary == "horizon":
                 better, worse, low, high, shown, at_horizon = _horizon_test(
@@ -261,7 +285,12 @@ class SequentialPromoter(Promoter):
                 )
             else:
                 info.update(action="continue", reason="not yet conclusive")
-        evidence = {"promoter": self.type_name, "alpha": p.alpha, "candidates": verdicts}
+        evidence = {
+            "promoter": self.type_name,
+            "alpha": alpha,
+            "budget": budget,
+            "candidates": verdicts,
+        }
         if winners:
             _, best = max(winners)
             return Decision("promote", best, verdicts[best]["reason"], evidence)
@@ -321,20 +350,20 @@ def _guardrails(
         checks.append(("cost", "cost", guard.cost_ratio_max, True))
     checks.append(("error rate", "error_rate", guard.error_rate_max_increase, False))
     for label, metric, limit, ratio in checks:
-        n_b, m_b, v_b = base.metric(metric)
-        n_c, m_c, v_c = cand.metric(metric)
+        n_b, m_b, v_b = base.mean_variance(metric)
+        n_c, m_c, v_c = cand.mean_variance(metric)
         if n_b < 2 or n_c < 2:
             continue
         if ratio:
             if m_b <= 0:
                 continue
             excess = m_c - limit * m_b  # > 0 means breached
-            var = v_c / n_c + limit * limit * v_b / n_b
+            var = v_c + limit * limit * v_b
             scale = max(m_b, 1e-9) * tau_rel
             shown = f"{label} {m_c / m_b:.2f}× baseline (max {limit:g}×)"
         else:
             excess = m_c - m_b - limit
-            var = binary_var(n_c, round(m_c * n_c)) / n_c + binary_var(n_b, round(m_b * n_b)) / n_b
+            var = v_c + v_b
             scale = max(limit, 0.01)
             shown = f"{label} {m_c - m_b:+.3f} vs baseline (max +{limit:g})"
         if excess <= 0:
@@ -348,8 +377,8 @@ def _guardrails(
 class ThresholdParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    min_quality_improve: float = Field(0.02, description="seed 001: at least +2 points")
-    max_latency_increase_ratio: float = Field(1.2, gt=0, description="seed 001: at most 1.2×")
+    min_quality_improve: float = Field(0.02, description="at least +2 points of the metric")
+    max_latency_increase_ratio: float = Field(1.2, gt=0, description="at most 1.2× the latency")
     min_samples: int | None = Field(None, ge=1, description="default: experiment.min_samples")
     max_samples: int = Field(20_000, ge=1, description="reject when reached without a promotion")
 
@@ -376,7 +405,7 @@ class ThresholdPromoter(Promoter):
     """Seed 001's should_promote: +2 points of positive feedback, latency ≤ 1.2×."""
 
     type_name = "threshold"
-    description = "Seed 001's should_promote rule (quality +2pp, latency ≤ 1.2×); no error control"
+    description = "fixed rule: +2 points of quality, latency ≤ 1.2×; no error control"
     Params = ThresholdParams
 
     def decide(self, stats: Any) -> Decision:

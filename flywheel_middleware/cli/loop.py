@@ -236,6 +236,11 @@ def register(main: click.Group) -> None:
             )
             return
         console.print(render_stats(exp, stats))
+        budget = stats.budget()
+        if budget is not None:
+            from flywheel_middleware.loop.error_control import budget_text
+
+            console.print(budget_text(budget))
         for name, d in decisions:
             colour = {"promote": "green", "reject": "red"}.get(d.action, "yellow")
             console.print(

@@ -23,6 +23,7 @@ from flywheel_middleware.config import FlywheelConfig, PluginSpec
 from flywheel_middleware.learn import routing
 from flywheel_middleware.loop import analysis, datasets, regression_gate, rewards, versions
 from flywheel_middleware.loop import experiments as ex
+from flywheel_middleware.loop.error_control import budget_text
 from flywheel_middleware.loop.triggers import check_low_rating_triggers, low_rating_window
 from flywheel_middleware.plugin_system.base import (
     Candidate,
@@ -644,6 +645,10 @@ def render_markdown(r: CycleReport) -> str:
             "",
             f"{d['reason']}",
             "",
+        ]
+        if d["stats"].get("error_budget"):
+            lines += [budget_text(d["stats"]["error_budget"]), ""]
+        lines += [
             "| variant | weight | rollouts | positive feedback | mean reward | error rate | latency ms (mean) | latency p95 |",
             "|---|---|---|---|---|---|---|---|",
         ]

@@ -4,6 +4,18 @@ An experiment serves config versions side by side on live traffic (the resolver 
 unit a variant). Statistics come from the rollouts the resolver tagged with the experiment and
 variant, aggregated in SQL: rates get Wilson intervals, means get t intervals, p95 gets a
 distribution-free order-statistic interval. ``ExperimentStats`` is what promoters judge.
+
+Sequential tests use ``VariantStats.mean_variance``: the variance of a variant's mean with the
+randomization unit (user, session or request) as the cluster. A user who sends many requests
+contributes correlated outcomes (some users rate everything low), so treating requests as
+independent understates the variance and makes a test too confident. The mean is a ratio of
+sums over units, Σyᵤ / Σnᵤ, and its delta-method (cluster-robust, CR1) variance is
+
+    V = U / (U − 1) · Σᵤ (yᵤ − m·nᵤ)² / (Σᵤ nᵤ)²
+
+over the U units (Cameron & Miller, "A Practitioner's Guide to Cluster-Robust Inference",
+J. Human Resources 2015; Deng, Lu & Litz, "Trustworthy analysis of online A/B tests", WSDM
+2017). With one request per unit it is the usual s²/n; it is never taken below that.
 """
 
 from __future__ import annotations
@@ -18,8 +30,9 @@ from sqlalchemy import case, func
 from sqlmodel import select
 
 from flywheel_middleware.capture.records import utcnow
-from flywheel_middleware.config import FlywheelConfig, Objective
+from flywheel_middleware.config import ErrorBudget, ExperimentSettings, FlywheelConfig, Objective
 from flywheel_middleware.errors import FlywheelError
+from flywheel_middleware.loop import error_control
 from flywheel_middleware.loop.versions import get_version, lock_workflow, set_active
 from flywheel_middleware.store import outcomes
 from flywheel_middleware.store.database import Store
@@ -125,6 +138,48 @@ def mean_interval(total: float, total_sq: float, n: int, confidence: float = 0.9
 
 # -- statistics -----------------------------------------------------------------------------
 
+BINARY_METRICS = ("positive_feedback_rate", "success_rate", "error_rate")
+
+
+def binary_var(n: Any, k: Any) -> Any:
+    """Variance of one Bernoulli outcome, smoothed so 0/n or n/n do not give zero variance."""
+    p = (k + 0.5) / (n + 1.0)
+    return p * (1.0 - p)
+
+
+@dataclass
+class UnitSums:
+    """One metric summed per randomization unit: for each unit u, nᵤ observations totalling yᵤ;
+    kept as the sums Σnᵤ, Σyᵤ, Σnᵤ², Σyᵤ², Σnᵤyᵤ over the ``units`` with nᵤ > 0."""
+
+    units: int = 0
+    n: float = 0.0
+    total: float = 0.0
+    n_sq: float = 0.0
+    total_sq: float = 0.0
+    cross: float = 0.0
+
+    @classmethod
+    def from_units(cls, counts: Any, totals: Any) -> UnitSums:
+        """From each unit's count and total (units with no observation are left out)."""
+        pairs = [(float(n), float(y)) for n, y in zip(counts, totals, strict=True) if n > 0]
+        return cls(
+            units=len(pairs),
+            n=sum(n for n, _ in pairs),
+            total=sum(y for _, y in pairs),
+            n_sq=sum(n * n for n, _ in pairs),
+            total_sq=sum(y * y for _, y in pairs),
+            cross=sum(n * y for n, y in pairs),
+        )
+
+    def variance_of_mean(self) -> float | None:
+        """The delta-method (CR1) variance of Σyᵤ / Σnᵤ; None below two units."""
+        if self.units < 2 or self.n <= 0:
+            return None
+        m = self.total / self.n
+        spread = self.total_sq - 2.0 * m * self.cross + m * m * self.n_sq
+        return max(0.0, spread) * self.units / (self.units - 1) / (self.n * self.n)
+
 
 @dataclass
 class VariantStats:
@@ -152,6 +207,8 @@ class VariantStats:
     cost_sumsq: float = 0.0
     latency_p95: Estimate = field(default_factory=lambda: Estimate(None))
     confidence: float = 0.95
+    clusters: dict[str, UnitSums] = field(default_factory=dict)
+    """Per-unit sums by metric name (empty: each observation counts as its own unit)."""
 
     @property
     def positive_feedback_rate(self) -> Estimate:
@@ -200,6 +257,26 @@ class VariantStats:
             return _moments(self.tokens_n, self.tokens_sum, self.tokens_sumsq)
         raise KeyError(f"unknown metric {name!r}")
 
+    def mean_variance(self, name: str) -> tuple[int, float, float]:
+        """(n, mean, variance of the mean) of a metric, clustered by randomization unit.
+
+        The variance is the larger of the cluster-robust one (``UnitSums``) and the one that
+        treats observations as independent (a rate's smoothed so it is never 0), so a few units
+        cannot make the test more confident than independent requests would.
+        """
+        n, mean, var = self.metric(name)
+        if n <= 0:
+            return 0, 0.0, 0.0
+        independent = binary_var(n, round(mean * n)) / n if name in BINARY_METRICS else var / n
+        sums = self.clusters.get(name)
+        clustered = sums.variance_of_mean() if sums is not None else None
+        return n, mean, max(independent, clustered or 0.0)
+
+    def units(self, name: str = "success_rate") -> int:
+        """How many randomization units contributed to a metric (observations if unknown)."""
+        sums = self.clusters.get(name)
+        return sums.units if sums is not None else self.metric(name)[0]
+
     def as_dict(self) -> dict[str, Any]:
         def est(e: Estimate) -> dict[str, Any]:
             return {"value": e.value, "low": e.low, "high": e.high, "n": e.n}
@@ -210,6 +287,8 @@ class VariantStats:
             "weight": self.weight,
             "rollouts": self.rollouts,
             "rated": self.rated,
+            "units": self.units(),
+            "rated_units": self.units("positive_feedback_rate"),
             "positive_feedback_rate": est(self.positive_feedback_rate),
             "mean_reward": est(self.mean_reward),
             "success_rate": est(self.success_rate),
@@ -248,6 +327,11 @@ class ExperimentStats:
     objective: Objective = field(default_factory=Objective)
     min_samples: int = 100
     confidence: float = 0.95
+    unit: str = "request"
+    error_budget: ErrorBudget | None = None
+    """The workflow's false-promotion budget (None: no loop-level control)."""
+    allocation: error_control.Allocation | None = None
+    """This experiment's share of that budget, fixed when it started."""
 
     @property
     def baseline_stats(self) -> VariantStats:
@@ -257,6 +341,21 @@ class ExperimentStats:
     def candidates(self) -> list[VariantStats]:
         return [v for name, v in self.variants.items() if name != self.baseline and v.weight > 0]
 
+    @property
+    def started_candidates(self) -> list[str]:
+        """The candidates the experiment started with, dropped ones included."""
+        if self.allocation is not None:
+            return list(self.allocation.candidates)
+        return [name for name in self.variants if name != self.baseline]
+
+    def budget(self) -> dict[str, Any] | None:
+        """This experiment's part of the workflow's budget (``error_control.describe``)."""
+        if self.error_budget is None or self.allocation is None:
+            return None
+        return error_control.describe(
+            self.allocation, self.error_budget.level, self.error_budget.min_alpha
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "experiment_id": self.experiment_id,
@@ -264,6 +363,8 @@ class ExperimentStats:
             "status": self.status,
             "baseline": self.baseline,
             "metric": self.objective.metric,
+            "unit": self.unit,
+            "error_budget": self.budget(),
             "variants": {k: v.as_dict() for k, v in self.variants.items()},
         }
 
@@ -311,7 +412,8 @@ def experiment_stats(
     exp = get_experiment(store, experiment) if isinstance(experiment, int) else experiment
     wf = config.workflows.get(exp.workflow) if config is not None else None
     objective = wf.objective if wf is not None else Objective()
-    min_samples = wf.experiment.min_samples if wf is not None else 100
+    settings = wf.experiment if wf is not None else ExperimentSettings()
+    min_samples = settings.min_samples
     spec = exp.metrics or {}
     if "metric" in spec:
         objective = objective.model_copy(update={"metric": spec["metric"]})
@@ -366,6 +468,13 @@ def experiment_stats(
             .join(per_rollout, per_rollout.c.rollout_id == Rollout.id)
             .group_by(Rollout.variant)
         ).all()
+        clusters = _unit_sums(session, exp, per_rollout)
+        allocation = error_control.Allocation.from_json(spec.get(error_control.METRICS_KEY))
+        if allocation is None:  # an experiment from before the budget existed
+            history = error_control.replay(
+                error_control.workflow_experiments(session, exp.workflow)
+            )
+            allocation = history.get(int(exp.id))
     for row in rows:
         name = row[0]
         v = variants.get(name)
@@ -397,6 +506,7 @@ def experiment_stats(
             v.rated, v.positive = int(n), int(positive or 0)
     for v in variants.values():
         v.latency_p95 = _p95_interval(store, exp.id, v.name, v.latency_n, confidence)
+        v.clusters = clusters.get(v.name, {})
     baseline = BASELINE if BASELINE in variants else next(iter(variants), BASELINE)
     return ExperimentStats(
         experiment_id=exp.id,
@@ -407,7 +517,76 @@ def experiment_stats(
         objective=objective,
         min_samples=min_samples,
         confidence=confidence,
+        unit=exp.unit or "user_id",
+        error_budget=settings.error_budget,
+        allocation=allocation,
     )
+
+
+def _unit_key(unit: str) -> Any:
+    """The id a rollout was randomised by, as the runtime picks it (``runtime._unit_of``)."""
+    if unit == "request":
+        return Rollout.id
+    if unit == "session_id":
+        return func.coalesce(Rollout.session_id, Rollout.user_id, Rollout.id)
+    return func.coalesce(Rollout.user_id, Rollout.session_id, Rollout.id)
+
+
+def _unit_sums(session: Any, exp: Experiment, rated: Any) -> dict[str, dict[str, UnitSums]]:
+    """Per variant and metric, the per-unit sums of ``UnitSums``, in SQL (two group-bys)."""
+    key = _unit_key(exp.unit or "user_id").label("unit")
+    lat, cost = Rollout.latency_ms, Rollout.cost
+    has_tokens = (Rollout.total_tokens.is_not(None)) | (Rollout.input_tokens.is_not(None))
+    tokens = func.coalesce(
+        Rollout.total_tokens,
+        func.coalesce(Rollout.input_tokens, 0) + func.coalesce(Rollout.output_tokens, 0),
+    )
+    per_rollout = {
+        "success_rate": (func.count(), func.sum(case((Rollout.status == "succeeded", 1), else_=0))),
+        "error_rate": (func.count(), func.sum(case((Rollout.status == "failed", 1), else_=0))),
+        "mean_reward": (func.count(Rollout.reward), func.sum(Rollout.reward)),
+        "latency_ms": (func.count(lat), func.sum(lat)),
+        "cost": (func.count(cost), func.sum(cost)),
+        "tokens": (
+            func.sum(case((has_tokens, 1), else_=0)),
+            func.sum(case((has_tokens, tokens), else_=None)),
+        ),
+    }
+    queries = [
+        (
+            per_rollout,
+            select(Rollout.variant.label("variant"), key).where(Rollout.experiment_id == exp.id),
+        ),
+        (
+            {"positive_feedback_rate": (func.count(), func.sum(rated.c.positive))},
+            select(Rollout.variant.label("variant"), key).join(
+                rated, rated.c.rollout_id == Rollout.id
+            ),
+        ),
+    ]
+    out: dict[str, dict[str, UnitSums]] = {}
+    for metrics, base in queries:
+        columns = []
+        for name, (n, y) in metrics.items():
+            columns += [n.label(f"{name}__n"), func.coalesce(y, 0).label(f"{name}__y")]
+        inner = base.add_columns(*columns).group_by(Rollout.variant, key).subquery()
+        sums = []
+        for name in metrics:
+            n, y = inner.c[f"{name}__n"], inner.c[f"{name}__y"]
+            sums += [
+                func.sum(case((n > 0, 1), else_=0)),
+                func.sum(n),
+                func.sum(y),
+                func.sum(n * n),
+                func.sum(y * y),
+                func.sum(n * y),
+            ]
+        for row in session.exec(select(inner.c.variant, *sums).group_by(inner.c.variant)):
+            values = [float(x or 0) for x in row[1:]]
+            for i, name in enumerate(metrics):
+                units, n, y, nn, yy, ny = values[6 * i : 6 * i + 6]
+                out.setdefault(row[0], {})[name] = UnitSums(int(units), n, y, nn, yy, ny)
+    return out
 
 
 # -- lifecycle ------------------------------------------------------------------------------
@@ -533,6 +712,11 @@ def start_experiment(
                 raise ExperimentError(f"version id {version.id} is already the active version")
             name = names[i] if names else f"candidate-{i + 1}"
             variants.append({"name": name, "version_id": version.id, "weight": traffic})
+        # its share of the workflow's false-promotion budget, fixed now for its whole life
+        allocation = error_control.next_allocation(
+            session, workflow, [v["name"] for v in variants[1:]]
+        )
+        spec[error_control.METRICS_KEY] = allocation.to_json()
         exp = Experiment(
             workflow=workflow,
             status="running",
