@@ -7,6 +7,10 @@ problem, proposes candidates (parameter changes and an APO-style prompt rewrite)
 experiment, promotes a winner that the sequential test says is really better, and exports
 datasets. Everything lives in one folder, on the embedded SQLite store.
 
+The cycles run back to back in real time; afterwards each is placed on a simulated day of its
+own (``demo.timeline``), so the dashboard shows the week the loop lived through: ratings,
+rewards and volume by the hour, with each promotion a step on the day it happened.
+
 The traffic (customers, questions, answers) repeats from ``--seed``; escalations go to a desk
 chosen by ``fw.route``'s Thompson sampling, which is not seeded, so the ratings of escalated
 answers — and the figures derived from them — vary a little between runs.
@@ -29,6 +33,7 @@ from rich.table import Table
 
 from flywheel_middleware import runtime
 from flywheel_middleware.demo.agent import KNOWLEDGE_BASE, build_chain, question_for
+from flywheel_middleware.demo.timeline import Timeline, spread_over_days
 from flywheel_middleware.demo.users import ESCALATION, react, send_telemetry
 from flywheel_middleware.loop import versions
 from flywheel_middleware.loop.controller import run_cycle
@@ -70,7 +75,7 @@ evaluation:                        # the regression gate: candidates answer past
   judges: [{{type: rule, params: {{callable: "flywheel_middleware.demo.agent:grade"}}}}]
   margin: 0.05
   max_cases: 40
-analysis: {{since_minutes: 60, min_calls: 50, low_rating_rate_max: 0.1}}
+analysis: {{since_minutes: 1440, min_calls: 50, low_rating_rate_max: 0.1}}
 triggers: {{low_rating: {{window: 50, threshold: 10}}}}
 controller: {{mode: auto, report_dir: "{report_dir}", dataset_dir: "{dataset_dir}"}}
 routing:                           # escalations go to a human desk, chosen by fw.route
@@ -106,6 +111,7 @@ class DemoResult:
     first_version: int | None = None
     final_version: int | None = None
     changes: list[tuple[str, Any, Any]] = field(default_factory=list)
+    timeline: Timeline = field(default_factory=Timeline)
     elapsed: float = 0.0
 
 
@@ -210,13 +216,16 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
                     f"cycle {cycle}: customers", total=settings.requests_per_cycle
                 )
                 tally: dict[Any, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+                began = time.time()
                 for _ in range(settings.requests_per_cycle):
                     _serve(cycle, settings, handler, rng, tally)
                     progress.advance(task)
                 fw.flush()
+                served = time.time()
                 progress.update(task, description=f"cycle {cycle}: controller")
                 report = run_cycle(store, config, "auto", workflows=[WORKFLOW])
                 resolver.invalidate()
+                result.timeline.marks.append((began, served, time.time()))
                 progress.update(task, description=f"cycle {cycle}: done")
                 result.reports.append(report.report_path or "")
                 result.experiments_started += len(report.started)
@@ -229,6 +238,7 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
                     result.datasets[path] = int((info or {}).get("rows") or 0)
     finally:
         fw.flush()
+    spread_over_days(store, result.timeline)
     first = versions.find_version(store, WORKFLOW, result.first_version)
     final = versions.active_version(store, WORKFLOW)
     result.final_version = final.version

@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -426,7 +427,7 @@ def create_app(
         yield
         await run_in_threadpool(otlp_traces.stop)  # open traces' rollouts go to the recorder
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from assets in the package: no CDN
         lifespan=lifespan,
         title="flywheel-middleware",
         version=__version__,
@@ -602,25 +603,39 @@ def create_app(
 
     app.include_router(otlp_routes)  # POST /v1/traces
 
-    from flywheel_middleware.service import dashboard
+    from flywheel_middleware.service import dashboard, page
 
     @app.get("/", include_in_schema=False)
-    def index() -> Response:
-        return HTMLResponse((STATIC_DIR / "dashboard.html").read_text(encoding="utf-8"))
+    async def index(request: Request, workflow: str | None = None) -> Response:
+        """The page with its data embedded when the reader may read it (else it asks for a key)."""
+        if not (settings.reads_open or settings.key_ok(_given_key(request))):
+            return HTMLResponse(page.render(None, None))
+        listing = await view_body(("workflows",), dashboard.workflows)
+        names = [w["workflow"] for w in json.loads(listing)]
+        chosen = workflow if workflow in names else (names[0] if names else None)
+        body = None
+        if chosen is not None:
+            body = await view_body(
+                ("workflow", chosen, dashboard.DEFAULT_BUCKETS),
+                lambda store: dashboard.workflow_view(store, cfg, chosen),
+            )
+        return HTMLResponse(page.render(listing, body))
 
     @app.get("/flywheel.js", include_in_schema=False)
     def snippet() -> Response:
         return FileResponse(STATIC_DIR / "flywheel.js", media_type="text/javascript")
 
-    async def view(key: tuple[Any, ...], compute: Any) -> Response:
+    async def view_body(key: tuple[Any, ...], compute: Any) -> bytes:
         def render() -> bytes:
             return JSONResponse(compute(runtime.get_store())).body
 
         try:
-            body = await views.get(key, render)
+            return await views.get(key, render)
         except ViewsBusy:
             raise ApiError(429, "the dashboard is busy; retry in a few seconds") from None
-        return Response(body, media_type="application/json")
+
+    async def view(key: tuple[Any, ...], compute: Any) -> Response:
+        return Response(await view_body(key, compute), media_type="application/json")
 
     @app.get("/v1/dashboard/workflows", summary="Workflows with rollouts", tags=["dashboard"])
     async def dashboard_workflows() -> Response:
@@ -631,7 +646,9 @@ def create_app(
         summary="Everything the dashboard shows for one workflow",
         tags=["dashboard"],
     )
-    async def dashboard_workflow(workflow: str, buckets: int = 24) -> Response:
+    async def dashboard_workflow(
+        workflow: str, buckets: int = dashboard.DEFAULT_BUCKETS
+    ) -> Response:
         if not 2 <= buckets <= 200:
             raise ApiError(422, "buckets must be between 2 and 200")
         if len(workflow) > 200:

@@ -9,7 +9,7 @@ import pytest
 
 from flywheel_middleware.config import FlywheelConfig, RoutingConfig
 from flywheel_middleware.learn.routing import Router, save_posteriors, simulate
-from flywheel_middleware.store.models import ChangeEvent, Experiment, Feedback, Rollout
+from flywheel_middleware.store.models import ChangeEvent, Experiment, Feedback, Rollout, Span
 
 from .conftest import API_KEY, ARTIFACTS
 
@@ -67,6 +67,20 @@ def seed_store(store) -> None:
                 )
             )
             s.add(
+                Span(
+                    id=i + 1,
+                    rollout_id=rid,
+                    workflow="support",
+                    kind="llm",
+                    name="answer",
+                    node="answer",
+                    status="ok",
+                    started_at=t,
+                    ended_at=t + timedelta(milliseconds=500),
+                    duration_ms=rng.uniform(200, 900),
+                )
+            )
+            s.add(
                 Feedback(
                     rollout_id=rid,
                     key="implicit",
@@ -93,6 +107,16 @@ def seed_store(store) -> None:
                     created_at=start + timedelta(hours=2 * k),
                 )
             )
+        for k in range(12):  # a low-rating trigger firing every 20 minutes
+            s.add(
+                ChangeEvent(
+                    workflow="support",
+                    kind="trigger",
+                    actor="trigger:low_rating",
+                    reason=f"{10 + k} of the last 50 rollouts rated ≤ 2 (threshold 10)",
+                    created_at=start + timedelta(minutes=20 * k + 5),
+                )
+            )
     cfg = RoutingConfig(
         agents=[
             {"id": "alice", "skills": ["billing"]},
@@ -110,10 +134,22 @@ def test_dashboard_json(fw, client):
     wfs = client.get("/v1/dashboard/workflows", headers=AUTH).json()
     assert wfs[0]["workflow"] == "support" and wfs[0]["rollouts"] == 360
     d = client.get("/v1/dashboard/workflows/support", params={"buckets": 12}, headers=AUTH).json()
-    rating = [b["value"] for b in d["series"]["rating"]]
-    assert len(rating) == 12 and all(v is not None for v in rating)
-    assert sum(rating[-3:]) / 3 > sum(rating[:3]) / 3 + 0.5  # the improvement shows
-    assert sum(b["n"] for b in d["series"]["volume"]) == 360
+    series = d["series"]
+    # six hours in at most 12 buckets: round hours, aligned, covering exactly the data's range
+    assert series["width"] == 3600 and series["start"] % 3600 == 0
+    rating = [b["value"] for b in series["rating"]]
+    assert 6 <= len(rating) <= 7 and all(v is not None for v in rating)
+    first, last = min(r.started_at for r in rollouts(fw)), max(r.started_at for r in rollouts(fw))
+    assert series["start"] <= first.timestamp() < series["start"] + 3600
+    assert series["end"] - 3600 <= last.timestamp() < series["end"]
+    assert sum(rating[-2:]) / 2 > sum(rating[:2]) / 2 + 0.5  # the improvement shows
+    assert sum(b["n"] for b in series["volume"]) == 360
+    assert series["counts"]["rating"] == "rated rollouts"
+    # the promotion is a marker on the time axis, and the reward steps up at it
+    assert [m["kind"] for m in d["markers"]] == ["promote"]
+    before, after = series["levels"]["reward"]
+    assert before["end"] == after["start"] == d["markers"][0]["at"]
+    assert after["value"] > before["value"] and before["n"] + after["n"] == 360
     implicit = [b["value"] for b in d["series"]["implicit"]]
     assert implicit[-1] > implicit[0]
     assert d["experiments"]["available"] is True
@@ -121,9 +157,22 @@ def test_dashboard_json(fw, client):
     for v in variants.values():
         pf = v["positive_feedback_rate"]
         assert pf["low"] < pf["value"] < pf["high"] and pf["n"] > 20
+        assert v["rollouts"] == v["rated"] == pf["n"]  # served and rated: every one rated here
     routing = {(r["agent"], r["skill"]): r for r in d["routing"]}
     assert routing[("alice", "billing")]["mean"] > routing[("bob", "billing")]["mean"]
-    assert [c["kind"] for c in d["changes"]] == ["promote", "experiment_start", "activate"]
+    assert [c["kind"] for c in d["changes"]] == [
+        "promote",
+        "trigger",
+        "experiment_start",
+        "activate",
+    ]
+    promote, trigger = d["changes"][:2]
+    assert (promote["from_version"], promote["to_version"]) == (None, None)  # no such versions
+    assert trigger["count"] == 12 and trigger["first_at"] < trigger["at"]
+    assert trigger["reason"].startswith("21 of the last 50")  # the latest firing's
+    nodes = {n["node"]: n for n in d["nodes"]["nodes"]}
+    assert nodes["answer"]["calls"] == 360 and nodes["answer"]["p95_latency_ms"] > 200
+    assert nodes[None]["calls"] == 360  # the whole workflow, hot or not
     assert isinstance(d["hot_problems"]["available"], bool)
     if not d["hot_problems"]["available"]:
         assert d["hot_problems"]["reason"]
@@ -131,6 +180,56 @@ def test_dashboard_json(fw, client):
     assert bad.status_code == 422
     empty = client.get("/v1/dashboard/workflows/nothing", headers=AUTH).json()
     assert empty["series"]["rating"] == [] and empty["changes"] == []
+
+
+def rollouts(fw) -> list[Rollout]:
+    from sqlmodel import select
+
+    with fw.get_store().session() as s:
+        return list(s.exec(select(Rollout)))
+
+
+def test_buckets_follow_the_data_range(fw, client):
+    """A week falls into round buckets of hours, two minutes into seconds; never a fixed window."""
+    now = datetime.now(timezone.utc)
+    with fw.get_store().session() as s:
+        for i in range(40):
+            s.add(
+                Rollout(id=f"a{i:031x}", workflow="week", started_at=now - timedelta(hours=4 * i))
+            )
+            s.add(
+                Rollout(
+                    id=f"b{i:031x}", workflow="burst", started_at=now - timedelta(seconds=3 * i)
+                )
+            )
+    week = client.get("/v1/dashboard/workflows/week", headers=AUTH).json()["series"]
+    burst = client.get("/v1/dashboard/workflows/burst", headers=AUTH).json()["series"]
+    assert week["width"] == 6 * 3600 and 26 <= len(week["volume"]) <= 28
+    assert burst["width"] == 5 and 24 <= len(burst["volume"]) <= 26
+    for series in (week, burst):
+        counts = [b["n"] for b in series["volume"]]
+        assert sum(counts) == 40 and counts[0] > 0 and counts[-1] > 0
+
+
+def test_bad_cases_read_questions_and_answers_through_the_normalizer(fw, client):
+    now = datetime.now(timezone.utc)
+    chat_in = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Where is my parcel?"},
+        ]
+    }
+    chat_out = {"choices": [{"message": {"role": "assistant", "content": "It left the depot."}}]}
+    with fw.get_store().session() as s:
+        s.add(Rollout(id="c" * 32, workflow="chat", started_at=now, input=chat_in, output=chat_out))
+        s.add(
+            Feedback(
+                rollout_id="c" * 32, key="rating", value=1.0, comment="wrong parcel", created_at=now
+            )
+        )
+    case = client.get("/v1/dashboard/workflows/chat", headers=AUTH).json()["bad_cases"]["cases"][0]
+    assert case["question"] == "Where is my parcel?" and case["answer"] == "It left the depot."
+    assert case["rating"] == 1 and case["comment"] == "wrong parcel"
 
 
 def test_a_failing_section_says_why_and_the_rest_renders(fw, monkeypatch):
@@ -175,22 +274,27 @@ def test_dashboard_renders_in_chromium_with_data(fw, live, chrome):
 
     seed_store(fw.get_store())
     chrome.set_window_size(1400, 1500)
-    chrome.get(f"{live.url}/?workflow=support#key={API_KEY}")
+    chrome.get(f"{live.url}/?workflow=support#key={API_KEY}")  # the key: fetched, not embedded
     WebDriverWait(chrome, 15).until(
-        ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-rendered='support']"))
+        ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-ready='support']"))
     )
-    lines = chrome.find_elements(
-        By.CSS_SELECTOR, "#sec-rating path.series, #sec-reward path.series"
-    )
-    assert len(lines) == 5 and all(len(p.get_attribute("d")) > 50 for p in lines)
+    for chart in ("sec-rating", "sec-reward", "sec-volume"):
+        assert chrome.find_elements(By.CSS_SELECTOR, f"#{chart} .uplot canvas")
+        assert chrome.find_element(By.ID, chart).get_attribute("data-markers") == "1"
+    legend = chrome.find_element(By.CSS_SELECTOR, "#sec-reward .u-legend").text
+    assert "reward" in legend and "implicit satisfaction" in legend
     assert len(chrome.find_elements(By.CSS_SELECTOR, "#sec-exp rect.bar")) == 2
+    assert "served 1" in chrome.find_element(By.ID, "sec-exp").text
     assert len(chrome.find_elements(By.CSS_SELECTOR, "#sec-routing rect.bar")) == 3
     changes = chrome.find_elements(By.CSS_SELECTOR, "#sec-changes tbody tr")
-    assert len(changes) == 3 and "promote" in changes[0].text
+    assert len(changes) == 4 and "promote" in changes[0].text
+    assert "fired 12× since" in changes[1].text and "–→–" not in changes[1].text
+    nodes = chrome.find_element(By.CSS_SELECTOR, "#sec-nodes tbody").text
+    assert "answer" in nodes and "360" in nodes
     hot = chrome.find_element(By.CSS_SELECTOR, "#sec-hot .body").text
     assert hot.strip()
     options = [o.text for o in chrome.find_elements(By.CSS_SELECTOR, "#workflow option")]
-    assert options == ["support (360)"]
+    assert options == ["support (360 rollouts)"]
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / "dashboard.png"
     chrome.save_screenshot(str(path))

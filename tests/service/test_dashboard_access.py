@@ -103,7 +103,7 @@ def test_a_view_is_cached_and_shared(fw, keyed):
     assert again["generated_at"] == first["generated_at"]  # served from the cache
     other = keyed.get("/v1/dashboard/workflows/support", params={"buckets": 6}, headers=AS_READER)
     assert other.json()["generated_at"] > first["generated_at"]  # its own view
-    assert len(other.json()["series"]["volume"]) == 6
+    assert len(other.json()["series"]["volume"]) <= 6 < len(first["series"]["volume"])
 
 
 def test_view_cache_computes_once_serves_stale_while_refreshing_and_bounds_its_queue():
@@ -240,13 +240,13 @@ def test_the_page_asks_for_a_key_and_renders_with_a_read_key(fw, chrome):
         field.send_keys(READ_KEY)
         chrome.find_element(By.CSS_SELECTOR, "#key-form button").click()
         WebDriverWait(chrome, 15).until(
-            ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-rendered='support']"))
+            ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-ready='support']"))
         )
         assert not chrome.find_element(By.ID, "key-form").is_displayed()
         chrome.execute_script("sessionStorage.clear()")
         chrome.get("about:blank")
         chrome.get(f"{live.url}/?workflow=support#key={READ_KEY}")  # a link that carries it
         WebDriverWait(chrome, 15).until(
-            ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-rendered='support']"))
+            ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-ready='support']"))
         )
         assert READ_KEY not in chrome.current_url  # taken out of the address bar
