@@ -176,7 +176,7 @@ class PluginSpec(_Strict):
 
 
 class LowRatingTrigger(_Strict):
-    """Seed 000: fire when low ratings among the last ``window`` rollouts reach ``threshold``."""
+    """Fire when low ratings among the last ``window`` rollouts reach ``threshold``."""
 
     window: int = Field(50, ge=1)
     threshold: int = Field(10, ge=1)
@@ -188,7 +188,7 @@ class TriggersConfig(_Strict):
 
 
 class AnalysisConfig(_Strict):
-    """Seed 001's hot-problem thresholds."""
+    """The thresholds that make a (workflow, node) group a hot problem."""
 
     since_minutes: float = Field(60, gt=0)
     min_calls: int = Field(50, ge=1)
@@ -308,11 +308,30 @@ class FlywheelConfig(_Strict):
         return value
 
     _source: str | None = PrivateAttr(default=None)
+    _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
+    _folder: Path | None = PrivateAttr(default=None)
 
     @property
     def source(self) -> str | None:
         """The file (or label) this configuration was read from."""
         return self._source
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder of the file this configuration was read from (None if not a file):
+        dotted-path plugins next to ``flywheel.yaml`` import from there."""
+        return self._folder
+
+    def line_of(self, *path: str | int) -> int | None:
+        """The line of the YAML file that holds ``path`` (e.g. ``"rewards", 0, "type"``)."""
+        return _line_at(self._lines, path)
+
+    def where(self, *path: str | int) -> str:
+        """``file, line N: rewards[0].type``: how a message names the value at ``path``."""
+        line = self.line_of(*path)
+        source = self._source or "configuration"
+        at = f"{source}, line {line}" if line else source
+        return f"{at}: {key_path(path)}" if path else at
 
 
 # -- loading with line numbers ------------------------------------------------------------
@@ -337,6 +356,11 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str,
     return _LinedDict(mapping, lines)
 
 
+def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> list[Any]:
+    items = [loader.construct_object(child, deep=True) for child in node.value]
+    return _LinedList(items, [child.start_mark.line + 1 for child in node.value])
+
+
 class _LinedDict(dict):
     __slots__ = ("lines",)
 
@@ -345,7 +369,18 @@ class _LinedDict(dict):
         self.lines = lines
 
 
+class _LinedList(list):
+    """A YAML sequence that remembers the line of each item."""
+
+    __slots__ = ("lines",)
+
+    def __init__(self, items: list, lines: list[int]) -> None:
+        super().__init__(items)
+        self.lines = lines
+
+
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
 class MissingEnvError(ConfigError):
@@ -398,28 +433,42 @@ def _interpolate(value: Any, where: str, path: tuple[Any, ...] = ()) -> Any:
         items = {k: _interpolate(v, where, (*path, k)) for k, v in value.items()}
         return _LinedDict(items, value.lines) if isinstance(value, _LinedDict) else items
     if isinstance(value, list):
-        return [_interpolate(v, where, path) for v in value]
+        items = [_interpolate(v, where, path) for v in value]
+        return _LinedList(items, value.lines) if isinstance(value, _LinedList) else items
     return expand_env(value, where)
 
 
-def _line_of(data: Any, loc: tuple[Any, ...]) -> int | None:
-    line = None
-    node = data
-    for part in loc:
-        if isinstance(node, _LinedDict) and part in node.lines:
-            line = node.lines[part]
-            node = node[part]
-        elif (
-            isinstance(node, list)
-            and isinstance(part, int)
-            and part < len(node)
-            or isinstance(node, dict)
-            and part in node
-        ):
-            node = node[part]
-        else:
-            break
-    return line
+def _key_lines(data: Any, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    """The line of every key and sequence item of the parsed YAML, by key path."""
+    out: dict[tuple[Any, ...], int] = {}
+    if isinstance(data, dict):
+        lines = data.lines if isinstance(data, _LinedDict) else {}
+        children: Any = data.items()
+    elif isinstance(data, list):
+        lines = dict(enumerate(data.lines)) if isinstance(data, _LinedList) else {}
+        children = enumerate(data)
+    else:
+        return out
+    for key, value in children:
+        if key in lines:
+            out[(*path, key)] = lines[key]
+        out.update(_key_lines(value, (*path, key)))
+    return out
+
+
+def _line_at(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    """The line of ``loc``, or of the nearest enclosing key the file has."""
+    for end in range(len(loc), 0, -1):
+        line = lines.get(tuple(loc[:end]))
+        if line is not None:
+            return line
+    return None
+
+
+def key_path(loc: tuple[Any, ...]) -> str:
+    """``("rewards", 0, "params", "alpha")`` as ``rewards[0].params.alpha``."""
+    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    return text.lstrip(".") or "(top level)"
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
@@ -460,12 +509,12 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _format_errors(exc: ValidationError, data: Any, source: str) -> str:
+def _format_errors(exc: ValidationError, key_lines: dict[tuple[Any, ...], int], source: str) -> str:
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        line = _line_of(data, loc)
+        path = key_path(loc)
+        line = _line_at(key_lines, loc)
         where = f"{source}, line {line}" if line else source
         if err["type"] == "extra_forbidden":
             valid = _valid_keys(FlywheelConfig, loc)
@@ -491,11 +540,13 @@ def parse_config(text: str, source: str = "<string>") -> FlywheelConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     data = _interpolate(data, source)
+    key_lines = _key_lines(data)
     try:
         config = FlywheelConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, data, source)) from None
+        raise ConfigError(_format_errors(exc, key_lines, source)) from None
     config._source = source
+    config._lines = key_lines
     return config
 
 
@@ -508,13 +559,15 @@ def load_config(
         if required or path is not None:
             raise ConfigError(f"configuration file {str(chosen)!r} does not exist")
         return FlywheelConfig()
-    return parse_config(chosen.read_text(encoding="utf-8"), source=str(chosen))
+    config = parse_config(chosen.read_text(encoding="utf-8"), source=str(chosen))
+    config._folder = chosen.resolve().parent
+    return config
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> FlywheelConfig:
     try:
         config = FlywheelConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, data, source)) from None
+        raise ConfigError(_format_errors(exc, {}, source)) from None
     config._source = source
     return config

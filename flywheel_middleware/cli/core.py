@@ -7,10 +7,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
 from rich.tree import Tree
 
-from flywheel_middleware.cli.common import Cli, command, console, echo_json, said, short
+from flywheel_middleware.cli.common import (
+    Cli,
+    command,
+    console,
+    echo_json,
+    find_rollout,
+    json_option,
+    rollout_ids,
+    said,
+    short,
+    table,
+)
 
 if TYPE_CHECKING:
     from flywheel_middleware.store.queries import SpanNode
@@ -48,8 +58,7 @@ def register(main: click.Group) -> None:
         if as_json:
             echo_json([{**r.__dict__, "error_rate": r.error_rate} for r in rows])
             return
-        table = Table(title=f"flywheel stats — {cli.shown_url}")
-        for col in (
+        columns = (
             "workflow",
             "rollouts",
             "error rate",
@@ -59,10 +68,10 @@ def register(main: click.Group) -> None:
             f"low (≤{rule.max_rating:g})",
             "thumbs up",
             "triggers",
-        ):
-            table.add_column(col, justify="left" if col == "workflow" else "right")
+        )
+        out = table(f"flywheel stats — {cli.shown_url}", columns, numeric=columns[1:])
         for r in rows:
-            table.add_row(
+            out.add_row(
                 r.workflow,
                 str(r.rollouts),
                 f"{r.error_rate:.1%}",
@@ -73,7 +82,7 @@ def register(main: click.Group) -> None:
                 f"{r.thumbs_up}/{r.thumbs_total}" if r.thumbs_total else "–",
                 str(len(r.triggers)),
             )
-        console.print(table)
+        console.print(out)
         for r in rows:
             for t in r.triggers[-3:]:
                 console.print(
@@ -137,25 +146,46 @@ def register(main: click.Group) -> None:
     @click.option("--workflow", "-w", default=None)
     @click.option("--status", type=click.Choice(["running", "succeeded", "failed"]), default=None)
     @click.option("--limit", "-n", default=20, show_default=True)
-    def rollouts(cli: Cli, workflow: str | None, status: str | None, limit: int) -> None:
-        """The most recent rollouts."""
+    @json_option
+    def rollouts(
+        cli: Cli, workflow: str | None, status: str | None, limit: int, as_json: bool
+    ) -> None:
+        """The most recent rollouts, newest first, with their full ids (for `flywheel show`)."""
+        from flywheel_middleware.messages import answer_text, question_text
         from flywheel_middleware.store import queries
 
-        table = Table()
-        for col in (
+        rows = queries.list_rollouts(cli.store, workflow=workflow, limit=limit, status=status)
+        if as_json:
+            echo_json(
+                [
+                    {
+                        "id": r.id,
+                        "workflow": r.workflow,
+                        "started_at": r.started_at,
+                        "status": r.status,
+                        "latency_ms": r.latency_ms,
+                        "variant": r.variant,
+                        "question": question_text(r.input),
+                        "answer": answer_text(r.output),
+                    }
+                    for r in rows
+                ]
+            )
+            return
+        columns = (
             "id",
             "workflow",
             "started (UTC)",
             "status",
             "ms",
             "variant",
-            "input",
-            "output",
-        ):
-            table.add_column(col)
-        for r in queries.list_rollouts(cli.store, workflow=workflow, limit=limit, status=status):
-            table.add_row(
-                r.id,
+            "question",
+            "answer",
+        )
+        out = table(None, columns, numeric=("ms",))
+        for r, rid in zip(rows, rollout_ids(cli.store, [r.id for r in rows]), strict=True):
+            out.add_row(
+                rid,
                 r.workflow,
                 f"{r.started_at:%Y-%m-%d %H:%M:%S}",
                 r.status,
@@ -164,18 +194,16 @@ def register(main: click.Group) -> None:
                 said(r.input, 40),
                 said(r.output, 40, answer=True),
             )
-        console.print(table)
+        console.print(out if rows else "no rollouts recorded yet")
 
     @command(main)
     @click.argument("rollout_id")
     @click.option("--json", "as_json", is_flag=True)
     def show(cli: Cli, rollout_id: str, as_json: bool) -> None:
-        """One rollout and its span tree (an id or a unique prefix)."""
+        """One rollout and its span tree (its id, or a prefix only that id has)."""
         from flywheel_middleware.store import queries
 
-        r = queries.find_rollout(cli.store, rollout_id)
-        if r is None:
-            raise click.ClickException(f"no rollout with id {rollout_id!r}")
+        r = find_rollout(cli.store, rollout_id)
         spans = queries.spans_of(cli.store, r.id)
         fb = queries.feedback_of(cli.store, r.id)
         if as_json:

@@ -5,15 +5,29 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from flywheel_middleware.cli.common import Cli, command, console, echo_json
+from flywheel_middleware.cli.common import (
+    Cli,
+    command,
+    console,
+    echo_json,
+    find_rollout,
+    json_option,
+    rollout_ids,
+    table,
+)
 
 
-def _metrics_row(table: Table, name: str, m: dict) -> None:
+def _metrics_table(title: str) -> Table:
+    columns = ("scorer", "n", "AUC", "Brier", "log loss")
+    return table(title, columns, numeric=columns[1:])
+
+
+def _metrics_row(out: Table, name: str, m: dict) -> None:
     def f(key: str) -> str:
         v = m.get(key)
         return "–" if v is None else f"{v:.3f}"
 
-    table.add_row(name, str(int(m.get("n", 0))), f("auc"), f("brier"), f("log_loss"))
+    out.add_row(name, str(int(m.get("n", 0))), f("auc"), f("brier"), f("log_loss"))
 
 
 def register(main: click.Group) -> None:
@@ -49,14 +63,13 @@ def register(main: click.Group) -> None:
                 f"[yellow]not trained:[/] {result.reason}; the implicit reward uses the rule"
             )
             return
-        table = Table(
-            title=f"implicit model v{result.version}: held-out ({result.n_test} of {result.n_labels} labelled rollouts)"
+        out = _metrics_table(
+            f"implicit model v{result.version}: held-out ({result.n_test} of "
+            f"{result.n_labels} labelled rollouts)"
         )
-        for col in ("scorer", "n", "AUC", "Brier", "log loss"):
-            table.add_column(col, justify="left" if col == "scorer" else "right")
-        _metrics_row(table, f"model v{result.version}", result.model_metrics)
-        _metrics_row(table, "fallback rule", result.rule_metrics)
-        console.print(table)
+        _metrics_row(out, f"model v{result.version}", result.model_metrics)
+        _metrics_row(out, "fallback rule", result.rule_metrics)
+        console.print(out)
 
     @command(implicit, "evaluate")
     @click.option(
@@ -74,39 +87,47 @@ def register(main: click.Group) -> None:
         if as_json:
             echo_json(out)
             return
-        table = Table(
-            title=f"held-out evaluation ({out['n_test']} of {out['n_labels']} labelled rollouts)"
+        scores = _metrics_table(
+            f"held-out evaluation ({out['n_test']} of {out['n_labels']} labelled rollouts)"
         )
-        for col in ("scorer", "n", "AUC", "Brier", "log loss"):
-            table.add_column(col, justify="left" if col == "scorer" else "right")
         if "model" in out:
-            _metrics_row(table, f"model v{out['model_version']}", out["model"])
+            _metrics_row(scores, f"model v{out['model_version']}", out["model"])
         else:
             console.print("[yellow]no stored model yet: run flywheel implicit train[/]")
-        _metrics_row(table, "fallback rule", out["rule"])
-        console.print(table)
+        _metrics_row(scores, "fallback rule", out["rule"])
+        console.print(scores)
 
     @command(implicit, "features")
-    @click.argument("rollout_ids", nargs=-1, required=True)
-    def implicit_features(cli: Cli, rollout_ids: tuple[str, ...]) -> None:
-        """Show the telemetry features and the implicit score of rollouts."""
+    @click.argument("refs", nargs=-1, required=True, metavar="ROLLOUT_IDS...")
+    @json_option
+    def implicit_features(cli: Cli, refs: tuple[str, ...], as_json: bool) -> None:
+        """Show the telemetry features and the implicit score of rollouts (ids or prefixes)."""
         from flywheel_middleware.learn import implicit as imp
 
-        feats = imp.rollout_features(cli.store, list(rollout_ids))
+        ids = [find_rollout(cli.store, ref).id for ref in refs]
+        feats = imp.rollout_features(cli.store, ids)
         scorer = imp.Scorer.from_store(cli.store, cli.config)
-        table = Table(title=f"implicit features (scored by {scorer.method})")
-        table.add_column("feature")
-        for rid in rollout_ids:
-            table.add_column(rid[:12], justify="right")
-        for name in (*imp.FEATURES, "events"):
-            table.add_row(
-                name,
-                *[f"{feats[r].as_dict()[name]:.3g}" if r in feats else "–" for r in rollout_ids],
+        if as_json:
+            echo_json(
+                {
+                    "scored_by": scorer.method,
+                    "rollouts": {
+                        r: {**feats[r].as_dict(), "score": scorer.score(feats[r])}
+                        if r in feats
+                        else None
+                        for r in ids
+                    },
+                }
             )
-        table.add_row(
-            "score", *[f"{scorer.score(feats[r]):.3f}" if r in feats else "–" for r in rollout_ids]
-        )
-        console.print(table)
+            return
+        labels = rollout_ids(cli.store, ids, abbreviate=True)  # the part that tells them apart
+        out = table(f"implicit features (scored by {scorer.method})", ("feature", *labels))
+        for name in (*imp.FEATURES, "events"):
+            out.add_row(
+                name, *[f"{feats[r].as_dict()[name]:.3g}" if r in feats else "–" for r in ids]
+            )
+        out.add_row("score", *[f"{scorer.score(feats[r]):.3f}" if r in feats else "–" for r in ids])
+        console.print(out)
 
     @main.group()
     def routing() -> None:
@@ -126,20 +147,26 @@ def register(main: click.Group) -> None:
         _show_weights(cli)
 
     @command(routing, "show")
-    def routing_show(cli: Cli) -> None:
+    @json_option
+    def routing_show(cli: Cli, as_json: bool) -> None:
         """The stored routing weights and posteriors."""
-        _show_weights(cli)
+        _show_weights(cli, as_json)
 
 
-def _show_weights(cli: Cli) -> None:
+def _show_weights(cli: Cli, as_json: bool = False) -> None:
     from flywheel_middleware.service.dashboard import routing_weights
 
     rows = routing_weights(cli.store)
-    table = Table(title="routing weights")
-    for col in ("agent", "skill", "weight", "mean", "90% interval", "n"):
-        table.add_column(col, justify="left" if col in ("agent", "skill") else "right")
+    if as_json:
+        echo_json(rows)
+        return
+    out = table(
+        "routing weights",
+        ("agent", "skill", "weight", "mean", "90% interval", "n"),
+        numeric=("weight", "mean", "90% interval", "n"),
+    )
     for r in rows:
-        table.add_row(
+        out.add_row(
             r["agent"],
             r["skill"],
             f"{r['weight']:.3f}",
@@ -147,4 +174,4 @@ def _show_weights(cli: Cli) -> None:
             f"[{r['low']:.3f}, {r['high']:.3f}]",
             str(r["n"]),
         )
-    console.print(table if rows else "no routing weights yet")
+    console.print(out if rows else "no routing weights yet")

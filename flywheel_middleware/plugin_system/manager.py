@@ -4,22 +4,31 @@ Plugins come from three places, in this order: the built-ins in ``plugins/``, ev
 distribution that declares the ``flywheel_middleware`` entry-point group, and dotted paths listed
 under ``plugins:`` in flywheel.yaml. A plugin module that fails to import, or a hook that raises,
 is recorded in ``errors`` by name and skipped; the rest keep working.
+
+A configuration's plugin references (every ``type``, ``params`` and dotted path) are checked
+with ``check_config``: each problem names the file, the line, the key path and the valid
+choices. The config file's folder is on the import path, so a plugin module next to
+``flywheel.yaml`` can be named by its dotted path.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import importlib
 import importlib.metadata
 import logging
+import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pluggy
 from pydantic import BaseModel, ValidationError
 
-from flywheel_middleware.config import FlywheelConfig, PluginSpec
+from flywheel_middleware.config import FlywheelConfig, PluginSpec, key_path
 from flywheel_middleware.errors import ConfigError, PluginError
 from flywheel_middleware.plugin_system import hookspecs
 from flywheel_middleware.plugin_system.base import PLUGIN_KINDS, Plugin, PluginContext
@@ -52,6 +61,9 @@ CONFIG_LISTS = {
 }
 """Plugin kind -> the YAML list that selects its instances."""
 
+DOTTED_ORIGIN = "dotted path"
+"""How ``PluginInfo.origin`` starts for a plugin named under ``plugins:``."""
+
 P = TypeVar("P", bound=Plugin)
 
 
@@ -80,6 +92,19 @@ class PluginFailure:
         return f"plugin {self.name}{where} failed: {self.error}"
 
 
+class PluginSpecError(ConfigError, PluginError):
+    """A plugin reference in the configuration that does not build; ``problems`` has one
+    line per problem, each naming the file, line and key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid plugin configuration:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+Locate = Callable[..., str]
+"""``locate(*key_path)`` -> how a message names that key (``config.where`` bound to a spec)."""
+
+
 @dataclass
 class _Source:
     origin: str
@@ -92,6 +117,8 @@ class FlywheelPluginManager:
 
     pm: pluggy.PluginManager = field(default_factory=lambda: _new_pluggy())
     errors: list[PluginFailure] = field(default_factory=list)
+    dotted_problems: list[str] = field(default_factory=list)
+    """The config's ``plugins:`` entries that did not import, one line each."""
     _sources: dict[str, _Source] = field(default_factory=dict)
     _types: dict[str, dict[str, PluginInfo]] | None = None
 
@@ -107,7 +134,7 @@ class FlywheelPluginManager:
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:  # a hookimpl that does not match its spec
-            self.errors.append(PluginFailure(name, f"{type(exc).__name__}: {exc}", origin))
+            self._fail(PluginFailure(name, f"{type(exc).__name__}: {exc}", origin))
             return False
         self._sources[name] = _Source(origin, name)
         self._types = None
@@ -118,7 +145,7 @@ class FlywheelPluginManager:
             try:
                 module = importlib.import_module(module_name)
             except Exception as exc:
-                self.errors.append(PluginFailure(module_name, _describe(exc), "built-in"))
+                self._fail(PluginFailure(module_name, _describe(exc), "built-in"))
                 continue
             self.register(module, origin="built-in", label=module_name)
 
@@ -131,35 +158,30 @@ class FlywheelPluginManager:
             try:
                 plugin = ep.load()
             except Exception as exc:
-                self.errors.append(PluginFailure(ep.value, _describe(exc), origin))
+                self._fail(PluginFailure(ep.value, _describe(exc), origin))
                 continue
             self.register(plugin, origin=origin, label=ep.value)
 
-    def load_dotted(self, paths: Iterable[str], source: str | None = None) -> None:
-        """Load ``plugins:`` entries from YAML; a bad path raises ConfigError naming it."""
+    def _fail(self, failure: PluginFailure) -> None:
+        """Record a failure once (the registry is rebuilt after each registration)."""
+        if failure not in self.errors:
+            self.errors.append(failure)
+
+    def package_failures(self) -> list[PluginFailure]:
+        """Installed packages (and built-ins) that failed to load: not the config's own."""
+        return [f for f in self.errors if not f.where.startswith(DOTTED_ORIGIN)]
+
+    def load_dotted(self, paths: Iterable[str], config: FlywheelConfig | None = None) -> None:
+        """Load ``plugins:`` entries from YAML; each that fails is a line of
+        ``dotted_problems`` naming its file, line and key path."""
         for index, path in enumerate(paths):
-            where = f"{source or 'configuration'}: plugins[{index}]"
-            module_name, _, attr = path.partition(":")
+            where = config.where("plugins", index) if config is not None else f"plugins[{index}]"
             try:
-                obj: Any = importlib.import_module(module_name)
-            except ImportError as exc:
-                head, _, tail = module_name.rpartition(".")
-                try:  # 'pkg.mod.object' written without a colon
-                    if attr or not head or exc.name != module_name:
-                        raise
-                    obj, attr = importlib.import_module(head), tail
-                    module_name = head
-                except ImportError:
-                    raise ConfigError(f"{where}: cannot import {module_name!r}: {exc}") from None
-            except Exception as exc:
-                raise ConfigError(
-                    f"{where}: importing {module_name!r} failed: {_describe(exc)}"
-                ) from None
-            for part in filter(None, attr.split(".")):
-                if not hasattr(obj, part):
-                    raise ConfigError(f"{where}: {module_name!r} has no attribute {part!r}")
-                obj = getattr(obj, part)
-            self.register(obj, origin=f"dotted path {path}", label=path)
+                obj = _import_dotted(path)
+            except ConfigError as exc:
+                self.dotted_problems.append(f"{where}: {exc}")
+                continue
+            self.register(obj, origin=f"{DOTTED_ORIGIN} {path}", label=path)
 
     # -- the type registry ----------------------------------------------------------------
 
@@ -174,7 +196,7 @@ class FlywheelPluginManager:
                 try:
                     classes = impl.function() or []
                 except Exception as exc:
-                    self.errors.append(
+                    self._fail(
                         PluginFailure(
                             impl.plugin_name, f"{hook_name}: {_describe(exc)}", source.origin
                         )
@@ -183,7 +205,7 @@ class FlywheelPluginManager:
                 for cls in classes:
                     problem = _check_class(cls, base)
                     if problem:
-                        self.errors.append(
+                        self._fail(
                             PluginFailure(
                                 impl.plugin_name, f"{hook_name}: {problem}", source.origin
                             )
@@ -191,7 +213,7 @@ class FlywheelPluginManager:
                         continue
                     existing = types[kind].get(cls.type_name)
                     if existing is not None and existing.cls is not cls:
-                        self.errors.append(
+                        self._fail(
                             PluginFailure(
                                 impl.plugin_name,
                                 f"{kind} type {cls.type_name!r} is already provided by "
@@ -230,53 +252,69 @@ class FlywheelPluginManager:
         *,
         where: str | None = None,
         context: PluginContext | None = None,
+        locate: Locate | None = None,
     ) -> Plugin:
-        """One plugin instance from its spec; errors name ``where`` (e.g. 'file: filters[0]')."""
+        """One plugin instance from its spec. Errors (``PluginSpecError``) name the spec by
+        ``locate`` (file, line and key path) or else by ``where`` (e.g. 'default mutator')."""
+        if locate is None:
+            prefix = where or f"{CONFIG_LISTS[kind]}[?]"
+
+            def locate(*sub: str | int) -> str:
+                return f"{prefix}.{key_path(sub)}" if sub else prefix
+
         if isinstance(spec, dict):
             try:
                 spec = PluginSpec.model_validate(spec)
             except ValidationError as exc:
-                raise ConfigError(_params_errors(exc, where or CONFIG_LISTS[kind], "")) from None
-        where = where or f"{CONFIG_LISTS[kind]}[?]"
+                raise PluginSpecError(_params_errors(exc, locate, (), PluginSpec)) from None
         known = self.types(kind)
         info = known.get(spec.type)
         if info is None:
-            choices = ", ".join(sorted(known)) or "(none installed)"
-            raise PluginError(
-                f"{where}.type: unknown {kind} type {spec.type!r}; known {kind} types: {choices}"
-            )
+            raise PluginSpecError([self._unknown_type(kind, spec.type, locate("type"))])
         try:
             params = info.cls.Params.model_validate(spec.params)
         except ValidationError as exc:
-            raise ConfigError(_params_errors(exc, where, ".params", info.cls.Params)) from None
+            raise PluginSpecError(
+                _params_errors(exc, locate, ("params",), info.cls.Params)
+            ) from None
         try:
             plugin = info.cls(params, context)
-        except (ConfigError, PluginError) as exc:
-            if where in str(exc):
-                raise
-            raise type(exc)(f"{where}.params: {exc}") from None  # say which spec it was
+        except (ConfigError, PluginError) as exc:  # the plugin's own check of its params
+            raise PluginSpecError([f"{locate('params')}: {exc}"]) from None
         except Exception as exc:
-            raise PluginError(
-                f"{where}: could not create {kind} {spec.type!r}: {_describe(exc)}"
+            raise PluginSpecError(
+                [f"{locate()}: could not create {kind} {spec.type!r}: {_describe(exc)}"]
             ) from exc
         plugin.name = spec.name or spec.type
         plugin.weight = spec.weight
         return plugin
 
+    def _unknown_type(self, kind: str, name: str, where: str) -> str:
+        """An unknown type, the valid ones, a near miss, and packages that did not load."""
+        known = sorted(self.types(kind))
+        text = f"{where}: unknown {kind} type {name!r}"
+        close = difflib.get_close_matches(name, known, n=1)
+        if close:
+            text += f" (did you mean {close[0]!r}?)"
+        text += f"; known {kind} types: {', '.join(known) or '(none installed)'}"
+        broken = self.package_failures()
+        if broken:
+            names = ", ".join(sorted({f.name for f in broken}))
+            text += f" (not loaded, see `flywheel plugins`: {names})"
+        return text
+
     def build_all(
         self, kind: str, config: FlywheelConfig, context: PluginContext | None = None
     ) -> list[Plugin]:
         """The enabled plugins of ``kind`` from the configuration, in YAML order."""
-        source = config.source or "configuration"
         list_name = CONFIG_LISTS[kind]
         if context is None:
             context = PluginContext(config=config)
         out = []
         for index, spec in enumerate(getattr(config, list_name)):
             if spec.enabled:
-                out.append(
-                    self.build(kind, spec, where=f"{source}: {list_name}[{index}]", context=context)
-                )
+                locate = functools.partial(config.where, list_name, index)
+                out.append(self.build(kind, spec, context=context, locate=locate))
         return out
 
     # -- redaction ------------------------------------------------------------------------
@@ -314,6 +352,29 @@ class FlywheelPluginManager:
         return redact
 
 
+def _import_dotted(path: str) -> Any:
+    """The module or object ``pkg.mod``, ``pkg.mod:obj`` or ``pkg.mod.obj`` names."""
+    module_name, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        head, _, tail = module_name.rpartition(".")
+        try:  # 'pkg.mod.object' written without a colon
+            if attr or not head or exc.name != module_name:
+                raise
+            obj, attr = importlib.import_module(head), tail
+            module_name = head
+        except ImportError:
+            raise ConfigError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:
+        raise ConfigError(f"importing {module_name!r} failed: {_describe(exc)}") from None
+    for part in filter(None, attr.split(".")):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{module_name!r} has no attribute {part!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
 def _new_pluggy() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -339,20 +400,20 @@ def _check_class(cls: Any, base: type) -> str | None:
 
 
 def _params_errors(
-    exc: ValidationError, where: str, prefix: str, model: type[BaseModel] | None = None
-) -> str:
+    exc: ValidationError, locate: Locate, prefix: tuple[str, ...], model: type[BaseModel]
+) -> list[str]:
     lines = []
     for err in exc.errors():
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-        key = f"{where}{prefix}{path}"
+        where = locate(*prefix, *err["loc"])
         if err["type"] == "extra_forbidden":
-            valid = f" (valid keys: {', '.join(sorted(model.model_fields))})" if model else ""
-            lines.append(f"{key}: unknown key{valid}")
+            lines.append(
+                f"{where}: unknown key (valid keys: {', '.join(sorted(model.model_fields))})"
+            )
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-            lines.append(f"{key}: {err['msg']}{shown}")
-    return "invalid plugin configuration:\n  " + "\n  ".join(lines)
+            lines.append(f"{where}: {err['msg']}{shown}")
+    return lines
 
 
 # -- the process's manager ---------------------------------------------------------------------
@@ -362,28 +423,58 @@ _cache: dict[tuple[str, ...], FlywheelPluginManager] = {}
 
 
 def plugin_manager(
-    config: FlywheelConfig | None = None, *, fresh: bool = False
+    config: FlywheelConfig | None = None,
+    *,
+    fresh: bool = False,
+    strict: bool = True,
+    log_failures: bool = True,
 ) -> FlywheelPluginManager:
-    """Built-ins + entry points + the config's ``plugins:`` (cached per list of dotted paths)."""
+    """Built-ins + entry points + the config's ``plugins:`` (cached per config folder and list
+    of dotted paths). ``strict``: a ``plugins:`` entry that does not import raises ConfigError
+    (else it is in ``dotted_problems``); ``log_failures``: packages that failed to load are
+    logged as warnings when the manager is made."""
+    folder = _import_from(config.folder if config is not None else None)
     paths = tuple(config.plugins) if config is not None else ()
+    key = (folder, *paths)
     with _lock:
-        if not fresh and paths in _cache:
-            return _cache[paths]
-        manager = FlywheelPluginManager()
-        manager.load_builtins()
-        manager.load_entry_points()
-        if paths:
-            manager.load_dotted(paths, source=config.source if config is not None else None)
-        try:  # a @hookimpl whose name matches no hook is a typo worth reporting
-            manager.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            manager.errors.append(
-                PluginFailure(str(getattr(exc, "plugin", "?")), f"unknown hook: {exc}")
-            )
+        manager = None if fresh else _cache.get(key)
+        if manager is None:
+            manager = _new_manager(config, paths, log_failures)
+            _cache[key] = manager
+    if strict and manager.dotted_problems:
+        raise PluginSpecError(manager.dotted_problems)
+    return manager
+
+
+def _new_manager(
+    config: FlywheelConfig | None, paths: tuple[str, ...], log_failures: bool
+) -> FlywheelPluginManager:
+    manager = FlywheelPluginManager()
+    manager.load_builtins()
+    manager.load_entry_points()
+    manager.load_dotted(paths, config)
+    try:  # a @hookimpl whose name matches no hook is a typo worth reporting
+        manager.pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        name = manager.pm.get_name(exc.plugin) or "?"
+        origin = manager._sources.get(name, _Source("", name)).origin
+        manager._fail(PluginFailure(name, f"unknown hook: {exc}", origin))
+    if log_failures:
         for failure in manager.errors:
             log.warning("%s", failure)
-        _cache[paths] = manager
-        return manager
+    return manager
+
+
+def _import_from(folder: Path | None) -> str:
+    """Put a config file's folder at the end of ``sys.path`` (installed packages keep
+    precedence), so ``plugins:`` and dotted-path params can name modules beside it."""
+    if folder is None:
+        return ""
+    entry = str(folder)
+    if entry not in sys.path:
+        sys.path.append(entry)
+        importlib.invalidate_caches()
+    return entry
 
 
 def reset_cache() -> None:
@@ -392,19 +483,49 @@ def reset_cache() -> None:
         _cache.clear()
 
 
-def check_config(config: FlywheelConfig) -> list[str]:
-    """Every problem with the configuration's plugins, each naming the file and key path:
-    load failures, unknown types (with the known ones), invalid params. Empty when all build."""
-    manager = plugin_manager(config)
-    problems = [str(f) for f in manager.errors]
+def config_plugin_specs(
+    config: FlywheelConfig,
+) -> Iterator[tuple[str, tuple[Any, ...], PluginSpec]]:
+    """Every plugin reference of the configuration: (kind, key path, spec)."""
     for kind, list_name in CONFIG_LISTS.items():
         for index, spec in enumerate(getattr(config, list_name)):
-            where = f"{config.source or 'configuration'}: {list_name}[{index}]"
-            try:
-                manager.build(kind, spec, where=where).close()
-            except Exception as exc:  # report every bad spec, not just the first
-                problems.append(str(exc))
+            yield kind, (list_name, index), spec
+    # the regression gate's judges are reward sources, top-level and per workflow
+    scopes = [((), config), *((("workflows", n), wf) for n, wf in config.workflows.items())]
+    for prefix, scope in scopes:
+        evaluation = getattr(scope, "evaluation", None)
+        for index, spec in enumerate(getattr(evaluation, "judges", None) or []):
+            yield "reward", (*prefix, "evaluation", "judges", index), spec
+
+
+def check_config(config: FlywheelConfig) -> list[str]:
+    """Every problem with the configuration's own plugins, one line each naming the file,
+    line and key path: ``plugins:`` entries that do not import or whose hooks fail, unknown
+    types (with the valid ones), invalid params. Empty when all build. Installed packages
+    the configuration does not use are not its problems (``package_failures``)."""
+    manager = plugin_manager(config, strict=False)
+    problems = list(manager.dotted_problems)
+    for index, path in enumerate(config.plugins):
+        for failure in manager.errors:
+            if failure.where == f"{DOTTED_ORIGIN} {path}":
+                problems.append(f"{config.where('plugins', index)}: {failure.error}")
+    for kind, path, spec in config_plugin_specs(config):
+        try:
+            manager.build(kind, spec, locate=functools.partial(config.where, *path)).close()
+        except PluginSpecError as exc:  # report every bad spec, not just the first
+            problems.extend(exc.problems)
+        except Exception as exc:
+            problems.append(f"{config.where(*path)}: {_describe(exc)}")
     return problems
+
+
+def require_valid_plugins(config: FlywheelConfig) -> None:
+    """Raise ConfigError listing ``check_config``'s problems, if any (what loading a config
+    for the loop does, so a run never silently learns from nothing)."""
+    if config.plugins or any(True for _ in config_plugin_specs(config)):
+        problems = check_config(config)
+        if problems:
+            raise PluginSpecError(problems)
 
 
 def build_plugins(

@@ -38,7 +38,8 @@ def test_unknown_type_lists_the_known_ones() -> None:
     with pytest.raises(PluginError) as err:
         plugin_manager(cfg).build_all("filter", cfg)
     message = str(err.value)
-    assert "team.yaml: filters[0].type: unknown filter type 'llm_rubrik'" in message
+    assert "team.yaml, line 2: filters[0].type: unknown filter type 'llm_rubrik'" in message
+    assert "(did you mean 'llm_rubric'?)" in message
     assert "known filter types: dedupe, json_schema, llm_evaluate, llm_rubric" in message
 
 
@@ -52,12 +53,12 @@ def test_bad_params_name_the_key_path() -> None:
         plugin_manager(cfg).build_all("filter", cfg)
     message = str(err.value)
     assert (
-        "team.yaml: filters[1].params.temperature: Input should be less than or equal to 2"
+        "team.yaml, line 4: filters[1].params.temperature: Input should be less than or equal to 2"
         in message
     )
     assert "(got 7)" in message
-    assert "team.yaml: filters[1].params.max_concurrency:" in message
-    assert "team.yaml: filters[1].params.colour: unknown key (valid keys: " in message
+    assert "team.yaml, line 4: filters[1].params.max_concurrency:" in message
+    assert "team.yaml, line 4: filters[1].params.colour: unknown key (valid keys: " in message
     assert "custom_rubrics" in message
 
 
@@ -66,7 +67,7 @@ def test_bad_yaml_names_file_line_and_choices() -> None:
         parse_config("filters:\n  - type: dedupe\n   params: {}\n", source="team.yaml")
     with pytest.raises(ConfigError) as err:
         parse_config("filters:\n  - type: dedupe\n    paramz: {}\n", source="team.yaml")
-    assert "team.yaml, line 3: unknown key 'filters.0.paramz'" in str(err.value)
+    assert "team.yaml, line 3: unknown key 'filters[0].paramz'" in str(err.value)
     assert "valid keys here: enabled, name, params, type, weight" in str(err.value)
 
 
@@ -235,6 +236,8 @@ def test_check_config_reports_every_problem() -> None:
     )
     problems = check_config(cfg)
     assert len(problems) == 2
-    assert problems[0].startswith("team.yaml: filters[1].type: unknown filter type 'nope'")
-    assert problems[1].startswith("team.yaml: rewards[0].params: expression 'import os' is not")
+    assert problems[0].startswith("team.yaml, line 1: filters[1].type: unknown filter type 'nope'")
+    assert problems[1].startswith(
+        "team.yaml, line 2: rewards[0].params: expression 'import os' is not"
+    )
     assert check_config(parse_config("filters: [{type: dedupe}]\n")) == []
