@@ -55,6 +55,10 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_KEYS_ENV = "FLYWHEEL_API_KEYS"
 READ_KEYS_ENV = "FLYWHEEL_READ_KEYS"
 READ_PATHS = ("/v1/dashboard/", "/v1/config/")  # need a read key once any key is configured
+READ_KEY_MISSING = (
+    "missing or wrong API key: send a read or write key as X-API-Key, "
+    "Authorization: Bearer KEY, or ?key=KEY"
+)
 ACCEPTED_TYPES = ("application/json", "text/plain", "")
 DASHBOARD_TTL = 5.0  # seconds a dashboard response is served as it is
 
@@ -390,11 +394,7 @@ class ReadGuard:
             and not self.settings.reads_open
             and not self.settings.key_ok(_given_key(Request(scope)))
         ):
-            response = _error_body(
-                401,
-                "missing or wrong API key: send a read or write key as X-API-Key, "
-                "Authorization: Bearer KEY, or ?key=KEY",
-            )
+            response = _error_body(401, READ_KEY_MISSING)
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -556,7 +556,7 @@ def create_app(
     )
     def config_for(workflow: str, request: Request, unit: str | None = None) -> JSONResponse:
         if settings.api_keys and not settings.key_ok(_given_key(request)):
-            raise ApiError(401, "missing or wrong API key")
+            raise ApiError(401, READ_KEY_MISSING)
         if len(workflow) > 200 or (unit is not None and len(unit) > 200):
             raise ApiError(422, "workflow and unit are at most 200 characters")
         from flywheel_middleware.loop.versions import stored_config
