@@ -21,7 +21,13 @@ from sqlmodel import select
 from flywheel_middleware.capture.records import utcnow
 from flywheel_middleware.config import FlywheelConfig, PluginSpec
 from flywheel_middleware.learn import routing
-from flywheel_middleware.loop import analysis, datasets, regression_gate, rewards, versions
+from flywheel_middleware.loop import (
+    analysis,
+    curation,
+    regression_gate,
+    rewards,
+    versions,
+)
 from flywheel_middleware.loop import experiments as ex
 from flywheel_middleware.loop.error_control import budget_text
 from flywheel_middleware.loop.triggers import check_low_rating_triggers, low_rating_window
@@ -221,8 +227,9 @@ def curate(
     """Rewards for rollouts new since the last cycle, then the datasets (all kinds).
 
     Rewards are computed once per rollout, when a cycle first sees it (within the analysis
-    window); the exports score older ones whose feedback came later (``refresh_rewards``).
-    Rollouts whose messages cannot be read are named in the report's notes.
+    window); curation scores older ones whose feedback came later (``refresh_rewards``). The
+    datasets are brought up to date by reading only the days that changed
+    (``loop.curation``). Rollouts whose messages cannot be read are named in the notes.
     """
     last = last_cycle_at(store)
     since = max(_since(config, now), last) if last is not None else _since(config, now)
@@ -245,21 +252,18 @@ def curate(
     out_dir = Path(config.controller.dataset_dir or Path(config.controller.report_dir) / "datasets")
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {}
+    days = [0, 0]
     for workflow in workflows:
-        for kind in datasets.KINDS:
-            target = out_dir / f"{workflow}.{kind}.jsonl"
-            try:
-                result = datasets.export(
-                    store, kind, workflow, target, config=config, filters=bool(config.filters)
-                )
-            except Exception as exc:
-                report.notes.append(f"datasets.export {kind} for {workflow} failed: {exc}")
-                continue
-            written[str(target)] = {"rows": result.count}
-            for failure in result.failures[:3]:
-                report.notes.append(f"{kind} export: {failure}")
-            if result.unknown.count:
-                report.notes.append(f"{kind} export for {workflow}: skipped {result.unknown}")
+        try:
+            done = curation.curate_datasets(store, config, workflow, out_dir)
+        except Exception as exc:
+            report.notes.append(f"curating the datasets of {workflow} failed: {exc}")
+            continue
+        written.update(done.files)
+        report.notes.extend(done.notes)
+        days[0] += done.days_read
+        days[1] += done.days_total
+    report.curation["days"] = f"{days[0]} of {days[1]} days read again"
     report.curation["datasets"] = written
 
 
@@ -630,6 +634,8 @@ def render_markdown(r: CycleReport) -> str:
         lines.append(f"- rewards: {r.curation['rewards']}")
     if r.curation.get("routing") is not None:
         lines.append(f"- routing weights updated: {r.curation['routing']}")
+    if r.curation.get("days") is not None:
+        lines.append(f"- datasets: {r.curation['days']}")
     for path, info in (r.curation.get("datasets") or {}).items():
         lines.append(f"- `{path}`: {info}")
     if not r.curation:

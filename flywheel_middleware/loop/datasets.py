@@ -36,6 +36,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from sqlalchemy import func, select
 
 from flywheel_middleware.config import FlywheelConfig, parse_config
@@ -460,11 +461,14 @@ def refresh_rewards(
     from flywheel_middleware.loop.rewards import compute_rewards
 
     F = Feedback.__table__.c  # type: ignore[attr-defined]
-    latest = (
+    latest = _where(  # the window's feedback only: the cost follows the window, not history
         select(F.rollout_id, func.max(F.created_at).label("latest"))
-        .group_by(F.rollout_id)
-        .subquery()
-    )
+        .join(Rollout.__table__, R.id == F.rollout_id)
+        .group_by(F.rollout_id),
+        workflow,
+        since,
+        until,
+    ).subquery()
     q = _where(
         select(R.id, R.reward, R.metadata, latest.c.latest).join(
             latest, latest.c.rollout_id == R.id
@@ -778,7 +782,7 @@ class QuestionBoard:
         board = cls()
         with path.open(encoding="utf-8") as fh:
             for line in fh:
-                entry = json.loads(line)
+                entry = orjson.loads(line)
                 getattr(board, entry["part"])[entry["key"]] = entry["value"]
         return board
 

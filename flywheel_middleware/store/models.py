@@ -226,6 +226,17 @@ class ModelArtifact(SQLModel, table=True):
     created_at: datetime
 
 
+class CurationWatermark(SQLModel, table=True):
+    """How far the controller has curated a workflow's datasets: the rollout and feedback
+    counts of each day it read, and the newest feedback it saw."""
+
+    __tablename__ = "curation_watermark"
+
+    workflow: str = Field(primary_key=True, max_length=200)
+    state: Any = _json(nullable=False)
+    updated_at: datetime
+
+
 ALL_TABLES = [
     Rollout,
     Span,
@@ -237,4 +248,5 @@ ALL_TABLES = [
     ChangeEvent,
     RoutingWeight,
     ModelArtifact,
+    CurationWatermark,
 ]

@@ -27,7 +27,7 @@ def test_a_0001_store_with_data_upgrades_to_head_and_backfills(store_url):
     old.dispose()
 
     store = Store(store_url)  # opening upgrades to head
-    assert store.current_revision() == store.head_revision() == "0003"
+    assert store.current_revision() == store.head_revision() > "0001"
     assert store.execute("SELECT workflow FROM span WHERE id = 7")[0].workflow == "support"
     catalog = (
         "SELECT name FROM sqlite_master WHERE type = 'index'"
