@@ -10,11 +10,11 @@ from flywheel_middleware.cli.common import Cli, command, console, echo_json, err
 
 def _check(kind: str, path: str, trl: bool) -> None:
     """Print what is wrong with a dataset file, by line; exit 1 when anything is."""
-    from flywheel_middleware.loop.dataset_rules import check_file
+    from flywheel_middleware.loop.dataset_rules import FORMATS, check_file
 
     rules = "trl" if trl and kind == "preference" else kind
-    if rules not in ("sft", "preference", "trl"):
-        raise click.UsageError(f"--check knows the rules of sft and preference, not {kind}")
+    if rules not in FORMATS:
+        raise click.UsageError(f"--check has no rules for {kind}")
     problems = check_file(path, rules)
     for problem in problems[:200]:
         console.print(f"{path}: {problem}", markup=False)
@@ -35,7 +35,7 @@ def register(main: click.Group) -> None:
         "check_path",
         default=None,
         type=click.Path(exists=True, dir_okay=False),
-        help="Check FILE against the rules of KIND's consumer (sft, preference) and exit.",
+        help="Check FILE against the rules of KIND's consumer and exit.",
     )
     @click.option(
         "--trl",
