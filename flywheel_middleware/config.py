@@ -227,7 +227,13 @@ class AgentSpec(_Strict):
 
 class RoutingConfig(_Strict):
     agents: list[AgentSpec] = Field(default_factory=list)
-    floor: float = Field(0.05, ge=0, lt=1)
+    floor: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="each eligible agent's least probability (at most 1/n), even at capacity: "
+        "the exploration that lets flywheel evaluate estimate other routing policies",
+    )
     load_penalty: float = Field(0.5, ge=0)
     weight_min: float = 0.1
     weight_max: float = 2.0

@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "analyze",
     "core",
     "demo",
+    "evaluate",
     "export",
     "implicit",
     "importer",

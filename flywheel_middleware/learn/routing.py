@@ -7,9 +7,12 @@ lucky start locks traffic in and an agent that improves is never tried again. He
   ``r`` to alpha and ``1 - r`` to beta); a request's score for an agent is the mean of one draw
   per requested skill, divided by ``1 + load_penalty * load / capacity``;
 - the probability that each agent wins that draw is estimated by Monte Carlo, mixed with a
-  floor (``routing.floor`` per agent) so no eligible agent ever starves, and the agent is drawn
-  from that distribution — so the recorded probability is the true propensity of the choice
-  and past traffic can evaluate a new policy offline;
+  floor (``routing.floor`` per agent, default 0.05, at most 1/n) so no eligible agent ever
+  starves — an agent at capacity keeps the floor and loses only its Thompson share — and the
+  agent is drawn from that distribution, so the recorded probability is the true propensity
+  of the choice and every eligible agent has one above 0: ``flywheel evaluate routing`` can
+  estimate another policy on past traffic (``routing.floor: 0`` turns exploration off, and
+  the evaluation then refuses policies that choose agents the router never tried);
 - ``update_routing`` recomputes the posteriors from every routed rollout's reward (its stored
   reward, else its outcome by ``store.outcomes``, else its implicit satisfaction; optionally
   discounting old evidence by a half-life), so running it twice never counts a reward twice;
@@ -151,11 +154,13 @@ class Router:
         params = [[self._posterior(a, s) for s in skills] for a in pool]
         with self._lock:  # numpy generators are not thread-safe
             wins = self._win_rates(params, [penalty[a] for a in pool])
-        n = len(pool)
+        # every eligible agent keeps the floor, one at capacity too (it loses only its
+        # Thompson share): the overlap offline evaluation needs
+        n = len(candidates)
         floor = min(self.config.floor, 1.0 / n)
-        probs = {a: floor + (1.0 - n * floor) * w for a, w in zip(pool, wins, strict=True)}
-        for a in candidates:
-            probs.setdefault(a, 0.0)
+        probs = dict.fromkeys(candidates, floor)
+        for a, w in zip(pool, wins, strict=True):
+            probs[a] += (1.0 - n * floor) * w
         return probs, used
 
     def _win_rates(
