@@ -19,7 +19,23 @@ The fixed horizon N is the per-arm sample a two-sided α=0.05, 80%-power z-test 
 looks come every ``--batch`` answers, so "within N" means by the first look at or past N —
 the look at which the fixed-horizon z-test in the last column is evaluated too.
 
-    python benchmarks/flywheel_efficacy.py [--experiments 10000] [--batch 100]
+Then whole workflow lives (``--part lives``): ``--lives`` lives of ``--cycles`` cycles each, run
+as the controller runs them in ``auto`` mode and checked every cycle. A population of users with
+different baseline rates (logit-normal around ``--p0``, spread ``--user-spread``) and different
+activity (a few heavy users send most requests) rates answers; the experiment randomises by user.
+The mutator's space holds ``--space`` configs proposed ``max_candidates`` = 2 at a time, each at
+25% of the users; a dropped loser's users go back to the baseline, as with the resolver; after an
+experiment ends the next starts a cycle later (the controller's generate step skips a workflow
+whose deployment changed). A/A: every config rates as the first; +5 pts: one config, at a random
+place in the proposal order, is 5 points better on average over users, the rest as the first.
+A false promotion is promoting a config that is not better than the one it replaces. Each life
+is run by the loop as built (the ``sequential`` promoter with the workflow's error budget and
+variances clustered by user), by the same promoter without the budget, by it without the budget
+and with per-request variances and α recounted over the candidates still running (the loop before
+loop-level control), and by seed 001's threshold rule checked every cycle.
+
+    python benchmarks/flywheel_efficacy.py [--part experiments|lives|all] [--experiments 10000]
+        [--batch 100] [--lives 200] [--cycles 60]
 """
 
 from __future__ import annotations
@@ -28,24 +44,31 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.special import log_ndtr
+from scipy.special import expit, log_ndtr
 from scipy.stats import norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flywheel_middleware.plugins.promoters import (
     SequentialPromoter,
-    binary_var,
+    ThresholdPromoter,
     horizon_radius,
     log_mixture_lr,
     planned_information,
 )
 
-from flywheel_middleware.config import Objective  # noqa: E402
-from flywheel_middleware.loop.experiments import ExperimentStats, VariantStats  # noqa: E402
+from flywheel_middleware.config import ErrorBudget, Objective  # noqa: E402
+from flywheel_middleware.loop import error_control  # noqa: E402
+from flywheel_middleware.loop.experiments import (  # noqa: E402
+    ExperimentStats,
+    UnitSums,
+    VariantStats,
+    binary_var,
+)
 
 SCENARIOS = [
     ("A/A (no difference)", 0.0),
@@ -165,8 +188,213 @@ def check_against_plugin(n, kb, kc, params, count):
 BOUNDARY_NAMES = {"horizon": "seq/horizon", "mixture": "seq/mixture"}
 
 
+# -- whole workflow lives -------------------------------------------------------------------
+
+LIFE_METHODS = {
+    "loop (budget, by user)": {"budget": True, "clustered": True, "started_split": True},
+    "per-experiment α, by user": {"budget": False, "clustered": True, "started_split": True},
+    "before (per request)": {"budget": False, "clustered": False, "started_split": False},
+    "seed threshold rule": {"threshold": True},
+}
+ARMS = ("baseline", "candidate-1", "candidate-2")
+WEIGHTS = (0.5, 0.25, 0.25)
+
+
+@dataclass
+class Population:
+    """Users with their own baseline logit and their own activity (rated answers per cycle)."""
+
+    logit: np.ndarray
+    activity: np.ndarray
+
+    @classmethod
+    def draw(cls, rng, users: int, p0: float, spread: float, per_cycle: float) -> Population:
+        logit = math.log(p0 / (1 - p0)) + spread * rng.standard_normal(users)
+        activity = rng.gamma(0.5, 2.0 * per_cycle / users, size=users)  # mean per_cycle/users
+        return cls(logit, activity)
+
+    def shift_for(self, effect: float) -> float:
+        """The logit shift that raises the population's mean rate by ``effect``."""
+        base = float(np.mean(expit(self.logit)))
+        lo, hi = -5.0, 5.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if float(np.mean(expit(self.logit + mid))) - base < effect:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+
+def _arm_stats(name: str, counts: np.ndarray, positives: np.ndarray, clustered: bool):
+    n, k = int(counts.sum()), int(positives.sum())
+    v = VariantStats(name, None, 0.0, rollouts=n, succeeded=n, rated=n, positive=k)
+    if clustered:
+        v.clusters["positive_feedback_rate"] = UnitSums(
+            int((counts > 0).sum()),
+            float(n),
+            float(k),
+            float((counts * counts).sum()),
+            float((positives * positives).sum()),
+            float((counts * positives).sum()),
+        )
+    return v
+
+
+def simulate_life(rng, method: dict, promoter, pop: Population, effects: list[float], cycles):
+    """One life in ``auto`` mode: (false promotions, cycle the best config was promoted or None,
+    experiments started)."""
+    shifts = {e: pop.shift_for(e) for e in set(effects)}
+    best = max(effects)
+    queue = list(rng.permutation(len(effects)))
+    active = queue.pop(0)  # the config serving at the start
+    previous: error_control.Allocation | None = None
+    previous_status: str | None = None
+    running: dict | None = None
+    false_promotions, found, started = 0, None, 0
+    users = len(pop.logit)
+    for cycle in range(1, cycles + 1):
+        if running is not None and running["since"] < cycle:  # traffic since the last cycle
+            sent = rng.poisson(pop.activity)
+            for i, config in enumerate(running["configs"]):
+                members = running["arm"] == i
+                n = sent * members
+                p = expit(pop.logit + shifts[effects[config]])
+                running["counts"][i] += n
+                running["positives"][i] += rng.binomial(n, p)
+        changed = False
+        if running is not None and running["since"] < cycle:
+            decision = _judge(method, promoter, running)
+            if decision.action == "promote":
+                config = running["configs"][ARMS.index(decision.variant)]
+                false_promotions += effects[config] <= effects[active]
+                if found is None and effects[config] == best > effects[active]:
+                    found = cycle
+                active, changed = config, True
+            elif decision.action == "reject":
+                changed = True
+            else:
+                for name, info in (decision.evidence.get("candidates") or {}).items():
+                    if info.get("action") == "reject" and running["weights"][name] > 0:
+                        i = ARMS.index(name)
+                        running["weights"][name] = 0.0
+                        running["arm"][running["arm"] == i] = 0  # back to the baseline
+            if changed:
+                previous = running["allocation"]
+                previous_status = "promoted" if decision.action == "promote" else "rejected"
+                running = None
+        if running is None and not changed and queue:
+            configs = [active] + [queue.pop(0) for _ in range(min(2, len(queue)))]
+            names = list(ARMS[1 : len(configs)])
+            bucket = rng.random(users)
+            arm = np.zeros(users, dtype=int)
+            edge = WEIGHTS[0]
+            for i in range(1, len(configs)):
+                arm[(bucket >= edge) & (bucket < edge + WEIGHTS[i])] = i
+                edge += WEIGHTS[i]
+            running = {
+                "configs": configs,
+                "arm": arm,
+                "since": cycle,
+                "counts": np.zeros((len(configs), users)),
+                "positives": np.zeros((len(configs), users)),
+                "weights": dict(zip(names, WEIGHTS[1:], strict=False)),
+                "allocation": error_control.allocate(previous, previous_status, names),
+            }
+            started += 1
+    return false_promotions, found, started
+
+
+def _judge(method: dict, promoter, running: dict):
+    names = ARMS[: len(running["configs"])]
+    variants = {}
+    for i, name in enumerate(names):
+        weight = WEIGHTS[0] if i == 0 else running["weights"][name]
+        if method.get("started_split") is False and weight == 0:
+            continue  # before: a dropped loser no longer counted in the split
+        v = _arm_stats(
+            name,
+            running["counts"][i],
+            running["positives"][i],
+            bool(method.get("clustered", False)),
+        )
+        v.weight = weight
+        variants[name] = v
+    stats = ExperimentStats(None, "sim", "running", variants, objective=Objective())
+    if method.get("budget"):
+        stats.error_budget = ErrorBudget()
+        stats.allocation = running["allocation"]
+    return promoter.decide(stats)
+
+
+def run_lives(args) -> None:
+    sequential = SequentialPromoter(SequentialPromoter.Params())
+    threshold = ThresholdPromoter(ThresholdPromoter.Params())
+    per_cycle = args.users_per_cycle
+    print(
+        f"\n{args.lives} workflow lives × {args.cycles} cycles, auto mode, checked every cycle · "
+        f"{args.users} users (logit spread {args.user_spread:g} around p0 = {args.p0:.0%}; "
+        f"about {per_cycle} rated answers per cycle, a few heavy users send most) · "
+        f"{args.space} configs in the space, 2 candidates per experiment at 25% of users each"
+    )
+    print(
+        "seed 001's threshold rule (should_promote): promote when positive feedback ≥ baseline "
+        "+ 2 points and latency ≤ 1.2 × baseline, no error control\n"
+    )
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for scenario, better in (("A/A", 0.0), ("+5 pts", 0.05)):
+        for label, method in LIFE_METHODS.items():
+            promoter = threshold if method.get("threshold") else sequential
+            rng = np.random.default_rng([args.seed, int(better * 100)])
+            any_false, found_at, experiments = 0, [], []
+            for _ in range(args.lives):
+                pop = Population.draw(rng, args.users, args.p0, args.user_spread, per_cycle)
+                effects = [0.0] * args.space
+                effects[int(rng.integers(1, args.space))] = better  # never the starting config
+                false, found, started = simulate_life(
+                    rng, method, promoter, pop, effects, args.cycles
+                )
+                any_false += false > 0
+                experiments.append(started)
+                if found is not None and better > 0:
+                    found_at.append(found)
+            results.setdefault(scenario, {})[label] = {
+                "any_false": any_false / args.lives,
+                "found": len(found_at) / args.lives,
+                "median_cycles": float(np.median(found_at)) if found_at else float("nan"),
+                "experiments": float(np.mean(experiments)),
+            }
+    print(
+        f"{'':<28}{'A/A: lives with a':>18}{'experiments':>13}{'+5: lives that':>16}"
+        f"{'median':>8}{'lives with a':>14}"
+    )
+    print(
+        f"{'':<28}{'false promotion':>18}{'per life':>13}{'promote it':>16}{'cycles':>8}"
+        f"{'false promotion':>16}"
+    )
+    for label in LIFE_METHODS:
+        aa, up = results["A/A"][label], results["+5 pts"][label]
+        print(
+            f"{label:<28}{aa['any_false']:>18.1%}{aa['experiments']:>13.1f}{up['found']:>16.1%}"
+            f"{up['median_cycles']:>8.0f}{up['any_false']:>16.1%}"
+        )
+    loop = results["A/A"]["loop (budget, by user)"]
+    verdict = "met" if loop["any_false"] <= 0.05 else "NOT met"
+    print(
+        f"\nloop as built: lives with any false promotion (A/A) {loop['any_false']:.1%} "
+        f"(target ≤ 5%) → {verdict}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=["experiments", "lives", "all"], default="all")
+    ap.add_argument("--lives", type=int, default=200)
+    ap.add_argument("--cycles", type=int, default=60)
+    ap.add_argument("--users", type=int, default=6000)
+    ap.add_argument("--users-per-cycle", type=int, default=3000, help="rated answers per cycle")
+    ap.add_argument("--user-spread", type=float, default=1.0, help="sd of users' baseline logit")
+    ap.add_argument("--space", type=int, default=12, help="configs in the mutator's space")
     ap.add_argument("--experiments", type=int, default=10000)
     ap.add_argument("--batch", type=int, default=100, help="rated answers per arm per cycle")
     ap.add_argument("--p0", type=float, default=0.6, help="baseline positive-feedback rate")
@@ -176,8 +404,15 @@ def main() -> None:
     ap.add_argument("--check", type=int, default=100, help="experiments re-run through the plugin")
     ap.add_argument("--seed", type=int, default=20261122)
     args = ap.parse_args()
-
     started = time.perf_counter()
+    if args.part in ("experiments", "all"):
+        run_experiments(args)
+    if args.part in ("lives", "all"):
+        run_lives(args)
+    print(f"\n{time.perf_counter() - started:.1f}s")
+
+
+def run_experiments(args) -> None:
     rng = np.random.default_rng(args.seed)
     N = fixed_horizon_n(args.p0, 0.05)
     max_samples = int(math.ceil(args.horizon_factor * N / args.batch) * args.batch)
@@ -271,7 +506,6 @@ def main() -> None:
             f"plugin cross-check: {args.check} experiments per scenario and boundary re-run "
             f"through SequentialPromoter.decide — {total} disagreement(s)"
         )
-    print(f"\n{time.perf_counter() - started:.1f}s")
 
 
 if __name__ == "__main__":
