@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any
 
 import click
 from rich.table import Table
 
-from flywheel_middleware.cli.common import Cli, command, console, echo_json
+from flywheel_middleware.cli.common import Cli, command, console, echo_json, err_console
 
 # The loop's modules (the store, SQLAlchemy) are imported inside each command, so that
 # `flywheel --help` stays fast; these two mirror flywheel_middleware.loop.experiments
@@ -18,20 +17,15 @@ from flywheel_middleware.cli.common import Cli, command, console, echo_json
 EXPERIMENT_STATUSES = ("running", "stopped", "promoted", "rejected")
 EXPERIMENT_UNITS = ("user_id", "session_id", "request")
 
-_EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-
 
 def parse_every(text: str, where: str = "'--every'") -> float:
     """'10m', '30s', '2h', '1d' or plain seconds → seconds."""
-    match = _EVERY.match(text)
-    if not match:
-        raise click.BadParameter(
-            f"{text!r} is not a duration like 30s, 10m, 2h or 1d", param_hint=where
-        )
-    value = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    if value <= 0:
-        raise click.BadParameter(f"the interval must be positive, got {text!r}", param_hint=where)
-    return value
+    from flywheel_middleware.config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=where) from None
 
 
 def _workflow(cli: Cli, workflow: str | None) -> str:
@@ -416,8 +410,12 @@ def register(main: click.Group) -> None:
     @click.option("--workflow", "-w", "workflows", multiple=True, help="Only these workflows.")
     @click.option("--json", "as_json", is_flag=True)
     def cycle(cli: Cli, mode: str | None, workflows: tuple[str, ...], as_json: bool) -> None:
-        """Run observe → curate → decide → generate once and write the Markdown report."""
-        report = _run_cycle(cli, mode, list(workflows) or None)
+        """Run observe → curate → decide → generate once and write the Markdown report.
+
+        One cycle runs at a time per store: while another process's cycle runs, this one
+        waits for it and says whose it is."""
+        with _cycle_lock(cli).held_for(on_wait=_say_waiting):
+            report = _run_cycle(cli, mode, list(workflows) or None)
         if as_json:
             echo_json(report.summary())
         else:
@@ -428,18 +426,29 @@ def register(main: click.Group) -> None:
     @click.option("--mode", type=click.Choice(["suggest", "experiment", "auto"]), default=None)
     @click.option("--cycles", type=int, default=None, help="Stop after this many cycles.")
     def run(cli: Cli, every: str | None, mode: str | None, cycles: int | None) -> None:
-        """Run the cycle on a schedule until Ctrl-C (or --cycles)."""
+        """Run the cycle on a schedule until Ctrl-C (or --cycles).
+
+        Several hosts may run this on one store: their cycles take turns, one at a time (a
+        process whose turn comes while another's cycle runs waits and says whose it is)."""
         if every is not None:
             interval = parse_every(every)
         else:
             interval = parse_every(cli.config.controller.every, "controller.every in the config")
         done = 0
         console.print(f"running the flywheel every {interval:g}s — Ctrl-C stops")
+        lock = _cycle_lock(cli)
         try:
             while cycles is None or done < cycles:
                 started = time.monotonic()
                 try:
-                    print_cycle(_run_cycle(cli, mode, None))
+                    with lock.held_for(on_wait=_say_waiting):
+                        began = _utc_now()
+                        try:
+                            print_cycle(_run_cycle(cli, mode, None))
+                        finally:
+                            console.print(
+                                f"cycle {done + 1} on {lock.name}: {began} → {_utc_now()}"
+                            )
                 except Exception as exc:  # one failed cycle must not end the schedule
                     console.print(f"[red]cycle failed:[/] {type(exc).__name__}: {exc}")
                 done += 1
@@ -448,6 +457,24 @@ def register(main: click.Group) -> None:
                 _wait(max(0.0, interval - (time.monotonic() - started)))
         except KeyboardInterrupt:
             console.print(f"stopped after {done} cycle(s)")
+
+
+def _cycle_lock(cli: Cli) -> Any:
+    from flywheel_middleware.store.leader import CycleLock
+
+    return CycleLock(cli.store)
+
+
+def _say_waiting(holder: str | None) -> None:
+    err_console.print(
+        f"waiting: a cycle is running on {holder or 'another process'} (one at a time per store)"
+    )
+
+
+def _utc_now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def _wait(seconds: float) -> None:

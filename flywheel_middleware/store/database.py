@@ -267,7 +267,7 @@ class Store:
                 self._schema_ready = True
 
     @contextmanager
-    def _unbounded(self, conn: Any) -> Iterator[None]:
+    def unbounded(self, conn: Any) -> Iterator[None]:
         """No statement timeout nor wait limit inside ``conn``'s transaction: a migration of a
         large table may rightly take longer than any request."""
         if self.dialect != "postgresql":
@@ -312,7 +312,7 @@ class Store:
         try:
             if revision == "head" and self.current_revision() == self.head_revision():
                 return
-            with self.engine.begin() as conn, self._unbounded(conn):
+            with self.engine.begin() as conn, self.unbounded(conn):
                 command.upgrade(self._alembic_config(conn), revision)
         except OperationalError as exc:
             # Another process may have created the schema at the same moment.

@@ -237,6 +237,18 @@ class CurationWatermark(SQLModel, table=True):
     updated_at: datetime
 
 
+class CycleLease(SQLModel, table=True):
+    """Who runs the control loop's cycle now, on a store without advisory locks (SQLite): a
+    holder that stops renewing loses it at ``expires_at`` (epoch seconds)."""
+
+    __tablename__ = "cycle_lease"
+
+    name: str = Field(primary_key=True, max_length=100)
+    holder: str = Field(max_length=300)
+    acquired_at: datetime
+    expires_at: float
+
+
 ALL_TABLES = [
     Rollout,
     Span,
@@ -249,4 +261,5 @@ ALL_TABLES = [
     RoutingWeight,
     ModelArtifact,
     CurationWatermark,
+    CycleLease,
 ]
