@@ -205,6 +205,35 @@ class ControllerConfig(_Strict):
     dataset_dir: str | None = None
 
 
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'90d', '2w', '12h', '10m', '30s' or plain seconds → seconds (ValueError otherwise)."""
+    match = _DURATION.fullmatch(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 30s, 10m, 12h, 90d or 2w")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"the interval must be positive, got {text!r}")
+    return seconds
+
+
+class RetentionConfig(_Strict):
+    """How long the growing tables keep their rows (``flywheel db prune``): rollouts, spans,
+    feedback and telemetry older than ``keep`` go, except what running experiments need."""
+
+    keep: str | None = Field(None, description="an age like 90d or 12w; unset keeps everything")
+
+    @field_validator("keep")
+    @classmethod
+    def _is_duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+
 class ServiceConfig(_Strict):
     """``api_keys`` may write and read; ``read_keys`` may only read (the dashboard, the resolver)."""
 
@@ -298,6 +327,7 @@ class FlywheelConfig(_Strict):
     resolver: ResolverConfig = Field(default_factory=ResolverConfig)
     implicit: ImplicitConfig = Field(default_factory=ImplicitConfig)
     otel: OtelConfig = Field(default_factory=OtelConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     evaluation: EvaluationConfig | None = None
 
     def evaluation_for(self, workflow: str) -> EvaluationConfig | None:

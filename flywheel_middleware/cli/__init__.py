@@ -38,6 +38,7 @@ COMMAND_MODULES = (
     "loop",
     "plugins",
     "serve",
+    "storage",
 )
 
 

@@ -1,0 +1,312 @@
+"""Time partitions of the tables that grow (rollout, span, feedback, telemetry_event) on
+PostgreSQL, so old data leaves by dropping whole partitions instead of deleting rows.
+
+Partitioning is opt-in (``flywheel db maintain --partition``): it converts each table in one
+transaction (a partitioned copy is created, filled, and swapped in under an exclusive lock),
+which takes as long as copying the table. Each table is partitioned by RANGE on its time column
+(``TIME_COLUMN``) in day, week or month partitions, plus a DEFAULT partition that takes any row
+no partition covers yet, so a write never fails for want of a partition.
+
+PostgreSQL wants the partition key in every unique index of a partitioned table, so the primary
+keys become ``(id, <time>)`` and the ``uid`` unique indexes ``(uid, <time>)``. The recorder's
+idempotent writes (``ON CONFLICT DO NOTHING``) still hold because a record's time is set once,
+when it is made, and a retried or replayed batch carries the same time: the same row lands in
+the same partition and meets its first copy there. What is no longer enforced is uniqueness
+across times: two rows with one id but different times would both be kept.
+
+``maintain`` creates the partitions ahead of time (idempotent); rows that reached the DEFAULT
+partition in the meantime are moved into the partition created for them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import text
+
+from flywheel_middleware.errors import StoreError
+from flywheel_middleware.store.database import Store
+
+TIME_COLUMN = {
+    "rollout": "started_at",
+    "span": "started_at",
+    "feedback": "created_at",
+    "telemetry_event": "received_at",
+}
+"""The time each row of a growing table belongs to: its partition key and its age."""
+
+INTERVALS = ("day", "week", "month")
+DEFAULT_INTERVAL = "week"
+DEFAULT_AHEAD = 4  # partitions created past the current one
+
+_BOUNDS = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
+_UNIQUE_INDEX = re.compile(r"^(CREATE UNIQUE INDEX .+ USING \w+ \()(.*)\)$")
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    start: datetime | None  # None for the DEFAULT partition
+    end: datetime | None
+
+
+@dataclass
+class MaintainReport:
+    converted: dict[str, int] = field(default_factory=dict)  # table -> rows copied
+    created: list[str] = field(default_factory=list)  # partitions created
+    moved: dict[str, int] = field(default_factory=dict)  # partition -> rows out of DEFAULT
+    not_partitioned: list[str] = field(default_factory=list)
+
+
+def period_start(moment: datetime, interval: str) -> datetime:
+    """The start of the ``interval`` holding ``moment`` (UTC; weeks start on Monday)."""
+    day = moment.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    if interval == "day":
+        return day
+    if interval == "week":
+        return day - timedelta(days=day.weekday())
+    if interval == "month":
+        return day.replace(day=1)
+    raise StoreError(f"unknown partition interval {interval!r}: use one of {', '.join(INTERVALS)}")
+
+
+def next_start(start: datetime, interval: str) -> datetime:
+    if interval == "day":
+        return start + timedelta(days=1)
+    if interval == "week":
+        return start + timedelta(days=7)
+    if interval == "month":
+        return (start.replace(day=28) + timedelta(days=4)).replace(day=1)
+    raise StoreError(f"unknown partition interval {interval!r}: use one of {', '.join(INTERVALS)}")
+
+
+def _interval_of(parts: list[Partition]) -> str:
+    """The interval the table was partitioned with, read from its newest bounded partition."""
+    bounded = [p for p in parts if p.start is not None and p.end is not None]
+    if not bounded:
+        return DEFAULT_INTERVAL
+    newest = max(bounded, key=lambda p: p.start)  # type: ignore[arg-type, return-value]
+    days = (newest.end - newest.start).days  # type: ignore[operator]
+    return "day" if days <= 1 else "week" if days == 7 else "month"
+
+
+def _partition_name(table: str, start: datetime) -> str:
+    return f"{table}_p{start:%Y%m%d}"
+
+
+def _literal(moment: datetime) -> str:
+    return f"'{moment.astimezone(timezone.utc).isoformat(sep=' ')}'"
+
+
+def _require_postgres(store: Store) -> None:
+    if store.dialect != "postgresql":
+        raise StoreError(
+            "time partitions are a PostgreSQL feature; on SQLite `flywheel db prune` deletes "
+            "old rows in batches instead"
+        )
+
+
+def is_partitioned(conn: Any, table: str) -> bool:
+    kind = conn.execute(
+        text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:t)"), {"t": table}
+    ).scalar()
+    return kind == "p"
+
+
+def partitions(conn: Any, table: str) -> list[Partition]:
+    """The partitions of ``table``, oldest first, the DEFAULT one last (the session must be
+    in UTC, as ``_utc`` sets it, for the bounds to read back as written)."""
+    rows = conn.execute(
+        text(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+            "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(:t)"
+        ),
+        {"t": table},
+    ).all()
+    out = []
+    for name, bound in rows:
+        found = _BOUNDS.search(bound or "")
+        if found is None:
+            out.append(Partition(name, None, None))
+        else:
+            start, end = (datetime.fromisoformat(b) for b in found.groups())
+            out.append(Partition(name, start, end))
+    far = datetime.max.replace(tzinfo=timezone.utc)
+    return sorted(out, key=lambda p: p.start or far)
+
+
+def _utc(conn: Any) -> None:
+    conn.execute(text("SET LOCAL TimeZone = 'UTC'"))
+
+
+def _columns(conn: Any, table: str) -> list[str]:
+    return list(
+        conn.execute(
+            text(
+                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(:t) "
+                "AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+            ),
+            {"t": table},
+        ).scalars()
+    )
+
+
+def _create_partition(
+    conn: Any, table: str, start: datetime, end: datetime, default: str | None
+) -> int:
+    """Create ``table``'s partition for [start, end); returns the rows moved into it from
+    the DEFAULT partition (which would otherwise refuse the new bounds)."""
+    column = TIME_COLUMN[table]
+    name = _partition_name(table, start)
+    bounds = f"FROM ({_literal(start)}) TO ({_literal(end)})"
+    stranded = (
+        default is not None
+        and conn.execute(
+            text(
+                f'SELECT EXISTS (SELECT 1 FROM "{default}" WHERE "{column}" >= :a AND "{column}" < :b)'
+            ),
+            {"a": start, "b": end},
+        ).scalar()
+    )
+    if not stranded:
+        conn.execute(text(f'CREATE TABLE "{name}" PARTITION OF "{table}" FOR VALUES {bounds}'))
+        return 0
+    cols = ", ".join(f'"{c}"' for c in _columns(conn, table))
+    conn.execute(text(f'CREATE TABLE "{name}" (LIKE "{table}" INCLUDING DEFAULTS)'))
+    moved = conn.execute(
+        text(
+            f'WITH moved AS (DELETE FROM "{default}" WHERE "{column}" >= :a AND "{column}" < :b '
+            f'RETURNING {cols}) INSERT INTO "{name}" ({cols}) SELECT {cols} FROM moved'
+        ),
+        {"a": start, "b": end},
+    ).rowcount
+    conn.execute(text(f'ALTER TABLE "{table}" ATTACH PARTITION "{name}" FOR VALUES {bounds}'))
+    return moved
+
+
+def _ensure_ahead(conn: Any, table: str, now: datetime, ahead: int, report: MaintainReport) -> None:
+    parts = partitions(conn, table)
+    interval = _interval_of(parts)
+    default = next((p.name for p in parts if p.start is None), None)
+    have = {p.start for p in parts if p.start is not None}
+    start = period_start(now, interval)
+    for _ in range(ahead + 1):
+        end = next_start(start, interval)
+        if start not in have:
+            moved = _create_partition(conn, table, start, end, default)
+            report.created.append(_partition_name(table, start))
+            if moved:
+                report.moved[_partition_name(table, start)] = moved
+        start = end
+
+
+def _convert(conn: Any, table: str, interval: str, now: datetime) -> int:
+    """Swap ``table`` for a partitioned copy of it; returns the rows copied."""
+    column = TIME_COLUMN[table]
+    new = f"{table}__partitioned"
+    conn.execute(text(f'LOCK TABLE "{table}" IN ACCESS EXCLUSIVE MODE'))
+    oldest = conn.execute(text(f'SELECT min("{column}") FROM "{table}"')).scalar()
+    indexes = conn.execute(
+        text(
+            "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid), i.indisprimary "
+            "FROM pg_index i WHERE i.indrelid = to_regclass(:t)"
+        ),
+        {"t": table},
+    ).all()
+    primary = conn.execute(
+        text(
+            "SELECT conname, array_to_string(array_agg(quote_ident(a.attname) ORDER BY k.n), ', ') "
+            "FROM pg_constraint c CROSS JOIN unnest(c.conkey) WITH ORDINALITY AS k(attnum, n) "
+            "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum "
+            "WHERE c.conrelid = to_regclass(:t) AND c.contype = 'p' GROUP BY conname"
+        ),
+        {"t": table},
+    ).first()
+    sequence = conn.execute(
+        text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": f'"{table}"'}
+    ).scalar()
+    conn.execute(
+        text(
+            f'CREATE TABLE "{new}" (LIKE "{table}" INCLUDING DEFAULTS INCLUDING CONSTRAINTS '
+            f'INCLUDING STORAGE INCLUDING COMMENTS) PARTITION BY RANGE ("{column}")'
+        )
+    )
+    conn.execute(text(f'CREATE TABLE "{table}_default" PARTITION OF "{new}" DEFAULT'))
+    start = period_start(oldest or now, interval)
+    last = period_start(now, interval)
+    while start <= last:
+        end = next_start(start, interval)
+        bounds = f"FROM ({_literal(start)}) TO ({_literal(end)})"
+        conn.execute(
+            text(
+                f'CREATE TABLE "{_partition_name(table, start)}" PARTITION OF "{new}" '
+                f"FOR VALUES {bounds}"
+            )
+        )
+        start = end
+    copied = conn.execute(text(f'INSERT INTO "{new}" SELECT * FROM "{table}"')).rowcount
+    if sequence:
+        conn.execute(text(f'ALTER SEQUENCE {sequence} OWNED BY "{new}".id'))
+    conn.execute(text(f'DROP TABLE "{table}"'))
+    conn.execute(text(f'ALTER TABLE "{new}" RENAME TO "{table}"'))
+    if primary is not None:
+        name, cols = primary
+        conn.execute(
+            text(f'ALTER TABLE "{table}" ADD CONSTRAINT "{name}" PRIMARY KEY ({cols}, "{column}")')
+        )
+    for _name, definition, is_primary in indexes:
+        if is_primary:
+            continue
+        if definition.startswith("CREATE UNIQUE INDEX"):
+            found = _UNIQUE_INDEX.match(definition)
+            if found is None or " WHERE " in definition:
+                raise StoreError(f"cannot partition {table}: unique index {definition!r}")
+            definition = f'{found.group(1)}{found.group(2)}, "{column}")'
+        conn.execute(text(definition))
+    return int(copied)
+
+
+def maintain(
+    store: Store,
+    *,
+    partition: bool = False,
+    interval: str = DEFAULT_INTERVAL,
+    ahead: int = DEFAULT_AHEAD,
+    now: datetime | None = None,
+) -> MaintainReport:
+    """Create each partitioned table's partitions from the current one to ``ahead`` past it.
+
+    With ``partition``, a table that is not partitioned yet is converted first (one
+    transaction per table; writers wait for it). Running it again changes nothing."""
+    _require_postgres(store)
+    if interval not in INTERVALS:
+        raise StoreError(
+            f"unknown partition interval {interval!r}: use one of {', '.join(INTERVALS)}"
+        )
+    if ahead < 0:
+        raise StoreError(f"--ahead must be 0 or more, got {ahead}")
+    store.ensure_schema()
+    now = now or datetime.now(timezone.utc)
+    report = MaintainReport()
+    for table in TIME_COLUMN:
+        with store.engine.begin() as conn, store.unbounded(conn):
+            _utc(conn)
+            if not is_partitioned(conn, table):
+                if not partition:
+                    report.not_partitioned.append(table)
+                    continue
+                report.converted[table] = _convert(conn, table, interval, now)
+            _ensure_ahead(conn, table, now, ahead, report)
+    return report
+
+
+def partition_list(store: Store, table: str) -> list[Partition]:
+    """``table``'s partitions (empty when it is not partitioned, or not on PostgreSQL)."""
+    if store.dialect != "postgresql":
+        return []
+    with store.engine.begin() as conn:
+        _utc(conn)
+        return partitions(conn, table) if is_partitioned(conn, table) else []

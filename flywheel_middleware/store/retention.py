@@ -1,0 +1,125 @@
+"""Retention: rows of the growing tables older than a cutoff leave the store, except what a
+running experiment still needs.
+
+A row's age is its table's time column (``partitions.TIME_COLUMN``). Kept whatever their age:
+the rollouts of a running experiment and the spans, feedback and telemetry events of those
+rollouts, since the experiment's statistics and its decision are computed from them. The
+tables that hold the loop's history are never pruned: config versions (every exported row's
+``config_version_id`` keeps naming a version that exists), deployments, experiments, change
+events, routing weights and model artifacts.
+
+On a partitioned PostgreSQL table a partition wholly older than the cutoff is dropped at once
+(unless it holds rows a running experiment needs); the rest (the partition the cutoff falls
+in, SQLite, unpartitioned PostgreSQL) is deleted in bounded batches, one short transaction
+each, so writers never wait long.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import bindparam, text
+
+from flywheel_middleware.capture.records import datetime_to_ns, ns_to_sqlite_text
+from flywheel_middleware.errors import StoreError
+from flywheel_middleware.store import partitions
+from flywheel_middleware.store.database import Store
+
+DEFAULT_BATCH = 5_000
+
+_RUNNING = "SELECT 1 FROM experiment e WHERE e.status = 'running' AND e.id = "
+_NEEDED = {
+    "rollout": f"EXISTS ({_RUNNING}t.experiment_id)",
+    **{
+        table: "EXISTS (SELECT 1 FROM rollout r JOIN experiment e ON e.id = r.experiment_id "
+        "WHERE e.status = 'running' AND r.id = t.rollout_id)"
+        for table in ("span", "feedback", "telemetry_event")
+    },
+}
+"""Per table, the rows a running experiment needs (``t`` is the table's row)."""
+
+
+@dataclass
+class PruneReport:
+    cutoff: datetime
+    deleted: dict[str, int] = field(default_factory=dict)  # table -> rows removed
+    dropped: list[str] = field(default_factory=list)  # partitions dropped whole
+    kept: dict[str, int] = field(default_factory=dict)  # table -> old rows kept for experiments
+
+
+def prune(
+    store: Store,
+    older_than: timedelta,
+    *,
+    batch: int = DEFAULT_BATCH,
+    now: datetime | None = None,
+) -> PruneReport:
+    """Remove the rows older than ``older_than`` (before ``now``) that no running
+    experiment needs; returns what was removed and what was kept."""
+    if older_than <= timedelta(0):
+        raise StoreError(f"the retention age must be positive, got {older_than}")
+    if batch < 1:
+        raise StoreError(f"the batch size must be 1 or more, got {batch}")
+    store.ensure_schema()
+    cutoff = (now or datetime.now(timezone.utc)) - older_than
+    bound = ns_to_sqlite_text(datetime_to_ns(cutoff)) if store.dialect == "sqlite" else cutoff
+    report = PruneReport(cutoff=cutoff)
+    for table, column in partitions.TIME_COLUMN.items():
+        removed = _drop_partitions(store, table, cutoff, report)
+        removed += _delete_in_batches(store, table, column, bound, batch)
+        report.deleted[table] = removed
+        with store.engine.connect() as conn:
+            report.kept[table] = int(
+                conn.execute(
+                    text(f'SELECT count(*) FROM "{table}" WHERE "{column}" < :cutoff'),
+                    {"cutoff": bound},
+                ).scalar()
+                or 0
+            )
+    return report
+
+
+def _drop_partitions(store: Store, table: str, cutoff: datetime, report: PruneReport) -> int:
+    """Drop ``table``'s partitions that end by ``cutoff`` and hold nothing an experiment needs."""
+    removed = 0
+    for part in partitions.partition_list(store, table):
+        if part.end is None or part.end > cutoff:
+            continue
+        with store.engine.begin() as conn, store.unbounded(conn):
+            needed = conn.execute(
+                text(f'SELECT EXISTS (SELECT 1 FROM "{part.name}" t WHERE {_NEEDED[table]})')
+            ).scalar()
+            if needed:
+                continue  # its other rows go in batches
+            removed += int(conn.execute(text(f'SELECT count(*) FROM "{part.name}"')).scalar() or 0)
+            conn.execute(text(f'DROP TABLE "{part.name}"'))
+        report.dropped.append(part.name)
+    return removed
+
+
+def _delete_in_batches(store: Store, table: str, column: str, cutoff: Any, batch: int) -> int:
+    """Delete the old rows no experiment needs, ``batch`` at a time in id order (each batch
+    resumes after the last id seen, so rows kept are never read twice)."""
+    removed = 0
+    last: Any = None
+    find = (
+        f'SELECT t.id FROM "{table}" t WHERE t."{column}" < :cutoff AND NOT {_NEEDED[table]} '
+        "{after}ORDER BY t.id LIMIT :batch"
+    )
+    delete = text(f'DELETE FROM "{table}" WHERE id IN :ids AND "{column}" < :cutoff').bindparams(
+        bindparam("ids", expanding=True)
+    )
+    while True:
+        with store.engine.begin() as conn:
+            ids = list(
+                conn.execute(
+                    text(find.format(after="" if last is None else "AND t.id > :last ")),
+                    {"cutoff": cutoff, "batch": batch, "last": last},
+                ).scalars()
+            )
+            if not ids:
+                return removed
+            removed += conn.execute(delete, {"ids": ids, "cutoff": cutoff}).rowcount
+        last = ids[-1]
