@@ -264,6 +264,13 @@ def _cycle_row(store: Any, cycle: int, tally: dict, report: Any) -> dict[str, An
             + (f" {d['variant']}" if d.get("variant") else "")
             + (f" ({d['applied']})" if d.get("applied") else "")
         )
+    for g in report.gates:  # the regression gate ran before the experiment
+        admitted = sum(v.admitted for v in g.verdicts)
+        actions.append(
+            f"gate: {g.error}"
+            if g.error
+            else f"gate admitted {admitted} of {len(g.verdicts)} on {len(g.cases)} cases"
+        )
     for s in report.started:
         actions.append(f"started exp {s['experiment_id']} ({', '.join(s['candidates'])})")
     active = versions.active_version(store, WORKFLOW)

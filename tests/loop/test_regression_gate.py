@@ -161,3 +161,27 @@ def test_evaluation_config_errors_are_clear(store, tmp_path):
     config = _config(tmp_path, judges=[{"type": "explicit_rating"}])
     run = run_gate(store, config, "qa", v1.config, [("c", v1.config)], now=now)
     assert "no judge scored any answer" in run.error and "explicit_rating" in run.error
+
+
+@pytest.mark.slow
+def test_the_demo_agent_is_its_own_runner(tmp_path):
+    import flywheel_middleware as fw
+    from flywheel_middleware.demo import DemoSettings, run_demo
+
+    try:
+        result = run_demo(
+            DemoSettings(folder=str(tmp_path / "demo"), cycles=1, requests_per_cycle=80)
+        )
+        [row] = result.cycles
+        assert any(a.startswith("gate admitted") for a in row["actions"]), row["actions"]
+        events = _gate_events(fw.get_store())
+        assert events and {e.evidence["runner"] for e in events} == {
+            "flywheel_middleware.demo.agent:run"
+        }
+        # the demo's judge grades against the knowledge base: scores are 0, 0.5 or 1
+        scores = {c["baseline"] for e in events for c in e.evidence["cases"]}
+        assert scores <= {0.0, 0.5, 1.0} and len(events[0].evidence["cases"]) >= 5
+        text = Path(result.reports[0]).read_text(encoding="utf-8")
+        assert "Verify — regression gate" in text
+    finally:
+        fw.shutdown()
