@@ -427,7 +427,8 @@ def create_app(
         yield
         await run_in_threadpool(otlp_traces.stop)  # open traces' rollouts go to the recorder
 
-    app = FastAPIOffline(  # /docs and /redoc from assets in the package: no CDN
+    app = FastAPIOffline(  # /docs from assets in the package: no CDN
+        redoc_url=None,  # Redoc's bundle fetches its logo from a CDN
         lifespan=lifespan,
         title="flywheel-middleware",
         version=__version__,

@@ -270,7 +270,8 @@
     var ch = body("sec-changes");
     if (!d.changes.length) { note(ch, "no change events yet"); return; }
     table(ch, ["when", "kind", "version", "by", "what"], d.changes.map(function (c) {
-      var version = c.from_version === null && c.to_version === null ? "" : (c.from_version === null ? "" : "v" + c.from_version) + " → " + (c.to_version === null ? "–" : "v" + c.to_version);
+      var from = c.from_version === null ? null : "v" + c.from_version, to = c.to_version === null ? null : "v" + c.to_version;
+      var version = from && to ? from + " → " + to : (to ? "→ " + to : (from ? "on " + from : ""));
       var what = c.count > 1 ? "fired " + c.count + "× since " + when(c.first_at) + "; latest: " + (c.reason || "") : (c.reason || "");
       return [when(c.at), h("span", { "class": "kind " + c.kind }, [c.kind]), version, c.actor, { text: what }];
     }));
