@@ -11,8 +11,9 @@ together as chat messages first, since no other attribute holds them whole.
 from __future__ import annotations
 
 import base64
-import re
 from typing import Any
+
+import orjson
 
 from flywheel_middleware.capture.genai_attributes import (
     INPUT_KEYS,
@@ -24,7 +25,6 @@ from flywheel_middleware.capture.genai_attributes import (
     SESSION_KEYS,
     USER_KEYS,
     first_value,
-    json_content,
     otel_span_id,
     span_kind,
 )
@@ -40,7 +40,6 @@ _NO_SESSION = "[no_session_id]"
 _FLAT_INPUT = ("llm.input_messages.", "gen_ai.prompt.")
 _FLAT_OUTPUT = ("llm.output_messages.", "gen_ai.completion.")
 _FLAT_PREFIXES = _FLAT_INPUT + _FLAT_OUTPUT
-_INDEXED = re.compile(r"^(?:llm\.(?:input|output)_messages|gen_ai\.(?:prompt|completion))\.\d")
 
 
 class RejectedSpan(ValueError):
@@ -157,7 +156,18 @@ def _io(attrs: dict[str, Any], flat: bool) -> tuple[Any, Any]:
         messages_out = messages_out or flattened_messages(attrs, _FLAT_OUTPUT) or None
     value_in = messages_in if messages_in is not None else first_value(attrs, INPUT_KEYS)
     value_out = messages_out if messages_out is not None else first_value(attrs, OUTPUT_KEYS)
-    return json_content(value_in), json_content(value_out)
+    return json_value(value_in), json_value(value_out)
+
+
+def json_value(value: Any) -> Any:
+    """JSON text parsed now (text that is not JSON stays text): the service has no agent
+    thread to spare, and the recorder encodes plain data far faster than it re-reads text."""
+    if isinstance(value, str) and value[:1] in ("{", "["):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    return value
 
 
 def _error(span: Any) -> str | None:
@@ -194,30 +204,33 @@ def span_ids(span: Any) -> tuple[str, int, int | None]:
     return trace_id.hex(), otel_span_id(int.from_bytes(span_id, "big")), parent_id
 
 
-def resource_workflow(resource: dict[str, Any]) -> tuple[str | None, str | None]:
-    """A resource's ``flywheel.workflow`` and ``service.name``."""
-    return (
-        _text(resource.get(WORKFLOW_ATTRIBUTE), 200),
-        _text(resource.get("service.name"), 200),
-    )
+class Resource:
+    """What a resource (the process that sent spans) says about the workflow of its spans."""
+
+    __slots__ = ("workflow", "service")
+
+    def __init__(self, key_values: Any) -> None:
+        attrs = attributes(key_values)
+        self.workflow = _text(attrs.get(WORKFLOW_ATTRIBUTE), 200)
+        self.service = _text(attrs.get("service.name"), 200)
 
 
-def ingested_span(span: Any, resource: dict[str, Any]) -> IngestedSpan:
-    """The span record of one OTLP span under its resource's attributes; raises
-    ``RejectedSpan`` for a span that cannot be stored."""
+def ingested_span(span: Any, resource: Resource) -> IngestedSpan:
+    """The span record of one OTLP span from ``resource``; raises ``RejectedSpan`` for a
+    span that cannot be stored."""
     rollout_id, span_id, parent_id = span_ids(span)
     if not span.start_time_unix_nano:
         raise RejectedSpan(f"span {span.name[:80]!r}: no start time")
     attrs = attributes(span.attributes)
     name = span.name[:500]
     kind = span_kind(name, attrs)
-    flat = any(_INDEXED.match(k) for k in attrs)
+    flat = any(k.startswith(_FLAT_PREFIXES) for k in attrs)
     value_in, value_out = _io(attrs, flat)
     error = _error(span)
     start = span.start_time_unix_nano
     end = span.end_time_unix_nano or None
-    res_workflow, service = resource_workflow(resource)
-    workflow = _text(attrs.get(WORKFLOW_ATTRIBUTE), 200) or res_workflow
+    service = resource.service
+    workflow = _text(attrs.get(WORKFLOW_ATTRIBUTE), 200) or resource.workflow
     extra = {
         k: v
         for k, v in attrs.items()

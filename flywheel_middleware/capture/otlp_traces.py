@@ -19,7 +19,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from flywheel_middleware.capture.genai_attributes import JsonText
 from flywheel_middleware.capture.otlp_spans import DEFAULT_WORKFLOW, IngestedSpan
 from flywheel_middleware.capture.records import (
     Record,
@@ -69,13 +68,8 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def _plain(value: Any) -> Any:
-    return value.to_dict() if isinstance(value, JsonText) else value
-
-
 def _as_messages(value: Any, role: str) -> Any:
     """A root span's input or output as chat messages, or as it is when it holds none."""
-    value = _plain(value)
     return to_messages(value, role) or value
 
 

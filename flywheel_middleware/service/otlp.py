@@ -34,7 +34,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from starlette.concurrency import run_in_threadpool
 
 from flywheel_middleware import runtime
-from flywheel_middleware.capture.otlp_spans import RejectedSpan, attributes, ingested_span
+from flywheel_middleware.capture.otlp_spans import RejectedSpan, Resource, ingested_span
 from flywheel_middleware.capture.otlp_traces import TraceAssembler
 from flywheel_middleware.service.app import ApiError, Settings, read_body, require_write_key
 
@@ -145,7 +145,7 @@ def ingest(message: ExportTraceServiceRequest, assembler: TraceAssembler) -> lis
     """Hand every span of an export request to ``assembler``; the reasons of those rejected."""
     rejected: list[str] = []
     for rs in message.resource_spans:
-        resource = attributes(rs.resource.attributes)
+        resource = Resource(rs.resource.attributes)
         for ss in rs.scope_spans:
             for span in ss.spans:
                 try:

@@ -1,0 +1,410 @@
+"""Spans per second through ``POST /v1/traces`` (OTLP/HTTP protobuf) with zero loss, and the same
+spans through the Python API in the same run as the ceiling.
+
+The server is ``flywheel serve`` (uvicorn, one process) on a fresh SQLite store. Traces are
+agent runs of ``--spans-per-trace`` spans (an ``invoke_agent`` root with its question and answer
+as GenAI messages, ``chat`` spans with a model and token counts, ``execute_tool`` spans), their
+spans in the order an SDK exports them (children before their root) and cut into export
+requests of ``--batch`` spans, encoded beforehand so the client costs little. Client threads
+post them over keep-alive connections. The clock stops when every span and every trace's
+rollout is in the database; zero loss is checked by counting distinct span ids and rollouts
+there, and the token totals of every rollout against what was sent.
+
+The ceiling records the same traces with ``fw.rollout`` / ``fw.span`` in this process (same
+names, kinds, models, token counts, inputs and outputs) into another fresh SQLite store, until
+``fw.flush()`` returns.
+
+    .venv/bin/python benchmarks/otlp_ingest.py [--spans 204800] [--batch 512] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+KEY = "bench-key"
+WORKFLOW = "bench-agent"
+EPOCH_NS = 1_760_000_000_000_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kv(key: str, value: Any) -> KeyValue:
+    if isinstance(value, int):
+        return KeyValue(key=key, value=AnyValue(int_value=value))
+    return KeyValue(key=key, value=AnyValue(string_value=value))
+
+
+def make_traces(count: int, spans_per_trace: int, seed: int = 7) -> list[list[dict[str, Any]]]:
+    """``count`` agent runs, each a list of span descriptions, children first, root last."""
+    rng = random.Random(seed)
+    traces = []
+    for t in range(count):
+        trace_id = rng.getrandbits(128).to_bytes(16, "big")
+        root_id = rng.getrandbits(64).to_bytes(8, "big")
+        start = EPOCH_NS + t * 10_000_000
+        question = f"Where is order {t}? It was due on day {t % 30}."
+        answer = f"Order {t} ships tomorrow from warehouse {t % 7}."
+        children = []
+        for i in range(spans_per_trace - 1):
+            s = start + (i + 1) * 100_000
+            if i % 2 == 0:
+                attrs = {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.request.model": "gpt-bench",
+                    "gen_ai.usage.input_tokens": 50 + i,
+                    "gen_ai.usage.output_tokens": 10 + i,
+                    "gen_ai.input.messages": json.dumps(
+                        [{"role": "user", "parts": [{"type": "text", "content": question}]}]
+                    ),
+                    "gen_ai.output.messages": json.dumps(
+                        [{"role": "assistant", "parts": [{"type": "text", "content": answer}]}]
+                    ),
+                }
+                name, kind = "chat gpt-bench", "llm"
+            else:
+                attrs = {
+                    "gen_ai.operation.name": "execute_tool",
+                    "gen_ai.tool.name": "lookup_order",
+                    "gen_ai.tool.call.arguments": json.dumps({"order": t}),
+                    "gen_ai.tool.call.result": json.dumps({"order": t, "status": "packed"}),
+                }
+                name, kind = "execute_tool lookup_order", "tool"
+            children.append(
+                {
+                    "trace_id": trace_id,
+                    "span_id": rng.getrandbits(64).to_bytes(8, "big"),
+                    "parent": root_id,
+                    "name": name,
+                    "kind": kind,
+                    "start": s,
+                    "end": s + 80_000,
+                    "attrs": attrs,
+                }
+            )
+        root = {
+            "trace_id": trace_id,
+            "span_id": root_id,
+            "parent": b"",
+            "name": "invoke_agent support",
+            "kind": "agent",
+            "start": start,
+            "end": start + spans_per_trace * 100_000 + 50_000,
+            "attrs": {
+                "gen_ai.operation.name": "invoke_agent",
+                "gen_ai.agent.name": "support",
+                "gen_ai.conversation.id": f"s-{t % 100}",
+                "gen_ai.input.messages": json.dumps(
+                    [{"role": "user", "parts": [{"type": "text", "content": question}]}]
+                ),
+                "gen_ai.output.messages": json.dumps(
+                    [{"role": "assistant", "parts": [{"type": "text", "content": answer}]}]
+                ),
+            },
+        }
+        traces.append([*children, root])
+    return traces
+
+
+def encode_batches(traces: list[list[dict[str, Any]]], batch: int) -> list[bytes]:
+    """Export request bodies of ``batch`` spans each, in the order the spans ended."""
+    flat = [span for trace in traces for span in trace]
+    bodies = []
+    for i in range(0, len(flat), batch):
+        request = ExportTraceServiceRequest()
+        rs = request.resource_spans.add()
+        rs.resource.attributes.append(kv("service.name", WORKFLOW))
+        ss = rs.scope_spans.add()
+        ss.scope.name = "bench"
+        for d in flat[i : i + batch]:
+            ss.spans.append(
+                Span(
+                    trace_id=d["trace_id"],
+                    span_id=d["span_id"],
+                    parent_span_id=d["parent"],
+                    name=d["name"],
+                    kind=Span.SPAN_KIND_INTERNAL,
+                    start_time_unix_nano=d["start"],
+                    end_time_unix_nano=d["end"],
+                    attributes=[kv(k, v) for k, v in d["attrs"].items()],
+                )
+            )
+        bodies.append(request.SerializeToString())
+    return bodies
+
+
+def start_server(store_url: str, port: int, workdir: Path) -> subprocess.Popen:
+    import httpx
+
+    env = {
+        **os.environ,
+        "FLYWHEEL_API_KEYS": KEY,
+        "FLYWHEEL_SPILL_DIR": str(workdir / "spill"),
+        "FLYWHEEL_OTLP_SETTLE": "0.2",
+    }
+    cmd = [sys.executable, "-c", "from flywheel_middleware.cli import main; main()"]
+    cmd += ["serve", "--port", str(port), "--store", store_url, "--log-level", "error"]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and every process below it (the
+    server and its writer process): a figure the other load on the machine does not inflate."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    tree = {pid}
+    grew = True
+    while grew:
+        below = {p for p, parent in parents.items() if parent in tree} - tree
+        grew = bool(below)
+        tree |= below
+    return sum(used.get(p, 0.0) for p in tree)
+
+
+def post_all(url: str, bodies: list[bytes], threads: int) -> dict[str, Any]:
+    """Post every body from ``threads`` threads; latencies, rejected spans and failures."""
+    import httpx
+
+    latencies: list[float] = []
+    failures: list[str] = []
+    rejected = [0]
+    lock = threading.Lock()
+    headers = {"Content-Type": "application/x-protobuf", "X-API-Key": KEY}
+
+    def work(part: list[bytes]) -> None:
+        lat = []
+        with httpx.Client(timeout=60) as client:
+            for body in part:
+                t0 = time.perf_counter()
+                r = client.post(f"{url}/v1/traces", content=body, headers=headers)
+                lat.append(time.perf_counter() - t0)
+                with lock:
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.content[:200]!r}")
+                    else:
+                        reply = ExportTraceServiceResponse.FromString(r.content)
+                        rejected[0] += reply.partial_success.rejected_spans
+        with lock:
+            latencies.extend(lat)
+
+    workers = [threading.Thread(target=work, args=(bodies[t::threads],)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return {"latencies": sorted(latencies), "failures": failures, "rejected": rejected[0]}
+
+
+def counts(db: Path) -> tuple[int, int, int]:
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        spans = con.execute("SELECT count(DISTINCT id) FROM span").fetchone()[0]
+        rollouts, tokens = con.execute(
+            "SELECT count(*), coalesce(sum(input_tokens), 0) FROM rollout"
+        ).fetchone()
+    finally:
+        con.close()
+    return spans, rollouts, tokens
+
+
+def run_http(traces: list, bodies: list[bytes], threads: int, workdir: Path) -> dict[str, Any]:
+    db = workdir / "otlp.db"
+    port = free_port()
+    proc = start_server(f"sqlite:///{db}", port, workdir)
+    url = f"http://127.0.0.1:{port}"
+    spans = sum(len(t) for t in traces)
+    try:
+        cpu_before = cpu_seconds(proc.pid)
+        t0 = time.perf_counter()
+        sent = post_all(url, bodies, threads)
+        send_s = time.perf_counter() - t0
+        deadline = time.monotonic() + 300
+        while True:
+            stored = counts(db)
+            if stored[0] >= spans and stored[1] >= len(traces):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        total_s = time.perf_counter() - t0
+        cpu_s = cpu_seconds(proc.pid) - cpu_before
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    lat = sent["latencies"]
+    return {
+        "spans": spans,
+        "requests": len(bodies),
+        "stored_spans": stored[0],
+        "stored_rollouts": stored[1],
+        "stored_input_tokens": stored[2],
+        "rejected": sent["rejected"],
+        "failures": len(sent["failures"]),
+        "first_failure": sent["failures"][0] if sent["failures"] else None,
+        "accept_spans_per_s": spans / send_s,
+        "end_to_end_spans_per_s": spans / total_s,
+        "p50_ms": lat[len(lat) // 2] * 1000,
+        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000,
+        "send_s": send_s,
+        "total_s": total_s,
+        "server_cpu_us_per_span": cpu_s / spans * 1e6,
+    }
+
+
+def run_python_api(traces: list, workdir: Path) -> dict[str, Any]:
+    """The same traces through ``fw.rollout`` / ``fw.span`` in this process."""
+    import flywheel_middleware as fw
+
+    db = workdir / "api.db"
+    fw.configure(store_url=f"sqlite:///{db}")
+    fw.get_recorder()  # started before the clock
+    spans = sum(len(t) for t in traces)
+    # what an agent holds: messages and tool values as Python data (parsed before the clock)
+    plan = []
+    for trace in traces:
+        root = trace[-1]["attrs"]
+        children = []
+        for d in trace[:-1]:
+            attrs = d["attrs"]
+            if d["kind"] == "llm":
+                io = (attrs["gen_ai.input.messages"], attrs["gen_ai.output.messages"])
+                usage = (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"])
+            else:
+                io = (attrs["gen_ai.tool.call.arguments"], attrs["gen_ai.tool.call.result"])
+                usage = None
+            children.append((d["name"], d["kind"], *map(json.loads, io), usage))
+        question = json.loads(root["gen_ai.input.messages"])
+        answer = json.loads(root["gen_ai.output.messages"])
+        plan.append((question, answer, children))
+    cpu0 = cpu_seconds(os.getpid())
+    t0 = time.perf_counter()
+    for question, answer, children in plan:
+        with fw.rollout(WORKFLOW, input=question) as rollout:
+            with fw.span("invoke_agent support", kind="agent") as agent:
+                agent.set_input(question)
+                for name, kind, value_in, value_out, usage in children:
+                    with fw.span(name, kind=kind) as span:
+                        if usage is not None:
+                            span.set_model("gpt-bench")
+                            span.set_usage(*usage)
+                        span.set_input(value_in)
+                        span.set_output(value_out)
+                agent.set_output(answer)
+            rollout.set_output(answer)
+    record_s = time.perf_counter() - t0
+    assert fw.flush(300), "the recorder did not drain"
+    total_s = time.perf_counter() - t0
+    cpu_s = cpu_seconds(os.getpid()) - cpu0
+    fw.shutdown()
+    stored = counts(db)
+    # fw.rollout adds no span of its own: each trace stored as its spans and one rollout
+    return {
+        "spans": spans,
+        "stored_spans": stored[0],
+        "stored_rollouts": stored[1],
+        "stored_input_tokens": stored[2],
+        "record_spans_per_s": spans / record_s,
+        "end_to_end_spans_per_s": spans / total_s,
+        "total_s": total_s,
+        "cpu_us_per_span": cpu_s / spans * 1e6,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spans", type=int, default=204_800, help="spans in all")
+    ap.add_argument("--batch", type=int, default=512, help="spans per export request")
+    ap.add_argument("--spans-per-trace", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2, help="client threads (connections)")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = ap.parse_args()
+
+    traces = make_traces(args.spans // args.spans_per_trace, args.spans_per_trace)
+    bodies = encode_batches(traces, args.batch)
+    expected_tokens = sum(s["attrs"].get("gen_ai.usage.input_tokens", 0) for t in traces for s in t)
+    with tempfile.TemporaryDirectory(prefix="fw-otlp-bench-") as tmp:
+        workdir = Path(tmp)
+        http = run_http(traces, bodies, args.threads, workdir)
+        api = run_python_api(traces, workdir)
+    http["lossless"] = (
+        http["stored_spans"] == http["spans"]
+        and http["stored_rollouts"] == len(traces)
+        and http["stored_input_tokens"] == expected_tokens
+        and not http["rejected"]
+        and not http["failures"]
+    )
+    api["lossless"] = api["stored_spans"] == api["spans"] and api["stored_rollouts"] == len(traces)
+    ratio = http["end_to_end_spans_per_s"] / api["end_to_end_spans_per_s"]
+    if args.json:
+        print(json.dumps({"otlp_http": http, "python_api": api, "ratio": ratio}, indent=2))
+    else:
+        mb = sum(map(len, bodies)) / 1e6
+        print(
+            f"{http['spans']} spans in {len(traces)} traces, {len(bodies)} requests of "
+            f"{args.batch} spans ({mb:.1f} MB protobuf), {args.threads} client threads"
+        )
+        print(
+            f"POST /v1/traces: {http['end_to_end_spans_per_s']:,.0f} spans/s stored "
+            f"({http['accept_spans_per_s']:,.0f} spans/s accepted; request p50 "
+            f"{http['p50_ms']:.0f} ms, p99 {http['p99_ms']:.0f} ms); "
+            f"lossless={http['lossless']} ({http['stored_spans']} spans, "
+            f"{http['stored_rollouts']} rollouts, rejected {http['rejected']}, "
+            f"failures {http['failures']}); server CPU {http['server_cpu_us_per_span']:.1f} "
+            f"us/span"
+        )
+        print(
+            f"Python API:      {api['end_to_end_spans_per_s']:,.0f} spans/s stored "
+            f"({api['record_spans_per_s']:,.0f} spans/s recorded); lossless={api['lossless']}; "
+            f"CPU {api['cpu_us_per_span']:.1f} us/span"
+        )
+        print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(f"OTLP / Python API: {ratio:.2f}")
+    return 0 if http["lossless"] and api["lossless"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
