@@ -143,7 +143,9 @@ class EvaluationConfig(_Strict):
     )
     margin: float = Field(0.05, ge=0, le=1, description="tolerated drop of the mean score")
     max_cases: int = Field(50, ge=1, le=10_000)
-    min_cases: int = Field(5, ge=1, description="fewer judged cases: no verdict, no traffic")
+    min_cases: int = Field(
+        5, ge=1, description="fewer judged cases: no verdict, the candidate goes on unverified"
+    )
     bad_case_days: float = Field(7, gt=0, description="how far back bad cases are taken")
 
     @field_validator("runner")

@@ -359,6 +359,15 @@ def _clean_reward(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
+def _left_out(propensity: Any, reward: Any) -> str | None:
+    """Why a logged decision cannot be used (None: it can)."""
+    if isinstance(propensity, bool) or not isinstance(propensity, int | float):
+        return "no logged propensity"
+    if propensity <= 0:
+        return "logged propensity 0"
+    return "no reward" if _clean_reward(reward) is None else None
+
+
 def routing_decisions(
     store: Any, *, workflow: str | None = None, since: datetime | None = None
 ) -> tuple[list[LoggedDecision], dict[str, int]]:
@@ -385,15 +394,9 @@ def routing_decisions(
             continue
         probabilities = route.get("probabilities")
         propensity = route.get("probability")
-        if not isinstance(probabilities, dict) or not isinstance(propensity, int | float):
-            left["no logged propensity"] += 1
-            continue
-        if propensity <= 0:
-            left["logged propensity 0"] += 1
-            continue
-        value = _clean_reward(reward)
-        if value is None:
-            left["no reward"] += 1
+        why = _left_out(propensity if isinstance(probabilities, dict) else None, reward)
+        if why is not None:
+            left[why] += 1
             continue
         out.append(
             LoggedDecision(
@@ -402,7 +405,7 @@ def routing_decisions(
                 action=route["agent"],
                 propensity=float(propensity),
                 support={str(k): float(v) for k, v in probabilities.items()},
-                reward=value,
+                reward=float(reward),
             )
         )
     return out, dict(left)
@@ -484,12 +487,9 @@ def assignment_decisions(
     out: list[LoggedDecision] = []
     left: dict[str, int] = defaultdict(int)
     for rid, user, sess, variant, propensity, reward, started in rows:
-        if variant is None or propensity is None or propensity <= 0:
-            left["no logged propensity"] += 1
-            continue
-        value = _clean_reward(reward)
-        if value is None:
-            left["no reward"] += 1
+        why = _left_out(propensity if variant is not None else None, reward)
+        if why is not None:
+            left[why] += 1
             continue
         at = max(0, bisect.bisect_right(starts, _aware(started)) - 1)
         weights = phases[at][1]
@@ -509,7 +509,7 @@ def assignment_decisions(
                 action=variant,
                 propensity=float(propensity),
                 support=support,
-                reward=value,
+                reward=float(reward),
             )
         )
     return out, dict(left), experiment

@@ -207,7 +207,7 @@ class CaseScore:
 
 
 @dataclass
-class Verdict:
+class GateVerdict:
     """The gate's verdict on one candidate (``admitted`` False: dropped before any traffic)."""
 
     label: str
@@ -255,7 +255,7 @@ class GateRun:
     margin: float
     cases: list[RegressionCase] = field(default_factory=list)
     baseline: list[CaseScore] = field(default_factory=list)
-    verdicts: list[Verdict] = field(default_factory=list)
+    verdicts: list[GateVerdict] = field(default_factory=list)
     error: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -363,7 +363,7 @@ def paired_difference(
 
 def _verdict(
     label: str, scores: list[CaseScore], baseline: list[CaseScore], settings: EvaluationConfig
-) -> Verdict:
+) -> GateVerdict:
     pairs = [
         (c.score, b.score)
         for c, b in zip(scores, baseline, strict=True)
@@ -371,7 +371,7 @@ def _verdict(
     ]
     errors = sum(1 for s in scores if s.error)
     if len(pairs) < settings.min_cases:
-        return Verdict(
+        return GateVerdict(
             label,
             admitted=True,
             verified=False,
@@ -391,7 +391,7 @@ def _verdict(
     )
     if errors:
         reason += f"; the runner raised on {errors}"
-    return Verdict(
+    return GateVerdict(
         label,
         admitted=not worse,
         verified=True,

@@ -102,6 +102,18 @@ def test_the_router_keeps_its_floor_for_an_agent_at_capacity():
     assert probs["x"] == pytest.approx(0.05) and probs["y"] == pytest.approx(0.95)
 
 
+def _rollout(user_id: str, at: datetime, reward: float | None, **fields: object) -> Rollout:
+    return Rollout(
+        id=new_rollout_id(),
+        workflow="qa",
+        user_id=user_id,
+        status="succeeded",
+        started_at=at,
+        reward=reward,
+        **fields,
+    )
+
+
 def _routed(store, n: int = 400, seed: int = 3) -> None:
     """Rollouts routed by the real router, learning as it goes, with a floor of 0.1; desk
     'fast' resolves 80% of requests, 'slow' 40%."""
@@ -124,13 +136,10 @@ def _routed(store, n: int = 400, seed: int = 3) -> None:
             reward = float(rng.random() < {"fast": 0.8, "slow": 0.4}[d.agent_id])
             router.observe(d.agent_id, d.skills, reward)  # it learns: fast gets most traffic
             session.add(
-                Rollout(
-                    id=new_rollout_id(),
-                    workflow="qa",
-                    user_id=f"u{i % 150}",
-                    status="succeeded",
-                    started_at=now + timedelta(milliseconds=i),
-                    reward=None if i % 20 == 0 else reward,
+                _rollout(
+                    f"u{i % 150}",
+                    now + timedelta(milliseconds=i),
+                    None if i % 20 == 0 else reward,
                     metadata_={"route": d.as_metadata()},
                 )
             )
@@ -174,17 +183,14 @@ def test_flywheel_evaluate_assignment_uses_the_weights_in_force(store, tmp_path)
         rows.append((variant, reward))
         with store.session() as session:
             session.add(
-                Rollout(
-                    id=new_rollout_id(),
-                    workflow="qa",
-                    user_id=f"user-{i}",
+                _rollout(
+                    f"user-{i}",
+                    start + timedelta(milliseconds=i),
+                    reward,
                     experiment_id=exp.id,
                     variant=variant,
                     propensity=0.25 if variant == "candidate-1" else 0.75,
                     config_version_id=cand.id if variant == "candidate-1" else v1.id,
-                    status="succeeded",
-                    started_at=start + timedelta(milliseconds=i),
-                    reward=reward,
                 )
             )
     args = ["evaluate", "assignment", "--store", store.url, "--config", str(tmp_path / "n.yaml")]
@@ -204,17 +210,15 @@ def test_flywheel_evaluate_assignment_uses_the_weights_in_force(store, tmp_path)
     ex.set_weights(store, exp.id, {"candidate-1": 0.0})
     with store.session() as session:
         for i in range(50):
+            later = datetime.now(timezone.utc) + timedelta(seconds=1, milliseconds=i)
             session.add(
-                Rollout(
-                    id=new_rollout_id(),
-                    workflow="qa",
-                    user_id=f"late-{i}",
+                _rollout(
+                    f"late-{i}",
+                    later,
+                    1.0,
                     experiment_id=exp.id,
                     variant="baseline",
                     propensity=1.0,
-                    status="succeeded",
-                    started_at=datetime.now(timezone.utc) + timedelta(seconds=1, milliseconds=i),
-                    reward=1.0,
                 )
             )
     out = CliRunner().invoke(main, [*args, "--workflow", "qa", "--policy", "candidate-1"])
