@@ -1,0 +1,284 @@
+"""Growth: time partitions on PostgreSQL (`flywheel db maintain`) and retention
+(`flywheel db prune`), which removes exactly the old rows no running experiment needs."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from flywheel_middleware.capture.ids import new_rollout_id
+from flywheel_middleware.capture.records import (
+    FeedbackRecord,
+    RolloutRecord,
+    SpanRecord,
+    TelemetryRecord,
+    datetime_to_ns,
+)
+from flywheel_middleware.cli import main
+from flywheel_middleware.recording.recorder import Recorder
+from flywheel_middleware.store import partitions
+from flywheel_middleware.store.database import Store
+from flywheel_middleware.store.models import ConfigVersion, Experiment
+
+from .test_poison import CommitEater
+
+NOW = datetime.now(timezone.utc)
+TABLES = ("rollout", "span", "feedback", "telemetry_event")
+
+
+def _cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _experiment(store: Store, status: str) -> int:
+    with store.session() as session:
+        exp = Experiment(
+            workflow="qa",
+            status=status,
+            baseline_version_id=1,
+            variants=[{"name": "baseline", "version_id": 1, "weight": 1.0}],
+            started_at=NOW - timedelta(days=400),
+        )
+        session.add(exp)
+        session.flush()
+        return int(exp.id)
+
+
+_span_ids = iter(range(10_000, 1_000_000))
+
+
+def _records(age: timedelta, experiment_id: int | None, n: int, tag: str) -> tuple[list, list]:
+    """``n`` rollouts started ``age`` ago, each with two spans, a rating and a click."""
+    ns = datetime_to_ns(NOW - age)
+    records, ids = [], []
+    for i in range(n):
+        rid = new_rollout_id()
+        ids.append(rid)
+        at = ns + i * 1000
+        records.append(
+            RolloutRecord(
+                id=rid,
+                workflow="qa",
+                experiment_id=experiment_id,
+                variant="baseline" if experiment_id else None,
+                input=tag,
+                started_at=at,
+            )
+        )
+        for _ in range(2):
+            records.append(SpanRecord(id=next(_span_ids), rollout_id=rid, name=tag, started_at=at))
+        records.append(FeedbackRecord(rollout_id=rid, key="rating", value=4.0, created_at=at))
+        records.append(TelemetryRecord(rollout_id=rid, event_type="click", received_at=at))
+    return records, ids
+
+
+def _write(store: Store, records: list, tmp_path) -> None:
+    recorder = Recorder(store, spill_dir=tmp_path / "journal", writer="thread")
+    for record in records:
+        recorder.enqueue(record)
+    assert recorder.close(timeout=60)
+    assert recorder.counters.dead_lettered == 0
+
+
+def _remaining(store: Store) -> dict[str, set]:
+    with store.engine.connect() as conn:
+        out = {"rollout": set(conn.execute(text("SELECT id FROM rollout")).scalars())}
+        for table in TABLES[1:]:
+            rows = conn.execute(
+                text(f"SELECT rollout_id FROM {table} WHERE rollout_id IS NOT NULL")
+            ).scalars()
+            out[table] = set(rows)
+        out["orphan events"] = set(
+            conn.execute(
+                text("SELECT event_type FROM telemetry_event WHERE rollout_id IS NULL")
+            ).scalars()
+        )
+    return out
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("postgres-partitioned", marks=pytest.mark.postgres),
+    ]
+)
+def backend(request, tmp_path):
+    if request.param == "sqlite":
+        return request.param, f"sqlite:///{tmp_path / 'flywheel.db'}"
+    return request.param, request.getfixturevalue("postgres_url")
+
+
+def test_prune_removes_exactly_the_old_rows_no_running_experiment_needs(backend, tmp_path):
+    kind, url = backend
+    store = Store(url)
+    running, stopped = _experiment(store, "running"), _experiment(store, "stopped")
+    with store.session() as session:
+        session.add(
+            ConfigVersion(
+                workflow="qa",
+                version=1,
+                config={"llm": {"model": "m"}},
+                config_hash="h" * 64,
+                created_at=NOW - timedelta(days=365),
+            )
+        )
+    old_plain, old_plain_ids = _records(timedelta(days=200), None, 3, "old")
+    old_stopped, old_stopped_ids = _records(timedelta(days=150), stopped, 2, "old stopped")
+    old_running, old_running_ids = _records(timedelta(days=120), running, 2, "old running")
+    recent, recent_ids = _records(timedelta(days=10), None, 3, "recent")
+    orphans = [
+        TelemetryRecord(
+            event_type="old scroll", received_at=datetime_to_ns(NOW - timedelta(days=95))
+        ),
+        TelemetryRecord(
+            event_type="new scroll", received_at=datetime_to_ns(NOW - timedelta(days=85))
+        ),
+    ]
+    _write(store, old_plain + old_stopped + old_running + recent + orphans, tmp_path)
+    if kind == "postgres-partitioned":
+        report = partitions.maintain(store, partition=True, interval="week")
+        assert set(report.converted) == set(TABLES)
+        assert report.converted["span"] == 2 * 10  # every row copied
+
+    out = json.loads(
+        _cli("db", "prune", "--older-than", "90d", "--batch", "2", "--store", url, "--json")
+    )
+
+    kept = set(old_running_ids) | set(recent_ids)
+    left = _remaining(store)
+    for table in TABLES:
+        assert left[table] == kept, table
+    assert left["orphan events"] == {"new scroll"}
+    removed = len(old_plain_ids) + len(old_stopped_ids)
+    assert out["deleted"] == {
+        "rollout": removed,
+        "span": 2 * removed,
+        "feedback": removed,
+        "telemetry_event": removed + 1,
+    }
+    assert out["kept_for_experiments"] == {
+        "rollout": 2,
+        "span": 4,
+        "feedback": 2,
+        "telemetry_event": 2,
+    }
+    with store.engine.connect() as conn:  # the loop's history stays
+        assert conn.execute(text("SELECT count(*) FROM config_version")).scalar() == 1
+        assert conn.execute(text("SELECT count(*) FROM experiment")).scalar() == 2
+    if kind == "postgres-partitioned":
+        dropped = set(out["dropped_partitions"])
+        week = partitions.period_start(NOW - timedelta(days=200), "week")
+        assert f"span_p{week:%Y%m%d}" in dropped  # gone whole
+        week = partitions.period_start(NOW - timedelta(days=120), "week")
+        assert f"span_p{week:%Y%m%d}" not in dropped  # an experiment's rows are in it
+    else:
+        assert out["dropped_partitions"] == []
+    again = json.loads(_cli("db", "prune", "--older-than", "90d", "--store", url, "--json"))
+    assert set(again["deleted"].values()) == {0}
+    store.dispose()
+
+
+def test_prune_takes_the_age_from_the_config_and_names_bad_ages(tmp_path):
+    url = f"sqlite:///{tmp_path / 'flywheel.db'}"
+    store = Store(url)
+    records, _ = _records(timedelta(days=40), None, 2, "old")
+    _write(store, records + _records(timedelta(days=1), None, 1, "new")[0], tmp_path)
+    config = tmp_path / "flywheel.yaml"
+    config.write_text("retention: {keep: 30d}\n", encoding="utf-8")
+    out = json.loads(_cli("db", "prune", "--config", str(config), "--store", url, "--json"))
+    assert out["deleted"]["rollout"] == 2 and _remaining(store)["rollout"] != set()
+    runner = CliRunner()
+    bad = runner.invoke(main, ["db", "prune", "--older-than", "ninety days", "--store", url])
+    assert bad.exit_code == 2 and "'ninety days' is not a duration" in bad.output
+    (tmp_path / "empty.yaml").write_text("{}\n", encoding="utf-8")
+    unset = runner.invoke(
+        main, ["db", "prune", "--config", str(tmp_path / "empty.yaml"), "--store", url]
+    )
+    assert unset.exit_code == 2 and "--older-than 90d" in unset.output
+    config.write_text("retention: {keep: soon}\n", encoding="utf-8")
+    invalid = runner.invoke(main, ["db", "prune", "--config", str(config), "--store", url])
+    assert invalid.exit_code != 0 and "retention.keep" in invalid.output
+    store.dispose()
+
+
+@pytest.mark.postgres
+def test_maintain_creates_partitions_ahead_idempotently_and_rehomes_stray_rows(
+    postgres_url, tmp_path
+):
+    store = Store(postgres_url)
+    out = _cli("db", "maintain", "--store", postgres_url)
+    assert "not partitioned" in out and "--partition" in out  # opt-in
+    first = json.loads(
+        _cli("db", "maintain", "--partition", "--ahead", "3", "--store", postgres_url, "--json")
+    )
+    assert first["converted"] == dict.fromkeys(TABLES, 0)
+    this_week = partitions.period_start(NOW, "week")
+    for table in TABLES:
+        names = [p.name for p in partitions.partition_list(store, table)]
+        weeks = [this_week + timedelta(weeks=i) for i in range(4)]
+        assert names == [f"{table}_p{w:%Y%m%d}" for w in weeks] + [f"{table}_default"]
+    again = json.loads(_cli("db", "maintain", "--ahead", "3", "--store", postgres_url, "--json"))
+    assert again == {"converted": {}, "created": [], "moved": {}, "not_partitioned": []}
+
+    # a span from beyond the partitions lands in DEFAULT; maintain later gives it its own
+    later = NOW + timedelta(weeks=8)
+    far, (far_id,) = _records(timedelta(weeks=-8), None, 1, "from the future")
+    _write(store, far, tmp_path)
+    report = partitions.maintain(store, ahead=0, now=later)
+    home = f"span_p{partitions.period_start(later, 'week'):%Y%m%d}"
+    assert report.moved[home] == 2
+    with store.engine.connect() as conn:
+        where = conn.execute(
+            text("SELECT DISTINCT tableoid::regclass::text FROM span WHERE rollout_id = :r"),
+            {"r": far_id},
+        ).scalars()
+        assert list(where) == [home]
+        assert conn.execute(text("SELECT count(*) FROM span")).scalar() == 2
+    assert partitions.maintain(store, ahead=0, now=later).created == []
+    store.dispose()
+
+
+def test_maintain_on_sqlite_says_partitions_are_postgresql_only(tmp_path):
+    url = f"sqlite:///{tmp_path / 'flywheel.db'}"
+    result = CliRunner().invoke(main, ["db", "maintain", "--store", url])
+    assert result.exit_code == 1 and "PostgreSQL feature" in result.output
+
+
+@pytest.mark.postgres
+def test_a_partitioned_store_takes_retried_and_replayed_batches_once(postgres_url, tmp_path):
+    store = Store(postgres_url)
+    partitions.maintain(store, partition=True)
+    records, ids = _records(timedelta(0), None, 5, "now")
+    _write(store, records, tmp_path)
+    _write(store, records, tmp_path)  # a replayed journal: the same rows again
+    parts = urlsplit(postgres_url.replace("postgresql+psycopg", "http"))
+    proxy = CommitEater(parts.hostname, parts.port)
+    proxied = postgres_url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}")
+    more, more_ids = _records(timedelta(0), None, 5, "retried")
+    try:
+        recorder = Recorder(Store(proxied), spill_dir=tmp_path / "j2", flush_interval=0.01)
+        proxy.armed.set()  # the first commit's reply is lost: the batch is sent again
+        for record in more:
+            recorder.enqueue(record)
+        assert recorder.flush(60)
+        assert proxy.eaten.is_set() and recorder.counters.retried >= 1
+        assert recorder.close(timeout=30)
+    finally:
+        proxy.close()
+    with store.engine.connect() as conn:
+        counts = {
+            table: conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() for table in TABLES
+        }
+        kind = conn.execute(text("SELECT relkind FROM pg_class WHERE oid = 'span'::regclass"))
+        assert kind.scalar() == "p"
+    assert counts == {"rollout": 10, "span": 20, "feedback": 10, "telemetry_event": 10}
+    assert len(set(ids) | set(more_ids)) == 10
+    store.dispose()
