@@ -23,9 +23,7 @@ import argparse
 import json
 import os
 import random
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ingest_load import KEY, free_port, start_server  # flywheel serve on a store, for benchmarks
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -40,15 +39,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-KEY = "bench-key"
 WORKFLOW = "bench-agent"
 EPOCH_NS = 1_760_000_000_000_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kv(key: str, value: Any) -> KeyValue:
@@ -155,32 +147,6 @@ def encode_batches(traces: list[list[dict[str, Any]]], batch: int) -> list[bytes
     return bodies
 
 
-def start_server(store_url: str, port: int, workdir: Path) -> subprocess.Popen:
-    import httpx
-
-    env = {
-        **os.environ,
-        "FLYWHEEL_API_KEYS": KEY,
-        "FLYWHEEL_SPILL_DIR": str(workdir / "spill"),
-        "FLYWHEEL_OTLP_SETTLE": "0.2",
-    }
-    cmd = [sys.executable, "-c", "from flywheel_middleware.cli import main; main()"]
-    cmd += ["serve", "--port", str(port), "--store", store_url, "--log-level", "error"]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
-
-
 def cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system) used so far by ``pid`` and every process below it (the
     server and its writer process): a figure the other load on the machine does not inflate."""
@@ -254,6 +220,7 @@ def counts(db: Path) -> tuple[int, int, int]:
 def run_http(traces: list, bodies: list[bytes], threads: int, workdir: Path) -> dict[str, Any]:
     db = workdir / "otlp.db"
     port = free_port()
+    os.environ["FLYWHEEL_OTLP_SETTLE"] = "0.2"  # for the server: rollouts close soon
     proc = start_server(f"sqlite:///{db}", port, workdir)
     url = f"http://127.0.0.1:{port}"
     spans = sum(len(t) for t in traces)
