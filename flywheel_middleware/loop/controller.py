@@ -514,6 +514,7 @@ def generate(
                 actor=f"controller:{mode}",
                 reason=reason,
                 names=names,
+                error_budget=wf.experiment.error_budget,
             )
         except ex.ExperimentError as exc:  # e.g. traffic × candidates ≥ 1, or one started meanwhile
             report.notes.append(f"{workflow}: could not start an experiment: {exc}")

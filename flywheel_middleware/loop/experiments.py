@@ -656,8 +656,13 @@ def start_experiment(
     metric: str | None = None,
     min_samples: int | None = None,
     names: list[str] | None = None,
+    error_budget: ErrorBudget | None = None,
 ) -> Experiment:
-    """Serve each candidate version to ``traffic`` of units, the active version to the rest."""
+    """Serve each candidate version to ``traffic`` of units, the active version to the rest.
+
+    With the workflow's ``error_budget``, an experiment none of whose candidates could be
+    promoted (the budget is spent) is refused rather than shown to users.
+    """
     if not candidates:
         raise ExperimentError("an experiment needs at least one candidate version")
     if len(set(candidates)) != len(candidates):
@@ -716,6 +721,14 @@ def start_experiment(
         allocation = error_control.next_allocation(
             session, workflow, [v["name"] for v in variants[1:]]
         )
+        if error_budget is not None:
+            alpha = error_control.candidate_alpha(allocation, error_budget.level)
+            if alpha < error_budget.min_alpha:
+                raise ExperimentError(
+                    f"workflow {workflow!r} has spent its false-promotion budget: experiment "
+                    f"{allocation.index} would test each candidate at α = {alpha:.2g}, below "
+                    f"error_budget.min_alpha {error_budget.min_alpha:g}, so none could be promoted"
+                )
         spec[error_control.METRICS_KEY] = allocation.to_json()
         exp = Experiment(
             workflow=workflow,

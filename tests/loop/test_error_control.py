@@ -70,7 +70,7 @@ def _strong_evidence(store, exp_id):
     add_rollouts(store, experiment_id=exp_id, variant="candidate-1", n=600, positive=500)
 
 
-def test_budget_decreases_over_experiments_and_promotion_is_refused_once_spent(store):
+def test_budget_decreases_over_experiments_and_promotion_is_refused_once_spent(store, tmp_path):
     config = make_config()
     config.workflows["qa"].experiment.error_budget.min_alpha = 0.004
     versions.ensure_workflow(store, config, "qa")
@@ -96,6 +96,12 @@ def test_budget_decreases_over_experiments_and_promotion_is_refused_once_spent(s
     refused = _judge(store, config, exp.id)
     assert refused.action == "reject" and "budget is spent" in refused.reason
     assert refused.evidence["budget"]["alpha_per_candidate"] == pytest.approx(0.05 / 30)
+    ex.stop_experiment(store, exp.id)
+    # nor does the controller show users another candidate that could never be promoted
+    add_rollouts(store, experiment_id=None, variant=None, n=100, positive=20)  # a hot problem
+    report = run_cycle(store, config, "auto", curate_data=False, report_dir=tmp_path)
+    assert not report.started and report.proposals
+    assert any("spent its false-promotion budget" in note for note in report.notes), report.notes
     with pytest.raises(ConfigError, match="min_alpha"):
         make_config(
             workflows={"qa": {"config": BASE, "experiment": {"error_budget": {"min_alpha": 0.1}}}}
