@@ -11,8 +11,11 @@ PostgreSQL wants the partition key in every unique index of a partitioned table,
 keys become ``(id, <time>)`` and the ``uid`` unique indexes ``(uid, <time>)``. The recorder's
 idempotent writes (``ON CONFLICT DO NOTHING``) still hold because a record's time is set once,
 when it is made, and a retried or replayed batch carries the same time: the same row lands in
-the same partition and meets its first copy there. What is no longer enforced is uniqueness
-across times: two rows with one id but different times would both be kept.
+the same partition and meets its first copy there. What the keys no longer enforce is
+uniqueness across times. Span, feedback and telemetry times never change; a rollout's start may
+(a trace whose spans reached two ``flywheel serve`` replicas is closed by each, from its
+earliest span there), so a trigger on the partitioned rollout table skips a row whose id is
+already stored with a start within ``ROLLOUT_WINDOW``.
 
 ``maintain`` creates the partitions ahead of time (idempotent); rows that reached the DEFAULT
 partition in the meantime are moved into the partition created for them.
@@ -41,6 +44,7 @@ TIME_COLUMN = {
 INTERVALS = ("day", "week", "month")
 DEFAULT_INTERVAL = "week"
 DEFAULT_AHEAD = 4  # partitions created past the current one
+ROLLOUT_WINDOW = "7 days"  # how far apart two starts of one rollout id may be recognised
 
 _BOUNDS = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
 _UNIQUE_INDEX = re.compile(r"^(CREATE UNIQUE INDEX .+ USING \w+ \()(.*)\)$")
@@ -266,7 +270,32 @@ def _convert(conn: Any, table: str, interval: str, now: datetime) -> int:
                 raise StoreError(f"cannot partition {table}: unique index {definition!r}")
             definition = f'{found.group(1)}{found.group(2)}, "{column}")'
         conn.execute(text(definition))
+    if table == "rollout":
+        _rollout_once(conn)
     return int(copied)
+
+
+def _rollout_once(conn: Any) -> None:
+    """A rollout row skipped when its id is already stored with a nearby start: a trace whose
+    spans reached two ``flywheel serve`` replicas may be closed by each, from different
+    first spans, and the (id, started_at) key alone would keep both."""
+    schema = conn.execute(text("SELECT quote_ident(current_schema())")).scalar()
+    conn.execute(
+        text(
+            f"CREATE OR REPLACE FUNCTION {schema}.flywheel_rollout_once() RETURNS trigger "
+            "LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF EXISTS (SELECT 1 FROM {schema}.rollout r WHERE r.id = NEW.id "
+            f"AND r.started_at > NEW.started_at - interval '{ROLLOUT_WINDOW}' "
+            f"AND r.started_at < NEW.started_at + interval '{ROLLOUT_WINDOW}') "
+            "THEN RETURN NULL; END IF; RETURN NEW; END $$"
+        )
+    )
+    conn.execute(
+        text(
+            "CREATE TRIGGER rollout_once BEFORE INSERT ON rollout FOR EACH ROW "
+            f"EXECUTE FUNCTION {schema}.flywheel_rollout_once()"
+        )
+    )
 
 
 def maintain(

@@ -259,6 +259,15 @@ def test_a_partitioned_store_takes_retried_and_replayed_batches_once(postgres_ur
     records, ids = _records(timedelta(0), None, 5, "now")
     _write(store, records, tmp_path)
     _write(store, records, tmp_path)  # a replayed journal: the same rows again
+    # a trace closed by a second replica, from a later first span: the same rollout id
+    # with another start (and a start in another week) is kept once
+    for days in (0.01, 6):
+        again = RolloutRecord(
+            id=ids[0],
+            workflow="qa",
+            started_at=records[0].started_at + int(days * 86400e9),
+        )
+        _write(store, [again], tmp_path)
     parts = urlsplit(postgres_url.replace("postgresql+psycopg", "http"))
     proxy = CommitEater(parts.hostname, parts.port)
     proxied = postgres_url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}")
