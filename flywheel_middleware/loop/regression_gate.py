@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from flywheel_middleware.capture.records import utcnow
 from flywheel_middleware.config import EvaluationConfig, FlywheelConfig
 from flywheel_middleware.errors import ConfigError
 from flywheel_middleware.loop import datasets, rewards, versions
@@ -480,8 +481,6 @@ def record(
     store: Store, run: GateRun, version_ids: Sequence[int], base_version_id: int, actor: str
 ) -> None:
     """One ``regression_gate`` ChangeEvent per verdict, with its per-case evidence."""
-    from flywheel_middleware.capture.records import utcnow
-
     with store.session() as session:
         for verdict, version_id in zip(run.verdicts, version_ids, strict=True):
             session.add(
