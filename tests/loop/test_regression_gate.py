@@ -158,6 +158,10 @@ def test_evaluation_config_errors_are_clear(store, tmp_path):
     config = _config(tmp_path, runner="no_such_function")
     run = run_gate(store, config, "qa", v1.config, [("c", v1.config)], now=now)
     assert "has no attribute 'no_such_function'" in run.error
+    config = _config(tmp_path)
+    config.evaluation.runner = "support_agent"  # a bare name is an entry point
+    run = run_gate(store, config, "qa", v1.config, [("c", v1.config)], now=now)
+    assert "runner 'support_agent': no entry point of that name" in run.error
     config = _config(tmp_path, judges=[{"type": "explicit_rating"}])
     run = run_gate(store, config, "qa", v1.config, [("c", v1.config)], now=now)
     assert "no judge scored any answer" in run.error and "explicit_rating" in run.error
