@@ -8,7 +8,8 @@ Handled: OpenAI chat (string content and content-part lists, completions respons
 Responses input items and responses, OpenTelemetry GenAI ``parts`` messages, LangChain messages
 as stored (dicts with ``type``/``role``, the ``{"lc": 1, ...}`` constructor form, ``(role, text)``
 pairs, LLMResult ``generations``), graph state ``{"messages": [...]}``, AgentScope ``Msg`` dicts
-and the old Studio schema's ``Msg(...)`` reprs, and plain strings. A value none of these fit is
+and the old Studio schema's ``Msg(...)`` reprs, OpenLLMetry's ``traceloop.entity.*`` wrappers,
+and plain strings. A value none of these fit is
 counted in an :class:`Unknown` (with one example) rather than turned into empty text.
 """
 
@@ -317,12 +318,31 @@ def _walk(value: Any, default_role: str) -> list[Message]:
         system = value.get("instructions")
         head = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
         return head + _walk(value["input"], default_role)
+    entity = _traceloop_entity(value)
+    if entity is not None:
+        return _walk(entity, default_role)
     for key in _TEXT_KEYS:
         if isinstance(value.get(key), str):
             return _walk(value[key], default_role)
     if isinstance(value.get("content"), list):
         return [{"role": default_role, "content": content_text(value["content"])}]
     raise _NotMessages
+
+
+_ENTITY_FIELDS = frozenset(("inputs", "outputs", "tags", "metadata", "kwargs"))
+_CALL_FIELDS = frozenset(("args", "kwargs"))
+
+
+def _traceloop_entity(value: dict[str, Any]) -> Any:
+    """What OpenLLMetry's ``traceloop.entity.input``/``output`` wrap, or None: a LangChain
+    run's ``{"inputs"|"outputs": ..., "tags", "metadata", "kwargs"}``, or a decorated
+    function's ``{"args": [...], "kwargs": {...}}`` (its arguments, else its keywords)."""
+    keys = value.keys()
+    if ("inputs" in keys or "outputs" in keys) and keys <= _ENTITY_FIELDS:
+        return value["inputs"] if "inputs" in keys else value["outputs"]
+    if "args" in keys and keys <= _CALL_FIELDS:
+        return value["args"] or value.get("kwargs") or None
+    return None
 
 
 def _merge_calls(messages: list[Message]) -> list[Message]:

@@ -33,6 +33,10 @@ from flywheel_middleware.capture.records import SpanRecord
 WORKFLOW_ATTRIBUTE = "flywheel.workflow"
 DEFAULT_WORKFLOW = "otel"
 STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
+# A trace's spans arrive in any order, from any replica: their order within the rollout is
+# their start time, in 0.1 ms steps, kept in the 32-bit column (it wraps every 2.5 days).
+_SEQUENCE_STEP_NS = 100_000
+_SEQUENCE_WRAP = 2**31
 # AgentScope's TracingMiddleware sets this when an agent has no session: it is no session.
 _NO_SESSION = "[no_session_id]"
 
@@ -243,7 +247,7 @@ def ingested_span(span: Any, resource: Resource) -> IngestedSpan:
         workflow=workflow or service or DEFAULT_WORKFLOW,
         trace_id=rollout_id,
         parent_id=parent_id,
-        sequence=0,
+        sequence=start // _SEQUENCE_STEP_NS % _SEQUENCE_WRAP,
         kind=kind,
         name=name,
         node=_text(attrs.get("flywheel.node") or attrs.get("langgraph.node"), 200),

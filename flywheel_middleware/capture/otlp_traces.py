@@ -112,29 +112,30 @@ class TraceAssembler:
         record = span.record
         trace_id = record.rollout_id
         now = self.clock()
-        with self._lock:
+        evicted: list[tuple[str, _Trace]] = []
+        with self._lock:  # decided here, queued after: the queue may apply backpressure
             closed = self._closed.get(trace_id)
             if closed is not None:  # a late or repeated span of a closed trace: its row only
                 if record.id in closed:
                     return False
                 closed.add(record.id)
-                self.enqueue(record)
-                return True
-            trace = self._open.get(trace_id)
-            if trace is None:
-                trace = self._open[trace_id] = _Trace()
-                heapq.heappush(self._due, (now + self.grace, trace_id))
-                if len(self._open) > self.max_open:
-                    self._close_oldest()
-            elif record.id in trace.span_ids:
-                return False
-            trace.span_ids.add(record.id)
-            self.enqueue(record)
-            self._note(trace, span, now)
-            if record.parent_id is None and trace.root is None:
-                trace.root = span
-                heapq.heappush(self._due, (now + self.settle, trace_id))
-                self._wake.set()
+            else:
+                trace = self._open.get(trace_id)
+                if trace is None:
+                    trace = self._open[trace_id] = _Trace()
+                    heapq.heappush(self._due, (now + self.grace, trace_id))
+                    if len(self._open) > self.max_open:
+                        evicted.append(self._evict_oldest())
+                elif record.id in trace.span_ids:
+                    return False
+                trace.span_ids.add(record.id)
+                self._note(trace, span, now)
+                if record.parent_id is None and trace.root is None:
+                    trace.root = span
+                    heapq.heappush(self._due, (now + self.settle, trace_id))
+                    self._wake.set()
+        self.enqueue(record)
+        self._emit(evicted)
         return True
 
     def _note(self, trace: _Trace, span: IngestedSpan, now: float) -> None:
@@ -159,7 +160,7 @@ class TraceAssembler:
     def close_due(self) -> int:
         """Close the traces that are due now; how many closed."""
         now = self.clock()
-        closed = 0
+        due: list[tuple[str, _Trace]] = []
         with self._lock:
             while self._due and self._due[0][0] <= now:
                 _, trace_id = heapq.heappop(self._due)
@@ -169,37 +170,42 @@ class TraceAssembler:
                 if trace.root is None and trace.last_seen + self.grace > now:
                     heapq.heappush(self._due, (trace.last_seen + self.grace, trace_id))
                     continue
-                self._close(trace_id)
-                closed += 1
-        return closed
+                due.append(self._take(trace_id))
+        self._emit(due)
+        return len(due)
 
     def close_all(self) -> int:
         """Close every open trace now; how many closed."""
         with self._lock:
-            trace_ids = list(self._open)
-            for trace_id in trace_ids:
-                self._close(trace_id)
+            taken = [self._take(trace_id) for trace_id in list(self._open)]
             self._due.clear()
-        return len(trace_ids)
+        self._emit(taken)
+        return len(taken)
 
     @property
     def open_traces(self) -> int:
         return len(self._open)
 
-    def _close_oldest(self) -> None:
+    def _evict_oldest(self) -> tuple[str, _Trace]:
         oldest = next(iter(self._open))  # the first opened
         log.warning("flywheel otlp: %d traces open; closing the oldest early", len(self._open))
-        self._close(oldest)
+        return self._take(oldest)
 
-    def _close(self, trace_id: str) -> None:
+    def _take(self, trace_id: str) -> tuple[str, _Trace]:
+        """Move a trace from open to closed (under the lock); its rollout is still to queue."""
         trace = self._open.pop(trace_id)
         self._closed[trace_id] = trace.span_ids
         while len(self._closed) > self.remember_closed:
             self._closed.popitem(last=False)
-        try:
-            self.enqueue(self._rollout(trace_id, trace))
-        except Exception:  # a bad value must not stop other traces from closing
-            log.exception("flywheel otlp: could not build the rollout of trace %s", trace_id)
+        return trace_id, trace
+
+    def _emit(self, closed: list[tuple[str, _Trace]]) -> None:
+        """Queue the rollouts of closed traces (outside the lock)."""
+        for trace_id, trace in closed:
+            try:
+                self.enqueue(self._rollout(trace_id, trace))
+            except Exception:  # a bad value must not stop other traces from closing
+                log.exception("flywheel otlp: could not build the rollout of trace %s", trace_id)
 
     def _rollout(self, trace_id: str, trace: _Trace) -> RolloutRecord:
         head = trace.root or trace.top

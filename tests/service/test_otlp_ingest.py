@@ -128,35 +128,53 @@ def test_gzip_compressed_protobuf(fw, otlp) -> None:
     assert rollout.id == trace_id and rollout.workflow == "zipped"
 
 
+def attr(key: str, value: Any) -> dict[str, Any]:
+    """An OTLP/JSON attribute as a JavaScript exporter writes it (64-bit integers as text)."""
+    if isinstance(value, bool):
+        return {"key": key, "value": {"boolValue": value}}
+    if isinstance(value, int):
+        return {"key": key, "value": {"intValue": str(value)}}
+    return {"key": key, "value": {"stringValue": value}}
+
+
+def json_span(
+    trace_id: str, span_id: str, parent: str, name: str, start: int, attrs: dict[str, Any]
+) -> dict[str, Any]:
+    """An OTLP/JSON span: camelCase, hex ids, times as text, enums as numbers."""
+    return {
+        "traceId": trace_id,
+        "spanId": span_id,
+        "parentSpanId": parent,
+        "name": name,
+        "kind": 1,
+        "startTimeUnixNano": str(1_760_000_000_000_000_000 + start * 1_000_000),
+        "endTimeUnixNano": str(1_760_000_000_000_000_000 + (start + 5) * 1_000_000),
+        "attributes": [attr(k, v) for k, v in attrs.items()],
+        "droppedAttributesCount": 0,
+        "events": [],
+        "droppedEventsCount": 0,
+        "status": {"code": 0},
+        "links": [],
+        "droppedLinksCount": 0,
+    }
+
+
+def json_body(resource: dict[str, Any], spans: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "resourceSpans": [
+            {
+                "resource": {
+                    "attributes": [attr(k, v) for k, v in resource.items()],
+                    "droppedAttributesCount": 0,
+                },
+                "scopeSpans": [{"scope": {"name": "hand", "version": "1.0.0"}, "spans": spans}],
+            }
+        ]
+    }
+
+
 def js_exporter_body(trace_id: str) -> dict[str, Any]:
-    """OTLP/JSON as @opentelemetry/exporter-trace-otlp-http sends it: camelCase, hex ids,
-    64-bit integers as strings, enums as numbers."""
-
-    def attr(key: str, value: Any) -> dict[str, Any]:
-        if isinstance(value, bool):
-            return {"key": key, "value": {"boolValue": value}}
-        if isinstance(value, int):
-            return {"key": key, "value": {"intValue": str(value)}}
-        return {"key": key, "value": {"stringValue": value}}
-
-    def span(span_id: str, parent: str, name: str, start: int, attrs: dict[str, Any]) -> dict:
-        return {
-            "traceId": trace_id,
-            "spanId": span_id,
-            "parentSpanId": parent,
-            "name": name,
-            "kind": 1,
-            "startTimeUnixNano": str(1_760_000_000_000_000_000 + start * 1_000_000),
-            "endTimeUnixNano": str(1_760_000_000_000_000_000 + (start + 5) * 1_000_000),
-            "attributes": [attr(k, v) for k, v in attrs.items()],
-            "droppedAttributesCount": 0,
-            "events": [],
-            "droppedEventsCount": 0,
-            "status": {"code": 0},
-            "links": [],
-            "droppedLinksCount": 0,
-        }
-
+    """OTLP/JSON as @opentelemetry/exporter-trace-otlp-http sends it for a GenAI agent."""
     question = [{"role": "user", "parts": [{"type": "text", "content": "Where is my order?"}]}]
     answer = [
         {
@@ -187,29 +205,15 @@ def js_exporter_body(trace_id: str) -> dict[str, Any]:
         "gen_ai.tool.call.arguments": '{"order": 42}',
         "gen_ai.tool.call.result": '{"status": "packed"}',
     }
-    return {
-        "resourceSpans": [
-            {
-                "resource": {
-                    "attributes": [
-                        attr("service.name", "support-web"),
-                        attr("telemetry.sdk.language", "nodejs"),
-                    ],
-                    "droppedAttributesCount": 0,
-                },
-                "scopeSpans": [
-                    {
-                        "scope": {"name": "support-agent", "version": "1.0.0"},
-                        "spans": [
-                            span("AAAAAAAAAAAAAAA2", "A1A1A1A1A1A1A1A1", "execute_tool", 1, tool),
-                            span("00f067aa0ba902b7", "a1a1a1a1a1a1a1a1", "chat gpt-js", 6, chat),
-                            span("a1a1a1a1a1a1a1a1", "", "invoke_agent support", 0, agent),
-                        ],
-                    }
-                ],
-            }
-        ]
-    }
+    resource = {"service.name": "support-web", "telemetry.sdk.language": "nodejs"}
+    return json_body(
+        resource,
+        [
+            json_span(trace_id, "AAAAAAAAAAAAAAA2", "A1A1A1A1A1A1A1A1", "execute_tool", 1, tool),
+            json_span(trace_id, "00f067aa0ba902b7", "a1a1a1a1a1a1a1a1", "chat gpt-js", 6, chat),
+            json_span(trace_id, "a1a1a1a1a1a1a1a1", "", "invoke_agent support", 0, agent),
+        ],
+    )
 
 
 def test_a_javascript_exporters_json_body(fw, otlp, tmp_path) -> None:
@@ -243,6 +247,145 @@ def test_a_javascript_exporters_json_body(fw, otlp, tmp_path) -> None:
     assert rated.status_code == 202
     [fb] = stored(fw, "SELECT rollout_id, value FROM feedback", 1)
     assert (fb.rollout_id, fb.value) == (trace_id.lower(), 1.0)
+
+
+def test_openllmetry_spans_and_their_flattened_messages(fw, otlp, tmp_path) -> None:
+    from flywheel_middleware.loop.datasets import export
+
+    trace_id, question, answer = "0af7651916cd43dd8448eb211c80319c", "What is 2 + 3?", "2 + 3 = 5"
+    call = {"id": "call_1", "name": "add", "arguments": '{"a": 2, "b": 3}'}
+    workflow = {
+        "traceloop.span.kind": "workflow",
+        "traceloop.entity.name": "calc",
+        "traceloop.entity.input": json.dumps(
+            {"inputs": {"question": question}, "tags": [], "metadata": {}, "kwargs": {}}
+        ),
+        "traceloop.entity.output": json.dumps({"outputs": answer, "kwargs": {}}),
+    }
+    first = {
+        "llm.request.type": "chat",
+        "gen_ai.request.model": "gpt-ll",
+        "gen_ai.response.model": "gpt-ll-0613",
+        "gen_ai.prompt.0.role": "user",
+        "gen_ai.prompt.0.content": question,
+        "gen_ai.completion.0.role": "assistant",
+        **{f"gen_ai.completion.0.tool_calls.0.{k}": v for k, v in call.items()},
+        "gen_ai.usage.prompt_tokens": 9,
+        "gen_ai.usage.completion_tokens": 5,
+    }
+    tool = {
+        "traceloop.span.kind": "tool",
+        "traceloop.entity.input": json.dumps({"args": [], "kwargs": {"a": 2, "b": 3}}),
+        "traceloop.entity.output": "5",
+    }
+    second = {
+        "llm.request.type": "chat",
+        "gen_ai.request.model": "gpt-ll",
+        "gen_ai.prompt.0.role": "user",
+        "gen_ai.prompt.0.content": question,
+        "gen_ai.prompt.1.role": "assistant",
+        **{f"gen_ai.prompt.1.tool_calls.0.{k}": v for k, v in call.items()},
+        "gen_ai.prompt.2.role": "tool",
+        "gen_ai.prompt.2.content": "5",
+        "gen_ai.prompt.2.tool_call_id": "call_1",
+        "gen_ai.completion.0.role": "assistant",
+        "gen_ai.completion.0.content": answer,
+        "gen_ai.usage.prompt_tokens": 20,
+        "gen_ai.usage.completion_tokens": 6,
+    }
+    root = "0000000000000a01"
+    spans = [  # the later model call has the smaller span id: order comes from start times
+        json_span(trace_id, "f000000000000001", root, "openai.chat", 2, first),
+        json_span(trace_id, "0000000000000b03", root, "add.tool", 8, tool),
+        json_span(trace_id, "1000000000000002", root, "openai.chat", 12, second),
+        json_span(trace_id, root, "", "calc.workflow", 0, workflow),
+    ]
+    body = json.dumps(json_body({"service.name": "calc-svc"}, spans))
+    assert otlp.post("/v1/traces", content=body, headers=JSON).status_code == 200
+    [rollout] = stored(fw, "SELECT * FROM rollout", 1)
+    assert rollout.workflow == "calc-svc" and (rollout.input_tokens, rollout.output_tokens) == (
+        29,
+        11,
+    )
+    assert json.loads(rollout.input) == [{"role": "user", "content": question}]
+    assert json.loads(rollout.output) == [{"role": "assistant", "content": answer}]
+    rows = fw.get_store().execute("SELECT * FROM span ORDER BY sequence")
+    assert [(s.name, s.kind) for s in rows] == [
+        ("calc.workflow", "chain"),
+        ("openai.chat", "llm"),
+        ("add.tool", "tool"),
+        ("openai.chat", "llm"),
+    ]
+    assert rows[1].model == "gpt-ll-0613" and json.loads(rows[1].output) == [
+        {"role": "assistant", "content": "", "tool_calls": [call]}
+    ]
+    assert not any(k.startswith("gen_ai.prompt.") for k in json.loads(rows[3].attributes or "{}"))
+    export(fw.get_store(), "sft", "calc-svc", tmp_path / "sft.jsonl")
+    [row] = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    tool_call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "add", "arguments": call["arguments"]},
+    }
+    assert row["messages"] == [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "", "tool_calls": [tool_call]},
+        {"role": "tool", "content": "5", "tool_call_id": "call_1"},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def test_an_openinference_model_call_is_a_rollout_of_its_own(fw, otlp) -> None:
+    trace_id = "a3ce929d0e0e47364bf92f3577b34da6"
+    flat = {
+        "openinference.span.kind": "LLM",
+        "llm.model_name": "gpt-oi",
+        "llm.input_messages.0.message.role": "system",
+        "llm.input_messages.0.message.content": "Be brief.",
+        "llm.input_messages.1.message.role": "user",
+        "llm.input_messages.1.message.contents.0.message_content.type": "text",
+        "llm.input_messages.1.message.contents.0.message_content.text": "Weather in Paris?",
+        "llm.output_messages.0.message.role": "assistant",
+        "llm.output_messages.0.message.tool_calls.0.tool_call.id": "c9",
+        "llm.output_messages.0.message.tool_calls.0.tool_call.function.name": "weather",
+        "llm.output_messages.0.message.tool_calls.0.tool_call.function.arguments": '{"city": "Paris"}',
+        "llm.token_count.prompt": 14,
+        "llm.token_count.completion": 7,
+    }
+    span = json_span(trace_id, "00000000000000c1", "", "ChatOpenAI", 0, flat)
+    body = json.dumps(json_body({"service.name": "oi-svc"}, [span]))
+    assert otlp.post("/v1/traces", content=body, headers=JSON).status_code == 200
+    [rollout] = stored(fw, "SELECT * FROM rollout", 1)
+    assert (rollout.input_tokens, rollout.output_tokens) == (14, 7)
+    assert json.loads(rollout.input) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+    ]
+    call = {
+        "id": "c9",
+        "type": "function",
+        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+    }
+    assert json.loads(rollout.output) == [
+        {"role": "assistant", "content": "", "tool_calls": [call]}
+    ]
+    [row] = fw.get_store().execute("SELECT kind, model FROM span")
+    assert (row.kind, row.model) == ("llm", "gpt-oi")
+
+
+@pytest.mark.parametrize(
+    ("value", "role", "expected"),
+    [
+        ({"inputs": {"question": "q?"}, "tags": [], "metadata": {}, "kwargs": {}}, "user", "q?"),
+        ({"outputs": {"text": "a."}, "kwargs": {}}, "assistant", "a."),
+        ({"args": ["q?"], "kwargs": {}}, "user", "q?"),
+        ({"args": [], "kwargs": {"query": "q?"}}, "user", "q?"),
+    ],
+)
+def test_openllmetry_entity_values_read_as_messages(value, role, expected) -> None:
+    from flywheel_middleware.messages import to_messages
+
+    assert to_messages(value, role) == [{"role": role, "content": expected}]
 
 
 def test_spans_that_cannot_be_taken_are_a_partial_success(fw, otlp) -> None:
