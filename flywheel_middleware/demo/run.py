@@ -303,11 +303,23 @@ def _cycle_line(row: dict[str, Any]) -> str:
 def render_summary(result: DemoResult, console: Console) -> None:
     """The short final report."""
     table = Table(title="flywheel demo — what happened")
-    for col in ("cycle", "served", "correct", "positive feedback", "controller", "active after"):
+    columns = (
+        "cycle",
+        "day",
+        "served",
+        "correct",
+        "positive feedback",
+        "controller",
+        "active after",
+    )
+    for col in columns:
         table.add_column(col, justify="left" if col in ("served", "controller") else "right")
+    days = result.timeline.days()
     for row in result.cycles:
+        day = days[row["cycle"] - 1] if row["cycle"] <= len(days) else None
         table.add_row(
             str(row["cycle"]),
+            f"{day:%a %d %b}" if day else "–",
             ", ".join(f"{k}×{v}" for k, v in row["served"].items()),
             f"{row['correct_rate']:.0%}",
             f"{row['positive_rate']:.0%}",
@@ -343,4 +355,8 @@ def render_summary(result: DemoResult, console: Console) -> None:
     cfg = os.path.relpath(result.folder / "flywheel.yaml")
     console.print(
         f"explore: flywheel --config {cfg} experiment list | config show support_qa | stats"
+    )
+    console.print(
+        f"the week on the dashboard (each cycle one simulated day): flywheel --config {cfg} serve,"
+        " then open http://127.0.0.1:8700/"
     )

@@ -44,6 +44,11 @@ class Timeline:
             simulated += [day, day + TRAFFIC_SHARE * DAY, day + DAY]
         return real, simulated
 
+    def days(self) -> list[datetime]:
+        """When each cycle's simulated day begins."""
+        _, simulated = self.knots()
+        return [datetime.fromtimestamp(t, timezone.utc) for t in simulated[::3]]
+
     def map(self, t: float) -> float:
         real, simulated = self.knots()
         if not real:
