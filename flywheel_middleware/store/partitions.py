@@ -146,6 +146,17 @@ def _utc(conn: Any) -> None:
     conn.execute(text("SET LOCAL TimeZone = 'UTC'"))
 
 
+def lock_partitions(conn: Any) -> None:
+    """Hold, until ``conn``'s transaction ends, the lock that lets one process at a time
+    change this schema's partitions (``maintain`` and ``prune`` may run on several hosts)."""
+    conn.execute(
+        text(
+            "SELECT pg_advisory_xact_lock(hashtextextended("
+            "'flywheel_middleware.partitions:' || current_schema(), 0))"
+        )
+    )
+
+
 def _columns(conn: Any, table: str) -> list[str]:
     return list(
         conn.execute(
@@ -323,6 +334,7 @@ def maintain(
     for table in TIME_COLUMN:
         with store.engine.begin() as conn, store.unbounded(conn):
             _utc(conn)
+            lock_partitions(conn)
             if not is_partitioned(conn, table):
                 if not partition:
                     report.not_partitioned.append(table)

@@ -88,6 +88,9 @@ def _drop_partitions(store: Store, table: str, cutoff: datetime, report: PruneRe
         if part.end is None or part.end > cutoff:
             continue
         with store.engine.begin() as conn, store.unbounded(conn):
+            partitions.lock_partitions(conn)
+            if conn.execute(text("SELECT to_regclass(:p)"), {"p": part.name}).scalar() is None:
+                continue  # another prune dropped it meanwhile
             needed = conn.execute(
                 text(f'SELECT EXISTS (SELECT 1 FROM "{part.name}" t WHERE {_NEEDED[table]})')
             ).scalar()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
@@ -21,7 +22,7 @@ from flywheel_middleware.capture.records import (
 )
 from flywheel_middleware.cli import main
 from flywheel_middleware.recording.recorder import Recorder
-from flywheel_middleware.store import partitions
+from flywheel_middleware.store import partitions, retention
 from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.models import ConfigVersion, Experiment
 
@@ -244,6 +245,35 @@ def test_maintain_creates_partitions_ahead_idempotently_and_rehomes_stray_rows(
         assert conn.execute(text("SELECT count(*) FROM span")).scalar() == 2
     assert partitions.maintain(store, ahead=0, now=later).created == []
     store.dispose()
+
+
+@pytest.mark.postgres
+def test_maintain_and_prune_from_two_hosts_at_once_both_succeed(postgres_url, tmp_path):
+    stores = [Store(postgres_url), Store(postgres_url)]
+    old, _ = _records(timedelta(days=6), None, 2, "old")
+    _write(stores[0], old, tmp_path)
+    results: list = []
+
+    def both(job) -> None:
+        threads = [threading.Thread(target=lambda s=s: results.append(job(s))) for s in stores]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+
+    both(lambda s: partitions.maintain(s, partition=True, interval="day"))
+    assert len(results) == 2
+    converted = [table for r in results for table in r.converted]
+    assert sorted(converted) == sorted(TABLES)  # each table converted once, by one of them
+    results.clear()
+    both(lambda s: retention.prune(s, timedelta(days=3)))
+    assert len(results) == 2
+    assert sum(r.deleted["span"] for r in results) == 4  # each old row removed once
+    dropped = results[0].dropped + results[1].dropped
+    assert dropped and len(dropped) == len(set(dropped))  # each old partition dropped once
+    assert all(partitions.partition_list(stores[0], table) for table in TABLES)
+    for store in stores:
+        store.dispose()
 
 
 def test_maintain_on_sqlite_says_partitions_are_postgresql_only(tmp_path):
