@@ -1,7 +1,8 @@
 """Spans per second through ``POST /v1/traces`` (OTLP/HTTP protobuf) with zero loss, and the same
 spans through the Python API in the same run as the ceiling.
 
-The server is ``flywheel serve`` (uvicorn, one process) on a fresh SQLite store. Traces are
+The server is ``flywheel serve`` (uvicorn, one process) on a fresh SQLite store (or a fresh
+schema on PostgreSQL with ``--postgres URL``). Traces are
 agent runs of ``--spans-per-trace`` spans (an ``invoke_agent`` root with its question and answer
 as GenAI messages, ``chat`` spans with a model and token counts, ``execute_tool`` spans), their
 spans in the order an SDK exports them (children before their root) and cut into export
@@ -11,10 +12,13 @@ rollout is in the database; zero loss is checked by counting distinct span ids a
 there, and the token totals of every rollout against what was sent.
 
 The ceiling records the same traces with ``fw.rollout`` / ``fw.span`` in this process (same
-names, kinds, models, token counts, inputs and outputs) into another fresh SQLite store, until
-``fw.flush()`` returns.
+names, kinds, models, token counts, inputs and outputs) into another fresh store, until
+``fw.flush()`` returns. CPU seconds per span (the server and its writer process; this process
+for the ceiling) are printed too: unlike spans per second, other load on the machine does not
+change them much.
 
     .venv/bin/python benchmarks/otlp_ingest.py [--spans 204800] [--batch 512] [--threads 2]
+        [--postgres postgresql+psycopg://postgres@127.0.0.1:5432/test]
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ import argparse
 import json
 import os
 import random
-import sqlite3
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from ingest_load import KEY, free_port, start_server  # flywheel serve on a store, for benchmarks
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -205,33 +210,64 @@ def post_all(url: str, bodies: list[bytes], threads: int) -> dict[str, Any]:
     return {"latencies": sorted(latencies), "failures": failures, "rejected": rejected[0]}
 
 
-def counts(db: Path) -> tuple[int, int, int]:
-    con = sqlite3.connect(db, timeout=30)
+class Stores:
+    """Fresh stores, one per run: SQLite files in ``workdir``, or schemas on the PostgreSQL
+    server at ``postgres`` (dropped at the end)."""
+
+    def __init__(self, workdir: Path, postgres: str | None) -> None:
+        self.workdir = workdir
+        self.postgres = postgres
+        self.schemas: list[str] = []
+
+    def new(self, name: str) -> str:
+        if not self.postgres:
+            return f"sqlite:///{self.workdir / name}.db"
+        schema = f"fwbench_{name}_{uuid.uuid4().hex[:8]}"
+        with sa.create_engine(self.postgres).begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        self.schemas.append(schema)
+        sep = "&" if "?" in self.postgres else "?"
+        return f"{self.postgres}{sep}options=-csearch_path%3D{schema}"
+
+    def drop(self) -> None:
+        if self.schemas:
+            with sa.create_engine(self.postgres).begin() as conn:
+                for schema in self.schemas:
+                    conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+def counts(url: str) -> tuple[int, int, int]:
+    """Distinct span ids, rollouts and the rollouts' input tokens stored at ``url``."""
+    engine = sa.create_engine(url)
     try:
-        spans = con.execute("SELECT count(DISTINCT id) FROM span").fetchone()[0]
-        rollouts, tokens = con.execute(
-            "SELECT count(*), coalesce(sum(input_tokens), 0) FROM rollout"
-        ).fetchone()
+        with engine.connect() as conn:
+            spans = conn.execute(sa.text("SELECT count(DISTINCT id) FROM span")).scalar()
+            rollouts, tokens = conn.execute(
+                sa.text("SELECT count(*), coalesce(sum(input_tokens), 0) FROM rollout")
+            ).one()
+    except sa.exc.OperationalError:  # the schema is not there yet
+        return 0, 0, 0
     finally:
-        con.close()
-    return spans, rollouts, tokens
+        engine.dispose()
+    return spans, rollouts, int(tokens)
 
 
-def run_http(traces: list, bodies: list[bytes], threads: int, workdir: Path) -> dict[str, Any]:
-    db = workdir / "otlp.db"
+def run_http(
+    traces: list, bodies: list[bytes], threads: int, workdir: Path, url: str
+) -> dict[str, Any]:
     port = free_port()
     os.environ["FLYWHEEL_OTLP_SETTLE"] = "0.2"  # for the server: rollouts close soon
-    proc = start_server(f"sqlite:///{db}", port, workdir)
-    url = f"http://127.0.0.1:{port}"
+    proc = start_server(url, port, workdir)
+    base = f"http://127.0.0.1:{port}"
     spans = sum(len(t) for t in traces)
     try:
         cpu_before = cpu_seconds(proc.pid)
         t0 = time.perf_counter()
-        sent = post_all(url, bodies, threads)
+        sent = post_all(base, bodies, threads)
         send_s = time.perf_counter() - t0
         deadline = time.monotonic() + 300
         while True:
-            stored = counts(db)
+            stored = counts(url)
             if stored[0] >= spans and stored[1] >= len(traces):
                 break
             if time.monotonic() > deadline:
@@ -262,12 +298,11 @@ def run_http(traces: list, bodies: list[bytes], threads: int, workdir: Path) -> 
     }
 
 
-def run_python_api(traces: list, workdir: Path) -> dict[str, Any]:
+def run_python_api(traces: list, url: str) -> dict[str, Any]:
     """The same traces through ``fw.rollout`` / ``fw.span`` in this process."""
     import flywheel_middleware as fw
 
-    db = workdir / "api.db"
-    fw.configure(store_url=f"sqlite:///{db}")
+    fw.configure(store_url=url)
     fw.get_recorder()  # started before the clock
     spans = sum(len(t) for t in traces)
     # what an agent holds: messages and tool values as Python data (parsed before the clock)
@@ -307,7 +342,7 @@ def run_python_api(traces: list, workdir: Path) -> dict[str, Any]:
     total_s = time.perf_counter() - t0
     cpu_s = cpu_seconds(os.getpid()) - cpu0
     fw.shutdown()
-    stored = counts(db)
+    stored = counts(url)
     # fw.rollout adds no span of its own: each trace stored as its spans and one rollout
     return {
         "spans": spans,
@@ -327,6 +362,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=512, help="spans per export request")
     ap.add_argument("--spans-per-trace", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="client threads (connections)")
+    ap.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="store on this PostgreSQL server (fresh schemas) instead of SQLite files",
+    )
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
 
@@ -335,8 +375,12 @@ def main() -> int:
     expected_tokens = sum(s["attrs"].get("gen_ai.usage.input_tokens", 0) for t in traces for s in t)
     with tempfile.TemporaryDirectory(prefix="fw-otlp-bench-") as tmp:
         workdir = Path(tmp)
-        http = run_http(traces, bodies, args.threads, workdir)
-        api = run_python_api(traces, workdir)
+        stores = Stores(workdir, args.postgres)
+        try:
+            http = run_http(traces, bodies, args.threads, workdir, stores.new("otlp"))
+            api = run_python_api(traces, stores.new("api"))
+        finally:
+            stores.drop()
     http["lossless"] = (
         http["stored_spans"] == http["spans"]
         and http["stored_rollouts"] == len(traces)
