@@ -56,10 +56,11 @@ def register(main: click.Group) -> None:
             return
         for name, rows in report.converted.items():
             console.print(f"{name}: partitioned by time ({rows} rows copied)")
-        console.print(
-            f"{cli.shown_url}: {len(report.created)} partition(s) created"
-            + (f": {', '.join(report.created)}" if report.created else " (all there already)")
-        )
+        if len(report.not_partitioned) < len(partitions.TIME_COLUMN):
+            console.print(
+                f"{cli.shown_url}: {len(report.created)} partition(s) created"
+                + (f": {', '.join(report.created)}" if report.created else " (all there already)")
+            )
         for name, rows in report.moved.items():
             console.print(f"{name}: {rows} row(s) moved in from the DEFAULT partition")
         if report.not_partitioned:
