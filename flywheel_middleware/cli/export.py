@@ -190,6 +190,7 @@ def register(main: click.Group) -> None:
                     "unrated": result.unrated,
                     "rewards_refreshed": result.refreshed,
                     "failures": result.failures,
+                    "warnings": result.warnings,
                     "unknown_shapes": {
                         "count": result.unknown.count,
                         "example": result.unknown.example,
@@ -207,6 +208,8 @@ def register(main: click.Group) -> None:
             )
             for failure in result.failures:
                 err_console.print(f"[red]✗[/] {failure}")
+            for warning in result.warnings:
+                err_console.print(f"warning: {warning}", markup=False)
             if result.unknown.count:
                 err_console.print(f"skipped {result.unknown}", markup=False)
 

@@ -241,6 +241,7 @@ def _assemble(
         lambda tmp: datasets.write_tasks(board, tmp[0], tasks),
     )
     result.files[str(tasks_out)] = {"rows": tasks.count, **tasks.counts}
+    result.notes.extend(tasks.warnings)
     pref_out = Path(f"{base}.preference.jsonl")
     pref = datasets.ExportResult(kind="preference", path=pref_out)
     _replace(

@@ -37,7 +37,6 @@ PREFERENCE_KEYS = frozenset({"input", "preferred_output", "non_preferred_output"
 TRL_KEYS = frozenset({"prompt", "chosen", "rejected"})
 TASK_KEYS = frozenset({"main_query", "init_messages", "task_id", "env_type", "metadata"})
 TRIPLET_KEYS = frozenset({"prompt", "response", "reward", "metadata"})
-TRIPLET_PROVENANCE = frozenset({"rollout_id", "config_version_id", "workflow"})
 FORMATS = ("sft", "preference", "trl", "tasks", "triplets")
 
 # OpenAI's pattern for a function's name.
@@ -367,7 +366,7 @@ class _TaskRules:
 
 
 def _triplet(row: dict[str, Any]) -> Iterator[str]:
-    extra = sorted(set(row) - TRIPLET_KEYS - TRIPLET_PROVENANCE)
+    extra = sorted(set(row) - TRIPLET_KEYS)
     if extra:
         yield (
             f"keys {extra} are not fields of Agent Lightning's Triplet "
@@ -382,10 +381,11 @@ def _triplet(row: dict[str, Any]) -> Iterator[str]:
         ):
             yield f"'{key}' is empty"
     yield from _reward(row.get("reward"), "reward")
-    if "metadata" in row and not isinstance(row["metadata"], dict):
+    metadata = row.get("metadata", {})
+    if not isinstance(metadata, dict):
         yield "'metadata' must be an object"
-    if "rollout_id" in row and not _text(row["rollout_id"]):
-        yield "'rollout_id' must be a non-empty string"
+    elif "rollout_id" in metadata and not _text(metadata["rollout_id"]):
+        yield "'metadata.rollout_id' must be a non-empty string"
 
 
 def _reward(value: Any, where: str) -> Iterator[str]:

@@ -87,6 +87,7 @@ class ExportResult:
     bad: int = 0
     unrated: int = 0
     refreshed: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 # -- time windows ------------------------------------------------------------------------------
@@ -286,18 +287,21 @@ def apply_filters(
 
 
 def triplet_row(row: dict[str, Any], unknown: Unknown | None = None) -> dict[str, Any] | None:
-    """Agent Lightning's (prompt, response, reward), with provenance; None without both texts."""
+    """Agent Lightning's ``Triplet`` (prompt, response, reward), provenance in its ``metadata``
+    (a ``Triplet`` drops other keys); None without both texts."""
     prompt = question_text(row["input"], unknown)
     response = answer_text(row["output"], unknown)
     if not prompt.strip() or not response.strip():
         return None
     return {
-        "rollout_id": row["id"],
-        "config_version_id": row["config_version_id"],
-        "workflow": row["workflow"],
         "prompt": prompt,
         "response": response,
         "reward": row["reward"],
+        "metadata": {
+            "rollout_id": row["id"],
+            "config_version_id": row["config_version_id"],
+            "workflow": row["workflow"],
+        },
     }
 
 
@@ -741,13 +745,14 @@ def preference_row(question: str, chosen: str, rejected: str, fmt: str) -> dict[
 @dataclass
 class QuestionBoard:
     """Per question, what ``tasks`` and ``preference`` keep: the best task (after the reward
-    policy) and the best and worst rated answers. Memory grows with the number of distinct
-    questions, not rollouts; boards of disjoint time ranges merge into the board of their union
-    (so the controller re-reads only the days that changed)."""
+    policy), and the two best and two worst rated answers of distinct text (so a pair never
+    sets an answer against itself). Memory grows with the number of distinct questions, not
+    rollouts; boards of disjoint time ranges merge into the board of their union (so the
+    controller re-reads only the days that changed)."""
 
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    best: dict[str, dict[str, Any]] = field(default_factory=dict)
-    worst: dict[str, dict[str, Any]] = field(default_factory=dict)
+    best: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    worst: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def offer_task(self, key: str, task: dict[str, Any]) -> bool:
         """Keep ``task`` if it beats the question's current one; False if it was a duplicate."""
@@ -757,19 +762,25 @@ class QuestionBoard:
         return current is None
 
     def offer_rated(self, key: str, answer: dict[str, Any]) -> None:
-        if key not in self.best or answer["reward"] > self.best[key]["reward"]:
-            self.best[key] = answer
-        if key not in self.worst or answer["reward"] < self.worst[key]["reward"]:
-            self.worst[key] = answer
+        self.best[key] = _two_distinct(self.best.get(key, []), answer, sign=1)
+        self.worst[key] = _two_distinct(self.worst.get(key, []), answer, sign=-1)
+
+    def pair(self, key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The widest-margin (chosen, rejected) of different answers; None if there is none.
+        It is among the two best and two worst distinct answers kept."""
+        pairs = [
+            (b, w) for b in self.best[key] for w in self.worst[key] if b["answer"] != w["answer"]
+        ]
+        return max(pairs, key=lambda p: p[0]["reward"] - p[1]["reward"], default=None)
 
     def merge(self, later: QuestionBoard) -> None:
         """Take in the board of a later time range (a tie keeps the earlier answer)."""
         for key, task in later.tasks.items():
             self.offer_task(key, task)
-        for key, answer in later.best.items():
-            self.offer_rated(key, answer)
-        for key, answer in later.worst.items():
-            self.offer_rated(key, answer)
+        for side in (later.best, later.worst):
+            for key, answers in side.items():
+                for answer in answers:
+                    self.offer_rated(key, answer)
 
     def dump(self, path: Path) -> None:
         with path.open("w", encoding="utf-8") as fh:
@@ -785,6 +796,20 @@ class QuestionBoard:
                 entry = orjson.loads(line)
                 getattr(board, entry["part"])[entry["key"]] = entry["value"]
         return board
+
+
+def _two_distinct(
+    kept: list[dict[str, Any]], answer: dict[str, Any], *, sign: int
+) -> list[dict[str, Any]]:
+    """The two answers of distinct text with the highest ``sign * reward`` (earlier on ties)."""
+    for i, other in enumerate(kept):
+        if other["answer"] == answer["answer"]:
+            if sign * answer["reward"] <= sign * other["reward"]:
+                return kept
+            kept = kept[:i] + kept[i + 1 :]
+            break
+    ranked = sorted([*kept, answer], key=lambda a: -sign * a["reward"])  # stable: earlier first
+    return ranked[:2]
 
 
 def _fill_board(
@@ -881,8 +906,11 @@ def write_preference(
     """A question's best answer against its worst, when the margin holds and the best is good."""
     policy = policy or _Policy()
     with _RowsWithProvenance(out, inline) as sink:
-        for key, chosen in board.best.items():
-            rejected = board.worst[key]
+        for key in board.best:
+            pair = board.pair(key)
+            if pair is None:
+                continue
+            chosen, rejected = pair
             gap = chosen["reward"] - rejected["reward"]
             if gap <= 0 or gap < min_margin:
                 continue
@@ -952,6 +980,11 @@ def write_tasks(
             (val_fh if split == "validation" else train_fh).write(_dump(task))
             counts[split] += 1
     result.count = counts["train"] + counts["validation"]
+    if val_fraction > 0 and counts["train"] and not counts["validation"]:
+        result.warnings.append(  # AgentJet refuses an empty file
+            f"no question fell in the validation split ({counts['train']} questions, "
+            f"val_fraction {val_fraction}): {val.name} is empty"
+        )
     result.paths = {"train": out, **({"validation": val} if val_fraction > 0 else {})}
     result.counts = counts
 

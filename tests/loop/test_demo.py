@@ -49,7 +49,13 @@ def test_demo_promotes_a_better_config_and_exports_datasets(tmp_path):
         # the default curation policy: no bad-rated answer, one task per question
         sft_path = folder / "datasets" / "support_qa.sft.jsonl"
         assert check_file(sft_path, "sft") == []  # the demo's own data passes the rules
-        assert check_file(folder / "datasets" / "support_qa.preference.jsonl", "preference") == []
+        for name, kind in (
+            ("preference", "preference"),
+            ("tasks", "tasks"),
+            ("tasks.val", "tasks"),
+            ("triplets", "triplets"),
+        ):
+            assert check_file(folder / "datasets" / f"support_qa.{name}.jsonl", kind) == []
         provenance = [json.loads(x) for x in meta_path(sft_path).open()]
         assert all(r["reward"] is None or r["reward"] >= 0.5 for r in provenance)
         tasks = [

@@ -39,7 +39,7 @@ def test_rewards_export_analyze(fw, sqlite_url, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 6  # ratings 3, 4, 5 (twice each) -> reward >= 0.5
-    assert all(r["reward"] >= 0.5 and r["rollout_id"] in ids for r in rows)
+    assert all(r["reward"] >= 0.5 and r["metadata"]["rollout_id"] in ids for r in rows)
     assert f"wrote 6 rows to {out}" in " ".join(result.output.split())
 
     result = run(

@@ -109,3 +109,32 @@ def test_each_part_of_the_policy_switches_off(fw, tmp_path) -> None:
     assert pairs.count == 3 * QUESTIONS + 1
     wide = export(store, "preference", "qa", tmp_path / "p.jsonl", min_margin=1.01)
     assert wide.count == 0
+
+
+def test_an_empty_validation_split_is_said(fw, tmp_path) -> None:
+    """AgentJet refuses an empty file: an export whose questions all fell in train says so."""
+    record(fw, "Do you ship abroad?", "Yes, to 40 countries.", rating=5)
+    assert fw.flush(10)
+    result = export(fw.get_store(), "tasks", "qa", tmp_path / "k.jsonl", val_fraction=0.01)
+    assert result.counts == {"train": 1, "validation": 0}
+    assert any("k.val.jsonl is empty" in w for w in result.warnings)
+
+
+def test_a_preference_pair_never_sets_an_answer_against_itself(fw, tmp_path) -> None:
+    """The same text rated 5 by one user and 1 by another is no preference; a different
+    answer is paired with it instead, and a question with one answer text gets no pair."""
+    for rating in (5, 1):
+        record(fw, "Can I pay by card?", "Yes, all major cards.", rating=rating)
+        record(fw, "Is there a free plan?", "Yes, up to 3 seats.", rating=rating)
+    record(fw, "Can I pay by card?", "Only by bank transfer.", rating=3)
+    assert fw.flush(10)
+    result = export(fw.get_store(), "preference", "qa", tmp_path / "p.jsonl")
+    pairs = read(tmp_path / "p.jsonl")
+    assert result.count == len(pairs) == 1
+    [pair] = pairs
+    assert pair["input"]["messages"][0]["content"] == "Can I pay by card?"
+    assert pair["preferred_output"] != pair["non_preferred_output"]
+    assert {pair["preferred_output"][0]["content"], pair["non_preferred_output"][0]["content"]} == {
+        "Yes, all major cards.",
+        "Only by bank transfer.",
+    }

@@ -248,12 +248,10 @@ GOOD_TASK = {
 }
 
 GOOD_TRIPLET = {
-    "rollout_id": "r-1",
-    "config_version_id": 3,
-    "workflow": "support_qa",
     "prompt": "How do I delete my account?",
     "response": "Open Settings → Account and choose Delete.",
     "reward": 0.75,
+    "metadata": {"rollout_id": "r-1", "config_version_id": 3, "workflow": "support_qa"},
 }
 
 
@@ -305,8 +303,12 @@ def test_each_broken_task_rule_is_named(change, said):
         (lambda r: r.update(reward="1"), "'reward' must be a number or null, not '1'"),
         (lambda r: r.update(reward=True), "'reward' must be a number or null, not True"),
         (lambda r: r.update(metadata=[]), "'metadata' must be an object"),
-        (lambda r: r.update(rollout_id=""), "'rollout_id' must be a non-empty string"),
+        (
+            lambda r: r["metadata"].update(rollout_id=""),
+            "'metadata.rollout_id' must be a non-empty string",
+        ),
         (lambda r: r.update(score=1), "keys ['score'] are not fields of Agent Lightning's"),
+        (lambda r: r.update(rollout_id="r-1"), "keys ['rollout_id'] are not fields of Agent"),
     ],
 )
 def test_each_broken_triplet_rule_is_named(change, said):

@@ -64,28 +64,27 @@ def test_triplets(populated, tmp_path) -> None:
     result = export(fw.get_store(), "triplets", "qa", tmp_path / "t.jsonl", bad_below=None)
     rows = read(tmp_path / "t.jsonl")
     assert result.count == len(rows) == 5  # the failed rollout and the other workflow are out
-    by_id = {r["rollout_id"]: r for r in rows}
+    by_id = {r["metadata"]["rollout_id"]: r for r in rows}
     assert set(by_id) == {ids[k] for k in ("good", "bad", "mid", "chat", "unrated")}
     assert by_id[ids["good"]] == {
-        "rollout_id": ids["good"],
-        "config_version_id": 1,
-        "workflow": "qa",
         "prompt": "What is 2+2?",
         "response": "4",
         "reward": 1.0,
+        "metadata": {"rollout_id": ids["good"], "config_version_id": 1, "workflow": "qa"},
     }
-    assert by_id[ids["bad"]]["reward"] == 0.0 and by_id[ids["bad"]]["config_version_id"] == 2
+    bad = by_id[ids["bad"]]
+    assert bad["reward"] == 0.0 and bad["metadata"]["config_version_id"] == 2
     assert by_id[ids["chat"]]["prompt"] == "Capital of France?"
     assert by_id[ids["chat"]]["response"] == "Paris"
     assert by_id[ids["unrated"]]["reward"] is None
     # by default the bad-rated answer (reward 0 < 0.5) is left out, the unrated one kept
     default = export(fw.get_store(), "triplets", "qa", tmp_path / "d.jsonl")
-    assert {r["rollout_id"] for r in read(tmp_path / "d.jsonl")} == {
+    assert {r["metadata"]["rollout_id"] for r in read(tmp_path / "d.jsonl")} == {
         ids[k] for k in ("good", "mid", "chat", "unrated")
     }
     assert (default.bad, default.unrated) == (1, 0)
     only_rewarded = export(fw.get_store(), "triplets", "qa", tmp_path / "r.jsonl", min_reward=0.5)
-    assert {r["rollout_id"] for r in read(tmp_path / "r.jsonl")} == {
+    assert {r["metadata"]["rollout_id"] for r in read(tmp_path / "r.jsonl")} == {
         ids["good"],
         ids["mid"],
         ids["chat"],
@@ -191,7 +190,11 @@ def test_export_with_filters_and_a_failing_filter(populated, tmp_path) -> None:
     rows = read(tmp_path / "f.jsonl")
     # the bad-rated answer is out before the filters; dedupe on input keeps the first
     # "What is 2+2?" of the rest; the broken filter is reported, not fatal
-    assert {r["rollout_id"] for r in rows} == {ids["good"], ids["chat"], ids["unrated"]}
+    assert {r["metadata"]["rollout_id"] for r in rows} == {
+        ids["good"],
+        ids["chat"],
+        ids["unrated"],
+    }
     assert result.dropped == {"dedupe": 1} and result.bad == 1
     assert len(result.failures) == 1
     assert "always_fails" in result.failures[0] and "filter exploded" in result.failures[0]
@@ -229,7 +232,7 @@ def test_sft_and_triplets_from_a_real_langchain_chain(fw, tmp_path) -> None:
     ]
     export(fw.get_store(), "triplets", "lcqa", tmp_path / "t.jsonl")
     [t] = read(tmp_path / "t.jsonl")
-    assert (t["prompt"], t["response"], t["rollout_id"]) == (
+    assert (t["prompt"], t["response"], t["metadata"]["rollout_id"]) == (
         "Capital of France?",
         "Paris",
         row["rollout_id"],
@@ -264,7 +267,7 @@ def test_export_through_the_rubric_judge_remembers_verdicts(fw_any, tmp_path) ->
         result = export(
             store, "triplets", "qa", tmp_path / "a.jsonl", config=config("r1"), filters=True
         )
-        assert [r["rollout_id"] for r in read(tmp_path / "a.jsonl")] == [good]
+        assert [r["metadata"]["rollout_id"] for r in read(tmp_path / "a.jsonl")] == [good]
         assert result.dropped == {"llm_rubric": 2} and len(server.requests) == 3
         # GOOD and BAD verdicts are stored as judge feedback and reused; the garbage one is asked again
         export(store, "sft", "qa", tmp_path / "b.jsonl", config=config("r1"), filters=True)
