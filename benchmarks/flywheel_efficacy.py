@@ -386,8 +386,139 @@ def run_lives(args) -> None:
     )
 
 
+def controller_life(rng, pop: Population, effects: list[float], cycles: int, folder: Path):
+    """One life through the real controller: ``run_cycle`` in ``auto`` mode on a SQLite store,
+    each request assigned by the real resolver, its rollout and rating inserted in bulk.
+    Returns (false promotions, cycle the best config was promoted or None, experiments)."""
+    from sqlalchemy import insert
+
+    from flywheel_middleware.capture.records import utcnow
+    from flywheel_middleware.config import config_from_dict
+    from flywheel_middleware.loop import versions
+    from flywheel_middleware.loop.controller import run_cycle
+    from flywheel_middleware.store.database import Store
+    from flywheel_middleware.store.models import Feedback, Rollout
+
+    config = config_from_dict(
+        {
+            "workflows": {
+                "sim": {
+                    "config": {"knob": 0},
+                    "tunable": {"knob": {"choices": list(range(len(effects)))}},
+                    "experiment": {
+                        "unit": "user_id",
+                        "candidate_traffic": WEIGHTS[1],
+                        "max_candidates": 2,
+                        "min_samples": 100,
+                    },
+                }
+            },
+            "mutators": [{"type": "param", "params": {"seed": int(rng.integers(1 << 30))}}],
+            "analysis": {"since_minutes": 1440},
+            "controller": {"mode": "auto", "report_dir": str(folder / "reports")},
+        }
+    )
+    store = Store(f"sqlite:///{folder / 'flywheel.db'}")
+    resolver = versions.StoreResolver(store, config, ttl=3600, background=False)
+    versions.ensure_workflow(store, config, "sim")
+    shifts = {e: pop.shift_for(e) for e in set(effects)}
+    best = max(effects)
+    false_promotions, found, started, serial = 0, None, 0, 0
+    try:
+        for cycle in range(1, cycles + 1):
+            sent = rng.poisson(pop.activity)
+            rollouts, feedback = [], []
+            now = utcnow()
+            for user in np.flatnonzero(sent):
+                chosen = resolver.resolve("sim", f"user{user}")
+                p = float(expit(pop.logit[user] + shifts[effects[chosen.config["knob"]]]))
+                for good in rng.random(int(sent[user])) < p:
+                    serial += 1
+                    rid = f"r{serial}"
+                    rollouts.append(
+                        {
+                            "id": rid,
+                            "workflow": "sim",
+                            "user_id": f"user{user}",
+                            "config_version_id": chosen.version_id,
+                            "experiment_id": chosen.experiment_id,
+                            "variant": chosen.variant,
+                            "propensity": chosen.propensity,
+                            "status": "succeeded",
+                            "started_at": now,
+                            "ended_at": now,
+                            "latency_ms": 100.0,
+                        }
+                    )
+                    feedback.append(
+                        {
+                            "rollout_id": rid,
+                            "source": "explicit",
+                            "key": "rating",
+                            "value": 5.0 if good else 1.0,
+                            "created_at": now,
+                        }
+                    )
+            with store.session() as session:  # in bulk: the agent's side is not measured here
+                session.execute(insert(Rollout.__table__), rollouts)
+                session.execute(insert(Feedback.__table__), feedback)
+            before = versions.active_version(store, "sim").config["knob"]
+            report = run_cycle(store, config, "auto", workflows=["sim"], curate_data=False)
+            resolver.invalidate()
+            started += len(report.started)
+            if report.promoted:
+                after = versions.active_version(store, "sim").config["knob"]
+                false_promotions += effects[after] <= effects[before]
+                if found is None and effects[after] == best > effects[before]:
+                    found = cycle
+    finally:
+        store.dispose()
+    return false_promotions, found, started
+
+
+def run_controller_lives(args) -> None:
+    import tempfile
+
+    print(
+        f"\nthe same lives through the real controller (run_cycle, auto mode, SQLite, the "
+        f"resolver's assignment, the param mutator's order): {args.controller_lives} per scenario"
+    )
+    for scenario, better in (("A/A", 0.0), ("+5 pts", 0.05)):
+        rng = np.random.default_rng([args.seed, 7, int(better * 100)])
+        any_false, found_at, experiments = 0, [], []
+        began = time.perf_counter()
+        for _ in range(args.controller_lives):
+            pop = Population.draw(rng, args.users, args.p0, args.user_spread, args.users_per_cycle)
+            effects = [0.0] * args.space
+            effects[int(rng.integers(1, args.space))] = better
+            with tempfile.TemporaryDirectory() as tmp:
+                false, found, started = controller_life(rng, pop, effects, args.cycles, Path(tmp))
+            any_false += false > 0
+            experiments.append(started)
+            if found is not None and better > 0:
+                found_at.append(found)
+        median = f"{np.median(found_at):.0f}" if found_at else "–"
+        print(
+            f"  {scenario:<7} lives with a false promotion {any_false}/{args.controller_lives}, "
+            f"experiments per life {np.mean(experiments):.1f}"
+            + (
+                f", lives promoting the +5 config {len(found_at)}/{args.controller_lives} "
+                f"(median cycles {median})"
+                if better
+                else ""
+            )
+            + f"  [{time.perf_counter() - began:.0f}s]"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--controller-lives",
+        type=int,
+        default=0,
+        help="also run this many lives per scenario through the real controller (slow)",
+    )
     ap.add_argument("--part", choices=["experiments", "lives", "all"], default="all")
     ap.add_argument("--lives", type=int, default=200)
     ap.add_argument("--cycles", type=int, default=60)
@@ -409,6 +540,8 @@ def main() -> None:
         run_experiments(args)
     if args.part in ("lives", "all"):
         run_lives(args)
+        if args.controller_lives:
+            run_controller_lives(args)
     print(f"\n{time.perf_counter() - started:.1f}s")
 
 

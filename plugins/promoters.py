@@ -33,8 +33,9 @@ For the objective metric, let Δ̂ = mean_candidate − mean_baseline with varia
 V = V_c + V_b, so Δ̂ ≈ N(θ, V). Each V is the variance of a variant's mean clustered by the
 experiment's randomization unit (``VariantStats.mean_variance``: the delta-method variance of a
 ratio of per-unit sums), so a user who sends many requests counts as one correlated cluster,
-not as many independent observations; with one request per unit it is s²/n. With a half-normal mixing prior of scale τ on
-θ > 0, the likelihood ratio against H0: θ ≤ 0 integrates in closed form to
+not as many independent observations; with one request per unit it is s²/n. With a
+half-normal mixing prior of scale τ on θ > 0, the likelihood ratio against H0: θ ≤ 0
+integrates in closed form to
 
     Λ⁺ = 2 · sqrt(V / (V + τ²)) · exp(Δ̂² τ² / (2 V (V + τ²))) · Φ(Δ̂ τ / sqrt(V (V + τ²))).
 

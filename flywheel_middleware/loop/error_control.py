@@ -11,7 +11,8 @@ tests (Bretz, Maurer, Brannath & Posch, Statistics in Medicine 2009):
 * experiment j (the j-th of its workflow, in start order) receives the share
   sⱼ = γⱼ + cⱼ of the level, where γⱼ = 1 / (j (j + 1)) (Σ γⱼ = 1, so after j experiments
   1 / (j + 1) of the budget is still uncommitted) and cⱼ is the share of the candidate the
-  previous experiment promoted (0 if it promoted none);
+  previous experiment promoted (0 if it promoted none); a boundary grows only like √(ln 1/α),
+  so the tenth experiment's horizon is about twice the first's rather than fifty times;
 * sⱼ is split equally over the candidates experiment j *started* with, so each candidate is
   tested at αᵢ = level · sⱼ / kⱼ whatever later happens to the others (dropping a loser does
   not raise the survivor's level);
