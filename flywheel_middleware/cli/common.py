@@ -41,15 +41,22 @@ class Cli:
 
     @property
     def config(self) -> FlywheelConfig:
-        """The configuration, its plugin references checked (types, params, dotted paths):
-        a mistake is an error naming the file, line, key path and valid choices."""
+        """The configuration, its plugin references checked (types, params, ``plugins:``
+        paths): a mistake is an error naming the file, line, key path and valid choices."""
         if self._config is None:
             from flywheel_middleware.plugin_system.manager import require_valid_plugins
 
             config = self.config_as_written
-            require_valid_plugins(config)
+            require_valid_plugins(config, create=False)
             self._config = config
         return self._config
+
+    def require_buildable_plugins(self) -> None:
+        """Create every configured plugin once (dotted-path params imported, the plugins'
+        own checks run): what the loop does before a cycle, so a mistake fails the command."""
+        from flywheel_middleware.plugin_system.manager import require_valid_plugins
+
+        require_valid_plugins(self.config)
 
     @property
     def config_as_written(self) -> FlywheelConfig:

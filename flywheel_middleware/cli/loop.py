@@ -9,7 +9,17 @@ from typing import Any
 import click
 from rich.table import Table
 
-from flywheel_middleware.cli.common import Cli, command, console, echo_json, err_console
+from flywheel_middleware.cli.common import (
+    Cli,
+    command,
+    console,
+    echo_json,
+    err_console,
+    json_option,
+    short,
+    table,
+)
+from flywheel_middleware.errors import ConfigError
 
 # The loop's modules (the store, SQLAlchemy) are imported inside each command, so that
 # `flywheel --help` stays fast; these two mirror flywheel_middleware.loop.experiments
@@ -102,7 +112,7 @@ def register(main: click.Group) -> None:
                 r.created_by,
                 f"v{parents[r.parent_id]}" if r.parent_id in parents else "–",
                 r.config_hash[:10],
-                (r.note or "")[:80],
+                short(r.note, 80),
             )
         console.print(table)
         history = versions.deployment_history(cli.store, workflow)[-10:]
@@ -118,7 +128,7 @@ def register(main: click.Group) -> None:
                     f"v{numbers[ev.from_version_id]}" if ev.from_version_id in numbers else "–",
                     f"v{numbers[ev.to_version_id]}" if ev.to_version_id in numbers else "–",
                     ev.actor,
-                    (ev.reason or "")[:90],
+                    short(ev.reason, 90),
                 )
             console.print(hist)
         if shown is not None:
@@ -182,16 +192,39 @@ def register(main: click.Group) -> None:
     @command(experiment_group, "list")
     @click.option("--workflow", "-w", default=None)
     @click.option("--status", type=click.Choice(EXPERIMENT_STATUSES), default=None)
-    def experiment_list(cli: Cli, workflow: str | None, status: str | None) -> None:
-        """Experiments, newest first, with their variants' traffic and rollouts."""
+    @json_option
+    def experiment_list(cli: Cli, workflow: str | None, status: str | None, as_json: bool) -> None:
+        """Experiments, newest first, with their variants' traffic and served rollouts."""
         from flywheel_middleware.loop import experiments as ex
 
-        table = Table(title="experiments")
-        for col in ("id", "workflow", "status", "started", "variants", "rollouts", "decision"):
-            table.add_column(col)
-        for exp in ex.list_experiments(cli.store, workflow=workflow, status=status):
-            stats = ex.experiment_stats(cli.store, exp, cli.config)
-            table.add_row(
+        rows = [
+            (exp, ex.experiment_stats(cli.store, exp, cli.config))
+            for exp in ex.list_experiments(cli.store, workflow=workflow, status=status)
+        ]
+        if as_json:
+            echo_json(
+                [
+                    {
+                        "id": exp.id,
+                        "workflow": exp.workflow,
+                        "status": exp.status,
+                        "started_at": exp.started_at,
+                        "variants": [
+                            {"name": v["name"], "weight": float(v["weight"])} for v in exp.variants
+                        ],
+                        "rollouts_served": {n: v.rollouts for n, v in stats.variants.items()},
+                        "decision": (exp.decision or {}).get("action"),
+                    }
+                    for exp, stats in rows
+                ]
+            )
+            return
+        out = table(
+            "experiments",
+            ("id", "workflow", "status", "started", "variants", "rollouts served", "decision"),
+        )
+        for exp, stats in rows:
+            out.add_row(
                 str(exp.id),
                 exp.workflow,
                 exp.status,
@@ -200,7 +233,7 @@ def register(main: click.Group) -> None:
                 ", ".join(str(v.rollouts) for v in stats.variants.values()),
                 ((exp.decision or {}).get("action") or "") if exp.status != "running" else "",
             )
-        console.print(table)
+        console.print(out)
 
     @command(experiment_group, "show")
     @click.argument("experiment_id", type=int)
@@ -243,7 +276,13 @@ def register(main: click.Group) -> None:
                 + f" — {d.reason}"
             )
         if exp.decision:
-            console.print(f"decision: {_flat(exp.decision)[:300]}")
+            d = exp.decision
+            console.print(
+                f"decision: [bold]{d.get('action')}[/]"
+                + (f" {d['variant']}" if d.get("variant") else "")
+                + (f" by {d['actor']}" if d.get("actor") else "")
+                + (f" — {short(d.get('reason'), 300)}" if d.get("reason") else "")
+            )
 
     @command(experiment_group, "start")
     @click.argument("workflow")
@@ -414,6 +453,7 @@ def register(main: click.Group) -> None:
 
         One cycle runs at a time per store: while another process's cycle runs, this one
         waits for it and says whose it is."""
+        cli.require_buildable_plugins()  # a configuration mistake: exit 1 before any work
         with _cycle_lock(cli).held_for(on_wait=_say_waiting):
             report = _run_cycle(cli, mode, list(workflows) or None)
         if as_json:
@@ -435,6 +475,7 @@ def register(main: click.Group) -> None:
         else:
             interval = parse_every(cli.config.controller.every, "controller.every in the config")
         done = 0
+        cli.require_buildable_plugins()  # a configuration mistake: exit 1 before any work
         console.print(f"running the flywheel every {interval:g}s — Ctrl-C stops")
         lock = _cycle_lock(cli)
         try:
@@ -449,6 +490,8 @@ def register(main: click.Group) -> None:
                             console.print(
                                 f"cycle {done + 1} on {lock.name}: {began} → {_utc_now()}"
                             )
+                except ConfigError:  # a mistake in the file fails every cycle: stop, exit 1
+                    raise
                 except Exception as exc:  # one failed cycle must not end the schedule
                     console.print(f"[red]cycle failed:[/] {type(exc).__name__}: {exc}")
                 done += 1
@@ -553,32 +596,54 @@ def render_stats(exp: Any, stats: Any) -> Table:
 
 
 def print_cycle(report: Any) -> None:
+    """The cycle's report as tables (the Markdown file has the same tables and the details)."""
     console.rule(f"flywheel cycle ({report.mode})")
-    for p in report.problems:
-        console.print(
-            f"[yellow]problem[/] {p.get('workflow')}"
-            + (f"/{p['node']}" if p.get("node") else "")
-            + f": {p.get('reason') or p}"
+    if report.problems:
+        out = table("problems found", ("workflow", "node", "problem", "source"))
+        for p in report.problems:
+            out.add_row(
+                p.get("workflow"),
+                p.get("node") or "–",
+                short(p.get("reason") or p, 120),
+                p.get("source") or "",
+            )
+        console.print(out)
+    if report.decisions:
+        out = table(
+            "running experiments", ("experiment", "workflow", "decision", "variant", "done")
         )
-    for d in report.decisions:
-        console.print(
-            f"experiment {d['experiment_id']} ({d['workflow']}): [bold]{d['action']}[/]"
-            + (f" {d['variant']}" if d.get("variant") else "")
-            + (f" — {d['applied']}" if d.get("applied") else "")
-        )
-        if d.get("approve"):
-            console.print(f"  approve with: [bold]{d['approve']}[/]")
-    for s in report.started:
-        console.print(
-            f"[green]started[/] experiment {s['experiment_id']} on {s['workflow']}: "
-            f"{', '.join(s['candidates'])} at {s['traffic']:.0%} each"
-        )
-    for p in report.proposals:
-        if report.mode == "suggest":
+        for d in report.decisions:
+            out.add_row(
+                str(d["experiment_id"]),
+                d["workflow"],
+                f"[bold]{d['action']}[/]",
+                d.get("variant") or "–",
+                short(d.get("applied"), 80) or "–",
+            )
+        console.print(out)
+        for d in report.decisions:
+            if d.get("approve"):
+                console.print(
+                    f"approve experiment {d['experiment_id']} with: [bold]{d['approve']}[/]"
+                )
+    if report.started:
+        out = table("started experiments", ("experiment", "workflow", "candidates", "traffic each"))
+        for s in report.started:
+            out.add_row(
+                str(s["experiment_id"]),
+                s["workflow"],
+                ", ".join(s["candidates"]),
+                f"{s['traffic']:.0%}",
+            )
+        console.print(out)
+    if report.mode == "suggest":
+        for p in report.proposals:
+            out = table(f"suggested for {p['workflow']}", ("mutator", "change"))
             for c in p["candidates"]:
-                console.print(f"suggested for {p['workflow']}: {c['note']}")
+                out.add_row(c.get("mutator") or "", short(c["note"], 160))
+            console.print(out)
     if not (report.problems or report.decisions or report.started):
         console.print("no hot problems and no running experiments: nothing to do")
     for note in report.notes:
-        console.print(f"[dim]note: {note}[/]")
+        console.print(f"[dim]note: {short(note, 300)}[/]")
     console.print(f"report: {report.report_path}")

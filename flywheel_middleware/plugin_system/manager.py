@@ -262,21 +262,7 @@ class FlywheelPluginManager:
             def locate(*sub: str | int) -> str:
                 return f"{prefix}.{key_path(sub)}" if sub else prefix
 
-        if isinstance(spec, dict):
-            try:
-                spec = PluginSpec.model_validate(spec)
-            except ValidationError as exc:
-                raise PluginSpecError(_params_errors(exc, locate, (), PluginSpec)) from None
-        known = self.types(kind)
-        info = known.get(spec.type)
-        if info is None:
-            raise PluginSpecError([self._unknown_type(kind, spec.type, locate("type"))])
-        try:
-            params = info.cls.Params.model_validate(spec.params)
-        except ValidationError as exc:
-            raise PluginSpecError(
-                _params_errors(exc, locate, ("params",), info.cls.Params)
-            ) from None
+        spec, info, params = self.resolve(kind, spec, locate)
         try:
             plugin = info.cls(params, context)
         except (ConfigError, PluginError) as exc:  # the plugin's own check of its params
@@ -288,6 +274,26 @@ class FlywheelPluginManager:
         plugin.name = spec.name or spec.type
         plugin.weight = spec.weight
         return plugin
+
+    def resolve(
+        self, kind: str, spec: PluginSpec | dict[str, Any], locate: Locate
+    ) -> tuple[PluginSpec, PluginInfo, BaseModel]:
+        """The spec's plugin class and validated params, without creating the plugin."""
+        if isinstance(spec, dict):
+            try:
+                spec = PluginSpec.model_validate(spec)
+            except ValidationError as exc:
+                raise PluginSpecError(_params_errors(exc, locate, (), PluginSpec)) from None
+        info = self.types(kind).get(spec.type)
+        if info is None:
+            raise PluginSpecError([self._unknown_type(kind, spec.type, locate("type"))])
+        try:
+            params = info.cls.Params.model_validate(spec.params)
+        except ValidationError as exc:
+            raise PluginSpecError(
+                _params_errors(exc, locate, ("params",), info.cls.Params)
+            ) from None
+        return spec, info, params
 
     def _unknown_type(self, kind: str, name: str, where: str) -> str:
         """An unknown type, the valid ones, a near miss, and packages that did not load."""
@@ -498,11 +504,13 @@ def config_plugin_specs(
             yield "reward", (*prefix, "evaluation", "judges", index), spec
 
 
-def check_config(config: FlywheelConfig) -> list[str]:
+def check_config(config: FlywheelConfig, *, create: bool = True) -> list[str]:
     """Every problem with the configuration's own plugins, one line each naming the file,
     line and key path: ``plugins:`` entries that do not import or whose hooks fail, unknown
-    types (with the valid ones), invalid params. Empty when all build. Installed packages
-    the configuration does not use are not its problems (``package_failures``)."""
+    types (with the valid ones), invalid params, and with ``create`` what the plugins' own
+    checks refuse (a dotted-path param that does not import, an unsafe rule expression).
+    Empty when all build. Installed packages the configuration does not use are not its
+    problems (``package_failures``)."""
     manager = plugin_manager(config, strict=False)
     problems = list(manager.dotted_problems)
     for index, path in enumerate(config.plugins):
@@ -510,8 +518,12 @@ def check_config(config: FlywheelConfig) -> list[str]:
             if failure.where == f"{DOTTED_ORIGIN} {path}":
                 problems.append(f"{config.where('plugins', index)}: {failure.error}")
     for kind, path, spec in config_plugin_specs(config):
+        locate = functools.partial(config.where, *path)
         try:
-            manager.build(kind, spec, locate=functools.partial(config.where, *path)).close()
+            if create:
+                manager.build(kind, spec, locate=locate).close()
+            else:
+                manager.resolve(kind, spec, locate)
         except PluginSpecError as exc:  # report every bad spec, not just the first
             problems.extend(exc.problems)
         except Exception as exc:
@@ -519,11 +531,13 @@ def check_config(config: FlywheelConfig) -> list[str]:
     return problems
 
 
-def require_valid_plugins(config: FlywheelConfig) -> None:
-    """Raise ConfigError listing ``check_config``'s problems, if any (what loading a config
-    for the loop does, so a run never silently learns from nothing)."""
+def require_valid_plugins(config: FlywheelConfig, *, create: bool = True) -> None:
+    """Raise ConfigError listing ``check_config``'s problems, if any: every command checks
+    types and params when it loads the file (``create=False``: no plugin module is imported
+    beyond ``plugins:``), the loop also creates each plugin first, so a run never silently
+    learns from nothing."""
     if config.plugins or any(True for _ in config_plugin_specs(config)):
-        problems = check_config(config)
+        problems = check_config(config, create=create)
         if problems:
             raise PluginSpecError(problems)
 
