@@ -243,6 +243,7 @@ def _convert(conn: Any, table: str, interval: str, now: datetime) -> int:
     sequence = conn.execute(
         text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": f'"{table}"'}
     ).scalar()
+    access = _access_statements(conn, table)
     conn.execute(
         text(
             f'CREATE TABLE "{new}" (LIKE "{table}" INCLUDING DEFAULTS INCLUDING CONSTRAINTS '
@@ -267,6 +268,8 @@ def _convert(conn: Any, table: str, interval: str, now: datetime) -> int:
         conn.execute(text(f'ALTER SEQUENCE {sequence} OWNED BY "{new}".id'))
     conn.execute(text(f'DROP TABLE "{table}"'))
     conn.execute(text(f'ALTER TABLE "{new}" RENAME TO "{table}"'))
+    for statement in access:
+        conn.execute(text(statement))
     if primary is not None:
         name, cols = primary
         conn.execute(
@@ -283,7 +286,30 @@ def _convert(conn: Any, table: str, interval: str, now: datetime) -> int:
         conn.execute(text(definition))
     if table == "rollout":
         _rollout_once(conn)
+    conn.execute(text(f'ANALYZE "{table}"'))  # autovacuum never analyzes a partitioned parent
     return int(copied)
+
+
+def _access_statements(conn: Any, table: str) -> list[str]:
+    """What gives the partitioned table the old one's owner and grants (the roles of the
+    agents and replicas that write to it)."""
+    owner, current = conn.execute(
+        text(
+            "SELECT quote_ident(pg_get_userbyid(relowner)), quote_ident(current_user) "
+            "FROM pg_class WHERE oid = to_regclass(:t)"
+        ),
+        {"t": table},
+    ).one()
+    grants = conn.execute(
+        text(
+            "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' "
+            "ELSE quote_ident(pg_get_userbyid(a.grantee)) END, a.privilege_type "
+            "FROM pg_class c CROSS JOIN aclexplode(c.relacl) a WHERE c.oid = to_regclass(:t)"
+        ),
+        {"t": table},
+    ).all()
+    out = [f'ALTER TABLE "{table}" OWNER TO {owner}'] if owner != current else []
+    return out + [f'GRANT {privilege} ON "{table}" TO {grantee}' for grantee, privilege in grants]
 
 
 def _rollout_once(conn: Any) -> None:

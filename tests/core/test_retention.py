@@ -217,6 +217,8 @@ def test_maintain_creates_partitions_ahead_idempotently_and_rehomes_stray_rows(
     store = Store(postgres_url)
     out = _cli("db", "maintain", "--store", postgres_url)
     assert "not partitioned" in out and "--partition" in out  # opt-in
+    with store.engine.begin() as conn:  # what a reporting role was given stays given
+        conn.execute(text("GRANT SELECT ON span TO PUBLIC"))
     first = json.loads(
         _cli("db", "maintain", "--partition", "--ahead", "3", "--store", postgres_url, "--json")
     )
@@ -226,6 +228,9 @@ def test_maintain_creates_partitions_ahead_idempotently_and_rehomes_stray_rows(
         names = [p.name for p in partitions.partition_list(store, table)]
         weeks = [this_week + timedelta(weeks=i) for i in range(4)]
         assert names == [f"{table}_p{w:%Y%m%d}" for w in weeks] + [f"{table}_default"]
+    with store.engine.connect() as conn:
+        granted = "SELECT has_table_privilege('public', 'span', 'SELECT')"
+        assert conn.execute(text(granted)).scalar() is True
     again = json.loads(_cli("db", "maintain", "--ahead", "3", "--store", postgres_url, "--json"))
     assert again == {"converted": {}, "created": [], "moved": {}, "not_partitioned": []}
 
