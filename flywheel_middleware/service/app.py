@@ -507,7 +507,7 @@ def create_app(
             rec.enqueue(
                 TelemetryRecord(
                     session_id=ev.session_id,
-                    rollout_id=ev.rollout_id,
+                    rollout_id=as_rollout_id(ev.rollout_id) if ev.rollout_id else None,
                     event_type=ev.event_type,
                     payload=ev.payload,
                     client_ts=float(ev.client_ts) if ev.client_ts is not None else None,

@@ -247,6 +247,10 @@ def test_a_javascript_exporters_json_body(fw, otlp, tmp_path) -> None:
     assert rated.status_code == 202
     [fb] = stored(fw, "SELECT rollout_id, value FROM feedback", 1)
     assert (fb.rollout_id, fb.value) == (trace_id.lower(), 1.0)
+    event = {"event_type": "copy", "rollout_id": trace_id, "payload": {"chars": 18}}
+    assert otlp.post("/v1/telemetry", json=event, headers=JSON).status_code == 202
+    [ev] = stored(fw, "SELECT rollout_id FROM telemetry_event", 1)
+    assert ev.rollout_id == trace_id.lower()
 
 
 def test_openllmetry_spans_and_their_flattened_messages(fw, otlp, tmp_path) -> None:
