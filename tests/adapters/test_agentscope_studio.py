@@ -15,6 +15,7 @@ from flywheel_middleware.importers.agentscope_studio import (
     import_studio,
     span_id_for,
 )
+from flywheel_middleware.loop.dataset_rules import check_file
 from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.queries import spans_of
 
@@ -390,6 +391,8 @@ def test_exports_of_both_schemas_carry_the_real_text(tmp_path: Path, target: Sto
     }
     export(target, "sft", "support", tmp_path / "s.jsonl")
     export(target, "tasks", "support", tmp_path / "k.jsonl", val_fraction=0)
+    for name, kind in (("s", "sft"), ("k", "tasks"), ("t", "triplets")):
+        assert check_file(tmp_path / f"{name}.jsonl", kind) == []
     sft = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     tasks = [json.loads(x) for x in (tmp_path / "k.jsonl").read_text().splitlines()]
     assert [m["content"] for m in sft[0]["messages"]][-2:] == [

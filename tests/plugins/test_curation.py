@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from flywheel_middleware.loop.dataset_rules import check_file
 from flywheel_middleware.loop.datasets import export, meta_path
 
 from .helpers import record
@@ -45,6 +46,7 @@ def test_default_policy_right_after_feedback(fw_any, tmp_path) -> None:
     assert all(r["reward"] in (1.0, 0.75) for r in rows if r["prompt"] != "Do you ship abroad?")
 
     export(store, "sft", "qa", tmp_path / "s.jsonl")
+    assert check_file(tmp_path / "s.jsonl", "sft") == []
     answers = [r["messages"][-1]["content"] for r in read(tmp_path / "s.jsonl")]
     assert len(answers) == 2 * QUESTIONS + 1 and not [a for a in answers if "bad" in a]
 

@@ -272,6 +272,7 @@ def test_export_through_the_rubric_judge_remembers_verdicts(fw_any, tmp_path) ->
         # GOOD and BAD verdicts are stored as judge feedback and reused; the garbage one is asked again
         export(store, "sft", "qa", tmp_path / "b.jsonl", config=config("r1"), filters=True)
         assert len(server.requests) == 4
+        assert check_file(tmp_path / "b.jsonl", "sft") == []
         # other rubrics: other verdicts, judged afresh
         export(store, "tasks", "qa", tmp_path / "c.jsonl", config=config("r2"), filters=True)
         assert len(server.requests) == 7
