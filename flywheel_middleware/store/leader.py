@@ -33,6 +33,7 @@ log = logging.getLogger("flywheel_middleware.store.leader")
 LEASE_ENV = "FLYWHEEL_CYCLE_LEASE"
 DEFAULT_LEASE = 30.0
 LEASE_NAME = "cycle"
+PG_CHECK = 5.0  # seconds between checks that the lock's session is alive
 _APP_PREFIX = "flywheel cycle "
 
 # The advisory lock's key: the same on every host that opens this database and schema.
@@ -79,7 +80,7 @@ class CycleLock:
         self._conn: Any = None  # PostgreSQL: the session that holds the lock
         self._key: int | None = None
         self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
+        self._keeper: threading.Thread | None = None
         self.lost = False  # the lease was taken over while held (a pause beyond its length)
         self.lease = lease_seconds() if store.dialect == "sqlite" else None
 
@@ -99,6 +100,11 @@ class CycleLock:
             self._held = True
             self.lost = False
             log.info("cycle lock taken by %s", self.name)
+            self._stop.clear()
+            self._keeper = threading.Thread(
+                target=self._keep, name="flywheel-cycle-lock", daemon=True
+            )
+            self._keeper.start()
         return got
 
     def acquire(
@@ -138,6 +144,10 @@ class CycleLock:
         if not self._held:
             return
         self._held = False
+        self._stop.set()
+        if self._keeper is not None:
+            self._keeper.join()
+            self._keeper = None
         if self.store.dialect == "postgresql":
             self._pg_release()
         else:
@@ -161,7 +171,34 @@ class CycleLock:
         finally:
             self.release()
 
+    def _keep(self) -> None:
+        """While held: renew the SQLite lease, or check that the PostgreSQL session holding
+        the lock is alive. A lock found lost is said loudly: another process may now start
+        a cycle while this one's runs."""
+        postgres = self.store.dialect == "postgresql"
+        period = PG_CHECK if postgres else self.lease / 3  # type: ignore[operator]
+        while not self._stop.wait(period):
+            try:
+                kept = self._pg_alive() if postgres else self._lease_renew()
+            except Exception as exc:  # a busy SQLite file: the next renewal tries again
+                log.warning("renewing the cycle lease: %s", exc)
+                continue
+            if not kept:
+                self.lost = True
+                log.error(
+                    "%s lost the cycle lock during its cycle: another process may run one now",
+                    self.name,
+                )
+                return
+
     # -- PostgreSQL: a session-level advisory lock -------------------------------------------
+
+    def _pg_alive(self) -> bool:
+        try:
+            self._conn.dbapi_connection.execute("SELECT 1")
+        except Exception:  # the session is gone, and the server has released its lock
+            return False
+        return True
 
     def _pg_key(self, conn: Any) -> int:
         if self._key is None:
@@ -192,12 +229,8 @@ class CycleLock:
         if pooled is None:
             return
         try:
-            conn = pooled.dbapi_connection
-            if conn.closed:
-                self.lost = True
-                log.warning("the cycle lock's session ended while %s held it", self.name)
-            else:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
+            if not self.lost:
+                pooled.dbapi_connection.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
         except Exception as exc:  # the session is gone: the server released the lock
             log.warning("releasing the cycle lock: %s", exc)
         finally:
@@ -244,47 +277,29 @@ class CycleLock:
             holder = conn.execute(
                 text("SELECT holder FROM cycle_lease WHERE name = :name"), {"name": LEASE_NAME}
             ).scalar()
-        if holder != self._lease_holder_id():
-            return False
-        self._stop.clear()
-        self._renewer = threading.Thread(
-            target=self._renew, name="flywheel-cycle-lease", daemon=True
-        )
-        self._renewer.start()
-        return True
+        return holder == self._lease_holder_id()
 
     def _lease_holder_id(self) -> str:
         return f"{self.name} #{self._token}"
 
-    def _renew(self) -> None:
-        """Push the expiry forward while held; a lease found taken is reported as lost."""
-        while not self._stop.wait(self.lease / 3):
-            try:
-                with self.store.engine.begin() as conn:
-                    renewed = conn.execute(
-                        text(
-                            "UPDATE cycle_lease SET expires_at = :expires "
-                            "WHERE name = :name AND holder = :me"
-                        ),
-                        {
-                            "expires": time.time() + self.lease,
-                            "name": LEASE_NAME,
-                            "me": self._lease_holder_id(),
-                        },
-                    ).rowcount
-            except Exception as exc:  # a busy database: the next renewal tries again
-                log.warning("renewing the cycle lease: %s", exc)
-                continue
-            if not renewed:
-                self.lost = True
-                log.warning("the cycle lease of %s expired and was taken over", self.name)
-                return
+    def _lease_renew(self) -> bool:
+        """Push the expiry forward; False when the lease was taken over meanwhile."""
+        with self.store.engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    text(
+                        "UPDATE cycle_lease SET expires_at = :expires "
+                        "WHERE name = :name AND holder = :me"
+                    ),
+                    {
+                        "expires": time.time() + self.lease,
+                        "name": LEASE_NAME,
+                        "me": self._lease_holder_id(),
+                    },
+                ).rowcount
+            )
 
     def _lease_release(self) -> None:
-        self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join()
-            self._renewer = None
         with self.store.engine.begin() as conn:
             conn.execute(
                 text("DELETE FROM cycle_lease WHERE name = :name AND holder = :me"),

@@ -201,3 +201,34 @@ def test_resolvers_in_two_processes_see_one_promotion(store_url, tmp_path):
         for proc in procs:
             proc.stop()
         store.dispose()
+
+
+@pytest.mark.postgres
+def test_a_holder_whose_session_is_cut_knows_it_lost_the_lock(postgres_url, monkeypatch, caplog):
+    from sqlalchemy import text
+
+    from flywheel_middleware.store import leader
+
+    monkeypatch.setattr(leader, "PG_CHECK", 0.1)
+    store = Store(postgres_url)
+    name = f"cut-{os.getpid()}-{time.monotonic_ns()}"
+    lock, other = leader.CycleLock(store, name=name), leader.CycleLock(store)
+    assert lock.try_acquire() and not other.try_acquire()
+    assert other.holder() == name
+    with store.engine.begin() as conn:  # a failover, or an administrator's kill
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = :app"
+            ),
+            {"app": f"flywheel cycle {name}"},
+        )
+    deadline = time.monotonic() + 30
+    while not lock.lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lock.lost and "lost the cycle lock" in caplog.text
+    assert other.try_acquire()  # the server released it with the session
+    lock.release()
+    other.release()
+    assert other.holder() is None
+    store.dispose()
