@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,14 @@ def live(app) -> Iterator[LiveServer]:
 def chrome() -> Iterator[Any]:
     """Headless Chromium driven by selenium (one browser for the session, a fresh profile);
     skips, saying why, when it is not installed."""
+    with launch_chromium() as driver:
+        yield driver
+
+
+@contextmanager
+def launch_chromium(*extra_args: str, capabilities: dict[str, Any] | None = None) -> Iterator[Any]:
+    """Headless Chromium with a fresh profile, ``extra_args`` and ``capabilities`` added;
+    skips, saying why, when it is not installed."""
     if not CHROMIUM or not CHROMEDRIVER:
         pytest.skip(
             "headless Chromium is not installed: apt-get install chromium chromium-driver (make browser)"
@@ -94,6 +103,8 @@ def chrome() -> Iterator[Any]:
     profile = tempfile.mkdtemp(prefix="fw-chrome-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    for name, value in (capabilities or {}).items():
+        options.set_capability(name, value)
     for arg in (
         "--headless=new",
         "--no-sandbox",
@@ -105,6 +116,7 @@ def chrome() -> Iterator[Any]:
         "--no-first-run",
         "--window-size=1280,900",
         f"--user-data-dir={profile}",
+        *extra_args,
     ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from .conftest import CHROMEDRIVER, CHROMIUM
+from .conftest import launch_chromium
 
 # Host names resolve to nothing but loopback, and whatever is not loopback goes to a proxy on
 # a port nothing listens on: a page that needs the internet cannot get it.
@@ -22,42 +20,11 @@ BLOCK_NETWORK = (
 
 @pytest.fixture
 def offline_chrome() -> Iterator[Any]:
-    """A fresh headless Chromium with the network blocked and performance logging on (see
-    ``requested_urls``); skips, saying why, when Chromium is not installed."""
-    if not CHROMIUM or not CHROMEDRIVER:
-        pytest.skip(
-            "headless Chromium is not installed: apt-get install chromium chromium-driver (make browser)"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="fw-chrome-offline-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1400,1000",
-        f"--user-data-dir={profile}",
-        *BLOCK_NETWORK,
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
+    """A fresh headless Chromium with the network blocked and its DevTools network log kept
+    (see ``requested_urls``)."""
+    logging = {"goog:loggingPrefs": {"performance": "ALL"}}
+    with launch_chromium(*BLOCK_NETWORK, capabilities=logging) as driver:
         yield driver
-    finally:
-        try:
-            driver.quit()
-        finally:
-            shutil.rmtree(profile, ignore_errors=True)
 
 
 def requested_urls(driver: Any) -> list[str]:

@@ -45,4 +45,3 @@ def test_swagger_ui_shows_every_operation_offline(fw, app, offline_chrome):
         urls = requested_urls(offline_chrome)
     assert f"{live.url}/openapi.json" in urls
     assert leaving(urls, live.url) == []
-
