@@ -303,3 +303,25 @@ def test_dashboard_renders_in_chromium_with_data(fw, live, chrome):
     path = ARTIFACTS / "dashboard.png"
     chrome.save_screenshot(str(path))
     assert path.stat().st_size > 20_000
+
+
+def test_promotions_and_rollbacks_are_marked_with_their_versions(fw, client):
+    from flywheel_middleware.loop import versions
+
+    store = fw.get_store()
+    v1 = versions.create_version(store, "qa", {"llm": {"temperature": 0.9}})
+    v2 = versions.create_version(store, "qa", {"llm": {"temperature": 0.3}}, parent_id=v1.id)
+    versions.activate(store, "qa", v1.id, reason="initial")
+    with store.session() as s:
+        s.add(Rollout(id="d" * 32, workflow="qa", started_at=datetime.now(timezone.utc)))
+    versions.activate(store, "qa", v2.id, kind="promote", actor="controller:auto", reason="better")
+    versions.rollback(store, "qa", reason="complaints")
+    d = client.get("/v1/dashboard/workflows/qa", headers=AUTH).json()
+    assert [(m["kind"], m["label"]) for m in d["markers"]] == [
+        ("promote", f"promoted v{v2.version}"),
+        ("rollback", f"rolled back to v{v1.version}"),
+    ]
+    assert d["markers"][0]["at"] <= d["markers"][1]["at"]
+    rows = {c["kind"]: c for c in d["changes"]}
+    assert (rows["rollback"]["from_version"], rows["rollback"]["to_version"]) == (2, 1)
+    assert rows["promote"]["reason"] == "better"
