@@ -238,10 +238,10 @@
     if (!d.nodes.available) { note(nb, d.nodes.reason); sub("sec-nodes", ""); return; }
     sub("sec-nodes", d.nodes.since ? "since " + when(d.nodes.since) + " (the charts' range); calls = spans of the node (rollouts for the whole workflow); low-rated = share of the rated ones rated ≤ 2" : "");
     if (!d.nodes.nodes.length) { note(nb, "no calls in this range"); return; }
-    table(nb, ["node", "calls", "avg ms", "p95 ms", "failed", "low-rated", "status"], d.nodes.nodes.map(function (n) {
+    table(nb, ["node", "calls", "avg ms", "p95 ms", "failed", "low-rated", "thresholds over this range"], d.nodes.nodes.map(function (n) {
       return [n.node === null ? "(whole workflow)" : n.node, { num: count(n.calls, "") }, { num: fmt(n.avg_latency_ms, 0) }, { num: fmt(n.p95_latency_ms, 0) },
               { num: pct(n.error_rate) }, { num: n.low_rating_rate === null ? "– (0 rated)" : pct(n.low_rating_rate) + " of " + n.rated + " rated" },
-              h("span", { "class": "kind " + (n.breaches ? "hot" : "ok"), title: n.breaches || "within every threshold" }, [n.breaches ? "hot" : "ok"])];
+              n.breaches ? h("span", { "class": "kind hot" }, [n.breaches]) : h("span", { "class": "kind ok" }, ["within"])];
     }));
   }
 
