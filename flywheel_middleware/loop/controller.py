@@ -633,12 +633,25 @@ def render_markdown(r: CycleReport) -> str:
     lines += ["", "## 2. Curate — rewards and datasets", ""]
     if r.curation.get("rewards") is not None:
         lines.append(f"- rewards: {r.curation['rewards']}")
-    if r.curation.get("routing") is not None:
-        lines.append(f"- routing weights updated: {r.curation['routing']}")
+    routing_update = r.curation.get("routing")
+    if routing_update is not None:
+        lines += [
+            f"- routing weights updated from {routing_update.get('routed_rollouts', 0)} routed "
+            f"rollouts ({routing_update.get('rewarded', 0)} with a reward):",
+            "",
+            "| agent/skill | weight |",
+            "|---|---|",
+            *(f"| {k} | {v:.3f} |" for k, v in (routing_update.get("weights") or {}).items()),
+            "",
+        ]
     if r.curation.get("days") is not None:
         lines.append(f"- datasets: {r.curation['days']}")
-    for path, info in (r.curation.get("datasets") or {}).items():
-        lines.append(f"- `{path}`: {info}")
+    if r.curation.get("datasets"):
+        lines += ["", "| dataset | rows | notes |", "|---|---|---|"]
+        for path, info in r.curation["datasets"].items():
+            info = info if isinstance(info, dict) else {"notes": info}
+            notes = ", ".join(f"{k}: {v}" for k, v in info.items() if k != "rows")
+            lines.append(f"| `{path}` | {info.get('rows', '–')} | {notes or '–'} |")
     if not r.curation:
         lines.append("Nothing curated.")
     lines += ["", "## 3. Decide — running experiments", ""]
