@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from flywheel_middleware.cli.common import Cli, command, console
+from flywheel_middleware.cli.common import Cli, command, console, short
 
 
 def register(main: click.Group) -> None:
@@ -50,7 +50,9 @@ def register(main: click.Group) -> None:
 
             result = import_studio(store, path, workflow, batch_size=batch_size, progress=progress)
         for warning in result.warnings[:20]:
-            console.print(f"[yellow]warning:[/] {warning}")
+            console.print(f"[yellow]warning:[/] {short(warning, 300)}")
+        if len(result.warnings) > 20:
+            console.print(f"[yellow]… and {len(result.warnings) - 20} more warnings[/]")
         console.print(
             f"{path}: span_table {result.schema or 'absent'}; read {result.traces} traces, "
             f"{result.spans_read} spans, {result.replies} untraced replies → "
