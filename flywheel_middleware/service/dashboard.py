@@ -98,10 +98,14 @@ MARKER_KINDS = ("promote", "rollback")  # version changes drawn on the time axis
 def bucket_width(start: float, end: float, buckets: int) -> float:
     """The smallest round width (a second … a month) that covers ``start``–``end`` in at most
     ``buckets`` buckets aligned to multiples of it, so buckets follow the data's range."""
-    for width in BUCKET_WIDTHS:
-        if (end // width) - (start // width) + 1 <= buckets:
-            return float(width)
-    return float(max(BUCKET_WIDTHS) * ((end - start) // (max(BUCKET_WIDTHS) * buckets) + 1))
+
+    def fits(width: float) -> bool:
+        return (end // width) - (start // width) + 1 <= buckets
+
+    width = float(next((w for w in BUCKET_WIDTHS if fits(w)), BUCKET_WIDTHS[-1]))
+    while not fits(width):  # years of data: months doubled until they fit
+        width *= 2
+    return width
 
 
 def _bucketize(
