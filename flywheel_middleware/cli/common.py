@@ -211,11 +211,11 @@ def cut(value: Any, width: int = 80) -> str:
     text = " ".join(text.split())
     if len(text) <= width:
         return text
-    cut = text[: width - 1]
-    space = cut.rfind(" ")
+    head = text[: width - 1]
+    space = head.rfind(" ")
     if space >= width * 0.6:
-        cut = cut[:space]
-    return cut.rstrip(" ,.;:-") + "…"
+        head = head[:space]
+    return head.rstrip(" ,.;:-") + "…"
 
 
 MAX_MATCHES = 10
@@ -234,20 +234,18 @@ def find_rollout(store: Any, ref: str) -> Any:
     from flywheel_middleware.store.models import Rollout
 
     ref = ref.strip()
-    with store.session() as session:
-        row = session.get(Rollout, ref) if ref else None
-        if row is not None:
-            return row
-        prefix = Rollout.id.startswith(ref, autoescape=True)
-        count = session.exec(select(func.count()).select_from(Rollout).where(prefix)).one()
-        matches = (
-            session.exec(
+    matches: Sequence[Any] = []
+    if ref:
+        with store.session() as session:
+            row = session.get(Rollout, ref)
+            if row is not None:
+                return row
+            prefix = Rollout.id.startswith(ref, autoescape=True)
+            count = session.exec(select(func.count()).select_from(Rollout).where(prefix)).one()
+            matches = session.exec(
                 select(Rollout).where(prefix).order_by(Rollout.id.desc()).limit(MAX_MATCHES)
             ).all()
-            if ref
-            else []
-        )
-    if not ref or not matches:
+    if not matches:
         raise click.ClickException(f"no rollout with id {ref!r} (nor one whose id starts with it)")
     if count == 1:
         return matches[0]
