@@ -118,12 +118,13 @@ def _tool_call(call: Any) -> Any:
     return call.get("tool_call", call) if isinstance(call, dict) else call
 
 
-def _chat_message(item: Any) -> dict[str, Any] | None:
-    """One unflattened message (OpenInference's sits under ``message``) as a chat message."""
+def _chat_message(item: Any, role: str) -> dict[str, Any] | None:
+    """One unflattened message (OpenInference's sits under ``message``) as a chat message;
+    ``role`` when it names none."""
     msg = item.get("message", item) if isinstance(item, dict) else None
     if not isinstance(msg, dict):
         return None
-    out: dict[str, Any] = {"role": msg.get("role") or "user"}
+    out: dict[str, Any] = {"role": msg.get("role") or role}
     content = msg.get("content")
     if content is None and isinstance(msg.get("contents"), list):  # OpenInference parts
         parts = [c.get("message_content", c) for c in msg["contents"] if isinstance(c, dict)]
@@ -137,8 +138,11 @@ def _chat_message(item: Any) -> dict[str, Any] | None:
     return out
 
 
-def flattened_messages(attrs: dict[str, Any], prefixes: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The chat messages flattened under the first of ``prefixes`` that has any."""
+def flattened_messages(
+    attrs: dict[str, Any], prefixes: tuple[str, ...], role: str
+) -> list[dict[str, Any]]:
+    """The chat messages flattened under the first of ``prefixes`` that has any (``role``
+    for a message that names none)."""
     for prefix in prefixes:
         n = len(prefix)
         flat = {
@@ -147,7 +151,8 @@ def flattened_messages(attrs: dict[str, Any], prefixes: tuple[str, ...]) -> list
         if flat:
             nested = _nest(flat)
             items = nested if isinstance(nested, list) else list(nested.values())
-            return [m for m in map(_chat_message, items) if m is not None]
+            messages = (_chat_message(item, role) for item in items)
+            return [m for m in messages if m is not None]
     return []
 
 
@@ -156,8 +161,8 @@ def _io(attrs: dict[str, Any], flat: bool) -> tuple[Any, Any]:
     messages_in = attrs.get("gen_ai.input.messages")
     messages_out = attrs.get("gen_ai.output.messages")
     if flat:
-        messages_in = messages_in or flattened_messages(attrs, _FLAT_INPUT) or None
-        messages_out = messages_out or flattened_messages(attrs, _FLAT_OUTPUT) or None
+        messages_in = messages_in or flattened_messages(attrs, _FLAT_INPUT, "user") or None
+        messages_out = messages_out or flattened_messages(attrs, _FLAT_OUTPUT, "assistant") or None
     value_in = messages_in if messages_in is not None else first_value(attrs, INPUT_KEYS)
     value_out = messages_out if messages_out is not None else first_value(attrs, OUTPUT_KEYS)
     return json_value(value_in), json_value(value_out)
