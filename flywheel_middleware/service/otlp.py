@@ -44,7 +44,7 @@ CONTENT_TYPES = {PROTOBUF: PROTOBUF, "application/protobuf": PROTOBUF, JSON: JSO
 MAX_BYTES_ENV = "FLYWHEEL_OTLP_MAX_BYTES"
 SETTLE_ENV = "FLYWHEEL_OTLP_SETTLE"
 GRACE_ENV = "FLYWHEEL_OTLP_GRACE"
-_GRPC_CODE = {400: 3, 401: 16, 403: 7, 413: 8, 415: 3, 422: 3}  # google.rpc.Code
+_GRPC_CODE = {400: 3, 401: 16, 403: 7, 413: 8, 415: 3}  # google.rpc.Code
 _ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
 _MAX_REASONS = 5
 

@@ -449,6 +449,23 @@ def test_bodies_that_cannot_be_read_name_the_problem(fw, otlp, headers, content,
     assert fragment in message, message
 
 
+def test_bodies_past_the_limit_are_413_compressed_or_not(fw, monkeypatch) -> None:
+    from flywheel_middleware.service.app import create_app
+
+    monkeypatch.setenv("FLYWHEEL_OTLP_MAX_BYTES", "4096")
+    with TestClient(create_app(api_keys=[API_KEY])) as client:
+        bomb = gzip.compress(b"\0" * 1_000_000)  # 1 MB of zeros in about 1 kB
+        headers = {**PROTOBUF, "Content-Encoding": "gzip"}
+        r = client.post("/v1/traces", content=bomb, headers=headers)
+        assert r.status_code == 413
+        assert (
+            "larger than 4096 bytes once decompressed"
+            in status_pb2.Status.FromString(r.content).message
+        )
+        r = client.post("/v1/traces", content=b"\0" * 5000, headers=JSON)
+        assert r.status_code == 413 and "the limit is 4096" in r.json()["message"]
+
+
 def test_a_trace_whose_root_never_comes_closes_after_the_grace_period(fw, otlp) -> None:
     spans, trace_id = sdk_trace()
     children = [s for s in spans if s.parent is not None]
