@@ -69,6 +69,16 @@ def test_show_takes_a_unique_prefix_and_names_an_ambiguous_one(recorded):
     assert "no rollout with id 'abc'" in result.output and "ambiguous" not in result.output
 
 
+def test_a_narrow_console_shows_the_part_of_each_id_no_other_shares(recorded, monkeypatch):
+    from flywheel_middleware.cli import common
+
+    monkeypatch.setattr(common.console, "width", 100)
+    out = run("rollouts", "--store", recorded).output
+    assert TWIN_A not in out and TWIN_A[:30] in out and TWIN_B[:30] in out
+    assert f"│ {LONELY[:8]} " in out  # 8 characters at least, more only where needed
+    assert run("show", LONELY[:8], "--store", recorded).exit_code == 0
+
+
 def test_implicit_features_take_prefixes_and_label_columns_apart(recorded):
     result = run("implicit", "features", TWIN_A[:-1], TWIN_B[:-1], "--store", recorded)
     assert result.exit_code == 0, result.output

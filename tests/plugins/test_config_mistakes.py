@@ -66,6 +66,12 @@ MISTAKES = [
         ["rewards[1].params.when_true: Input should be less than or equal to 1", "(got 7)"],
     ),
     (
+        "unknown judge type in the regression gate",
+        "evaluation:\n  runner: 'team_agent:run'\n  judges:\n    - {type: explicit_ratin}\n",
+        7,
+        ["evaluation.judges[0].type: unknown reward type 'explicit_ratin'", "known reward types"],
+    ),
+    (
         "plugins: path that does not import",
         "plugins:\n  - no_such_plugin_module_xyz\n",
         5,
