@@ -40,6 +40,25 @@ _NEEDED = {
 }
 """Per table, the rows a running experiment needs (``t`` is the table's row)."""
 
+_RUNNING_ROLLOUTS = (
+    "SELECT r.id FROM rollout r JOIN experiment e ON e.id = r.experiment_id "
+    "WHERE e.status = 'running'"
+)
+
+
+def _needed_in(part: str, table: str) -> str:
+    """Whether partition ``part`` holds a row a running experiment needs, found from the
+    running experiments' side (usually few rows) through the partition's indexes."""
+    if table == "rollout":
+        return (
+            "SELECT EXISTS (SELECT 1 FROM experiment e WHERE e.status = 'running' AND "
+            f'EXISTS (SELECT 1 FROM "{part}" t WHERE t.experiment_id = e.id))'
+        )
+    return (
+        f"SELECT EXISTS (SELECT 1 FROM ({_RUNNING_ROLLOUTS}) r WHERE "
+        f'EXISTS (SELECT 1 FROM "{part}" t WHERE t.rollout_id = r.id))'
+    )
+
 
 @dataclass
 class PruneReport:
@@ -91,9 +110,7 @@ def _drop_partitions(store: Store, table: str, cutoff: datetime, report: PruneRe
             partitions.lock_partitions(conn)
             if conn.execute(text("SELECT to_regclass(:p)"), {"p": part.name}).scalar() is None:
                 continue  # another prune dropped it meanwhile
-            needed = conn.execute(
-                text(f'SELECT EXISTS (SELECT 1 FROM "{part.name}" t WHERE {_NEEDED[table]})')
-            ).scalar()
+            needed = conn.execute(text(_needed_in(part.name, table))).scalar()
             if needed:
                 continue  # its other rows go in batches
             removed += int(conn.execute(text(f'SELECT count(*) FROM "{part.name}"')).scalar() or 0)
