@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -353,10 +354,20 @@ def render_summary(result: DemoResult, console: Console) -> None:
         f" · {result.elapsed:.1f}s"
     )
     cfg = os.path.relpath(result.folder / "flywheel.yaml")
+    flywheel = _command_name()
     console.print(
-        f"explore: flywheel --config {cfg} experiment list | config show support_qa | stats"
+        f"explore: {flywheel} --config {cfg} experiment list | config show support_qa | stats"
     )
     console.print(
-        f"the week on the dashboard (each cycle one simulated day): flywheel --config {cfg} serve,"
+        f"the week on the dashboard (each cycle one simulated day): {flywheel} --config {cfg} serve,"
         " then open http://127.0.0.1:8700/"
     )
+
+
+def _command_name() -> str:
+    """How to run flywheel as this process was run (``.venv/bin/flywheel`` after make demo),
+    so the suggested commands work without an activated virtualenv."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "flywheel" and os.sep in argv0:
+        return os.path.relpath(argv0)
+    return "flywheel"
