@@ -67,9 +67,11 @@ def this_process() -> str:
 
 
 class CycleLock:
-    """The store's cycle lock. ``acquire`` / ``release``, or ``with lock.held(): ...``.
+    """The store's cycle lock: ``acquire`` / ``release``, or ``with lock.held_for(): ...``.
 
-    ``holder()`` names who holds it now (None when free), for the ones that wait.
+    ``holder()`` names who holds it now (None when free), for the ones that wait; ``lost``
+    turns true when a held lock was lost before its release (its session cut, its lease
+    taken over after a pause longer than the lease).
     """
 
     def __init__(self, store: Store, *, name: str | None = None) -> None:
@@ -81,7 +83,7 @@ class CycleLock:
         self._key: int | None = None
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
-        self.lost = False  # the lease was taken over while held (a pause beyond its length)
+        self.lost = False
         self.lease = lease_seconds() if store.dialect == "sqlite" else None
 
     @property

@@ -29,21 +29,19 @@ from flywheel_middleware.store.database import Store
 
 DEFAULT_BATCH = 5_000
 
-_RUNNING = "SELECT 1 FROM experiment e WHERE e.status = 'running' AND e.id = "
-_NEEDED = {
-    "rollout": f"EXISTS ({_RUNNING}t.experiment_id)",
-    **{
-        table: "EXISTS (SELECT 1 FROM rollout r JOIN experiment e ON e.id = r.experiment_id "
-        "WHERE e.status = 'running' AND r.id = t.rollout_id)"
-        for table in ("span", "feedback", "telemetry_event")
-    },
-}
-"""Per table, the rows a running experiment needs (``t`` is the table's row)."""
-
 _RUNNING_ROLLOUTS = (
     "SELECT r.id FROM rollout r JOIN experiment e ON e.id = r.experiment_id "
     "WHERE e.status = 'running'"
 )
+_NEEDED = {
+    "rollout": "EXISTS (SELECT 1 FROM experiment e "
+    "WHERE e.status = 'running' AND e.id = t.experiment_id)",
+    **{
+        table: f"EXISTS (SELECT 1 FROM ({_RUNNING_ROLLOUTS}) r WHERE r.id = t.rollout_id)"
+        for table in ("span", "feedback", "telemetry_event")
+    },
+}
+"""Per table, the rows a running experiment needs (``t`` is the table's row)."""
 
 
 def _needed_in(part: str, table: str) -> str:
