@@ -199,6 +199,21 @@ def _text(value: Any, limit: int) -> str | None:
     return text[:limit]
 
 
+def _holds_nul(name: str, attrs: dict[str, Any]) -> bool:
+    """Whether a span's name, attribute keys or text values (JSON text's ``\\u0000`` escape
+    included) hold a NUL character."""
+    if "\x00" in name:
+        return True
+    for key, value in attrs.items():
+        if "\x00" in key:
+            return True
+        if isinstance(value, str) and (
+            "\x00" in value or (value[:1] in ("{", "[") and "\\u0000" in value)
+        ):
+            return True
+    return False
+
+
 def span_ids(span: Any) -> tuple[str, int, int | None]:
     """The rollout id (the trace id's 32 hex digits), span id and parent span id of a span;
     raises ``RejectedSpan`` when they are not OTLP ids."""
@@ -231,6 +246,8 @@ def ingested_span(span: Any, resource: Resource) -> IngestedSpan:
     if not span.start_time_unix_nano:
         raise RejectedSpan(f"span {span.name[:80]!r}: no start time")
     attrs = attributes(span.attributes)
+    if _holds_nul(span.name, attrs):
+        raise RejectedSpan(f"span {span.name[:80]!r}: a NUL character, which no store keeps")
     name = span.name[:500]
     kind = span_kind(name, attrs)
     flat = any(k.startswith(_FLAT_PREFIXES) for k in attrs)

@@ -106,6 +106,12 @@ def _children(obj: Any, *keys: str) -> list[Any]:
     return []
 
 
+def _short(exc: Exception) -> str:
+    """An error's text, its middle cut when long (a parser names every enclosing field)."""
+    text = str(exc)
+    return text if len(text) <= 300 else f"{text[:100]} … {text[-180:]}"
+
+
 def decode_json(body: bytes) -> ExportTraceServiceRequest:
     """An OTLP/JSON body (lowerCamelCase or proto field names, hex ids, int64 as text or
     numbers, unknown fields ignored) as the request message."""
@@ -126,7 +132,9 @@ def decode_json(body: bytes) -> ExportTraceServiceRequest:
     try:
         return json_format.ParseDict(data, ExportTraceServiceRequest(), ignore_unknown_fields=True)
     except json_format.ParseError as exc:
-        raise ApiError(400, f"the body is not an OTLP trace export request: {exc}") from None
+        raise ApiError(
+            400, f"the body is not an OTLP trace export request: {_short(exc)}"
+        ) from None
 
 
 def decode(body: bytes, content_type: str) -> ExportTraceServiceRequest:

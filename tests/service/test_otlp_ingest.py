@@ -397,12 +397,17 @@ def test_spans_that_cannot_be_taken_are_a_partial_success(fw, otlp) -> None:
     spans = data["resourceSpans"][0]["scopeSpans"][0]["spans"]
     spans[0]["spanId"] = "not-hex"
     spans[1]["traceId"] = "00000000000000000000000000000000"
+    nul = {"gen_ai.tool.call.result": '{"text": "a\\u0000b"}'}  # no store keeps a NUL
+    spans.append(
+        json_span(spans[2]["traceId"], "00000000000000d1", spans[2]["spanId"], "t", 3, nul)
+    )
     r = otlp.post("/v1/traces", content=json.dumps(data), headers=JSON)
     assert r.status_code == 200
     partial = r.json()["partialSuccess"]
-    assert partial["rejectedSpans"] == "2"
+    assert partial["rejectedSpans"] == "3"
     assert "span 'execute_tool': span id must be 8 bytes" in partial["errorMessage"]
     assert "span 'chat gpt-js': trace id must be 16 bytes" in partial["errorMessage"]
+    assert "span 't': a NUL character" in partial["errorMessage"]
     rows = stored(fw, "SELECT name FROM span", 1)
     assert [s.name for s in rows] == ["invoke_agent support"]
 
@@ -427,6 +432,18 @@ def test_unauthenticated_otlp_is_refused(fw, otlp, headers, status, fragment) ->
     assert fw.get_store().execute("SELECT id FROM rollout") == []
 
 
+def _nested(depth: int) -> bytes:
+    value = {"stringValue": "x"}
+    for _ in range(depth):
+        value = {"kvlistValue": {"values": [{"key": "k", "value": value}]}}
+    span = json_span("5b8efff798038103d269b633813fc60c", "00f067aa0ba902b7", "", "n", 0, {})
+    span["attributes"] = [{"key": "deep", "value": value}]
+    return json.dumps(json_body({}, [span])).encode()
+
+
+NESTED_TOO_DEEP = _nested(60)
+
+
 @pytest.mark.parametrize(
     ("headers", "content", "status", "fragment"),
     [
@@ -437,6 +454,7 @@ def test_unauthenticated_otlp_is_refused(fw, otlp, headers, status, fragment) ->
         (JSON, b'{"resourceSpans": [', 400, "not valid JSON"),
         (JSON, b"[]", 400, "an OTLP/JSON body is an object"),
         (JSON, b'{"resourceSpans": 3}', 400, "not an OTLP trace export request"),
+        (JSON, NESTED_TOO_DEEP, 400, "Message too deep"),
     ],
 )
 def test_bodies_that_cannot_be_read_name_the_problem(fw, otlp, headers, content, status, fragment):
