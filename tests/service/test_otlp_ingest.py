@@ -484,6 +484,28 @@ def test_bodies_past_the_limit_are_413_compressed_or_not(fw, monkeypatch) -> Non
         assert r.status_code == 413 and "the limit is 4096" in r.json()["message"]
 
 
+def test_long_values_fit_their_columns_on_sqlite_and_postgresql(fw_any, monkeypatch) -> None:
+    from flywheel_middleware.service.app import create_app
+
+    monkeypatch.setenv("FLYWHEEL_OTLP_SETTLE", "0")
+    trace_id = "6e0c63257de34c926f9efcd03974a7b1"
+    attrs = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "m" * 300,
+        "flywheel.workflow": "w" * 300,
+        "user.id": "u" * 300,
+        "gen_ai.usage.input_tokens": 3,
+    }
+    span = json_span(trace_id, "00000000000000e1", "", "n" * 700, 0, attrs)
+    body = json.dumps(json_body({"service.name": "s"}, [span]))
+    with TestClient(create_app(api_keys=[API_KEY])) as client:
+        assert client.post("/v1/traces", content=body, headers=JSON).status_code == 200
+        [rollout] = stored(fw_any, "SELECT * FROM rollout", 1)
+    assert (rollout.id, rollout.workflow, rollout.user_id) == (trace_id, "w" * 200, "u" * 200)
+    [row] = fw_any.get_store().execute("SELECT name, model, workflow FROM span")
+    assert (row.name, row.model, row.workflow) == ("n" * 500, "m" * 200, "w" * 200)
+
+
 def test_a_trace_whose_root_never_comes_closes_after_the_grace_period(fw, otlp) -> None:
     spans, trace_id = sdk_trace()
     children = [s for s in spans if s.parent is not None]
