@@ -136,6 +136,7 @@ def test_two_schedules_on_one_store_never_run_cycles_at_once(backend, seconds, t
                 assert f"pid {other.pid}" in line, line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 )
