@@ -403,11 +403,12 @@ def task_row(
 
 
 def _last_llm_spans(store: Store, rollout_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """The last LLM span of each rollout (by sequence), as a dict; one query per batch."""
+    """The last LLM span of each rollout, as a dict; one query per batch. By sequence, then
+    start time (spans mirrored from OpenTelemetry all have sequence 0)."""
     q = (
         select(S.rollout_id, S.sequence, S.input, S.output, S.attributes)
         .where(S.rollout_id.in_(rollout_ids), S.kind == "llm")
-        .order_by(S.rollout_id, S.sequence, S.id)
+        .order_by(S.rollout_id, S.sequence, S.started_at, S.id)
     )
     out: dict[str, dict[str, Any]] = {}
     with store.engine.connect() as conn:
