@@ -309,6 +309,7 @@ def register(main: click.Group) -> None:
         reason: str | None,
     ) -> None:
         """Serve config versions CANDIDATES (3, v3 or #id) of WORKFLOW to a slice of traffic."""
+        from flywheel_middleware.config import ExperimentSettings
         from flywheel_middleware.loop import experiments as ex
         from flywheel_middleware.loop import versions
 
@@ -327,6 +328,7 @@ def register(main: click.Group) -> None:
             unit=unit or (settings.unit if settings else "user_id"),
             actor="cli",
             reason=reason,
+            error_budget=(settings or ExperimentSettings()).error_budget,
         )
         base = versions.get_version(cli.store, exp.baseline_version_id)
         arms = ", ".join(
