@@ -123,7 +123,7 @@ def test_rule_params_errors_name_the_key() -> None:
         "rewards:\n  - type: rule\n    params: {expression: 'x', callable: 'a:b'}\n",
         source="fw.yaml",
     )
-    with pytest.raises(ConfigError, match=r"fw.yaml: rewards\[0\]\.params: .*exactly one"):
+    with pytest.raises(ConfigError, match=r"fw.yaml, line 3: rewards\[0\]\.params: .*exactly one"):
         plugin_manager(cfg).build_all("reward", cfg)
     cfg = parse_config("rewards:\n  - type: thumbs_magic\n", source="fw.yaml")
     with pytest.raises(PluginError, match="known reward types: .*explicit_rating.*rule"):
