@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+from typing import Any
+
 import click
 from rich.table import Table
 
@@ -23,6 +27,31 @@ def _check(kind: str, path: str, trl: bool) -> None:
     if problems:
         raise click.ClickException(f"{len(problems)} problems in {path} ({rules} rules)")
     console.print(f"{path}: every row follows the {rules} rules", markup=False)
+
+
+class FiniteFloat(click.types.FloatParamType):
+    """A number option that refuses NaN and infinities: NaN compares false with every
+    reward, so as a threshold it would let every row through."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = FiniteFloat()
+
+
+def _require_folder_for(out: str) -> None:
+    """Name the file standing where ``out``'s folder should be (export makes missing ones)."""
+    for parent in Path(out).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise click.ClickException(f"cannot write {out}: {parent} is a file, not a folder")
+            return
 
 
 def register(main: click.Group) -> None:
@@ -54,11 +83,11 @@ def register(main: click.Group) -> None:
         help="Run the configured filters (YAML filters:) before writing.",
     )
     @click.option(
-        "--min-reward", type=float, default=None, help="Keep only rows with reward >= this."
+        "--min-reward", type=FINITE, default=None, help="Keep only rows with reward >= this."
     )
     @click.option(
         "--bad-below",
-        type=float,
+        type=FINITE,
         default=0.5,
         show_default=True,
         help="Leave out rollouts rated below this (sft, triplets, tasks; preference's chosen).",
@@ -67,7 +96,7 @@ def register(main: click.Group) -> None:
     @click.option("--rated-only", is_flag=True, help="Leave out rollouts without a reward.")
     @click.option(
         "--min-margin",
-        type=float,
+        type=FINITE,
         default=0.2,
         show_default=True,
         help="preference: smallest reward gap between the best and the worst answer.",
@@ -94,7 +123,7 @@ def register(main: click.Group) -> None:
     @click.option("--seed", type=int, default=0, show_default=True, help="tasks: split seed.")
     @click.option(
         "--val-fraction",
-        type=float,
+        type=FINITE,
         default=0.1,
         show_default=True,
         help="tasks: validation share.",
@@ -152,29 +181,36 @@ def register(main: click.Group) -> None:
             raise click.UsageError("give --workflow and --out (or --check FILE)")
         from flywheel_middleware.loop.datasets import export as run_export
 
-        result = run_export(
-            cli.store,
-            kind,
-            workflow,
-            out,
-            config=cli.config,
-            since=since,
-            filters=filters,
-            min_reward=min_reward,
-            bad_below=None if keep_bad else bad_below,
-            rated_only=rated_only,
-            min_margin=min_margin,
-            per_question=not all_answers,
-            split_by=split_by,
-            refresh=refresh_rewards,
-            env_type=env_type,
-            seed=seed,
-            val_fraction=val_fraction,
-            succeeded_only=not include_failed,
-            progress=not as_json,
-            inline_provenance=inline_provenance,
-            preference_format="trl" if trl else "openai",
-        )
+        _require_folder_for(out)
+        store, config = cli.store, cli.config
+        try:
+            result = run_export(
+                store,
+                kind,
+                workflow,
+                out,
+                config=config,
+                since=since,
+                filters=filters,
+                min_reward=min_reward,
+                bad_below=None if keep_bad else bad_below,
+                rated_only=rated_only,
+                min_margin=min_margin,
+                per_question=not all_answers,
+                split_by=split_by,
+                refresh=refresh_rewards,
+                env_type=env_type,
+                seed=seed,
+                val_fraction=val_fraction,
+                succeeded_only=not include_failed,
+                progress=not as_json,
+                inline_provenance=inline_provenance,
+                preference_format="trl" if trl else "openai",
+            )
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            raise click.ClickException(f"cannot write {exc.filename}: {exc.strerror}") from exc
         if as_json:
             echo_json(
                 {

@@ -61,16 +61,27 @@ class Problem:
 
 def check_file(path: str | Path, kind: str) -> list[Problem]:
     """Every problem of a JSONL file of ``kind`` (one of ``FORMATS``)."""
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         return list(check_lines(fh, kind))
 
 
-def check_lines(lines: Iterable[str], kind: str) -> Iterator[Problem]:
+def check_lines(lines: Iterable[str | bytes], kind: str) -> Iterator[Problem]:
+    """Every problem of ``lines`` (text, or bytes read as UTF-8 as the consumers read them)."""
     if kind not in FORMATS:
         raise ValueError(f"no rules for {kind!r}: one of {', '.join(FORMATS)}")
     check = _rules(kind)
     seen = 0
-    for number, text in enumerate(lines, start=1):
+    for number, line in enumerate(lines, start=1):
+        try:
+            text = line.decode("utf-8") if isinstance(line, bytes) else line
+        except UnicodeDecodeError as exc:
+            seen += 1
+            yield Problem(
+                number,
+                f"not UTF-8 (byte 0x{line[exc.start]:02x} at byte {exc.start + 1} of the "
+                "line): the file must be saved as UTF-8",
+            )
+            continue
         if not text.strip():
             yield Problem(number, "empty line")
             continue
@@ -190,12 +201,26 @@ def _tool_calls(calls: Any, at: str) -> Iterator[str]:
             yield f"{where}.function.name {function['name']!r} is not [A-Za-z0-9_-]{{1,64}}"
         arguments = function.get("arguments")
         try:
-            parsed = json.loads(arguments)
+            parsed = json.loads(arguments, parse_constant=_not_json)
+        except _NotJson as exc:
+            yield (
+                f"{where}.function.arguments holds {exc}, which is not JSON (RFC 8259): "
+                "strict parsers such as OpenAI's reject it"
+            )
+            continue
         except (TypeError, ValueError):
             yield f"{where}.function.arguments must be a JSON string, got {arguments!r:.60}"
             continue
         if not isinstance(parsed, dict):
             yield f"{where}.function.arguments must encode a JSON object, got {arguments!r:.60}"
+
+
+class _NotJson(ValueError):
+    """A constant Python's json reads but JSON (RFC 8259) and strict parsers do not."""
+
+
+def _not_json(constant: str) -> Any:
+    raise _NotJson(constant)
 
 
 def _answered(messages: list[Any]) -> Iterator[str]:

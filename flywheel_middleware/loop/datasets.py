@@ -541,6 +541,14 @@ def export(
         raise ExportError(f"unknown export kind {kind!r}; choose one of {', '.join(KINDS)}")
     if not 0 <= val_fraction < 1:
         raise ExportError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    for name, value in (
+        ("min_reward", min_reward),
+        ("bad_below", bad_below),
+        ("min_margin", min_margin),
+    ):
+        # NaN compares false with every reward, so as a threshold it would keep every row.
+        if value is not None and not abs(value) < float("inf"):
+            raise ExportError(f"{name} must be a finite number, got {value}")
     if split_by not in ("question", "pair"):
         raise ExportError(f"split_by must be 'question' or 'pair', got {split_by!r}")
     if preference_format not in ("openai", "trl"):

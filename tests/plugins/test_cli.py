@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from flywheel_middleware.cli import main
+from flywheel_middleware.loop.datasets import ExportError, export
 
 from .helpers import record
 
@@ -91,3 +93,42 @@ def test_rewards_export_analyze(fw, sqlite_url, tmp_path) -> None:
     assert any(b.startswith("error rate") for b in row["breaches"])
     result = run("analyze", *base, "--all")
     assert result.exit_code == 0 and "qa" in result.output and "(workflow)" in result.output
+
+
+def test_export_under_a_file_names_the_file_not_a_traceback(fw, sqlite_url, tmp_path) -> None:
+    record(fw, "Where is my invoice?", "Under Billing.", rating=5)
+    assert fw.flush(10)
+    (tmp_path / "datasets").write_text("not a folder")
+    for out in (tmp_path / "datasets" / "qa.jsonl", tmp_path / "datasets" / "sub" / "qa.jsonl"):
+        result = run("export", "sft", "--store", sqlite_url, "-w", "qa", "-o", str(out))
+        assert result.exit_code == 1, result.output
+        said = " ".join(result.output.split())
+        assert f"{tmp_path / 'datasets'} is a file, not a folder" in said, said
+    good = tmp_path / "new" / "qa.jsonl"  # a missing folder is made
+    result = run("export", "sft", "--store", sqlite_url, "-w", "qa", "-o", str(good))
+    assert result.exit_code == 0 and len(good.read_text().splitlines()) == 1, result.output
+
+
+@pytest.mark.parametrize("option", ["--bad-below", "--min-reward", "--min-margin"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_thresholds_that_are_not_finite_numbers_are_refused(
+    fw, sqlite_url, tmp_path, option, value
+) -> None:
+    """NaN compares false with every reward: as --bad-below it would keep bad-rated rows."""
+    record(fw, "Where is my invoice?", "Made up.", rating=1)
+    assert fw.flush(10)
+    out = tmp_path / "s.jsonl"
+    kind = "preference" if option == "--min-margin" else "sft"
+    result = run("export", kind, "--store", sqlite_url, "-w", "qa", "-o", str(out), option, value)
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert f"'{value}' is not a finite number" in result.output, result.output
+
+
+@pytest.mark.parametrize("threshold", ["bad_below", "min_reward", "min_margin"])
+def test_export_in_python_refuses_a_nan_threshold(fw, tmp_path, threshold) -> None:
+    record(fw, "Where is my invoice?", "Made up.", rating=1)
+    assert fw.flush(10)
+    out = tmp_path / "s.jsonl"
+    with pytest.raises(ExportError, match=f"{threshold} must be a finite number, got nan"):
+        export(fw.get_store(), "sft", "qa", out, **{threshold: float("nan")})
+    assert not out.exists()

@@ -352,3 +352,38 @@ def test_check_tasks_and_triplets_from_the_command_line(tmp_path, kind, good, ba
     failed = CliRunner().invoke(main, ["export", kind, "--check", str(path)])
     assert failed.exit_code == 1
     assert f"line 2: {said}" in " ".join(failed.output.split()), failed.output
+
+
+def test_a_file_not_in_utf8_names_its_line_on_the_command_line(tmp_path):
+    """A file saved as Latin-1 (a spreadsheet's export): each such line is named, the rest
+    are still checked, and the command exits 1 with no traceback."""
+    from click.testing import CliRunner
+
+    from flywheel_middleware.cli import main
+
+    good = json.dumps(GOOD_SFT, ensure_ascii=False)
+    latin1 = json.dumps({**GOOD_SFT, "reward": 1.0}, ensure_ascii=False).replace("→", "é")
+    path = tmp_path / "latin1.sft.jsonl"
+    path.write_bytes(f"{good}\n".encode() + f"{latin1}\n".encode("latin-1") + b"[1]\n")
+    assert [str(p) for p in check_file(path, "sft")] == [
+        f"line 2: not UTF-8 (byte 0xe9 at byte {latin1.index('é') + 1} of the line): the file "
+        "must be saved as UTF-8",
+        "line 3: a row must be a JSON object, not list",
+    ]
+    failed = CliRunner().invoke(main, ["export", "sft", "--check", str(path)])
+    assert failed.exit_code == 1, failed.output
+    said = " ".join(failed.output.split())
+    assert "line 2: not UTF-8" in said and "2 problems" in said, said
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_tool_arguments_with_constants_strict_json_rejects_are_named(constant):
+    """Python's json reads NaN and Infinity; JSON (RFC 8259) and OpenAI's parser do not."""
+    arguments = f'{{"q": "delete account", "limit": {constant}}}'
+    row = _broken(
+        lambda r: r["messages"][2]["tool_calls"][0]["function"].update(arguments=arguments)
+    )
+    assert _problems(row) == [
+        f"messages[2].tool_calls[0].function.arguments holds {constant}, which is not JSON "
+        "(RFC 8259): strict parsers such as OpenAI's reject it"
+    ]
