@@ -514,4 +514,8 @@ def import_studio(
     after = (_count(store, "rollout"), _count(store, "span"))
     result.rollouts_added = after[0] - before[0]
     result.spans_added = after[1] - before[1]
+    if result.rollouts_added:  # history older than curation's look-back: read it all next cycle
+        from flywheel_middleware.loop.curation import forget
+
+        forget(store, workflow)
     return result

@@ -16,13 +16,16 @@ reaches the store later than that (a journal replayed after a long outage) is pi
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func
+from sqlmodel import select
 
 from flywheel_middleware.config import FlywheelConfig
 from flywheel_middleware.loop import datasets
@@ -60,16 +63,24 @@ def curate_datasets(
     *,
     full: bool = False,
 ) -> Curated:
-    """Bring ``out_dir/<workflow>.<kind>.jsonl`` up to date for every kind."""
-    parts = out_dir / ".parts" / _safe(workflow)
-    state = _load_state(store, workflow)
+    """Bring ``out_dir/<workflow>.<kind>.jsonl`` up to date for every kind.
+
+    The watermark is kept per dataset folder (host and path): two hosts taking turns at the
+    cycle, each with a folder of its own, each keep their own files whole."""
+    name = file_name(workflow)
+    parts = out_dir / ".parts" / name
+    location = f"{socket.gethostname()}:{out_dir.resolve()}"
+    stored = _load_state(store, workflow)
+    state = stored.get(location) or {"days": {}}
     if full or not parts.is_dir():
         state = {"days": {}}
     parts.mkdir(parents=True, exist_ok=True)
     days: dict[str, list[Any]] = state["days"]
     result = Curated()
     read: list[str] = []
-    for day in sorted(_days_to_check(store, workflow, state)):
+    check = _days_to_check(store, workflow, state)
+    check.update(day for day in days if not _parts_exist(parts, day))
+    for day in sorted(check):
         start = datetime.combine(date.fromisoformat(day), datetime.min.time(), timezone.utc)
         until = start + timedelta(days=1)
         datasets.refresh_rewards(store, config, workflow=workflow, since=start, until=until)
@@ -78,24 +89,40 @@ def curate_datasets(
             continue
         if days.get(day) == fingerprint and _parts_exist(parts, day):
             continue
-        _read_day(store, config, workflow, parts, day, start, until, result)
-        days[day] = fingerprint
+        if _read_day(store, config, workflow, parts, day, start, until, result):
+            days[day] = fingerprint
+        else:  # a filter failed: the day is read again next cycle
+            days[day] = None
         read.append(day)
         result.days_read += 1
         result.rollouts_read += fingerprint[0]
     result.days_total = len(days)
     outputs_missing = not all(
-        (out_dir / f"{_safe(workflow)}.{kind}.jsonl").exists() for kind in datasets.KINDS
+        (out_dir / f"{name}.{kind}.jsonl").exists() for kind in datasets.KINDS
     )
-    state["feedback_until"] = _newest_feedback(store, workflow) or state.get("feedback_until")
+    state["feedback_until"] = _newest_feedback(store, workflow, state) or state.get(
+        "feedback_until"
+    )
     state["rollouts_until"] = _newest_rollout(store, workflow) or state.get("rollouts_until")
     if result.days_read or outputs_missing:
         board = _settle(parts, state, read)
         for day in sorted(d for d in days if d >= state["settled_until"]):
             board.merge(datasets.QuestionBoard.load(parts / f"{day}.board.jsonl"))
-        _assemble(parts, sorted(days), board, out_dir / _safe(workflow), result)
-    _save_state(store, workflow, state)
+        _assemble(parts, sorted(days), board, out_dir / name, result)
+    _save_state(store, workflow, {**stored, location: state})
     return result
+
+
+def forget(store: Store, workflow: str | None = None) -> None:
+    """Make the next cycle read every day again: after ``flywheel rewards`` recomputed rewards
+    or an import added history older than the look-back."""
+    with store.session() as session:
+        q = select(CurationWatermark)
+        if workflow is not None:
+            q = q.where(CurationWatermark.workflow == workflow)
+        for row in session.exec(q):
+            session.delete(row)
+        session.commit()
 
 
 # -- which days changed ------------------------------------------------------------------------
@@ -140,20 +167,29 @@ def _fingerprint(store: Store, workflow: str, start: datetime, until: datetime) 
     return [int(rollouts), int(feedback or 0), round(float(reward_sum or 0.0), 9)]
 
 
-def _newest_feedback(store: Store, workflow: str) -> str | None:
+def _newest_feedback(store: Store, workflow: str, state: dict[str, Any]) -> str | None:
+    """The newest feedback on the workflow's rollouts (only feedback recorded since the last
+    one is read)."""
+    since = _parse(state.get("feedback_until"))
+    q = (
+        select(func.max(F.created_at))
+        .join(Rollout.__table__, F.rollout_id == R.id)
+        .where(R.workflow == workflow)
+    )
+    if since is not None:
+        q = q.where(F.created_at >= since)
     with store.engine.connect() as conn:
-        newest = conn.execute(
-            select(func.max(F.created_at))
-            .join(Rollout.__table__, F.rollout_id == R.id)
-            .where(R.workflow == workflow)
-        ).scalar()
+        newest = conn.execute(q).scalar()
     return _aware(newest).isoformat() if newest is not None else None
 
 
 def _newest_rollout(store: Store, workflow: str) -> str | None:
     with store.engine.connect() as conn:
         newest = conn.execute(select(func.max(R.started_at)).where(R.workflow == workflow)).scalar()
-    return _aware(newest).isoformat() if newest is not None else None
+    if newest is None:
+        return None
+    # a client clock ahead of ours must not move the window past today's rollouts
+    return min(_aware(newest), datetime.now(timezone.utc)).isoformat()
 
 
 # -- one day's parts and the files made of them ----------------------------------------------------
@@ -168,8 +204,10 @@ def _read_day(
     start: datetime,
     until: datetime,
     result: Curated,
-) -> None:
+) -> bool:
+    """Write one day's parts; False if a filter failed on it (its rows may be missing)."""
     filters = bool(config.filters)
+    failed = False
     for kind in ROW_KINDS:
         exported = datasets.export(
             store,
@@ -182,6 +220,7 @@ def _read_day(
             filters=filters,
             refresh=False,
         )
+        failed = failed or bool(exported.failures)
         result.notes.extend(f"{kind} export: {failure}" for failure in exported.failures[:3])
         if exported.unknown.count:
             result.notes.append(f"{kind} export of {day}: skipped {exported.unknown}")
@@ -190,6 +229,7 @@ def _read_day(
     )
     board.dump(parts / f"{day}.board.jsonl")
     result.notes.extend(f"tasks export: {failure}" for failure in read.failures[:3])
+    return not (failed or read.failures)
 
 
 def _part_files(parts: Path, day: str) -> list[Path]:
@@ -326,6 +366,14 @@ def _calendar(first: datetime | None, last: datetime | None) -> list[str]:
     return days
 
 
-def _safe(workflow: str) -> str:
-    """A workflow name as a file name (the names the controller has always written)."""
-    return workflow.replace(os.sep, "_")
+def file_name(workflow: str) -> str:
+    """A workflow's name as a file name: itself when it is plain; path separators, ``%`` and
+    control characters escaped as ``%XX`` (so two names never share files); shortened with a
+    hash when too long for a file system."""
+    name = "".join(f"%{ord(c):02X}" if c in "/\\%\0" or ord(c) < 32 else c for c in workflow)
+    if name in (".", "..") or name.startswith("."):
+        name = "%2E" + name[1:]
+    if len(name.encode()) > 120:
+        digest = hashlib.sha256(workflow.encode()).hexdigest()[:16]
+        name = f"{name.encode()[:100].decode(errors='ignore')}~{digest}"
+    return name

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -98,8 +99,10 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 
 def parse_since(value: str | datetime | None, now: datetime | None = None) -> datetime | None:
     """'24h', '7d', '30m' (ago) or an ISO date/time; a clear error for anything else."""
-    if value is None or isinstance(value, datetime):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, datetime):  # naive: UTC, as a naive string is read
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
     match = _DURATION.match(value)
     if match:
         amount, unit = float(match.group(1)), match.group(2)
@@ -350,8 +353,9 @@ def _trainable(messages: list[dict[str, Any]]) -> bool:
 
 
 def question_key(question: str) -> str:
-    """A question's normalized text (case and spacing folded): what groups and splits tasks."""
-    return " ".join(question.casefold().split())
+    """A question's normalized text (Unicode NFKC, case and spacing folded): what groups and
+    splits tasks, so one question typed two ways is one task on one side."""
+    return " ".join(unicodedata.normalize("NFKC", question).casefold().split())
 
 
 def qa_hash(query: str, answer: str) -> str:
@@ -871,12 +875,11 @@ def _fill_board(
             if policy is None or policy.drop(r["reward"], result):
                 continue
             qa = task["metadata"]["qa_hash"]
-            if qa in seen:
+            # a repeated answer still competes: rated higher the second time, it is the best
+            offered = board.offer_task(question if per_question else qa, task)
+            if qa in seen or not offered:
                 result.duplicates += 1
-                continue
             seen.add(qa)
-            if not board.offer_task(question if per_question else qa, task):
-                result.duplicates += 1
     return board
 
 

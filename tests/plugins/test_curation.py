@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from flywheel_middleware.loop.dataset_rules import check_file
-from flywheel_middleware.loop.datasets import export, meta_path
+from flywheel_middleware.loop.datasets import export, meta_path, val_path
 
 from .helpers import record
 
@@ -140,3 +140,29 @@ def test_a_preference_pair_never_sets_an_answer_against_itself(fw, tmp_path) -> 
         "Yes, all major cards.",
         "Only by bank transfer.",
     }
+
+
+def test_the_task_answer_is_the_best_rated_even_when_that_answer_was_given_before(
+    fw, tmp_path
+) -> None:
+    """The same answer given twice (rated 3, later 5) and another once (rated 4): the task's
+    answer is the repeated one, whose best rating is the best."""
+    record(fw, "How do I cancel?", "Settings > Plan > Cancel.", rating=3)
+    record(fw, "How do I cancel?", "Write to support.", rating=4)
+    record(fw, "How do I cancel?", "Settings > Plan > Cancel.", rating=5)
+    assert fw.flush(10)
+    export(fw.get_store(), "tasks", "qa", tmp_path / "t.jsonl", val_fraction=0)
+    [task] = read(tmp_path / "t.jsonl")
+    assert task["metadata"]["answer"] == "Settings > Plan > Cancel."
+    assert task["metadata"]["reward"] == 1.0
+
+
+def test_one_question_in_nfc_and_nfd_is_one_task(fw, tmp_path) -> None:
+    """'café' typed precomposed (NFC) and as e + combining accent (NFD, macOS input) is one
+    question: one task, on one side of the split."""
+    for spelling in ("Where is the caf\u00e9?", "Where is the cafe\u0301?"):
+        record(fw, spelling, f"Answer to {spelling!r}.", rating=5)
+    assert fw.flush(10)
+    export(fw.get_store(), "tasks", "qa", tmp_path / "t.jsonl", val_fraction=0.5, seed=1)
+    tasks = read(tmp_path / "t.jsonl") + read(val_path(tmp_path / "t.jsonl"))
+    assert len(tasks) == 1, [t["main_query"] for t in tasks]
