@@ -281,6 +281,10 @@ def register(main: click.Group) -> None:
                 write=not dry_run,
                 progress=lambda n: bar.advance(task, n),
             )
+        if not dry_run:  # rewards recomputed with new sources: the next cycle reads every day
+            from flywheel_middleware.loop.curation import forget
+
+            forget(cli.store, workflow)
         rewarded = [r for r in run.values() if r.value is not None]
         per_source: dict[str, list[float]] = {}
         for r in run.values():

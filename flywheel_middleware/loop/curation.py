@@ -250,7 +250,8 @@ def _settle(parts: Path, state: dict[str, Any], read: list[str]) -> datasets.Que
     window = _day(newest - LOOKBACK) if newest is not None else "0000-00-00"
     settled_until = state.get("settled_until") or "0000-00-00"
     days = sorted(state["days"])
-    if not path.exists() or any(day < settled_until for day in read):
+    fresh = "settled_until" not in state  # a first or forgotten watermark: the file is stale
+    if fresh or not path.exists() or any(day < settled_until for day in read):
         board, settled_until = datasets.QuestionBoard(), "0000-00-00"
     else:
         board = datasets.QuestionBoard.load(path)

@@ -212,3 +212,31 @@ def test_a_long_non_ascii_workflow_name_is_curated(fw, tmp_path) -> None:
     assert fw.flush(10)
     result = curate_datasets(fw.get_store(), parse_config(""), workflow, tmp_path / "d")
     assert any("Under Billing." in Path(f).read_text() for f in result.files)
+
+
+def test_flywheel_rewards_with_new_sources_reaches_old_days(fw, sqlite_url, tmp_path) -> None:
+    """`flywheel rewards` recomputes with new sources (a new rating scale turns an old answer,
+    3 of 5, bad at 3 of 1..9): the controller's next cycle reads every day again."""
+    from click.testing import CliRunner
+
+    from flywheel_middleware.cli import main
+
+    store = fw.get_store()
+    old = record(fw, "How do I export my data?", "Maybe try the menu.", rating=3)
+    assert fw.flush(10)
+    move_to(store, [old], datetime.now(timezone.utc) - timedelta(days=6))
+    record(fw, "Today's question?", "Today's answer.", rating=5)
+    assert fw.flush(10)
+    out = tmp_path / "datasets"
+    curate_datasets(store, parse_config(""), "qa", out)
+    assert "Maybe try the menu." in (out / "qa.sft.jsonl").read_text()
+
+    rescaled = "rewards:\n  - type: explicit_rating\n    params: {scale_min: 1, scale_max: 9}\n"
+    cfg = tmp_path / "flywheel.yaml"
+    cfg.write_text(f"store: {{url: '{sqlite_url}'}}\n{rescaled}")
+    done = CliRunner().invoke(main, ["--config", str(cfg), "rewards", "-w", "qa"])
+    assert done.exit_code == 0, done.output
+    curate_datasets(store, parse_config(rescaled), "qa", out)
+    full = full_export(store, tmp_path / "full", config=parse_config(rescaled))
+    assert "Maybe try the menu." not in "".join(full["sft"])
+    assert curated(out) == full
