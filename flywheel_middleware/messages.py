@@ -16,6 +16,7 @@ counted in an :class:`Unknown` (with one example) rather than turned into empty 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -43,17 +44,11 @@ _LC_CLASSES = {
     "ToolMessage": "tool",
     "FunctionMessage": "tool",
 }
-_TEXT_KEYS = (
-    "content",
-    "text",
-    "question",
-    "query",
-    "input",
-    "prompt",
-    "answer",
-    "output",
-    "result",
-)
+# The keys a plain dict holds its text under, by what is read: a question (the default role
+# "user") or an answer ("assistant"). Graph state, LCEL ``assign`` and AgentExecutor outputs
+# hold both, so each side reads its own keys first.
+_QUESTION_KEYS = ("content", "text", "question", "query", "input", "prompt")
+_ANSWER_KEYS = ("answer", "output", "result", "response", "content", "text")
 _TEXT_PART_TYPES = ("text", "input_text", "output_text")
 
 
@@ -103,24 +98,80 @@ def content_text(content: Any) -> str:
     raise _NotMessages
 
 
+def _image_part(part: Any) -> dict[str, Any] | None:
+    """An image content part in OpenAI chat's ``image_url`` shape (from chat's, Responses'
+    ``input_image`` or GenAI's ``uri``/``blob`` parts), else None."""
+    if not isinstance(part, dict):
+        return None
+    kind = part.get("type")
+    image: Any = None
+    if kind == "image_url":
+        image = part.get("image_url")
+    elif kind == "input_image":
+        image = {"url": part.get("image_url"), "detail": part.get("detail")}
+    elif kind == "uri" and part.get("modality") == "image":
+        image = {"url": part.get("uri")}
+    elif kind == "blob" and part.get("modality") == "image" and part.get("mime_type"):
+        image = {"url": f"data:{part['mime_type']};base64,{part.get('content', '')}"}
+    if isinstance(image, str):
+        image = {"url": image}
+    if not isinstance(image, dict) or not isinstance(image.get("url"), str) or not image["url"]:
+        return None
+    url = {k: v for k, v in image.items() if k in ("url", "detail") and v is not None}
+    return {"type": "image_url", "image_url": url}
+
+
+def _chat_content(role: str, content: Any) -> Any:
+    """A message's content as text; a user's that holds images keeps them, as OpenAI chat's
+    text and ``image_url`` parts in their order (what vision fine-tuning accepts)."""
+    if role != "user" or not isinstance(content, list):
+        return content_text(content)
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        image = _image_part(part)
+        text = "" if image else content_text([part])
+        if image or text.strip():
+            parts.append(image or {"type": "text", "text": text})
+    if not any(p["type"] == "image_url" for p in parts):
+        return content_text(content)
+    return parts
+
+
 def _arguments(args: Any) -> str:
     return args if isinstance(args, str) else json.dumps(args or {}, ensure_ascii=False)
 
 
 def tool_call(call: dict[str, Any]) -> dict[str, Any]:
-    """One tool call in OpenAI's shape, from OpenAI's, LangChain's, GenAI's or AgentScope's."""
+    """One tool call in OpenAI's shape, from OpenAI's, LangChain's, GenAI's or AgentScope's.
+
+    A Responses item's ``call_id`` is what its output answers (its ``id`` names the item)."""
     if isinstance(call.get("function"), dict):
         fn = call["function"]
         name, args = fn.get("name"), fn.get("arguments")
     else:
         name = call.get("name")
         args = call.get("args", call.get("arguments", call.get("input")))
-    cid = call.get("id") or call.get("call_id") or ""
+    cid = call.get("call_id") or call.get("id") or ""
     return {
         "id": str(cid),
         "type": "function",
         "function": {"name": str(name), "arguments": _arguments(args)},
     }
+
+
+_FUNCTION_FIELDS = ("name", "description", "parameters", "strict")
+
+
+def chat_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool definition in OpenAI chat's shape: the Responses API declares a function's
+    fields flat (``{"type": "function", "name", "parameters"}``), chat under ``function``."""
+    if (
+        tool.get("type") != "function"
+        or "function" in tool
+        or not isinstance(tool.get("name"), str)
+    ):
+        return tool
+    return {"type": "function", "function": {k: tool[k] for k in _FUNCTION_FIELDS if k in tool}}
 
 
 def _role(value: Any) -> str | None:
@@ -129,7 +180,7 @@ def _role(value: Any) -> str | None:
 
 def _from_parts(role: str, parts: list[Any]) -> list[Message]:
     """A GenAI ``parts`` message: text parts, tool_call parts, tool_call_response parts."""
-    texts: list[str] = []
+    shown: list[dict[str, Any]] = []  # text and image parts
     calls: list[dict[str, Any]] = []
     responses: list[Message] = []
     for part in parts:
@@ -137,25 +188,27 @@ def _from_parts(role: str, parts: list[Any]) -> list[Message]:
             raise _NotMessages
         kind = part.get("type")
         if kind == "text":
-            texts.append(str(part.get("content", part.get("text", "")) or ""))
+            shown.append({"type": "text", "text": str(part.get("content", part.get("text")) or "")})
+        elif _image_part(part):
+            shown.append(part)
         elif kind == "tool_call":
             calls.append(tool_call(part))
         elif kind == "tool_call_response":
             result = part.get("response", part.get("result"))
-            responses.append(
-                {
-                    "role": "tool",
-                    "content": result if isinstance(result, str) else _arguments(result),
-                    "tool_call_id": str(part.get("id") or ""),
-                }
-            )
+            text = result if isinstance(result, str) else _arguments(result)
+            responses.append(_tool_turn(text, part.get("id")))
+        # reasoning, file and other parts are no chat text
     out: list[Message] = []
-    if texts or calls or not responses:
-        msg: Message = {"role": role, "content": "\n".join(t for t in texts if t)}
+    if shown or calls or not (parts or responses):
+        msg: Message = {"role": role, "content": _chat_content(role, shown)}
         if calls:
             msg["tool_calls"] = calls
         out.append(msg)
     return out + responses
+
+
+def _tool_turn(text: str, call_id: Any) -> Message:
+    return {"role": "tool", "content": text, "tool_call_id": str(call_id or "")}
 
 
 _TOOL_BLOCKS = ("tool_use", "tool_call", "tool_result")
@@ -196,8 +249,7 @@ def _agentscope_blocks(role: str, blocks: list[Any]) -> list[Message] | None:
             close_turn()
             output = b.get("output", b.get("content"))
             text = output if isinstance(output, str) else content_text(output)
-            cid = b.get("id") or b.get("tool_use_id") or ""
-            out.append({"role": "tool", "content": text, "tool_call_id": str(cid)})
+            out.append(_tool_turn(text, b.get("id") or b.get("tool_use_id")))
     close_turn()
     return out
 
@@ -211,40 +263,57 @@ def _message(value: dict[str, Any], default_role: str) -> list[Message] | None:
             return None
         return _message({**value["kwargs"], "role": role}, default_role)
     kind = value.get("type")
-    if kind == "reasoning" or (
-        isinstance(kind, str) and kind.endswith("_call") and kind != "function_call"
-    ):
-        return []  # Responses items with no chat turn: reasoning, web_search_call, ...
-    if kind == "function_call":  # Responses input item
-        return [{"role": "assistant", "content": "", "tool_calls": [tool_call(value)]}]
-    if kind == "function_call_output":
+    if isinstance(kind, str) and kind in _RESPONSES_NO_TURN or kind == "reasoning":
+        return []
+    if isinstance(kind, str) and kind.endswith("_call_output"):  # function, custom, computer...
         output = value.get("output")
-        return [
-            {
-                "role": "tool",
-                "content": output if isinstance(output, str) else content_text(output),
-                "tool_call_id": str(value.get("call_id", "")),
-            }
-        ]
+        text = output if isinstance(output, str) else content_text(output)
+        return [_tool_turn(text, value.get("call_id") or value.get("id"))]
+    if isinstance(kind, str) and kind.endswith("_call"):
+        if kind != "function_call" and not value.get("call_id"):
+            return []  # a hosted tool (web_search_call, ...): its result is no turn of its own
+        return [{"role": "assistant", "content": "", "tool_calls": [_item_call(value)]}]
     role = _role(value.get("role")) or _role(kind)
     if role is None:
         return None
     if isinstance(value.get("parts"), list):
         return _from_parts(role, value["parts"])
     content = value.get("content")
-    if isinstance(content, list):
+    calls = value.get("tool_calls") or (value.get("additional_kwargs") or {}).get("tool_calls")
+    if isinstance(content, list) and not (calls and role == "assistant"):
+        # a LangChain message's tool_calls hold the parsed arguments; its content blocks may
+        # not (Anthropic's streamed tool_use keeps ``input: {}`` beside its partial_json)
         blocks = _agentscope_blocks(role, content)
         if blocks is not None:
             return blocks
         if content and all(isinstance(b, dict) and b.get("type") in _NO_TURN for b in content):
             return []  # a reply Msg AgentScope opened with a runtime hint, before any answer
-    msg: Message = {"role": role, "content": content_text(content)}
-    calls = value.get("tool_calls") or (value.get("additional_kwargs") or {}).get("tool_calls")
+    msg: Message = {"role": role, "content": _chat_content(role, content)}
     if calls and role == "assistant":
         msg["tool_calls"] = [tool_call(c) for c in calls if isinstance(c, dict)]
     if role == "tool" and value.get("tool_call_id"):
         msg["tool_call_id"] = str(value["tool_call_id"])
     return [msg]
+
+
+# Responses input items that are no chat turn: a reference to an earlier item.
+_RESPONSES_NO_TURN = frozenset(("item_reference",))
+
+
+def _item_call(item: dict[str, Any]) -> dict[str, Any]:
+    """A Responses ``*_call`` item answered by a ``*_call_output`` as an OpenAI tool call:
+    a custom tool's free-form ``input`` and a computer's ``action`` become JSON arguments."""
+    kind = item["type"]
+    if kind == "function_call":
+        args = item.get("arguments")
+    elif kind == "custom_tool_call":
+        args = {"input": item.get("input")}
+    else:
+        args = item.get("action", item.get("arguments", item.get("input")))
+    name = item.get("name") or kind.removesuffix("_call")
+    return tool_call(
+        {"call_id": item.get("call_id"), "id": item.get("id"), "name": name, "arguments": args}
+    )
 
 
 _MSG_REPR = re.compile(r"^\s*Msg\((.*)\)\s*$", re.S)
@@ -295,6 +364,8 @@ def _walk(value: Any, default_role: str) -> list[Message]:
         raise _NotMessages
     if isinstance(value.get("messages"), list):  # graph state, chat request
         return _walk(value["messages"], default_role)
+    if isinstance(value.get("messages"), str):  # LangGraph reads a string as a user message
+        return [{"role": "user", "content": value["messages"]}]
     if isinstance(value.get("choices"), list) and value["choices"]:  # chat completion
         choice = value["choices"][0]
         if isinstance(choice, dict):
@@ -321,7 +392,7 @@ def _walk(value: Any, default_role: str) -> list[Message]:
     entity = _traceloop_entity(value)
     if entity is not None:
         return _walk(entity, default_role)
-    for key in _TEXT_KEYS:
+    for key in _ANSWER_KEYS if default_role == "assistant" else _QUESTION_KEYS:
         if isinstance(value.get(key), str):
             return _walk(value[key], default_role)
     if isinstance(value.get("content"), list):
@@ -363,12 +434,32 @@ def _merge_calls(messages: list[Message]) -> list[Message]:
     return out
 
 
+def _name_unnamed_calls(messages: list[Message]) -> list[Message]:
+    """Give tool calls without an id (optional in GenAI's semconv) a stable one, from the
+    call itself, and the id-less tool results after them the id of the earliest call still
+    unanswered: the same conversation always gets the same ids."""
+    seen: dict[str, int] = {}
+    waiting: list[str] = []
+    for m in messages:
+        if m["role"] == "tool" and not m.get("tool_call_id") and waiting:
+            m["tool_call_id"] = waiting.pop(0)
+        for call in m.get("tool_calls") or ():
+            if call["id"]:
+                continue
+            key = f"{call['function']['name']}\n{call['function']['arguments']}"
+            seen[key] = seen.get(key, 0) + 1
+            digest = hashlib.sha256(f"{key}\n{seen[key]}".encode()).hexdigest()
+            call["id"] = f"call_{digest[:24]}"
+            waiting.append(call["id"])
+    return messages
+
+
 def to_messages(
     value: Any, default_role: str = "user", unknown: Unknown | None = None
 ) -> list[Message]:
     """The chat messages of a recorded value; ``[]`` (and counted in ``unknown``) if unknown."""
     try:
-        return _walk(value, default_role)
+        return _name_unnamed_calls(_walk(value, default_role))
     except _NotMessages:
         if unknown is not None:
             unknown.add(value)
@@ -378,8 +469,9 @@ def to_messages(
 def _last_text(value: Any, role: str, unknown: Unknown | None) -> str:
     messages = to_messages(value, role, unknown)
     for m in reversed(messages):
-        if m["role"] == role and m["content"].strip():
-            return m["content"]
+        text = content_text(m["content"])
+        if m["role"] == role and text.strip():
+            return text
     if messages and unknown is not None:  # messages, but none of this role with text
         unknown.add(value)
     return ""
@@ -393,3 +485,17 @@ def question_text(value: Any, unknown: Unknown | None = None) -> str:
 def answer_text(value: Any, unknown: Unknown | None = None) -> str:
     """The final assistant text of a rollout output ("" when there is none)."""
     return _last_text(value, "assistant", unknown)
+
+
+EMPTY_TOOL_RESULT = "(empty)"
+
+
+def mark_empty_tool_results(messages: list[Message]) -> list[Message]:
+    """Tool turns whose result is empty say so: a tool that found nothing answered, and a
+    training row may hold no empty content."""
+    return [
+        {**m, "content": EMPTY_TOOL_RESULT}
+        if m["role"] == "tool" and not content_text(m["content"]).strip()
+        else m
+        for m in messages
+    ]

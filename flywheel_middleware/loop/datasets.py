@@ -42,7 +42,15 @@ from sqlalchemy import func, select
 
 from flywheel_middleware.config import FlywheelConfig, parse_config
 from flywheel_middleware.errors import FlywheelError
-from flywheel_middleware.messages import Unknown, answer_text, question_text, to_messages
+from flywheel_middleware.messages import (
+    Unknown,
+    answer_text,
+    chat_tool,
+    content_text,
+    mark_empty_tool_results,
+    question_text,
+    to_messages,
+)
 from flywheel_middleware.plugin_system.base import Filter, PluginContext, Sample
 from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.models import Feedback, Rollout, Span, TelemetryEvent
@@ -317,7 +325,7 @@ def _final_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def sft_messages(
     row: dict[str, Any], llm_span: dict[str, Any] | None, unknown: Unknown | None = None
 ) -> list[dict[str, Any]]:
-    """The last LLM call's messages plus its answer; else the rollout's input and output.
+    """The answering LLM call's messages plus its answer; else the rollout's input and output.
 
     ``[]`` when no user question or no final assistant text can be read (counted in
     ``unknown``), so a row of empty or repr text is never written.
@@ -328,7 +336,7 @@ def sft_messages(
         if answer and messages[-len(answer) :] == answer:
             answer = []  # the input already holds the answer (a message object serialized late)
         if _trainable(messages + answer):
-            return messages + answer
+            return mark_empty_tool_results(messages + answer)
     prompt = to_messages(row["input"], "user", unknown)
     output = to_messages(row["output"], "assistant", unknown)
     if prompt and output[: len(prompt)] == prompt:  # graph state: the output repeats the input
@@ -336,7 +344,7 @@ def sft_messages(
     else:
         messages = prompt + _final_turns(output)
     if _trainable(messages):
-        return messages
+        return mark_empty_tool_results(messages)
     if unknown is not None and prompt and output:
         unknown.add({"input": row["input"], "output": row["output"]})
     return []
@@ -345,10 +353,10 @@ def sft_messages(
 def _trainable(messages: list[dict[str, Any]]) -> bool:
     """A user question with text and a final assistant turn with text."""
     return (
-        any(m["role"] == "user" and m["content"].strip() for m in messages)
+        any(m["role"] == "user" and content_text(m["content"]).strip() for m in messages)
         and bool(messages)
         and messages[-1]["role"] == "assistant"
-        and bool(messages[-1]["content"].strip())
+        and bool(content_text(messages[-1]["content"]).strip())
     )
 
 
@@ -407,16 +415,26 @@ def task_row(
 
 
 def _last_llm_spans(store: Store, rollout_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """The last LLM span of each rollout, as a dict; one query per batch. By sequence, then
-    start time (spans mirrored from OpenTelemetry all have sequence 0)."""
+    """Each rollout's LLM span whose output is the rollout's answer (the last such), else its
+    last LLM span, as a dict; two queries per batch. A call made after the answer (a title,
+    a summary) is not the conversation that answered. Spans in order of sequence, then start
+    time (spans mirrored from OpenTelemetry all have sequence 0)."""
     q = (
         select(S.rollout_id, S.sequence, S.input, S.output, S.attributes)
         .where(S.rollout_id.in_(rollout_ids), S.kind == "llm")
         .order_by(S.rollout_id, S.sequence, S.started_at, S.id)
     )
+    answers_q = select(R.id, R.output).where(R.id.in_(rollout_ids))
     out: dict[str, dict[str, Any]] = {}
+    answered: set[str] = set()
     with store.engine.connect() as conn:
+        answers = {r.id: " ".join(answer_text(r.output).split()) for r in conn.execute(answers_q)}
         for r in conn.execute(q):
+            said = " ".join(answer_text(r.output).split())
+            if said and said == answers.get(r.rollout_id):
+                answered.add(r.rollout_id)
+            elif r.rollout_id in answered:
+                continue  # a call made after the answer
             params = (r.attributes or {}).get("invocation_params") or {}
             out[r.rollout_id] = {"input": r.input, "output": r.output, "tools": params.get("tools")}
     return out
@@ -434,12 +452,11 @@ def sft_tools(messages: list[dict[str, Any]], captured: Any) -> list[dict[str, A
     }
     if not called:
         return None
+    chat = [chat_tool(t) for t in captured or () if isinstance(t, dict)]
     tools = [
         t
-        for t in captured or ()
-        if isinstance(t, dict)
-        and t.get("type") == "function"
-        and isinstance((t.get("function") or {}).get("name"), str)
+        for t in chat
+        if t.get("type") == "function" and isinstance((t.get("function") or {}).get("name"), str)
     ]
     declared = {t["function"]["name"] for t in tools}
     for name in sorted(called - declared):
