@@ -47,6 +47,17 @@ def postgres_url() -> Iterator[str]:
         yield f"{base}{sep}options=-csearch_path%3D{schema}"
     finally:
         with admin.begin() as conn:
+            # a connection the test left behind a dead proxy may still hold locks in the
+            # schema until its keepalives give up: end it rather than wait for it
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l"
+                    " JOIN pg_class c ON c.oid = l.relation"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = :schema AND l.pid <> pg_backend_pid()"
+                ),
+                {"schema": schema},
+            )
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -174,7 +175,9 @@ def test_flywheel_evaluate_assignment_uses_the_weights_in_force(store, tmp_path)
     cand = versions.create_version(store, "qa", {**BASE, "rag": {"top_k": 4}}, created_by="t")
     exp = ex.start_experiment(store, "qa", [cand.id], traffic=0.25)
     rng = random.Random(5)
-    start = datetime.now(timezone.utc)
+    # the rollouts come a second after the experiment's start event and end well before the
+    # weight change below, however slowly a loaded machine writes them
+    start = datetime.now(timezone.utc) + timedelta(seconds=1)
     rows = []
     for i in range(400):
         variant = "candidate-1" if rng.random() < 0.25 else "baseline"
@@ -207,6 +210,8 @@ def test_flywheel_evaluate_assignment_uses_the_weights_in_force(store, tmp_path)
     assert data["units"] == 400
     # the candidate is dropped (weight 0) and traffic goes on: the later rollouts never
     # could have gone to it, so "all to candidate-1" is refused
+    while datetime.now(timezone.utc) < start + timedelta(seconds=1.5):
+        time.sleep(0.05)
     ex.set_weights(store, exp.id, {"candidate-1": 0.0})
     with store.session() as session:
         for i in range(50):
