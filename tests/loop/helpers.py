@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from sqlalchemy import insert, text
+
 from flywheel_middleware.capture.ids import new_rollout_id
 from flywheel_middleware.config import FlywheelConfig, config_from_dict
 from flywheel_middleware.store.database import Store
@@ -52,42 +54,49 @@ def add_rollouts(
 ) -> list[str]:
     """``n`` rollouts of which ``positive`` are rated 5 and the rest 1; ``failed`` fail."""
     now = start or datetime.now(timezone.utc)
-    ids = []
-    with store.session() as session:
-        for i in range(n):
-            rid = new_rollout_id()
-            ids.append(rid)
-            t = now + timedelta(milliseconds=i)
-            session.add(
-                Rollout(
-                    id=rid,
-                    workflow=workflow,
-                    user_id=f"u{i}",
-                    config_version_id=version_id,
-                    experiment_id=experiment_id,
-                    variant=variant,
-                    propensity=0.5,
-                    input=f"question {i}",
-                    output=f"answer {i}",
-                    status="failed" if i < failed else "succeeded",
-                    started_at=t,
-                    ended_at=t,
-                    latency_ms=latency_ms + (i % 10),
-                    input_tokens=10,
-                    output_tokens=20,
-                    total_tokens=30,
-                    cost=0.001,
-                    reward=reward,
-                )
-            )
-            session.add(
-                Feedback(
-                    rollout_id=rid,
-                    source="explicit",
-                    key="rating",
-                    value=5.0 if i < positive else 1.0,
-                    comment=None if i < positive else "wrong answer",
-                    created_at=t,
-                )
-            )
+    ids = [new_rollout_id() for _ in range(n)]
+    times = [now + timedelta(milliseconds=i) for i in range(n)]
+    rollouts = [
+        {
+            "id": rid,
+            "workflow": workflow,
+            "user_id": f"u{i}",
+            "config_version_id": version_id,
+            "experiment_id": experiment_id,
+            "variant": variant,
+            "propensity": 0.5,
+            "input": f"question {i}",
+            "output": f"answer {i}",
+            "status": "failed" if i < failed else "succeeded",
+            "started_at": t,
+            "ended_at": t,
+            "latency_ms": latency_ms + (i % 10),
+            "input_tokens": 10,
+            "output_tokens": 20,
+            "total_tokens": 30,
+            "cost": 0.001,
+            "reward": reward,
+        }
+        for i, (rid, t) in enumerate(zip(ids, times, strict=True))
+    ]
+    feedback = [
+        {
+            "rollout_id": rid,
+            "source": "explicit",
+            "key": "rating",
+            "value": 5.0 if i < positive else 1.0,
+            "comment": None if i < positive else "wrong answer",
+            "created_at": t,
+        }
+        for i, (rid, t) in enumerate(zip(ids, times, strict=True))
+    ]
+    with store.engine.begin() as conn:  # one executemany per table: set-up, not the subject
+        if rollouts:
+            conn.execute(insert(Rollout.__table__), rollouts)
+            conn.execute(insert(Feedback.__table__), feedback)
+        if store.dialect == "postgresql":
+            # what autovacuum does after a bulk load: without statistics the planner takes
+            # thousands of fresh rows for a handful and nests its joins
+            conn.execute(text("ANALYZE rollout"))
+            conn.execute(text("ANALYZE feedback"))
     return ids

@@ -100,7 +100,7 @@ def _cycles(proc: Proc) -> list[tuple[int, datetime, datetime]]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("backend", "seconds"),
-    [("sqlite", 8), pytest.param("postgres", 20, marks=pytest.mark.postgres)],
+    [("sqlite", 5), pytest.param("postgres", 20, marks=pytest.mark.postgres)],
 )
 def test_two_schedules_on_one_store_never_run_cycles_at_once(backend, seconds, tmp_path, request):
     url = (
