@@ -141,13 +141,8 @@ def _days_to_check(store: Store, workflow: str, state: dict[str, Any]) -> set[st
         check = set(_calendar(newest - LOOKBACK, max(newest, datetime.now(timezone.utc))))
         feedback_since = _parse(state.get("feedback_until"))
         if feedback_since is not None:
-            rated = conn.execute(
-                select(R.started_at)
-                .join(Feedback.__table__, F.rollout_id == R.id)
-                .where(R.workflow == workflow, F.created_at >= feedback_since - LOOKBACK)
-                .distinct()
-            )
-            check.update(_day(t) for (t,) in rated)
+            rated = _rated_since(conn, workflow, feedback_since - LOOKBACK)
+            check.update(_day(started_at) for started_at, _ in rated)
     return check
 
 
@@ -167,19 +162,36 @@ def _fingerprint(store: Store, workflow: str, start: datetime, until: datetime) 
     return [int(rollouts), int(feedback or 0), round(float(reward_sum or 0.0), 9)]
 
 
+def _rated_since(
+    conn: Any, workflow: str, since: datetime | None
+) -> list[tuple[datetime, datetime]]:
+    """(rollout start, feedback time) of the workflow's feedback recorded since ``since``: the
+    feedback's time index first, then the rollouts by id, so the cost follows the recent
+    feedback, not the history (a join lets a planner scan the workflow's rollouts)."""
+    recent = select(F.rollout_id, F.created_at)
+    if since is not None:
+        recent = recent.where(F.created_at >= since)
+    given: dict[str, list[datetime]] = {}
+    for rollout_id, created_at in conn.execute(recent):
+        given.setdefault(rollout_id, []).append(created_at)
+    out: list[tuple[datetime, datetime]] = []
+    ids = list(given)
+    for start in range(0, len(ids), 500):
+        # by primary key only: with the workflow in the WHERE clause SQLite prefers the
+        # workflow's index and scans every rollout of it
+        q = select(R.id, R.started_at, R.workflow).where(R.id.in_(ids[start : start + 500]))
+        for rollout_id, started_at, of in conn.execute(q):
+            if of == workflow:
+                out.extend((started_at, created_at) for created_at in given[rollout_id])
+    return out
+
+
 def _newest_feedback(store: Store, workflow: str, state: dict[str, Any]) -> str | None:
     """The newest feedback on the workflow's rollouts (only feedback recorded since the last
     one is read)."""
-    since = _parse(state.get("feedback_until"))
-    q = (
-        select(func.max(F.created_at))
-        .join(Rollout.__table__, F.rollout_id == R.id)
-        .where(R.workflow == workflow)
-    )
-    if since is not None:
-        q = q.where(F.created_at >= since)
     with store.engine.connect() as conn:
-        newest = conn.execute(q).scalar()
+        rated = _rated_since(conn, workflow, _parse(state.get("feedback_until")))
+    newest = max((created_at for _, created_at in rated), default=None)
     return _aware(newest).isoformat() if newest is not None else None
 
 
