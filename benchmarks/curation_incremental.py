@@ -86,9 +86,7 @@ def run(size: int, new: int, folder: Path) -> dict[str, float]:
     first = timed(lambda: curate_datasets(store, config, "qa", out))
     insert(db, size, new, today, min(now - today, timedelta(hours=1)), seed=7)  # same new data
     step = timed(lambda: curate_datasets(store, config, "qa", out))
-    full = timed(
-        lambda: [export(store, k, "qa", folder / f"full-{size}.{k}.jsonl") for k in KINDS]
-    )
+    full = timed(lambda: [export(store, k, "qa", folder / f"full-{size}.{k}.jsonl") for k in KINDS])
     store.dispose()
     return {"first": first, "step": step, "full": full}
 

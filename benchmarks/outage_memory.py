@@ -73,9 +73,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200)
     args = parser.parse_args()
     settings = [("journal", 64), ("journal", 16), ("memory", 64)]
-    print(
-        f"store locked {args.seconds:g} s; rollouts with {args.kb} KB inputs at {args.rate:g}/s"
-    )
+    print(f"store locked {args.seconds:g} s; rollouts with {args.kb} KB inputs at {args.rate:g}/s")
     print(
         f"{'durability':<10} {'max MB':>6} {'rollouts':>8} {'RSS before':>10} "
         f"{'in outage':>9} {'after':>7} {'peak held MB':>12} {'to journal':>10} {'lost':>5}"

@@ -97,9 +97,7 @@ class ErrorBudget(_Strict):
     @model_validator(mode="after")
     def _floor_below_level(self) -> ErrorBudget:
         if self.min_alpha >= self.level:
-            raise ValueError(
-                f"min_alpha ({self.min_alpha:g}) must be below level ({self.level:g})"
-            )
+            raise ValueError(f"min_alpha ({self.min_alpha:g}) must be below level ({self.level:g})")
         return self
 
 
