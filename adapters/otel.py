@@ -25,15 +25,8 @@ from opentelemetry.trace import StatusCode
 
 from flywheel_middleware.capture import handles
 from flywheel_middleware.capture.genai_attributes import (
-    INPUT_KEYS,
-    INPUT_TOKEN_KEYS,
-    MAPPED,
-    MODEL_KEYS,
-    OUTPUT_KEYS,
-    OUTPUT_TOKEN_KEYS,
-    SESSION_KEYS,
-    USER_KEYS,
     first_value,
+    genai_fields,
     json_content,
     otel_span_id,
     otel_trace_id,
@@ -156,10 +149,9 @@ class FlywheelSpanProcessor(SpanProcessor):
             parent_id = None if is_root else otel_span_id(parent.span_id)
 
         kind = span_kind(span.name, attrs)
-        input_tokens = first_value(attrs, INPUT_TOKEN_KEYS)
-        output_tokens = first_value(attrs, OUTPUT_TOKEN_KEYS)
+        fields = genai_fields(attrs, kind)
+        input_tokens, output_tokens = fields.input_tokens, fields.output_tokens
         error = _error(span)
-        extra = {k: v for k, v in attrs.items() if k not in MAPPED}
         start, end = span.start_time, span.end_time
         record = SpanRecord(
             id=otel_span_id(ctx.span_id),
@@ -178,12 +170,12 @@ class FlywheelSpanProcessor(SpanProcessor):
             started_at=start,
             ended_at=end,
             duration_ms=(end - start) / 1e6 if start and end else None,
-            model=first_value(attrs, MODEL_KEYS) if kind in ("llm", "embedding") else None,
-            input=json_content(first_value(attrs, INPUT_KEYS)),
-            output=json_content(first_value(attrs, OUTPUT_KEYS)),
+            model=fields.model,
+            input=json_content(fields.input),
+            output=json_content(fields.output),
             input_tokens=input_tokens,
             output_tokens=output_tokens,
-            attributes=extra or None,
+            attributes=fields.extra or None,
         )
         recorder = self._rec()
         recorder.enqueue(record)
@@ -205,8 +197,8 @@ class FlywheelSpanProcessor(SpanProcessor):
                 RolloutRecord(
                     id=rollout_id,
                     workflow=attrs.get("flywheel.workflow") or self.workflow,
-                    user_id=first_value(attrs, USER_KEYS),
-                    session_id=first_value(attrs, SESSION_KEYS),
+                    user_id=fields.user_id,
+                    session_id=fields.session_id,
                     input=record.input,
                     output=record.output,
                     status="failed" if error else "succeeded",

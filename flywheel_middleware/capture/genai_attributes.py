@@ -8,6 +8,7 @@ without importing the OTel SDK.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 _MASK63 = (1 << 63) - 1
@@ -138,3 +139,33 @@ def span_kind(name: str, attrs: Any) -> str:
         if cls in ("Toolkit", "ToolKit") or cls.endswith("Tool"):
             return "tool"
     return "chain"
+
+
+@dataclass(frozen=True)
+class GenAIFields:
+    """What a span's attributes say in the conventions above, as raw attribute values."""
+
+    model: Any
+    input: Any
+    output: Any
+    input_tokens: Any
+    output_tokens: Any
+    user_id: Any
+    session_id: Any
+    extra: dict[str, Any]  # the attributes no field above took
+
+
+def genai_fields(attrs: Any, kind: str) -> GenAIFields:
+    """Read a span's attributes once, the same way for every source of OpenTelemetry spans
+    (the live mirror, OTLP ingest, the Studio importer); each source then converts the values
+    its own way. A model is read for model calls only."""
+    return GenAIFields(
+        model=first_value(attrs, MODEL_KEYS) if kind in ("llm", "embedding") else None,
+        input=first_value(attrs, INPUT_KEYS),
+        output=first_value(attrs, OUTPUT_KEYS),
+        input_tokens=first_value(attrs, INPUT_TOKEN_KEYS),
+        output_tokens=first_value(attrs, OUTPUT_TOKEN_KEYS),
+        user_id=first_value(attrs, USER_KEYS),
+        session_id=first_value(attrs, SESSION_KEYS),
+        extra={k: v for k, v in attrs.items() if k not in MAPPED},
+    )

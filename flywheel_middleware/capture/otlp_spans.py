@@ -17,14 +17,9 @@ import orjson
 
 from flywheel_middleware.capture.genai_attributes import (
     INPUT_KEYS,
-    INPUT_TOKEN_KEYS,
-    MAPPED,
-    MODEL_KEYS,
     OUTPUT_KEYS,
-    OUTPUT_TOKEN_KEYS,
-    SESSION_KEYS,
-    USER_KEYS,
     first_value,
+    genai_fields,
     otel_span_id,
     span_kind,
 )
@@ -257,12 +252,9 @@ def ingested_span(span: Any, resource: Resource) -> IngestedSpan:
     end = span.end_time_unix_nano or None
     service = resource.service
     workflow = _text(attrs.get(WORKFLOW_ATTRIBUTE), 200) or resource.workflow
-    extra = {
-        k: v
-        for k, v in attrs.items()
-        if k not in MAPPED and not (flat and k.startswith(_FLAT_PREFIXES))
-    }
-    session = first_value(attrs, SESSION_KEYS)
+    fields = genai_fields(attrs, kind)
+    extra = {k: v for k, v in fields.extra.items() if not (flat and k.startswith(_FLAT_PREFIXES))}
+    session = fields.session_id
     record = SpanRecord(
         id=span_id,
         rollout_id=rollout_id,
@@ -278,16 +270,16 @@ def ingested_span(span: Any, resource: Resource) -> IngestedSpan:
         started_at=start,
         ended_at=end,
         duration_ms=(end - start) / 1e6 if end and end >= start else None,
-        model=_text(first_value(attrs, MODEL_KEYS), 200) if kind in ("llm", "embedding") else None,
+        model=_text(fields.model, 200),
         input=value_in,
         output=value_out,
-        input_tokens=first_value(attrs, INPUT_TOKEN_KEYS),
-        output_tokens=first_value(attrs, OUTPUT_TOKEN_KEYS),
+        input_tokens=fields.input_tokens,
+        output_tokens=fields.output_tokens,
         attributes=extra or None,
     )
     return IngestedSpan(
         record,
-        user_id=_text(first_value(attrs, USER_KEYS), 200),
+        user_id=_text(fields.user_id, 200),
         session_id=None if session == _NO_SESSION else _text(session, 200),
         service=service,
         explicit_workflow=workflow is not None,

@@ -30,15 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from flywheel_middleware.capture.genai_attributes import (
-    INPUT_KEYS,
-    INPUT_TOKEN_KEYS,
-    MAPPED,
-    MODEL_KEYS,
-    OUTPUT_KEYS,
-    OUTPUT_TOKEN_KEYS,
-    SESSION_KEYS,
-    USER_KEYS,
     first_value,
+    genai_fields,
     span_kind,
 )
 from flywheel_middleware.capture.records import (
@@ -193,6 +186,7 @@ def _span_from_new(row: dict[str, Any], rollout_id: str) -> _Span:
         error = message or "error"
     name = row.get("name") or "span"
     kind = span_kind(name, attrs)
+    fields = genai_fields(attrs, kind)
     parent = row.get("parentSpanId")
     record = SpanRecord(
         id=span_id_for(row.get("spanId") or row.get("id")),
@@ -208,20 +202,20 @@ def _span_from_new(row: dict[str, Any], rollout_id: str) -> _Span:
         duration_ms=(
             latency / 1e6 if latency else ((end - start) / 1e6 if start and end else None)
         ),
-        model=row.get("model") or (first_value(attrs, MODEL_KEYS) if kind == "llm" else None),
-        input=_attr_json(first_value(attrs, INPUT_KEYS)),
-        output=_attr_json(first_value(attrs, OUTPUT_KEYS)),
-        input_tokens=row.get("inputTokens") or first_value(attrs, INPUT_TOKEN_KEYS),
-        output_tokens=row.get("outputTokens") or first_value(attrs, OUTPUT_TOKEN_KEYS),
-        attributes={k: v for k, v in attrs.items() if k not in MAPPED} or None,
+        model=row.get("model") or fields.model,
+        input=_attr_json(fields.input),
+        output=_attr_json(fields.output),
+        input_tokens=row.get("inputTokens") or fields.input_tokens,
+        output_tokens=row.get("outputTokens") or fields.output_tokens,
+        attributes=fields.extra or None,
     )
     return _Span(
         record,
         str(row.get("traceId")),
         first_value(attrs, _REPLY_ID_KEYS),
         attrs.get("project.run_id"),
-        row.get("conversationId") or first_value(attrs, SESSION_KEYS),
-        first_value(attrs, USER_KEYS),
+        row.get("conversationId") or fields.session_id,
+        fields.user_id,
     )
 
 
@@ -240,6 +234,7 @@ def _span_from_old(row: dict[str, Any], rollout_id: str) -> _Span:
         if kind_col not in ("INTERNAL", "CLIENT", "SERVER", "PRODUCER", "CONSUMER", "0", "1"):
             attrs["span.kind"] = kind_col
     kind = span_kind(name, attrs)
+    fields = genai_fields(attrs, kind)
     parent = row.get("parentSpanId")
     record = SpanRecord(
         id=span_id_for(row.get("id")),
@@ -255,12 +250,12 @@ def _span_from_old(row: dict[str, Any], rollout_id: str) -> _Span:
         duration_ms=float(latency_ms)
         if latency_ms is not None
         else ((end - start) / 1e6 if start and end else None),
-        model=first_value(attrs, MODEL_KEYS) if kind == "llm" else None,
-        input=_attr_json(first_value(attrs, INPUT_KEYS)),
-        output=_attr_json(first_value(attrs, OUTPUT_KEYS)),
-        input_tokens=first_value(attrs, INPUT_TOKEN_KEYS),
-        output_tokens=first_value(attrs, OUTPUT_TOKEN_KEYS),
-        attributes={k: v for k, v in attrs.items() if k not in MAPPED} or None,
+        model=fields.model,
+        input=_attr_json(fields.input),
+        output=_attr_json(fields.output),
+        input_tokens=fields.input_tokens,
+        output_tokens=fields.output_tokens,
+        attributes=fields.extra or None,
     )
     run_id = row.get("run_id") or attrs.get("project.run_id")
     return _Span(
@@ -268,8 +263,8 @@ def _span_from_old(row: dict[str, Any], rollout_id: str) -> _Span:
         str(row.get("traceId")),
         first_value(attrs, _REPLY_ID_KEYS),
         run_id,
-        run_id or first_value(attrs, SESSION_KEYS),
-        first_value(attrs, USER_KEYS),
+        run_id or fields.session_id,
+        fields.user_id,
     )
 
 
