@@ -415,6 +415,9 @@ def register(main: click.Group) -> None:
             actor="cli",
             reason=reason or f"approved by a person: {variant} of experiment {experiment_id}",
             evidence=evidence,
+            # approving what every promoter decides passes the error budget on; overruling does not
+            tested=bool(decisions)
+            and all(d.action == "promote" and d.variant == variant for _, d in decisions),
         )
         row = versions.get_version(cli.store, event.to_version_id)
         console.print(

@@ -323,6 +323,7 @@ def decide(
                     actor="controller:auto",
                     reason=final.reason,
                     evidence=evidence,
+                    tested=True,
                 )
                 entry["applied"] = "promoted"
                 changed.add(exp.workflow)

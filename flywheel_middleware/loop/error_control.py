@@ -108,12 +108,25 @@ class Allocation:
 def allocate(
     previous: Allocation | None, previous_status: str | None, candidates: list[str]
 ) -> Allocation:
-    """The allocation of the experiment that follows ``previous`` (None: the first)."""
+    """The allocation of the experiment that follows ``previous`` (None: the first).
+
+    ``previous_status`` is "promoted" only for a promotion the test decided (see
+    :func:`outcome`): only a rejected null hypothesis passes its share on."""
     index = previous.index + 1 if previous is not None else 1
     carried = (
         previous.candidate_share if previous is not None and previous_status == "promoted" else 0.0
     )
     return Allocation(index, spending(index) + carried, carried, tuple(candidates))
+
+
+def outcome(exp: Experiment | None) -> str | None:
+    """An experiment's status for the budget: a promotion no test decided (a person's
+    ``flywheel promote`` while the promoter said "continue") spends its share like a stop."""
+    if exp is None:
+        return None
+    if exp.status == "promoted" and not (exp.decision or {}).get("tested"):
+        return "promoted by hand"
+    return exp.status
 
 
 def _candidates(exp: Experiment) -> list[str]:
@@ -130,7 +143,7 @@ def replay(experiments: list[Experiment]) -> dict[int, Allocation]:
         stored = Allocation.from_json((exp.metrics or {}).get(METRICS_KEY))
         current = stored or allocate(previous, status, _candidates(exp))
         out[int(exp.id)] = current
-        previous, status = current, exp.status
+        previous, status = current, outcome(exp)
     return out
 
 
@@ -145,7 +158,7 @@ def next_allocation(session: Any, workflow: str, candidates: list[str]) -> Alloc
         return allocate(None, None, candidates)
     last_id = max(history)
     last = session.get(Experiment, last_id)
-    return allocate(history[last_id], last.status if last is not None else None, candidates)
+    return allocate(history[last_id], outcome(last), candidates)
 
 
 @dataclass(frozen=True)
@@ -169,8 +182,8 @@ def workflow_budget(store: Store, workflow: str) -> BudgetState:
         return BudgetState(0, 1.0, spending(1))
     last = max(experiments, key=lambda e: e.id or 0)
     allocation = history[int(last.id)]
-    carry = allocation.candidate_share if last.status == "promoted" else 0.0
-    nxt = allocate(allocation, last.status, ["next"])
+    carry = allocation.candidate_share if outcome(last) == "promoted" else 0.0
+    nxt = allocate(allocation, outcome(last), ["next"])
     return BudgetState(len(history), allocation.left + carry, nxt.share)
 
 

@@ -825,8 +825,12 @@ def promote(
     actor: str = "user",
     reason: str | None = None,
     evidence: dict[str, Any] | None = None,
+    tested: bool = False,
 ) -> ChangeEvent:
     """Make ``variant``'s version the active one, end the experiment as promoted, log why.
+
+    ``tested``: the promoters decided it (their test rejected "no better"); only then does
+    the experiment pass its error-budget share on to the next one.
 
     One transaction under the workflow's lock: a person's ``flywheel promote`` and the
     controller cannot both promote, and no process sees the new version active while the
@@ -850,7 +854,13 @@ def promote(
             raise ExperimentError(f"experiment {experiment_id} is already {row.status}")
         row.status = "promoted"
         row.ended_at = utcnow()
-        row.decision = {"action": "promote", "variant": variant, "reason": reason, **evidence}
+        row.decision = {
+            "action": "promote",
+            "variant": variant,
+            "reason": reason,
+            "tested": tested,
+            **evidence,
+        }
         session.add(row)
         session.flush()  # no longer running: the deployment change below does not stop it
         event = set_active(

@@ -83,7 +83,7 @@ def test_budget_decreases_over_experiments_and_promotion_is_refused_once_spent(s
         alphas.append(decision.evidence["alpha"])
         lefts.append(workflow_budget(store, "qa").left)
         if top_k == 5:
-            ex.promote(store, exp.id, "candidate-1")
+            ex.promote(store, exp.id, "candidate-1", tested=True)
         else:
             ex.stop_experiment(store, exp.id)
     # γ_j = 1/(j(j+1)) of 0.05; the promoted third passes its share on to the fourth
@@ -106,6 +106,25 @@ def test_budget_decreases_over_experiments_and_promotion_is_refused_once_spent(s
         make_config(
             workflows={"qa": {"config": BASE, "experiment": {"error_budget": {"min_alpha": 0.1}}}}
         )
+
+
+def test_only_a_promotion_the_test_decided_passes_its_share_on(store):
+    """A person promoting against the promoters' "continue" spends the share like a stop;
+    a tested promotion of one of two candidates passes on that candidate's half."""
+    config = make_config()
+    versions.ensure_workflow(store, config, "qa")
+    first = ex.start_experiment(store, "qa", [_version(store, 3).id], traffic=0.2)
+    ex.promote(store, first.id, "candidate-1")  # by hand, no test decided it
+    second = ex.start_experiment(
+        store, "qa", [_version(store, 4).id, _version(store, 5).id], traffic=0.2
+    )
+    _strong_evidence(store, second.id)
+    assert _judge(store, config, second.id).evidence["budget"]["share"] == pytest.approx(1 / 6)
+    ex.promote(store, second.id, "candidate-1", tested=True)
+    third = ex.start_experiment(store, "qa", [_version(store, 2).id], traffic=0.2)
+    _strong_evidence(store, third.id)
+    share = _judge(store, config, third.id).evidence["budget"]["share"]
+    assert share == pytest.approx(1 / 12 + (1 / 6) / 2)
 
 
 def test_without_a_budget_each_experiment_gets_the_promoters_alpha(store):
