@@ -212,7 +212,7 @@ class LlmEvaluate(LlmRubric):
     """The seeds' name for the rubric judge (ASTune's ``llm_evaluate``)."""
 
     type_name = "llm_evaluate"
-    description = "alias of llm_rubric (ASTune's name for it)"
+    description = "alias of llm_rubric (the name ASTune configs use)"
 
 
 _VERDICT_WORD = re.compile(r"\b(GOOD|BAD)\b")

@@ -355,9 +355,9 @@ def render_summary(result: DemoResult, console: Console) -> None:
     )
     cfg = os.path.relpath(result.folder / "flywheel.yaml")
     flywheel = _command_name()
-    console.print(
-        f"explore: {flywheel} --config {cfg} experiment list | config show support_qa | stats"
-    )
+    console.print("explore:")
+    for what in ("experiment list", "config show support_qa", "stats"):
+        console.print(f"  {flywheel} --config {cfg} {what}", markup=False)
     console.print(
         f"the week on the dashboard (each cycle one simulated day): {flywheel} --config {cfg} serve,"
         " then open http://127.0.0.1:8700/"

@@ -607,7 +607,7 @@ def render_markdown(r: CycleReport) -> str:
         "",
         f"- mode: **{r.mode}**"
         + {
-            "suggest": " (report only: nothing was changed)",
+            "suggest": " (report only: no config, experiment or deployment was changed)",
             "experiment": " (experiments run; promotions wait for your approval)",
             "auto": " (promotions applied within guardrails)",
         }[r.mode],
