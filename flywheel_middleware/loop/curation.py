@@ -51,7 +51,6 @@ class Curated:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     days_read: int = 0
     days_total: int = 0
-    rollouts_read: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -95,7 +94,6 @@ def curate_datasets(
             days[day] = None
         read.append(day)
         result.days_read += 1
-        result.rollouts_read += fingerprint[0]
     result.days_total = len(days)
     outputs_missing = not all(
         (out_dir / f"{name}.{kind}.jsonl").exists() for kind in datasets.KINDS
