@@ -469,7 +469,11 @@ def experiment_stats(
             .group_by(Rollout.variant)
         ).all()
         clusters = _unit_sums(session, exp, per_rollout)
-        allocation = error_control.Allocation.from_json(spec.get(error_control.METRICS_KEY))
+        stored = spec.get(error_control.METRICS_KEY) or {}
+        allocation = error_control.Allocation.from_json(stored)
+        error_budget = settings.error_budget
+        if stored.get("budget"):  # the level it started under, whatever the YAML says now
+            error_budget = ErrorBudget(**stored["budget"])
         if allocation is None:  # an experiment from before the budget existed
             history = error_control.replay(
                 error_control.workflow_experiments(session, exp.workflow)
@@ -518,7 +522,7 @@ def experiment_stats(
         min_samples=min_samples,
         confidence=confidence,
         unit=exp.unit or "user_id",
-        error_budget=settings.error_budget,
+        error_budget=error_budget,
         allocation=allocation,
     )
 
@@ -730,6 +734,8 @@ def start_experiment(
                     f"error_budget.min_alpha {error_budget.min_alpha:g}, so none could be promoted"
                 )
         spec[error_control.METRICS_KEY] = allocation.to_json()
+        if error_budget is not None:  # its level is fixed too; without one, the YAML's applies
+            spec[error_control.METRICS_KEY]["budget"] = error_budget.model_dump()
         exp = Experiment(
             workflow=workflow,
             status="running",

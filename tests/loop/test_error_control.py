@@ -127,6 +127,23 @@ def test_only_a_promotion_the_test_decided_passes_its_share_on(store):
     assert share == pytest.approx(1 / 12 + (1 / 6) / 2)
 
 
+def test_an_experiments_level_is_the_one_it_started_under(store):
+    """Editing error_budget.level in the YAML does not change a running experiment's α."""
+    config = make_config()
+    versions.ensure_workflow(store, config, "qa")
+    exp = ex.start_experiment(
+        store,
+        "qa",
+        [_version(store, 3).id],
+        traffic=0.2,
+        error_budget=config.workflows["qa"].experiment.error_budget,
+    )
+    _strong_evidence(store, exp.id)
+    before = _judge(store, config, exp.id).evidence["alpha"]
+    config.workflows["qa"].experiment.error_budget.level = 0.2
+    assert _judge(store, config, exp.id).evidence["alpha"] == before == pytest.approx(0.05 / 2)
+
+
 def test_without_a_budget_each_experiment_gets_the_promoters_alpha(store):
     config = make_config()
     config.workflows["qa"].experiment.error_budget = None
