@@ -289,12 +289,12 @@ def render_tree(rollout: Any, spans: list[Any]) -> Tree:
         if s.status != "ok":
             parts.append(f"[red]{s.status}: {short(s.error, 80)}[/]")
         elif s.output is not None:
-            parts.append(f"→ {short(s.output, 60)}")
+            parts.append(f"→ {said(s.output, 60, answer=True)}")
         branch = parent.add(" ".join(parts))
         for child in node.children:
             add(branch, child)
 
     for root in queries.span_tree(spans):
         add(tree, root)
-    tree.add(f"[magenta]output[/] {short(rollout.output, 100)}")
+    tree.add(f"[magenta]output[/] {said(rollout.output, 100, answer=True)}")
     return tree

@@ -131,3 +131,17 @@ def test_rollouts_and_bad_cases_show_graph_state_as_question_and_answer(fw, sqli
     out = run("bad-cases", "--store", sqlite_url).output
     assert "user: Where is order 42?" in " ".join(out.split())
     assert "agent: It shipped." in " ".join(out.split())
+
+
+def test_show_reads_messages_as_text(fw, sqlite_url):
+    """An answer recorded as OpenTelemetry GenAI messages (as OTLP ingest stores them) is shown
+    as its text, not as JSON."""
+    answer = [{"role": "assistant", "parts": [{"type": "text", "content": "Use Forgot password."}]}]
+    with fw.rollout("qa", input="How do I reset my password?") as r:
+        with fw.span("chat", kind="llm") as s:
+            s.set_output(answer)
+        r.set_output(answer)
+    fw.flush()
+    text = run("show", r.id, "--store", sqlite_url).output
+    assert "output Use Forgot password." in " ".join(text.split())
+    assert '"parts"' not in text
