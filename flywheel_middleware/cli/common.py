@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -259,3 +260,12 @@ def find_rollout(store: Any, ref: str) -> Any:
         f"ambiguous prefix {ref!r}: {count:,} rollouts have ids starting with it; give more "
         f"of the id:\n{listed}{more}"
     )
+
+
+def command_name() -> str:
+    """How to run flywheel as this process was run (``.venv/bin/flywheel`` after make demo),
+    so the suggested commands work without an activated virtualenv."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "flywheel" and os.sep in argv0:
+        return os.path.relpath(argv0)
+    return "flywheel"

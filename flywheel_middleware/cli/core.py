@@ -12,6 +12,7 @@ from rich.tree import Tree
 from flywheel_middleware.cli.common import (
     Cli,
     command,
+    command_name,
     console,
     echo_json,
     find_rollout,
@@ -43,7 +44,7 @@ def register(main: click.Group) -> None:
             raise click.ClickException(f"{path} exists; use --force to overwrite it")
         shutil.copyfile(TEMPLATE, target)
         console.print(
-            f"wrote [bold]{path}[/] — edit the workflows, then run [bold]flywheel stats[/]"
+            f"wrote [bold]{path}[/] — edit the workflows, then run [bold]{command_name()} stats[/]"
         )
 
     @command(main)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flywheel_middleware import runtime
+from flywheel_middleware.cli.common import command_name
 from flywheel_middleware.demo.agent import KNOWLEDGE_BASE, build_chain, question_for
 from flywheel_middleware.demo.timeline import Timeline, spread_over_days
 from flywheel_middleware.demo.users import ESCALATION, react, send_telemetry
@@ -354,7 +354,7 @@ def render_summary(result: DemoResult, console: Console) -> None:
         f" · {result.elapsed:.1f}s"
     )
     cfg = os.path.relpath(result.folder / "flywheel.yaml")
-    flywheel = _command_name()
+    flywheel = command_name()
     console.print("explore:")
     for what in ("experiment list", "config show support_qa", "stats"):
         console.print(f"  {flywheel} --config {cfg} {what}", markup=False)
@@ -362,12 +362,3 @@ def render_summary(result: DemoResult, console: Console) -> None:
         f"the week on the dashboard (each cycle one simulated day): {flywheel} --config {cfg} serve,"
         " then open http://127.0.0.1:8700/"
     )
-
-
-def _command_name() -> str:
-    """How to run flywheel as this process was run (``.venv/bin/flywheel`` after make demo),
-    so the suggested commands work without an activated virtualenv."""
-    argv0 = sys.argv[0]
-    if os.path.basename(argv0) == "flywheel" and os.sep in argv0:
-        return os.path.relpath(argv0)
-    return "flywheel"
