@@ -4,11 +4,8 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
-from flywheel_middleware.cli.common import Cli, command, console, echo_json
-
-_json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+from flywheel_middleware.cli.common import Cli, command, console, echo_json, json_option, table
 
 
 def register(main: click.Group) -> None:
@@ -36,7 +33,7 @@ def register(main: click.Group) -> None:
         show_default=True,
         help="Partitions created past the current one.",
     )
-    @_json
+    @json_option
     def db_maintain(cli: Cli, partition: bool, interval: str, ahead: int, as_json: bool) -> None:
         """PostgreSQL: create the time partitions of the growing tables ahead of time (run it
         daily; running it again changes nothing). Rows that reached a table's DEFAULT
@@ -84,7 +81,7 @@ def register(main: click.Group) -> None:
         show_default=True,
         help="Rows deleted per transaction.",
     )
-    @_json
+    @json_option
     def db_prune(cli: Cli, older_than: str | None, batch: int, as_json: bool) -> None:
         """Remove rollouts, spans, feedback and telemetry events older than AGE, except what a
         running experiment needs (its rollouts and theirs). Config versions, experiments
@@ -116,9 +113,11 @@ def register(main: click.Group) -> None:
                 }
             )
             return
-        out = Table(title=f"pruned rows older than {report.cutoff:%Y-%m-%d %H:%M} UTC")
-        for col in ("table", "removed", "kept for running experiments"):
-            out.add_column(col, justify="left" if col == "table" else "right")
+        out = table(
+            f"pruned rows older than {report.cutoff:%Y-%m-%d %H:%M} UTC",
+            ("table", "removed", "kept for running experiments"),
+            numeric=("removed", "kept for running experiments"),
+        )
         for name, removed in report.deleted.items():
             out.add_row(name, str(removed), str(report.kept.get(name, 0)))
         console.print(out)
