@@ -77,7 +77,11 @@ def curate_datasets(
     days: dict[str, list[Any]] = state["days"]
     result = Curated()
     read: list[str] = []
-    check = _days_to_check(store, workflow, state)
+    feedback_since = _parse(state.get("feedback_until"))
+    with store.engine.connect() as conn:  # read once: the days to check and the new watermark
+        since = None if feedback_since is None else feedback_since - LOOKBACK
+        rated = _rated_since(conn, workflow, since)
+    check = _days_to_check(store, workflow, state, rated)
     check.update(day for day in days if not _parts_exist(parts, day))
     for day in sorted(check):
         start = datetime.combine(date.fromisoformat(day), datetime.min.time(), timezone.utc)
@@ -98,9 +102,9 @@ def curate_datasets(
     outputs_missing = not all(
         (out_dir / f"{name}.{kind}.jsonl").exists() for kind in datasets.KINDS
     )
-    state["feedback_until"] = _newest_feedback(store, workflow, state) or state.get(
-        "feedback_until"
-    )
+    newest_feedback = max((created_at for _, created_at in rated), default=None)
+    if newest_feedback is not None:
+        state["feedback_until"] = _aware(newest_feedback).isoformat()
     state["rollouts_until"] = _newest_rollout(store, workflow) or state.get("rollouts_until")
     if result.days_read or outputs_missing:
         board = _settle(parts, state, read)
@@ -126,21 +130,20 @@ def forget(store: Store, workflow: str | None = None) -> None:
 # -- which days changed ------------------------------------------------------------------------
 
 
-def _days_to_check(store: Store, workflow: str, state: dict[str, Any]) -> set[str]:
+def _days_to_check(
+    store: Store, workflow: str, state: dict[str, Any], rated: list[tuple[datetime, datetime]]
+) -> set[str]:
     """Every day with rollouts on a first run; afterwards the recent days and the days of
-    rollouts with recent feedback."""
-    with store.engine.connect() as conn:
-        if not state["days"]:
+    the rollouts in ``rated`` (those with recent feedback)."""
+    if not state["days"]:
+        with store.engine.connect() as conn:
             first, last = conn.execute(
                 select(func.min(R.started_at), func.max(R.started_at)).where(R.workflow == workflow)
             ).one()
-            return set(_calendar(first, last))
-        newest = _parse(state.get("rollouts_until")) or datetime.now(timezone.utc)
-        check = set(_calendar(newest - LOOKBACK, max(newest, datetime.now(timezone.utc))))
-        feedback_since = _parse(state.get("feedback_until"))
-        if feedback_since is not None:
-            rated = _rated_since(conn, workflow, feedback_since - LOOKBACK)
-            check.update(_day(started_at) for started_at, _ in rated)
+        return set(_calendar(first, last))
+    newest = _parse(state.get("rollouts_until")) or datetime.now(timezone.utc)
+    check = set(_calendar(newest - LOOKBACK, max(newest, datetime.now(timezone.utc))))
+    check.update(_day(started_at) for started_at, _ in rated)
     return check
 
 
@@ -182,15 +185,6 @@ def _rated_since(
             if of == workflow:
                 out.extend((started_at, created_at) for created_at in given[rollout_id])
     return out
-
-
-def _newest_feedback(store: Store, workflow: str, state: dict[str, Any]) -> str | None:
-    """The newest feedback on the workflow's rollouts (only feedback recorded since the last
-    one is read)."""
-    with store.engine.connect() as conn:
-        rated = _rated_since(conn, workflow, _parse(state.get("feedback_until")))
-    newest = max((created_at for _, created_at in rated), default=None)
-    return _aware(newest).isoformat() if newest is not None else None
 
 
 def _newest_rollout(store: Store, workflow: str) -> str | None:
@@ -335,7 +329,7 @@ def _replace(outs: list[Path], write: Any) -> None:
 def _load_state(store: Store, workflow: str) -> dict[str, Any]:
     with store.session() as session:
         row = session.get(CurationWatermark, workflow)
-        return dict(row.state) if row is not None else {"days": {}}
+        return dict(row.state) if row is not None else {}
 
 
 def _save_state(store: Store, workflow: str, state: dict[str, Any]) -> None:
