@@ -22,11 +22,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from flywheel_middleware.capture.records import utcnow
@@ -115,16 +113,8 @@ def validation_cases(store: Store, config: FlywheelConfig, workflow: str) -> lis
     """The validation split of the workflow's ``tasks`` (the default curation policy: one task
     per question with its best answer, bad-rated answers left out), with each task's recorded
     input."""
-    with tempfile.TemporaryDirectory(prefix="flywheel-gate-") as folder:
-        result = datasets.export(
-            store, "tasks", workflow, Path(folder) / "tasks.jsonl", config=config, refresh=False
-        )
-        path = result.paths.get("validation")
-        tasks = (
-            [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-            if path is not None and path.exists()
-            else []
-        )
+    board, _ = datasets.question_board(store, workflow=workflow, config=config)
+    tasks = [t for t in board.tasks.values() if t["metadata"]["split"] == "validation"]
     ids = [t["metadata"]["rollout_id"] for t in tasks]
     inputs = {
         s.rollout.id: s.rollout.input
