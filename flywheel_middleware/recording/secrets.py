@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
+
 from flywheel_middleware.capture.records import CallRecord
 from flywheel_middleware.capture.serialize import to_jsonable
 from flywheel_middleware.tables import RECORDED
@@ -28,7 +30,7 @@ REDACTED = "[REDACTED]"
 # of a case-blind pattern (``(?i)``) are looked for in the lower-cased text.
 PATTERNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("openai_anthropic", r"(sk-(?<![\w-]sk-)(?:proj-|ant-|svcacct-|admin-)?)[\w\-]{16,}", ("sk-",)),
-    ("github", r"(gh[pousr]_(?<![\w-]gh._))\w{20,}", ("gh",)),
+    ("github", r"(gh[pousr]_(?<![\w-]gh._))\w{20,}", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),
     ("github_pat", r"(github_pat_)\w{20,}", ("github_pat_",)),
     ("slack", r"(xox[abprs]-)[A-Za-z0-9\-]{10,}", ("xox",)),
     ("aws_access_key", r"(A[KS]IA(?<!\wA.IA))[A-Z0-9]{16}\b", ("AKIA", "ASIA")),
@@ -99,6 +101,7 @@ class SecretRedactor:
         self._keys = frozenset(KEYS) | {_normal_key(k) for k in self._extra_keys}
         self._key_verdicts: dict[str, bool] = {}
         self._seen: dict[str, str] = {}  # long text -> the text redacted
+        self._gate = _gate_needles(self._patterns, self._keys)
 
     # -- what is a secret --------------------------------------------------------------------
 
@@ -148,6 +151,18 @@ class SecretRedactor:
 
     # -- values and records ------------------------------------------------------------------
 
+    def might_hold_secret(self, value: dict | list) -> bool:
+        """False only when no key or text in plain JSON data can be a secret: none of the
+        needles is in its lower-cased JSON text. One pass over that text costs a fraction of
+        walking the value, and almost every span holds no secret."""
+        if self._gate is None:
+            return True
+        try:
+            text = orjson.dumps(value).decode().lower()
+        except TypeError:  # not plain data (or past orjson's limits): walk it
+            return True
+        return any(needle in text for needle in self._gate)
+
     def value(self, value: Any, _depth: int = 0) -> Any:
         """``value`` with its secrets replaced: the same object when it held none, else a copy.
         An object that is not plain data becomes its JSON form (what the writer stores)."""
@@ -155,6 +170,8 @@ class SecretRedactor:
         if cls is str:
             return self.text(value)
         if cls in _SCALARS:
+            return value
+        if _depth == 0 and cls in (dict, list) and not self.might_hold_secret(value):
             return value
         if _depth >= _MAX_DEPTH:  # a cycle, or nesting no scan should follow: keep nothing
             return f"{REDACTED} (nested too deep to scan)"
@@ -195,6 +212,27 @@ class SecretRedactor:
     def settings(self) -> dict[str, list[str]]:
         """What makes another process's redactor the same as this one."""
         return {"patterns": list(self._extra_patterns), "keys": sorted(self._extra_keys)}
+
+
+def _gate_needles(
+    patterns: list[tuple[re.Pattern[str], tuple[str, ...], bool]], keys: Iterable[str]
+) -> tuple[str, ...] | None:
+    """Lower-case strings one of which is in the lower-cased JSON text of any value that holds
+    a secret: each pattern's needles (a pattern runs only where one is), and the longest part
+    of each secret key (a key is a secret when its normalised form ends with one; each part
+    survives lower-casing as it is). None when a pattern has no needles (it always runs) or a
+    needle is not ASCII (lower-casing may then depend on context)."""
+    needles = set()
+    for _, pattern_needles, _ in patterns:
+        if not pattern_needles:
+            return None
+        needles.update(n.lower() for n in pattern_needles)
+    for key in keys:
+        needles.add(max(key.split("_"), key=len))
+    if not all(needles) or not all(n.isascii() for n in needles):
+        return None
+    # A needle holding another is found whenever it is: the shorter one is enough.
+    return tuple(sorted(n for n in needles if not any(m != n and m in n for m in needles)))
 
 
 def _kept_under_secret_key(value: Any) -> bool:

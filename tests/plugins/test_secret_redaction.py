@@ -227,6 +227,27 @@ def test_values_are_copied_where_changed_and_kept_where_not() -> None:
     assert "[REDACTED]" in json.dumps(redactor.value(cyclic))  # bounded, never a RecursionError
 
 
+@pytest.mark.parametrize(
+    "key",
+    ["Proxy-Authorization", "openai.api.key", "Set Cookie", "TO\u212aEN", "user.Session-ID"],
+)
+def test_a_secret_key_deep_in_a_value_is_found_whatever_its_spelling(key) -> None:
+    """Values are first searched as lower-cased JSON text; a key in any spelling that counts
+    as secret (separators, case, a Kelvin sign that lower-cases to k, an extra key from YAML)
+    must still send the value through the full walk."""
+    from flywheel_middleware.recording.secrets import SecretRedactor
+
+    redactor = SecretRedactor(keys=["session_id"])
+    value = {"calls": [{"request": {"headers": {key: "v4lue", "Accept": "json"}}}]}
+    out = redactor.value(value)
+    assert out["calls"][0]["request"]["headers"] == {key: "[REDACTED]", "Accept": "json"}
+    assert SecretRedactor().value({"t": [1, {"a": "ghp_" + "A" * 36}]}) == {
+        "t": [1, {"a": "ghp_[REDACTED]"}]
+    }
+    odd = {"set": {"sk-proj-" + "a1B2" * 10}}  # not plain JSON: walked, its member scanned
+    assert "[REDACTED]" in json.dumps(SecretRedactor().value(odd))
+
+
 def test_every_case_is_redacted_on_its_way_to_the_store(run) -> None:
     """Through the recorder, which first looks for a secret's traces in a record's JSON text."""
     import flywheel_middleware as fw
