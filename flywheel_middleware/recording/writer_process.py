@@ -35,7 +35,12 @@ import orjson
 from flywheel_middleware.capture.records import RECORD_TYPES, ns_to_sqlite_text
 from flywheel_middleware.recording.journal import dead_letter, rows_from_lines
 from flywheel_middleware.recording.secrets import SecretRedactor
-from flywheel_middleware.store.sqlite_rows import apply_pragmas, insert_rows
+from flywheel_middleware.store.sqlite_rows import (
+    PRAGMAS,
+    WRITER_PRAGMAS,
+    apply_pragmas,
+    insert_rows,
+)
 
 _HEADER = struct.Struct("<I")
 
@@ -258,7 +263,7 @@ def main(argv: list[str]) -> None:
     os.dup2(2, 1)  # anything printed goes to stderr, never into the protocol
     requests = sys.stdin.buffer
     conn = sqlite3.connect(db_path, timeout=5)
-    apply_pragmas(conn)
+    apply_pragmas(conn, PRAGMAS + WRITER_PRAGMAS)
     cache: dict[str, str] = {}
     _send(replies, orjson.dumps({"ready": os.getpid()}))
     while True:

@@ -23,10 +23,18 @@ PRAGMAS = (
     "PRAGMA foreign_keys=OFF",
 )
 
+# The writer process's connection only: it inserts into five B-trees of random keys per span,
+# which fall out of SQLite's default 2 MB page cache; and a checkpoint (the only fsync in WAL
+# mode at synchronous=NORMAL) every 16 MB of WAL instead of every 4 MB.
+WRITER_PRAGMAS = (
+    "PRAGMA cache_size=-65536",
+    "PRAGMA wal_autocheckpoint=4000",
+)
 
-def apply_pragmas(dbapi_conn: Any) -> None:
+
+def apply_pragmas(dbapi_conn: Any, pragmas: Sequence[str] = PRAGMAS) -> None:
     cur = dbapi_conn.cursor()
-    for pragma in PRAGMAS:
+    for pragma in pragmas:
         cur.execute(pragma)
     cur.close()
 
