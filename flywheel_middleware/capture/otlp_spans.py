@@ -39,6 +39,7 @@ _NO_SESSION = "[no_session_id]"
 _FLAT_INPUT = ("llm.input_messages.", "gen_ai.prompt.")
 _FLAT_OUTPUT = ("llm.output_messages.", "gen_ai.completion.")
 _FLAT_PREFIXES = _FLAT_INPUT + _FLAT_OUTPUT
+_SCALAR_KINDS = frozenset(("string_value", "bool_value", "int_value", "double_value"))
 
 
 class RejectedSpan(ValueError):
@@ -80,8 +81,14 @@ def any_value(value: Any) -> Any:
 
 
 def attributes(key_values: Any) -> dict[str, Any]:
-    """OTLP ``KeyValue``s as a dict (a repeated key keeps its last value)."""
-    return {kv.key: any_value(kv.value) for kv in key_values}
+    """OTLP ``KeyValue``s as a dict (a repeated key keeps its last value). Most values are
+    scalars, read here without a call per value: each span has several."""
+    out = {}
+    for kv in key_values:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        out[kv.key] = getattr(value, kind) if kind in _SCALAR_KINDS else any_value(value)
+    return out
 
 
 def _nest(flat: dict[str, Any]) -> Any:
