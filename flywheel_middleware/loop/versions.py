@@ -24,7 +24,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import struct
 import threading
 import time
@@ -37,6 +36,7 @@ from sqlmodel import select
 
 from flywheel_middleware.capture.records import utcnow
 from flywheel_middleware.config import FlywheelConfig, MissingEnvError, expand_env
+from flywheel_middleware.environment import env_number
 from flywheel_middleware.errors import FlywheelError, safe_url
 from flywheel_middleware.loop.resolver import Resolution
 from flywheel_middleware.store.database import Store
@@ -670,16 +670,7 @@ def experiment_seed(experiment: Experiment) -> str:
 def _resolver_ttl(given: float | None, configured: float) -> float:
     if given is not None:
         return float(given)
-    env = os.environ.get("FLYWHEEL_RESOLVER_TTL")
-    if not env:
-        return configured
-    try:
-        ttl = float(env)
-    except ValueError:
-        raise ValueError(f"FLYWHEEL_RESOLVER_TTL={env!r} is not a number of seconds") from None
-    if ttl <= 0:
-        raise ValueError(f"FLYWHEEL_RESOLVER_TTL={env!r} must be above 0")
-    return ttl
+    return env_number("FLYWHEEL_RESOLVER_TTL", configured)
 
 
 FIRST_LOAD_WAIT = 1.0

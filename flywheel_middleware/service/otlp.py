@@ -17,7 +17,6 @@ Tuning (environment): ``FLYWHEEL_OTLP_MAX_BYTES`` (a body, compressed or not; de
 from __future__ import annotations
 
 import binascii
-import os
 import zlib
 from typing import Any
 
@@ -36,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from flywheel_middleware import runtime
 from flywheel_middleware.capture.otlp_spans import RejectedSpan, Resource, ingested_span
 from flywheel_middleware.capture.otlp_traces import TraceAssembler
+from flywheel_middleware.environment import env_number
 from flywheel_middleware.service.app import ApiError, Settings, read_body, require_write_key
 
 PROTOBUF = "application/x-protobuf"
@@ -47,19 +47,6 @@ GRACE_ENV = "FLYWHEEL_OTLP_GRACE"
 _GRPC_CODE = {400: 3, 401: 16, 403: 7, 413: 8, 415: 3}  # google.rpc.Code
 _ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
 _MAX_REASONS = 5
-
-
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value < 0:
-        raise ValueError(f"{name}={raw!r} must not be negative")
-    return value
 
 
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -191,11 +178,11 @@ def status_response(status: int, error: str, content_type: str) -> Response:
 
 def otlp_router(settings: Settings) -> tuple[APIRouter, TraceAssembler]:
     """The ``/v1/traces`` route, and the assembler whose thread the app starts and stops."""
-    max_bytes = int(_env_number(MAX_BYTES_ENV, 20 * 1024 * 1024))
+    max_bytes = int(env_number(MAX_BYTES_ENV, 20 * 1024 * 1024))
     assembler = TraceAssembler(
         lambda record: runtime.get_recorder().enqueue(record),
-        settle=_env_number(SETTLE_ENV, 1.0),
-        grace=_env_number(GRACE_ENV, 600.0),
+        settle=env_number(SETTLE_ENV, 1.0, allow_zero=True),
+        grace=env_number(GRACE_ENV, 600.0, allow_zero=True),
     )
     router = APIRouter()
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from flywheel_middleware.errors import StoreError
+from flywheel_middleware.environment import env_number
 from flywheel_middleware.store.database import Store
 
 log = logging.getLogger("flywheel_middleware.store.leader")
@@ -49,16 +49,7 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
 
 def lease_seconds() -> float:
     """The SQLite lease's length: ``FLYWHEEL_CYCLE_LEASE`` seconds, else 30."""
-    raw = os.environ.get(LEASE_ENV)
-    if not raw:
-        return DEFAULT_LEASE
-    try:
-        value = float(raw)
-    except ValueError:
-        raise StoreError(f"{LEASE_ENV}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise StoreError(f"{LEASE_ENV}={raw!r} must be a positive number of seconds")
-    return value
+    return env_number(LEASE_ENV, DEFAULT_LEASE)
 
 
 def this_process() -> str:
