@@ -1,7 +1,9 @@
 """Time partitions of the tables that grow (rollout, span, feedback, telemetry_event) on
 PostgreSQL, so old data leaves by dropping whole partitions instead of deleting rows.
 
-Partitioning is opt-in (``flywheel db maintain --partition``): it converts each table in one
+A store created on PostgreSQL is partitioned from the start (migration 0006 converts the four
+tables while they are empty, which is instant). An older store whose tables hold rows stays as
+it is until a person runs ``flywheel db maintain --partition``: it converts each table in one
 transaction (a partitioned copy is created, filled, and swapped in under an exclusive lock),
 which takes as long as copying the table. Each table is partitioned by RANGE on its time column
 (``TIME_COLUMN``) in day, week or month partitions, plus a DEFAULT partition that takes any row
@@ -17,8 +19,9 @@ uniqueness across times. Span, feedback and telemetry times never change; a roll
 earliest span there), so a trigger on the partitioned rollout table skips a row whose id is
 already stored with a start within ``ROLLOUT_WINDOW``.
 
-``maintain`` creates the partitions ahead of time (idempotent); rows that reached the DEFAULT
-partition in the meantime are moved into the partition created for them.
+``maintain`` creates the partitions ahead of time (idempotent; the ``flywheel run`` leader
+runs it daily); rows that reached the DEFAULT partition in the meantime are moved into the
+partition created for them.
 """
 
 from __future__ import annotations
@@ -361,13 +364,45 @@ def maintain(
         with store.engine.begin() as conn, store.unbounded(conn):
             _utc(conn)
             lock_partitions(conn)
-            if not is_partitioned(conn, table):
-                if not partition:
-                    report.not_partitioned.append(table)
-                    continue
-                report.converted[table] = _convert(conn, table, interval, now)
-            _ensure_ahead(conn, table, now, ahead, report)
+            if not partition and not is_partitioned(conn, table):
+                report.not_partitioned.append(table)
+                continue
+            _partition(conn, table, interval, ahead, now, report)
     return report
+
+
+def _partition(
+    conn: Any, table: str, interval: str, ahead: int, now: datetime, report: MaintainReport
+) -> None:
+    """Convert ``table`` unless it is partitioned already, then create its partitions ahead
+    (the caller holds ``lock_partitions`` in a UTC session)."""
+    if not is_partitioned(conn, table):
+        report.converted[table] = _convert(conn, table, interval, now)
+    _ensure_ahead(conn, table, now, ahead, report)
+
+
+def partition_new_store(conn: Any, now: datetime | None = None) -> list[str]:
+    """Migration 0006's step: partition the growing tables (weekly, ``DEFAULT_AHEAD`` ahead)
+    inside ``conn``'s transaction if none holds a row, when converting costs nothing.
+
+    Returns the tables that hold rows, in which case nothing changes: converting them copies
+    each one while writers wait, so a person chooses when (``flywheel db maintain
+    --partition``)."""
+    _utc(conn)
+    lock_partitions(conn)
+    plain = [table for table in TIME_COLUMN if not is_partitioned(conn, table)]
+    holding = [
+        table
+        for table in plain
+        if conn.execute(text(f'SELECT EXISTS (SELECT 1 FROM "{table}")')).scalar()
+    ]
+    if holding:
+        return holding
+    now = now or datetime.now(timezone.utc)
+    report = MaintainReport()
+    for table in TIME_COLUMN:
+        _partition(conn, table, DEFAULT_INTERVAL, DEFAULT_AHEAD, now, report)
+    return []
 
 
 def partition_list(store: Store, table: str) -> list[Partition]:

@@ -26,6 +26,7 @@ from flywheel_middleware.store import partitions, retention
 from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.models import ConfigVersion, Experiment
 
+from .test_migrations import store_from_0005_with_rows
 from .test_poison import CommitEater
 
 NOW = datetime.now(timezone.utc)
@@ -104,22 +105,43 @@ def _remaining(store: Store) -> dict[str, set]:
     return out
 
 
+def _older_store(url: str) -> Store:
+    """A PostgreSQL store made before partitioning was the default: its tables held rows
+    when it was upgraded, so they stayed plain (here emptied again)."""
+    store = store_from_0005_with_rows(url)
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM span"))
+        conn.execute(text("DELETE FROM rollout"))
+    assert partitions.partition_list(store, "rollout") == []
+    return store
+
+
 @pytest.fixture(
     params=[
         "sqlite",
         pytest.param("postgres", marks=pytest.mark.postgres),
-        pytest.param("postgres-partitioned", marks=pytest.mark.postgres),
+        pytest.param("postgres-older", marks=pytest.mark.postgres),
+        pytest.param("postgres-older-converted", marks=pytest.mark.postgres),
     ]
 )
 def backend(request, tmp_path):
+    """SQLite; a new PostgreSQL store (partitioned from the start: these old rows land in the
+    DEFAULT partition); an older one with plain tables; and one converted with its rows."""
     if request.param == "sqlite":
         return request.param, f"sqlite:///{tmp_path / 'flywheel.db'}"
-    return request.param, request.getfixturevalue("postgres_url")
+    url = request.getfixturevalue("postgres_url")
+    if request.param.startswith("postgres-older"):
+        _older_store(url).dispose()
+    return request.param, url
 
 
 def test_prune_removes_exactly_the_old_rows_no_running_experiment_needs(backend, tmp_path):
     kind, url = backend
     store = Store(url)
+    if kind == "postgres":
+        assert partitions.partition_list(store, "span")[-1].name == "span_default"
+    elif kind.startswith("postgres-older"):
+        assert partitions.partition_list(store, "span") == []
     running, stopped = _experiment(store, "running"), _experiment(store, "stopped")
     with store.session() as session:
         session.add(
@@ -144,7 +166,7 @@ def test_prune_removes_exactly_the_old_rows_no_running_experiment_needs(backend,
         ),
     ]
     _write(store, old_plain + old_stopped + old_running + recent + orphans, tmp_path)
-    if kind == "postgres-partitioned":
+    if kind == "postgres-older-converted":
         report = partitions.maintain(store, partition=True, interval="week")
         assert set(report.converted) == set(TABLES)
         assert report.converted["span"] == 2 * 10  # every row copied
@@ -174,7 +196,7 @@ def test_prune_removes_exactly_the_old_rows_no_running_experiment_needs(backend,
     with store.engine.connect() as conn:  # the loop's history stays
         assert conn.execute(text("SELECT count(*) FROM config_version")).scalar() == 1
         assert conn.execute(text("SELECT count(*) FROM experiment")).scalar() == 2
-    if kind == "postgres-partitioned":
+    if kind == "postgres-older-converted":
         dropped = set(out["dropped_partitions"])
         week = partitions.period_start(NOW - timedelta(days=200), "week")
         assert f"span_p{week:%Y%m%d}" in dropped  # gone whole
@@ -214,9 +236,9 @@ def test_prune_takes_the_age_from_the_config_and_names_bad_ages(tmp_path):
 def test_maintain_creates_partitions_ahead_idempotently_and_rehomes_stray_rows(
     postgres_url, tmp_path
 ):
-    store = Store(postgres_url)
+    store = _older_store(postgres_url)
     out = _cli("db", "maintain", "--store", postgres_url)
-    assert "not partitioned" in out and "--partition" in out  # opt-in
+    assert "not partitioned" in out and "--partition" in out  # a person converts it
     with store.engine.begin() as conn:  # what a reporting role was given stays given
         conn.execute(text("GRANT SELECT ON span TO PUBLIC"))
     first = json.loads(
@@ -254,7 +276,7 @@ def test_maintain_creates_partitions_ahead_idempotently_and_rehomes_stray_rows(
 
 @pytest.mark.postgres
 def test_maintain_and_prune_from_two_hosts_at_once_both_succeed(postgres_url, tmp_path):
-    stores = [Store(postgres_url), Store(postgres_url)]
+    stores = [_older_store(postgres_url), Store(postgres_url)]
     old, _ = _records(timedelta(days=6), None, 2, "old")
     _write(stores[0], old, tmp_path)
     results: list = []
@@ -289,8 +311,7 @@ def test_maintain_on_sqlite_says_partitions_are_postgresql_only(tmp_path):
 
 @pytest.mark.postgres
 def test_a_partitioned_store_takes_retried_and_replayed_batches_once(postgres_url, tmp_path):
-    store = Store(postgres_url)
-    partitions.maintain(store, partition=True)
+    store = Store(postgres_url)  # partitioned from the start
     records, ids = _records(timedelta(0), None, 5, "now")
     _write(store, records, tmp_path)
     _write(store, records, tmp_path)  # a replayed journal: the same rows again
