@@ -474,13 +474,19 @@ def register(main: click.Group) -> None:
         """Run the cycle on a schedule until Ctrl-C (or --cycles).
 
         Several hosts may run this on one store: their cycles take turns, one at a time (a
-        process whose turn comes while another's cycle runs waits and says whose it is)."""
+        process whose turn comes while another's cycle runs waits and says whose it is).
+
+        Before its first cycle, and then once a day (FLYWHEEL_HOUSEKEEPING_EVERY, e.g. 12h),
+        the process holding the lock also keeps the store: PostgreSQL time partitions
+        created ahead (flywheel db maintain), and rows older than retention.keep pruned
+        when that is set (flywheel db prune)."""
         if every is not None:
             interval = parse_every(every)
         else:
             interval = parse_every(cli.config.controller.every, "controller.every in the config")
         done = 0
         cli.require_buildable_plugins()  # a configuration mistake: exit 1 before any work
+        housekeeper = _housekeeper(cli)
         console.print(f"running the flywheel every {interval:g}s — Ctrl-C stops")
         lock = _cycle_lock(cli)
         try:
@@ -490,6 +496,7 @@ def register(main: click.Group) -> None:
                     with lock.held_for(on_wait=_say_waiting):
                         began = _utc_now()
                         try:
+                            _say_chores(housekeeper.run_if_due())
                             print_cycle(_run_cycle(cli, mode, None))
                         finally:
                             console.print(
@@ -511,6 +518,35 @@ def _cycle_lock(cli: Cli) -> Any:
     from flywheel_middleware.store.leader import CycleLock
 
     return CycleLock(cli.store)
+
+
+HOUSEKEEPING_ENV = "FLYWHEEL_HOUSEKEEPING_EVERY"
+
+
+def _housekeeper(cli: Cli) -> Any:
+    """The store's upkeep for ``flywheel run``: daily (or every FLYWHEEL_HOUSEKEEPING_EVERY),
+    pruning per retention.keep only when that is set."""
+    import os
+    from datetime import timedelta
+
+    from flywheel_middleware.store.housekeeping import DAY, Housekeeper
+
+    raw = os.environ.get(HOUSEKEEPING_ENV)
+    keep = cli.config.retention.keep
+    return Housekeeper(
+        cli.store,
+        keep=timedelta(seconds=parse_every(keep, "retention.keep in the config")) if keep else None,
+        every=parse_every(raw, HOUSEKEEPING_ENV) if raw else DAY,
+    )
+
+
+def _say_chores(chores: Any) -> None:
+    if chores is None:
+        return
+    for line in chores.done:
+        console.print(f"housekeeping: {line}")
+    for line in chores.failed:
+        console.print(f"[red]housekeeping failed:[/] {line} (the cycle runs anyway)")
 
 
 def _say_waiting(holder: str | None) -> None:
