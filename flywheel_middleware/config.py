@@ -221,10 +221,14 @@ def parse_duration(text: str) -> float:
 
 
 class RetentionConfig(_Strict):
-    """How long the growing tables keep their rows (``flywheel db prune``): rollouts, spans,
-    feedback and telemetry older than ``keep`` go, except what running experiments need."""
+    """How long the growing tables keep their rows: rollouts, spans, feedback and telemetry
+    older than ``keep`` go, except what running experiments need. ``flywheel run`` prunes
+    daily when it is set; ``flywheel db prune`` takes it as its default age."""
 
-    keep: str | None = Field(None, description="an age like 90d or 12w; unset keeps everything")
+    keep: str | None = Field(
+        None,
+        description="an age like 90d or 12w, pruned daily by flywheel run; unset keeps everything",
+    )
 
     @field_validator("keep")
     @classmethod

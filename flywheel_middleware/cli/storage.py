@@ -17,7 +17,9 @@ def register(main: click.Group) -> None:
         "--partition",
         is_flag=True,
         help="Convert rollout, span, feedback and telemetry_event to time-partitioned tables "
-        "first (once; each table is copied in one transaction while writers wait).",
+        "first: for a store made before partitioning was the default (a new PostgreSQL "
+        "store is partitioned already); each table is copied in one transaction while "
+        "writers wait.",
     )
     @click.option(
         "--interval",
@@ -35,9 +37,9 @@ def register(main: click.Group) -> None:
     )
     @json_option
     def db_maintain(cli: Cli, partition: bool, interval: str, ahead: int, as_json: bool) -> None:
-        """PostgreSQL: create the time partitions of the growing tables ahead of time (run it
-        daily; running it again changes nothing). Rows that reached a table's DEFAULT
-        partition meanwhile move into the partition made for them."""
+        """PostgreSQL: create the time partitions of the growing tables ahead of time
+        (`flywheel run` does it daily; running it again changes nothing). Rows that reached a
+        table's DEFAULT partition meanwhile move into the partition made for them."""
         from flywheel_middleware.store import partitions
 
         report = partitions.maintain(cli.store, partition=partition, interval=interval, ahead=ahead)
@@ -85,7 +87,8 @@ def register(main: click.Group) -> None:
     def db_prune(cli: Cli, older_than: str | None, batch: int, as_json: bool) -> None:
         """Remove rollouts, spans, feedback and telemetry events older than AGE, except what a
         running experiment needs (its rollouts and theirs). Config versions, experiments
-        and the audit log are kept. PostgreSQL drops whole time partitions where it can."""
+        and the audit log are kept. PostgreSQL drops whole time partitions where it can.
+        `flywheel run` prunes daily when retention.keep is set."""
         from datetime import timedelta
 
         from flywheel_middleware.config import parse_duration
