@@ -88,7 +88,8 @@ class RecorderCounters:
     journals of earlier processes, ``dead_lettered`` records or rows set aside in the
     dead-letter file, ``coerced`` values stored as NULL or a number (a token count of
     ``"n/a"``), ``lost`` records that could be neither kept nor journaled (disk full and
-    memory full: also logged as errors); ``writer`` says who writes rows.
+    memory full: also logged as errors), ``unjournaled`` records the journal refused (held
+    in memory only until stored); ``writer`` says who writes rows.
     """
 
     queued: int = 0
@@ -101,6 +102,7 @@ class RecorderCounters:
     dead_lettered: int = 0
     coerced: int = 0
     lost: int = 0
+    unjournaled: int = 0
     buffered_bytes: int = 0
     last_error: str | None = None
     writer: str = "thread"
@@ -114,13 +116,33 @@ class RecorderCounters:
 
 class _Flush:
     """A marker in the queue: ``journaled`` when everything before it is on disk (or handed
-    on), ``done`` when it is in the store."""
+    on), ``done`` when it is in the store.
 
-    __slots__ = ("journaled", "done")
+    A receipt's marker (``unjournaled_before`` set) goes on to the writer only when something
+    since the receipt was taken did not reach the journal; else it stops at the journal
+    (``on_disk``), so acknowledging each request does not cut the writer's batches short."""
 
-    def __init__(self) -> None:
+    __slots__ = ("journaled", "done", "unjournaled_before", "on_disk")
+
+    def __init__(self, unjournaled_before: int | None = None) -> None:
         self.journaled = threading.Event()
         self.done = threading.Event()
+        self.unjournaled_before = unjournaled_before
+        self.on_disk = False
+
+
+class Receipt:
+    """Taken before a service queues a request's records (``Recorder.receipt``); ``kept``
+    then says whether they are on local disk (the journal) or in the store, which is what a
+    2xx answer may promise: a process killed after it loses none of them."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self._recorder = recorder
+        self._unjournaled = recorder.counters.unjournaled
+
+    def kept(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until every record queued so far is kept."""
+        return self._recorder._wait_kept(self._unjournaled, timeout)
 
 
 _STOP = "stop"  # the last item of the queue and of the backlog
@@ -287,9 +309,22 @@ class Recorder:
             return not self._buf
         return self._mark().journaled.wait(timeout)
 
-    def _mark(self) -> _Flush:
+    def receipt(self) -> Receipt:
+        """Take before queueing a request's records; ``Receipt.kept`` before answering it."""
+        return Receipt(self)
+
+    def _wait_kept(self, unjournaled_before: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        if not self._journal_thread.is_alive():  # closed: close() journaled or stored it all
+            return not self._buf
+        marker = self._mark(_Flush(unjournaled_before))
+        if not marker.journaled.wait(timeout):
+            return False
+        return marker.on_disk or marker.done.wait(max(0.0, deadline - time.monotonic()))
+
+    def _mark(self, marker: _Flush | None = None) -> _Flush:
         """A marker behind everything queued so far, the journal thread woken to it."""
-        marker = _Flush()
+        marker = marker or _Flush()
         self._buf.append(marker)
         self._journal_wake.set()
         return marker
@@ -416,16 +451,29 @@ class Recorder:
             if item.__class__ is _Flush or item is _STOP:
                 self._hand_on(group)
                 group = []
-                self._to_backlog(item)
                 if item is _STOP:
+                    self._to_backlog(item)
                     stop = True
                     break
+                if self._on_disk_since(item.unjournaled_before):
+                    item.on_disk = True
+                else:
+                    self._to_backlog(item)
                 item.journaled.set()
             else:
                 group.append(item)
         self._room.set()
         self._hand_on(group)
         return stop
+
+    def _on_disk_since(self, unjournaled_before: int | None) -> bool:
+        """Whether a receipt taken when ``unjournaled_before`` records had been refused by
+        the journal can count on the journal for everything since (never for other markers)."""
+        return (
+            unjournaled_before is not None
+            and self.durability == "journal"
+            and self.counters.unjournaled == unjournaled_before
+        )
 
     def _hand_on(self, items: list[Record | bytes]) -> None:
         """Encode records into one chunk, journal it, put it in the writer's backlog."""
@@ -482,6 +530,7 @@ class Recorder:
             chunk.segment, chunk.offset = segment, offset
         except (OSError, UnsafeJournal) as exc:
             self.counters.last_error = repr(exc)
+            self.counters.unjournaled += chunk.count
             if not self._journal_failing:
                 log.error(
                     "flywheel: cannot write the journal in %s (%s): records are in memory "

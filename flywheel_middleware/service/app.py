@@ -45,7 +45,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from flywheel_middleware import runtime
 from flywheel_middleware.capture.otlp_spans import as_rollout_id
 from flywheel_middleware.capture.records import TelemetryRecord
+from flywheel_middleware.environment import env_number
 from flywheel_middleware.errors import InvalidFeedbackError
+from flywheel_middleware.recording.recorder import Receipt
 from flywheel_middleware.service.schemas import FeedbackIn, TelemetryBatchIn, TelemetryEventIn
 from flywheel_middleware.service.views import ViewCache, ViewsBusy
 
@@ -53,6 +55,7 @@ log = logging.getLogger("flywheel_middleware.service")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_KEYS_ENV = "FLYWHEEL_API_KEYS"
+ACK_TIMEOUT_ENV = "FLYWHEEL_ACK_TIMEOUT"
 READ_KEYS_ENV = "FLYWHEEL_READ_KEYS"
 READ_PATHS = ("/v1/dashboard/", "/v1/config/")  # need a read key once any key is configured
 READ_KEY_MISSING = (
@@ -361,6 +364,23 @@ def require_write_key(settings: Settings, request: Request) -> None:
             raise ApiError(403, f"origin {origin!r} is not in service.cors_origins")
 
 
+def kept_or_503(receipt: Receipt) -> None:
+    """Return once a request's records are kept (on the service's local disk or in the
+    store), so an acknowledged write survives the process being killed; a 503 (the client
+    retries) when neither takes them within ``FLYWHEEL_ACK_TIMEOUT`` seconds (default 10)."""
+    if not receipt.kept(env_number(ACK_TIMEOUT_ENV, 10.0)):
+        raise ApiError(
+            503,
+            "the service could not keep the records in time: its journal refuses writes "
+            "and the store does not answer; retry later",
+        )
+
+
+async def acknowledge(receipt: Receipt) -> None:
+    """``kept_or_503`` off the event loop."""
+    await run_in_threadpool(kept_or_503, receipt)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -487,7 +507,8 @@ def create_app(
         summary="Ingest UI telemetry events (a single event, a list, or a batch envelope)",
         openapi_extra={"requestBody": {"required": True, "content": json_body}},
         responses={
-            202: {"description": "queued for the store"},
+            202: {"description": "kept: on the service's local disk (its journal) or in the store"},
+            503: {},
             401: {},
             403: {},
             413: {},
@@ -502,6 +523,7 @@ def create_app(
         data = parse_json(body, settings.json_limits)
         events = parse_telemetry(data, settings.max_batch_events)
         rec = runtime.get_recorder()
+        receipt = rec.receipt()
         now = time.time_ns()
         for ev in events:  # all validated: now queue every one
             rec.enqueue(
@@ -514,15 +536,17 @@ def create_app(
                     received_at=now,
                 )
             )
+        await acknowledge(receipt)
         return JSONResponse({"accepted": len(events)}, status_code=202)
 
     @app.post(
         "/v1/feedback",
         status_code=202,
-        summary="Record explicit feedback about a rollout (queued; the rollout is not looked up)",
+        summary="Record explicit feedback about a rollout (kept at once; the rollout is not looked up)",
         openapi_extra={"requestBody": {"required": True, "content": json_body}},
         responses={
-            202: {"description": "queued for the store"},
+            202: {"description": "kept: on the service's local disk (its journal) or in the store"},
+            503: {},
             401: {},
             403: {},
             413: {},
@@ -543,10 +567,12 @@ def create_app(
             raise ApiError(422, "invalid feedback", format_validation(exc)) from None
         kwargs = fb.model_dump(exclude={"rollout_id", "rating"}, exclude_none=True)
         rollout_id = as_rollout_id(fb.rollout_id)  # an OTel trace id names its ingested rollout
-        try:  # no database on this path: the recorder's queue takes it, even during an outage
+        receipt = runtime.get_recorder().receipt()
+        try:  # no database on this path: the recorder's journal keeps it, even during an outage
             runtime.feedback(rollout_id, fb.rating, check_rollout=False, **kwargs)
         except InvalidFeedbackError as exc:
             raise ApiError(422, str(exc)) from None
+        await acknowledge(receipt)
         return JSONResponse({"accepted": 1}, status_code=202)
 
     @app.get(

@@ -7,7 +7,8 @@ The OTLP/HTTP specification's rules: ``application/x-protobuf`` or ``application
 spans and why) when some spans could not be taken; an error is a ``google.rpc.Status`` in the
 request's encoding, with a message that names the problem. Writes need a write key, as on the
 other write endpoints. Spans go to ``otlp_traces.TraceAssembler``, which queues them for the
-recorder and writes each trace's rollout when it closes.
+recorder and writes each trace's rollout when it closes; the answer waits until the spans are
+in the recorder's journal or the store (``app.kept_or_503``).
 
 Tuning (environment): ``FLYWHEEL_OTLP_MAX_BYTES`` (a body, compressed or not; default 20 MiB),
 ``FLYWHEEL_OTLP_SETTLE`` (seconds a trace stays open after its root span, default 1) and
@@ -36,7 +37,13 @@ from flywheel_middleware import runtime
 from flywheel_middleware.capture.otlp_spans import RejectedSpan, Resource, ingested_span
 from flywheel_middleware.capture.otlp_traces import TraceAssembler
 from flywheel_middleware.environment import env_number
-from flywheel_middleware.service.app import ApiError, Settings, read_body, require_write_key
+from flywheel_middleware.service.app import (
+    ApiError,
+    Settings,
+    kept_or_503,
+    read_body,
+    require_write_key,
+)
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -44,7 +51,7 @@ CONTENT_TYPES = {PROTOBUF: PROTOBUF, "application/protobuf": PROTOBUF, JSON: JSO
 MAX_BYTES_ENV = "FLYWHEEL_OTLP_MAX_BYTES"
 SETTLE_ENV = "FLYWHEEL_OTLP_SETTLE"
 GRACE_ENV = "FLYWHEEL_OTLP_GRACE"
-_GRPC_CODE = {400: 3, 401: 16, 403: 7, 413: 8, 415: 3}  # google.rpc.Code
+_GRPC_CODE = {400: 3, 401: 16, 403: 7, 413: 8, 415: 3, 503: 14}  # google.rpc.Code
 _ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
 _MAX_REASONS = 5
 
@@ -188,7 +195,10 @@ def otlp_router(settings: Settings) -> tuple[APIRouter, TraceAssembler]:
 
     def take(body: bytes, content_type: str, encoding: str) -> list[str]:
         message = decode(decompress(body, encoding, max_bytes), content_type)
-        return ingest(message, assembler)
+        receipt = runtime.get_recorder().receipt()
+        rejected = ingest(message, assembler)
+        kept_or_503(receipt)
+        return rejected
 
     @router.post(
         "/v1/traces",
@@ -200,7 +210,13 @@ def otlp_router(settings: Settings) -> tuple[APIRouter, TraceAssembler]:
             },
             "security": [{"ApiKeyHeader": []}],
         },
-        responses={200: {"description": "ExportTraceServiceResponse"}, 400: {}, 401: {}, 415: {}},
+        responses={
+            200: {"description": "ExportTraceServiceResponse: the spans are kept"},
+            400: {},
+            401: {},
+            415: {},
+            503: {},
+        },
         tags=["ingest"],
     )
     async def traces(request: Request) -> Response:
