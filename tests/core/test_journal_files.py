@@ -344,3 +344,35 @@ def test_a_refused_row_is_kept_without_its_secrets(tmp_path, writer):
     (dead,) = (tmp_path / "j").rglob("dead-*.jsonl")
     text = dead.read_text()
     assert "NOT NULL" in text and key not in text and "[REDACTED]" in text
+
+
+def test_a_receipt_counts_the_journal_or_else_waits_for_the_store(tmp_path: Path) -> None:
+    """What a service waits for before a 2xx: kept on local disk while the store refuses; and
+    when the journal cannot be written either, not kept until the store has the records."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    store = Store(url)
+    lock = _Lock(tmp_path / "r.db")
+    recorder = Recorder(store, spill_dir=tmp_path / "j", writer="thread", journal_interval=5)
+    try:
+        receipt = recorder.receipt()
+        _record(recorder, 3, "journaled")
+        assert receipt.kept(timeout=4)  # the journal pass is run for it, not 5 s later
+        assert _count(url) == 0
+    finally:
+        lock.release()
+        recorder.close()
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the journal folder should be")
+    lock = _Lock(tmp_path / "r.db")
+    recorder = Recorder(store, spill_dir=blocked / "j", writer="thread", exit_timeout=5)
+    try:
+        receipt = recorder.receipt()
+        ids = _record(recorder, 3, "memory only")
+        assert not receipt.kept(timeout=1)  # neither the journal nor the store has them
+        assert recorder.counters.unjournaled >= 6
+        lock.release()
+        assert receipt.kept(timeout=20)
+        assert _count(url, f"SELECT COUNT(*) FROM rollout WHERE id = '{ids[-1]}'") == 1
+    finally:
+        recorder.close()
