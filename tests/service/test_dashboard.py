@@ -287,6 +287,11 @@ def test_dashboard_renders_in_chromium_with_data(fw, live, chrome):
         assert chrome.find_element(By.ID, chart).get_attribute("data-markers") == "1"
     legend = chrome.find_element(By.CSS_SELECTOR, "#sec-reward .u-legend").text
     assert "reward" in legend and "implicit satisfaction" in legend
+    # before any hover the legend reads the latest bucket with data, not dashes
+    reward_value = chrome.find_element(
+        By.CSS_SELECTOR, "#sec-reward .u-legend .u-series:nth-child(2) .u-value"
+    ).text
+    assert 0 <= float(reward_value.split()[0]) <= 1, legend
     assert len(chrome.find_elements(By.CSS_SELECTOR, "#sec-exp rect.bar")) == 2
     assert "served 1" in chrome.find_element(By.ID, "sec-exp").text
     assert len(chrome.find_elements(By.CSS_SELECTOR, "#sec-routing rect.bar")) == 3

@@ -102,10 +102,15 @@
     });
     var scaleOpts = { x: { time: true, range: [s.start, s.end] } };
     Object.keys(scales).forEach(function (name) { scaleOpts[name] = { range: scales[name].range }; });
+    // Until the cursor points at a bucket, the legend reads the latest one that has data.
+    var latest = xs.length - 1;
+    while (latest > 0 && drawn.every(function (l) { return l.points[latest].value === null; })) latest--;
+    function showLatest(u) { if (u.cursor.idx === null || u.cursor.idx === undefined) u.setLegend({ idx: latest }); }
     var width = Math.max(320, target.clientWidth || 520);
     var u = new uPlot({
       width: width, height: 230, series: series, axes: axes, scales: scaleOpts,
       cursor: { sync: { key: "flywheel-time" } }, legend: { live: true },
+      hooks: { ready: [showLatest], setCursor: [showLatest] },
       plugins: [markerPlugin(markers)]
     }, data, target);
     charts.push(u);
