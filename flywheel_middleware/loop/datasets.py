@@ -265,7 +265,8 @@ def apply_filters(
     samples: list[Sample],
     result: ExportResult | None = None,
 ) -> list[Sample]:
-    """The samples every filter keeps; a filter that raises keeps all (and is reported)."""
+    """The samples every filter keeps; a filter that raises keeps all (and is reported), one
+    whose verdicts say it could not judge some samples is reported too."""
     from flywheel_middleware.plugin_system.manager import PluginFailure, run_contained
 
     kept = samples
@@ -285,6 +286,16 @@ def apply_filters(
             ok = False
         if not ok:
             continue
+        unjudged = [v for v in verdicts if v.label == "error"]
+        if unjudged:  # a judge that could not judge failed too: curation reads the day again
+            failures.append(
+                PluginFailure(
+                    f"filter {flt.name!r}",
+                    f"could not judge {len(unjudged)} of {len(kept)} samples "
+                    f"({sum(v.keep for v in unjudged)} kept as its on_error says, the rest "
+                    f"dropped); first: {unjudged[0].reason[:200]}",
+                )
+            )
         next_kept = [s for s, v in zip(kept, verdicts, strict=True) if v.keep]
         if result is not None:
             result.dropped[flt.name] = result.dropped.get(flt.name, 0) + len(kept) - len(next_kept)

@@ -240,3 +240,27 @@ def test_flywheel_rewards_with_new_sources_reaches_old_days(fw, sqlite_url, tmp_
     full = full_export(store, tmp_path / "full", config=parse_config(rescaled))
     assert "Maybe try the menu." not in "".join(full["sft"])
     assert curated(out) == full
+
+
+def test_a_day_the_judge_could_not_judge_is_read_again(fw, tmp_path) -> None:
+    """An LLM judge that answers garbage gives error verdicts (dropped by on_error: drop): the
+    cycle reports it and reads that day again, so the samples come back once the judge works."""
+    from flywheel_middleware.testing.openai_server import OpenAIServer
+
+    record(fw, "Is the sky blue?", "Yes, on a clear day.", rating=5)
+    assert fw.flush(10)
+    verdict = {"text": "the judge is down"}
+    with OpenAIServer() as server:
+        server.set_responder(lambda request: verdict["text"])
+        config = parse_config(
+            f"filters:\n  - type: llm_rubric\n    params: {{base_url: '{server.base_url}', "
+            "model: judge, retry_wait: 0}\n"
+        )
+        out = tmp_path / "datasets"
+        first = curate_datasets(store := fw.get_store(), config, "qa", out)
+        assert first.days_read == 1 and not rows(out / "qa.sft.jsonl")
+        assert any("could not judge 1 of 1" in note for note in first.notes), first.notes
+        verdict["text"] = "GOOD: correct"
+        again = curate_datasets(store, config, "qa", out)
+    assert again.days_read == 1  # read again though nothing in the store changed
+    assert "Yes, on a clear day." in (out / "qa.sft.jsonl").read_text()
