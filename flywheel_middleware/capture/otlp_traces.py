@@ -7,6 +7,8 @@ root span (the span without a parent) arrived, so children exported in the same 
 count in its token totals, or, for a trace whose root never comes, ``grace`` seconds after its
 last span, from its top-most span. Its input and output are the root span's, read as chat
 messages by the message normalizer, so exports read ingested traces as they read captured ones.
+``rollout_of`` builds the same rollout from stored spans (``stored_span``), for traces whose
+service died before closing them (``service.otlp_recovery``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,21 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from flywheel_middleware.capture.otlp_spans import DEFAULT_WORKFLOW, IngestedSpan
+from flywheel_middleware.capture.genai_attributes import SESSION_KEYS, USER_KEYS, first_value
+from flywheel_middleware.capture.otlp_spans import (
+    _NO_SESSION,
+    DEFAULT_WORKFLOW,
+    WORKFLOW_ATTRIBUTE,
+    IngestedSpan,
+    _text,
+)
 from flywheel_middleware.capture.records import (
     Record,
     RolloutRecord,
+    SpanRecord,
     rollout_status,
     token_total,
 )
@@ -63,6 +73,66 @@ class _Trace:
         self.ended_at: int | None = None
         self.last_seen = 0.0
 
+    def note(self, span: IngestedSpan, now: float) -> bool:
+        """Count a new span of this trace in; True when it is the trace's root (its first
+        span without a parent)."""
+        record = span.record
+        self.span_ids.add(record.id)
+        self.last_seen = now
+        if record.kind in _TOKEN_KINDS:
+            self.input_tokens += _count(record.input_tokens)
+            self.output_tokens += _count(record.output_tokens)
+        if span.explicit_workflow and (self.workflow is None or record.parent_id is None):
+            self.workflow = record.workflow
+        self.user_id = self.user_id or span.user_id
+        self.session_id = self.session_id or span.session_id
+        start, end = record.started_at, record.ended_at
+        if self.started_at is None or start < self.started_at:
+            self.started_at = start
+            self.top = span
+        if end is not None and (self.ended_at is None or end > self.ended_at):
+            self.ended_at = end
+        if record.parent_id is None and self.root is None:
+            self.root = span
+            return True
+        return False
+
+    def rollout(self, trace_id: str) -> RolloutRecord:
+        """The trace's rollout record, from its root span (else its earliest) and its totals."""
+        head = self.root or self.top
+        assert head is not None  # a trace opens with its first span
+        span = head.record
+        tokens_in = self.input_tokens or None
+        tokens_out = self.output_tokens or None
+        metadata: dict[str, Any] = {
+            "source": "otlp",
+            "root_span": span.name,
+            "spans": len(self.span_ids),
+        }
+        if head.service:
+            metadata["service.name"] = head.service
+        if self.root is None:
+            metadata["root_missing"] = True
+        started = span.started_at if self.root else self.started_at
+        ended = span.ended_at if self.root else self.ended_at
+        return RolloutRecord(
+            id=trace_id,
+            workflow=self.workflow or span.workflow or DEFAULT_WORKFLOW,
+            user_id=self.user_id,
+            session_id=self.session_id,
+            input=_as_messages(span.input, "user"),
+            output=_as_messages(span.output, "assistant"),
+            status=rollout_status(span.error),
+            error=span.error,
+            started_at=started,
+            ended_at=ended,
+            latency_ms=(ended - started) / 1e6 if ended and started and ended >= started else None,
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            total_tokens=token_total(tokens_in, tokens_out),
+            metadata=metadata,
+        )
+
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
@@ -71,6 +141,32 @@ def _count(value: Any) -> int:
 def _as_messages(value: Any, role: str) -> Any:
     """A root span's input or output as chat messages, or as it is when it holds none."""
     return to_messages(value, role) or value
+
+
+def stored_span(record: SpanRecord) -> IngestedSpan:
+    """A span read back from the store, with what its trace's rollout takes from it: user and
+    session from its unmapped attributes, read as ``ingested_span`` read them. The resource's
+    ``service.name`` is not stored; a workflow counts as explicit when the span's own
+    ``flywheel.workflow`` attribute named it (a resource's is already its workflow column)."""
+    attrs = record.attributes if isinstance(record.attributes, dict) else {}
+    session = first_value(attrs, SESSION_KEYS)
+    return IngestedSpan(
+        record,
+        user_id=_text(first_value(attrs, USER_KEYS), 200),
+        session_id=None if session == _NO_SESSION else _text(session, 200),
+        service=None,
+        explicit_workflow=WORKFLOW_ATTRIBUTE in attrs,
+    )
+
+
+def rollout_of(trace_id: str, spans: Iterable[IngestedSpan]) -> RolloutRecord:
+    """The rollout a trace of ``spans`` (in the order they came; repeats skipped) closes
+    with: what ``TraceAssembler`` queues for it, built by the same code."""
+    trace = _Trace()
+    for span in spans:
+        if span.record.id not in trace.span_ids:
+            trace.note(span, 0.0)
+    return trace.rollout(trace_id)
 
 
 class TraceAssembler:
@@ -128,32 +224,12 @@ class TraceAssembler:
                         evicted.append(self._evict_oldest())
                 elif record.id in trace.span_ids:
                     return False
-                trace.span_ids.add(record.id)
-                self._note(trace, span, now)
-                if record.parent_id is None and trace.root is None:
-                    trace.root = span
+                if trace.note(span, now):  # its root: it closes ``settle`` from now
                     heapq.heappush(self._due, (now + self.settle, trace_id))
                     self._wake.set()
         self.enqueue(record)
         self._emit(evicted)
         return True
-
-    def _note(self, trace: _Trace, span: IngestedSpan, now: float) -> None:
-        record = span.record
-        trace.last_seen = now
-        if record.kind in _TOKEN_KINDS:
-            trace.input_tokens += _count(record.input_tokens)
-            trace.output_tokens += _count(record.output_tokens)
-        if span.explicit_workflow and (trace.workflow is None or record.parent_id is None):
-            trace.workflow = record.workflow
-        trace.user_id = trace.user_id or span.user_id
-        trace.session_id = trace.session_id or span.session_id
-        start, end = record.started_at, record.ended_at
-        if trace.started_at is None or start < trace.started_at:
-            trace.started_at = start
-            trace.top = span
-        if end is not None and (trace.ended_at is None or end > trace.ended_at):
-            trace.ended_at = end
 
     # -- rollouts out ------------------------------------------------------------------------
 
@@ -186,6 +262,12 @@ class TraceAssembler:
     def open_traces(self) -> int:
         return len(self._open)
 
+    def holds(self, trace_id: str) -> bool:
+        """Whether this assembler has ``trace_id`` open, or closed it lately (its rollout is
+        queued, perhaps not written yet): either way its rollout is this assembler's to write."""
+        with self._lock:
+            return trace_id in self._open or trace_id in self._closed
+
     def _evict_oldest(self) -> tuple[str, _Trace]:
         oldest = next(iter(self._open))  # the first opened
         log.warning("flywheel otlp: %d traces open; closing the oldest early", len(self._open))
@@ -203,44 +285,9 @@ class TraceAssembler:
         """Queue the rollouts of closed traces (outside the lock)."""
         for trace_id, trace in closed:
             try:
-                self.enqueue(self._rollout(trace_id, trace))
+                self.enqueue(trace.rollout(trace_id))
             except Exception:  # a bad value must not stop other traces from closing
                 log.exception("flywheel otlp: could not build the rollout of trace %s", trace_id)
-
-    def _rollout(self, trace_id: str, trace: _Trace) -> RolloutRecord:
-        head = trace.root or trace.top
-        assert head is not None  # a trace opens with its first span
-        span = head.record
-        tokens_in = trace.input_tokens or None
-        tokens_out = trace.output_tokens or None
-        metadata: dict[str, Any] = {
-            "source": "otlp",
-            "root_span": span.name,
-            "spans": len(trace.span_ids),
-        }
-        if head.service:
-            metadata["service.name"] = head.service
-        if trace.root is None:
-            metadata["root_missing"] = True
-        started = span.started_at if trace.root else trace.started_at
-        ended = span.ended_at if trace.root else trace.ended_at
-        return RolloutRecord(
-            id=trace_id,
-            workflow=trace.workflow or span.workflow or DEFAULT_WORKFLOW,
-            user_id=trace.user_id,
-            session_id=trace.session_id,
-            input=_as_messages(span.input, "user"),
-            output=_as_messages(span.output, "assistant"),
-            status=rollout_status(span.error),
-            error=span.error,
-            started_at=started,
-            ended_at=ended,
-            latency_ms=(ended - started) / 1e6 if ended and started and ended >= started else None,
-            input_tokens=tokens_in,
-            output_tokens=tokens_out,
-            total_tokens=token_total(tokens_in, tokens_out),
-            metadata=metadata,
-        )
 
     # -- the closing thread ------------------------------------------------------------------
 

@@ -13,6 +13,14 @@ in the recorder's journal or the store (``app.kept_or_503``).
 Tuning (environment): ``FLYWHEEL_OTLP_MAX_BYTES`` (a body, compressed or not; default 20 MiB),
 ``FLYWHEEL_OTLP_SETTLE`` (seconds a trace stays open after its root span, default 1) and
 ``FLYWHEEL_OTLP_GRACE`` (seconds after its last span a trace without a root closes, default 600).
+
+A service killed with SIGKILL keeps every acknowledged span (its journal), but the traces it
+held open get no rollout from it. ``otlp_recovery.Recovery`` gives them theirs: after start-up
+(once the recorder has replayed dead processes' journals) and every
+``FLYWHEEL_OTLP_RECOVER_EVERY`` seconds, on a thread of its own, it writes the rollout of each
+stored trace that has none and whose newest span ended more than ``FLYWHEEL_OTLP_GRACE`` +
+``FLYWHEEL_OTLP_LATE`` seconds ago (no live service can still hold it open), built from the
+stored spans by the code a live close runs; the store keeps one rollout per id.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from flywheel_middleware.service.app import (
     read_body,
     require_write_key,
 )
+from flywheel_middleware.service.otlp_recovery import Recovery
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -183,8 +192,25 @@ def status_response(status: int, error: str, content_type: str) -> Response:
     return Response(_encode(message, content_type), status_code=status, media_type=content_type)
 
 
-def otlp_router(settings: Settings) -> tuple[APIRouter, TraceAssembler]:
-    """The ``/v1/traces`` route, and the assembler whose thread the app starts and stops."""
+class OtlpThreads:
+    """What runs beside the route: the assembler's closing thread and trace recovery."""
+
+    def __init__(self, assembler: TraceAssembler) -> None:
+        self.assembler = assembler
+        self.recovery = Recovery.from_environment(assembler)
+
+    def start(self) -> None:
+        self.assembler.start()
+        self.recovery.start()
+
+    def stop(self) -> int:
+        """Stop both; the open traces' rollouts go to the recorder. How many closed."""
+        self.recovery.stop()
+        return self.assembler.stop()
+
+
+def otlp_router(settings: Settings) -> tuple[APIRouter, OtlpThreads]:
+    """The ``/v1/traces`` route, and the threads the app starts and stops."""
     max_bytes = int(env_number(MAX_BYTES_ENV, 20 * 1024 * 1024))
     assembler = TraceAssembler(
         lambda record: runtime.get_recorder().enqueue(record),
@@ -238,4 +264,4 @@ def otlp_router(settings: Settings) -> tuple[APIRouter, TraceAssembler]:
             return status_response(exc.status, exc.error, content_type)
         return export_response(rejected, content_type)
 
-    return router, assembler
+    return router, OtlpThreads(assembler)
