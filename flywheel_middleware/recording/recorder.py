@@ -118,16 +118,16 @@ class _Flush:
     """A marker in the queue: ``journaled`` when everything before it is on disk (or handed
     on), ``done`` when it is in the store.
 
-    A receipt's marker (``unjournaled_before`` set) goes on to the writer only when something
-    since the receipt was taken did not reach the journal; else it stops at the journal
+    A receipt's marker goes on to the writer only while some record is held in memory alone
+    (the journal refused its chunk, or ``durability="memory"``); else it stops at the journal
     (``on_disk``), so acknowledging each request does not cut the writer's batches short."""
 
-    __slots__ = ("journaled", "done", "unjournaled_before", "on_disk")
+    __slots__ = ("journaled", "done", "receipt", "on_disk")
 
-    def __init__(self, unjournaled_before: int | None = None) -> None:
+    def __init__(self, receipt: bool = False) -> None:
         self.journaled = threading.Event()
         self.done = threading.Event()
-        self.unjournaled_before = unjournaled_before
+        self.receipt = receipt
         self.on_disk = False
 
 
@@ -138,11 +138,13 @@ class Receipt:
 
     def __init__(self, recorder: Recorder) -> None:
         self._recorder = recorder
-        self._unjournaled = recorder.counters.unjournaled
+        self._lost = recorder.counters.lost
 
     def kept(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds until every record queued so far is kept."""
-        return self._recorder._wait_kept(self._unjournaled, timeout)
+        """Wait up to ``timeout`` seconds until every record queued so far is kept; False
+        too when records were lost meanwhile (memory and journal full), as they may be these."""
+        kept = self._recorder._wait_kept(timeout)
+        return kept and self._recorder.counters.lost == self._lost
 
 
 _STOP = "stop"  # the last item of the queue and of the backlog
@@ -313,11 +315,11 @@ class Recorder:
         """Take before queueing a request's records; ``Receipt.kept`` before answering it."""
         return Receipt(self)
 
-    def _wait_kept(self, unjournaled_before: int, timeout: float) -> bool:
+    def _wait_kept(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        if not self._journal_thread.is_alive():  # closed: close() journaled or stored it all
-            return not self._buf
-        marker = self._mark(_Flush(unjournaled_before))
+        if not self._journal_thread.is_alive():  # closed: close() journaled what it could
+            return not self._buf and not self._held_in_memory_only()
+        marker = self._mark(_Flush(receipt=True))
         if not marker.journaled.wait(timeout):
             return False
         return marker.on_disk or marker.done.wait(max(0.0, deadline - time.monotonic()))
@@ -455,7 +457,7 @@ class Recorder:
                     self._to_backlog(item)
                     stop = True
                     break
-                if self._on_disk_since(item.unjournaled_before):
+                if item.receipt and self._all_on_disk():
                     item.on_disk = True
                 else:
                     self._to_backlog(item)
@@ -466,14 +468,15 @@ class Recorder:
         self._hand_on(group)
         return stop
 
-    def _on_disk_since(self, unjournaled_before: int | None) -> bool:
-        """Whether a receipt taken when ``unjournaled_before`` records had been refused by
-        the journal can count on the journal for everything since (never for other markers)."""
-        return (
-            unjournaled_before is not None
-            and self.durability == "journal"
-            and self.counters.unjournaled == unjournaled_before
-        )
+    def _all_on_disk(self) -> bool:
+        """Whether every record not yet in the store is in the journal."""
+        return self.durability == "journal" and not self._held_in_memory_only()
+
+    def _held_in_memory_only(self) -> bool:
+        """Whether a chunk waiting for the store (or being written) has no journal copy."""
+        with self._backlog_lock:
+            waiting = [*self._backlog, *self._in_flight]
+        return any(isinstance(c, Chunk) and c.segment is None for c in waiting)
 
     def _hand_on(self, items: list[Record | bytes]) -> None:
         """Encode records into one chunk, journal it, put it in the writer's backlog."""

@@ -371,8 +371,35 @@ def test_a_receipt_counts_the_journal_or_else_waits_for_the_store(tmp_path: Path
         ids = _record(recorder, 3, "memory only")
         assert not receipt.kept(timeout=1)  # neither the journal nor the store has them
         assert recorder.counters.unjournaled >= 6
+        # a retry whose records are all repeats queues nothing new: still not kept
+        assert not recorder.receipt().kept(timeout=0.5)
         lock.release()
         assert receipt.kept(timeout=20)
         assert _count(url, f"SELECT COUNT(*) FROM rollout WHERE id = '{ids[-1]}'") == 1
+    finally:
+        recorder.close()
+
+
+def test_a_receipt_is_not_kept_when_records_were_lost_meanwhile(tmp_path: Path) -> None:
+    """Journal refusing, memory bound tiny: a chunk is dropped (counted lost); the receipt
+    must say so even though the store comes back and takes the rest."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    store = Store(url)
+    (tmp_path / "file").write_text("not a folder")
+    lock = _Lock(tmp_path / "r.db")
+    recorder = Recorder(
+        store, spill_dir=tmp_path / "file" / "j", writer="thread", max_buffer_mb=0.001
+    )
+    try:
+        _record(recorder, 1, "first")  # the writer takes it and retries it, the store locked
+        deadline = time.monotonic() + 20
+        while recorder.counters.retried == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        receipt = recorder.receipt()
+        _record(recorder, 2, "lost", pad=4000)  # waits behind it, past the memory bound
+        assert not receipt.kept(timeout=1)
+        lock.release()
+        assert not receipt.kept(timeout=10) and recorder.counters.lost > 0
+        assert recorder.receipt().kept(timeout=10)  # a later request is kept again
     finally:
         recorder.close()
