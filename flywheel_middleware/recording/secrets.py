@@ -80,6 +80,13 @@ _SCANNED = {
     }.items()
 }
 _SCALARS = (int, float, bool, type(None))
+# orjson would write these its own way (a dataclass without its _fields, a datetime as text):
+# they raise instead, so such values are walked as the writer stores them.
+_PLAIN_DATA_ONLY = (
+    orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
 _KEY_CACHE_LIMIT = 10_000
 _MAX_DEPTH = 100
 _CACHED_LENGTHS = (200, 20_000)  # texts this long are remembered ...
@@ -158,7 +165,7 @@ class SecretRedactor:
         if self._gate is None:
             return True
         try:
-            text = orjson.dumps(value).decode().lower()
+            text = orjson.dumps(value, option=_PLAIN_DATA_ONLY).decode().lower()
         except TypeError:  # not plain data (or past orjson's limits): walk it
             return True
         return any(needle in text for needle in self._gate)
@@ -229,10 +236,16 @@ def _gate_needles(
         needles.update(n.lower() for n in pattern_needles)
     for key in keys:
         needles.add(max(key.split("_"), key=len))
-    if not all(needles) or not all(n.isascii() for n in needles):
+    if not all(needles) or not all(n.isascii() and _json_as_is(n) for n in needles):
         return None
     # A needle holding another is found whenever it is: the shorter one is enough.
     return tuple(sorted(n for n in needles if not any(m != n and m in n for m in needles)))
+
+
+def _json_as_is(needle: str) -> bool:
+    """Whether JSON text holds ``needle`` as it is (no quote, backslash or control character
+    that JSON escapes)."""
+    return orjson.dumps(needle).decode() == f'"{needle}"'
 
 
 def _kept_under_secret_key(value: Any) -> bool:

@@ -246,6 +246,11 @@ def test_a_secret_key_deep_in_a_value_is_found_whatever_its_spelling(key) -> Non
     }
     odd = {"set": {"sk-proj-" + "a1B2" * 10}}  # not plain JSON: walked, its member scanned
     assert "[REDACTED]" in json.dumps(SecretRedactor().value(odd))
+    # an extra key with a character JSON escapes is not searched for in JSON text
+    for extra in ('my"cred', "corp\\cred", "tab\tcred"):
+        assert SecretRedactor(keys=[extra]).value({"h": {extra: "hunter2"}}) == {
+            "h": {extra: "[REDACTED]"}
+        }
 
 
 def test_every_case_is_redacted_on_its_way_to_the_store(run) -> None:
