@@ -1,11 +1,13 @@
 """The store's routine upkeep, run by the ``flywheel run`` leader while it holds the cycle
-lock: on PostgreSQL, partitions created ahead and DEFAULT rows moved home
-(``partitions.maintain``, never a conversion); and, when a retention age is set, the rows
-older than it pruned (``retention.prune``).
+lock: on PostgreSQL, partitions created ahead, DEFAULT rows moved home and the partitioned
+tables analyzed (``partitions.maintain``, never a conversion); and, when a retention age is
+set, the rows older than it pruned (``retention.prune``).
 
 The leader runs it at its first cycle and then at most once per interval (a day unless the
-caller says otherwise). A chore that fails is reported and the cycle runs anyway; it is
-tried again at the next interval.
+caller says otherwise); at the cycles between, it only re-analyzes a partitioned table that
+has outgrown its statistics (``partitions.analyze_stale``, one catalog query when none has).
+A chore that fails is reported and the cycle runs anyway; it is tried again at the next
+interval.
 """
 
 from __future__ import annotations
@@ -54,11 +56,14 @@ class Housekeeper:
         return self._last is None or self.clock() - self._last >= self.every
 
     def run_if_due(self) -> Chores | None:
-        """Do the upkeep when it is due (None when it is not); never raises."""
-        if not self.due():
-            return None
-        self._last = self.clock()
+        """Do the upkeep when it is due, else the statistics check; None when nothing was
+        done. Never raises."""
         chores = Chores()
+        if not self.due():
+            if self.store.dialect == "postgresql":
+                _attempt(chores, "statistics", lambda: _statistics(self.store))
+            return chores if chores.done or chores.failed else None
+        self._last = self.clock()
         if self.store.dialect == "postgresql":
             _attempt(chores, "maintain", lambda: _maintain(self.store))
         if self.keep is not None:
@@ -75,8 +80,14 @@ def _attempt(chores: Chores, name: str, chore: Callable[[], str]) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         chores.failed.append(f"{name}: {type(exc).__name__}: {first}")
     else:
-        log.info("housekeeping: %s", line)
-        chores.done.append(line)
+        if line:
+            log.info("housekeeping: %s", line)
+            chores.done.append(line)
+
+
+def _statistics(store: Store) -> str:
+    analyzed = partitions.analyze_stale(store)
+    return f"statistics refreshed: {', '.join(analyzed)}" if analyzed else ""
 
 
 def _maintain(store: Store) -> str:
@@ -94,7 +105,7 @@ def _maintain(store: Store) -> str:
         line += f"; {moved} row(s) moved in from DEFAULT partitions"
     if report.not_partitioned:
         line += f"; not partitioned: {', '.join(report.not_partitioned)}"
-    return line
+    return line + "; statistics refreshed"
 
 
 def _prune(store: Store, keep: timedelta) -> str:

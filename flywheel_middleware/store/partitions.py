@@ -315,25 +315,36 @@ def _access_statements(conn: Any, table: str) -> list[str]:
     return out + [f'GRANT {privilege} ON "{table}" TO {grantee}' for grantee, privilege in grants]
 
 
-def _rollout_once(conn: Any) -> None:
-    """A rollout row skipped when its id is already stored with a nearby start: a trace whose
-    spans reached two ``flywheel serve`` replicas may be closed by each, from different
-    first spans, and the (id, started_at) key alone would keep both."""
+def _rollout_once_function(conn: Any) -> str:
+    """(Re)define the check behind ``rollout_once``; returns its schema-qualified name.
+
+    The lookup runs with ``enable_seqscan`` off: PL/pgSQL caches its plan for the session, and
+    a plan made while the partitions were empty (a new store) scans them whole, so a writer's
+    every rollout insert would read the week's rollouts. The (id, started_at) key's index
+    finds the row at any size."""
     schema = conn.execute(text("SELECT quote_ident(current_schema())")).scalar()
     conn.execute(
         text(
             f"CREATE OR REPLACE FUNCTION {schema}.flywheel_rollout_once() RETURNS trigger "
-            "LANGUAGE plpgsql AS $$ BEGIN "
+            "LANGUAGE plpgsql SET enable_seqscan = off AS $$ BEGIN "
             f"IF EXISTS (SELECT 1 FROM {schema}.rollout r WHERE r.id = NEW.id "
             f"AND r.started_at > NEW.started_at - interval '{ROLLOUT_WINDOW}' "
             f"AND r.started_at < NEW.started_at + interval '{ROLLOUT_WINDOW}') "
             "THEN RETURN NULL; END IF; RETURN NEW; END $$"
         )
     )
+    return f"{schema}.flywheel_rollout_once"
+
+
+def _rollout_once(conn: Any) -> None:
+    """A rollout row skipped when its id is already stored with a nearby start: a trace whose
+    spans reached two ``flywheel serve`` replicas may be closed by each, from different
+    first spans, and the (id, started_at) key alone would keep both."""
+    function = _rollout_once_function(conn)
     conn.execute(
         text(
             "CREATE TRIGGER rollout_once BEFORE INSERT ON rollout FOR EACH ROW "
-            f"EXECUTE FUNCTION {schema}.flywheel_rollout_once()"
+            f"EXECUTE FUNCTION {function}()"
         )
     )
 
@@ -345,11 +356,16 @@ def maintain(
     interval: str = DEFAULT_INTERVAL,
     ahead: int = DEFAULT_AHEAD,
     now: datetime | None = None,
+    analyze: bool = True,
 ) -> MaintainReport:
     """Create each partitioned table's partitions from the current one to ``ahead`` past it.
 
     With ``partition``, a table that is not partitioned yet is converted first (one
-    transaction per table; writers wait for it). Running it again changes nothing."""
+    transaction per table; writers wait for it). Running it again changes nothing but the
+    statistics: with ``analyze`` each partitioned table is analyzed as a whole, which
+    autovacuum never does (it analyzes each partition); without those statistics the
+    planner misjudges joins through the parent, and the loop's analysis runs many times
+    slower."""
     _require_postgres(store)
     if interval not in INTERVALS:
         raise StoreError(
@@ -368,6 +384,10 @@ def maintain(
                 report.not_partitioned.append(table)
                 continue
             _partition(conn, table, interval, ahead, now, report)
+        if analyze and table not in report.not_partitioned:
+            with store.engine.connect() as conn, store.unbounded(conn):
+                conn.execute(text(f'ANALYZE "{table}"'))  # see ``maintain``
+                conn.commit()
     return report
 
 
@@ -378,6 +398,8 @@ def _partition(
     (the caller holds ``lock_partitions`` in a UTC session)."""
     if not is_partitioned(conn, table):
         report.converted[table] = _convert(conn, table, interval, now)
+    elif table == "rollout":
+        _rollout_once_function(conn)  # a store converted by an earlier version gets its fix
     _ensure_ahead(conn, table, now, ahead, report)
 
 
@@ -403,6 +425,39 @@ def partition_new_store(conn: Any, now: datetime | None = None) -> list[str]:
     for table in TIME_COLUMN:
         _partition(conn, table, DEFAULT_INTERVAL, DEFAULT_AHEAD, now, report)
     return []
+
+
+STALE_GROWTH = 2.0  # the partitions' rows, over the rows the parent was analyzed with
+STALE_MIN_ROWS = 1_000
+
+
+def analyze_stale(store: Store) -> list[str]:
+    """Analyze each partitioned table whose partitions now hold more than ``STALE_GROWTH``
+    times the rows it was last analyzed with (at least ``STALE_MIN_ROWS``): the cheap check
+    the loop makes every cycle, so a new store's statistics follow its growth between the
+    daily ``maintain`` runs. Returns the tables analyzed."""
+    if store.dialect != "postgresql":
+        return []
+    with store.engine.connect() as conn:
+        stale = list(
+            conn.execute(
+                text(
+                    "SELECT p.relname FROM pg_class p JOIN pg_inherits i ON i.inhparent = p.oid "
+                    "JOIN pg_class c ON c.oid = i.inhrelid "
+                    "WHERE p.relkind = 'p' AND p.relname = ANY(:tables) "
+                    "AND p.relnamespace = current_schema()::regnamespace "
+                    "GROUP BY p.relname, p.reltuples "
+                    "HAVING sum(greatest(c.reltuples, 0)) >= :least "
+                    "AND sum(greatest(c.reltuples, 0)) > :growth * greatest(p.reltuples, 0)"
+                ),
+                {"tables": list(TIME_COLUMN), "least": STALE_MIN_ROWS, "growth": STALE_GROWTH},
+            ).scalars()
+        )
+    for table in stale:
+        with store.engine.connect() as conn, store.unbounded(conn):
+            conn.execute(text(f'ANALYZE "{table}"'))
+            conn.commit()
+    return stale
 
 
 def partition_list(store: Store, table: str) -> list[Partition]:

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import text
 
 from flywheel_middleware.cli import main
 from flywheel_middleware.store import partitions
@@ -54,3 +55,48 @@ def test_a_new_postgres_store_records_and_reads_through_its_partitions(postgres_
     assert result.exit_code == 0, result.output
     assert "tool search_docs" in result.output and "model=gpt-test" in result.output
     assert "feedback [explicit] rating=5" in result.output
+
+
+@pytest.mark.postgres
+def test_a_rollout_insert_looks_its_id_up_by_index_even_in_a_new_store(postgres_url):
+    """The trigger that keeps one row per rollout id would otherwise keep, for its session, a
+    plan made while the partitions were empty: a scan of the week's rollouts per insert."""
+    Store(postgres_url).dispose()  # created; its session's scan counts leave with it
+    store = Store(postgres_url)
+    with store.engine.begin() as conn:
+        for i in range(200):
+            conn.execute(
+                text(
+                    "INSERT INTO rollout (id, workflow, status, started_at) "
+                    "VALUES (:id, 'qa', 'succeeded', now() - :i * interval '1 second')"
+                ),
+                {"id": f"r{i}", "i": i},
+            )
+        scans = conn.execute(
+            text(
+                "SELECT sum(seq_scan) AS seq, sum(idx_scan) AS idx FROM pg_stat_xact_user_tables "
+                "WHERE schemaname = current_schema() AND relname LIKE 'rollout%'"
+            )
+        ).one()
+    assert scans.seq == 0 and scans.idx >= 200
+    store.dispose()
+
+
+@pytest.mark.postgres
+def test_a_partitioned_table_is_analyzed_once_it_outgrows_its_statistics(postgres_url):
+    """Autovacuum analyzes each partition but never the partitioned table, whose statistics
+    the planner uses for joins through it; the loop re-analyzes it as it grows."""
+    store = Store(postgres_url)
+    assert partitions.analyze_stale(store) == []
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO feedback (rollout_id, source, key, value, created_at) "
+                "SELECT 'r' || g, 'explicit', 'rating', 1, now() FROM generate_series(1, 3000) g"
+            )
+        )
+        for part in partitions.partition_list(store, "feedback"):  # as autovacuum would
+            conn.execute(text(f'ANALYZE "{part.name}"'))
+    assert partitions.analyze_stale(store) == ["feedback"]
+    assert partitions.analyze_stale(store) == []  # analyzed with these rows: not stale
+    store.dispose()
