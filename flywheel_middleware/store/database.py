@@ -41,6 +41,12 @@ from flywheel_middleware.store import (
 log = logging.getLogger("flywheel_middleware.store.database")
 
 DEFAULT_URL = "sqlite:///flywheel.db"
+# Held by the transaction that migrates, so several processes starting on a new PostgreSQL
+# schema at once migrate one after the other (the later ones find it done) instead of racing.
+_PG_MIGRATION_LOCK = (
+    "SELECT pg_advisory_xact_lock(hashtextextended("
+    "'flywheel_middleware.migrate:' || current_database() || ':' || current_schema(), 0))"
+)
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -313,6 +319,8 @@ class Store:
             if revision == "head" and self.current_revision() == self.head_revision():
                 return
             with self.engine.begin() as conn, self.unbounded(conn):
+                if self.dialect == "postgresql":  # replicas starting together migrate in turn
+                    conn.execute(text(_PG_MIGRATION_LOCK))
                 command.upgrade(self._alembic_config(conn), revision)
         except OperationalError as exc:
             # Another process may have created the schema at the same moment.
