@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/partitioned_store.py --postgres URL [--spans 200000] [--weeks 8]
 
-Two fresh schemas get the same rows: ``plain`` (the tables as migrated) and ``partitioned``
-(``flywheel db maintain --partition``, weekly, with partitions for every week the rows fall
-in). For each it measures:
+Two fresh schemas get the same rows: ``plain`` (a store made before partitioning was the
+default: migrated to 0005 with one row, so 0006 leaves its tables plain) and ``partitioned``
+(a new store, partitioned by its migration; ``flywheel db maintain`` then creates partitions
+for every week the rows fall in). For each it measures:
 
 - write: span records (and one rollout per 20 spans) spread over ``--weeks`` weeks, handed
   to the recorder and timed until ``flush()`` returns: rows per second;
@@ -66,6 +67,20 @@ def write(store: Store, records: list, journal: str) -> float:
     return elapsed
 
 
+def plain_store_before_0006(url: str) -> None:
+    """A store as one made before partitioning was the default: at 0005, with a row."""
+    old = Store(url, migrate=False)
+    old.upgrade("0005")
+    with old.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO rollout (id, workflow, status, started_at) "
+                "VALUES ('old-store', 'bench', 'succeeded', '2020-01-01 00:00:00+00')"
+            )
+        )
+    old.dispose()
+
+
 def run(base: str, spans: int, weeks: int) -> None:
     records = make_records(spans, weeks)
     admin = sa.create_engine(base)
@@ -76,18 +91,24 @@ def run(base: str, spans: int, weeks: int) -> None:
         with admin.begin() as conn:
             conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
         sep = "&" if "?" in base else "?"
-        store = Store(f"{base}{sep}options=-csearch_path%3D{schema}")
+        url = f"{base}{sep}options=-csearch_path%3D{schema}"
+        if kind == "plain":
+            plain_store_before_0006(url)
+        store = Store(url)
         try:
             if kind == "partitioned":  # partitions for every week the rows fall in
                 first = datetime.now(timezone.utc) - timedelta(weeks=weeks)
-                partitions.maintain(store, partition=True, now=first, ahead=weeks + 1)
+                partitions.maintain(store, now=first, ahead=weeks + 1)
+            with store.engine.connect() as conn:
+                assert partitions.is_partitioned(conn, "span") == (kind == "partitioned"), kind
             with tempfile.TemporaryDirectory() as journal:
                 seconds = write(store, records, journal)
                 replay = write(store, records, journal)
             rows = store.execute(
                 "SELECT (SELECT count(*) FROM span) + (SELECT count(*) FROM rollout)"
             )
-            assert rows[0][0] == len(records), f"{kind}: {rows[0][0]} rows for {len(records)}"
+            expected = len(records) + (1 if kind == "plain" else 0)  # the old store's row
+            assert rows[0][0] == expected, f"{kind}: {rows[0][0]} rows for {expected}"
             start = time.perf_counter()
             report = retention.prune(store, timedelta(weeks=weeks / 2))
             pruned = time.perf_counter() - start
