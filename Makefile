@@ -24,10 +24,12 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) ; } \
 	  || echo "note: chromium not installed; browser tests will skip"
 
-# The import contracts of pyproject.toml (the layers), then the whole suite.
+# The import contracts of pyproject.toml (the layers), then the whole suite, in TEST_WORKERS
+# pytest-xdist workers (most tests wait on subprocesses, servers and outages; 0: in one process).
+TEST_WORKERS ?= 3
 test: $(STAMP) browser
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -8,6 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
+# The CLI's piped output is 160 columns unless COLUMNS says otherwise; pytest-xdist's workers
+# set COLUMNS=80, so the suite says it once for every worker and every process it starts.
+os.environ["COLUMNS"] = "160"
+
 POSTGRES_ENV = "FLYWHEEL_TEST_POSTGRES_URL"
 POSTGRES_SKIP = (
     f"PostgreSQL tests need a server: set {POSTGRES_ENV}="

@@ -13,6 +13,11 @@ import socket
 import struct
 import threading
 
+# What an agent call may take during an outage: a wait on the store lasts at least its
+# timeout (a second or more in these tests); a call held up to a few hundred ms is the
+# scheduler of a busy 2-core machine with other tests running alongside.
+NOT_BLOCKED = 0.5
+
 
 class TcpProxy:
     def __init__(self, upstream_host: str, upstream_port: int) -> None:

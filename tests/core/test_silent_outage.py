@@ -26,7 +26,7 @@ from flywheel_middleware.loop import versions
 from flywheel_middleware.loop.versions import StoreResolver
 from flywheel_middleware.store.database import Store
 
-from .tcp_proxy import TcpProxy, through
+from .tcp_proxy import NOT_BLOCKED, TcpProxy, through
 
 BASE = {"llm": {"model": "m", "temperature": 0.9}}
 
@@ -244,13 +244,13 @@ def test_the_resolver_serves_its_last_config_through_a_silent_outage_and_then_ca
             assert resolver.resolve("qa", "u1").version_id == first.version_id
             slowest = max(slowest, time.perf_counter() - t)
             time.sleep(0.01)
-        assert slowest < 0.1  # never waited for the store
+        assert slowest < NOT_BLOCKED  # never waited for the store
         assert resolver.last_refresh_error and "'qa'" in resolver.last_refresh_error
         assert resolver.stale_since <= time.time()
         # a workflow first asked for during the outage gets its YAML config at once
         t = time.perf_counter()
         assert resolver.resolve("new", "u1").config == BASE
-        assert time.perf_counter() - t < 0.1
+        assert time.perf_counter() - t < NOT_BLOCKED
 
         versions.activate(direct, "qa", candidate.id, kind="promote")  # during the outage
         time.sleep(2 * ttl)  # more failed refreshes: still one warning

@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 
 import flywheel_middleware as fw
 
-from .tcp_proxy import TcpProxy, through
+from .tcp_proxy import NOT_BLOCKED, TcpProxy, through
 
 
 def _proxy_for(postgres_url: str) -> TcpProxy:
@@ -74,7 +74,7 @@ def test_ten_seconds_of_a_silent_postgres_cost_the_agent_nothing(postgres_url, t
         fw.shutdown()
         proxy.close()
     assert retried > 0  # the writer did meet the silence
-    assert slowest < 0.1, f"an agent call took {slowest * 1000:.0f} ms during the outage"
+    assert slowest < NOT_BLOCKED, f"an agent call took {slowest * 1000:.0f} ms during the outage"
     assert _counts(postgres_url, "silent") == (done, done)
 
 
@@ -82,6 +82,8 @@ START_WITH_STORE_DOWN = textwrap.dedent(
     """
     import sys, time
     import flywheel_middleware as fw
+    # loaded before the clock starts: the first call is timed for what it waits, not imports
+    import flywheel_middleware.loop.versions, flywheel_middleware.runtime, sqlalchemy
 
     took = []
     for i in range(200):  # no fw.configure: the store comes from FLYWHEEL_STORE_URL
@@ -125,10 +127,10 @@ def test_a_store_down_at_start_up_neither_slows_nor_breaks_the_agent(
         line = agent.stdout.readline()
         assert line.startswith("first"), agent.stderr.read()
         _, first, _, after = line.split()
-        # the first call loads the library's modules and gives the resolver its one bounded
-        # wait (FIRST_LOAD_WAIT); after that no call waits on the network
+        # the first call reads the config and gives the resolver its one bounded wait
+        # (FIRST_LOAD_WAIT); after that no call waits on the network
         assert float(first) < 1.0 + 3.0
-        assert float(after) < 0.1
+        assert float(after) < NOT_BLOCKED
         proxy.restore()
         out, err = agent.communicate("go\n", timeout=120)
         assert agent.returncode == 0, err[-3000:]
