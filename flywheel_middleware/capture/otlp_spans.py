@@ -216,6 +216,12 @@ def _holds_nul(name: str, attrs: dict[str, Any]) -> bool:
     return False
 
 
+def user_and_session(user: Any, session: Any) -> tuple[str | None, str | None]:
+    """A span's user and session as its trace's rollout keeps them (AgentScope's marker for
+    an agent without a session is no session)."""
+    return _text(user, 200), None if session == _NO_SESSION else _text(session, 200)
+
+
 def span_ids(span: Any) -> tuple[str, int, int | None]:
     """The rollout id (the trace id's 32 hex digits), span id and parent span id of a span;
     raises ``RejectedSpan`` when they are not OTLP ids."""
@@ -261,7 +267,7 @@ def ingested_span(span: Any, resource: Resource) -> IngestedSpan:
     workflow = _text(attrs.get(WORKFLOW_ATTRIBUTE), 200) or resource.workflow
     fields = genai_fields(attrs, kind)
     extra = {k: v for k, v in fields.extra.items() if not (flat and k.startswith(_FLAT_PREFIXES))}
-    session = fields.session_id
+    user_id, session_id = user_and_session(fields.user_id, fields.session_id)
     record = SpanRecord(
         id=span_id,
         rollout_id=rollout_id,
@@ -286,8 +292,8 @@ def ingested_span(span: Any, resource: Resource) -> IngestedSpan:
     )
     return IngestedSpan(
         record,
-        user_id=_text(fields.user_id, 200),
-        session_id=None if session == _NO_SESSION else _text(session, 200),
+        user_id=user_id,
+        session_id=session_id,
         service=service,
         explicit_workflow=workflow is not None,
     )

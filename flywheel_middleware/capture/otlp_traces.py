@@ -23,11 +23,10 @@ from typing import Any
 
 from flywheel_middleware.capture.genai_attributes import SESSION_KEYS, USER_KEYS, first_value
 from flywheel_middleware.capture.otlp_spans import (
-    _NO_SESSION,
     DEFAULT_WORKFLOW,
     WORKFLOW_ATTRIBUTE,
     IngestedSpan,
-    _text,
+    user_and_session,
 )
 from flywheel_middleware.capture.records import (
     Record,
@@ -149,11 +148,13 @@ def stored_span(record: SpanRecord) -> IngestedSpan:
     ``service.name`` is not stored; a workflow counts as explicit when the span's own
     ``flywheel.workflow`` attribute named it (a resource's is already its workflow column)."""
     attrs = record.attributes if isinstance(record.attributes, dict) else {}
-    session = first_value(attrs, SESSION_KEYS)
+    user_id, session_id = user_and_session(
+        first_value(attrs, USER_KEYS), first_value(attrs, SESSION_KEYS)
+    )
     return IngestedSpan(
         record,
-        user_id=_text(first_value(attrs, USER_KEYS), 200),
-        session_id=None if session == _NO_SESSION else _text(session, 200),
+        user_id=user_id,
+        session_id=session_id,
         service=None,
         explicit_workflow=WORKFLOW_ATTRIBUTE in attrs,
     )
