@@ -6,8 +6,8 @@ set, the rows older than it pruned (``retention.prune``).
 The leader runs it at its first cycle and then at most once per interval (a day unless the
 caller says otherwise); at the cycles between, it only re-analyzes a partitioned table that
 has outgrown its statistics (``partitions.analyze_stale``, one catalog query when none has).
-A chore that fails is reported and the cycle runs anyway; it is tried again at the next
-interval.
+A chore that fails is reported and the cycle runs anyway; the upkeep is tried again at the
+next cycle (a lock not had in time: see ``partitions.bound_lock_waits``).
 """
 
 from __future__ import annotations
@@ -63,12 +63,13 @@ class Housekeeper:
             if self.store.dialect == "postgresql":
                 _attempt(chores, "statistics", lambda: _statistics(self.store))
             return chores if chores.done or chores.failed else None
-        self._last = self.clock()
         if self.store.dialect == "postgresql":
             _attempt(chores, "maintain", lambda: _maintain(self.store))
         if self.keep is not None:
             keep = self.keep
             _attempt(chores, "prune", lambda: _prune(self.store, keep))
+        if not chores.failed:  # a failed chore (a lock not had in time) is tried next cycle
+            self._last = self.clock()
         return chores
 
 

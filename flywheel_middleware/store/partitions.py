@@ -149,6 +149,17 @@ def _utc(conn: Any) -> None:
     conn.execute(text("SET LOCAL TimeZone = 'UTC'"))
 
 
+UPKEEP_LOCK_TIMEOUT = "5s"
+
+
+def bound_lock_waits(conn: Any) -> None:
+    """Give up on a table lock after ``UPKEEP_LOCK_TIMEOUT`` in this transaction: creating or
+    dropping a partition needs an exclusive lock on its table, and a request queued behind a
+    long reader would hold up every writer queued behind it. Upkeep fails and is tried again
+    at the next cycle instead."""
+    conn.execute(text(f"SET LOCAL lock_timeout = '{UPKEEP_LOCK_TIMEOUT}'"))
+
+
 def lock_partitions(conn: Any) -> None:
     """Hold, until ``conn``'s transaction ends, the lock that lets one process at a time
     change this schema's partitions (``maintain`` and ``prune`` may run on several hosts)."""
@@ -321,12 +332,16 @@ def _rollout_once_function(conn: Any) -> str:
     The lookup runs with ``enable_seqscan`` off: PL/pgSQL caches its plan for the session, and
     a plan made while the partitions were empty (a new store) scans them whole, so a writer's
     every rollout insert would read the week's rollouts. The (id, started_at) key's index
-    finds the row at any size."""
+    finds the row at any size. Two transactions inserting one id take turns on a lock of
+    that id, so the later one sees the first's row once it commits (else neither sees the
+    other's and both rows stay)."""
     schema = conn.execute(text("SELECT quote_ident(current_schema())")).scalar()
     conn.execute(
         text(
             f"CREATE OR REPLACE FUNCTION {schema}.flywheel_rollout_once() RETURNS trigger "
             "LANGUAGE plpgsql SET enable_seqscan = off AS $$ BEGIN "
+            "PERFORM pg_advisory_xact_lock(hashtextextended("
+            "'flywheel_middleware.rollout:' || NEW.id, 0)); "
             f"IF EXISTS (SELECT 1 FROM {schema}.rollout r WHERE r.id = NEW.id "
             f"AND r.started_at > NEW.started_at - interval '{ROLLOUT_WINDOW}' "
             f"AND r.started_at < NEW.started_at + interval '{ROLLOUT_WINDOW}') "
@@ -380,6 +395,8 @@ def maintain(
         with store.engine.begin() as conn, store.unbounded(conn):
             _utc(conn)
             lock_partitions(conn)
+            if not partition:  # a conversion is a person's choice: it may wait
+                bound_lock_waits(conn)
             if not partition and not is_partitioned(conn, table):
                 report.not_partitioned.append(table)
                 continue
@@ -445,7 +462,7 @@ def analyze_stale(store: Store) -> list[str]:
                     "SELECT p.relname FROM pg_class p JOIN pg_inherits i ON i.inhparent = p.oid "
                     "JOIN pg_class c ON c.oid = i.inhrelid "
                     "WHERE p.relkind = 'p' AND p.relname = ANY(:tables) "
-                    "AND p.relnamespace = current_schema()::regnamespace "
+                    "AND p.relnamespace = to_regnamespace(quote_ident(current_schema())) "
                     "GROUP BY p.relname, p.reltuples "
                     "HAVING sum(greatest(c.reltuples, 0)) >= :least "
                     "AND sum(greatest(c.reltuples, 0)) > :growth * greatest(p.reltuples, 0)"

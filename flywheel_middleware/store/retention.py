@@ -106,6 +106,7 @@ def _drop_partitions(store: Store, table: str, cutoff: datetime, report: PruneRe
             continue
         with store.engine.begin() as conn, store.unbounded(conn):
             partitions.lock_partitions(conn)
+            partitions.bound_lock_waits(conn)
             if conn.execute(text("SELECT to_regclass(:p)"), {"p": part.name}).scalar() is None:
                 continue  # another prune dropped it meanwhile
             needed = conn.execute(text(_needed_in(part.name, table))).scalar()

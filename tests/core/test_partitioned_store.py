@@ -100,3 +100,58 @@ def test_a_partitioned_table_is_analyzed_once_it_outgrows_its_statistics(postgre
     assert partitions.analyze_stale(store) == ["feedback"]
     assert partitions.analyze_stale(store) == []  # analyzed with these rows: not stale
     store.dispose()
+
+
+@pytest.mark.postgres
+def test_two_transactions_inserting_one_rollout_id_keep_one_row(postgres_url):
+    """Two replicas closing one trace at once: the second insert waits for the first's commit
+    and is skipped, though neither could see the other's row when both began."""
+    import threading
+    from datetime import timedelta
+
+    store = Store(postgres_url)
+    now = datetime.now(timezone.utc)
+    insert = text(
+        "INSERT INTO rollout (id, workflow, status, started_at) "
+        "VALUES ('abc', 'w', 'succeeded', :t) ON CONFLICT DO NOTHING"
+    )
+    first = store.engine.connect()
+    first.execute(insert, {"t": now})
+    second_done = threading.Event()
+
+    def second() -> None:
+        with store.engine.begin() as conn:
+            conn.execute(insert, {"t": now + timedelta(seconds=5)})
+        second_done.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    assert not second_done.wait(1.0)  # it waits for the first transaction
+    first.commit()
+    first.close()
+    thread.join(30)
+    assert second_done.is_set()
+    assert store.execute("SELECT count(*) FROM rollout WHERE id = 'abc'")[0][0] == 1
+    store.dispose()
+
+
+@pytest.mark.postgres
+def test_upkeep_gives_up_on_a_table_a_long_reader_holds_instead_of_stalling_writers(postgres_url):
+    """Creating a partition needs an exclusive lock on its table: queued behind a long read,
+    it would hold up every writer behind it. Upkeep gives up after its lock timeout."""
+    from datetime import timedelta
+
+    from sqlalchemy.exc import OperationalError
+
+    store = Store(postgres_url)
+    reader = store.engine.connect()
+    reader.execute(text("SELECT count(*) FROM span"))  # an open transaction holding a read
+    try:
+        with pytest.raises(OperationalError, match="lock timeout"):
+            partitions.maintain(store, now=datetime.now(timezone.utc) + timedelta(weeks=10))
+    finally:
+        reader.rollback()
+        reader.close()
+    report = partitions.maintain(store, now=datetime.now(timezone.utc) + timedelta(weeks=10))
+    assert report.created  # once the reader is gone it goes through
+    store.dispose()
