@@ -220,6 +220,9 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+MAX_RETENTION_SECONDS = 100 * 365 * 86_400
+
+
 class RetentionConfig(_Strict):
     """How long the growing tables keep their rows: rollouts, spans, feedback and telemetry
     older than ``keep`` go, except what running experiments need. ``flywheel run`` prunes
@@ -233,8 +236,8 @@ class RetentionConfig(_Strict):
     @field_validator("keep")
     @classmethod
     def _is_duration(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_duration(value)
+        if value is not None and parse_duration(value) > MAX_RETENTION_SECONDS:
+            raise ValueError(f"{value!r} is longer than 100 years; leave keep unset to keep all")
         return value
 
 
