@@ -215,7 +215,9 @@ def test_a_torn_or_damaged_segment_is_replayed_as_far_as_it_reads(tmp_path, capl
     (dead,) = first.journal_dir.glob("dead-*.jsonl")
     assert "garbage" in dead.read_text() and "cut sh" in dead.read_text()
     spans = _count(url, "SELECT COUNT(*) FROM span")
-    assert _count(url) + spans == 40 - 1  # every readable record of the segment
+    # every readable record of the segment; the damaged one too when the first recorder's
+    # last write, begun before its close gave up waiting, went through once the lock was gone
+    assert _count(url) + spans in (40 - 1, 40)
 
 
 @pytest.fixture
