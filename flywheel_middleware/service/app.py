@@ -315,6 +315,7 @@ class Settings:
         self.max_body_bytes = svc.max_body_bytes
         self.max_batch_events = svc.max_batch_events
         self.json_limits = JsonLimits(svc.max_json_depth, svc.max_json_keys, svc.max_json_items)
+        self.ack_timeout = env_number(ACK_TIMEOUT_ENV, 10.0)
 
     def key_ok(self, given: str | None) -> bool:
         """May read: a write key or a read key."""
@@ -364,11 +365,12 @@ def require_write_key(settings: Settings, request: Request) -> None:
             raise ApiError(403, f"origin {origin!r} is not in service.cors_origins")
 
 
-def kept_or_503(receipt: Receipt) -> None:
+def kept_or_503(receipt: Receipt, timeout: float) -> None:
     """Return once a request's records are kept (on the service's local disk or in the
     store), so an acknowledged write survives the process being killed; a 503 (the client
-    retries) when neither takes them within ``FLYWHEEL_ACK_TIMEOUT`` seconds (default 10)."""
-    if not receipt.kept(env_number(ACK_TIMEOUT_ENV, 10.0)):
+    retries) when neither takes them within ``timeout`` seconds (``Settings.ack_timeout``:
+    ``FLYWHEEL_ACK_TIMEOUT``, default 10)."""
+    if not receipt.kept(timeout):
         raise ApiError(
             503,
             "the service could not keep the records in time: its journal refuses writes "
@@ -376,9 +378,9 @@ def kept_or_503(receipt: Receipt) -> None:
         )
 
 
-async def acknowledge(receipt: Receipt) -> None:
+async def acknowledge(receipt: Receipt, timeout: float) -> None:
     """``kept_or_503`` off the event loop."""
-    await run_in_threadpool(kept_or_503, receipt)
+    await run_in_threadpool(kept_or_503, receipt, timeout)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -536,7 +538,7 @@ def create_app(
                     received_at=now,
                 )
             )
-        await acknowledge(receipt)
+        await acknowledge(receipt, settings.ack_timeout)
         return JSONResponse({"accepted": len(events)}, status_code=202)
 
     @app.post(
@@ -572,7 +574,7 @@ def create_app(
             runtime.feedback(rollout_id, fb.rating, check_rollout=False, **kwargs)
         except InvalidFeedbackError as exc:
             raise ApiError(422, str(exc)) from None
-        await acknowledge(receipt)
+        await acknowledge(receipt, settings.ack_timeout)
         return JSONResponse({"accepted": 1}, status_code=202)
 
     @app.get(

@@ -223,7 +223,7 @@ def otlp_router(settings: Settings) -> tuple[APIRouter, OtlpThreads]:
         message = decode(decompress(body, encoding, max_bytes), content_type)
         receipt = runtime.get_recorder().receipt()
         rejected = ingest(message, assembler)
-        kept_or_503(receipt)
+        kept_or_503(receipt, settings.ack_timeout)
         return rejected
 
     @router.post(
