@@ -402,10 +402,16 @@ def maintain(
                 continue
             _partition(conn, table, interval, ahead, now, report)
         if analyze and table not in report.not_partitioned:
-            with store.engine.connect() as conn, store.unbounded(conn):
-                conn.execute(text(f'ANALYZE "{table}"'))  # see ``maintain``
-                conn.commit()
+            _analyze(store, table)
     return report
+
+
+def _analyze(store: Store, table: str) -> None:
+    """Statistics for a partitioned table as a whole, which autovacuum never gathers (it
+    analyzes each partition), in a transaction of its own with no statement timeout."""
+    with store.engine.connect() as conn, store.unbounded(conn):
+        conn.execute(text(f'ANALYZE "{table}"'))
+        conn.commit()
 
 
 def _partition(
@@ -471,9 +477,7 @@ def analyze_stale(store: Store) -> list[str]:
             ).scalars()
         )
     for table in stale:
-        with store.engine.connect() as conn, store.unbounded(conn):
-            conn.execute(text(f'ANALYZE "{table}"'))
-            conn.commit()
+        _analyze(store, table)
     return stale
 
 
