@@ -10,14 +10,13 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import free_port
+from .serve_process import spawn_serve, wait_up
 
 KEY = "ack-key"
 REQUESTS = 12
@@ -25,38 +24,15 @@ SPANS_PER_REQUEST = 16
 
 
 def start_serve(tmp_path: Path, db: Path) -> tuple[subprocess.Popen, str]:
-    """``flywheel serve`` in a session of its own (so SIGKILL reaches its writer process too),
-    with a journal pass every 5 s: only the acknowledgement itself journals a request soon."""
+    """``flywheel serve`` on ``db`` with a journal pass every 5 s: only the acknowledgement
+    itself journals a request soon."""
     config = tmp_path / "flywheel.yaml"
     config.write_text(f"store: {{url: 'sqlite:///{db}', journal_interval: 5}}\n")
-    port = free_port()
-    env = {
-        **os.environ,
-        "FLYWHEEL_API_KEYS": KEY,
-        "FLYWHEEL_SPILL_DIR": str(tmp_path / "spill"),
-        "FLYWHEEL_CONFIG": str(config),
-    }
-    env.pop("FLYWHEEL_STORE_URL", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from flywheel_middleware.cli import main; main()", "serve"]
-        + ["--port", str(port), "--config", str(config)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
+    proc, base = spawn_serve(
+        config, {"FLYWHEEL_API_KEYS": KEY, "FLYWHEEL_SPILL_DIR": str(tmp_path / "spill")}
     )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/v1/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "flywheel serve did not come up"
-        time.sleep(0.1)
+    wait_up(proc, base)
+    return proc, base
 
 
 def otlp_request(n: int) -> bytes:

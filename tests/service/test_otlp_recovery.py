@@ -9,7 +9,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 
 from flywheel_middleware.messages import to_messages
 
-from .conftest import free_port
+from .serve_process import spawn_serve, wait_up
 
 KEY = "recovery-key"
 HEADERS = {"X-API-Key": KEY, "Content-Type": "application/json"}
@@ -32,40 +31,12 @@ TIMING = {  # shared by every service, as replicas share their settings
 
 
 def spawn(tmp_path: Path, url: str, spill: Path, **env: str) -> tuple[subprocess.Popen, str]:
-    """``flywheel serve`` on ``url`` with its journal in ``spill``, in a session of its own."""
+    """``flywheel serve`` on ``url`` with its journal in ``spill``."""
     config = tmp_path / "flywheel.yaml"
     config.write_text(f"store: {{url: '{url}'}}\n")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from flywheel_middleware.cli import main; main()", "serve"]
-        + ["--port", str(port), "--config", str(config)],
-        cwd=tmp_path,
-        env={
-            **os.environ,
-            "FLYWHEEL_API_KEYS": KEY,
-            "FLYWHEEL_SPILL_DIR": str(spill),
-            "FLYWHEEL_CONFIG": str(config),
-            **TIMING,
-            **env,
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
+    return spawn_serve(
+        config, {"FLYWHEEL_API_KEYS": KEY, "FLYWHEEL_SPILL_DIR": str(spill), **TIMING, **env}
     )
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_up(proc: subprocess.Popen, base: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/v1/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "flywheel serve did not come up"
-        time.sleep(0.1)
 
 
 def attrs(values: dict[str, Any]) -> list[dict[str, Any]]:
