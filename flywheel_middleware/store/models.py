@@ -101,7 +101,6 @@ Span = _model(
     "One operation inside a rollout.",
     Index("ix_span_rollout", "rollout_id"),
     Index("ix_span_started", "started_at"),
-    Index("ix_span_kind", "kind"),
     # Hot problems group node-level spans by (workflow, node or name): this partial index
     # holds exactly those rows in that order, with what the aggregation reads, so SQLite
     # answers from the index alone without a sort, and p95 is an OFFSET into it.

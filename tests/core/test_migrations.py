@@ -138,7 +138,7 @@ def test_a_new_postgres_store_is_partitioned_and_a_downgrade_keeps_it_working(po
     # upgrading again changes nothing; further down, the older migrations still apply
     _alembic(postgres_url, "downgrade", "0005")
     store = Store(postgres_url)  # back at head
-    assert store.current_revision() == "0006" and _partitioned(store) == set(GROWING)
+    assert store.current_revision() == store.head_revision() and _partitioned(store) == set(GROWING)
     store.dispose()
     _alembic(postgres_url, "downgrade", "base")
     store = Store(postgres_url)
@@ -174,7 +174,7 @@ def test_an_older_postgres_store_with_rows_stays_plain_until_a_person_converts_i
 ):
     with caplog.at_level(logging.WARNING, logger="flywheel_middleware.store.migrations"):
         store = store_from_0005_with_rows(postgres_url)
-    assert store.current_revision() == "0006"
+    assert store.current_revision() == store.head_revision()
     assert _partitioned(store) == set()
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "unpartitioned because some hold rows (rollout, span)" in warning
