@@ -15,7 +15,8 @@ The ceiling records the same traces with ``fw.rollout`` / ``fw.span`` in this pr
 names, kinds, models, token counts, inputs and outputs) into another fresh store, until
 ``fw.flush()`` returns. CPU seconds per span (the server and its writer process; this process
 for the ceiling) are printed too: unlike spans per second, other load on the machine does not
-change them much.
+change them much. On SQLite, the stored span rows are then inserted again into a fresh store by
+the writer's own statement: SQLite's own cost of keeping them, the floor under both.
 
     .venv/bin/python benchmarks/otlp_ingest.py [--spans 204800] [--batch 512] [--threads 2]
         [--postgres postgresql+psycopg://postgres@127.0.0.1:5432/test]
@@ -299,6 +300,45 @@ def run_http(
     }
 
 
+def run_store_floor(stored_url: str, workdir: Path, batch: int) -> dict[str, Any] | None:
+    """The span rows the endpoint stored, inserted again into a fresh SQLite store by the
+    writer process's own statement and pragmas, one transaction per ``batch`` rows, rows in
+    the order they were stored: SQLite's own cost of keeping them (its B-trees and indexes),
+    with no decoding, mapping, journal or IPC. No front end can store spans faster than this
+    on this machine; None on PostgreSQL, whose inserts cost another process."""
+    if not stored_url.startswith("sqlite:"):
+        return None
+    import sqlite3
+
+    from flywheel_middleware.store.database import Store
+    from flywheel_middleware.store.sqlite_rows import (
+        PRAGMAS,
+        WRITER_PRAGMAS,
+        apply_pragmas,
+        insert_rows,
+    )
+
+    source = sqlite3.connect(stored_url.removeprefix("sqlite:///"))
+    columns = [row[1] for row in source.execute("PRAGMA table_info(span)")]
+    quoted = ", ".join(f'"{c}"' for c in columns)
+    rows = source.execute(f"SELECT {quoted} FROM span ORDER BY rowid").fetchall()
+    source.close()
+    path = workdir / "floor.db"
+    Store(f"sqlite:///{path}").dispose()  # the schema at head
+    conn = sqlite3.connect(path, isolation_level=None)
+    apply_pragmas(conn, PRAGMAS + WRITER_PRAGMAS)
+    cache: dict[str, str] = {}
+    cur = conn.cursor()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for start in range(0, len(rows), batch):
+        cur.execute("BEGIN")
+        insert_rows(cur, "span", columns, rows[start : start + batch], cache)
+        cur.execute("COMMIT")
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    conn.close()
+    return {"spans_per_s": len(rows) / wall, "cpu_us_per_span": cpu / len(rows) * 1e6}
+
+
 def run_ingest_code(bodies: list[bytes]) -> dict[str, Any]:
     """The endpoint's own work on the same bodies in this process, no HTTP and no store:
     decode, map every span, assemble the traces (records counted, not kept)."""
@@ -396,7 +436,9 @@ def main() -> int:
         workdir = Path(tmp)
         stores = Stores(workdir, args.postgres)
         try:
-            http = run_http(traces, bodies, args.threads, workdir, stores.new("otlp"))
+            otlp_store = stores.new("otlp")
+            http = run_http(traces, bodies, args.threads, workdir, otlp_store)
+            floor = run_store_floor(otlp_store, workdir, args.batch)
             api = run_python_api(traces, stores.new("api"))
             code = run_ingest_code(bodies)
         finally:
@@ -411,7 +453,13 @@ def main() -> int:
     api["lossless"] = api["stored_spans"] == api["spans"] and api["stored_rollouts"] == len(traces)
     ratio = http["end_to_end_spans_per_s"] / api["end_to_end_spans_per_s"]
     if args.json:
-        figures = {"otlp_http": http, "python_api": api, "ingest_code": code, "ratio": ratio}
+        figures = {
+            "otlp_http": http,
+            "python_api": api,
+            "ingest_code": code,
+            "store_floor": floor,
+            "ratio": ratio,
+        }
         print(json.dumps(figures, indent=2))
     else:
         mb = sum(map(len, bodies)) / 1e6
@@ -438,6 +486,11 @@ def main() -> int:
             f"ingest code alone (decode, map, assemble; no HTTP, no store): "
             f"{code['spans_per_s']:,.0f} spans/s, CPU {code['cpu_us_per_span']:.1f} us/span"
         )
+        if floor:
+            print(
+                f"SQLite alone (the stored span rows inserted again, one transaction per batch): "
+                f"{floor['spans_per_s']:,.0f} spans/s, CPU {floor['cpu_us_per_span']:.1f} us/span"
+            )
         print(f"OTLP / Python API: {ratio:.2f}")
     return 0 if http["lossless"] and api["lossless"] else 1
 
