@@ -81,11 +81,12 @@ def prune(
         raise StoreError(f"the batch size must be 1 or more, got {batch}")
     store.ensure_schema()
     cutoff = (now or datetime.now(timezone.utc)) - older_than
-    bound = ns_to_sqlite_text(datetime_to_ns(cutoff)) if store.dialect == "sqlite" else cutoff
+    bound = _stored_time(store, cutoff)
     report = PruneReport(cutoff=cutoff)
     for table, column in partitions.TIME_COLUMN.items():
         removed = _drop_partitions(store, table, cutoff, report)
-        removed += _delete_in_batches(store, table, column, bound, batch)
+        old = f't."{column}" < :cutoff AND NOT {_NEEDED[table]}'
+        removed += _delete_in_batches(store, table, old, {"cutoff": bound}, batch)
         report.deleted[table] = removed
         with store.engine.connect() as conn:
             report.kept[table] = int(
@@ -96,6 +97,11 @@ def prune(
                 or 0
             )
     return report
+
+
+def _stored_time(store: Store, moment: datetime) -> Any:
+    """``moment`` as the store compares it with a time column (text on SQLite)."""
+    return ns_to_sqlite_text(datetime_to_ns(moment)) if store.dialect == "sqlite" else moment
 
 
 def _drop_partitions(store: Store, table: str, cutoff: datetime, report: PruneReport) -> int:
@@ -118,16 +124,16 @@ def _drop_partitions(store: Store, table: str, cutoff: datetime, report: PruneRe
     return removed
 
 
-def _delete_in_batches(store: Store, table: str, column: str, cutoff: Any, batch: int) -> int:
-    """Delete the old rows no experiment needs, ``batch`` at a time in id order (each batch
-    resumes after the last id seen, so rows kept are never read twice)."""
+def _delete_in_batches(
+    store: Store, table: str, where: str, params: dict[str, Any], batch: int
+) -> int:
+    """Delete ``table``'s rows ``where`` holds for (``t`` is the row), ``batch`` at a time in
+    id order (each batch resumes after the last id seen, so rows kept are never read twice);
+    the delete checks ``where`` again, for rows changed since they were found."""
     removed = 0
     last: Any = None
-    find = (
-        f'SELECT t.id FROM "{table}" t WHERE t."{column}" < :cutoff AND NOT {_NEEDED[table]} '
-        "{after}ORDER BY t.id LIMIT :batch"
-    )
-    delete = text(f'DELETE FROM "{table}" WHERE id IN :ids AND "{column}" < :cutoff').bindparams(
+    find = f'SELECT t.id FROM "{table}" t WHERE {where} {{after}}ORDER BY t.id LIMIT :batch'
+    delete = text(f'DELETE FROM "{table}" AS t WHERE t.id IN :ids AND {where}').bindparams(
         bindparam("ids", expanding=True)
     )
     while True:
@@ -135,10 +141,10 @@ def _delete_in_batches(store: Store, table: str, column: str, cutoff: Any, batch
             ids = list(
                 conn.execute(
                     text(find.format(after="" if last is None else "AND t.id > :last ")),
-                    {"cutoff": cutoff, "batch": batch, "last": last},
+                    {**params, "batch": batch, "last": last},
                 ).scalars()
             )
             if not ids:
                 return removed
-            removed += conn.execute(delete, {"ids": ids, "cutoff": cutoff}).rowcount
+            removed += conn.execute(delete, {**params, "ids": ids}).rowcount
         last = ids[-1]
