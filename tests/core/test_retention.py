@@ -22,6 +22,7 @@ from flywheel_middleware.capture.records import (
 )
 from flywheel_middleware.cli import main
 from flywheel_middleware.recording.recorder import Recorder
+from flywheel_middleware.service import otlp_recovery
 from flywheel_middleware.store import partitions, retention
 from flywheel_middleware.store.database import Store
 from flywheel_middleware.store.models import ConfigVersion, Experiment
@@ -56,6 +57,14 @@ def _experiment(store: Store, status: str) -> int:
 _span_ids = iter(range(10_000, 1_000_000))
 
 
+def _rollout(rid: str, experiment_id: int | None, started_at: int, **values) -> RolloutRecord:
+    """A rollout, in ``experiment_id``'s baseline when it has one."""
+    variant = "baseline" if experiment_id else None
+    return RolloutRecord(
+        id=rid, experiment_id=experiment_id, variant=variant, started_at=started_at, **values
+    )
+
+
 def _records(age: timedelta, experiment_id: int | None, n: int, tag: str) -> tuple[list, list]:
     """``n`` rollouts started ``age`` ago, each with two spans, a rating and a click."""
     ns = datetime_to_ns(NOW - age)
@@ -64,16 +73,7 @@ def _records(age: timedelta, experiment_id: int | None, n: int, tag: str) -> tup
         rid = new_rollout_id()
         ids.append(rid)
         at = ns + i * 1000
-        records.append(
-            RolloutRecord(
-                id=rid,
-                workflow="qa",
-                experiment_id=experiment_id,
-                variant="baseline" if experiment_id else None,
-                input=tag,
-                started_at=at,
-            )
-        )
+        records.append(_rollout(rid, experiment_id, at, workflow="qa", input=tag))
         for _ in range(2):
             records.append(SpanRecord(id=next(_span_ids), rollout_id=rid, name=tag, started_at=at))
         records.append(FeedbackRecord(rollout_id=rid, key="rating", value=4.0, created_at=at))
@@ -346,4 +346,137 @@ def test_a_partitioned_store_takes_retried_and_replayed_batches_once(postgres_ur
         assert kind.scalar() == "p"
     assert counts == {"rollout": 10, "span": 20, "feedback": 10, "telemetry_event": 10}
     assert len(set(ids) | set(more_ids)) == 10
+    store.dispose()
+
+
+def _trace(
+    start: datetime,
+    spans: tuple[timedelta, ...],
+    *,
+    experiment_id: int | None = None,
+    rollout: bool = True,
+    feedback: tuple[timedelta, ...] = (),
+    events: tuple[timedelta, ...] = (),
+) -> tuple[str, list]:
+    """An ingested trace (``trace_id = rollout_id``): its rollout started at ``start`` (unless
+    not written yet), spans, feedback and events that far after it."""
+    rid = new_rollout_id()
+
+    def at(delta: timedelta) -> int:
+        return datetime_to_ns(start + delta)
+
+    records: list = []
+    if rollout:
+        records.append(_rollout(rid, experiment_id, at(timedelta(0)), workflow="agent"))
+    for delta in spans:
+        records.append(
+            SpanRecord(
+                id=next(_span_ids), rollout_id=rid, trace_id=rid, name="s", started_at=at(delta)
+            )
+        )
+    for delta in feedback:
+        records.append(
+            FeedbackRecord(rollout_id=rid, key="rating", value=1.0, created_at=at(delta))
+        )
+    for delta in events:
+        records.append(TelemetryRecord(rollout_id=rid, event_type="click", received_at=at(delta)))
+    return rid, records
+
+
+def _rows(store: Store) -> dict[str, dict[str, int]]:
+    """Per table, how many rows each rollout id has."""
+    with store.engine.connect() as conn:
+        return {
+            table: dict(
+                conn.execute(
+                    text(
+                        f"SELECT {'id' if table == 'rollout' else 'rollout_id'}, count(*) "
+                        f"FROM {table} GROUP BY 1"
+                    )
+                ).all()
+            )
+            for table in TABLES
+        }
+
+
+def test_prune_takes_a_straddling_rollouts_younger_rows_and_keeps_every_other_trace(
+    backend, tmp_path
+):
+    """A week kept; the cutoff just after a week starts, so on a converted store the pruned
+    rollout ``dropped`` lies in a partition dropped whole, ``deleted`` in one pruned by rows."""
+    kind, url = backend
+    store = Store(url)
+    running = _experiment(store, "running")
+    keep = timedelta(days=7)
+    week = partitions.period_start(NOW - timedelta(days=21), "week")
+    cutoff = week + timedelta(minutes=30)
+    now = cutoff + keep
+    m, h = timedelta(minutes=1), timedelta(hours=1)
+    dropped, a = _trace(
+        cutoff - h, (0 * m, 10 * m, 70 * m, 4 * h), feedback=(3 * h,), events=(3 * h,)
+    )
+    deleted, b = _trace(cutoff - 10 * m, (0 * m, 20 * m, 23 * h), feedback=(1 * m, h), events=(h,))
+    needed, c = _trace(
+        cutoff - 10 * m,
+        (0 * m, 20 * m, 5 * h),
+        experiment_id=running,
+        feedback=(1 * m, h),
+        events=(h,),
+    )
+    young, d = _trace(cutoff + h, (0 * m, h), feedback=(h,), events=(h,))
+    # traces whose rollout is not written yet: one open in a service, one that recovery
+    # will rebuild, just past the window the prune reads
+    live, e = _trace(now - h, (0 * m, 10 * m), rollout=False)
+    unclosed, f = _trace(cutoff + retention.TRACE_BOUND + m, (0 * m, h), rollout=False)
+    scroll = TelemetryRecord(event_type="scroll", received_at=datetime_to_ns(cutoff + h))
+    _write(store, a + b + c + d + e + f + [scroll], tmp_path)
+    if kind == "postgres-older-converted":
+        partitions.maintain(store, partition=True, interval="week")
+
+    report = retention.prune(store, keep, batch=2, now=now)
+
+    assert _rows(store) == {
+        "rollout": {needed: 1, young: 1},
+        "span": {needed: 3, young: 2, live: 2, unclosed: 2},
+        "feedback": {needed: 2, young: 1},
+        "telemetry_event": {needed: 1, young: 1, None: 1},
+    }
+    assert report.deleted == {"rollout": 2, "span": 7, "feedback": 3, "telemetry_event": 2}
+    assert report.kept == {"rollout": 1, "span": 1, "feedback": 1, "telemetry_event": 0}
+    if kind == "postgres-older-converted":
+        before = partitions.period_start(cutoff - h, "week")
+        assert f"rollout_p{before:%Y%m%d}" in report.dropped
+        assert f"span_p{before:%Y%m%d}" in report.dropped
+    # the OTLP service's recovery finds only the traces still to be closed: nothing of the
+    # pruned ones to rebuild as partial rollouts
+    lookback = otlp_recovery.orphan_ids(store, datetime_to_ns(cutoff - keep), datetime_to_ns(now))
+    assert sorted(lookback) == sorted([live, unclosed])
+    again = retention.prune(store, keep, now=now)
+    assert set(again.deleted.values()) == {0}
+    store.dispose()
+
+
+def test_prune_never_reaches_rows_young_enough_to_await_their_rollout(backend, tmp_path):
+    """With a short ``keep`` the straddling rows read end ``RECENT`` before now: a trace there
+    may still be open in a service or wait for recovery."""
+    _kind, url = backend
+    store = Store(url)
+    keep = timedelta(hours=60)
+    cutoff = NOW - keep
+    m, h = timedelta(minutes=1), timedelta(hours=1)
+    pruned, a = _trace(cutoff - 10 * m, (0 * m, 20 * m, 11 * h), feedback=(h,), events=(h,))
+    waiting, b = _trace(NOW - retention.RECENT + m, (0 * m, h), rollout=False)
+    assert NOW - retention.RECENT + m < cutoff + retention.TRACE_BOUND  # within a trace's span
+    _write(store, a + b, tmp_path)
+
+    report = retention.prune(store, keep, now=NOW)
+
+    assert _rows(store) == {
+        "rollout": {},
+        "span": {waiting: 2},
+        "feedback": {},
+        "telemetry_event": {},
+    }
+    assert report.deleted == {"rollout": 1, "span": 3, "feedback": 1, "telemetry_event": 1}
+    assert otlp_recovery.orphan_ids(store, datetime_to_ns(cutoff), datetime_to_ns(NOW)) == [waiting]
     store.dispose()
