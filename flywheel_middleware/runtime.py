@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from flywheel_middleware.capture import backend, otel_mirror
 from flywheel_middleware.capture.records import FeedbackRecord, Record, utcnow
 from flywheel_middleware.errors import InvalidFeedbackError, UnknownRolloutError, safe_url
+from flywheel_middleware.tables import FEEDBACK, MAX_CLIENT_ID, client_uid
 
 if TYPE_CHECKING:
     from flywheel_middleware.config import FlywheelConfig
@@ -325,9 +326,13 @@ def feedback(
     span_id: int | None = None,
     user_id: str | None = None,
     metadata: dict[str, Any] | None = None,
+    id: str | None = None,
     check_rollout: bool = True,
 ) -> None:
     """Record a signal about a rollout: a 1–5 rating, a thumb, a comment or any keyed value.
+
+    ``id`` is the caller's name for this feedback: given again with the same id about the same
+    rollout (a retried request, a redelivered webhook), it is stored once.
 
     Raises InvalidFeedbackError for a bad value and UnknownRolloutError for an unknown rollout;
     nothing is stored in either case. ``check_rollout=False`` skips the rollout lookup (the
@@ -384,6 +389,11 @@ def feedback(
         raise InvalidFeedbackError("feedback needs rating=, thumbs=, key= or comment=")
     if comment is not None and not isinstance(comment, str):
         raise InvalidFeedbackError(f"comment must be a string, got {type(comment).__name__}")
+    if id is not None and (not isinstance(id, str) or not id or len(id) > MAX_CLIENT_ID):
+        raise InvalidFeedbackError(
+            f"feedback id must be a non-empty string of at most {MAX_CLIENT_ID} characters, "
+            f"got {id!r}"
+        )
     if check_rollout and not _rollout_known(rollout_id):
         raise UnknownRolloutError(
             f"no rollout with id {rollout_id!r} in {safe_url(get_store().url)}"
@@ -398,6 +408,7 @@ def feedback(
         user_id=user_id,
         created_at=utcnow(),
         metadata=metadata,
+        uid=client_uid(FEEDBACK.name, id, rollout_id) if id is not None else None,
     )
     get_recorder().enqueue(record)
 

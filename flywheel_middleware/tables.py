@@ -8,6 +8,7 @@ tables. Plain data: no SQLAlchemy here, so the capture layer can import it for f
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -52,6 +53,19 @@ def new_uid() -> str:
     """A client-made id for a row whose primary key the database assigns: a retried or
     replayed write of the same row is then recognised and inserted once."""
     return os.urandom(16).hex()
+
+
+MAX_CLIENT_ID = 200  # characters of a caller's id for a row (see ``client_uid``)
+CLIENT_UID_MARK = "k"
+"""The first character of a uid made from a caller's id; ``new_uid``'s hex never starts so."""
+
+
+def client_uid(table: str, key: str, *scope: str | None) -> str:
+    """The uid of a row a caller names with ``key`` (the same feedback sent again by a
+    retried request, a resubmitted form, a redelivered webhook), so it is stored once.
+    ``scope`` (the rollout, the session) keeps one caller's small ids apart from another's."""
+    named = "\x00".join((table, key, *(part or "" for part in scope)))
+    return CLIENT_UID_MARK + hashlib.sha256(named.encode("utf-8")).hexdigest()[:31]
 
 
 def _uid() -> Column:

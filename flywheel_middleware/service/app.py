@@ -50,6 +50,7 @@ from flywheel_middleware.errors import InvalidFeedbackError
 from flywheel_middleware.recording.recorder import Receipt
 from flywheel_middleware.service.schemas import FeedbackIn, TelemetryBatchIn, TelemetryEventIn
 from flywheel_middleware.service.views import ViewCache, ViewsBusy
+from flywheel_middleware.tables import TELEMETRY_EVENT, client_uid
 
 log = logging.getLogger("flywheel_middleware.service")
 
@@ -536,6 +537,9 @@ def create_app(
                     payload=ev.payload,
                     client_ts=float(ev.client_ts) if ev.client_ts is not None else None,
                     received_at=now,
+                    uid=client_uid(TELEMETRY_EVENT.name, ev.id, ev.session_id, ev.rollout_id)
+                    if ev.id is not None
+                    else None,
                 )
             )
         await acknowledge(receipt, settings.ack_timeout)

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
+from flywheel_middleware.tables import MAX_CLIENT_ID
+
 ROLLOUT_ID = r"^[A-Za-z0-9_\-]{1,32}$"
 EVENT_TYPE = r"^[A-Za-z0-9_.:\-]{1,50}$"
 MAX_PAYLOAD_CHARS = 4_000
@@ -22,6 +24,14 @@ RolloutId = Annotated[
     StrictStr, Field(pattern=ROLLOUT_ID, description="a rollout id (≤ 32 of [A-Za-z0-9_-])")
 ]
 SessionId = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+ClientId = Annotated[
+    StrictStr,
+    Field(
+        min_length=1,
+        max_length=MAX_CLIENT_ID,
+        description="your id for this record: sent again (a retry), it is stored once",
+    ),
+]
 
 
 def _bounded_json(value: Any, limit: int, what: str) -> Any:
@@ -52,6 +62,7 @@ class TelemetryEventIn(BaseModel):
     session_id: SessionId | None = None
     client_ts: Number | None = Field(None, description="client time, ms since the epoch")
     payload: dict[str, Any] | None = Field(None, description=f"≤ {MAX_PAYLOAD_CHARS} chars of JSON")
+    id: ClientId | None = None
 
     @field_validator("payload")
     @classmethod
@@ -85,6 +96,7 @@ class FeedbackIn(BaseModel):
     span_id: Annotated[int, Field(strict=True, ge=0, lt=2**63)] | None = None
     user_id: Annotated[StrictStr, Field(max_length=200)] | None = None
     metadata: dict[str, Any] | None = None
+    id: ClientId | None = None
 
     @field_validator("metadata")
     @classmethod

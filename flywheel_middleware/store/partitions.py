@@ -14,10 +14,11 @@ keys become ``(id, <time>)`` and the ``uid`` unique indexes ``(uid, <time>)``. T
 idempotent writes (``ON CONFLICT DO NOTHING``) still hold because a record's time is set once,
 when it is made, and a retried or replayed batch carries the same time: the same row lands in
 the same partition and meets its first copy there. What the keys no longer enforce is
-uniqueness across times. Span, feedback and telemetry times never change; a rollout's start may
-(a trace whose spans reached two ``flywheel serve`` replicas is closed by each, from its
-earliest span there), so a trigger on the partitioned rollout table skips a row whose id is
-already stored with a start within ``ROLLOUT_WINDOW``.
+uniqueness across times. Span times never change; a rollout's start may (a trace whose spans
+reached two ``flywheel serve`` replicas is closed by each, from its earliest span there), and
+feedback or telemetry a caller sends again under its own id (a retry) is timed on arrival each
+time, so a trigger on those partitioned tables skips a row whose key is already stored with a
+time within ``ONCE_WINDOW`` (``ensure_once``).
 
 ``maintain`` creates the partitions ahead of time (idempotent; the ``flywheel run`` leader
 runs it daily); rows that reached the DEFAULT partition in the meantime are moved into the
@@ -35,6 +36,7 @@ from sqlalchemy import text
 
 from flywheel_middleware.errors import StoreError
 from flywheel_middleware.store.database import Store
+from flywheel_middleware.tables import CLIENT_UID_MARK
 
 TIME_COLUMN = {
     "rollout": "started_at",
@@ -47,7 +49,10 @@ TIME_COLUMN = {
 INTERVALS = ("day", "week", "month")
 DEFAULT_INTERVAL = "week"
 DEFAULT_AHEAD = 4  # partitions created past the current one
-ROLLOUT_WINDOW = "7 days"  # how far apart two starts of one rollout id may be recognised
+ONCE_WINDOW = "7 days"  # how far apart two times of one key may be recognised as one row
+ONCE_KEY = {"rollout": "id", "feedback": "uid", "telemetry_event": "uid"}
+"""The key each partitioned table keeps once across partitions (see ``ensure_once``): a
+rollout's id, and the uid of feedback and telemetry a caller named (``tables.client_uid``)."""
 
 _BOUNDS = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
 _UNIQUE_INDEX = re.compile(r"^(CREATE UNIQUE INDEX .+ USING \w+ \()(.*)\)$")
@@ -298,8 +303,8 @@ def _convert(conn: Any, table: str, interval: str, now: datetime) -> int:
                 raise StoreError(f"cannot partition {table}: unique index {definition!r}")
             definition = f'{found.group(1)}{found.group(2)}, "{column}")'
         conn.execute(text(definition))
-    if table == "rollout":
-        _rollout_once(conn)
+    if table in ONCE_KEY:
+        ensure_once(conn, table)
     conn.execute(text(f'ANALYZE "{table}"'))  # autovacuum never analyzes a partitioned parent
     return int(copied)
 
@@ -326,39 +331,50 @@ def _access_statements(conn: Any, table: str) -> list[str]:
     return out + [f'GRANT {privilege} ON "{table}" TO {grantee}' for grantee, privilege in grants]
 
 
-def _rollout_once_function(conn: Any) -> str:
-    """(Re)define the check behind ``rollout_once``; returns its schema-qualified name.
+def _once_function(conn: Any, table: str) -> str:
+    """(Re)define the check behind ``table``'s once-per-key trigger; returns its
+    schema-qualified name.
 
     The lookup runs with ``enable_seqscan`` off: PL/pgSQL caches its plan for the session, and
     a plan made while the partitions were empty (a new store) scans them whole, so a writer's
-    every rollout insert would read the week's rollouts. The (id, started_at) key's index
-    finds the row at any size. Two transactions inserting one id take turns on a lock of
-    that id, so the later one sees the first's row once it commits (else neither sees the
-    other's and both rows stay)."""
+    every insert would read the week's rows. The (key, time) unique index finds the row at any
+    size. Two transactions inserting one key take turns on a lock of that key, so the later
+    one sees the first's row once it commits (else neither sees the other's and both rows
+    stay)."""
     schema = conn.execute(text("SELECT quote_ident(current_schema())")).scalar()
+    key, column = ONCE_KEY[table], TIME_COLUMN[table]
     conn.execute(
         text(
-            f"CREATE OR REPLACE FUNCTION {schema}.flywheel_rollout_once() RETURNS trigger "
+            f"CREATE OR REPLACE FUNCTION {schema}.flywheel_{table}_once() RETURNS trigger "
             "LANGUAGE plpgsql SET enable_seqscan = off AS $$ BEGIN "
             "PERFORM pg_advisory_xact_lock(hashtextextended("
-            "'flywheel_middleware.rollout:' || NEW.id, 0)); "
-            f"IF EXISTS (SELECT 1 FROM {schema}.rollout r WHERE r.id = NEW.id "
-            f"AND r.started_at > NEW.started_at - interval '{ROLLOUT_WINDOW}' "
-            f"AND r.started_at < NEW.started_at + interval '{ROLLOUT_WINDOW}') "
+            f"'flywheel_middleware.{table}:' || NEW.{key}, 0)); "
+            f"IF EXISTS (SELECT 1 FROM {schema}.{table} r WHERE r.{key} = NEW.{key} "
+            f"AND r.{column} > NEW.{column} - interval '{ONCE_WINDOW}' "
+            f"AND r.{column} < NEW.{column} + interval '{ONCE_WINDOW}') "
             "THEN RETURN NULL; END IF; RETURN NEW; END $$"
         )
     )
-    return f"{schema}.flywheel_rollout_once"
+    return f"{schema}.flywheel_{table}_once"
 
 
-def _rollout_once(conn: Any) -> None:
-    """A rollout row skipped when its id is already stored with a nearby start: a trace whose
-    spans reached two ``flywheel serve`` replicas may be closed by each, from different
-    first spans, and the (id, started_at) key alone would keep both."""
-    function = _rollout_once_function(conn)
+def ensure_once(conn: Any, table: str) -> None:
+    """Give partitioned ``table`` its once-per-key trigger (``ONCE_KEY``), or its newest check
+    if it has one: a row is skipped when its key is already stored with a time within
+    ``ONCE_WINDOW``, which the (key, time) unique index alone cannot see."""
+    function = _once_function(conn, table)
+    exists = conn.execute(
+        text(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(:t) AND tgname = :n)"
+        ),
+        {"t": table, "n": f"{table}_once"},
+    ).scalar()
+    if exists:
+        return
+    when = f"WHEN (left(NEW.uid, 1) = '{CLIENT_UID_MARK}') " if ONCE_KEY[table] == "uid" else ""
     conn.execute(
         text(
-            "CREATE TRIGGER rollout_once BEFORE INSERT ON rollout FOR EACH ROW "
+            f'CREATE TRIGGER {table}_once BEFORE INSERT ON "{table}" FOR EACH ROW {when}'
             f"EXECUTE FUNCTION {function}()"
         )
     )
@@ -421,8 +437,8 @@ def _partition(
     (the caller holds ``lock_partitions`` in a UTC session)."""
     if not is_partitioned(conn, table):
         report.converted[table] = _convert(conn, table, interval, now)
-    elif table == "rollout":
-        _rollout_once_function(conn)  # a store converted by an earlier version gets its fix
+    elif table in ONCE_KEY:
+        ensure_once(conn, table)  # a store converted by an earlier version gets the newest
     _ensure_ahead(conn, table, now, ahead, report)
 
 
