@@ -86,8 +86,9 @@ def register(main: click.Group) -> None:
     @json_option
     def db_prune(cli: Cli, older_than: str | None, batch: int, as_json: bool) -> None:
         """Remove rollouts, spans, feedback and telemetry events older than AGE, except what a
-        running experiment needs (its rollouts and theirs). Config versions, experiments
-        and the audit log are kept. PostgreSQL drops whole time partitions where it can.
+        running experiment needs (its rollouts and theirs); a removed rollout's later spans,
+        feedback and events go with it. Config versions, experiments and the audit log are
+        kept. PostgreSQL drops whole time partitions where it can.
         `flywheel run` prunes daily when retention.keep is set."""
         from datetime import timedelta
 
