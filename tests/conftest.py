@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import uuid
 from collections.abc import Iterator
 
@@ -64,6 +65,57 @@ def postgres_url() -> Iterator[str]:
             )
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+DEMO_CYCLES = 5
+DEMO_REQUESTS = 300
+
+
+@pytest.fixture(scope="session")
+def _demo_week(tmp_path_factory: pytest.TempPathFactory):
+    """One run of the demo (``DEMO_CYCLES`` cycles of ``DEMO_REQUESTS`` requests) for every test
+    that only reads what it left: the first pytest-xdist worker to ask runs it, the others wait
+    for it and read its result (the demo is the suite's most expensive computation)."""
+    import fcntl
+
+    import flywheel_middleware as fw
+    from flywheel_middleware.demo import DemoSettings, run_demo
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, saved = shared / "demo-week", shared / "demo-week.pickle"
+    with open(shared / "demo-week.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if saved.exists():
+            return pickle.loads(saved.read_bytes())
+        try:
+            with pytest.MonkeyPatch.context() as env:  # its journal stays beside its store
+                env.delenv("FLYWHEEL_SPILL_DIR", raising=False)
+                env.delenv("FLYWHEEL_STORE_URL", raising=False)
+                env.delenv("FLYWHEEL_CONFIG", raising=False)
+                result = run_demo(
+                    DemoSettings(
+                        folder=str(folder),
+                        cycles=DEMO_CYCLES,
+                        requests_per_cycle=DEMO_REQUESTS,
+                        min_samples=40,
+                    )
+                )
+        finally:
+            fw.shutdown()
+        saved.write_bytes(pickle.dumps(result))
+        return result
+
+
+@pytest.fixture
+def demo_week(_demo_week):
+    """What the shared demo run returned, with the public API configured on its store (as
+    ``flywheel serve`` after ``flywheel demo``); shut down afterwards. Read, never write."""
+    import flywheel_middleware as fw
+
+    fw.configure(_demo_week.folder / "flywheel.yaml", store_url=_demo_week.store_url)
+    yield _demo_week
+    fw.shutdown()
 
 
 @pytest.fixture
