@@ -21,8 +21,9 @@ time, so a trigger on those partitioned tables skips a row whose key is already 
 time within ``ONCE_WINDOW`` (``ensure_once``).
 
 ``maintain`` creates the partitions ahead of time (idempotent; the ``flywheel run`` leader
-runs it daily); rows that reached the DEFAULT partition in the meantime are moved into the
-partition created for them.
+runs it daily); rows that reached the DEFAULT partition in the meantime, or that no partition
+covers (a backfill of old rows, a clock far ahead), are moved into partitions created for their
+periods.
 """
 
 from __future__ import annotations
@@ -222,19 +223,38 @@ def _create_partition(
 
 
 def _ensure_ahead(conn: Any, table: str, now: datetime, ahead: int, report: MaintainReport) -> None:
+    """Create ``table``'s partitions from the current period to ``ahead`` past it, and one for
+    each other period whose rows sit in the DEFAULT partition (a backfill, an import, a clock
+    far off), moving those rows in: left there, old rows could only be pruned row by row, and
+    every new partition would make PostgreSQL scan them all under a lock."""
     parts = partitions(conn, table)
     interval = _interval_of(parts)
     default = next((p.name for p in parts if p.start is None), None)
-    have = {p.start for p in parts if p.start is not None}
+    bounded = [(p.start, p.end) for p in parts if p.start is not None and p.end is not None]
+    wanted = set()
     start = period_start(now, interval)
     for _ in range(ahead + 1):
+        wanted.add(start)
+        start = next_start(start, interval)
+    if default is not None:
+        wanted |= _periods_held(conn, default, TIME_COLUMN[table], interval)
+    for start in sorted(wanted):
         end = next_start(start, interval)
-        if start not in have:
-            moved = _create_partition(conn, table, start, end, default)
-            report.created.append(_partition_name(table, start))
-            if moved:
-                report.moved[_partition_name(table, start)] = moved
-        start = end
+        if any(low < end and start < high for low, high in bounded):
+            continue
+        moved = _create_partition(conn, table, start, end, default)
+        report.created.append(_partition_name(table, start))
+        if moved:
+            report.moved[_partition_name(table, start)] = moved
+
+
+def _periods_held(conn: Any, default: str, column: str, interval: str) -> set[datetime]:
+    """The starts of the periods the rows of partition ``default`` fall in (in a UTC session,
+    so PostgreSQL's week starts on Monday as ``period_start``'s does)."""
+    found = conn.execute(
+        text(f'SELECT DISTINCT date_trunc(:unit, "{column}") FROM "{default}"'), {"unit": interval}
+    ).scalars()
+    return {period_start(moment, interval) for moment in found}
 
 
 def _convert(conn: Any, table: str, interval: str, now: datetime) -> int:

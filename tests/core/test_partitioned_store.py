@@ -155,3 +155,67 @@ def test_upkeep_gives_up_on_a_table_a_long_reader_holds_instead_of_stalling_writ
     report = partitions.maintain(store, now=datetime.now(timezone.utc) + timedelta(weeks=10))
     assert report.created  # once the reader is gone it goes through
     store.dispose()
+
+
+@pytest.mark.postgres
+def test_upkeep_gives_backfilled_and_far_future_rows_partitions_of_their_own(postgres_url):
+    """Rows no partition covered (an import of old traces, a clock far ahead) wait in DEFAULT
+    until upkeep creates their periods' partitions and moves them in; then retention drops
+    the old ones whole."""
+    from datetime import timedelta
+
+    from flywheel_middleware.store import retention
+
+    store = Store(postgres_url)
+    now = datetime.now(timezone.utc)
+    times = {
+        "old": now - timedelta(days=200),
+        "older": now - timedelta(days=201),  # the same week, or the one before
+        "recent": now - timedelta(days=60),
+        "future": now + timedelta(weeks=partitions.DEFAULT_AHEAD + 3),
+    }
+    with store.engine.begin() as conn:
+        for rid, at in times.items():
+            conn.execute(
+                text(
+                    "INSERT INTO rollout (id, workflow, status, started_at) "
+                    "VALUES (:id, 'qa', 'succeeded', :at)"
+                ),
+                {"id": rid, "at": at},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO span (id, rollout_id, sequence, kind, name, status, started_at) "
+                    "VALUES (:n, :id, 0, 'agent', 'agent', 'ok', :at)"
+                ),
+                {"n": len(rid), "id": rid, "at": at},
+            )
+
+    def in_default(table: str) -> int:
+        return store.execute(f"SELECT count(*) FROM {table}_default")[0][0]
+
+    assert in_default("rollout") == in_default("span") == 4
+    report = partitions.maintain(store)
+    expected = {
+        f"{table}_p{partitions.period_start(at, 'week'):%Y%m%d}"
+        for table in ("rollout", "span")
+        for at in times.values()
+    }
+    assert expected <= set(report.created)
+    assert sum(report.moved.values()) == 8
+    assert in_default("rollout") == in_default("span") == 0
+    placed = {
+        row.id: row.part
+        for row in store.execute("SELECT id, tableoid::regclass::text AS part FROM rollout")
+    }
+    assert placed == {
+        rid: f"rollout_p{partitions.period_start(at, 'week'):%Y%m%d}" for rid, at in times.items()
+    }
+    assert partitions.maintain(store).created == []  # nothing left to do
+
+    pruned = retention.prune(store, timedelta(days=90))
+    old_weeks = {partitions.period_start(times[k], "week") for k in ("old", "older")}
+    assert {f"rollout_p{w:%Y%m%d}" for w in old_weeks} <= set(pruned.dropped)
+    left = {row.id for row in store.execute("SELECT id FROM rollout")}
+    assert left == {"recent", "future"}
+    store.dispose()
