@@ -15,8 +15,9 @@ LOAD = textwrap.dedent(
     import asyncio, sys, threading
     import flywheel_middleware as fw
 
-    fw.configure(store_url=sys.argv[1], queue_size=20_000)
-    THREADS, ROLLOUTS, SPANS = 8, 1000, 10
+    THREADS, ROLLOUTS, SPANS, ASYNC = (int(a) for a in sys.argv[2:6])
+    # a queue a fraction of the load: the producers outpace the journal thread and wait on it
+    fw.configure(store_url=sys.argv[1], queue_size=THREADS * ROLLOUTS * SPANS // 4)
 
     def worker(t):
         for i in range(ROLLOUTS):
@@ -34,7 +35,7 @@ LOAD = textwrap.dedent(
                         await asyncio.sleep(0)
 
     async def main():
-        await asyncio.gather(*(one(i) for i in range(200)))
+        await asyncio.gather(*(one(i) for i in range(ASYNC)))
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
     for t in threads:
@@ -45,13 +46,14 @@ LOAD = textwrap.dedent(
     print("exiting without flush", flush=True)
     """
 )
+THREADS, ROLLOUTS, SPANS, ASYNC = 8, 250, 10, 200
 
 
 def _run_load(url: str, tmp_path) -> None:
     script = tmp_path / "load.py"
     script.write_text(LOAD)
     done = subprocess.run(
-        [sys.executable, str(script), url],
+        [sys.executable, str(script), url, *map(str, (THREADS, ROLLOUTS, SPANS, ASYNC))],
         capture_output=True,
         text=True,
         timeout=300,
@@ -69,12 +71,13 @@ def test_nothing_is_lost_when_the_process_exits_without_flush(store_url, tmp_pat
         rollouts = dict(
             conn.execute(text("SELECT workflow, COUNT(*) FROM rollout GROUP BY workflow")).all()
         )
-        assert rollouts == {"load": 8000, "load-async": 200}
+        assert rollouts == {"load": THREADS * ROLLOUTS, "load-async": ASYNC}
         spans = conn.execute(text("SELECT id, rollout_id, parent_id, name, input FROM span")).all()
     engine.dispose()
-    assert len(spans) == 8200 * 10
+    total = THREADS * ROLLOUTS + ASYNC
+    assert len(spans) == total * SPANS
     per_rollout = Counter(s.rollout_id for s in spans)
-    assert len(per_rollout) == 8200 and set(per_rollout.values()) == {10}
+    assert len(per_rollout) == total and set(per_rollout.values()) == {SPANS}
     roots = {s.rollout_id: s.id for s in spans if s.name == "root"}
     for s in spans:
         if s.name == "root":
